@@ -1,0 +1,29 @@
+# The two entry points: `make run` and `make test`. Both build .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CONFIG ?= config/agentd.yaml
+
+.PHONY: run test lint bench clean
+
+$(BIN)/agentd: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(BIN)/agentd
+
+venv: $(BIN)/agentd
+
+run: $(BIN)/agentd
+	$(BIN)/agentd run --config $(CONFIG)
+
+lint: $(BIN)/agentd
+	$(BIN)/ruff check agentd tests benchmarks
+	$(BIN)/ruff format --check agentd tests benchmarks
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/pytest -q
+
+clean:
+	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache

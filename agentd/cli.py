@@ -1,0 +1,319 @@
+"""``agentd`` on the command line.
+
+State-changing commands write the state DB directly, in the same transactions the
+daemon uses; a running daemon sees them on its next tick (``poll_interval``, well
+under a second), and they work just as well while it is stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import yaml
+
+from agentd.clock import SystemClock, from_iso
+from agentd.config import Config, ConfigError, inactive_reason, load_config, redacted
+from agentd.daemon import EXIT_CONFIG, EXIT_USAGE, StateLock, _task_index, run_daemon, state_paths
+from agentd.schedule import next_fires
+from agentd.store import Row, Store, StoreError
+
+DEFAULT_CONFIGS = (Path("/etc/agentd/agentd.yaml"), Path("config/agentd.yaml"))
+
+
+def default_config() -> Path:
+    env = os.environ.get("AGENTD_CONFIG")
+    if env:
+        return Path(env)
+    for candidate in DEFAULT_CONFIGS:
+        if candidate.exists():
+            return candidate
+    return DEFAULT_CONFIGS[0]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="config file (default: $AGENTD_CONFIG, /etc/agentd/agentd.yaml, ./config/agentd.yaml)",
+    )
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+
+    parser = argparse.ArgumentParser(prog="agentd", description="Run background agent work.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", parents=[common], help="run the daemon in the foreground")
+    p = sub.add_parser("check-config", parents=[common], help="validate the config")
+    p.add_argument("--next", type=int, default=0, metavar="N", help="show each task's next N fires")
+    p.add_argument("--show", action="store_true", help="print the config, secrets redacted")
+    sub.add_parser("tasks", parents=[common], help="list tasks")
+    p = sub.add_parser("runs", parents=[common], help="list runs, or `runs show ID`")
+    p.add_argument("action", nargs="?", choices=["list", "show"], default="list")
+    p.add_argument("run_id", nargs="?")
+    p.add_argument("--task")
+    p.add_argument("--status")
+    p.add_argument("--limit", type=int, default=20)
+    p = sub.add_parser("trigger", parents=[common], help="enqueue a run now")
+    p.add_argument("task")
+    p = sub.add_parser("pause", parents=[common], help="pause a task's schedule")
+    p.add_argument("task")
+    p.add_argument("--reason", default="paused by operator")
+    p = sub.add_parser("resume", parents=[common], help="resume a paused task")
+    p.add_argument("task")
+    p = sub.add_parser("cancel", parents=[common], help="cancel a queued or running run")
+    p.add_argument("run_id")
+    p = sub.add_parser("quarantine", parents=[common], help="runs that failed for good")
+    p.add_argument("action", nargs="?", choices=["list", "show", "release", "drop"], default="list")
+    p.add_argument("run_id", nargs="?")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    logging.Formatter.converter = __import__("time").gmtime
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    config_path: Path = args.config or default_config()
+    if args.command == "run":
+        return run_daemon(config_path)
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        return EXIT_CONFIG
+    if args.command == "check-config":
+        return check_config(config, args)
+    try:
+        return _state_command(config, args, parser)
+    except StoreError as exc:
+        _emit_error(args, exc.code, str(exc))
+        return 1
+
+
+def check_config(config: Config, args: argparse.Namespace) -> int:
+    now = SystemClock().now()
+    report: dict[str, Any] = {"ok": True, "source": config.source, "tasks": {}}
+    for task_id, task in config.tasks.items():
+        spec = config.schedule_spec(task_id)
+        entry: dict[str, Any] = {
+            "kind": task.kind,
+            "schedule": spec.kind,
+            "timezone": spec.timezone,
+            "inactive": inactive_reason(task),
+        }
+        if args.next:
+            tz = ZoneInfo(spec.timezone)
+            entry["next"] = [
+                {"local": t.astimezone(tz).isoformat(), "utc": t.isoformat()}
+                for t in next_fires(spec, task_id, now, args.next)
+            ]
+        report["tasks"][task_id] = entry
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{config.source}: OK, {len(config.tasks)} task(s)")
+    for task_id, entry in report["tasks"].items():
+        note = f"  (inactive: {entry['inactive']})" if entry["inactive"] else ""
+        print(f"  {task_id}: {entry['kind']}, {entry['schedule']} in {entry['timezone']}{note}")
+        for t in entry.get("next", []):
+            print(f"      {t['local']}   ({t['utc']})")
+    if args.show:
+        print(yaml.safe_dump(redacted(config), sort_keys=False))
+    return 0
+
+
+def open_store(config: Config) -> Store:
+    """Open the state DB; if no daemon holds it, bring its task table up to the config
+    so commands also work on a daemon that has never started."""
+    root, db_path, _ = state_paths(config)
+    root.mkdir(parents=True, exist_ok=True)
+    store = Store(db_path)
+    if StateLock(root).held_by_other() is None:
+        store.sync_tasks(_task_index(config), SystemClock().now())
+    return store
+
+
+def _state_command(
+    config: Config, args: argparse.Namespace, parser: argparse.ArgumentParser
+) -> int:
+    store = open_store(config)
+    now = SystemClock().now()
+    try:
+        cmd = args.command
+        if cmd == "tasks":
+            return _print(
+                args,
+                _task_table(config, store, now),
+                ["task", "kind", "schedule", "timezone", "next_run", "last_outcome", "paused"],
+            )
+        if cmd == "runs" and args.action == "show":
+            if not args.run_id:
+                parser.error("runs show needs a run id")
+            run = store.get_run(args.run_id)
+            detail = {
+                "run": run,
+                "attempts": store.attempts(args.run_id),
+                "events": store.events(run_id=args.run_id),
+            }
+            return _print_detail(args, detail)
+        if cmd == "runs":
+            rows = store.list_runs(args.task, args.status, args.limit)
+            return _print(
+                args,
+                rows,
+                [
+                    "id",
+                    "task_id",
+                    "status",
+                    "attempt",
+                    "trigger",
+                    "scheduled_for",
+                    "duration_s",
+                    "error",
+                ],
+            )
+        if cmd == "trigger":
+            if args.task not in config.tasks:
+                raise StoreError("unknown_task", f"no task named {args.task!r} in {config.source}")
+            task = config.tasks[args.task]
+            result = store.fire(
+                args.task,
+                now,
+                trigger="manual",
+                overlap=task.overlap,
+                max_queued=task.max_queued,
+                honour_pause=False,
+            )
+            return _print_detail(
+                args, {"run_id": result.run_id, "status": result.status, "reason": result.reason}
+            )
+        if cmd == "pause":
+            changed = store.pause(args.task, args.reason, now)
+            return _print_detail(args, {"task": args.task, "paused": True, "changed": changed})
+        if cmd == "resume":
+            changed = store.resume(args.task, now)
+            return _print_detail(args, {"task": args.task, "paused": False, "changed": changed})
+        if cmd == "cancel":
+            status = store.request_cancel(args.run_id, now)
+            return _print_detail(args, {"run_id": args.run_id, "status": status})
+        if cmd == "quarantine":
+            if args.action == "list":
+                return _print(
+                    args,
+                    store.quarantine_list(),
+                    ["run_id", "task_id", "quarantined_at", "attempts", "last_error"],
+                )
+            if not args.run_id:
+                parser.error(f"quarantine {args.action} needs a run id")
+            if args.action == "show":
+                detail = {
+                    "quarantine": store.quarantine_get(args.run_id),
+                    "run": store.get_run(args.run_id),
+                    "attempts": store.attempts(args.run_id),
+                }
+                return _print_detail(args, detail)
+            if args.action == "release":
+                store.quarantine_release(args.run_id, now)
+                return _print_detail(args, {"run_id": args.run_id, "status": "queued"})
+            store.quarantine_drop(args.run_id, now)
+            return _print_detail(args, {"run_id": args.run_id, "dropped": True})
+        parser.error(f"unknown command {cmd}")
+        return EXIT_USAGE
+    finally:
+        store.close()
+
+
+def _task_table(config: Config, store: Store, now: datetime) -> list[Row]:
+    rows = []
+    state = {r["id"]: r for r in store.task_rows()}
+    for task_id, task in config.tasks.items():
+        spec = config.schedule_spec(task_id)
+        nxt = next_fires(spec, task_id, now, 1)
+        st = state.get(task_id, {})
+        schedule = task.schedule.describe()
+        inactive = inactive_reason(task)
+        rows.append(
+            {
+                "task": task_id,
+                "kind": task.kind,
+                "schedule": schedule,
+                "timezone": spec.timezone,
+                "next_run": "-"
+                if inactive or not nxt
+                else nxt[0].astimezone(ZoneInfo(spec.timezone)).strftime("%Y-%m-%d %H:%M:%S %Z"),
+                "last_outcome": st.get("last_outcome") or "-",
+                "paused": (st.get("paused_reason") or "yes")
+                if st.get("paused")
+                else (f"inactive: {inactive}" if inactive else "no"),
+            }
+        )
+    return rows
+
+
+def _print(args: argparse.Namespace, rows: list[Row], columns: list[str]) -> int:
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    if not rows:
+        print("(none)")
+        return 0
+    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    text = str(value)
+    if isinstance(value, str) and text.endswith("Z") and "T" in text:
+        try:
+            return from_iso(text).strftime("%Y-%m-%d %H:%M:%S")
+        except ValueError:
+            pass
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _print_detail(args: argparse.Namespace, detail: dict[str, Any]) -> int:
+    if args.json:
+        print(json.dumps(detail, indent=2, default=str))
+        return 0
+    for key, value in detail.items():
+        if isinstance(value, list):
+            print(f"{key}:")
+            for item in value:
+                print("  " + json.dumps(item, default=str))
+        elif isinstance(value, dict):
+            print(f"{key}:")
+            for k, v in value.items():
+                print(f"  {k}: {v}")
+        else:
+            print(f"{key}: {value}")
+    return 0
+
+
+def _emit_error(args: argparse.Namespace, code: str, message: str) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps({"error": code, "message": message}))
+    else:
+        print(f"agentd: {message}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,500 @@
+"""The validated, immutable configuration of agentd.
+
+YAML goes in, a frozen pydantic model comes out, or a ``ConfigError`` that lists
+*every* problem with the file name and a dotted path (``tasks.nightly.schedule.cron``)
+so an operator fixes the file in one pass instead of one error per restart.
+
+Secrets never live in this model: tasks name the environment variable or file that
+holds a key (``api_key_env``), and executors read it at the moment of use.
+``${VAR}`` interpolation is for plain values (ports, paths, URLs); it happens before
+validation so an error still points at the right path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import zoneinfo
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from agentd.schedule import CronError, ScheduleSpec, parse_cron, parse_duration
+
+EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h: systemd's RestartPreventExitStatus uses it.
+
+TASK_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+CALLABLE_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+SECRET_KEY_RE = re.compile(r"(key|token|secret|password|passwd|authorization|cookie)", re.I)
+_VAR_RE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _duration(value: Any) -> Any:
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, (str, int, float)):
+        return parse_duration(value)
+    return value
+
+
+Duration = Annotated[float, BeforeValidator(_duration)]
+"""Seconds; accepts ``30s``, ``5m``, ``1h30m``, ``500ms`` or a bare number of seconds."""
+
+
+def _check_timezone(name: str) -> str:
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown IANA time zone {name!r}") from None
+    return name
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+class HttpServerConfig(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8787, ge=0, le=65535)
+    token_env: str | None = None
+    token_file: Path | None = None
+    allow_insecure_bind: bool = False
+
+
+class DaemonConfig(_Model):
+    state_dir: Path = Path("./var")
+    timezone: str = "UTC"
+    concurrency: int = Field(default=4, ge=1, le=256)
+    shutdown_grace: Duration = 30.0
+    kill_grace: Duration = 5.0
+    lease: Duration = Field(default=30.0, gt=0)
+    poll_interval: Duration = Field(default=0.25, gt=0, le=5)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    output_max_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    python_path: list[Path] = []
+    """Directories searched for ``python:`` callables; relative ones are taken from the
+    config file's directory."""
+    http: HttpServerConfig = HttpServerConfig()
+
+    _tz = field_validator("timezone")(_check_timezone)
+
+
+class ScheduleConfig(_Model):
+    """Exactly one of ``cron``, ``every``, ``at`` or ``manual: true``."""
+
+    cron: str | None = None
+    every: Duration | None = None
+    at: datetime | None = None
+    manual: bool = False
+    timezone: str | None = None
+    jitter: Duration = 0.0
+    start_at: datetime | None = None
+    end_at: datetime | None = None
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                parse_cron(value)
+            except CronError as exc:
+                raise ValueError(f"invalid cron expression {value!r}: {exc}") from None
+        return value
+
+    @field_validator("every")
+    @classmethod
+    def _every(cls, value: float | None) -> float | None:
+        if value is not None and value < 1:
+            raise ValueError("interval must be at least 1s")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str | None) -> str | None:
+        return None if value is None else _check_timezone(value)
+
+    @field_validator("at", "start_at", "end_at")
+    @classmethod
+    def _aware(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("datetime needs a UTC offset, e.g. 2026-01-01T09:00:00+01:00")
+        return value
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ScheduleConfig:
+        given = [
+            name
+            for name, present in (
+                ("cron", self.cron is not None),
+                ("every", self.every is not None),
+                ("at", self.at is not None),
+                ("manual", self.manual),
+            )
+            if present
+        ]
+        if len(given) != 1:
+            what = ", ".join(given) if given else "none"
+            raise ValueError(f"give exactly one of cron, every, at, manual: true (got {what})")
+        if self.start_at and self.end_at and self.end_at <= self.start_at:
+            raise ValueError("end_at must be after start_at")
+        return self
+
+    @property
+    def kind(self) -> Literal["cron", "interval", "once", "manual"]:
+        if self.cron is not None:
+            return "cron"
+        if self.every is not None:
+            return "interval"
+        if self.at is not None:
+            return "once"
+        return "manual"
+
+    def describe(self) -> str:
+        if self.cron is not None:
+            return self.cron
+        if self.every is not None:
+            return f"every {self.every:g}s"
+        if self.at is not None:
+            return f"at {self.at.isoformat()}"
+        return "manual"
+
+    def spec(self, default_tz: str) -> ScheduleSpec:
+        return ScheduleSpec(
+            kind=self.kind,
+            cron=self.cron,
+            timezone=self.timezone or default_tz,
+            every_s=self.every,
+            at=self.at,
+            jitter_s=self.jitter,
+            start_at=self.start_at,
+            end_at=self.end_at,
+        )
+
+
+class RetryConfig(_Model):
+    """Retries wait in the queue (``not_before``), never in a sleeping coroutine."""
+
+    max_attempts: int = Field(default=3, ge=1, le=100)
+    backoff: Duration = Field(default=10.0, ge=0)
+    max_backoff: Duration = Field(default=600.0, ge=0)
+    on_timeout: bool = True
+    exit_codes: list[int] | None = None
+    """Exit codes that retry; ``None`` means any failing exit code."""
+    http_statuses: list[int] = [408, 425, 429, 500, 502, 503, 504]
+
+
+class CommandConfig(_Model):
+    argv: list[str] | None = None
+    shell: str | None = None
+    cwd: Path | None = None
+    env: dict[str, str] = {}
+    inherit_env: bool = True
+    success_exit_codes: list[int] = [0]
+
+    @model_validator(mode="after")
+    def _one(self) -> CommandConfig:
+        if (self.argv is None) == (self.shell is None):
+            raise ValueError("give exactly one of argv (a list) or shell (a string)")
+        if self.argv is not None and not self.argv:
+            raise ValueError("argv must not be empty")
+        return self
+
+
+class HttpCallConfig(_Model):
+    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"] = "GET"
+    url: str
+    headers: dict[str, str] = {}
+    body: str | None = None
+    json_body: Any = Field(default=None, alias="json")
+    expect_status: list[int] | None = None
+    """Statuses that count as success; ``None`` means any 2xx."""
+    timeout: Duration = 30.0
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"URL must start with http:// or https:// (got {value!r})")
+        return value
+
+
+class PythonConfig(_Model):
+    callable: str
+
+    @field_validator("callable")
+    @classmethod
+    def _ref(cls, value: str) -> str:
+        if not CALLABLE_RE.match(value):
+            raise ValueError(f"expected 'package.module:function', got {value!r}")
+        return value
+
+
+class AgentConfig(_Model):
+    base_url: str = "https://api.openai.com/v1"
+    model: str
+    api_key_env: str | None = None
+    api_key_file: Path | None = None
+    system: str | None = None
+    prompt: str
+    items: list[Any] | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    max_tokens: int | None = Field(default=None, ge=1)
+    request_timeout: Duration = 120.0
+
+    @model_validator(mode="after")
+    def _key(self) -> AgentConfig:
+        if self.api_key_env and self.api_key_file:
+            raise ValueError("give api_key_env or api_key_file, not both")
+        return self
+
+
+class TaskConfig(_Model):
+    id: str = ""
+    description: str = ""
+    enabled: bool = True
+    schedule: ScheduleConfig
+    command: CommandConfig | None = None
+    http: HttpCallConfig | None = None
+    python: PythonConfig | None = None
+    agent: AgentConfig | None = None
+    params: dict[str, Any] = {}
+    timeout: Duration | None = 3600.0
+    retry: RetryConfig = RetryConfig()
+    overlap: Literal["skip", "queue_one", "queue_all", "cancel_previous", "allow"] = "skip"
+    max_queued: int = Field(default=10, ge=1, le=10_000)
+    catchup: Literal["skip", "latest", "all"] = "latest"
+    catchup_max: int = Field(default=10, ge=1, le=10_000)
+    misfire_grace: Duration = Field(default=30.0, gt=0)
+    """How late a fire may start before ``catchup: skip`` counts it as missed."""
+    pause_after_failures: int = Field(default=3, ge=0)
+    output_max_bytes: int | None = Field(default=None, ge=1024)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> TaskConfig:
+        kinds = [k for k in ("command", "http", "python", "agent") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            what = ", ".join(kinds) if kinds else "none"
+            raise ValueError(f"give exactly one of command, http, python, agent (got {what})")
+        return self
+
+    @property
+    def kind(self) -> Literal["command", "http", "python", "agent"]:
+        if self.command is not None:
+            return "command"
+        if self.http is not None:
+            return "http"
+        if self.python is not None:
+            return "python"
+        return "agent"
+
+    def fingerprint(self) -> str:
+        """A stable hash of everything the task is, to tell a changed task from an unchanged one."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class Config(_Model):
+    daemon: DaemonConfig = DaemonConfig()
+    tasks: dict[str, TaskConfig] = {}
+    source: str = Field(default="<memory>", exclude=True)
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _inject_ids(cls, value: Any) -> Any:
+        if isinstance(value, Mapping):
+            out: dict[Any, Any] = {}
+            for key, body in value.items():
+                if isinstance(body, Mapping) and "id" not in body:
+                    body = {**body, "id": key}
+                out[key] = body
+            return out
+        return value
+
+    @field_validator("tasks")
+    @classmethod
+    def _task_ids(cls, value: dict[str, TaskConfig]) -> dict[str, TaskConfig]:
+        for key in value:
+            if not TASK_ID_RE.match(key):
+                raise ValueError(
+                    f"task name {key!r} must start with a letter or digit and use only "
+                    "letters, digits, '_', '.', '-' (max 64)"
+                )
+        return value
+
+    def schedule_spec(self, task_id: str) -> ScheduleSpec:
+        return self.tasks[task_id].schedule.spec(self.daemon.timezone)
+
+
+# ---------------------------------------------------------------- errors
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    path: str
+    message: str
+
+
+class ConfigError(Exception):
+    """Every problem found in one config file; ``str()`` is what an operator reads."""
+
+    def __init__(self, source: str, problems: list[ConfigProblem]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        lines = [f"{self.source}: {len(self.problems)} problem(s) in config"]
+        lines += [f"{self.source}: {p.path or '<top>'}: {p.message}" for p in self.problems]
+        return "\n".join(lines)
+
+
+def _loc_to_path(loc: tuple[int | str, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts)
+
+
+def _problems_from(exc: ValidationError) -> list[ConfigProblem]:
+    problems = []
+    for err in exc.errors(include_url=False):
+        msg = str(err["msg"])
+        msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling)"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        problems.append(ConfigProblem(_loc_to_path(tuple(err["loc"])), msg))
+    return problems
+
+
+# ---------------------------------------------------------------- loading
+
+
+def interpolate(
+    value: Any,
+    environ: Mapping[str, str],
+    path: str = "",
+    problems: list[ConfigProblem] | None = None,
+) -> Any:
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in every string; ``$$`` is a literal ``$``."""
+    problems = problems if problems is not None else []
+    if isinstance(value, str):
+
+        def sub(match: re.Match[str]) -> str:
+            if match.group(0) == "$$":
+                return "$"
+            name, default = match.group(1), match.group(2)
+            if name in environ and environ[name] != "":
+                return environ[name]
+            if default is not None:
+                return default
+            problems.append(ConfigProblem(path, f"environment variable {name} is not set"))
+            return ""
+
+        return _VAR_RE.sub(sub, value)
+    if isinstance(value, Mapping):
+        return {
+            k: interpolate(v, environ, f"{path}.{k}" if path else str(k), problems)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [interpolate(v, environ, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+    return value
+
+
+def parse_config(
+    text: str, source: str = "<memory>", environ: Mapping[str, str] | None = None
+) -> Config:
+    environ = os.environ if environ is None else environ
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(source, [ConfigProblem(where, f"YAML syntax: {problem}")]) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(source, [ConfigProblem("", "top level must be a mapping")])
+    problems: list[ConfigProblem] = []
+    data = interpolate(raw, environ, "", problems)
+    try:
+        config = Config.model_validate({**data, "source": source})
+    except ValidationError as exc:
+        problems += _problems_from(exc)
+        config = None
+    if problems or config is None:
+        raise ConfigError(source, problems)
+    return config
+
+
+def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(path), [ConfigProblem("", f"cannot read: {exc.strerror}")]) from None
+    config = parse_config(text, str(path), environ)
+    if config.daemon.python_path:
+        base = path.resolve().parent
+        resolved = [p if p.is_absolute() else base / p for p in config.daemon.python_path]
+        daemon = config.daemon.model_copy(update={"python_path": resolved})
+        config = config.model_copy(update={"daemon": daemon})
+    return config
+
+
+def inactive_reason(task: TaskConfig, environ: Mapping[str, str] | None = None) -> str | None:
+    """Why a valid task is not scheduled right now, or None when it is active.
+
+    An agent task whose key variable is unset stays registered but idle: the shipped
+    example must run offline, and setting the variable plus SIGHUP turns it on.
+    """
+    environ = os.environ if environ is None else environ
+    if not task.enabled:
+        return "disabled in config"
+    if task.agent and task.agent.api_key_env and not environ.get(task.agent.api_key_env):
+        return f"API key variable {task.agent.api_key_env} is not set"
+    if task.agent and task.agent.api_key_file and not task.agent.api_key_file.exists():
+        return f"API key file {task.agent.api_key_file} does not exist"
+    return None
+
+
+def redacted(config: Config) -> dict[str, Any]:
+    """The config as plain data with anything secret-looking masked, for showing to people."""
+
+    def walk(value: Any, key: str = "") -> Any:
+        if isinstance(value, dict):
+            return {k: walk(v, k) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v, key) for v in value]
+        if (
+            isinstance(value, str)
+            and value
+            and SECRET_KEY_RE.search(key)
+            and not key.endswith(("_env", "_file"))
+        ):
+            return "***"
+        return value
+
+    result: dict[str, Any] = walk(config.model_dump(mode="json", by_alias=True))
+    return result

@@ -1,0 +1,124 @@
+"""The run context handed to executors and to users' Python callables.
+
+A sync callable runs in a worker thread while the state DB belongs to the event loop
+thread, so every call that touches state is marshalled onto the loop and waited for:
+``checkpoint.save()`` returns only once the checkpoint is durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from agentd.models import StopRequested
+
+T = TypeVar("T")
+
+
+class ContextBackend(Protocol):
+    """What the runner provides behind a context; all methods run on the loop thread."""
+
+    def load_checkpoint(self, run_id: str) -> Any | None: ...
+    def save_checkpoint(self, run_id: str, data: Any) -> None: ...
+    def progress(self, run_id: str, done: int, total: int | None, message: str) -> None: ...
+    def heartbeat(self, run_id: str) -> None: ...
+    def record_llm_call(self, run_id: str, call: dict[str, Any]) -> None: ...
+
+
+class Checkpoint:
+    def __init__(self, ctx: RunContext) -> None:
+        self._ctx = ctx
+
+    def load(self, default: Any = None) -> Any:
+        """The last saved checkpoint of this run (across restarts), or ``default``."""
+        ctx = self._ctx
+        value = ctx._on_loop(lambda: ctx._backend.load_checkpoint(ctx.run_id))
+        return default if value is None else value
+
+    def save(self, data: Any) -> None:
+        """Durably store ``data`` (JSON-serialisable). Raises StopRequested after saving
+        when the daemon is shutting down, so the run ends at a clean boundary."""
+        ctx = self._ctx
+        ctx._on_loop(lambda: ctx._backend.save_checkpoint(ctx.run_id, data))
+        if ctx.stop_requested:
+            raise StopRequested("stop requested at checkpoint")
+
+
+class RunContext:
+    def __init__(
+        self,
+        *,
+        run_id: str,
+        task_id: str,
+        attempt: int,
+        scheduled_for: datetime | None,
+        params: dict[str, Any],
+        workspace: Path,
+        backend: ContextBackend,
+        loop: asyncio.AbstractEventLoop,
+        logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
+    ) -> None:
+        self.run_id = run_id
+        self.task_id = task_id
+        self.attempt = attempt
+        self.scheduled_for = scheduled_for
+        self.params = params
+        self.workspace = workspace
+        self.log = logger
+        self.checkpoint = Checkpoint(self)
+        self._backend = backend
+        self._loop = loop
+        self._loop_thread = threading.get_ident()
+        self._cancel = threading.Event()
+        self._stop = threading.Event()
+
+    # -- signals from the runner
+    @property
+    def cancelled(self) -> bool:
+        """True once the run is cancelled or timed out; long work should check it."""
+        return self._cancel.is_set()
+
+    @property
+    def stop_requested(self) -> bool:
+        """True while the daemon drains for shutdown: stop at the next checkpoint."""
+        return self._stop.is_set() or self._cancel.is_set()
+
+    def request_cancel(self) -> None:
+        self._cancel.set()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def raise_if_stopping(self) -> None:
+        if self.stop_requested:
+            raise StopRequested("stop requested")
+
+    # -- reporting
+    def progress(self, done: int, total: int | None = None, message: str = "") -> None:
+        self._on_loop(lambda: self._backend.progress(self.run_id, done, total, message))
+
+    def heartbeat(self) -> None:
+        self._on_loop(lambda: self._backend.heartbeat(self.run_id))
+
+    def record_llm_call(self, call: dict[str, Any]) -> None:
+        self._on_loop(lambda: self._backend.record_llm_call(self.run_id, call))
+
+    def _on_loop(self, fn: Callable[[], T]) -> T:
+        if threading.get_ident() == self._loop_thread:
+            return fn()
+        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def call() -> None:
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:
+                fut.set_exception(exc)
+
+        self._loop.call_soon_threadsafe(call)
+        return fut.result()

@@ -1,0 +1,296 @@
+"""The daemon's lifecycle, in explicit phases: startup -> main loop -> shutdown.
+
+This is the only module that wires the parts together. Signal handlers only set
+flags (``should_exit``, ``force_exit``, ``reload_requested``) and wake the loop; all
+work happens in the main loop, so a signal can never interrupt a half-written row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import signal
+import sqlite3
+import sys
+from pathlib import Path
+from typing import Any
+
+from agentd.clock import Clock, SystemClock
+from agentd.config import Config, ConfigError, load_config
+from agentd.executors import ExecEnv
+from agentd.runner import Runner, workspace_path
+from agentd.scheduler import Scheduler
+from agentd.store import Row, Store
+
+log = logging.getLogger("agentd")
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_LOCKED = 75  # EX_TEMPFAIL: another instance owns the state dir; try later.
+EXIT_CONFIG = 78  # EX_CONFIG
+EXIT_FORCED = 130
+
+
+class StateLocked(Exception):
+    def __init__(self, path: Path, holder: str) -> None:
+        super().__init__(f"state dir is locked by another agentd (pid {holder}): {path}")
+        self.path = path
+        self.holder = holder
+
+
+class StateLock:
+    """An exclusive ``flock`` on ``<state_dir>/agentd.lock``; the kernel drops it on death,
+    so a ``kill -9`` never leaves a stale lock behind."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / "agentd.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise StateLocked(self.path, holder) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def held_by_other(self) -> str | None:
+        """The holder's PID text if another process holds the lock, else None."""
+        try:
+            self.acquire()
+        except StateLocked as exc:
+            return exc.holder
+        self.release()
+        return None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def state_paths(config: Config) -> tuple[Path, Path, Path]:
+    root = config.daemon.state_dir
+    return root, root / "state.sqlite", root / "schedule.sqlite"
+
+
+class Daemon:
+    def __init__(self, config_path: Path, config: Config, clock: Clock | None = None) -> None:
+        self.config_path = config_path
+        self.config = config
+        self.clock: Clock = clock or SystemClock()
+        self.owner = f"{os.uname().nodename}:{os.getpid()}"
+        self.should_exit = False
+        self.force_exit = False
+        self.reload_requested = False
+        self.generation = 1
+        self.last_reload_ok = True
+        self._wake = asyncio.Event()
+        self._force = asyncio.Event()
+        self.lock = StateLock(config.daemon.state_dir)
+        self.store: Store | None = None
+        self.scheduler: Scheduler | None = None
+        self.runner: Runner | None = None
+
+    # ------------------------------------------------------------ phases
+
+    async def serve(self) -> int:
+        try:
+            self.startup()
+        except StateLocked as exc:
+            log.error("%s", exc)
+            return EXIT_LOCKED
+        try:
+            await self.main_loop()
+        finally:
+            code = await self.shutdown()
+        return code
+
+    def startup(self) -> None:
+        cfg = self.config
+        root, db_path, jobs_path = state_paths(cfg)
+        root.mkdir(parents=True, exist_ok=True)
+        self.lock.acquire()
+        for extra in cfg.daemon.python_path:
+            if str(extra) not in sys.path:
+                sys.path.insert(0, str(extra))
+        self.store = Store(db_path, event_sink=self._on_event)
+        now = self.clock.now()
+        recovered = self.store.recover(now, self.owner)
+        if recovered:
+            log.warning(
+                "recovered %d run(s) left running by a previous process: %s",
+                len(recovered),
+                " ".join(recovered),
+            )
+        self.store.sync_tasks(_task_index(cfg), now)
+        self.runner = Runner(
+            self.store,
+            self.clock,
+            owner=self.owner,
+            state_dir=root,
+            concurrency=cfg.daemon.concurrency,
+            lease_s=cfg.daemon.lease,
+            exec_env=ExecEnv(
+                kill_grace_s=cfg.daemon.kill_grace, output_max_bytes=cfg.daemon.output_max_bytes
+            ),
+            on_change=self._wake.set,
+        )
+        self.runner.set_tasks(cfg.tasks)
+        self.scheduler = Scheduler(self.store, self.clock, jobs_path, on_enqueue=self._wake.set)
+        report = self.scheduler.start(cfg)
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._on_signal, signal.SIGTERM)
+        loop.add_signal_handler(signal.SIGINT, self._on_signal, signal.SIGINT)
+        loop.add_signal_handler(signal.SIGHUP, self._on_signal, signal.SIGHUP)
+        log.info(
+            "agentd started pid=%d config=%s state_dir=%s tasks=%d jobs_added=%d "
+            "jobs_rescheduled=%d jobs_removed=%d concurrency=%d",
+            os.getpid(),
+            self.config_path,
+            root,
+            len(cfg.tasks),
+            len(report.added),
+            len(report.rescheduled),
+            len(report.removed),
+            cfg.daemon.concurrency,
+        )
+
+    async def main_loop(self) -> None:
+        assert self.runner is not None
+        poll_s = self.config.daemon.poll_interval
+        while not self.should_exit:
+            if self.reload_requested:
+                self.reload()
+            try:
+                self.runner.tick()
+            except sqlite3.OperationalError as exc:
+                # Disk full or a long lock: keep the loop alive and try again next tick.
+                log.error("state DB error in runner tick: %s", exc)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=poll_s)
+
+    async def shutdown(self) -> int:
+        log.info(
+            "agentd stopping: no new fires or claims, draining %d run(s) grace=%gs",
+            len(self.runner.active) if self.runner else 0,
+            self.config.daemon.shutdown_grace,
+        )
+        if self.scheduler:
+            self.scheduler.pause()
+        if self.runner:
+            grace = 0.0 if self.force_exit else self.config.daemon.shutdown_grace
+            stopped = await self.runner.drain(grace, self._force)
+            if stopped:
+                log.warning("stopped %d run(s) at shutdown; they resume on next start", stopped)
+        if self.scheduler:
+            self.scheduler.shutdown()
+        if self.store:
+            self.store.close()
+        self.lock.release()
+        code = EXIT_FORCED if self.force_exit else EXIT_OK
+        log.info("agentd stopped exit=%d", code)
+        return code
+
+    # ------------------------------------------------------------ signals and reload
+
+    def _on_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if signum == signal.SIGHUP:
+            log.info("signal %s: reload requested", name)
+            self.reload_requested = True
+        elif not self.should_exit:
+            log.info("signal %s: shutting down gracefully", name)
+            self.should_exit = True
+        elif signum == signal.SIGINT:
+            log.warning("signal %s again: forcing exit, interrupting runs now", name)
+            self.force_exit = True
+            self._force.set()
+        else:
+            log.info("signal %s again: already shutting down, ignored", name)
+        self._wake.set()
+
+    def reload(self) -> bool:
+        """Apply a changed config file, or keep the running one and say why."""
+        self.reload_requested = False
+        assert self.store and self.scheduler and self.runner
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            self.last_reload_ok = False
+            for line in exc.render().splitlines():
+                log.error("reload failed, keeping the running config: %s", line)
+            return False
+        for key in ("state_dir", "http", "concurrency", "lease"):
+            if getattr(new.daemon, key) != getattr(self.config.daemon, key):
+                log.warning("reload: daemon.%s changed; it takes effect after a restart", key)
+        now = self.clock.now()
+        self.store.sync_tasks(_task_index(new), now)
+        report = self.scheduler.sync(new)
+        self.runner.set_tasks(new.tasks)
+        self.config = new
+        self.generation += 1
+        self.last_reload_ok = True
+        log.info(
+            "reload ok generation=%d tasks=%d added=%s rescheduled=%s removed=%s unchanged=%d",
+            self.generation,
+            len(new.tasks),
+            ",".join(report.added) or "-",
+            ",".join(report.rescheduled) or "-",
+            ",".join(report.removed) or "-",
+            report.unchanged,
+        )
+        return True
+
+    # ------------------------------------------------------------ events
+
+    def _on_event(self, event: Row) -> None:
+        """One grep-able line per state change, and a copy in the run's workspace."""
+        data: dict[str, Any] = event["data"]
+        extras = " ".join(f"{k}={_fmt(v)}" for k, v in sorted(data.items()) if v is not None)
+        log.info(
+            "event=%s task=%s run=%s %s",
+            event["kind"],
+            event["task_id"] or "-",
+            event["run_id"] or "-",
+            extras,
+        )
+        if event["run_id"] and event["task_id"]:
+            ws = workspace_path(self.config.daemon.state_dir, event["task_id"], event["run_id"])
+            try:
+                ws.mkdir(parents=True, exist_ok=True)
+                with (ws / "events.jsonl").open("a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(event, default=str) + "\n")
+            except OSError as exc:
+                log.warning("cannot write workspace events run=%s: %s", event["run_id"], exc)
+
+
+def _task_index(config: Config) -> dict[str, tuple[str, str]]:
+    return {tid: (t.fingerprint(), t.kind) for tid, t in config.tasks.items()}
+
+
+def _fmt(value: Any) -> str:
+    text = str(value)
+    return json.dumps(text) if (" " in text or not text) else text
+
+
+def run_daemon(config_path: Path) -> int:
+    """Entry point for ``agentd run``: exit codes per the brief (0, 75, 78, 130)."""
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        return EXIT_CONFIG
+    logging.getLogger().setLevel(config.daemon.log_level.upper())
+    daemon = Daemon(config_path, config)
+    return asyncio.run(daemon.serve())

@@ -1,0 +1,41 @@
+"""Executors: how a task's work is actually done. One module per kind.
+
+Each exposes ``async def execute(task: TaskConfig, ctx: RunContext, env: ExecEnv) -> Result``.
+Cancellation (timeout, cancel, shutdown) arrives as ``asyncio.CancelledError``; an
+executor cleans up (kills its process group, closes its client) and re-raises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from agentd.config import TaskConfig
+from agentd.context import RunContext
+from agentd.models import Result
+
+
+@dataclass(frozen=True)
+class ExecEnv:
+    """Daemon-wide settings an executor needs; kept small on purpose."""
+
+    kill_grace_s: float = 5.0
+    output_max_bytes: int = 10 * 1024 * 1024
+
+
+Execute = Callable[[TaskConfig, RunContext, ExecEnv], Awaitable[Result]]
+
+
+def executor_for(kind: str) -> Execute:
+    """Imported lazily so a daemon without agent tasks never imports httpx machinery."""
+    if kind == "command":
+        from agentd.executors.command import execute
+    elif kind == "http":
+        from agentd.executors.http import execute
+    elif kind == "python":
+        from agentd.executors.python import execute
+    elif kind == "agent":
+        from agentd.executors.agent import execute
+    else:
+        raise ValueError(f"unknown executor kind {kind!r}")
+    return execute

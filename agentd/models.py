@@ -1,0 +1,62 @@
+"""Plain value types shared across agentd; a leaf module.
+
+Statuses are strings in the DB and in JSON, so they are ``StrEnum`` members that
+compare equal to those strings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class RunStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    QUARANTINED = "quarantined"
+    CANCELLED = "cancelled"
+    SKIPPED = "skipped"
+
+
+FINAL_STATUSES = frozenset(
+    {RunStatus.SUCCEEDED, RunStatus.QUARANTINED, RunStatus.CANCELLED, RunStatus.SKIPPED}
+)
+ACTIVE_STATUSES = frozenset({RunStatus.QUEUED, RunStatus.RUNNING})
+
+
+class Outcome(StrEnum):
+    """How one attempt ended. ``interrupted`` and ``lost`` cost no attempt."""
+
+    SUCCESS = "success"
+    FAILURE = "failure"
+    TIMEOUT = "timeout"
+    CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"
+    LOST = "lost"
+
+
+@dataclass(frozen=True)
+class Result:
+    """What an executor reports. Timeouts, cancels and interrupts are the runner's business.
+
+    ``retryable`` is the executor's opinion where it knows better than the task policy
+    (a 401 from a provider will not get better by retrying); ``None`` defers to policy.
+    """
+
+    ok: bool
+    error: str | None = None
+    exit_code: int | None = None
+    http_status: int | None = None
+    retry_after_s: float | None = None
+    retryable: bool | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+class StopRequested(Exception):
+    """Raised from ``checkpoint.save()`` when the daemon asks the run to stop there.
+
+    The checkpoint is already durable when this is raised, so the run resumes at the
+    next item on the next start.
+    """

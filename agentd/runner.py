@@ -1,0 +1,337 @@
+"""The worker pool: claims queued runs under a lease, runs them, records the outcome.
+
+``tick()`` is one synchronous step (claim what fits, pass on cancel requests, extend
+leases); the daemon's main loop calls it, tests can call it directly. Retries are
+decided here but *wait in the queue* as a ``not_before`` time, so a restart loses none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from agentd.clock import Clock, from_iso, to_iso
+from agentd.config import TaskConfig
+from agentd.context import RunContext
+from agentd.executors import ExecEnv, executor_for
+from agentd.models import Outcome, Result, RunStatus, StopRequested
+from agentd.store import Row, Store
+
+log = logging.getLogger("agentd.runner")
+
+MAX_RETRY_AFTER_S = 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class Decision:
+    status: RunStatus
+    delay_s: float = 0.0
+    why: str = ""
+
+
+def decide(
+    task: TaskConfig,
+    outcome: Outcome,
+    result: Result | None,
+    failures_after: int,
+    rng: random.Random,
+) -> Decision:
+    """Where a run goes after an attempt. Pure, so the policy is testable without a daemon.
+
+    Backoff is "full jitter" (a uniform draw below the exponential ceiling): many tasks
+    failing together against one dependency then spread out instead of retrying in step.
+    A ``Retry-After`` from the other side is a floor, not a suggestion.
+    """
+    if outcome == Outcome.SUCCESS:
+        return Decision(RunStatus.SUCCEEDED)
+    if outcome == Outcome.CANCELLED:
+        return Decision(RunStatus.CANCELLED)
+    if outcome in (Outcome.INTERRUPTED, Outcome.LOST):
+        return Decision(RunStatus.QUEUED, 0.0, "resume")
+    policy = task.retry
+    retryable = True
+    why = "retry"
+    if outcome == Outcome.TIMEOUT:
+        retryable = policy.on_timeout
+        why = "timeout" if retryable else "timeouts do not retry"
+    elif result is not None:
+        if result.retryable is not None:
+            retryable = result.retryable
+            why = "executor says retryable" if retryable else "executor says not retryable"
+        elif result.http_status is not None:
+            retryable = result.http_status in policy.http_statuses
+            why = f"HTTP {result.http_status}" + ("" if retryable else " is not retried")
+        elif result.exit_code is not None and policy.exit_codes is not None:
+            retryable = result.exit_code in policy.exit_codes
+            why = f"exit code {result.exit_code}" + ("" if retryable else " is not retried")
+    if not retryable:
+        return Decision(RunStatus.QUARANTINED, 0.0, why)
+    if failures_after >= policy.max_attempts:
+        return Decision(RunStatus.QUARANTINED, 0.0, f"{failures_after} attempts failed")
+    ceiling = min(policy.max_backoff, policy.backoff * (2 ** (failures_after - 1)))
+    delay = rng.uniform(0, ceiling) if ceiling > 0 else 0.0
+    if result is not None and result.retry_after_s is not None:
+        delay = max(delay, min(result.retry_after_s, MAX_RETRY_AFTER_S))
+    return Decision(RunStatus.QUEUED, delay, why)
+
+
+def workspace_path(root: Path, task_id: str, run_id: str) -> Path:
+    return root / "runs" / task_id / run_id
+
+
+@dataclass
+class ActiveRun:
+    row: Row
+    task: TaskConfig
+    ctx: RunContext
+    job: asyncio.Task[None] | None = None
+    started_mono: float = 0.0
+    stop_reason: str | None = None  # "cancel" | "shutdown"
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class _Backend:
+    """The store seen from inside a run (ContextBackend)."""
+
+    def __init__(self, runner: Runner, task_id: str) -> None:
+        self._runner = runner
+        self._task_id = task_id
+
+    def load_checkpoint(self, run_id: str) -> Any | None:
+        return self._runner.store.load_checkpoint(run_id)
+
+    def save_checkpoint(self, run_id: str, data: Any) -> None:
+        self._runner.store.save_checkpoint(run_id, data, self._runner.clock.now())
+
+    def progress(self, run_id: str, done: int, total: int | None, message: str) -> None:
+        self._runner.store.progress(run_id, done, total, message, self._runner.clock.now())
+
+    def heartbeat(self, run_id: str) -> None:
+        r = self._runner
+        r.store.heartbeat([run_id], r.owner, r.clock.now(), r.lease_s)
+
+    def record_llm_call(self, run_id: str, call: dict[str, Any]) -> None:
+        self._runner.store.record_llm_call(run_id, self._task_id, call, self._runner.clock.now())
+
+
+class Runner:
+    def __init__(
+        self,
+        store: Store,
+        clock: Clock,
+        *,
+        owner: str,
+        state_dir: Path,
+        concurrency: int,
+        lease_s: float,
+        exec_env: ExecEnv,
+        on_change: Callable[[], None] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.owner = owner
+        self.state_dir = state_dir
+        self.concurrency = concurrency
+        self.lease_s = lease_s
+        self.exec_env = exec_env
+        self.on_change = on_change
+        self.rng = rng or random.Random()
+        self.tasks: Mapping[str, TaskConfig] = {}
+        self.active: dict[str, ActiveRun] = {}
+        self.claiming = True
+        self.last_tick_mono = clock.monotonic()
+        self._last_heartbeat = clock.monotonic()
+
+    def set_tasks(self, tasks: Mapping[str, TaskConfig]) -> None:
+        """New config: runs in flight keep the task definition they started with."""
+        self.tasks = tasks
+
+    # ------------------------------------------------------------ the step
+
+    def tick(self) -> list[str]:
+        """One step; returns the run ids started. Never blocks on a run."""
+        self.last_tick_mono = self.clock.monotonic()
+        if self.active:
+            for run_id in self.store.cancel_requests(self.owner):
+                self.cancel(run_id, "cancel")
+            if self.clock.monotonic() - self._last_heartbeat >= self.lease_s / 3:
+                self.store.heartbeat(list(self.active), self.owner, self.clock.now(), self.lease_s)
+                self._last_heartbeat = self.clock.monotonic()
+        if not self.claiming:
+            return []
+        free = self.concurrency - len(self.active)
+        if free <= 0:
+            return []
+        busy = {a.task.id for a in self.active.values()}
+        allow = {t.id for t in self.tasks.values() if t.overlap == "allow"}
+        rows = self.store.claim(self.clock.now(), self.owner, self.lease_s, free, busy, allow)
+        started = []
+        for row in rows:
+            self._start(row)
+            started.append(row["id"])
+        if rows:
+            self._last_heartbeat = self.clock.monotonic()
+        return started
+
+    def cancel(self, run_id: str, reason: str) -> bool:
+        active = self.active.get(run_id)
+        if active is None or active.stop_reason is not None or active.job is None:
+            return False
+        active.stop_reason = reason
+        active.ctx.request_cancel()
+        active.job.cancel()
+        return True
+
+    # ------------------------------------------------------------ one run
+
+    def _start(self, row: Row) -> None:
+        task = self.tasks.get(row["task_id"])
+        if task is None:
+            # The run was queued for a task a reload removed between fire and claim.
+            self.store.finish(
+                row["id"],
+                self.clock.now(),
+                outcome=Outcome.CANCELLED,
+                next_status=RunStatus.CANCELLED,
+                error="task is no longer in the config",
+            )
+            return
+        workspace = workspace_path(self.state_dir, task.id, row["id"])
+        workspace.mkdir(parents=True, exist_ok=True)
+        loop = asyncio.get_running_loop()
+        ctx = RunContext(
+            run_id=row["id"],
+            task_id=task.id,
+            attempt=row["attempt"],
+            scheduled_for=from_iso(row["scheduled_for"]) if row["scheduled_for"] else None,
+            params=dict(task.params),
+            workspace=workspace,
+            backend=_Backend(self, task.id),
+            loop=loop,
+            logger=logging.LoggerAdapter(
+                logging.getLogger(f"agentd.task.{task.id}"), {"run_id": row["id"]}
+            ),
+        )
+        active = ActiveRun(row=row, task=task, ctx=ctx, started_mono=self.clock.monotonic())
+        self.active[row["id"]] = active
+        write_run_json(workspace, {**row, "status": "running"})
+        active.job = loop.create_task(self._run(active), name=f"run:{row['id']}")
+
+    async def _run(self, active: ActiveRun) -> None:
+        task, ctx, row = active.task, active.ctx, active.row
+        execute = executor_for(task.kind)
+        result: Result | None = None
+        error: str | None = None
+        unexpected_cancel = False
+        try:
+            async with asyncio.timeout(task.timeout):
+                result = await execute(task, ctx, self.exec_env)
+            outcome = Outcome.SUCCESS if result.ok else Outcome.FAILURE
+            error = result.error
+        except TimeoutError:
+            ctx.request_cancel()
+            outcome, error = Outcome.TIMEOUT, f"timed out after {task.timeout:g}s"
+        except StopRequested:
+            outcome, error = Outcome.INTERRUPTED, "stopped at checkpoint for shutdown"
+        except asyncio.CancelledError:
+            if active.stop_reason == "cancel":
+                outcome, error = Outcome.CANCELLED, "cancelled"
+            else:
+                outcome, error = Outcome.INTERRUPTED, "interrupted by shutdown"
+            unexpected_cancel = active.stop_reason is None
+        except Exception as exc:  # an executor bug must not kill the pool
+            log.exception("executor crashed run=%s task=%s", row["id"], task.id)
+            outcome, error = Outcome.FAILURE, f"executor error: {type(exc).__name__}: {exc}"
+        self._record(active, outcome, result, error)
+        if unexpected_cancel:
+            raise asyncio.CancelledError
+
+    def _record(
+        self, active: ActiveRun, outcome: Outcome, result: Result | None, error: str | None
+    ) -> None:
+        task, row = active.task, active.row
+        now = self.clock.now()
+        duration = round(self.clock.monotonic() - active.started_mono, 6)
+        failures_after = row["failures"] + (
+            1 if outcome in (Outcome.FAILURE, Outcome.TIMEOUT) else 0
+        )
+        decision = decide(task, outcome, result, failures_after, self.rng)
+        not_before = now + timedelta(seconds=decision.delay_s)
+        try:
+            final = self.store.finish(
+                row["id"],
+                now,
+                outcome=outcome,
+                next_status=decision.status,
+                not_before=not_before,
+                error=error,
+                exit_code=result.exit_code if result else None,
+                http_status=result.http_status if result else None,
+                duration_s=duration,
+                pause_after_failures=task.pause_after_failures,
+            )
+            write_run_json(
+                active.ctx.workspace,
+                {
+                    **final,
+                    "decision": decision.why,
+                    "not_before": to_iso(not_before)
+                    if decision.status == RunStatus.QUEUED
+                    else None,
+                },
+            )
+        except Exception:
+            # The lease will expire and recovery re-queues the run: nothing is lost.
+            log.exception("could not record outcome run=%s task=%s", row["id"], task.id)
+        finally:
+            self.active.pop(row["id"], None)
+            active.done.set()
+            if self.on_change:
+                self.on_change()
+
+    # ------------------------------------------------------------ shutdown
+
+    async def drain(self, grace_s: float, force: asyncio.Event | None = None) -> int:
+        """Stop claiming; let runs finish within ``grace_s``; then stop the rest.
+
+        Python and agent runs are asked to stop at their next checkpoint straight away;
+        commands run on until the grace ends, then get their group killed. Returns how
+        many runs had to be stopped.
+        """
+        self.claiming = False
+        if not self.active:
+            return 0
+        for active in self.active.values():
+            active.ctx.request_stop()
+        waits = [asyncio.ensure_future(a.done.wait()) for a in self.active.values()]
+        extra: list[asyncio.Future[Any]] = []
+        if force is not None:
+            extra.append(asyncio.ensure_future(force.wait()))
+        gathered = asyncio.ensure_future(asyncio.gather(*waits))
+        await asyncio.wait([gathered, *extra], timeout=grace_s, return_when=asyncio.FIRST_COMPLETED)
+        for fut in extra:
+            fut.cancel()
+        stopped = 0
+        for run_id in list(self.active):
+            if self.cancel(run_id, "shutdown"):
+                stopped += 1
+        if not gathered.done():
+            await asyncio.wait([gathered], timeout=self.exec_env.kill_grace_s + 5)
+        if not gathered.done():
+            gathered.cancel()
+        return stopped
+
+
+def write_run_json(workspace: Path, data: Mapping[str, Any]) -> None:
+    """Atomic replace, so a reader never sees half a file."""
+    tmp = workspace / "run.json.tmp"
+    tmp.write_text(json.dumps(dict(data), indent=2, default=str, sort_keys=True))
+    tmp.replace(workspace / "run.json")

@@ -1,0 +1,254 @@
+"""APScheduler 3 decides *when*; this module turns its fires into durable runs.
+
+Each job holds only the text reference ``agentd.scheduler:fire``, the task id and a
+``SpecTrigger`` (a thin wrapper over the pure maths in ``agentd.schedule``). Fires do
+not go through APScheduler's executors, which drop the scheduled time and apply their
+own misfire rules silently: ``EnqueueExecutor`` receives every due time and hands it
+to agentd, which applies the task's catch-up policy and records what it drops.
+
+The jobstore lives in its own SQLite file so its commits never wait on the state DB's
+lock. It holds nothing that idempotency keys in the state DB would not repair, so it
+runs with ``synchronous=NORMAL``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy
+from apscheduler.executors.base import BaseExecutor
+from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.base import BaseTrigger
+
+from agentd.clock import Clock, to_iso
+from agentd.config import Config, TaskConfig, inactive_reason
+from agentd.schedule import ScheduleSpec, next_fire
+from agentd.store import FireResult, Store
+
+log = logging.getLogger("agentd.scheduler")
+
+JOB_FUNC = "agentd.scheduler:fire"
+
+
+def fire(task_id: str) -> None:
+    """The jobs' textual target. agentd's executor enqueues fires itself, with the exact
+    scheduled times that APScheduler does not pass to job functions."""
+    raise RuntimeError(
+        f"agentd.scheduler:fire({task_id!r}) must be handled by agentd's executor; "
+        "is the jobstore being read by another program?"
+    )
+
+
+class SpecTrigger(BaseTrigger):  # type: ignore[misc]
+    """Pickled into the jobstore; keeps only the plain schedule spec."""
+
+    def __init__(self, spec: ScheduleSpec, task_id: str) -> None:
+        self.spec = spec
+        self.task_id = task_id
+
+    def get_next_fire_time(
+        self, previous_fire_time: datetime | None, now: datetime
+    ) -> datetime | None:
+        after = previous_fire_time or (now - timedelta(microseconds=1))
+        return next_fire(self.spec, self.task_id, after)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"version": 1, "task_id": self.task_id, "spec": asdict(self.spec)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.task_id = state["task_id"]
+        self.spec = ScheduleSpec(**state["spec"])
+
+    def __str__(self) -> str:
+        return f"agentd[{self.spec.kind}]"
+
+
+class EnqueueExecutor(BaseExecutor):  # type: ignore[misc]
+    def __init__(self, on_due: Callable[[str, list[datetime]], None]) -> None:
+        super().__init__()
+        self._on_due = on_due
+
+    def submit_job(self, job: Any, run_times: list[datetime]) -> None:
+        try:
+            self._on_due(job.args[0], list(run_times))
+        except Exception:
+            # Never let one task's failure to enqueue stop APScheduler's loop.
+            log.exception("enqueue failed task=%s", job.args[0])
+
+    def _do_submit_job(self, job: Any, run_times: list[datetime]) -> None:
+        raise NotImplementedError  # submit_job is overridden
+
+
+@dataclass
+class SyncReport:
+    added: list[str] = field(default_factory=list)
+    rescheduled: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    unchanged: int = 0
+
+
+def _jobstore_engine(path: Path) -> sqlalchemy.Engine:
+    engine = sqlalchemy.create_engine(f"sqlite:///{path}")
+
+    @sqlalchemy.event.listens_for(engine, "connect")
+    def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA busy_timeout=10000")
+        cur.close()
+
+    return engine
+
+
+class Scheduler:
+    def __init__(
+        self,
+        store: Store,
+        clock: Clock,
+        jobstore_path: Path,
+        on_enqueue: Callable[[], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.on_enqueue = on_enqueue
+        self.tasks: Mapping[str, TaskConfig] = {}
+        self.config: Config | None = None
+        self._engine = _jobstore_engine(jobstore_path)
+        self.aps = AsyncIOScheduler(
+            jobstores={"default": SQLAlchemyJobStore(engine=self._engine)},
+            executors={"default": EnqueueExecutor(self._on_due)},
+            timezone=UTC,
+        )
+
+    def start(self, config: Config) -> SyncReport:
+        """Start paused, diff jobs against the config, then let fires through."""
+        self.aps.start(paused=True)
+        report = self.sync(config)
+        self.aps.resume()
+        return report
+
+    def sync(self, config: Config) -> SyncReport:
+        """Add, reschedule or remove jobs so they match the config; touch nothing else.
+
+        An unchanged job keeps its stored next fire time, which is how fires missed
+        during downtime are still seen (and caught up) after a restart.
+        """
+        self.config = config
+        self.tasks = config.tasks
+        report = SyncReport()
+        wanted: dict[str, ScheduleSpec] = {}
+        for task_id, task in config.tasks.items():
+            reason = inactive_reason(task)
+            if reason:
+                log.info("task inactive task=%s reason=%r", task_id, reason)
+                continue
+            if task.schedule.kind != "manual":
+                wanted[task_id] = config.schedule_spec(task_id)
+        existing = {job.id: job for job in self.aps.get_jobs()}
+        for task_id in existing:
+            if task_id not in wanted:
+                self.aps.remove_job(task_id)
+                report.removed.append(task_id)
+        for task_id, spec in wanted.items():
+            job = existing.get(task_id)
+            trigger = SpecTrigger(spec, task_id)
+            if job is None:
+                self.aps.add_job(
+                    JOB_FUNC,
+                    trigger=trigger,
+                    args=[task_id],
+                    id=task_id,
+                    name=task_id,
+                    misfire_grace_time=None,
+                    coalesce=False,
+                    max_instances=1_000_000,
+                    replace_existing=False,
+                )
+                report.added.append(task_id)
+            elif getattr(job.trigger, "spec", None) != spec:
+                self.aps.reschedule_job(task_id, trigger=trigger)
+                report.rescheduled.append(task_id)
+            else:
+                report.unchanged += 1
+        return report
+
+    def next_fire_time(self, task_id: str) -> datetime | None:
+        job = self.aps.get_job(task_id)
+        return job.next_run_time if job else None
+
+    def pause(self) -> None:
+        if self.aps.running:
+            self.aps.pause()
+
+    def shutdown(self) -> None:
+        if self.aps.running:
+            self.aps.shutdown(wait=False)
+        self._engine.dispose()
+
+    # ------------------------------------------------------------ fires
+
+    def _on_due(self, task_id: str, run_times: list[datetime]) -> None:
+        task = self.tasks.get(task_id)
+        if task is None or not run_times:
+            return
+        now = self.clock.now()
+        due, missed, reason = catchup_split(task, run_times, now)
+        if missed:
+            log.warning(
+                "misfire task=%s dropped=%d reason=%s first=%s last=%s",
+                task_id,
+                len(missed),
+                reason,
+                to_iso(missed[0]),
+                to_iso(missed[-1]),
+            )
+            self.store.record_misfire(task_id, now, missed, reason)
+        for when in due:
+            late = (now - when).total_seconds() > task.misfire_grace
+            self.fire(task_id, scheduled_for=when, trigger="catchup" if late else "schedule")
+
+    def fire(
+        self, task_id: str, *, scheduled_for: datetime | None = None, trigger: str = "schedule"
+    ) -> FireResult:
+        task = self.tasks[task_id]
+        result = self.store.fire(
+            task_id,
+            self.clock.now(),
+            scheduled_for=scheduled_for,
+            trigger=trigger,
+            overlap=task.overlap,
+            max_queued=task.max_queued,
+            honour_pause=trigger != "manual",
+        )
+        if result.created and self.on_enqueue:
+            self.on_enqueue()
+        elif result.reason == "duplicate" and scheduled_for is not None:
+            log.info(
+                "fire deduplicated task=%s scheduled_for=%s run=%s",
+                task_id,
+                to_iso(scheduled_for),
+                result.run_id,
+            )
+        return result
+
+
+def catchup_split(
+    task: TaskConfig, run_times: list[datetime], now: datetime
+) -> tuple[list[datetime], list[datetime], str]:
+    """Which due times run and which are dropped, per the task's ``catchup`` policy."""
+    grace = task.misfire_grace
+    if task.catchup == "skip":
+        due = [t for t in run_times if (now - t).total_seconds() <= grace]
+        missed = [t for t in run_times if (now - t).total_seconds() > grace]
+        return due[-1:], missed + due[:-1], "catchup=skip"
+    if task.catchup == "latest":
+        return run_times[-1:], run_times[:-1], "catchup=latest"
+    keep = run_times[-task.catchup_max :]
+    return keep, run_times[: len(run_times) - len(keep)], "catchup=all limit"

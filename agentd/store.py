@@ -1,0 +1,850 @@
+"""agentd's durable state: runs, attempts, events, checkpoints, quarantine, tasks.
+
+This file is the truth; APScheduler's jobstore only remembers *when* to fire next.
+Every transition is one ``BEGIN IMMEDIATE`` transaction (read-then-write without a
+race against the CLI, which writes the same file), with ``synchronous=FULL``: a "done"
+row lost to a power cut would mean running an agent twice.
+
+Events are appended in the same transaction as the change they describe and handed
+to ``event_sink`` only after the commit, so nobody ever sees an event that rolled back.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from agentd.clock import from_iso, to_iso
+from agentd.models import ACTIVE_STATUSES, Outcome, RunStatus
+
+SCHEMA_VERSION = 1
+Row = dict[str, Any]
+EventSink = Callable[[Row], None]
+
+
+class StoreError(Exception):
+    """A request that the state does not allow; ``code`` is stable for APIs and the CLI."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def new_run_id(now: datetime) -> str:
+    """Sortable and readable: the creation second, then randomness."""
+    return now.strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(4)
+
+
+def _migrate_1(db: sqlite_utils.Database) -> None:
+    db.table("meta").create({"key": str, "value": str}, pk="key")
+    db.table("tasks").create(
+        {
+            "id": str,
+            "fingerprint": str,
+            "kind": str,
+            "present": int,
+            "paused": int,
+            "paused_reason": str,
+            "paused_at": str,
+            "consecutive_quarantines": int,
+            "last_run_at": str,
+            "last_outcome": str,
+            "last_success_at": str,
+            "updated_at": str,
+        },
+        pk="id",
+        defaults={"present": 1, "paused": 0, "consecutive_quarantines": 0},
+        not_null={"fingerprint", "kind"},
+    )
+    db.table("runs").create(
+        {
+            "id": str,
+            "task_id": str,
+            "trigger": str,
+            "scheduled_for": str,
+            "idempotency_key": str,
+            "status": str,
+            "attempt": int,
+            "failures": int,
+            "not_before": str,
+            "lease_owner": str,
+            "lease_expires_at": str,
+            "cancel_requested": int,
+            "created_at": str,
+            "started_at": str,
+            "finished_at": str,
+            "outcome": str,
+            "exit_code": int,
+            "error": str,
+            "duration_s": float,
+            "skip_reason": str,
+            "progress_done": int,
+            "progress_total": int,
+            "progress_message": str,
+        },
+        pk="id",
+        defaults={"attempt": 0, "failures": 0, "cancel_requested": 0},
+        not_null={"task_id", "status", "idempotency_key", "created_at"},
+    )
+    db.table("runs").create_index(["idempotency_key"], unique=True)
+    db.table("runs").create_index(["status", "not_before"])
+    db.table("runs").create_index(["task_id", "created_at"])
+    db.table("attempts").create(
+        {
+            "id": int,
+            "run_id": str,
+            "attempt": int,
+            "worker": str,
+            "started_at": str,
+            "finished_at": str,
+            "outcome": str,
+            "exit_code": int,
+            "http_status": int,
+            "error": str,
+            "duration_s": float,
+        },
+        pk="id",
+        foreign_keys=[("run_id", "runs", "id")],
+    )
+    db.table("attempts").create_index(["run_id", "attempt"])
+    db.execute(
+        "CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, ts TEXT NOT NULL,"
+        " kind TEXT NOT NULL, task_id TEXT, run_id TEXT, data TEXT NOT NULL DEFAULT '{}')"
+    )
+    db.table("events").create_index(["run_id", "id"])
+    db.table("events").create_index(["task_id", "id"])
+    db.table("checkpoints").create(
+        {"run_id": str, "data": str, "seq": int, "saved_at": str},
+        pk="run_id",
+        foreign_keys=[("run_id", "runs", "id")],
+    )
+    db.table("quarantine").create(
+        {
+            "run_id": str,
+            "task_id": str,
+            "quarantined_at": str,
+            "last_error": str,
+            "attempts": int,
+        },
+        pk="run_id",
+        foreign_keys=[("run_id", "runs", "id")],
+    )
+    db.table("llm_calls").create(
+        {
+            "id": int,
+            "run_id": str,
+            "task_id": str,
+            "ts": str,
+            "provider": str,
+            "model": str,
+            "input_tokens": int,
+            "output_tokens": int,
+            "duration_s": float,
+            "status": int,
+            "item": int,
+        },
+        pk="id",
+    )
+    db.table("llm_calls").create_index(["task_id", "ts"])
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migrate_1]
+
+
+@dataclass(frozen=True)
+class FireResult:
+    run_id: str
+    created: bool
+    status: str
+    reason: str | None = None
+
+
+class Store:
+    def __init__(self, path: Path, event_sink: EventSink | None = None) -> None:
+        self.path = path
+        self.event_sink = event_sink
+        self._pending_events: list[Row] = []
+        self.conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self.conn.row_factory = sqlite3.Row
+        self.conn.execute("PRAGMA busy_timeout = 10000")
+        self.conn.execute("PRAGMA journal_mode = WAL")
+        self.conn.execute("PRAGMA synchronous = FULL")
+        self.conn.execute("PRAGMA foreign_keys = ON")
+        self.db = sqlite_utils.Database(self.conn)
+        self._migrate()
+
+    # ------------------------------------------------------------ plumbing
+
+    def _migrate(self) -> None:
+        with self.tx():
+            has_meta = self.db.table("meta").exists()
+            version = 0
+            if has_meta:
+                row = self.conn.execute("SELECT value FROM meta WHERE key='schema_version'")
+                found = row.fetchone()
+                version = int(found[0]) if found else 0
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    "schema_too_new",
+                    f"{self.path} has schema version {version}; this agentd knows up to "
+                    f"{SCHEMA_VERSION}. Upgrade agentd or use another state_dir.",
+                )
+            for number in range(version + 1, SCHEMA_VERSION + 1):
+                MIGRATIONS[number - 1](self.db)
+                self.conn.execute(
+                    "INSERT OR REPLACE INTO meta(key, value) VALUES('schema_version', ?)",
+                    (str(number),),
+                )
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, taken up front so read-then-write cannot race."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            self._pending_events.clear()
+            raise
+        self.conn.execute("COMMIT")
+        events, self._pending_events = self._pending_events, []
+        if self.event_sink:
+            for event in events:
+                self.event_sink(event)
+
+    def close(self) -> None:
+        """Fold the WAL back into the main file so a copy of the DB alone is complete."""
+        try:
+            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            self.conn.close()
+
+    def _event(
+        self,
+        now: datetime,
+        kind: str,
+        task_id: str | None = None,
+        run_id: str | None = None,
+        **data: Any,
+    ) -> None:
+        ts = to_iso(now)
+        payload = json.dumps(data, default=str, sort_keys=True)
+        cur = self.conn.execute(
+            "INSERT INTO events(ts, kind, task_id, run_id, data) VALUES (?,?,?,?,?)",
+            (ts, kind, task_id, run_id, payload),
+        )
+        self._pending_events.append(
+            {
+                "id": cur.lastrowid,
+                "ts": ts,
+                "kind": kind,
+                "task_id": task_id,
+                "run_id": run_id,
+                "data": data,
+            }
+        )
+
+    def _one(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
+        row = self.conn.execute(sql, params).fetchone()
+        return dict(row) if row else None
+
+    def _all(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        return [dict(r) for r in self.conn.execute(sql, params).fetchall()]
+
+    # ------------------------------------------------------------ tasks
+
+    def sync_tasks(self, tasks: dict[str, tuple[str, str]], now: datetime) -> None:
+        """Record which tasks the config has (id -> (fingerprint, kind)); paused state survives."""
+        ts = to_iso(now)
+        with self.tx():
+            known = {r["id"]: r for r in self._all("SELECT id, fingerprint, present FROM tasks")}
+            for task_id, (fingerprint, kind) in tasks.items():
+                old = known.get(task_id)
+                if old is None:
+                    self.conn.execute(
+                        "INSERT INTO tasks(id, fingerprint, kind, present, paused,"
+                        " consecutive_quarantines, updated_at) VALUES (?,?,?,1,0,0,?)",
+                        (task_id, fingerprint, kind, ts),
+                    )
+                    self._event(now, "task_added", task_id, fingerprint=fingerprint)
+                elif old["fingerprint"] != fingerprint or not old["present"]:
+                    self.conn.execute(
+                        "UPDATE tasks SET fingerprint=?, kind=?, present=1, updated_at=?"
+                        " WHERE id=?",
+                        (fingerprint, kind, ts, task_id),
+                    )
+                    self._event(now, "task_changed", task_id, fingerprint=fingerprint)
+            for task_id, old in known.items():
+                if task_id not in tasks and old["present"]:
+                    self.conn.execute(
+                        "UPDATE tasks SET present=0, updated_at=? WHERE id=?", (ts, task_id)
+                    )
+                    self._event(now, "task_removed", task_id)
+
+    def task_rows(self) -> list[Row]:
+        return self._all("SELECT * FROM tasks WHERE present=1 ORDER BY id")
+
+    def task_row(self, task_id: str) -> Row | None:
+        return self._one("SELECT * FROM tasks WHERE id=?", (task_id,))
+
+    def paused_tasks(self) -> set[str]:
+        return {r["id"] for r in self._all("SELECT id FROM tasks WHERE paused=1")}
+
+    def pause(self, task_id: str, reason: str, now: datetime, actor: str = "operator") -> bool:
+        """Idempotent: pausing a paused task changes nothing and returns False."""
+        with self.tx():
+            row = self._require_task(task_id)
+            if row["paused"]:
+                return False
+            self.conn.execute(
+                "UPDATE tasks SET paused=1, paused_reason=?, paused_at=? WHERE id=?",
+                (reason, to_iso(now), task_id),
+            )
+            self._event(now, "pause", task_id, reason=reason, by=actor)
+            return True
+
+    def resume(self, task_id: str, now: datetime) -> bool:
+        with self.tx():
+            row = self._require_task(task_id)
+            if not row["paused"]:
+                return False
+            self.conn.execute(
+                "UPDATE tasks SET paused=0, paused_reason=NULL, paused_at=NULL,"
+                " consecutive_quarantines=0 WHERE id=?",
+                (task_id,),
+            )
+            self._event(now, "resume", task_id)
+            return True
+
+    def _require_task(self, task_id: str) -> Row:
+        row = self._one("SELECT * FROM tasks WHERE id=? AND present=1", (task_id,))
+        if row is None:
+            raise StoreError("unknown_task", f"no task named {task_id!r}")
+        return row
+
+    # ------------------------------------------------------------ enqueue
+
+    def fire(
+        self,
+        task_id: str,
+        now: datetime,
+        *,
+        scheduled_for: datetime | None = None,
+        trigger: str = "schedule",
+        overlap: str = "skip",
+        max_queued: int = 10,
+        key: str | None = None,
+        honour_pause: bool = True,
+    ) -> FireResult:
+        """Enqueue one run, at most once per idempotency key, applying the overlap policy.
+
+        The key defaults to ``task@scheduled_for``: a fire that APScheduler repeats after
+        a crash, or that two processes race on, lands on the same row.
+        """
+        when = scheduled_for or now
+        if key is None:
+            key = (
+                f"{task_id}@{to_iso(when)}"
+                if scheduled_for
+                else f"{task_id}@manual:{secrets.token_hex(6)}"
+            )
+        with self.tx():
+            existing = self._one("SELECT id, status FROM runs WHERE idempotency_key=?", (key,))
+            if existing:
+                return FireResult(existing["id"], False, existing["status"], "duplicate")
+            task = self._require_task(task_id)
+            skip_reason: str | None = None
+            if honour_pause and task["paused"]:
+                skip_reason = "paused"
+            else:
+                active = self._all(
+                    "SELECT id, status FROM runs WHERE task_id=? AND status IN (?,?)",
+                    (task_id, RunStatus.QUEUED, RunStatus.RUNNING),
+                )
+                queued = [r for r in active if r["status"] == RunStatus.QUEUED]
+                if (overlap == "skip" and active) or (overlap == "queue_one" and queued):
+                    skip_reason = "overlap"
+                elif overlap == "queue_all" and len(queued) >= max_queued:
+                    skip_reason = "queue_full"
+                elif overlap == "cancel_previous":
+                    for r in active:
+                        self._request_cancel_locked(r, now, reason="cancel_previous")
+            run_id = new_run_id(now)
+            status = RunStatus.SKIPPED if skip_reason else RunStatus.QUEUED
+            self.conn.execute(
+                "INSERT INTO runs(id, task_id, trigger, scheduled_for, idempotency_key, status,"
+                " attempt, failures, not_before, cancel_requested, created_at, finished_at,"
+                " skip_reason, outcome) VALUES (?,?,?,?,?,?,0,0,?,0,?,?,?,?)",
+                (
+                    run_id,
+                    task_id,
+                    trigger,
+                    to_iso(when),
+                    key,
+                    status,
+                    to_iso(now),
+                    to_iso(now),
+                    to_iso(now) if skip_reason else None,
+                    skip_reason,
+                    "skipped" if skip_reason else None,
+                ),
+            )
+            if skip_reason:
+                self._event(
+                    now, "skip", task_id, run_id, reason=skip_reason, scheduled_for=to_iso(when)
+                )
+            else:
+                self._event(
+                    now, "enqueue", task_id, run_id, trigger=trigger, scheduled_for=to_iso(when)
+                )
+            return FireResult(run_id, True, status, skip_reason)
+
+    def record_misfire(
+        self, task_id: str, now: datetime, missed: list[datetime], reason: str
+    ) -> None:
+        """Fires dropped by the catch-up policy: counted and logged, never silently lost."""
+        if not missed:
+            return
+        with self.tx():
+            self._event(
+                now,
+                "misfire",
+                task_id,
+                count=len(missed),
+                reason=reason,
+                first=to_iso(missed[0]),
+                last=to_iso(missed[-1]),
+            )
+
+    # ------------------------------------------------------------ claim / lease
+
+    def claim(
+        self,
+        now: datetime,
+        owner: str,
+        lease_s: float,
+        limit: int,
+        busy_tasks: set[str],
+        allow_overlap: set[str],
+    ) -> list[Row]:
+        """Take up to ``limit`` due runs under a lease; at most one per task unless allowed."""
+        if limit <= 0:
+            return []
+        claimed: list[Row] = []
+        with self.tx():
+            rows = self._all(
+                "SELECT r.* FROM runs r JOIN tasks t ON t.id = r.task_id"
+                " WHERE r.status='queued' AND r.not_before <= ? AND t.present=1"
+                " AND (t.paused=0 OR r.trigger IN ('manual','release'))"
+                " ORDER BY r.not_before, r.id LIMIT ?",
+                (to_iso(now), limit * 4 + len(busy_tasks)),
+            )
+            taken = set(busy_tasks)
+            expires = to_iso(_plus(now, lease_s))
+            for row in rows:
+                if len(claimed) >= limit:
+                    break
+                if row["task_id"] in taken and row["task_id"] not in allow_overlap:
+                    continue
+                taken.add(row["task_id"])
+                attempt = row["attempt"] + 1
+                self.conn.execute(
+                    "UPDATE runs SET status='running', attempt=?, lease_owner=?,"
+                    " lease_expires_at=?, started_at=COALESCE(started_at, ?) WHERE id=?",
+                    (attempt, owner, expires, to_iso(now), row["id"]),
+                )
+                self.conn.execute(
+                    "INSERT INTO attempts(run_id, attempt, worker, started_at) VALUES (?,?,?,?)",
+                    (row["id"], attempt, owner, to_iso(now)),
+                )
+                lateness = (now - from_iso(row["scheduled_for"])).total_seconds()
+                self._event(
+                    now,
+                    "claim",
+                    row["task_id"],
+                    row["id"],
+                    attempt=attempt,
+                    lateness_s=round(lateness, 6),
+                )
+                row.update(status="running", attempt=attempt, lease_owner=owner)
+                claimed.append(row)
+        return claimed
+
+    def heartbeat(self, run_ids: Sequence[str], owner: str, now: datetime, lease_s: float) -> None:
+        """Extend leases in one statement; heartbeats are not audit events (too many)."""
+        if not run_ids:
+            return
+        marks = ",".join("?" * len(run_ids))
+        with self.tx():
+            self.conn.execute(
+                f"UPDATE runs SET lease_expires_at=? WHERE lease_owner=? AND status='running'"
+                f" AND id IN ({marks})",
+                (to_iso(_plus(now, lease_s)), owner, *run_ids),
+            )
+
+    def recover(self, now: datetime, owner: str, live_owners: set[str] | None = None) -> list[str]:
+        """Re-queue runs whose owner is gone or whose lease expired.
+
+        Called at start under the state-dir lock, every running row belongs to a dead
+        process. The lost attempt costs nothing: the run did not fail, the daemon did.
+        """
+        live = live_owners or set()
+        recovered: list[str] = []
+        with self.tx():
+            rows = self._all("SELECT * FROM runs WHERE status='running'")
+            for row in rows:
+                owner_live = row["lease_owner"] in live
+                expired = (row["lease_expires_at"] or "") < to_iso(now)
+                if owner_live and not expired:
+                    continue
+                self.conn.execute(
+                    "UPDATE runs SET status='queued', not_before=?, lease_owner=NULL,"
+                    " lease_expires_at=NULL, cancel_requested=0 WHERE id=?",
+                    (to_iso(now), row["id"]),
+                )
+                self.conn.execute(
+                    "UPDATE attempts SET finished_at=?, outcome=?, error=? WHERE run_id=?"
+                    " AND attempt=? AND finished_at IS NULL",
+                    (to_iso(now), Outcome.LOST, "owner gone", row["id"], row["attempt"]),
+                )
+                self._event(
+                    now,
+                    "recover",
+                    row["task_id"],
+                    row["id"],
+                    attempt=row["attempt"],
+                    previous_owner=row["lease_owner"],
+                    by=owner,
+                )
+                recovered.append(row["id"])
+        return recovered
+
+    def cancel_requests(self, owner: str) -> list[str]:
+        return [
+            r["id"]
+            for r in self._all(
+                "SELECT id FROM runs WHERE status='running' AND cancel_requested=1"
+                " AND lease_owner=?",
+                (owner,),
+            )
+        ]
+
+    # ------------------------------------------------------------ finishing
+
+    def finish(
+        self,
+        run_id: str,
+        now: datetime,
+        *,
+        outcome: Outcome,
+        next_status: RunStatus,
+        not_before: datetime | None = None,
+        error: str | None = None,
+        exit_code: int | None = None,
+        http_status: int | None = None,
+        duration_s: float | None = None,
+        pause_after_failures: int = 0,
+    ) -> Row:
+        """Close the current attempt and move the run on, in one transaction.
+
+        ``next_status`` is the runner's decision: SUCCEEDED, QUEUED (retry or resume),
+        QUARANTINED or CANCELLED. Failures count toward retries; interrupts do not.
+        """
+        with self.tx():
+            run = self._one("SELECT * FROM runs WHERE id=?", (run_id,))
+            if run is None:
+                raise StoreError("unknown_run", f"no run {run_id!r}")
+            counted = outcome in (Outcome.FAILURE, Outcome.TIMEOUT)
+            failures = run["failures"] + (1 if counted else 0)
+            final = next_status != RunStatus.QUEUED
+            self.conn.execute(
+                "UPDATE attempts SET finished_at=?, outcome=?, exit_code=?, http_status=?,"
+                " error=?, duration_s=? WHERE run_id=? AND attempt=? AND finished_at IS NULL",
+                (
+                    to_iso(now),
+                    outcome,
+                    exit_code,
+                    http_status,
+                    error,
+                    duration_s,
+                    run_id,
+                    run["attempt"],
+                ),
+            )
+            self.conn.execute(
+                "UPDATE runs SET status=?, failures=?, not_before=?, lease_owner=NULL,"
+                " lease_expires_at=NULL, cancel_requested=0, outcome=?, exit_code=?, error=?,"
+                " duration_s=?, finished_at=? WHERE id=?",
+                (
+                    next_status,
+                    failures,
+                    to_iso(not_before or now),
+                    outcome,
+                    exit_code,
+                    error,
+                    duration_s,
+                    to_iso(now) if final else None,
+                    run_id,
+                ),
+            )
+            task_id = run["task_id"]
+            kind = {
+                Outcome.SUCCESS: "success",
+                Outcome.FAILURE: "failure",
+                Outcome.TIMEOUT: "timeout",
+                Outcome.CANCELLED: "cancel",
+                Outcome.INTERRUPTED: "interrupt",
+                Outcome.LOST: "recover",
+            }[outcome]
+            self._event(
+                now,
+                kind,
+                task_id,
+                run_id,
+                attempt=run["attempt"],
+                error=error,
+                exit_code=exit_code,
+                http_status=http_status,
+                duration_s=duration_s,
+            )
+            self.conn.execute(
+                "UPDATE tasks SET last_run_at=?, last_outcome=? WHERE id=?",
+                (to_iso(now), outcome, task_id),
+            )
+            if next_status == RunStatus.QUEUED and counted:
+                self._event(
+                    now,
+                    "retry",
+                    task_id,
+                    run_id,
+                    attempt=run["attempt"],
+                    not_before=to_iso(not_before or now),
+                    failures=failures,
+                )
+            elif next_status == RunStatus.SUCCEEDED:
+                self.conn.execute(
+                    "UPDATE tasks SET last_success_at=?, consecutive_quarantines=0 WHERE id=?",
+                    (to_iso(now), task_id),
+                )
+            elif next_status == RunStatus.QUARANTINED:
+                self._quarantine_locked(run, now, error, pause_after_failures)
+            run.update(status=next_status, failures=failures, outcome=outcome, error=error)
+            return run
+
+    def _quarantine_locked(
+        self, run: Row, now: datetime, error: str | None, pause_after: int
+    ) -> None:
+        task_id = run["task_id"]
+        self.conn.execute(
+            "INSERT OR REPLACE INTO quarantine(run_id, task_id, quarantined_at, last_error,"
+            " attempts) VALUES (?,?,?,?,?)",
+            (run["id"], task_id, to_iso(now), error, run["attempt"]),
+        )
+        self._event(now, "quarantine", task_id, run["id"], error=error, attempts=run["attempt"])
+        self.conn.execute(
+            "UPDATE tasks SET consecutive_quarantines = consecutive_quarantines + 1 WHERE id=?",
+            (task_id,),
+        )
+        task = self._one("SELECT * FROM tasks WHERE id=?", (task_id,))
+        count = task["consecutive_quarantines"] if task else 0
+        if pause_after and count >= pause_after and task and not task["paused"]:
+            reason = f"{count} consecutive runs quarantined"
+            self.conn.execute(
+                "UPDATE tasks SET paused=1, paused_reason=?, paused_at=? WHERE id=?",
+                (reason, to_iso(now), task_id),
+            )
+            self._event(now, "pause", task_id, reason=reason, by="agentd")
+
+    def request_cancel(self, run_id: str, now: datetime) -> str:
+        """Queued runs are cancelled at once; running ones are flagged for their runner.
+
+        Returns the run's status afterwards. A finished run is a conflict, not a no-op:
+        the caller asked for something that can no longer happen.
+        """
+        with self.tx():
+            run = self._one("SELECT * FROM runs WHERE id=?", (run_id,))
+            if run is None:
+                raise StoreError("unknown_run", f"no run {run_id!r}")
+            if run["status"] not in ACTIVE_STATUSES:
+                raise StoreError(
+                    "run_finished", f"run {run_id} already ended with status {run['status']}"
+                )
+            return self._request_cancel_locked(run, now, reason="operator")
+
+    def _request_cancel_locked(self, run: Row, now: datetime, reason: str) -> str:
+        if run["status"] == RunStatus.QUEUED:
+            self.conn.execute(
+                "UPDATE runs SET status='cancelled', outcome='cancelled', finished_at=? WHERE id=?",
+                (to_iso(now), run["id"]),
+            )
+            self._event(now, "cancel", run.get("task_id"), run["id"], reason=reason)
+            return RunStatus.CANCELLED
+        self.conn.execute("UPDATE runs SET cancel_requested=1 WHERE id=?", (run["id"],))
+        self._event(now, "cancel_requested", run.get("task_id"), run["id"], reason=reason)
+        return RunStatus.RUNNING
+
+    # ------------------------------------------------------------ quarantine
+
+    def quarantine_list(self) -> list[Row]:
+        return self._all(
+            "SELECT q.*, r.scheduled_for, r.trigger FROM quarantine q JOIN runs r"
+            " ON r.id = q.run_id ORDER BY q.quarantined_at DESC"
+        )
+
+    def quarantine_get(self, run_id: str) -> Row:
+        row = self._one("SELECT * FROM quarantine WHERE run_id=?", (run_id,))
+        if row is None:
+            raise StoreError("not_quarantined", f"run {run_id!r} is not in quarantine")
+        return row
+
+    def quarantine_release(self, run_id: str, now: datetime) -> None:
+        """Back to the queue as a new attempt with a fresh retry budget."""
+        with self.tx():
+            row = self._one("SELECT * FROM quarantine WHERE run_id=?", (run_id,))
+            if row is None:
+                raise StoreError("not_quarantined", f"run {run_id!r} is not in quarantine")
+            self.conn.execute("DELETE FROM quarantine WHERE run_id=?", (run_id,))
+            self.conn.execute(
+                "UPDATE runs SET status='queued', failures=0, not_before=?, finished_at=NULL,"
+                " trigger='release' WHERE id=?",
+                (to_iso(now), run_id),
+            )
+            self._event(now, "release", row["task_id"], run_id)
+
+    def quarantine_drop(self, run_id: str, now: datetime) -> None:
+        """Acknowledge and forget; the run keeps its quarantined status as history."""
+        with self.tx():
+            row = self._one("SELECT * FROM quarantine WHERE run_id=?", (run_id,))
+            if row is None:
+                raise StoreError("not_quarantined", f"run {run_id!r} is not in quarantine")
+            self.conn.execute("DELETE FROM quarantine WHERE run_id=?", (run_id,))
+            self._event(now, "drop", row["task_id"], run_id)
+
+    # ------------------------------------------------------------ checkpoints, progress
+
+    def load_checkpoint(self, run_id: str) -> Any | None:
+        row = self._one("SELECT data FROM checkpoints WHERE run_id=?", (run_id,))
+        return json.loads(row["data"]) if row else None
+
+    def save_checkpoint(self, run_id: str, data: Any, now: datetime) -> int:
+        blob = json.dumps(data)
+        with self.tx():
+            row = self._one("SELECT seq, run_id FROM checkpoints WHERE run_id=?", (run_id,))
+            seq = (row["seq"] if row else 0) + 1
+            self.conn.execute(
+                "INSERT OR REPLACE INTO checkpoints(run_id, data, seq, saved_at) VALUES (?,?,?,?)",
+                (run_id, blob, seq, to_iso(now)),
+            )
+            task = self._one("SELECT task_id FROM runs WHERE id=?", (run_id,))
+            self._event(now, "checkpoint", task["task_id"] if task else None, run_id, seq=seq)
+            return seq
+
+    def progress(
+        self, run_id: str, done: int, total: int | None, message: str, now: datetime
+    ) -> None:
+        with self.tx():
+            self.conn.execute(
+                "UPDATE runs SET progress_done=?, progress_total=?, progress_message=? WHERE id=?",
+                (done, total, message[:500], run_id),
+            )
+            task = self._one("SELECT task_id FROM runs WHERE id=?", (run_id,))
+            self._event(
+                now,
+                "progress",
+                task["task_id"] if task else None,
+                run_id,
+                done=done,
+                total=total,
+                message=message[:500],
+            )
+
+    def record_llm_call(
+        self, run_id: str, task_id: str, call: dict[str, Any], now: datetime
+    ) -> None:
+        with self.tx():
+            self.conn.execute(
+                "INSERT INTO llm_calls(run_id, task_id, ts, provider, model, input_tokens,"
+                " output_tokens, duration_s, status, item) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (
+                    run_id,
+                    task_id,
+                    to_iso(now),
+                    call.get("provider"),
+                    call.get("model"),
+                    int(call.get("input_tokens") or 0),
+                    int(call.get("output_tokens") or 0),
+                    call.get("duration_s"),
+                    call.get("status"),
+                    call.get("item"),
+                ),
+            )
+
+    # ------------------------------------------------------------ reads
+
+    def get_run(self, run_id: str) -> Row:
+        row = self._one("SELECT * FROM runs WHERE id=?", (run_id,))
+        if row is None:
+            raise StoreError("unknown_run", f"no run {run_id!r}")
+        return row
+
+    def list_runs(
+        self,
+        task_id: str | None = None,
+        status: str | None = None,
+        limit: int = 50,
+        before_id: str | None = None,
+    ) -> list[Row]:
+        where, params = [], []
+        if task_id:
+            where.append("task_id=?")
+            params.append(task_id)
+        if status:
+            where.append("status=?")
+            params.append(status)
+        if before_id:
+            where.append("id<?")
+            params.append(before_id)
+        clause = ("WHERE " + " AND ".join(where)) if where else ""
+        return self._all(f"SELECT * FROM runs {clause} ORDER BY id DESC LIMIT ?", (*params, limit))
+
+    def attempts(self, run_id: str) -> list[Row]:
+        return self._all("SELECT * FROM attempts WHERE run_id=? ORDER BY attempt", (run_id,))
+
+    def events(self, run_id: str | None = None, after_id: int = 0, limit: int = 1000) -> list[Row]:
+        if run_id:
+            rows = self._all(
+                "SELECT * FROM events WHERE run_id=? AND id>? ORDER BY id LIMIT ?",
+                (run_id, after_id, limit),
+            )
+        else:
+            rows = self._all(
+                "SELECT * FROM events WHERE id>? ORDER BY id LIMIT ?", (after_id, limit)
+            )
+        for row in rows:
+            row["data"] = json.loads(row["data"])
+        return rows
+
+    def counts(self) -> dict[str, int]:
+        rows = self._all("SELECT status, COUNT(*) AS n FROM runs GROUP BY status")
+        result = {r["status"]: r["n"] for r in rows}
+        q = self._one("SELECT COUNT(*) AS n FROM quarantine")
+        result["in_quarantine"] = q["n"] if q else 0
+        return result
+
+    def active_runs(self, task_id: str) -> list[Row]:
+        return self._all(
+            "SELECT * FROM runs WHERE task_id=? AND status IN ('queued','running')", (task_id,)
+        )
+
+
+def _plus(now: datetime, seconds: float) -> datetime:
+    return now + timedelta(seconds=seconds)

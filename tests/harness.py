@@ -1,0 +1,170 @@
+"""A real agentd process for end-to-end tests, and ways to wait on it with deadlines."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def wait_for(predicate: Callable[[], T], timeout: float = 30.0, what: str = "condition") -> T:
+    """Poll ``predicate`` until it returns something truthy, or fail after ``timeout``.
+
+    The deadline is generous because CI is a loaded 2-core machine; a passing test
+    returns as soon as the condition holds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def agentd_cli(*args: str, config: Path, check: bool = False) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "agentd.cli", args[0], "--config", str(config), *args[1:]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}): {proc.stderr}")
+    return proc
+
+
+class Agentd:
+    """One daemon process on a config written into a temp dir."""
+
+    def __init__(self, root: Path, tasks_yaml: str, daemon_extra: str = "") -> None:
+        self.root = root
+        self.state_dir = root / "state"
+        self.config = root / "agentd.yaml"
+        self.log_path = root / "agentd.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.write_config(tasks_yaml, daemon_extra)
+
+    def write_config(self, tasks_yaml: str, daemon_extra: str = "") -> None:
+        extra = textwrap.indent(textwrap.dedent(daemon_extra).strip(), "  ")
+        self.config.write_text(
+            "daemon:\n"
+            f"  state_dir: {self.state_dir}\n"
+            "  poll_interval: 50ms\n"
+            "  lease: 5s\n"
+            "  shutdown_grace: 10s\n"
+            "  kill_grace: 1s\n"
+            f"  python_path: [{FIXTURES}]\n"
+            "  log_level: debug\n"
+            f"{extra}\n"
+            "tasks:\n" + textwrap.indent(textwrap.dedent(tasks_yaml).strip(), "  ") + "\n"
+        )
+
+    # ------------------------------------------------------------ process
+
+    def start(self, wait_ready: bool = True) -> Agentd:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agentd.cli", "run", "--config", str(self.config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.root,
+        )
+        log.close()
+        if wait_ready:
+            wait_for(
+                lambda: "agentd started" in self.log() or self.proc_exited(), what="daemon start"
+            )
+            assert not self.proc_exited(), f"daemon exited early:\n{self.log()}"
+        return self
+
+    def proc_exited(self) -> bool:
+        return self.proc is not None and self.proc.poll() is not None
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(timeout=30)
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    # ------------------------------------------------------------ state, read from the DB
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        db = self.state_dir / "state.sqlite"
+        if not db.exists():
+            return []
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+        conn.row_factory = sqlite3.Row
+        try:
+            return [dict(r) for r in conn.execute(sql, params).fetchall()]
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return []
+            raise
+        finally:
+            conn.close()
+
+    def runs(self, task: str | None = None) -> list[dict[str, Any]]:
+        if task:
+            return self.query("SELECT * FROM runs WHERE task_id=? ORDER BY id", (task,))
+        return self.query("SELECT * FROM runs ORDER BY id")
+
+    def events(self, run_id: str | None = None, kind: str | None = None) -> list[dict[str, Any]]:
+        sql, params = "SELECT * FROM events WHERE 1=1", []
+        if run_id:
+            sql += " AND run_id=?"
+            params.append(run_id)
+        if kind:
+            sql += " AND kind=?"
+            params.append(kind)
+        rows = self.query(sql + " ORDER BY id", tuple(params))
+        for row in rows:
+            row["data"] = json.loads(row["data"])
+        return rows
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return agentd_cli(*args, config=self.config, check=check)
+
+    def trigger(self, task: str) -> str:
+        out = self.cli("trigger", task, "--json")
+        return str(json.loads(out.stdout)["run_id"])
+
+    def run_status(self, run_id: str) -> str | None:
+        rows = self.query("SELECT status FROM runs WHERE id=?", (run_id,))
+        return rows[0]["status"] if rows else None
+
+    def wait_status(self, run_id: str, status: str, timeout: float = 30) -> dict[str, Any]:
+        wait_for(
+            lambda: self.run_status(run_id) == status,
+            timeout,
+            f"run {run_id} to be {status} (now {self.run_status(run_id)})\n{self.log()}",
+        )
+        return self.query("SELECT * FROM runs WHERE id=?", (run_id,))[0]
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
