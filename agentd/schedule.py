@@ -27,6 +27,9 @@ A wall time can exist once, not at all (spring-forward gap) or twice (fall-back 
   03:00 CEST = 01:00Z. All non-existent wall times of one gap collapse onto that single
   instant, which fires once, also when it coincides with a regular fire (03:00 itself).
   Rationale: a daily job must not silently skip a day, and must not run several times.
+  Exception, as in Vixie cron: when the hour field is a wildcard the job means "every
+  hour", and the missing wall times are simply skipped (``30 * * * *`` fires at 01:30 CET
+  then 03:30 CEST, one real hour apart, not also at 03:00).
 * **Repeat.** A matching wall time that occurs twice fires once, at its first occurrence,
   so a daily 02:30 job runs once on the fall-back day (Berlin 2024-10-27: 00:30Z only).
   Exception: when the hour field is a wildcard (``*`` or ``*/n``) the wall time fires at
@@ -329,8 +332,11 @@ def _gap_end(before: datetime, after: datetime, tz: ZoneInfo) -> datetime:
     return hi
 
 
-def _wall_instants(wall: datetime, tz: ZoneInfo) -> tuple[datetime, datetime | None]:
-    """Naive-UTC instants for a wall time: (first, second-if-repeated), gaps collapsed."""
+def _wall_instants(
+    wall: datetime, tz: ZoneInfo, skip_gap: bool = False
+) -> tuple[datetime | None, datetime | None]:
+    """Naive-UTC instants for a wall time: (first, second-if-repeated), gaps collapsed
+    (or, with ``skip_gap``, no instant at all for a wall time in a gap)."""
     off0 = _offset(wall.replace(tzinfo=tz, fold=0))
     off1 = _offset(wall.replace(tzinfo=tz, fold=1))
     if off0 == off1:
@@ -339,6 +345,8 @@ def _wall_instants(wall: datetime, tz: ZoneInfo) -> tuple[datetime, datetime | N
         return wall - off0, wall - off1
     # Spring forward (PEP 495: in a gap fold=0 uses the pre-transition offset, landing after
     # the transition, and fold=1 lands before it).
+    if skip_gap:
+        return None, None
     return _gap_end(wall - off1, wall - off0, tz), None
 
 
@@ -369,11 +377,11 @@ def next_cron_fire(cron: Cron, tz: ZoneInfo, after: datetime) -> datetime:
         candidate = wall.replace(second=0, microsecond=0)
         while True:
             candidate = _next_wall_match(cron, candidate)
-            first, _ = _wall_instants(candidate, tz)
-            if first > after_utc:
+            first, _ = _wall_instants(candidate, tz, skip_gap=cron.hour_wildcard)
+            if first is not None and first > after_utc:
                 best = first
                 break
-            # Only loops more than once inside a repeated hour (at most its length).
+            # Only loops more than once inside a repeated hour or a skipped gap.
             candidate += _MINUTE
 
         if cron.hour_wildcard:

@@ -462,7 +462,9 @@ def _brute_fires_at(cron: Cron, tz: ZoneInfo, instant: datetime) -> bool:
     before = (instant - timedelta(seconds=1)).astimezone(tz)
     offset, previous = local.utcoffset(), before.utcoffset()
     assert offset is not None and previous is not None
-    if offset > previous:  # a gap ends exactly here: did any missing wall time match?
+    if offset > previous and not cron.hour_wildcard:
+        # A gap ends exactly here: did any missing wall time match? (Wildcard-hour jobs
+        # skip missing wall times instead.)
         missing = instant.replace(tzinfo=None) + previous
         while missing < wall:
             if _matches(cron, missing):
@@ -817,3 +819,12 @@ def test_parse_duration_errors(text: str | int | float, message: str) -> None:
     with pytest.raises(ValueError, match="invalid duration") as info:
         parse_duration(text)
     assert message in str(info.value)
+
+
+def test_berlin_gap_wildcard_hour_skips_missing_wall_times() -> None:
+    # Hourly at :30 across spring forward: 01:30 CET (00:30Z), then 03:30 CEST (01:30Z),
+    # one real hour apart; the non-existent 02:30 is skipped, not moved to 03:00.
+    assert fire("30 * * * *", utc(2024, 3, 31, 0, 0), BERLIN) == utc(2024, 3, 31, 0, 30)
+    assert fire("30 * * * *", utc(2024, 3, 31, 0, 30), BERLIN) == utc(2024, 3, 31, 1, 30)
+    # A fixed-hour job in the same gap still fires once, at the gap's end.
+    assert fire("30 2 * * *", utc(2024, 3, 31, 0, 30), BERLIN) == utc(2024, 3, 31, 1, 0)
