@@ -284,6 +284,16 @@ class TaskConfig(_Model):
     pause_after_failures: int = Field(default=3, ge=0)
     output_max_bytes: int | None = Field(default=None, ge=1024)
 
+    @field_validator("id")
+    @classmethod
+    def _task_id(cls, value: str) -> str:
+        if not TASK_ID_RE.match(value):
+            raise ValueError(
+                f"task name {value!r} must start with a letter or digit and use only "
+                "letters, digits, '_', '.', '-' (max 64)"
+            )
+        return value
+
     @model_validator(mode="after")
     def _one_kind(self) -> TaskConfig:
         kinds = [k for k in ("command", "http", "python", "agent") if getattr(self, k) is not None]
@@ -319,21 +329,10 @@ class Config(_Model):
         if isinstance(value, Mapping):
             out: dict[Any, Any] = {}
             for key, body in value.items():
-                if isinstance(body, Mapping) and "id" not in body:
-                    body = {**body, "id": key}
+                if isinstance(body, Mapping):
+                    body = {**body, "id": key}  # the mapping key is the id, always
                 out[key] = body
             return out
-        return value
-
-    @field_validator("tasks")
-    @classmethod
-    def _task_ids(cls, value: dict[str, TaskConfig]) -> dict[str, TaskConfig]:
-        for key in value:
-            if not TASK_ID_RE.match(key):
-                raise ValueError(
-                    f"task name {key!r} must start with a letter or digit and use only "
-                    "letters, digits, '_', '.', '-' (max 64)"
-                )
         return value
 
     def schedule_spec(self, task_id: str) -> ScheduleSpec:

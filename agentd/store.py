@@ -180,7 +180,11 @@ class Store:
         self.conn.execute("PRAGMA synchronous = FULL")
         self.conn.execute("PRAGMA foreign_keys = ON")
         self.db = sqlite_utils.Database(self.conn)
-        self._migrate()
+        try:
+            self._migrate()
+        except BaseException:
+            self.conn.close()
+            raise
 
     # ------------------------------------------------------------ plumbing
 
@@ -441,18 +445,28 @@ class Store:
             return []
         claimed: list[Row] = []
         with self.tx():
+            # First due run per task (several for overlap=allow), busy tasks excluded in
+            # SQL: one task's backlog can neither starve others nor reorder its own runs.
             rows = self._all(
-                "SELECT r.* FROM runs r JOIN tasks t ON t.id = r.task_id"
+                "SELECT * FROM (SELECT r.*, ROW_NUMBER() OVER (PARTITION BY r.task_id"
+                " ORDER BY r.not_before, r.scheduled_for, r.rowid) AS rn"
+                " FROM runs r JOIN tasks t ON t.id = r.task_id"
                 " WHERE r.status='queued' AND r.not_before <= ? AND t.present=1"
                 " AND (t.paused=0 OR r.trigger IN ('manual','release'))"
-                " ORDER BY r.not_before, r.id LIMIT ?",
-                (to_iso(now), limit * 4 + len(busy_tasks)),
+                " AND (r.task_id NOT IN (SELECT value FROM json_each(?))"
+                "      OR r.task_id IN (SELECT value FROM json_each(?))))"
+                " WHERE rn <= CASE WHEN task_id IN (SELECT value FROM json_each(?))"
+                " THEN ? ELSE 1 END"
+                " ORDER BY not_before, scheduled_for, rn LIMIT ?",
+                (
+                    to_iso(now), json.dumps(sorted(busy_tasks)), json.dumps(sorted(allow_overlap)),
+                    json.dumps(sorted(allow_overlap)), limit, limit,
+                ),
             )
             taken = set(busy_tasks)
             expires = to_iso(_plus(now, lease_s))
             for row in rows:
-                if len(claimed) >= limit:
-                    break
+                row.pop("rn", None)
                 if row["task_id"] in taken and row["task_id"] not in allow_overlap:
                     continue
                 taken.add(row["task_id"])

@@ -1,0 +1,730 @@
+"""Tests for agentd.config: validation, error paths, interpolation, redaction, the CLI check."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from agentd.config import (
+    EXIT_CONFIG,
+    Config,
+    ConfigError,
+    ConfigProblem,
+    TaskConfig,
+    inactive_reason,
+    interpolate,
+    load_config,
+    parse_config,
+    redacted,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = ROOT / "config" / "agentd.yaml"
+SOURCE = "agentd-test.yaml"
+
+FULL = """
+daemon:
+  timezone: Europe/Berlin
+  concurrency: 2
+  shutdown_grace: 1m
+  http:
+    port: 9000
+tasks:
+  cron-cmd:
+    schedule:
+      cron: "*/5 * * * *"
+      timezone: America/New_York
+      jitter: 10s
+    command:
+      argv: [echo, hello]
+  every-http:
+    schedule:
+      every: 1h30m
+    http:
+      method: POST
+      url: https://example.com/hook
+      headers:
+        Authorization: Bearer abc
+      json: {a: 1}
+  once-python:
+    schedule:
+      at: 2026-01-01T09:00:00+01:00
+    python:
+      callable: agentd.examples:checksum_files
+  manual-agent:
+    schedule:
+      manual: true
+    agent:
+      model: gpt-4o-mini
+      prompt: Say hello to {name}.
+      api_key_env: OPENAI_API_KEY
+"""
+
+
+def parse(text: str, environ: dict[str, str] | None = None) -> Config:
+    return parse_config(textwrap.dedent(text), SOURCE, environ or {})
+
+
+def problems_of(text: str, environ: dict[str, str] | None = None) -> list[ConfigProblem]:
+    with pytest.raises(ConfigError) as info:
+        parse(text, environ)
+    assert info.value.source == SOURCE
+    assert info.value.problems, "a ConfigError must carry at least one problem"
+    return info.value.problems
+
+
+def problem_at(problems: list[ConfigProblem], path: str) -> ConfigProblem:
+    found = [p for p in problems if p.path == path]
+    assert found, f"no problem at {path!r}; got {[(p.path, p.message) for p in problems]}"
+    return found[0]
+
+
+def one_task(body: str, name: str = "x") -> str:
+    """A config with one task whose body is ``body`` (YAML, indented by the caller)."""
+    return f"tasks:\n  {name}:\n" + textwrap.indent(textwrap.dedent(body), "    ")
+
+
+# ---------------------------------------------------------------- valid configs
+
+
+def test_every_schedule_kind_and_every_task_kind_parse() -> None:
+    config = parse(FULL)
+
+    tasks = config.tasks
+    assert {tid: t.kind for tid, t in tasks.items()} == {
+        "cron-cmd": "command",
+        "every-http": "http",
+        "once-python": "python",
+        "manual-agent": "agent",
+    }
+    assert {tid: t.schedule.kind for tid, t in tasks.items()} == {
+        "cron-cmd": "cron",
+        "every-http": "interval",
+        "once-python": "once",
+        "manual-agent": "manual",
+    }
+    # The mapping key becomes the task id.
+    assert all(t.id == tid for tid, t in tasks.items())
+    assert tasks["cron-cmd"].command is not None
+    assert tasks["cron-cmd"].command.argv == ["echo", "hello"]
+    assert tasks["cron-cmd"].schedule.jitter == 10.0
+    assert tasks["every-http"].schedule.every == 5400.0
+    assert tasks["every-http"].http is not None
+    assert tasks["every-http"].http.json_body == {"a": 1}
+    at = tasks["once-python"].schedule.at
+    assert at == datetime(2026, 1, 1, 8, 0, tzinfo=UTC)
+    assert tasks["manual-agent"].agent is not None
+    assert tasks["manual-agent"].agent.api_key_env == "OPENAI_API_KEY"
+    assert config.daemon.shutdown_grace == 60.0
+    assert config.daemon.http.port == 9000
+    assert config.source == SOURCE
+    # A schedule's own timezone wins; otherwise the daemon's is the default.
+    assert config.schedule_spec("cron-cmd").timezone == "America/New_York"
+    assert config.schedule_spec("every-http").timezone == "Europe/Berlin"
+
+
+def test_config_model_is_frozen() -> None:
+    config = parse(FULL)
+    with pytest.raises(ValidationError):
+        config.daemon.concurrency = 8  # type: ignore[misc]
+    with pytest.raises(ValidationError):
+        config.tasks["cron-cmd"].timeout = 1.0  # type: ignore[misc]
+    with pytest.raises(ValidationError):
+        config.tasks["cron-cmd"].schedule.cron = "* * * * *"  # type: ignore[misc]
+    assert config.daemon.concurrency == 2
+    assert config.tasks["cron-cmd"].schedule.cron == "*/5 * * * *"
+
+
+def test_fingerprint_is_stable_and_changes_with_the_task() -> None:
+    a = parse(FULL).tasks["cron-cmd"]
+    b = parse(FULL).tasks["cron-cmd"]
+    changed = parse(FULL.replace("*/5 * * * *", "*/10 * * * *")).tasks["cron-cmd"]
+    assert a.fingerprint() == b.fingerprint()
+    assert a.fingerprint() != changed.fingerprint()
+
+
+# ---------------------------------------------------------------- one error each
+
+
+def test_bad_cron_names_the_dotted_path_and_the_field() -> None:
+    problems = problems_of(
+        one_task(
+            """
+            schedule:
+              cron: "0 25 * * *"
+            command:
+              shell: "true"
+            """,
+            name="nightly",
+        )
+    )
+    problem = problem_at(problems, "tasks.nightly.schedule.cron")
+    assert "cron" in problem.message
+    assert "hour" in problem.message
+    assert "0 25 * * *" in problem.message
+
+
+def test_unknown_key_is_reported_with_its_path() -> None:
+    problems = problems_of(
+        one_task(
+            """
+            schedule: {every: 5m}
+            command: {shell: "true"}
+            retries: 3
+            """
+        )
+    )
+    assert "unknown key" in problem_at(problems, "tasks.x.retries").message
+
+
+def test_unknown_top_level_and_daemon_keys() -> None:
+    problems = problems_of("daemon:\n  concurency: 3\nextra: 1\n")
+    assert "unknown key" in problem_at(problems, "daemon.concurency").message
+    assert "unknown key" in problem_at(problems, "extra").message
+
+
+def test_agent_without_prompt() -> None:
+    problems = problems_of(
+        one_task(
+            """
+            schedule: {manual: true}
+            agent: {model: gpt-4o-mini}
+            """
+        )
+    )
+    assert "missing" in problem_at(problems, "tasks.x.agent.prompt").message
+
+
+def test_two_kinds_in_one_task() -> None:
+    problems = problems_of(
+        one_task(
+            """
+            schedule: {manual: true}
+            command: {shell: "true"}
+            python: {callable: "agentd.examples:checksum_files"}
+            """
+        )
+    )
+    message = problem_at(problems, "tasks.x").message
+    assert "exactly one of command, http, python, agent" in message
+    assert "command, python" in message
+
+
+def test_task_without_a_kind() -> None:
+    problems = problems_of(one_task("schedule: {manual: true}\n"))
+    message = problem_at(problems, "tasks.x").message
+    assert "exactly one of command, http, python, agent" in message
+    assert "none" in message
+
+
+def test_schedule_with_both_cron_and_every() -> None:
+    problems = problems_of(
+        one_task(
+            """
+            schedule: {cron: "* * * * *", every: 5m}
+            command: {shell: "true"}
+            """
+        )
+    )
+    message = problem_at(problems, "tasks.x.schedule").message
+    assert "exactly one of cron, every, at" in message
+    assert "cron, every" in message
+
+
+def test_schedule_with_no_kind() -> None:
+    problems = problems_of(
+        one_task(
+            """
+            schedule: {timezone: UTC}
+            command: {shell: "true"}
+            """
+        )
+    )
+    assert "exactly one of cron" in problem_at(problems, "tasks.x.schedule").message
+
+
+def test_bad_timezone_in_schedule_and_daemon() -> None:
+    problems = problems_of(
+        "daemon:\n  timezone: Mars/Olympus\n"
+        + one_task(
+            """
+            schedule: {cron: "0 9 * * *", timezone: Europe/Atlantis}
+            command: {shell: "true"}
+            """
+        )
+    )
+    assert "Europe/Atlantis" in problem_at(problems, "tasks.x.schedule.timezone").message
+    assert "Mars/Olympus" in problem_at(problems, "daemon.timezone").message
+    assert "time zone" in problem_at(problems, "daemon.timezone").message
+
+
+@pytest.mark.parametrize("value", ["2026-01-01T09:00:00", '"2026-01-01T09:00:00"'])
+def test_naive_at_datetime_is_rejected(value: str) -> None:
+    problems = problems_of(
+        one_task(
+            f"""
+            schedule: {{at: {value}}}
+            command: {{shell: "true"}}
+            """
+        )
+    )
+    assert "UTC offset" in problem_at(problems, "tasks.x.schedule.at").message
+
+
+def test_bad_duration() -> None:
+    problems = problems_of(
+        one_task(
+            """
+            schedule: {every: 5m}
+            command: {shell: "true"}
+            timeout: 5 minutes
+            """
+        )
+    )
+    message = problem_at(problems, "tasks.x.timeout").message
+    assert "invalid duration" in message
+    assert "5 minutes" in message
+
+
+def test_interval_below_one_second() -> None:
+    problems = problems_of(
+        one_task(
+            """
+            schedule: {every: 500ms}
+            command: {shell: "true"}
+            """
+        )
+    )
+    assert "at least 1s" in problem_at(problems, "tasks.x.schedule.every").message
+
+
+def test_bad_task_name() -> None:
+    problems = problems_of(
+        one_task(
+            """
+            schedule: {every: 5m}
+            command: {shell: "true"}
+            """,
+            name='"bad name!"',
+        )
+    )
+    assert len(problems) == 1
+    assert problems[0].path.startswith("tasks")
+    assert "bad name!" in problems[0].message
+    assert "task name" in problems[0].message
+
+
+def test_bad_task_name_is_reported_together_with_other_tasks_errors() -> None:
+    """All problems in one pass: a bad name must not hide behind another task's error."""
+    problems = problems_of(
+        """
+        tasks:
+          "bad name!":
+            schedule: {every: 5m}
+            command: {shell: "true"}
+          other:
+            schedule: {cron: "61 * * * *"}
+            command: {shell: "true"}
+        """
+    )
+    problem_at(problems, "tasks.other.schedule.cron")
+    assert any("bad name!" in p.message for p in problems), [(p.path, p.message) for p in problems]
+
+
+def test_callable_without_colon() -> None:
+    problems = problems_of(
+        one_task(
+            """
+            schedule: {manual: true}
+            python: {callable: agentd.examples.checksum_files}
+            """
+        )
+    )
+    message = problem_at(problems, "tasks.x.python.callable").message
+    assert "package.module:function" in message
+
+
+def test_yaml_syntax_error_gives_line_and_column() -> None:
+    problems = problems_of("tasks:\n  x:\n    schedule: {every: 5m\n    command: 1\n")
+    assert len(problems) == 1
+    assert problems[0].path.startswith("line ")
+    assert "column" in problems[0].path
+    assert "YAML syntax" in problems[0].message
+
+
+def test_top_level_must_be_a_mapping() -> None:
+    problems = problems_of("- a\n- b\n")
+    assert "mapping" in problems[0].message
+
+
+def test_empty_file_is_an_empty_config() -> None:
+    config = parse("")
+    assert config.tasks == {}
+    assert config.daemon.timezone == "UTC"
+
+
+# ---------------------------------------------------------------- many errors at once
+
+
+BROKEN = """
+daemon:
+  timezone: Nowhere/Town
+  kill_grace: 5 minutes
+tasks:
+  nightly:
+    schedule:
+      cron: "99 * * * *"
+    command: {shell: "true"}
+    colour: blue
+  digest:
+    schedule: {at: 2026-01-01T09:00:00}
+    agent: {model: m}
+  fetch:
+    schedule: {every: 5m}
+    python: {callable: "no_colon_here"}
+"""
+
+
+def test_all_errors_of_a_file_are_reported_at_once() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse(BROKEN)
+    error = info.value
+    expected = [
+        "daemon.timezone",
+        "daemon.kill_grace",
+        "tasks.nightly.schedule.cron",
+        "tasks.nightly.colour",
+        "tasks.digest.schedule.at",
+        "tasks.digest.agent.prompt",
+        "tasks.fetch.python.callable",
+    ]
+    assert len(error.problems) >= 3
+    paths = [p.path for p in error.problems]
+    for path in expected:
+        assert path in paths, paths
+
+    lines = error.render().splitlines()
+    assert len(lines) == len(error.problems) + 1
+    assert all(line.startswith(f"{SOURCE}: ") for line in lines)
+    assert f"{len(error.problems)} problem(s)" in lines[0]
+    assert any("tasks.nightly.schedule.cron" in line for line in lines[1:])
+    # str() of the exception is what an operator reads: the same text.
+    assert str(error) == error.render()
+
+
+# ---------------------------------------------------------------- interpolation
+
+
+def test_interpolation_with_and_without_default_and_escape() -> None:
+    config = parse(
+        """
+        daemon:
+          state_dir: ${STATE:-/var/lib/agentd}
+          http:
+            host: ${HOST}
+            port: ${PORT}
+        tasks:
+          x:
+            schedule: {every: 5m}
+            command:
+              shell: "echo $${HOME} ${GREETING:-hi}-${WHO}"
+        """,
+        {"HOST": "0.0.0.0", "PORT": "8787", "WHO": "ops", "GREETING": ""},
+    )
+    assert config.daemon.state_dir == Path("/var/lib/agentd")
+    assert config.daemon.http.host == "0.0.0.0"
+    assert config.daemon.http.port == 8787
+    assert isinstance(config.daemon.http.port, int)
+    command = config.tasks["x"].command
+    assert command is not None
+    # $$ is a literal $, and an empty variable counts as unset (default used).
+    assert command.shell == "echo ${HOME} hi-ops"
+
+
+def test_interpolation_prefers_the_environment_over_the_default() -> None:
+    config = parse("daemon:\n  state_dir: ${STATE:-/default}\n", {"STATE": "/from/env"})
+    assert config.daemon.state_dir == Path("/from/env")
+
+
+def test_unset_variable_without_default_is_an_error_at_the_value_path() -> None:
+    problems = problems_of(
+        """
+        tasks:
+          x:
+            schedule: {every: 5m}
+            command:
+              argv: [curl, "${TARGET_URL}"]
+        """
+    )
+    problem = problem_at(problems, "tasks.x.command.argv[1]")
+    assert "TARGET_URL" in problem.message
+    assert "not set" in problem.message
+
+
+def test_interpolate_function_directly() -> None:
+    problems: list[ConfigProblem] = []
+    out = interpolate(
+        {"a": ["${X}", "$$5", "${Y:-d}"], "b": 3, "c": "${MISSING}"},
+        {"X": "1"},
+        "",
+        problems,
+    )
+    assert out == {"a": ["1", "$5", "d"], "b": 3, "c": ""}
+    assert problems == [ConfigProblem("c", "environment variable MISSING is not set")]
+
+
+# ---------------------------------------------------------------- load_config
+
+
+def test_load_config_on_a_missing_file_names_the_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError) as info:
+        load_config(missing, environ={})
+    assert info.value.source == str(missing)
+    assert str(missing) in info.value.render()
+    assert "cannot read" in info.value.problems[0].message
+
+
+def test_load_config_reads_a_file_and_resolves_python_path(tmp_path: Path) -> None:
+    path = tmp_path / "agentd.yaml"
+    path.write_text("daemon:\n  python_path: [lib, /abs]\n", encoding="utf-8")
+    config = load_config(path, environ={})
+    assert config.source == str(path)
+    assert config.daemon.python_path == [tmp_path.resolve() / "lib", Path("/abs")]
+
+
+def test_load_config_errors_name_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text(BROKEN, encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    assert all(line.startswith(f"{path}: ") for line in info.value.render().splitlines())
+
+
+# ---------------------------------------------------------------- inactive_reason
+
+
+def _agent_task(extra: str = "") -> TaskConfig:
+    config = parse(
+        one_task(
+            """
+            schedule: {cron: "0 9 * * *"}
+            agent:
+              model: gpt-4o-mini
+              prompt: hello
+              api_key_env: MY_LLM_KEY
+            """
+            + extra
+        )
+    )
+    return config.tasks["x"]
+
+
+def test_inactive_reason_agent_key_variable() -> None:
+    task = _agent_task()
+    reason = inactive_reason(task, {})
+    assert reason is not None
+    assert "MY_LLM_KEY" in reason
+    assert inactive_reason(task, {"MY_LLM_KEY": ""}) is not None
+    assert inactive_reason(task, {"MY_LLM_KEY": "sk-test"}) is None
+
+
+def test_inactive_reason_disabled_task() -> None:
+    task = _agent_task("enabled: false\n")
+    reason = inactive_reason(task, {"MY_LLM_KEY": "sk-test"})
+    assert reason is not None
+    assert "disabled" in reason
+
+
+def test_inactive_reason_missing_key_file(tmp_path: Path) -> None:
+    key_file = tmp_path / "key.txt"
+    task = TaskConfig.model_validate(
+        {
+            "id": "x",
+            "schedule": {"manual": True},
+            "agent": {"model": "m", "prompt": "p", "api_key_file": str(key_file)},
+        }
+    )
+    reason = inactive_reason(task, {})
+    assert reason is not None
+    assert str(key_file) in reason
+    key_file.write_text("sk-test")
+    assert inactive_reason(task, {}) is None
+
+
+def test_command_task_is_active() -> None:
+    config = parse(FULL)
+    assert inactive_reason(config.tasks["cron-cmd"], {}) is None
+
+
+# ---------------------------------------------------------------- redacted
+
+
+def test_redacted_masks_secret_values_and_keeps_variable_names() -> None:
+    config = parse(
+        """
+        daemon:
+          http:
+            token_env: AGENTD_TOKEN
+        tasks:
+          hook:
+            schedule: {every: 5m}
+            http:
+              url: https://example.com/
+              headers:
+                Authorization: Bearer very-secret
+                X-Request-Source: agentd
+          cmd:
+            schedule: {every: 5m}
+            command:
+              shell: "true"
+              env:
+                API_KEY: sk-123
+                GITHUB_TOKEN: ghp_abc
+                DB_PASSWORD: hunter2
+                PLAIN: visible
+          ai:
+            schedule: {manual: true}
+            agent:
+              model: gpt-4o-mini
+              prompt: hello
+              api_key_env: OPENAI_API_KEY
+              max_tokens: 300
+        """
+    )
+    data = redacted(config)
+    headers = data["tasks"]["hook"]["http"]["headers"]
+    assert headers["Authorization"] == "***"
+    assert headers["X-Request-Source"] == "agentd"
+    env = data["tasks"]["cmd"]["command"]["env"]
+    assert env == {
+        "API_KEY": "***",
+        "GITHUB_TOKEN": "***",
+        "DB_PASSWORD": "***",
+        "PLAIN": "visible",
+    }
+    agent = data["tasks"]["ai"]["agent"]
+    assert agent["api_key_env"] == "OPENAI_API_KEY"
+    assert agent["max_tokens"] == 300
+    assert agent["prompt"] == "hello"
+    assert data["daemon"]["http"]["token_env"] == "AGENTD_TOKEN"
+    # Nothing secret leaks anywhere in the rendered data.
+    text = json.dumps(data)
+    for secret in ("very-secret", "sk-123", "ghp_abc", "hunter2"):
+        assert secret not in text
+    # The config itself is untouched.
+    hook_http = config.tasks["hook"].http
+    assert hook_http is not None
+    assert hook_http.headers["Authorization"] == "Bearer very-secret"
+
+
+# ---------------------------------------------------------------- the shipped example
+
+
+def test_shipped_config_validates() -> None:
+    config = load_config(SHIPPED, environ={})
+    kinds = [t.kind for t in config.tasks.values()]
+    assert "command" in kinds
+    assert "python" in kinds
+    assert "agent" in kinds
+    agents = [t for t in config.tasks.values() if t.kind == "agent"]
+    for task in agents:
+        assert task.agent is not None
+        key_var = task.agent.api_key_env
+        assert key_var == "OPENAI_API_KEY"
+        reason = inactive_reason(task, {})
+        assert reason is not None
+        assert "OPENAI_API_KEY" in reason
+        assert inactive_reason(task, {"OPENAI_API_KEY": "sk-test"}) is None
+    # Everything else runs offline.
+    for task in config.tasks.values():
+        if task.kind != "agent":
+            assert inactive_reason(task, {}) is None
+
+
+# ---------------------------------------------------------------- agentd check-config
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("AGENTD_CONFIG", "OPENAI_API_KEY")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    return subprocess.run(
+        [sys.executable, "-m", "agentd.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_check_config_cli_broken_file_exits_78(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(BROKEN, encoding="utf-8")
+    result = _cli("check-config", "--config", str(broken), cwd=tmp_path)
+    assert result.returncode == EXIT_CONFIG == 78
+    assert "tasks.nightly.schedule.cron" in result.stderr
+    assert f"{broken}: tasks.nightly.schedule.cron" in result.stderr
+    assert result.stdout == ""
+
+
+def test_check_config_cli_next_json(tmp_path: Path) -> None:
+    path = tmp_path / "agentd.yaml"
+    path.write_text(
+        textwrap.dedent(
+            """
+            tasks:
+              berlin:
+                schedule: {cron: "0 9 * * *", timezone: Europe/Berlin}
+                command: {shell: "true"}
+              often:
+                schedule: {every: 10m}
+                command: {shell: "true"}
+              by-hand:
+                schedule: {manual: true}
+                command: {shell: "true"}
+              ai:
+                schedule: {cron: "30 8 * * 1-5"}
+                agent: {model: m, prompt: p, api_key_env: OPENAI_API_KEY}
+            """
+        ),
+        encoding="utf-8",
+    )
+    result = _cli("check-config", "--config", str(path), "--next", "3", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["ok"] is True
+    tasks = report["tasks"]
+    assert set(tasks) == {"berlin", "often", "by-hand", "ai"}
+    assert tasks["berlin"]["timezone"] == "Europe/Berlin"
+    assert tasks["often"]["timezone"] == "UTC"
+    assert [tasks[t]["kind"] for t in ("berlin", "ai")] == ["command", "agent"]
+    assert tasks["berlin"]["inactive"] is None
+    assert "OPENAI_API_KEY" in tasks["ai"]["inactive"]  # unset in the child's environment
+    for task_id in ("berlin", "often", "ai"):
+        fires = tasks[task_id]["next"]
+        assert len(fires) == 3, fires
+        instants = []
+        for fire in fires:
+            local = datetime.fromisoformat(fire["local"])
+            utc = datetime.fromisoformat(fire["utc"])
+            assert local.tzinfo is not None
+            assert utc.utcoffset() == timedelta(0)
+            assert local == utc  # the same instant, two renderings
+            instants.append(utc)
+        assert instants == sorted(instants)
+        assert len(set(instants)) == 3
+    berlin_local = [datetime.fromisoformat(f["local"]) for f in tasks["berlin"]["next"]]
+    assert all(t.hour == 9 and t.minute == 0 for t in berlin_local)
+    assert all(t.utcoffset() in (timedelta(hours=1), timedelta(hours=2)) for t in berlin_local)
+    often = [datetime.fromisoformat(f["utc"]) for f in tasks["often"]["next"]]
+    assert often[1] - often[0] == timedelta(minutes=10)
+    assert tasks["by-hand"]["next"] == []

@@ -1,0 +1,294 @@
+"""Tests for the pure policies: retry decisions (runner.decide) and catch-up (catchup_split)."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from agentd.config import TaskConfig, parse_config
+from agentd.models import Outcome, Result, RunStatus
+from agentd.runner import MAX_RETRY_AFTER_S, decide
+from agentd.scheduler import catchup_split
+
+NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+DRAWS = 500
+
+
+def task(**overrides: Any) -> TaskConfig:
+    body: dict[str, Any] = {
+        "id": "t",
+        "schedule": {"every": "1m"},
+        "command": {"shell": "true"},
+    }
+    body.update(overrides)
+    return TaskConfig.model_validate(body)
+
+
+def rng(seed: int = 1234) -> random.Random:
+    return random.Random(seed)
+
+
+FAIL = Result(ok=False, error="exit 1", exit_code=1)
+
+
+# ---------------------------------------------------------------- decide: simple outcomes
+
+
+def test_success_succeeds() -> None:
+    decision = decide(task(), Outcome.SUCCESS, Result(ok=True), 0, rng())
+    assert decision.status == RunStatus.SUCCEEDED
+    assert decision.delay_s == 0.0
+
+
+def test_cancelled_is_cancelled_even_with_attempts_left() -> None:
+    decision = decide(task(), Outcome.CANCELLED, None, 0, rng())
+    assert decision.status == RunStatus.CANCELLED
+
+
+@pytest.mark.parametrize("outcome", [Outcome.INTERRUPTED, Outcome.LOST])
+def test_interrupted_and_lost_resume_at_once(outcome: Outcome) -> None:
+    # Even past max_attempts: an interrupt is the daemon's doing, not the task's.
+    decision = decide(task(retry={"max_attempts": 1}), outcome, None, 5, rng())
+    assert decision.status == RunStatus.QUEUED
+    assert decision.delay_s == 0.0
+
+
+# ---------------------------------------------------------------- decide: backoff
+
+
+@pytest.mark.parametrize("failures_after", [1, 2, 3, 4])
+def test_failure_backoff_is_full_jitter_below_the_exponential_ceiling(
+    failures_after: int,
+) -> None:
+    t = task(retry={"max_attempts": 10, "backoff": "10s", "max_backoff": "10m"})
+    ceiling = 10.0 * 2 ** (failures_after - 1)
+    r = rng(failures_after)
+    delays = []
+    for _ in range(DRAWS):
+        decision = decide(t, Outcome.FAILURE, FAIL, failures_after, r)
+        assert decision.status == RunStatus.QUEUED
+        delays.append(decision.delay_s)
+    assert all(0.0 <= d <= ceiling for d in delays)
+    assert len(set(delays)) > DRAWS // 2  # jittered, not constant
+    # Spread over the whole range, not squeezed into a corner of it.
+    assert min(delays) < 0.1 * ceiling
+    assert max(delays) > 0.9 * ceiling
+
+
+def test_backoff_is_capped_by_max_backoff() -> None:
+    t = task(retry={"max_attempts": 20, "backoff": "10s", "max_backoff": "25s"})
+    r = rng()
+    delays = [decide(t, Outcome.FAILURE, FAIL, 6, r).delay_s for _ in range(DRAWS)]
+    # Uncapped, the ceiling would be 10 * 2**5 = 320s.
+    assert max(delays) <= 25.0
+    assert max(delays) > 20.0
+
+
+def test_zero_backoff_retries_at_once() -> None:
+    t = task(retry={"max_attempts": 5, "backoff": 0})
+    decision = decide(t, Outcome.FAILURE, FAIL, 2, rng())
+    assert decision.status == RunStatus.QUEUED
+    assert decision.delay_s == 0.0
+
+
+def test_same_seed_same_delays() -> None:
+    t = task(retry={"max_attempts": 10})
+    a = [decide(t, Outcome.FAILURE, FAIL, 3, rng(7)).delay_s for _ in range(3)]
+    b = [decide(t, Outcome.FAILURE, FAIL, 3, rng(7)).delay_s for _ in range(3)]
+    assert a == b
+
+
+# ---------------------------------------------------------------- decide: giving up
+
+
+def test_failures_up_to_max_attempts_retry_then_quarantine() -> None:
+    t = task(retry={"max_attempts": 3, "backoff": "1s"})
+    assert decide(t, Outcome.FAILURE, FAIL, 1, rng()).status == RunStatus.QUEUED
+    assert decide(t, Outcome.FAILURE, FAIL, 2, rng()).status == RunStatus.QUEUED
+    final = decide(t, Outcome.FAILURE, FAIL, 3, rng())
+    assert final.status == RunStatus.QUARANTINED
+    assert "3" in final.why
+
+
+def test_max_attempts_one_never_retries() -> None:
+    t = task(retry={"max_attempts": 1})
+    assert decide(t, Outcome.FAILURE, FAIL, 1, rng()).status == RunStatus.QUARANTINED
+
+
+def test_timeout_retries_by_default() -> None:
+    decision = decide(task(), Outcome.TIMEOUT, None, 1, rng())
+    assert decision.status == RunStatus.QUEUED
+
+
+def test_timeout_with_on_timeout_false_is_quarantined() -> None:
+    t = task(retry={"max_attempts": 5, "on_timeout": False})
+    decision = decide(t, Outcome.TIMEOUT, None, 1, rng())
+    assert decision.status == RunStatus.QUARANTINED
+    assert "timeout" in decision.why
+
+
+def test_executor_says_not_retryable_quarantines_on_first_failure() -> None:
+    t = task(retry={"max_attempts": 5})
+    # retryable=False wins over an HTTP status the policy would retry.
+    result = Result(ok=False, error="401", http_status=503, retryable=False)
+    decision = decide(t, Outcome.FAILURE, result, 1, rng())
+    assert decision.status == RunStatus.QUARANTINED
+
+
+def test_executor_says_retryable_overrides_exit_codes() -> None:
+    t = task(retry={"max_attempts": 5, "exit_codes": [75]})
+    result = Result(ok=False, exit_code=1, retryable=True)
+    assert decide(t, Outcome.FAILURE, result, 1, rng()).status == RunStatus.QUEUED
+
+
+def test_http_status_not_in_http_statuses_is_quarantined() -> None:
+    t = task(retry={"max_attempts": 5})
+    not_found = decide(t, Outcome.FAILURE, Result(ok=False, http_status=404), 1, rng())
+    assert not_found.status == RunStatus.QUARANTINED
+    assert "404" in not_found.why
+    unavailable = decide(t, Outcome.FAILURE, Result(ok=False, http_status=503), 1, rng())
+    assert unavailable.status == RunStatus.QUEUED
+
+
+def test_custom_http_statuses() -> None:
+    t = task(retry={"max_attempts": 5, "http_statuses": [404]})
+    assert (
+        decide(t, Outcome.FAILURE, Result(ok=False, http_status=404), 1, rng()).status
+        == RunStatus.QUEUED
+    )
+    assert (
+        decide(t, Outcome.FAILURE, Result(ok=False, http_status=503), 1, rng()).status
+        == RunStatus.QUARANTINED
+    )
+
+
+def test_retry_after_is_a_floor() -> None:
+    t = task(retry={"max_attempts": 5, "backoff": "1s", "max_backoff": "5s"})
+    result = Result(ok=False, http_status=429, retry_after_s=120)
+    r = rng()
+    for _ in range(50):
+        decision = decide(t, Outcome.FAILURE, result, 1, r)
+        assert decision.status == RunStatus.QUEUED
+        assert decision.delay_s >= 120
+
+
+def test_retry_after_is_bounded() -> None:
+    t = task(retry={"max_attempts": 5})
+    result = Result(ok=False, http_status=503, retry_after_s=30 * 24 * 3600)
+    decision = decide(t, Outcome.FAILURE, result, 1, rng())
+    assert decision.delay_s == MAX_RETRY_AFTER_S
+
+
+def test_retry_after_does_not_extend_past_max_attempts() -> None:
+    t = task(retry={"max_attempts": 2})
+    result = Result(ok=False, http_status=503, retry_after_s=60)
+    assert decide(t, Outcome.FAILURE, result, 2, rng()).status == RunStatus.QUARANTINED
+
+
+def test_exit_codes_restrict_which_failures_retry() -> None:
+    t = task(retry={"max_attempts": 5, "exit_codes": [75]})
+    other = decide(t, Outcome.FAILURE, Result(ok=False, exit_code=1), 1, rng())
+    assert other.status == RunStatus.QUARANTINED
+    assert "exit code 1" in other.why
+    tempfail = decide(t, Outcome.FAILURE, Result(ok=False, exit_code=75), 1, rng())
+    assert tempfail.status == RunStatus.QUEUED
+
+
+def test_without_exit_codes_any_exit_code_retries() -> None:
+    t = task(retry={"max_attempts": 5})
+    for code in (1, 2, 75, 137):
+        result = Result(ok=False, exit_code=code)
+        assert decide(t, Outcome.FAILURE, result, 1, rng()).status == RunStatus.QUEUED
+
+
+def test_decide_on_a_task_from_yaml() -> None:
+    config = parse_config(
+        """
+tasks:
+  fetch:
+    schedule: {every: 5m}
+    http: {url: "https://example.com/"}
+    retry: {max_attempts: 2, backoff: 2s, max_backoff: 3s, http_statuses: [502]}
+""",
+        "policy.yaml",
+        {},
+    )
+    t = config.tasks["fetch"]
+    retry = decide(t, Outcome.FAILURE, Result(ok=False, http_status=502), 1, rng())
+    assert retry.status == RunStatus.QUEUED
+    assert 0 <= retry.delay_s <= 2.0
+    assert (
+        decide(t, Outcome.FAILURE, Result(ok=False, http_status=503), 1, rng()).status
+        == RunStatus.QUARANTINED
+    )
+    assert (
+        decide(t, Outcome.FAILURE, Result(ok=False, http_status=502), 2, rng()).status
+        == RunStatus.QUARANTINED
+    )
+
+
+# ---------------------------------------------------------------- catchup_split
+
+
+def minutes_ago(*values: float) -> list[datetime]:
+    return [NOW - timedelta(minutes=v) for v in values]
+
+
+def test_catchup_skip_drops_late_times_and_keeps_an_on_time_one() -> None:
+    t = task(catchup="skip", misfire_grace="30s")
+    times = [*minutes_ago(30, 20, 10), NOW - timedelta(seconds=10)]
+    due, missed, reason = catchup_split(t, times, NOW)
+    assert due == [NOW - timedelta(seconds=10)]
+    assert sorted(missed) == minutes_ago(30, 20, 10)
+    assert "skip" in reason
+
+
+def test_catchup_skip_with_everything_late_runs_nothing() -> None:
+    t = task(catchup="skip", misfire_grace="30s")
+    times = minutes_ago(3, 2, 1)
+    due, missed, _ = catchup_split(t, times, NOW)
+    assert due == []
+    assert missed == times
+
+
+def test_catchup_skip_within_grace_runs() -> None:
+    t = task(catchup="skip", misfire_grace="5m")
+    due, missed, _ = catchup_split(t, minutes_ago(4), NOW)
+    assert due == minutes_ago(4)
+    assert missed == []
+
+
+def test_catchup_latest_keeps_only_the_last() -> None:
+    t = task(catchup="latest")
+    times = minutes_ago(40, 30, 20, 10)
+    due, missed, reason = catchup_split(t, times, NOW)
+    assert due == minutes_ago(10)
+    assert missed == minutes_ago(40, 30, 20)
+    assert "latest" in reason
+
+
+def test_catchup_latest_single_on_time_fire() -> None:
+    t = task(catchup="latest")
+    due, missed, _ = catchup_split(t, [NOW], NOW)
+    assert due == [NOW]
+    assert missed == []
+
+
+def test_catchup_all_keeps_the_last_catchup_max() -> None:
+    t = task(catchup="all", catchup_max=3)
+    times = minutes_ago(50, 40, 30, 20, 10)
+    due, missed, reason = catchup_split(t, times, NOW)
+    assert due == minutes_ago(30, 20, 10)
+    assert missed == minutes_ago(50, 40)
+    assert "all" in reason
+
+
+def test_catchup_all_under_the_limit_keeps_everything() -> None:
+    t = task(catchup="all", catchup_max=10)
+    times = minutes_ago(30, 20, 10)
+    due, missed, _ = catchup_split(t, times, NOW)
+    assert due == times
+    assert missed == []

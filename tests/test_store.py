@@ -1,0 +1,866 @@
+"""Tests for agentd.store: the durable state on a real SQLite file."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agentd.clock import to_iso
+from agentd.models import Outcome, RunStatus
+from agentd.store import SCHEMA_VERSION, EventSink, Row, Store, StoreError
+
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+N_ROUNDS = 12
+TASKS = {"a": ("fp1", "command"), "b": ("fp2", "command")}
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+_template: list[bytes] = []
+
+
+def _migrated_db(tmp_path: Path) -> bytes:
+    """A freshly migrated, checkpointed state DB, built once: migrating costs fsyncs."""
+    if not _template:
+        where = tmp_path / "template"
+        where.mkdir()
+        Store(where / "state.sqlite").close()  # close() folds the WAL into the file
+        _template.append((where / "state.sqlite").read_bytes())
+    return _template[0]
+
+
+def make_store(
+    tmp_path: Path,
+    event_sink: EventSink | None = None,
+    tasks: dict[str, tuple[str, str]] | None = None,
+    *,
+    fresh: bool = False,
+) -> Store:
+    """A Store on ``tmp_path/state.sqlite`` with tasks synced at ``T0``.
+
+    Unless ``fresh``, the file starts as a copy of an already migrated DB.
+    """
+    path = tmp_path / "state.sqlite"
+    if not fresh:
+        path.write_bytes(_migrated_db(tmp_path))
+    store = Store(path, event_sink=event_sink)
+    store.sync_tasks(tasks or TASKS, T0)
+    return store
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = make_store(tmp_path)
+    yield s
+    s.conn.close()  # the file is thrown away: no need for close()'s WAL checkpoint
+
+
+@pytest.fixture
+def fresh_store(tmp_path: Path) -> Iterator[Store]:
+    s = make_store(tmp_path, fresh=True)
+    yield s
+    s.conn.close()
+
+
+def fire_at(store: Store, task_id: str, seconds: float, **kwargs: Any) -> str:
+    """A scheduled fire for ``T0 + seconds`` at that same moment; returns the run id."""
+    result = store.fire(task_id, at(seconds), scheduled_for=at(seconds), **kwargs)
+    assert result.created
+    return result.run_id
+
+
+def claim_one(store: Store, now: datetime, owner: str = "w1", lease_s: float = 30) -> Row:
+    rows = store.claim(now, owner, lease_s, 1, set(), set())
+    assert len(rows) == 1, rows
+    return rows[0]
+
+
+def kinds(store: Store, run_id: str | None = None) -> list[str]:
+    return [e["kind"] for e in store.events(run_id=run_id)]
+
+
+def events_of_kind(store: Store, kind: str) -> list[Row]:
+    return [e for e in store.events() if e["kind"] == kind]
+
+
+def run_and_finish(
+    store: Store,
+    task_id: str,
+    seconds: float,
+    outcome: Outcome,
+    next_status: RunStatus,
+    **kwargs: Any,
+) -> str:
+    """Fire, claim and finish one run of ``task_id`` around ``T0 + seconds``."""
+    run_id = fire_at(store, task_id, seconds, honour_pause=False)
+    row = claim_one(store, at(seconds))
+    assert row["id"] == run_id
+    store.finish(run_id, at(seconds + 1), outcome=outcome, next_status=next_status, **kwargs)
+    return run_id
+
+
+# ---------------------------------------------------------------- opening, schema
+
+
+def test_pragmas_and_schema_version(fresh_store: Store) -> None:
+    store = fresh_store
+    assert store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store.conn.execute("PRAGMA synchronous").fetchone()[0] == 2
+    assert store.conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    row = store.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+    assert row[0] == str(SCHEMA_VERSION)
+
+
+def test_wal_mode_is_persistent_in_the_file(tmp_path: Path) -> None:
+    make_store(tmp_path, fresh=True).close()
+    conn = sqlite3.connect(tmp_path / "state.sqlite")
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        conn.close()
+
+
+def test_reopen_keeps_data_and_does_not_remigrate(tmp_path: Path) -> None:
+    store = make_store(tmp_path, fresh=True)
+    run_id = fire_at(store, "a", 0)
+    schema = store.conn.execute(
+        "SELECT type, name, sql FROM sqlite_master ORDER BY name"
+    ).fetchall()
+    n_events = len(store.events())
+    store.close()
+
+    again = Store(tmp_path / "state.sqlite")
+    try:
+        assert again.get_run(run_id)["status"] == RunStatus.QUEUED
+        assert [r["id"] for r in again.task_rows()] == ["a", "b"]
+        schema_again = again.conn.execute(
+            "SELECT type, name, sql FROM sqlite_master ORDER BY name"
+        ).fetchall()
+        assert [tuple(r) for r in schema_again] == [tuple(r) for r in schema]
+        version = again.conn.execute("SELECT value FROM meta WHERE key='schema_version'")
+        assert version.fetchone()[0] == str(SCHEMA_VERSION)
+        assert len(again.events()) == n_events
+        # Syncing the same tasks again changes nothing and records nothing.
+        again.sync_tasks(TASKS, at(60))
+        assert len(again.events()) == n_events
+    finally:
+        again.close()
+
+
+def test_newer_schema_version_is_refused(tmp_path: Path) -> None:
+    make_store(tmp_path, fresh=True).close()
+    conn = sqlite3.connect(tmp_path / "state.sqlite")
+    with conn:
+        conn.execute(
+            "UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION + 1),)
+        )
+    conn.close()
+    with pytest.raises(StoreError) as info:
+        Store(tmp_path / "state.sqlite")
+    assert info.value.code == "schema_too_new"
+    assert str(SCHEMA_VERSION + 1) in str(info.value)
+
+
+def test_sync_tasks_adds_changes_removes_and_keeps_pause(store: Store) -> None:
+    store.pause("a", "maintenance", at(1))
+    store.sync_tasks({"a": ("fp1-changed", "command"), "c": ("fp3", "http")}, at(2))
+    rows = {r["id"]: r for r in store.task_rows()}
+    assert set(rows) == {"a", "c"}
+    assert rows["a"]["fingerprint"] == "fp1-changed"
+    assert rows["a"]["paused"] == 1
+    assert rows["a"]["paused_reason"] == "maintenance"
+    b = store.task_row("b")
+    assert b is not None
+    assert b["present"] == 0
+    assert {"task_added", "task_changed", "task_removed"} <= set(kinds(store))
+    with pytest.raises(StoreError) as info:
+        store.fire("b", at(3))
+    assert info.value.code == "unknown_task"
+
+
+# ---------------------------------------------------------------- fire
+
+
+def test_fire_with_scheduled_for_is_idempotent(store: Store) -> None:
+    first = store.fire("a", at(0), scheduled_for=at(0))
+    second = store.fire("a", at(5), scheduled_for=at(0))
+    assert first.created
+    assert first.status == RunStatus.QUEUED
+    assert not second.created
+    assert second.reason == "duplicate"
+    assert second.run_id == first.run_id
+    assert len(store.list_runs(task_id="a")) == 1
+    assert kinds(store).count("enqueue") == 1
+
+
+def test_manual_fires_are_distinct_runs(store: Store) -> None:
+    one = store.fire("a", at(0), trigger="manual", overlap="allow")
+    two = store.fire("a", at(0), trigger="manual", overlap="allow")
+    assert one.created and two.created
+    assert one.run_id != two.run_id
+    assert store.get_run(one.run_id)["trigger"] == "manual"
+
+
+def test_overlap_skip(store: Store) -> None:
+    first = fire_at(store, "a", 0)
+    result = store.fire("a", at(60), scheduled_for=at(60), overlap="skip")
+    assert result.created
+    assert result.status == RunStatus.SKIPPED
+    assert result.reason == "overlap"
+    row = store.get_run(result.run_id)
+    assert row["status"] == RunStatus.SKIPPED
+    assert row["skip_reason"] == "overlap"
+    assert row["finished_at"] == to_iso(at(60))
+    skips = events_of_kind(store, "skip")
+    assert [(e["run_id"], e["data"]["reason"]) for e in skips] == [(result.run_id, "overlap")]
+    # Still skipped while the first one runs.
+    claim_one(store, at(61))
+    assert store.fire("a", at(120), scheduled_for=at(120)).reason == "overlap"
+    # Other tasks are not affected.
+    assert store.fire("b", at(120), scheduled_for=at(120)).status == RunStatus.QUEUED
+    assert store.get_run(first)["status"] == RunStatus.RUNNING
+
+
+def test_overlap_queue_one(store: Store) -> None:
+    first = fire_at(store, "a", 0, overlap="queue_one")
+    claim_one(store, at(1))
+    second = store.fire("a", at(60), scheduled_for=at(60), overlap="queue_one")
+    third = store.fire("a", at(120), scheduled_for=at(120), overlap="queue_one")
+    assert store.get_run(first)["status"] == RunStatus.RUNNING
+    assert second.status == RunStatus.QUEUED
+    assert third.status == RunStatus.SKIPPED
+    assert third.reason == "overlap"
+
+
+def test_overlap_queue_all_bounded_by_max_queued(store: Store) -> None:
+    statuses = [
+        store.fire("a", at(i), scheduled_for=at(i), overlap="queue_all", max_queued=3)
+        for i in range(5)
+    ]
+    assert [r.status for r in statuses] == [RunStatus.QUEUED] * 3 + [RunStatus.SKIPPED] * 2
+    assert [r.reason for r in statuses[3:]] == ["queue_full", "queue_full"]
+    assert len(store.active_runs("a")) == 3
+
+
+def test_overlap_cancel_previous(store: Store) -> None:
+    running = fire_at(store, "a", 0)
+    claim_one(store, at(1))
+    queued = fire_at(store, "a", 30, overlap="allow")
+    result = store.fire("a", at(60), scheduled_for=at(60), overlap="cancel_previous")
+    assert result.status == RunStatus.QUEUED
+    run = store.get_run(running)
+    assert run["status"] == RunStatus.RUNNING
+    assert run["cancel_requested"] == 1
+    assert store.cancel_requests("w1") == [running]
+    # A previous run that had not started yet is cancelled outright.
+    assert store.get_run(queued)["status"] == RunStatus.CANCELLED
+    reasons = {e["run_id"]: e["data"]["reason"] for e in store.events() if "cancel" in e["kind"]}
+    assert reasons == {running: "cancel_previous", queued: "cancel_previous"}
+
+
+def test_overlap_allow(store: Store) -> None:
+    fire_at(store, "a", 0)
+    claim_one(store, at(1))
+    results = [store.fire("a", at(i), scheduled_for=at(i), overlap="allow") for i in range(10, 13)]
+    assert all(r.status == RunStatus.QUEUED for r in results)
+    assert len(store.active_runs("a")) == 4
+
+
+# ---------------------------------------------------------------- pause
+
+
+def test_paused_task_skips_scheduled_fires_but_not_manual_ones(store: Store) -> None:
+    assert store.pause("a", "maintenance", at(0)) is True
+    assert store.pause("a", "again", at(0)) is False  # idempotent
+    assert store.paused_tasks() == {"a"}
+    scheduled = store.fire("a", at(10), scheduled_for=at(10))
+    assert scheduled.status == RunStatus.SKIPPED
+    assert scheduled.reason == "paused"
+    manual = store.fire("a", at(20), trigger="manual", honour_pause=False)
+    assert manual.status == RunStatus.QUEUED
+    pause_events = events_of_kind(store, "pause")
+    assert len(pause_events) == 1
+    assert pause_events[0]["data"] == {"reason": "maintenance", "by": "operator"}
+
+
+def test_claim_skips_scheduled_runs_of_a_paused_task_but_takes_manual_ones(store: Store) -> None:
+    scheduled = fire_at(store, "a", 0)
+    store.pause("a", "maintenance", at(1))
+    assert store.claim(at(2), "w1", 30, 5, set(), set()) == []
+    manual = store.fire("a", at(3), trigger="manual", overlap="allow", honour_pause=False)
+    claimed = store.claim(at(4), "w1", 30, 5, set(), {"a"})
+    assert [r["id"] for r in claimed] == [manual.run_id]
+    assert store.get_run(scheduled)["status"] == RunStatus.QUEUED
+    # Resuming lets the scheduled run through.
+    assert store.resume("a", at(5)) is True
+    assert store.resume("a", at(5)) is False
+    assert [r["id"] for r in store.claim(at(6), "w1", 30, 5, set(), {"a"})] == [scheduled]
+
+
+# ---------------------------------------------------------------- claim
+
+
+def test_claim_respects_not_before(store: Store) -> None:
+    run_id = fire_at(store, "a", 10)
+    assert store.claim(at(9), "w1", 30, 5, set(), set()) == []
+    assert [r["id"] for r in store.claim(at(10), "w1", 30, 5, set(), set())] == [run_id]
+
+
+def test_claim_sets_running_attempt_lease_and_records_it(store: Store) -> None:
+    run_id = fire_at(store, "a", 0)
+    row = claim_one(store, at(2.5), owner="host:1", lease_s=30)
+    assert row["id"] == run_id
+    assert row["status"] == RunStatus.RUNNING
+    assert row["attempt"] == 1
+    stored = store.get_run(run_id)
+    assert stored["status"] == RunStatus.RUNNING
+    assert stored["attempt"] == 1
+    assert stored["lease_owner"] == "host:1"
+    assert stored["lease_expires_at"] == to_iso(at(32.5))
+    assert stored["started_at"] == to_iso(at(2.5))
+    attempts = store.attempts(run_id)
+    assert len(attempts) == 1
+    assert attempts[0]["attempt"] == 1
+    assert attempts[0]["worker"] == "host:1"
+    assert attempts[0]["started_at"] == to_iso(at(2.5))
+    assert attempts[0]["finished_at"] is None
+    claim_events = events_of_kind(store, "claim")
+    assert len(claim_events) == 1
+    assert claim_events[0]["run_id"] == run_id
+    assert claim_events[0]["data"] == {"attempt": 1, "lateness_s": 2.5}
+
+
+def test_claim_respects_limit(tmp_path: Path) -> None:
+    store = make_store(tmp_path, tasks={t: ("fp", "command") for t in "abcd"})
+    for task_id in "abcd":
+        fire_at(store, task_id, 0)
+    first = store.claim(at(1), "w1", 30, 2, set(), set())
+    assert len(first) == 2
+    second = store.claim(at(1), "w1", 30, 5, {r["task_id"] for r in first}, set())
+    assert len(second) == 2
+    assert {r["task_id"] for r in first + second} == set("abcd")
+    assert store.claim(at(1), "w1", 30, 0, set(), set()) == []
+    store.close()
+
+
+def test_claim_one_per_task_unless_overlap_allowed(store: Store) -> None:
+    ids = [fire_at(store, "a", i, overlap="allow") for i in range(3)]
+    claimed = store.claim(at(5), "w1", 30, 5, set(), set())
+    assert [r["id"] for r in claimed] == [ids[0]]
+    claimed = store.claim(at(5), "w1", 30, 5, set(), {"a"})
+    assert sorted(r["id"] for r in claimed) == sorted(ids[1:])
+
+
+def test_claim_skips_busy_tasks(store: Store) -> None:
+    fire_at(store, "a", 0)
+    b = fire_at(store, "b", 0)
+    claimed = store.claim(at(1), "w1", 30, 5, {"a"}, set())
+    assert [r["id"] for r in claimed] == [b]
+
+
+def test_claim_takes_runs_of_one_task_in_fire_order(store: Store) -> None:
+    """Catch-up fires many due times at one ``now``; they must run in their own order."""
+    ids = [
+        store.fire(
+            "a", T0, scheduled_for=T0 - timedelta(minutes=10 - i), overlap="queue_all"
+        ).run_id
+        for i in range(8)
+    ]
+    claimed = store.claim(at(1), "w1", 30, 8, set(), {"a"})
+    assert [r["id"] for r in claimed] == ids
+
+
+def test_claim_is_not_starved_by_a_backlog_of_a_busy_task(store: Store) -> None:
+    """A long queue of one busy task must not hide another task's due run."""
+    # claim(limit=2, busy={"a"}) looks at 2 * 4 + 1 = 9 rows; give "a" more than that.
+    for i in range(12):
+        fire_at(store, "a", i / 100, overlap="queue_all", max_queued=100)
+    claim_one(store, at(1))  # one run of "a" is now running
+    b = fire_at(store, "b", 2)
+    claimed = store.claim(at(3), "w1", 30, 2, {"a"}, set())
+    assert [r["id"] for r in claimed] == [b]
+
+
+def test_heartbeat_extends_only_own_leases(store: Store) -> None:
+    run_id = fire_at(store, "a", 0)
+    claim_one(store, at(0), owner="w1", lease_s=30)
+    store.heartbeat([run_id], "someone-else", at(20), 30)
+    assert store.get_run(run_id)["lease_expires_at"] == to_iso(at(30))
+    store.heartbeat([run_id], "w1", at(20), 30)
+    assert store.get_run(run_id)["lease_expires_at"] == to_iso(at(50))
+
+
+# ---------------------------------------------------------------- finish
+
+
+def test_finish_success(store: Store) -> None:
+    run_id = run_and_finish(
+        store, "a", 0, Outcome.SUCCESS, RunStatus.SUCCEEDED, exit_code=0, duration_s=0.5
+    )
+    run = store.get_run(run_id)
+    assert run["status"] == RunStatus.SUCCEEDED
+    assert run["outcome"] == Outcome.SUCCESS
+    assert run["finished_at"] == to_iso(at(1))
+    assert run["lease_owner"] is None
+    assert run["failures"] == 0
+    task = store.task_row("a")
+    assert task is not None
+    assert task["last_success_at"] == to_iso(at(1))
+    assert task["last_outcome"] == Outcome.SUCCESS
+    (attempt,) = store.attempts(run_id)
+    assert attempt["outcome"] == Outcome.SUCCESS
+    assert attempt["finished_at"] == to_iso(at(1))
+    assert attempt["duration_s"] == 0.5
+    assert kinds(store, run_id) == ["enqueue", "claim", "success"]
+
+
+def test_finish_failure_retry_waits_in_the_queue(store: Store) -> None:
+    run_id = fire_at(store, "a", 0)
+    claim_one(store, at(0))
+    store.finish(
+        run_id,
+        at(1),
+        outcome=Outcome.FAILURE,
+        next_status=RunStatus.QUEUED,
+        not_before=at(31),
+        error="exit 1",
+        exit_code=1,
+    )
+    run = store.get_run(run_id)
+    assert run["status"] == RunStatus.QUEUED
+    assert run["failures"] == 1
+    assert run["not_before"] == to_iso(at(31))
+    assert run["finished_at"] is None
+    assert run["error"] == "exit 1"
+    retry = events_of_kind(store, "retry")
+    assert len(retry) == 1
+    assert retry[0]["data"]["failures"] == 1
+    assert retry[0]["data"]["not_before"] == to_iso(at(31))
+    task = store.task_row("a")
+    assert task is not None
+    assert task["last_success_at"] is None
+    # Not before its time; then it is attempt 2.
+    assert store.claim(at(30), "w1", 30, 5, set(), set()) == []
+    row = claim_one(store, at(31))
+    assert row["attempt"] == 2
+    assert [a["outcome"] for a in store.attempts(run_id)] == [Outcome.FAILURE, None]
+
+
+def test_finish_quarantined(store: Store) -> None:
+    run_id = run_and_finish(
+        store, "a", 0, Outcome.FAILURE, RunStatus.QUARANTINED, error="boom", exit_code=2
+    )
+    run = store.get_run(run_id)
+    assert run["status"] == RunStatus.QUARANTINED
+    assert run["finished_at"] == to_iso(at(1))
+    assert run["failures"] == 1
+    q = store.quarantine_get(run_id)
+    assert q["task_id"] == "a"
+    assert q["last_error"] == "boom"
+    assert q["attempts"] == 1
+    assert [r["run_id"] for r in store.quarantine_list()] == [run_id]
+    events = events_of_kind(store, "quarantine")
+    assert [(e["run_id"], e["data"]["error"]) for e in events] == [(run_id, "boom")]
+    assert store.counts()["in_quarantine"] == 1
+
+
+def test_finish_interrupted_costs_no_failure(store: Store) -> None:
+    run_id = fire_at(store, "a", 0)
+    claim_one(store, at(0))
+    store.finish(run_id, at(1), outcome=Outcome.FAILURE, next_status=RunStatus.QUEUED)
+    claim_one(store, at(2))
+    store.finish(run_id, at(3), outcome=Outcome.INTERRUPTED, next_status=RunStatus.QUEUED)
+    run = store.get_run(run_id)
+    assert run["status"] == RunStatus.QUEUED
+    assert run["failures"] == 1  # only the real failure counts
+    assert run["attempt"] == 2
+    assert kinds(store, run_id).count("retry") == 1
+    assert "interrupt" in kinds(store, run_id)
+
+
+def test_finish_unknown_run(store: Store) -> None:
+    with pytest.raises(StoreError) as info:
+        store.finish("nope", at(0), outcome=Outcome.SUCCESS, next_status=RunStatus.SUCCEEDED)
+    assert info.value.code == "unknown_run"
+
+
+def _quarantine(store: Store, seconds: float, pause_after: int = 2) -> str:
+    return run_and_finish(
+        store,
+        "a",
+        seconds,
+        Outcome.FAILURE,
+        RunStatus.QUARANTINED,
+        error="boom",
+        pause_after_failures=pause_after,
+    )
+
+
+def test_consecutive_quarantines_pause_the_task(store: Store) -> None:
+    _quarantine(store, 0)
+    task = store.task_row("a")
+    assert task is not None
+    assert task["paused"] == 0
+    assert task["consecutive_quarantines"] == 1
+    _quarantine(store, 100)
+    task = store.task_row("a")
+    assert task is not None
+    assert task["paused"] == 1
+    assert task["consecutive_quarantines"] == 2
+    assert "2 consecutive" in task["paused_reason"]
+    pauses = events_of_kind(store, "pause")
+    assert len(pauses) == 1
+    assert pauses[0]["data"]["by"] == "agentd"
+    assert pauses[0]["task_id"] == "a"
+    # The schedule now skips it.
+    assert store.fire("a", at(200), scheduled_for=at(200)).reason == "paused"
+
+
+def test_a_success_resets_the_quarantine_count(store: Store) -> None:
+    _quarantine(store, 0)
+    run_and_finish(store, "a", 100, Outcome.SUCCESS, RunStatus.SUCCEEDED)
+    task = store.task_row("a")
+    assert task is not None
+    assert task["consecutive_quarantines"] == 0
+    _quarantine(store, 200)
+    task = store.task_row("a")
+    assert task is not None
+    assert task["paused"] == 0
+    assert task["consecutive_quarantines"] == 1
+    assert events_of_kind(store, "pause") == []
+
+
+def test_resume_clears_the_quarantine_count(store: Store) -> None:
+    _quarantine(store, 0)
+    _quarantine(store, 100)
+    assert store.paused_tasks() == {"a"}
+    assert store.resume("a", at(150))
+    task = store.task_row("a")
+    assert task is not None
+    assert task["paused"] == 0
+    assert task["paused_reason"] is None
+    assert task["consecutive_quarantines"] == 0
+    _quarantine(store, 200)
+    assert store.paused_tasks() == set()
+
+
+def test_pause_after_zero_never_pauses(store: Store) -> None:
+    for i in range(4):
+        _quarantine(store, i * 100, pause_after=0)
+    assert store.paused_tasks() == set()
+
+
+# ---------------------------------------------------------------- recover
+
+
+def test_recover_requeues_runs_of_a_dead_owner(tmp_path: Path) -> None:
+    old = make_store(tmp_path)
+    run_id = fire_at(old, "a", 0)
+    claim_one(old, at(0), owner="host:111")
+    old.finish(run_id, at(1), outcome=Outcome.FAILURE, next_status=RunStatus.QUEUED)
+    claim_one(old, at(2), owner="host:111")
+    old.conn.close()  # the old process dies without cleaning up
+
+    new = Store(tmp_path / "state.sqlite")
+    try:
+        assert new.recover(at(5), owner="host:222") == [run_id]
+        run = new.get_run(run_id)
+        assert run["status"] == RunStatus.QUEUED
+        assert run["failures"] == 1  # the lost attempt costs nothing
+        assert run["lease_owner"] is None
+        assert run["not_before"] == to_iso(at(5))
+        attempts = new.attempts(run_id)
+        assert [a["outcome"] for a in attempts] == [Outcome.FAILURE, Outcome.LOST]
+        assert attempts[1]["finished_at"] == to_iso(at(5))
+        recover = events_of_kind(new, "recover")
+        assert len(recover) == 1
+        assert recover[0]["run_id"] == run_id
+        assert recover[0]["data"]["previous_owner"] == "host:111"
+        assert recover[0]["data"]["by"] == "host:222"
+        assert claim_one(new, at(6), owner="host:222")["attempt"] == 3
+    finally:
+        new.close()
+
+
+def test_recover_leaves_live_owners_with_valid_leases(store: Store) -> None:
+    live = fire_at(store, "a", 0)
+    claim_one(store, at(0), owner="alive", lease_s=30)
+    expired = fire_at(store, "b", 0)
+    claim_one(store, at(0), owner="alive-but-stuck", lease_s=5)
+    recovered = store.recover(at(10), owner="me", live_owners={"alive", "alive-but-stuck"})
+    assert recovered == [expired]
+    assert store.get_run(live)["status"] == RunStatus.RUNNING
+    assert store.get_run(expired)["status"] == RunStatus.QUEUED
+
+
+# ---------------------------------------------------------------- cancel
+
+
+def test_cancel_queued_run_is_immediate(store: Store) -> None:
+    run_id = fire_at(store, "a", 0)
+    assert store.request_cancel(run_id, at(1)) == RunStatus.CANCELLED
+    run = store.get_run(run_id)
+    assert run["status"] == RunStatus.CANCELLED
+    assert run["finished_at"] == to_iso(at(1))
+    assert store.claim(at(2), "w1", 30, 5, set(), set()) == []
+
+
+def test_cancel_running_run_is_flagged_for_its_owner(store: Store) -> None:
+    run_id = fire_at(store, "a", 0)
+    claim_one(store, at(0), owner="w1")
+    assert store.cancel_requests("w1") == []
+    assert store.request_cancel(run_id, at(1)) == RunStatus.RUNNING
+    run = store.get_run(run_id)
+    assert run["status"] == RunStatus.RUNNING
+    assert run["cancel_requested"] == 1
+    assert store.cancel_requests("w1") == [run_id]
+    assert store.cancel_requests("w2") == []
+    assert "cancel_requested" in kinds(store, run_id)
+
+
+def test_cancel_finished_or_unknown_run_is_an_error(store: Store) -> None:
+    run_id = run_and_finish(store, "a", 0, Outcome.SUCCESS, RunStatus.SUCCEEDED)
+    with pytest.raises(StoreError) as info:
+        store.request_cancel(run_id, at(5))
+    assert info.value.code == "run_finished"
+    assert store.get_run(run_id)["status"] == RunStatus.SUCCEEDED
+    with pytest.raises(StoreError) as info:
+        store.request_cancel("20260301T120000-deadbeef", at(5))
+    assert info.value.code == "unknown_run"
+
+
+# ---------------------------------------------------------------- quarantine
+
+
+def test_quarantine_release(store: Store) -> None:
+    run_id = _quarantine(store, 0, pause_after=0)
+    store.quarantine_release(run_id, at(50))
+    run = store.get_run(run_id)
+    assert run["status"] == RunStatus.QUEUED
+    assert run["failures"] == 0
+    assert run["trigger"] == "release"
+    assert run["finished_at"] is None
+    assert store.quarantine_list() == []
+    with pytest.raises(StoreError) as info:
+        store.quarantine_get(run_id)
+    assert info.value.code == "not_quarantined"
+    assert "release" in kinds(store, run_id)
+    assert claim_one(store, at(51))["id"] == run_id
+
+
+def test_released_run_of_a_paused_task_is_claimed(store: Store) -> None:
+    first = _quarantine(store, 0)
+    _quarantine(store, 100)
+    assert store.paused_tasks() == {"a"}
+    store.quarantine_release(first, at(150))
+    assert claim_one(store, at(151))["id"] == first
+
+
+def test_quarantine_drop(store: Store) -> None:
+    run_id = _quarantine(store, 0, pause_after=0)
+    store.quarantine_drop(run_id, at(50))
+    assert store.quarantine_list() == []
+    assert store.get_run(run_id)["status"] == RunStatus.QUARANTINED
+    assert "drop" in kinds(store, run_id)
+    with pytest.raises(StoreError) as info:
+        store.quarantine_drop(run_id, at(51))
+    assert info.value.code == "not_quarantined"
+
+
+def test_release_of_a_run_not_in_quarantine(store: Store) -> None:
+    run_id = fire_at(store, "a", 0)
+    with pytest.raises(StoreError) as info:
+        store.quarantine_release(run_id, at(1))
+    assert info.value.code == "not_quarantined"
+    assert store.get_run(run_id)["status"] == RunStatus.QUEUED
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def test_checkpoints_keep_the_last_and_survive_reopening(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    run_id = fire_at(store, "a", 0)
+    assert store.load_checkpoint(run_id) is None
+    assert store.save_checkpoint(run_id, {"done": ["x"]}, at(1)) == 1
+    assert store.save_checkpoint(run_id, {"done": ["x", "y"], "n": 2}, at(2)) == 2
+    assert store.load_checkpoint(run_id) == {"done": ["x", "y"], "n": 2}
+    assert [e["data"]["seq"] for e in events_of_kind(store, "checkpoint")] == [1, 2]
+    store.close()
+
+    again = Store(tmp_path / "state.sqlite")
+    try:
+        assert again.load_checkpoint(run_id) == {"done": ["x", "y"], "n": 2}
+        assert again.save_checkpoint(run_id, [3], at(3)) == 3
+    finally:
+        again.close()
+
+
+# ---------------------------------------------------------------- events
+
+
+def test_event_sink_gets_committed_events_in_order(tmp_path: Path) -> None:
+    db_path = tmp_path / "state.sqlite"
+    seen: list[Row] = []
+    visible: list[bool] = []
+
+    def sink(event: Row) -> None:
+        seen.append(event)
+        # Another connection (like the CLI) must already see the row: it is committed.
+        other = sqlite3.connect(db_path)
+        try:
+            row = other.execute("SELECT kind FROM events WHERE id=?", (event["id"],)).fetchone()
+        finally:
+            other.close()
+        visible.append(row is not None and row[0] == event["kind"])
+
+    store = make_store(tmp_path, event_sink=sink)
+    assert [e["kind"] for e in seen] == ["task_added", "task_added"]
+    seen.clear()
+    running = fire_at(store, "a", 0)
+    claim_one(store, at(1))
+    queued = fire_at(store, "a", 2, overlap="allow")
+    seen.clear()
+
+    new = store.fire("a", at(3), scheduled_for=at(3), overlap="cancel_previous")
+    # One transaction, three events: two cancels, then the enqueue; all after commit.
+    assert {(e["kind"], e["run_id"]) for e in seen[:2]} == {
+        ("cancel_requested", running),
+        ("cancel", queued),
+    }
+    assert (seen[2]["kind"], seen[2]["run_id"]) == ("enqueue", new.run_id)
+    ids = [e["id"] for e in seen]
+    assert ids == sorted(ids)
+    assert len(set(ids)) == 3
+    assert all(visible)
+    # Exactly what was stored, nothing more.
+    assert seen == store.events(after_id=ids[0] - 1)
+    store.close()
+
+
+def test_rolled_back_transaction_emits_nothing_and_leaves_no_rows(tmp_path: Path) -> None:
+    seen: list[Row] = []
+    store = make_store(tmp_path, event_sink=seen.append)
+    seen.clear()
+    n_events = len(store.events())
+    with pytest.raises(RuntimeError), store.tx() as conn:
+        conn.execute("UPDATE tasks SET paused=1 WHERE id='a'")
+        store._event(at(1), "pause", "a", reason="doomed")
+        raise RuntimeError("boom")
+    assert seen == []
+    assert len(store.events()) == n_events
+    task = store.task_row("a")
+    assert task is not None
+    assert task["paused"] == 0
+    # The next transaction emits only its own events, not the rolled-back ones.
+    run_id = fire_at(store, "b", 2)
+    assert [(e["kind"], e["run_id"]) for e in seen] == [("enqueue", run_id)]
+    store.close()
+
+
+def test_failed_operation_emits_nothing(tmp_path: Path) -> None:
+    seen: list[Row] = []
+    store = make_store(tmp_path, event_sink=seen.append)
+    seen.clear()
+    with pytest.raises(StoreError):
+        store.pause("missing", "x", at(0))
+    with pytest.raises(StoreError):
+        store.request_cancel("missing", at(0))
+    assert seen == []
+    store.close()
+
+
+def test_misfire_is_recorded(store: Store) -> None:
+    store.record_misfire("a", at(100), [at(0), at(60)], "catchup=latest")
+    (event,) = events_of_kind(store, "misfire")
+    assert event["data"] == {
+        "count": 2,
+        "reason": "catchup=latest",
+        "first": to_iso(at(0)),
+        "last": to_iso(at(60)),
+    }
+
+
+# ---------------------------------------------------------------- two processes
+
+
+def test_two_stores_on_one_file_interleave(tmp_path: Path) -> None:
+    daemon = make_store(tmp_path)
+    cli = Store(tmp_path / "state.sqlite")
+    try:
+        run_id = fire_at(daemon, "a", 0)
+        cli.pause("b", "maintenance", at(1))
+        claim_one(daemon, at(2))
+        assert cli.request_cancel(run_id, at(3)) == RunStatus.RUNNING
+        assert daemon.cancel_requests("w1") == [run_id]
+        manual = cli.fire("b", at(4), trigger="manual", honour_pause=False)
+        daemon.finish(run_id, at(5), outcome=Outcome.CANCELLED, next_status=RunStatus.CANCELLED)
+        assert cli.get_run(run_id)["status"] == RunStatus.CANCELLED
+        assert [r["id"] for r in daemon.claim(at(6), "w1", 30, 5, set(), set())] == [manual.run_id]
+        cli.resume("b", at(7))
+        assert daemon.paused_tasks() == set()
+        assert len(daemon.events()) == len(cli.events())
+    finally:
+        cli.close()
+        daemon.close()
+
+
+def test_two_stores_writing_from_two_threads(tmp_path: Path) -> None:
+    """The daemon and the CLI write at the same time; BEGIN IMMEDIATE + busy_timeout
+    serialise them without "database is locked"."""
+    daemon = make_store(tmp_path)
+    cli = Store(tmp_path / "state.sqlite")
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def daemon_side() -> None:
+        try:
+            start.wait()
+            for i in range(N_ROUNDS):
+                fire_at(daemon, "a", i, overlap="allow")
+                for row in daemon.claim(at(i), "w1", 30, 5, set(), {"a"}):
+                    daemon.finish(
+                        row["id"],
+                        at(i),
+                        outcome=Outcome.SUCCESS,
+                        next_status=RunStatus.SUCCEEDED,
+                    )
+        except BaseException as exc:
+            errors.append(exc)
+
+    def cli_side() -> None:
+        try:
+            start.wait()
+            for i in range(N_ROUNDS):
+                cli.pause("b", f"p{i}", at(i))
+                cli.fire("b", at(i), trigger="manual", overlap="allow", honour_pause=False)
+                cli.resume("b", at(i))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=daemon_side), threading.Thread(target=cli_side)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    try:
+        assert errors == []
+        counts = daemon.counts()
+        assert (
+            counts.get("succeeded", 0) + counts.get("queued", 0) + counts.get("running", 0)
+            == 2 * N_ROUNDS
+        )
+        assert len(daemon.list_runs(task_id="a", status="succeeded", limit=100)) == N_ROUNDS
+        assert len(cli.list_runs(task_id="b", limit=100)) == N_ROUNDS
+        assert len(events_of_kind(cli, "pause")) == N_ROUNDS
+    finally:
+        cli.close()
+        daemon.close()
