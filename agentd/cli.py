@@ -22,6 +22,7 @@ import yaml
 
 from agentd.clock import SystemClock, from_iso
 from agentd.config import Config, ConfigError, inactive_reason, load_config, redacted
+from agentd.control import Control
 from agentd.daemon import EXIT_CONFIG, EXIT_USAGE, StateLock, _task_index, run_daemon, state_paths
 from agentd.schedule import next_fires
 from agentd.store import Row, Store, StoreError
@@ -150,27 +151,33 @@ def _state_command(
     config: Config, args: argparse.Namespace, parser: argparse.ArgumentParser
 ) -> int:
     store = open_store(config)
-    now = SystemClock().now()
+    ctl = Control(store, config, SystemClock())
     try:
         cmd = args.command
         if cmd == "tasks":
-            return _print(
-                args,
-                _task_table(config, store, now),
-                ["task", "kind", "schedule", "timezone", "next_run", "last_outcome", "paused"],
-            )
+            rows = [
+                {
+                    "task": t["id"],
+                    "kind": t["kind"],
+                    "schedule": t["schedule"],
+                    "timezone": t["timezone"],
+                    "next_run": _short_local(t["next_runs"][0]["local"]) if t["next_runs"] else "-",
+                    "last_outcome": t["last_outcome"] or "-",
+                    "paused": (t["paused_reason"] or "yes")
+                    if t["paused"]
+                    else (f"inactive: {t['inactive_reason']}" if not t["active"] else "no"),
+                }
+                for t in ctl.list_tasks()
+            ]
+            return _print(args, rows, list(rows[0]) if rows else ["task"])
         if cmd == "runs" and args.action == "show":
             if not args.run_id:
                 parser.error("runs show needs a run id")
-            run = store.get_run(args.run_id)
-            detail = {
-                "run": run,
-                "attempts": store.attempts(args.run_id),
-                "events": store.events(run_id=args.run_id),
-            }
+            detail = ctl.get_run(args.run_id)
+            detail["events"] = ctl.events(run_id=args.run_id)
             return _print_detail(args, detail)
         if cmd == "runs":
-            rows = store.list_runs(args.task, args.status, args.limit)
+            rows = ctl.list_runs(args.task, args.status, args.limit)
             return _print(
                 args,
                 rows,
@@ -186,81 +193,37 @@ def _state_command(
                 ],
             )
         if cmd == "trigger":
-            if args.task not in config.tasks:
-                raise StoreError("unknown_task", f"no task named {args.task!r} in {config.source}")
-            task = config.tasks[args.task]
-            result = store.fire(
-                args.task,
-                now,
-                trigger="manual",
-                overlap=task.overlap,
-                max_queued=task.max_queued,
-                honour_pause=False,
-            )
-            return _print_detail(
-                args, {"run_id": result.run_id, "status": result.status, "reason": result.reason}
-            )
+            return _print_detail(args, ctl.trigger(args.task))
         if cmd == "pause":
-            changed = store.pause(args.task, args.reason, now)
-            return _print_detail(args, {"task": args.task, "paused": True, "changed": changed})
+            return _print_detail(args, ctl.pause(args.task, args.reason))
         if cmd == "resume":
-            changed = store.resume(args.task, now)
-            return _print_detail(args, {"task": args.task, "paused": False, "changed": changed})
+            return _print_detail(args, ctl.resume(args.task))
         if cmd == "cancel":
-            status = store.request_cancel(args.run_id, now)
-            return _print_detail(args, {"run_id": args.run_id, "status": status})
+            return _print_detail(args, ctl.cancel(args.run_id))
         if cmd == "quarantine":
             if args.action == "list":
                 return _print(
                     args,
-                    store.quarantine_list(),
+                    ctl.quarantine_list(),
                     ["run_id", "task_id", "quarantined_at", "attempts", "last_error"],
                 )
             if not args.run_id:
                 parser.error(f"quarantine {args.action} needs a run id")
-            if args.action == "show":
-                detail = {
-                    "quarantine": store.quarantine_get(args.run_id),
-                    "run": store.get_run(args.run_id),
-                    "attempts": store.attempts(args.run_id),
-                }
-                return _print_detail(args, detail)
-            if args.action == "release":
-                store.quarantine_release(args.run_id, now)
-                return _print_detail(args, {"run_id": args.run_id, "status": "queued"})
-            store.quarantine_drop(args.run_id, now)
-            return _print_detail(args, {"run_id": args.run_id, "dropped": True})
+            action = {
+                "show": ctl.quarantine_show,
+                "release": ctl.quarantine_release,
+                "drop": ctl.quarantine_drop,
+            }[args.action]
+            return _print_detail(args, action(args.run_id))
         parser.error(f"unknown command {cmd}")
         return EXIT_USAGE
     finally:
         store.close()
 
 
-def _task_table(config: Config, store: Store, now: datetime) -> list[Row]:
-    rows = []
-    state = {r["id"]: r for r in store.task_rows()}
-    for task_id, task in config.tasks.items():
-        spec = config.schedule_spec(task_id)
-        nxt = next_fires(spec, task_id, now, 1)
-        st = state.get(task_id, {})
-        schedule = task.schedule.describe()
-        inactive = inactive_reason(task)
-        rows.append(
-            {
-                "task": task_id,
-                "kind": task.kind,
-                "schedule": schedule,
-                "timezone": spec.timezone,
-                "next_run": "-"
-                if inactive or not nxt
-                else nxt[0].astimezone(ZoneInfo(spec.timezone)).strftime("%Y-%m-%d %H:%M:%S %Z"),
-                "last_outcome": st.get("last_outcome") or "-",
-                "paused": (st.get("paused_reason") or "yes")
-                if st.get("paused")
-                else (f"inactive: {inactive}" if inactive else "no"),
-            }
-        )
-    return rows
+def _short_local(iso: str) -> str:
+    dt = datetime.fromisoformat(iso)
+    return dt.strftime("%Y-%m-%d %H:%M:%S ") + (dt.tzname() or "")
 
 
 def _print(args: argparse.Namespace, rows: list[Row], columns: list[str]) -> int:

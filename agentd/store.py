@@ -459,8 +459,12 @@ class Store:
                 " THEN ? ELSE 1 END"
                 " ORDER BY not_before, scheduled_for, rn LIMIT ?",
                 (
-                    to_iso(now), json.dumps(sorted(busy_tasks)), json.dumps(sorted(allow_overlap)),
-                    json.dumps(sorted(allow_overlap)), limit, limit,
+                    to_iso(now),
+                    json.dumps(sorted(busy_tasks)),
+                    json.dumps(sorted(allow_overlap)),
+                    json.dumps(sorted(allow_overlap)),
+                    limit,
+                    limit,
                 ),
             )
             taken = set(busy_tasks)
@@ -816,19 +820,26 @@ class Store:
         status: str | None = None,
         limit: int = 50,
         before_id: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
     ) -> list[Row]:
+        """Newest first; page with ``before_id`` (the last id of the previous page).
+        ``since``/``until`` bound ``created_at`` (ISO text, compared as stored)."""
         where, params = [], []
-        if task_id:
-            where.append("task_id=?")
-            params.append(task_id)
-        if status:
-            where.append("status=?")
-            params.append(status)
-        if before_id:
-            where.append("id<?")
-            params.append(before_id)
-        clause = ("WHERE " + " AND ".join(where)) if where else ""
-        return self._all(f"SELECT * FROM runs {clause} ORDER BY id DESC LIMIT ?", (*params, limit))
+        for clause, value in (
+            ("task_id=?", task_id),
+            ("status=?", status),
+            ("id<?", before_id),
+            ("created_at>=?", since),
+            ("created_at<?", until),
+        ):
+            if value:
+                where.append(clause)
+                params.append(value)
+        sql_where = ("WHERE " + " AND ".join(where)) if where else ""
+        return self._all(
+            f"SELECT * FROM runs {sql_where} ORDER BY id DESC LIMIT ?", (*params, limit)
+        )
 
     def attempts(self, run_id: str) -> list[Row]:
         return self._all("SELECT * FROM attempts WHERE run_id=? ORDER BY attempt", (run_id,))

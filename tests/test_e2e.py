@@ -326,6 +326,8 @@ def test_sigterm_interrupts_python_at_checkpoint_and_resumes(make_daemon, tmp_pa
     wait_for(lambda: out.exists() and out.read_text().split() == ["a"])
     # The run blocks after item a; the stop request lands at its next checkpoint.
     d.signal(signal.SIGTERM)
+    # Release the run only once the drain has begun, so its next checkpoint is the stop.
+    wait_for(lambda: "agentd stopping" in d.log(), what="drain to begin")
     go.write_text("go")
     assert d.proc is not None
     assert d.proc.wait(timeout=60) == 0

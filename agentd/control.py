@@ -1,0 +1,145 @@
+"""Operator operations, shared by the JSON API and the CLI's direct (no daemon) mode.
+
+One implementation of "trigger", "pause", "quarantine release"... so the API and the CLI
+cannot drift apart. Results are plain JSON-ready dicts; refusals are ``StoreError`` with
+a stable code that the API maps to an HTTP status.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from agentd.clock import Clock
+from agentd.config import Config, inactive_reason
+from agentd.schedule import next_fires
+from agentd.store import Row, Store, StoreError
+
+RUN_STATUSES = ("queued", "running", "succeeded", "quarantined", "cancelled", "skipped")
+
+
+class Control:
+    def __init__(self, store: Store, config: Config, clock: Clock) -> None:
+        self.store = store
+        self.config = config
+        self.clock = clock
+
+    # ------------------------------------------------------------ tasks
+
+    def task_view(self, task_id: str, state: Row | None, now: datetime, n_next: int = 1) -> Row:
+        task = self.config.tasks[task_id]
+        spec = self.config.schedule_spec(task_id)
+        inactive = inactive_reason(task)
+        tz = ZoneInfo(spec.timezone)
+        upcoming = [] if inactive else next_fires(spec, task_id, now, n_next)
+        st = state or {}
+        return {
+            "id": task_id,
+            "description": task.description,
+            "kind": task.kind,
+            "schedule": task.schedule.describe(),
+            "schedule_kind": spec.kind,
+            "timezone": spec.timezone,
+            "next_runs": [
+                {"local": t.astimezone(tz).isoformat(), "utc": t.isoformat()} for t in upcoming
+            ],
+            "active": inactive is None,
+            "inactive_reason": inactive,
+            "paused": bool(st.get("paused")),
+            "paused_reason": st.get("paused_reason"),
+            "last_run_at": st.get("last_run_at"),
+            "last_outcome": st.get("last_outcome"),
+            "last_success_at": st.get("last_success_at"),
+            "overlap": task.overlap,
+            "catchup": task.catchup,
+        }
+
+    def list_tasks(self) -> list[Row]:
+        now = self.clock.now()
+        state = {r["id"]: r for r in self.store.task_rows()}
+        return [self.task_view(tid, state.get(tid), now) for tid in self.config.tasks]
+
+    def get_task(self, task_id: str, n_next: int = 5) -> Row:
+        self._require_task(task_id)
+        return self.task_view(task_id, self.store.task_row(task_id), self.clock.now(), n_next)
+
+    def trigger(self, task_id: str) -> Row:
+        task = self._require_task(task_id)
+        result = self.store.fire(
+            task_id,
+            self.clock.now(),
+            trigger="manual",
+            overlap=task.overlap,
+            max_queued=task.max_queued,
+            honour_pause=False,
+        )
+        return {"run_id": result.run_id, "status": result.status, "reason": result.reason}
+
+    def pause(self, task_id: str, reason: str) -> Row:
+        self._require_task(task_id)
+        changed = self.store.pause(task_id, reason, self.clock.now())
+        return {"task": task_id, "paused": True, "changed": changed}
+
+    def resume(self, task_id: str) -> Row:
+        self._require_task(task_id)
+        changed = self.store.resume(task_id, self.clock.now())
+        return {"task": task_id, "paused": False, "changed": changed}
+
+    def _require_task(self, task_id: str) -> Any:
+        task = self.config.tasks.get(task_id)
+        if task is None:
+            raise StoreError("unknown_task", f"no task named {task_id!r}")
+        return task
+
+    # ------------------------------------------------------------ runs
+
+    def list_runs(
+        self,
+        task: str | None = None,
+        status: str | None = None,
+        limit: int = 50,
+        before: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+    ) -> list[Row]:
+        if status is not None and status not in RUN_STATUSES:
+            raise StoreError("bad_request", f"status must be one of {', '.join(RUN_STATUSES)}")
+        if not 1 <= limit <= 1000:
+            raise StoreError("bad_request", "limit must be between 1 and 1000")
+        return self.store.list_runs(task, status, limit, before, since, until)
+
+    def get_run(self, run_id: str) -> Row:
+        run = self.store.get_run(run_id)
+        return {
+            **run,
+            "attempts": self.store.attempts(run_id),
+            "checkpoint": self.store.load_checkpoint(run_id),
+        }
+
+    def cancel(self, run_id: str) -> Row:
+        status = self.store.request_cancel(run_id, self.clock.now())
+        return {"run_id": run_id, "status": status}
+
+    def events(self, run_id: str | None = None, after: int = 0, limit: int = 500) -> list[Row]:
+        if run_id is not None:
+            self.store.get_run(run_id)
+        if not 1 <= limit <= 5000:
+            raise StoreError("bad_request", "limit must be between 1 and 5000")
+        return self.store.events(run_id, after, limit)
+
+    # ------------------------------------------------------------ quarantine
+
+    def quarantine_list(self) -> list[Row]:
+        return self.store.quarantine_list()
+
+    def quarantine_show(self, run_id: str) -> Row:
+        return {"quarantine": self.store.quarantine_get(run_id), "run": self.get_run(run_id)}
+
+    def quarantine_release(self, run_id: str) -> Row:
+        self.store.quarantine_release(run_id, self.clock.now())
+        return {"run_id": run_id, "status": "queued"}
+
+    def quarantine_drop(self, run_id: str) -> Row:
+        self.store.quarantine_drop(run_id, self.clock.now())
+        return {"run_id": run_id, "dropped": True}
