@@ -1,0 +1,232 @@
+"""Run an external command in its own session, capturing capped output as it arrives.
+
+Output is consumed by a ``SubprocessProtocol`` rather than ``StreamReader`` tasks: on
+Python 3.11 ``Process.wait()`` only returns once every pipe is closed, so a grandchild
+left holding stdout would hang the run. The protocol tells process exit and pipe EOF
+apart, and its callbacks always consume data, so a chatty child never blocks on a full
+pipe even past the output cap.
+
+The child gets its own session (``start_new_session``) so one ``killpg`` reaches
+everything it started. On cancellation the group gets SIGTERM, then SIGKILL after
+``kill_grace_s``. After a normal exit, leftovers still holding our pipes after the grace
+are killed too: the run is over when the command says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+from pathlib import Path
+from typing import IO, Any
+
+from agentd.config import TaskConfig
+from agentd.context import RunContext
+from agentd.executors import ExecEnv
+from agentd.models import Result
+
+# systemd hands these to the daemon alone; a child that saw them could ping the
+# watchdog or send READY=1 on our behalf.
+_SYSTEMD_VARS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+_TAIL_BYTES = 4096
+
+
+class _Sink:
+    """One output file that stops growing at ``cap`` but keeps counting."""
+
+    def __init__(self, path: Path, cap: int) -> None:
+        self._fh: IO[bytes] = path.open("wb")
+        self._cap = cap
+        self.written = 0
+        self.seen = 0
+        self._last = b"\n"
+
+    def write(self, data: bytes) -> None:
+        self.seen += len(data)
+        room = self._cap - self.written
+        if room > 0 and data:
+            part = data[:room]
+            self._fh.write(part)
+            self._fh.flush()  # so an operator can tail a long run
+            self.written += len(part)
+            self._last = part[-1:]
+
+    def close(self) -> None:
+        if self._fh.closed:
+            return
+        if self.seen > self.written:
+            lead = b"" if self._last == b"\n" else b"\n"
+            self._fh.write(lead + f"[agentd: output truncated at {self._cap} bytes]\n".encode())
+        self._fh.close()
+
+
+class _Capture(asyncio.SubprocessProtocol):
+    def __init__(self, workspace: Path, cap: int, loop: asyncio.AbstractEventLoop) -> None:
+        self.sinks = {1: _Sink(workspace / "stdout.log", cap)}
+        try:
+            self.sinks[2] = _Sink(workspace / "stderr.log", cap)
+        except BaseException:
+            self.sinks[1].close()
+            raise
+        self.tail = bytearray()
+        self.exited: asyncio.Future[None] = loop.create_future()
+        self.pipes: dict[int, asyncio.Future[None]] = {fd: loop.create_future() for fd in (1, 2)}
+        self.write_error: str | None = None
+
+    def pipe_data_received(self, fd: int, data: bytes | bytearray) -> None:
+        if fd == 2:
+            self.tail += data
+            del self.tail[:-_TAIL_BYTES]
+        try:
+            self.sinks[fd].write(bytes(data))
+        except OSError as exc:  # disk full: keep draining the pipe, report it at the end
+            self.write_error = f"cannot write output: {exc.strerror}"
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        fut = self.pipes.get(fd)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    def process_exited(self) -> None:
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+    def close(self) -> None:
+        for sink in self.sinks.values():
+            sink.close()
+
+    def stderr_line(self) -> str:
+        lines = [ln.strip() for ln in self.tail.decode(errors="replace").splitlines()]
+        last = next((ln for ln in reversed(lines) if ln), "")
+        return last[:200]
+
+
+def _child_env(task: TaskConfig, ctx: RunContext) -> dict[str, str]:
+    cfg = task.command
+    assert cfg is not None
+    if cfg.inherit_env:
+        env = dict(os.environ)
+    else:
+        env = {
+            "PATH": os.environ.get("PATH", os.defpath),
+            "HOME": os.environ.get("HOME", "/"),
+            "LANG": os.environ.get("LANG", "C.UTF-8"),
+        }
+    env.update(cfg.env)
+    env.update(
+        AGENTD_RUN_ID=ctx.run_id,
+        AGENTD_TASK=ctx.task_id,
+        AGENTD_ATTEMPT=str(ctx.attempt),
+        AGENTD_WORKSPACE=str(ctx.workspace),
+        AGENTD_SCHEDULED_FOR=ctx.scheduled_for.isoformat() if ctx.scheduled_for else "",
+    )
+    for name in _SYSTEMD_VARS:
+        env.pop(name, None)
+    return env
+
+
+def _killpg(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(OSError):  # ESRCH: the group is already gone
+        os.killpg(pgid, sig)
+
+
+async def _settle(futures: list[asyncio.Future[None]], timeout: float) -> bool:
+    """Wait without cancelling the futures; True when all are done."""
+    pending = [f for f in futures if not f.done()]
+    if pending:
+        await asyncio.wait(pending, timeout=timeout)
+    return all(f.done() for f in futures)
+
+
+async def execute(task: TaskConfig, ctx: RunContext, env: ExecEnv) -> Result:
+    cfg = task.command
+    assert cfg is not None
+    argv = cfg.argv if cfg.argv is not None else ["/bin/sh", "-c", cfg.shell or ""]
+    cap = task.output_max_bytes or env.output_max_bytes
+    loop = asyncio.get_running_loop()
+    ctx.workspace.mkdir(parents=True, exist_ok=True)
+    proto = _Capture(ctx.workspace, cap, loop)
+    spawn = asyncio.ensure_future(
+        loop.subprocess_exec(
+            lambda: proto,
+            *argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=cfg.cwd,
+            env=_child_env(task, ctx),
+            start_new_session=True,
+        )
+    )
+    cancelled: asyncio.CancelledError | None = None
+    while True:
+        try:
+            transport, _ = await asyncio.shield(spawn)
+            break
+        except asyncio.CancelledError as exc:
+            if spawn.cancelled():  # the loop itself is going away
+                proto.close()
+                raise
+            # Cancelled mid-spawn, asyncio would kill only the leader, then wait for the
+            # pipes, which a grandchild may hold for hours. Finish spawning (milliseconds)
+            # so the whole group can be killed below.
+            cancelled = exc
+        except OSError as exc:
+            proto.close()
+            if cancelled is not None:
+                raise cancelled from None
+            where = f" ({exc.filename})" if exc.filename not in (None, argv[0]) else ""
+            error = f"cannot start {argv[0]}: {exc.strerror}{where}"
+            return Result(ok=False, error=error, retryable=False)
+        except BaseException:
+            proto.close()
+            raise
+    pgid = transport.get_pid()
+    pipes = list(proto.pipes.values())
+    stragglers_killed = False
+    try:
+        if cancelled is not None:
+            raise cancelled
+        await asyncio.shield(proto.exited)  # cancelling us must not cancel the exit future
+        if not await _settle(pipes, env.kill_grace_s):
+            stragglers_killed = True
+            _killpg(pgid, signal.SIGKILL)
+            await _settle(pipes, env.kill_grace_s)
+    except asyncio.CancelledError:
+        _killpg(pgid, signal.SIGTERM)
+        try:
+            await _settle([proto.exited, *pipes], env.kill_grace_s)
+        finally:  # even if cancelled again: nothing of the group may survive
+            _killpg(pgid, signal.SIGKILL)
+        await _settle([proto.exited, *pipes], env.kill_grace_s)
+        raise
+    finally:
+        transport.close()
+        proto.close()
+
+    rc = transport.get_returncode()
+    assert rc is not None
+    out, err = proto.sinks[1], proto.sinks[2]
+    detail: dict[str, Any] = {"stdout_bytes": out.seen, "stderr_bytes": err.seen}
+    if stragglers_killed:
+        detail["stragglers_killed"] = True
+        ctx.log.warning("killed leftover processes still holding the command's output")
+    if rc in cfg.success_exit_codes and proto.write_error is None:
+        return Result(ok=True, exit_code=rc, detail=detail)
+    if rc < 0:
+        error = f"killed by signal {_signal_name(-rc)}"
+    elif rc in cfg.success_exit_codes:
+        error = proto.write_error or ""
+    else:
+        line = proto.stderr_line()
+        error = f"exit code {rc}" + (f": {line}" if line else "")
+    return Result(ok=False, error=error, exit_code=rc, detail=detail)
+
+
+def _signal_name(num: int) -> str:
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return str(num)

@@ -1,0 +1,115 @@
+"""Call a user's Python function, ``"package.module:function"``, with the run context.
+
+A coroutine function runs on the event loop. A plain function runs in a new daemon
+thread rather than ``asyncio.to_thread``: the default executor's threads are joined at
+interpreter exit, so one stuck callable would hang daemon shutdown forever.
+
+A thread cannot be killed. On cancellation (timeout, cancel, shutdown) the executor sets
+``ctx.cancelled`` and stops waiting at once; the function keeps running until its next
+checkpoint, where ``ctx.checkpoint.save()`` raises ``StopRequested``, or until it checks
+``ctx.cancelled`` itself. Long sync work should do one or the other regularly.
+
+``StopRequested`` escapes unchanged: the runner records the run as interrupted and the
+next attempt resumes from the saved checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import inspect
+import json
+import sys
+import threading
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from agentd.config import TaskConfig
+from agentd.context import RunContext
+from agentd.executors import ExecEnv
+from agentd.models import Result, StopRequested
+
+
+class _ResolveError(Exception):
+    pass
+
+
+def resolve(ref: str) -> Callable[..., Any]:
+    module_name, _, attr = ref.partition(":")
+    if module_name not in sys.modules:
+        importlib.invalidate_caches()  # a module written after startup must be found
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise _ResolveError(
+            f"cannot import module {module_name!r}: {type(exc).__name__}: {exc}"
+        ) from exc
+    func: Callable[..., Any] | None = getattr(module, attr, None)
+    if func is None:
+        raise _ResolveError(f"module {module_name!r} has no attribute {attr!r}")
+    if not callable(func):
+        raise _ResolveError(f"{ref} is a {type(func).__name__}, not a function")
+    return func
+
+
+async def _in_thread(func: Callable[..., Any], ctx: RunContext) -> Any:
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[Any] = loop.create_future()
+
+    def settle(value: Any, exc: BaseException | None) -> None:
+        if fut.done():  # the run was cancelled meanwhile
+            return
+        if exc is None:
+            fut.set_result(value)
+        else:
+            fut.set_exception(exc)
+
+    def run() -> None:
+        value: Any = None
+        error: BaseException | None = None
+        try:
+            value = func(ctx)
+        except StopIteration as exc:  # a Future refuses it; the run would never end
+            error = RuntimeError(f"StopIteration raised: {exc!r}").with_traceback(exc.__traceback__)
+        except BaseException as exc:  # re-raised on the loop by ``await fut``
+            error = exc
+        with contextlib.suppress(RuntimeError):  # loop closed: nobody is waiting any more
+            loop.call_soon_threadsafe(settle, value, error)
+
+    threading.Thread(target=run, name=f"agentd-python-{ctx.run_id}", daemon=True).start()
+    return await fut
+
+
+async def execute(task: TaskConfig, ctx: RunContext, env: ExecEnv) -> Result:
+    cfg = task.python
+    assert cfg is not None
+    try:
+        func = resolve(cfg.callable)
+    except _ResolveError as exc:
+        return Result(ok=False, error=str(exc), retryable=False)
+    ctx.workspace.mkdir(parents=True, exist_ok=True)
+    try:
+        if inspect.iscoroutinefunction(func):
+            value = await func(ctx)
+        else:
+            value = await _in_thread(func, ctx)
+            if inspect.isawaitable(value):
+                value = await value
+    except asyncio.CancelledError:
+        ctx.request_cancel()
+        raise
+    except StopRequested:
+        raise
+    except (Exception, SystemExit) as exc:  # sys.exit() in a task fails it, not the daemon
+        (ctx.workspace / "traceback.txt").write_text("".join(traceback.format_exception(exc)))
+        return Result(ok=False, error=f"{type(exc).__name__}: {exc}")
+    if value is None:
+        return Result(ok=True)
+    try:
+        text = json.dumps(value, default=str, indent=2)
+    except (TypeError, ValueError):  # e.g. non-string keys or a cycle
+        text = json.dumps(repr(value))
+    (ctx.workspace / "result.json").write_text(text + "\n")
+    return Result(ok=True, detail={"result_bytes": len(text) + 1})

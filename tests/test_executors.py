@@ -1,0 +1,908 @@
+"""Executors against real parts: real subprocesses and real HTTP servers on 127.0.0.1.
+
+Only the runner's store is stood in for, by ``MemoryBackend``. Each test drives its
+own event loop with ``asyncio.run``; nothing sleeps to wait, it awaits or polls with a
+generous deadline (a loaded 2-core CI box is slow, never wrong).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import pytest
+from aiohttp import web
+
+import agentd
+from agentd.config import TaskConfig
+from agentd.context import RunContext
+from agentd.executors import ExecEnv, executor_for
+from agentd.executors.http import parse_retry_after
+from agentd.models import Result, StopRequested
+
+sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
+import fake_llm
+from fake_llm import FakeLLM, serve
+
+T = TypeVar("T")
+AGENTD_SRC = str(Path(agentd.__file__).parent) + os.sep
+DEADLINE = 30.0
+PY = sys.executable
+
+
+class MemoryBackend:
+    """The runner's store, in memory: checkpoints by run id, LLM calls, heartbeats."""
+
+    def __init__(self) -> None:
+        self.checkpoints: dict[str, Any] = {}
+        self.llm_calls: list[dict[str, Any]] = []
+        self.progress_log: list[tuple[int, int | None, str]] = []
+        self.heartbeats = 0
+        self.on_save: Callable[[Any], None] | None = None
+        self.progressed = asyncio.Event()  # binds to a loop only when awaited
+
+    def load_checkpoint(self, run_id: str) -> Any | None:
+        return self.checkpoints.get(run_id)
+
+    def save_checkpoint(self, run_id: str, data: Any) -> None:
+        self.checkpoints[run_id] = json.loads(json.dumps(data))
+        if self.on_save is not None:
+            self.on_save(data)
+
+    def progress(self, run_id: str, done: int, total: int | None, message: str) -> None:
+        self.progress_log.append((done, total, message))
+        self.progressed.set()
+
+    def heartbeat(self, run_id: str) -> None:
+        self.heartbeats += 1
+
+    def record_llm_call(self, run_id: str, call: dict[str, Any]) -> None:
+        self.llm_calls.append(call)
+
+
+def make_ctx(
+    workspace: Path,
+    backend: MemoryBackend,
+    params: dict[str, Any] | None = None,
+    scheduled_for: datetime | None = None,
+) -> RunContext:
+    workspace.mkdir(parents=True, exist_ok=True)
+    return RunContext(
+        run_id="run-1",
+        task_id="t1",
+        attempt=2,
+        scheduled_for=scheduled_for,
+        params=params if params is not None else {},
+        workspace=workspace,
+        backend=backend,
+        loop=asyncio.get_running_loop(),
+        logger=logging.getLogger("agentd.test"),
+    )
+
+
+def make_task(kind: str, spec: dict[str, Any], params: dict[str, Any] | None = None) -> TaskConfig:
+    return TaskConfig.model_validate(
+        {"id": "t1", "schedule": {"manual": True}, kind: spec, "params": params or {}}
+    )
+
+
+async def execute(
+    task: TaskConfig, ctx: RunContext, env: ExecEnv | None = None, timeout: float = DEADLINE
+) -> Result:
+    result = await asyncio.wait_for(executor_for(task.kind)(task, ctx, env or ExecEnv()), timeout)
+    assert not stray_tasks(), "executor left tasks behind"
+    return result
+
+
+def stray_tasks() -> list[asyncio.Task[Any]]:
+    """Tasks still running agentd code (the in-loop test servers have their own)."""
+    here = asyncio.current_task()
+    return [t for t in asyncio.all_tasks() if t is not here and AGENTD_SRC in repr(t)]
+
+
+def run(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    return asyncio.run(main())
+
+
+def run_one(task: TaskConfig, workspace: Path, env: ExecEnv | None = None) -> Result:
+    """Execute one task on a fresh loop; the context must be made on that loop."""
+
+    async def main() -> Result:
+        return await execute(task, make_ctx(workspace, MemoryBackend()), env)
+
+    return run(main)
+
+
+async def poll(check: Callable[[], bool], what: str, timeout: float = DEADLINE) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def reaped(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def is_dead(pid: int) -> bool:
+    """Reaped, or an orphaned zombie: pid 1 in a container may never reap orphans."""
+    if reaped(pid):
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+def all_text(workspace: Path) -> str:
+    return "".join(p.read_text(errors="replace") for p in workspace.rglob("*") if p.is_file())
+
+
+# ---------------------------------------------------------------- command
+
+
+def test_command_success_streams_output(tmp_path: Path) -> None:
+    code = "import os, sys; print('hello'); print(os.getpid(), file=sys.stderr)"
+    task = make_task("command", {"argv": [PY, "-c", code]})
+    result = run_one(task, tmp_path)
+    assert result.ok and result.exit_code == 0 and result.error is None
+    assert (tmp_path / "stdout.log").read_text() == "hello\n"
+    pid = (tmp_path / "stderr.log").read_text()
+    assert reaped(int(pid))  # no zombie left behind
+    assert result.detail == {"stdout_bytes": 6, "stderr_bytes": len(pid)}
+
+
+def test_command_failure_reports_exit_code_and_last_stderr_line(tmp_path: Path) -> None:
+    script = "echo early >&2; echo 'the real problem' >&2; echo >&2; exit 3"
+    failing = make_task("command", {"shell": script})
+    tolerated = make_task("command", {"shell": script, "success_exit_codes": [0, 3]})
+    long_line = make_task("command", {"shell": "printf 'x%.0s' $(seq 500) >&2; exit 1"})
+    silent = make_task("command", {"shell": "exit 4"})
+
+    async def main() -> list[Result]:
+        return [
+            await execute(t, make_ctx(tmp_path / str(i), MemoryBackend()))
+            for i, t in enumerate([failing, tolerated, long_line, silent])
+        ]
+
+    failed, ok, long, quiet = run(main)
+    assert not failed.ok and failed.exit_code == 3 and failed.retryable is None
+    assert failed.error == "exit code 3: the real problem"
+    assert ok.ok and ok.exit_code == 3
+    assert long.error == "exit code 1: " + "x" * 200
+    assert quiet.error == "exit code 4"
+
+
+def test_command_killed_by_signal(tmp_path: Path) -> None:
+    task = make_task("command", {"shell": "kill -KILL $$"})
+    result = run_one(task, tmp_path)
+    assert not result.ok and result.exit_code == -9
+    assert result.error == "killed by signal SIGKILL"
+
+
+def test_command_output_cap_keeps_draining(tmp_path: Path) -> None:
+    # 2 MB per stream is far past the 64 KiB a pipe holds: a reader that stopped at the
+    # cap would leave the child blocked in write() and this would time out.
+    code = (
+        "import sys\n"
+        "for _ in range(200): sys.stdout.write('o' * 10000); sys.stderr.write('e' * 10000)\n"
+        "sys.stderr.write('\\nlast words\\n')\n"
+    )
+    task = make_task("command", {"argv": [PY, "-c", code]})
+    env = ExecEnv(output_max_bytes=4096)
+
+    async def main() -> Result:
+        return await execute(task, make_ctx(tmp_path, MemoryBackend()), env)
+
+    result = run(main)
+    assert result.ok, result.error
+    marker = b"\n[agentd: output truncated at 4096 bytes]\n"
+    assert (tmp_path / "stdout.log").read_bytes() == b"o" * 4096 + marker
+    assert (tmp_path / "stderr.log").read_bytes() == b"e" * 4096 + marker
+    assert result.detail["stdout_bytes"] == 2_000_000
+    assert result.detail["stderr_bytes"] == 2_000_000 + len("\nlast words\n")
+
+
+def test_command_error_tail_comes_from_past_the_cap(tmp_path: Path) -> None:
+    code = "import sys; sys.stderr.write('e' * 100000 + '\\nfinal complaint\\n'); sys.exit(2)"
+    task = make_task("command", {"argv": [PY, "-c", code]})
+    result = run_one(task, tmp_path, ExecEnv(output_max_bytes=1024))
+    assert result.error == "exit code 2: final complaint"
+    assert (tmp_path / "stderr.log").stat().st_size < 1200
+
+
+def test_command_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+        monkeypatch.setenv(name, "from-systemd")
+    monkeypatch.setenv("AGENTD_TEST_PARENT", "yes")
+    dump = [PY, "-c", "import json, os; print(json.dumps(dict(os.environ)))"]
+    when = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    inherit = make_task("command", {"argv": dump, "env": {"FOO": "bar", "WATCHDOG_PID": "1"}})
+    minimal = make_task("command", {"argv": dump, "env": {"FOO": "baz"}, "inherit_env": False})
+
+    async def main() -> tuple[dict[str, str], dict[str, str]]:
+        ws1, ws2 = tmp_path / "a", tmp_path / "b"
+        assert (await execute(inherit, make_ctx(ws1, MemoryBackend(), scheduled_for=when))).ok
+        assert (await execute(minimal, make_ctx(ws2, MemoryBackend()))).ok
+        return (
+            json.loads((ws1 / "stdout.log").read_text()),
+            json.loads((ws2 / "stdout.log").read_text()),
+        )
+
+    full, small = run(main)
+    assert full["AGENTD_RUN_ID"] == "run-1" and full["AGENTD_TASK"] == "t1"
+    assert full["AGENTD_ATTEMPT"] == "2"
+    assert full["AGENTD_WORKSPACE"] == str(tmp_path / "a")
+    assert full["AGENTD_SCHEDULED_FOR"] == "2026-01-02T03:04:05+00:00"
+    assert full["FOO"] == "bar" and full["AGENTD_TEST_PARENT"] == "yes"
+    assert small["FOO"] == "baz" and small["AGENTD_SCHEDULED_FOR"] == ""
+    assert "AGENTD_TEST_PARENT" not in small and "PATH" in small
+    for env in (full, small):
+        assert not {"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"} & env.keys()
+
+
+def test_command_cwd_and_shell(tmp_path: Path) -> None:
+    where = tmp_path / "sub dir"
+    where.mkdir()
+    task = make_task(
+        "command", {"shell": "pwd; echo one two three | wc -w | tr -d ' '", "cwd": str(where)}
+    )
+    result = run_one(task, tmp_path / "ws")
+    assert result.ok
+    cwd, words = (tmp_path / "ws" / "stdout.log").read_text().splitlines()
+    assert os.path.realpath(cwd) == os.path.realpath(where) and words == "3"
+
+
+def test_command_spawn_failures_are_not_retryable(tmp_path: Path) -> None:
+    not_exec = tmp_path / "script.sh"
+    not_exec.write_text("#!/bin/sh\necho hi\n")
+    not_exec.chmod(0o644)
+    cases: dict[str, tuple[dict[str, Any], str]] = {
+        "missing": ({"argv": ["/nonexistent/agentd-no-such-tool"]}, "No such file"),
+        "perm": ({"argv": [str(not_exec)]}, "Permission denied"),
+        "cwd": ({"argv": ["true"], "cwd": str(tmp_path / "nope")}, str(tmp_path / "nope")),
+    }
+
+    async def main() -> dict[str, Result]:
+        return {
+            name: await execute(
+                make_task("command", spec), make_ctx(tmp_path / name, MemoryBackend())
+            )
+            for name, (spec, _) in cases.items()
+        }
+
+    for name, result in run(main).items():
+        assert not result.ok and result.retryable is False, name
+        assert result.error and result.error.startswith("cannot start"), result.error
+        assert cases[name][1] in result.error, result.error
+
+
+def test_command_cancel_kills_whole_group_after_grace(tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    script = f"trap '' TERM; sleep 30 & echo $$ $! > {pids}.tmp; mv {pids}.tmp {pids}; wait"
+    task = make_task("command", {"shell": script})
+    env = ExecEnv(kill_grace_s=0.3)
+
+    async def main() -> float:
+        job = asyncio.ensure_future(
+            executor_for("command")(task, make_ctx(tmp_path, MemoryBackend()), env)
+        )
+        await poll(pids.exists, "the command to write its pids")
+        shell_pid, grandchild = (int(p) for p in pids.read_text().split())
+        started = time.monotonic()
+        job.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await job
+        elapsed = time.monotonic() - started
+        assert reaped(shell_pid)  # our own child: never left a zombie
+        await poll(lambda: is_dead(grandchild), "the grandchild to die", 10)
+        assert not stray_tasks()
+        return elapsed
+
+    elapsed = run(main)
+    assert 0.3 <= elapsed < 20  # it ignored SIGTERM, so it took SIGKILL after the grace
+
+
+def test_command_cancel_while_spawning_still_kills_group(tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    script = f"trap '' TERM; sleep 30 & echo $$ $! > {pids}.tmp; mv {pids}.tmp {pids}; wait"
+    task = make_task("command", {"shell": script})
+
+    async def main() -> float:
+        ctx = make_ctx(tmp_path / "ws", MemoryBackend())
+        job = asyncio.ensure_future(executor_for("command")(task, ctx, ExecEnv(kill_grace_s=0.3)))
+        await asyncio.sleep(0)  # let it start spawning, not finish
+        started = time.monotonic()
+        job.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await job
+        elapsed = time.monotonic() - started
+        assert not stray_tasks()
+        if pids.exists():  # the shell may not have got that far
+            for pid in (int(p) for p in pids.read_text().split()):
+                await poll(partial(is_dead, pid), f"pid {pid} to die", 10)
+        return elapsed
+
+    assert run(main) < 20  # not the 30 s of a grandchild holding the pipes
+
+
+def test_command_leftover_holding_stdout_is_killed(tmp_path: Path) -> None:
+    pid_file = tmp_path / "bg.pid"
+    task = make_task("command", {"shell": f"sleep 60 & echo $! > {pid_file}; echo done"})
+    env = ExecEnv(kill_grace_s=0.3)
+
+    async def main() -> Result:
+        result = await execute(task, make_ctx(tmp_path / "ws", MemoryBackend()), env)
+        await poll(lambda: is_dead(int(pid_file.read_text())), "the leftover to die", 10)
+        return result
+
+    started = time.monotonic()
+    result = run(main)
+    assert result.ok and result.detail.get("stragglers_killed") is True
+    assert time.monotonic() - started < 30
+    assert (tmp_path / "ws" / "stdout.log").read_text() == "done\n"
+
+
+# ---------------------------------------------------------------- http
+
+
+SEEN = web.AppKey("seen", list)
+
+
+def http_app(release: asyncio.Event) -> web.Application:
+    seen: list[dict[str, Any]] = []
+
+    async def status(request: web.Request) -> web.Response:
+        headers = {}
+        if "retry_after" in request.query:
+            headers["Retry-After"] = request.query["retry_after"]
+        code = int(request.match_info["code"])
+        return web.Response(status=code, text=f"status {code}", headers=headers)
+
+    async def echo(request: web.Request) -> web.Response:
+        seen.append(
+            {
+                "method": request.method,
+                "body": await request.text(),
+                "content_type": request.content_type,
+                "authorization": request.headers.get("Authorization"),
+            }
+        )
+        return web.json_response({"received": len(seen)}, status=201)
+
+    async def big(request: web.Request) -> web.Response:
+        return web.Response(body=b"b" * 200_000)
+
+    async def slow(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.Response(text="late")
+
+    app = web.Application()
+    app[SEEN] = seen
+    app.router.add_route("*", "/status/{code}", status)
+    app.router.add_route("*", "/echo", echo)
+    app.router.add_get("/big", big)
+    app.router.add_get("/slow", slow)
+    return app
+
+
+def run_http(
+    tmp_path: Path, specs: dict[str, dict[str, Any]], env: ExecEnv | None = None
+) -> tuple[dict[str, Result], list[dict[str, Any]]]:
+    async def main() -> tuple[dict[str, Result], list[dict[str, Any]]]:
+        release = asyncio.Event()
+        app = http_app(release)
+        async with serve(app) as base:
+            results = {}
+            for name, spec in specs.items():
+                spec = {**spec, "url": base + spec["url"]}
+                ctx = make_ctx(tmp_path / name, MemoryBackend())
+                results[name] = await execute(make_task("http", spec), ctx, env)
+            release.set()
+        return results, app[SEEN]
+
+    return run(main)
+
+
+def test_http_success_and_expect_status(tmp_path: Path) -> None:
+    results, seen = run_http(
+        tmp_path,
+        {
+            "ok": {"url": "/status/200"},
+            "post": {
+                "url": "/echo",
+                "method": "POST",
+                "json": {"a": 1},
+                "headers": {"Authorization": "Bearer http-secret-1"},
+            },
+            "raw": {"url": "/echo", "method": "PUT", "body": "plain text", "expect_status": [201]},
+            "wanted_404": {"url": "/status/404", "expect_status": [404]},
+            "unwanted_204": {"url": "/status/204", "expect_status": [200]},
+        },
+    )
+    ok = results["ok"]
+    assert ok.ok and ok.http_status == 200 and set(ok.detail) >= {"status", "elapsed_s"}
+    assert (tmp_path / "ok" / "response.body").read_text() == "status 200"
+    assert results["post"].ok and results["raw"].ok and results["wanted_404"].ok
+    assert seen[0] == {
+        "method": "POST",
+        "body": '{"a":1}',
+        "content_type": "application/json",
+        "authorization": "Bearer http-secret-1",
+    }
+    assert seen[1]["body"] == "plain text" and seen[1]["method"] == "PUT"
+    bad = results["unwanted_204"]
+    assert not bad.ok and bad.error == "HTTP 204" and bad.http_status == 204
+    assert (tmp_path / "post" / "response.body").read_text() == '{"received": 1}'
+    for name, result in results.items():
+        assert "http-secret-1" not in repr(result), name
+    assert "http-secret-1" not in all_text(tmp_path)
+
+
+def test_http_retry_after_and_server_errors(tmp_path: Path) -> None:
+    future = format_datetime(datetime.now(UTC) + timedelta(seconds=120), usegmt=True)
+    past = format_datetime(datetime.now(UTC) - timedelta(seconds=120), usegmt=True)
+    results, _ = run_http(
+        tmp_path,
+        {
+            "secs": {"url": "/status/429?retry_after=7"},
+            "date": {"url": "/status/503?retry_after=" + quote(future)},
+            "past": {"url": "/status/429?retry_after=" + quote(past)},
+            "plain500": {"url": "/status/500"},
+        },
+    )
+    secs = results["secs"]
+    assert not secs.ok and secs.http_status == 429 and secs.retry_after_s == 7.0
+    assert secs.error == "HTTP 429" and secs.retryable is None  # the task's retry policy decides
+    date = results["date"]
+    assert date.retry_after_s is not None and 60 < date.retry_after_s <= 121
+    assert results["past"].retry_after_s == 0.0
+    failed = results["plain500"]
+    assert failed.http_status == 500 and failed.error == "HTTP 500" and failed.retry_after_s is None
+
+
+def test_http_body_is_capped(tmp_path: Path) -> None:
+    results, _ = run_http(tmp_path, {"big": {"url": "/big"}}, ExecEnv(output_max_bytes=2048))
+    assert results["big"].ok and results["big"].detail["truncated"] is True
+    assert (tmp_path / "big" / "response.body").read_bytes() == b"b" * 2048
+
+
+def test_http_transport_errors_are_retryable(tmp_path: Path) -> None:
+    with socket.socket() as sock:  # bound, never listening: connections are refused
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        refused = make_task("http", {"url": f"http://127.0.0.1:{port}/"})
+        result = run_one(refused, tmp_path / "a")
+    assert not result.ok and result.retryable is True and result.http_status is None
+    assert result.error and "ConnectError" in result.error
+
+    results, _ = run_http(tmp_path, {"slow": {"url": "/slow", "timeout": 0.3}})
+    slow = results["slow"]
+    assert not slow.ok and slow.retryable is True and slow.error and "timed out" in slow.error
+
+
+def test_parse_retry_after() -> None:
+    now = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
+    assert parse_retry_after("120", now) == 120.0
+    assert parse_retry_after(" 0 ", now) == 0.0
+    assert parse_retry_after("-5", now) == 0.0
+    assert parse_retry_after("Sun, 01 Mar 2026 12:00:30 GMT", now) == 30.0
+    assert parse_retry_after("Sun, 01 Mar 2026 11:00:00 GMT", now) == 0.0
+    for junk in (None, "", "soon", "nan", "inf"):
+        assert parse_retry_after(junk, now) is None
+
+
+# ---------------------------------------------------------------- python
+
+
+def py_task(ref: str) -> TaskConfig:
+    return make_task("python", {"callable": ref})
+
+
+def test_python_sync_and_async_callables(tmp_path: Path) -> None:
+    when = datetime(2026, 5, 6, 7, 8, tzinfo=UTC)
+
+    async def main() -> tuple[Result, Result, Result, int]:
+        sync = await execute(
+            py_task("sample_tasks:sync_ok"), make_ctx(tmp_path / "s", MemoryBackend(), None, when)
+        )
+        coro = await execute(
+            py_task("sample_tasks:async_ok"), make_ctx(tmp_path / "a", MemoryBackend())
+        )
+        none = await execute(
+            py_task("sample_tasks:returns_none"), make_ctx(tmp_path / "n", MemoryBackend())
+        )
+        return sync, coro, none, threading.get_ident()
+
+    sync, coro, none, loop_thread = run(main)
+    assert sync.ok and coro.ok and none.ok
+    saved = json.loads((tmp_path / "s" / "result.json").read_text())
+    assert saved["task"] == "t1" and saved["when"] == str(when)  # default=str
+    assert saved["thread"] != loop_thread  # a sync callable never blocks the loop
+    assert json.loads((tmp_path / "a" / "result.json").read_text())["thread"] == loop_thread
+    assert not (tmp_path / "n" / "result.json").exists()
+
+
+def test_python_resolve_errors_are_not_retryable(tmp_path: Path) -> None:
+    async def main() -> list[Result]:
+        refs = ["agentd_no_such_module_xyz:f", "sample_tasks:no_such_function"]
+        return [await execute(py_task(r), make_ctx(tmp_path, MemoryBackend())) for r in refs]
+
+    missing_module, missing_attr = run(main)
+    assert missing_module.retryable is False and not missing_module.ok
+    assert missing_module.error and "cannot import module 'agentd_no_such_module_xyz'" in (
+        missing_module.error
+    )
+    assert missing_attr.error == "module 'sample_tasks' has no attribute 'no_such_function'"
+    assert missing_attr.retryable is False
+
+
+def test_python_exception_writes_traceback(tmp_path: Path) -> None:
+    task = make_task("python", {"callable": "sample_tasks:boom"}, {"n": 42})
+
+    async def main() -> tuple[Result, Result, Result]:
+        boom = await execute(task, make_ctx(tmp_path / "b", MemoryBackend(), {"n": 42}))
+        ctx = make_ctx(tmp_path / "e", MemoryBackend())
+        exits = await execute(py_task("sample_tasks:exits"), ctx)
+        ctx = make_ctx(tmp_path / "s", MemoryBackend())
+        stops = await execute(py_task("sample_tasks:stops"), ctx)
+        return boom, exits, stops
+
+    boom, exits, stops = run(main)
+    assert not boom.ok and boom.error == "ValueError: bad input 42" and boom.retryable is None
+    tb = (tmp_path / "b" / "traceback.txt").read_text()
+    assert "Traceback" in tb and "in boom" in tb and "ValueError: bad input 42" in tb
+    assert not exits.ok and exits.error == "SystemExit: 3"
+    assert not stops.ok and stops.error == "RuntimeError: StopIteration raised: StopIteration()"
+    assert "in stops" in (tmp_path / "s" / "traceback.txt").read_text()
+
+
+@pytest.mark.parametrize("ref", ["sample_tasks:process_items", "sample_tasks:process_items_async"])
+def test_python_checkpoint_stop_and_resume(tmp_path: Path, ref: str) -> None:
+    items = ["a", "b", "c", "d", "e"]
+    seen: list[str] = []
+    backend = MemoryBackend()  # the store outlives the daemon's event loops
+
+    async def first() -> None:
+        ctx = make_ctx(tmp_path, backend, {"items": items, "seen": seen})
+        # The daemon starts draining while item 1 is being saved.
+        backend.on_save = lambda data: ctx.request_stop() if data["next"] == 2 else None
+        with pytest.raises(StopRequested):
+            await execute(py_task(ref), ctx)
+        backend.on_save = None
+
+    async def second() -> Result:
+        ctx = make_ctx(tmp_path, backend, {"items": items, "seen": seen})
+        return await execute(py_task(ref), ctx)
+
+    run(first)
+    assert seen == ["a", "b"] and backend.checkpoints["run-1"] == {"next": 2}
+    result = run(second)
+    assert result.ok and seen == items  # each item exactly once
+    saved = json.loads((tmp_path / "result.json").read_text())
+    assert saved == {"processed": 3, "resumed_from": 2}
+
+
+def test_python_cancel_sets_ctx_cancelled(tmp_path: Path) -> None:
+    saw_cancel = threading.Event()
+
+    async def main() -> RunContext:
+        backend = MemoryBackend()
+        ctx = make_ctx(tmp_path, backend, {"saw_cancel": saw_cancel})
+        job = asyncio.ensure_future(
+            executor_for("python")(py_task("sample_tasks:wait_for_cancel"), ctx, ExecEnv())
+        )
+        await asyncio.wait_for(backend.progressed.wait(), DEADLINE)
+        assert not ctx.cancelled
+        job.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await job
+        return ctx
+
+    ctx = run(main)
+    assert ctx.cancelled and ctx.stop_requested
+    assert saw_cancel.wait(DEADLINE), "the worker thread never saw ctx.cancelled"
+
+
+# ---------------------------------------------------------------- agent
+
+SECRET = "sk-test-SECRET-123"
+
+
+def agent_task(llm: FakeLLM, params: dict[str, Any] | None = None, **spec: Any) -> TaskConfig:
+    return make_task("agent", {"base_url": llm.url, "model": "m1", **spec}, params)
+
+
+def assert_secret_absent(workspace: Path, *things: object) -> None:
+    assert SECRET not in all_text(workspace)
+    for thing in things:
+        assert SECRET not in repr(thing)
+
+
+def test_agent_single_prompt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AGENTD_TEST_KEY", SECRET)
+
+    async def main() -> tuple[Result, FakeLLM, MemoryBackend]:
+        backend = MemoryBackend()
+        async with FakeLLM() as llm:
+            llm.queue(fake_llm.ok("Cats are great.", 11, 4))
+            task = agent_task(
+                llm,
+                {"topic": "cats"},
+                api_key_env="AGENTD_TEST_KEY",
+                system="Be brief.",
+                prompt="Summarise {topic}.",
+                temperature=0.2,
+                max_tokens=50,
+            )
+            result = await execute(task, make_ctx(tmp_path, backend))
+        return result, llm, backend
+
+    result, llm, backend = run(main)
+    assert result.ok and result.detail == {"input_tokens": 11, "output_tokens": 4}
+    assert (tmp_path / "result.md").read_text() == "Cats are great."
+    [req] = llm.requests
+    assert req.path == "/v1/chat/completions"
+    assert req.headers["Authorization"] == f"Bearer {SECRET}"
+    assert req.body == {
+        "model": "m1",
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Summarise cats."},
+        ],
+        "temperature": 0.2,
+        "max_tokens": 50,
+    }
+    [call] = backend.llm_calls
+    assert call.pop("duration_s") >= 0
+    assert call == {
+        "provider": "127.0.0.1",
+        "model": "m1",
+        "input_tokens": 11,
+        "output_tokens": 4,
+        "status": 200,
+        "item": None,
+    }
+    assert_secret_absent(tmp_path, result, backend.llm_calls)
+
+
+def test_agent_key_from_file_and_no_key(tmp_path: Path) -> None:
+    key_file = tmp_path / "key.txt"
+    key_file.write_text(f"  {SECRET}\n")
+
+    async def main() -> tuple[list[Result], FakeLLM]:
+        async with FakeLLM() as llm:
+            with_file = agent_task(llm, prompt="hi", api_key_file=str(key_file))
+            keyless = agent_task(llm, prompt="hi")
+            results = [
+                await execute(with_file, make_ctx(tmp_path / "f", MemoryBackend())),
+                await execute(keyless, make_ctx(tmp_path / "n", MemoryBackend())),
+            ]
+        return results, llm
+
+    results, llm = run(main)
+    assert all(r.ok for r in results)
+    assert llm.requests[0].headers["Authorization"] == f"Bearer {SECRET}"
+    assert "Authorization" not in llm.requests[1].headers
+    assert set(llm.requests[1].body) == {"model", "messages"}  # no temperature/max_tokens
+    assert_secret_absent(tmp_path / "f", *results)
+
+
+def test_agent_unset_key_variable_fails_without_calling(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("AGENTD_TEST_UNSET_KEY", raising=False)
+
+    async def main() -> tuple[Result, FakeLLM]:
+        async with FakeLLM() as llm:
+            task = agent_task(llm, prompt="hi", api_key_env="AGENTD_TEST_UNSET_KEY")
+            return await execute(task, make_ctx(tmp_path, MemoryBackend())), llm
+
+    result, llm = run(main)
+    assert not result.ok and result.retryable is False and llm.requests == []
+    assert result.error and "AGENTD_TEST_UNSET_KEY" in result.error
+
+
+def test_agent_items_resume_from_checkpoint(tmp_path: Path) -> None:
+    items = ["apple", "banana", {"name": "cherry"}, "date"]
+    backend = MemoryBackend()
+
+    async def attempt(stop_after: int | None) -> tuple[Result | None, FakeLLM]:
+        async with FakeLLM() as llm:
+            task = agent_task(
+                llm, {"style": "short"}, prompt="Describe {item} ({style}).", items=items
+            )
+            ctx = make_ctx(tmp_path, backend)
+            if stop_after is not None:  # the daemon begins draining during item 1
+                backend.on_save = lambda data: (
+                    ctx.request_stop() if data["next_item"] == stop_after + 1 else None
+                )
+                with pytest.raises(StopRequested):
+                    await execute(task, ctx)
+                return None, llm
+            backend.on_save = None
+            return await execute(task, ctx), llm
+
+    _, first = run(lambda: attempt(stop_after=1))
+    assert [r.user_content for r in first.requests] == [
+        "Describe apple (short).",
+        "Describe banana (short).",
+    ]
+    assert backend.checkpoints["run-1"] == {"next_item": 2}
+    result, second = run(lambda: attempt(stop_after=None))
+    assert result is not None and result.ok
+    assert [r.user_content for r in second.requests] == [
+        "Describe {'name': 'cherry'} (short).",
+        "Describe date (short).",
+    ]
+    assert result.detail == {
+        "items": 4,
+        "resumed_from": 2,
+        "processed": 2,
+        "input_tokens": 20,
+        "output_tokens": 10,
+    }
+    assert [c["item"] for c in backend.llm_calls] == [0, 1, 2, 3]
+    saved = json.loads((tmp_path / "items" / "00002.json").read_text())
+    assert saved == {
+        "item": {"name": "cherry"},
+        "content": "echo: Describe {'name': 'cherry'} (short).",
+        "usage": {"input_tokens": 10, "output_tokens": 5},
+    }
+    assert sorted(p.name for p in (tmp_path / "items").iterdir()) == [
+        f"{i:05d}.json" for i in range(4)
+    ]
+    assert backend.heartbeats >= 2
+
+
+def test_agent_item_failure_keeps_progress(tmp_path: Path) -> None:
+    backend = MemoryBackend()
+
+    async def main() -> Result:
+        async with FakeLLM() as llm:
+            llm.queue(fake_llm.ok("one"), fake_llm.error(503, "overloaded"))
+            task = agent_task(llm, prompt="{item}", items=["x", "y", "z"])
+            return await execute(task, make_ctx(tmp_path, backend))
+
+    result = run(main)
+    assert not result.ok and result.retryable is True and result.http_status == 503
+    assert result.detail["item"] == 1 and result.detail["resumed_from"] == 0
+    assert backend.checkpoints["run-1"] == {"next_item": 1}
+
+
+def test_agent_http_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AGENTD_TEST_KEY", SECRET)
+    replies = {
+        "rate": fake_llm.error(429, "Rate limit reached", {"Retry-After": "12"}),
+        "server": fake_llm.Reply(status=500, body="upstream exploded"),
+        # Some providers echo the key back; it must not reach the result.
+        "auth": fake_llm.error(401, f"Incorrect API key provided: {SECRET}."),
+        "notfound": fake_llm.Reply(status=404, body="x" * 1000),
+    }
+
+    async def main() -> tuple[dict[str, Result], MemoryBackend]:
+        backend = MemoryBackend()
+        results = {}
+        async with FakeLLM() as llm:
+            for name, reply in replies.items():
+                llm.queue(reply)
+                task = agent_task(llm, prompt="hi", api_key_env="AGENTD_TEST_KEY")
+                results[name] = await execute(task, make_ctx(tmp_path / name, backend))
+        return results, backend
+
+    results, backend = run(main)
+    rate = results["rate"]
+    assert not rate.ok and rate.retryable is True and rate.http_status == 429
+    assert rate.retry_after_s == 12.0 and rate.error == "HTTP 429: Rate limit reached"
+    server = results["server"]
+    assert server.retryable is True and server.http_status == 500
+    assert server.error == "HTTP 500: upstream exploded"
+    auth = results["auth"]
+    assert auth.retryable is False and auth.http_status == 401
+    assert auth.error == "HTTP 401: Incorrect API key provided: ***."
+    notfound = results["notfound"]
+    assert notfound.retryable is False and notfound.error == "HTTP 404: " + "x" * 300
+    assert [c["status"] for c in backend.llm_calls] == [429, 500, 401, 404]
+    assert_secret_absent(tmp_path, *results.values(), backend.llm_calls)
+
+
+def test_agent_timeout_is_retryable(tmp_path: Path) -> None:
+    async def main() -> Result:
+        async with FakeLLM() as llm:
+            llm.queue(fake_llm.Reply(hang=True))
+            task = agent_task(llm, prompt="hi", request_timeout=0.3)
+            return await execute(task, make_ctx(tmp_path, MemoryBackend()))
+
+    result = run(main)
+    assert not result.ok and result.retryable is True
+    assert result.error == "request timed out after 0.3s"
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        ("not json {", "body is not JSON"),
+        ({"choices": []}, "no choices"),
+        ({"choices": [{"message": {"content": None}}]}, "content is NoneType, not a string"),
+        (["a", "list"], "top level is not an object"),
+        ({"error": {"message": "quota exceeded"}}, "no choices (error: quota exceeded)"),
+    ],
+)
+def test_agent_malformed_response_is_an_error(tmp_path: Path, body: Any, problem: str) -> None:
+    backend = MemoryBackend()
+
+    async def main() -> Result:
+        async with FakeLLM() as llm:
+            llm.queue(fake_llm.Reply(body=body))
+            return await execute(agent_task(llm, prompt="hi"), make_ctx(tmp_path, backend))
+
+    result = run(main)
+    assert not result.ok and result.http_status == 200
+    assert result.error and result.error.startswith("malformed response: ")
+    assert problem in result.error
+    assert not (tmp_path / "result.md").exists()
+    assert backend.llm_calls[0]["status"] == 200
+
+
+def test_agent_missing_usage_is_recorded(tmp_path: Path) -> None:
+    backend = MemoryBackend()
+    reply = fake_llm.ok("fine")
+    del reply.body["usage"]
+
+    async def main() -> Result:
+        async with FakeLLM() as llm:
+            llm.queue(reply)
+            return await execute(agent_task(llm, prompt="hi"), make_ctx(tmp_path, backend))
+
+    result = run(main)
+    assert result.ok and result.detail == {
+        "input_tokens": 0,
+        "output_tokens": 0,
+        "usage_missing": True,
+    }
+    assert backend.llm_calls[0]["usage_missing"] is True
+
+
+def test_agent_missing_placeholder_is_an_error(tmp_path: Path) -> None:
+    async def main() -> tuple[Result, Result, FakeLLM]:
+        async with FakeLLM() as llm:
+            plain = agent_task(llm, {"topic": "x"}, prompt="Write about {subject}.")
+            # Every item's prompt is rendered before the first call: nothing is spent.
+            items = agent_task(llm, prompt="Tell {item[name]}", items=[{"name": "a"}, {"nom": "b"}])
+            return (
+                await execute(plain, make_ctx(tmp_path / "p", MemoryBackend())),
+                await execute(items, make_ctx(tmp_path / "i", MemoryBackend())),
+                llm,
+            )
+
+    plain, items, llm = run(main)
+    assert not plain.ok and plain.retryable is False
+    assert plain.error == "prompt placeholder {subject} has no value (have: topic)"
+    assert not items.ok and items.retryable is False
+    assert items.error and "{name}" in items.error and "item 1" in items.error
+    assert llm.requests == []
+
+
+def test_every_kind_has_an_executor() -> None:
+    for kind in ("command", "http", "python", "agent"):
+        executor: Callable[..., Awaitable[Result]] = executor_for(kind)
+        assert callable(executor)
