@@ -18,8 +18,8 @@ run: $(BIN)/agentd
 	$(BIN)/agentd run --config $(CONFIG)
 
 lint: $(BIN)/agentd
-	$(BIN)/ruff check agentd tests benchmarks
-	$(BIN)/ruff format --check agentd tests benchmarks
+	$(BIN)/ruff check agentd tests $(wildcard benchmarks)
+	$(BIN)/ruff format --check agentd tests $(wildcard benchmarks)
 	$(BIN)/mypy
 
 test: lint
