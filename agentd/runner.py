@@ -223,6 +223,7 @@ class Runner:
         active = ActiveRun(row=row, task=task, ctx=ctx, started_mono=self.clock.monotonic())
         self.active[row["id"]] = active
         write_run_json(workspace, {**row, "status": "running"})
+        self.store.mark_started(row["id"], task.id, self.clock.now(), str(workspace))
         active.job = loop.create_task(self._run(active), name=f"run:{row['id']}")
 
     async def _run(self, active: ActiveRun) -> None:

@@ -211,7 +211,8 @@ class Scheduler:
             )
             self.store.record_misfire(task_id, now, missed, reason)
         for when in due:
-            late = (now - when).total_seconds() > task.misfire_grace
+            # A run that stands in for dropped fires, or starts late, is a catch-up.
+            late = bool(missed) or (now - when).total_seconds() > task.misfire_grace
             self.fire(task_id, scheduled_for=when, trigger="catchup" if late else "schedule")
 
     def fire(

@@ -498,16 +498,26 @@ class Store:
         return claimed
 
     def heartbeat(self, run_ids: Sequence[str], owner: str, now: datetime, lease_s: float) -> None:
-        """Extend leases in one statement; heartbeats are not audit events (too many)."""
+        """Extend leases in one statement, with one audit event per run (every lease/3,
+        so a one-hour run adds about a hundred rows: cheap, and it shows liveness)."""
         if not run_ids:
             return
         marks = ",".join("?" * len(run_ids))
+        expires = to_iso(_plus(now, lease_s))
         with self.tx():
-            self.conn.execute(
+            rows = self._all(
                 f"UPDATE runs SET lease_expires_at=? WHERE lease_owner=? AND status='running'"
-                f" AND id IN ({marks})",
-                (to_iso(_plus(now, lease_s)), owner, *run_ids),
+                f" AND id IN ({marks}) RETURNING id, task_id",
+                (expires, owner, *run_ids),
             )
+            for row in rows:
+                self._event(now, "heartbeat", row["task_id"], row["id"], lease_expires_at=expires)
+
+    def mark_started(self, run_id: str, task_id: str, now: datetime, workspace: str) -> None:
+        """The executor is about to begin: separate from ``claim`` so the audit shows a run
+        that was claimed but never started (workspace not writable, task removed)."""
+        with self.tx():
+            self._event(now, "start", task_id, run_id, workspace=workspace)
 
     def recover(self, now: datetime, owner: str, live_owners: set[str] | None = None) -> list[str]:
         """Re-queue runs whose owner is gone or whose lease expired.

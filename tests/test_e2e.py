@@ -55,7 +55,7 @@ def test_interval_task_fires_and_succeeds(make_daemon) -> None:  # type: ignore[
     assert (ws / "stdout.log").read_text().strip() == "hello-from-tick"
     wait_for(lambda: json.loads((ws / "run.json").read_text())["status"] == "succeeded")
     kinds = [json.loads(line)["kind"] for line in (ws / "events.jsonl").read_text().splitlines()]
-    assert kinds[:3] == ["enqueue", "claim", "success"]
+    assert kinds[:4] == ["enqueue", "claim", "start", "success"]
     assert d.stop() == 0
 
 
@@ -216,6 +216,33 @@ def test_overlap_skip_records_skipped_fires(make_daemon, tmp_path) -> None:  # t
     assert len(running) == 1
     go.write_text("go")
     d.wait_status(running[0]["id"], "succeeded")
+    assert d.stop() == 0
+
+
+def test_catchup_latest_after_downtime_runs_once_and_counts_the_rest(make_daemon) -> None:  # type: ignore[no-untyped-def]
+    d = make_daemon(
+        """
+        tick:
+          schedule: {every: 1s}
+          command: {argv: ["true"]}
+          catchup: latest
+          misfire_grace: 1s
+        """
+    ).start()
+    wait_for(lambda: [r for r in d.runs("tick") if r["status"] == "succeeded"])
+    assert d.stop() == 0
+    stopped_at = datetime.now(UTC)
+    # Downtime: several fire times pass while no daemon runs.
+    wait_for(lambda: datetime.now(UTC) > stopped_at + timedelta(seconds=4), what="downtime")
+    d.start()
+    catchup = wait_for(
+        lambda: [r for r in d.runs("tick") if r["trigger"] == "catchup"], what="a catch-up run"
+    )
+    assert len(catchup) == 1
+    misfires = d.events(kind="misfire")
+    assert misfires and misfires[0]["data"]["count"] >= 2
+    assert misfires[0]["data"]["reason"] == "catchup=latest"
+    assert "misfire task=tick dropped=" in d.log()
     assert d.stop() == 0
 
 
