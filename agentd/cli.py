@@ -12,7 +12,9 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+import time
+import urllib.parse
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -20,10 +22,12 @@ from zoneinfo import ZoneInfo
 
 import yaml
 
+from agentd.client import ApiClient, ApiError, Unreachable, default_url
 from agentd.clock import SystemClock, from_iso
 from agentd.config import Config, ConfigError, inactive_reason, load_config, redacted
 from agentd.control import Control
 from agentd.daemon import EXIT_CONFIG, EXIT_USAGE, StateLock, _task_index, run_daemon, state_paths
+from agentd.http import load_token
 from agentd.schedule import next_fires
 from agentd.store import Row, Store, StoreError
 
@@ -49,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="config file (default: $AGENTD_CONFIG, /etc/agentd/agentd.yaml, ./config/agentd.yaml)",
     )
     common.add_argument("--json", action="store_true", help="machine-readable output")
+    common.add_argument("--url", help="the daemon's API (default: from the config's daemon.http)")
 
     parser = argparse.ArgumentParser(prog="agentd", description="Run background agent work.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -58,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show", action="store_true", help="print the config, secrets redacted")
     sub.add_parser("tasks", parents=[common], help="list tasks")
     p = sub.add_parser("runs", parents=[common], help="list runs, or `runs show ID`")
-    p.add_argument("action", nargs="?", choices=["list", "show"], default="list")
+    p.add_argument("action", nargs="?", choices=["list", "show", "watch"], default="list")
     p.add_argument("run_id", nargs="?")
     p.add_argument("--task")
     p.add_argument("--status")
@@ -75,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quarantine", parents=[common], help="runs that failed for good")
     p.add_argument("action", nargs="?", choices=["list", "show", "release", "drop"], default="list")
     p.add_argument("run_id", nargs="?")
+    sub.add_parser("status", parents=[common], help="daemon health, tasks, running runs")
+    p = sub.add_parser("events", parents=[common], help="the audit log; --follow to stream it")
+    p.add_argument("--follow", "-f", action="store_true")
+    p.add_argument("--limit", type=int, default=50)
     return parser
 
 
@@ -147,78 +156,228 @@ def open_store(config: Config) -> Store:
     return store
 
 
+class Ops:
+    """Each operator command once: through the daemon's API when one answers, else on
+    the state DB directly (the same ``Control`` code the API runs)."""
+
+    def __init__(self, config: Config, url: str | None) -> None:
+        self.config = config
+        token = load_token(config.daemon.http)
+        self.api: ApiClient | None = ApiClient(url or default_url(config), token)
+        self._store: Store | None = None
+        self._ctl: Control | None = None
+
+    def close(self) -> None:
+        if self.api:
+            self.api.close()
+        if self._store:
+            self._store.close()
+
+    @property
+    def ctl(self) -> Control:
+        if self._ctl is None:
+            self._store = open_store(self.config)
+            self._ctl = Control(self._store, self.config, SystemClock())
+        return self._ctl
+
+    def call(self, api: Callable[[ApiClient], Any], direct: Callable[[Control], Any]) -> Any:
+        if self.api is not None:
+            try:
+                return api(self.api)
+            except Unreachable:
+                self.api = None  # no daemon: work on the DB from here on
+        return direct(self.ctl)
+
+    def status(self) -> Row:
+        def via_api(c: ApiClient) -> Row:
+            status: Row = c.get("/v1/status")
+            status["health"] = c.get("/healthz")
+            status["readiness"] = c.get("/readyz")
+            status["daemon"] = "running"
+            return status
+
+        def direct(ctl: Control) -> Row:
+            return {
+                "daemon": "not running",
+                "counts": ctl.store.counts(),
+                "tasks": len(self.config.tasks),
+            }
+
+        result: Row = self.call(via_api, direct)
+        return result
+
+
 def _state_command(
     config: Config, args: argparse.Namespace, parser: argparse.ArgumentParser
 ) -> int:
-    store = open_store(config)
-    ctl = Control(store, config, SystemClock())
+    ops = Ops(config, args.url)
     try:
-        cmd = args.command
-        if cmd == "tasks":
-            rows = [
-                {
-                    "task": t["id"],
-                    "kind": t["kind"],
-                    "schedule": t["schedule"],
-                    "timezone": t["timezone"],
-                    "next_run": _short_local(t["next_runs"][0]["local"]) if t["next_runs"] else "-",
-                    "last_outcome": t["last_outcome"] or "-",
-                    "paused": (t["paused_reason"] or "yes")
-                    if t["paused"]
-                    else (f"inactive: {t['inactive_reason']}" if not t["active"] else "no"),
-                }
-                for t in ctl.list_tasks()
-            ]
-            return _print(args, rows, list(rows[0]) if rows else ["task"])
-        if cmd == "runs" and args.action == "show":
-            if not args.run_id:
-                parser.error("runs show needs a run id")
-            detail = ctl.get_run(args.run_id)
-            detail["events"] = ctl.events(run_id=args.run_id)
-            return _print_detail(args, detail)
-        if cmd == "runs":
-            rows = ctl.list_runs(args.task, args.status, args.limit)
-            return _print(
-                args,
-                rows,
-                [
-                    "id",
-                    "task_id",
-                    "status",
-                    "attempt",
-                    "trigger",
-                    "scheduled_for",
-                    "duration_s",
-                    "error",
-                ],
-            )
-        if cmd == "trigger":
-            return _print_detail(args, ctl.trigger(args.task))
-        if cmd == "pause":
-            return _print_detail(args, ctl.pause(args.task, args.reason))
-        if cmd == "resume":
-            return _print_detail(args, ctl.resume(args.task))
-        if cmd == "cancel":
-            return _print_detail(args, ctl.cancel(args.run_id))
-        if cmd == "quarantine":
-            if args.action == "list":
-                return _print(
-                    args,
-                    ctl.quarantine_list(),
-                    ["run_id", "task_id", "quarantined_at", "attempts", "last_error"],
-                )
-            if not args.run_id:
-                parser.error(f"quarantine {args.action} needs a run id")
-            action = {
-                "show": ctl.quarantine_show,
-                "release": ctl.quarantine_release,
-                "drop": ctl.quarantine_drop,
-            }[args.action]
-            return _print_detail(args, action(args.run_id))
-        parser.error(f"unknown command {cmd}")
-        return EXIT_USAGE
+        return _dispatch(ops, args, parser)
+    except ApiError as exc:
+        _emit_error(args, exc.code, str(exc))
+        return 1
     finally:
-        store.close()
+        ops.close()
+
+
+def _dispatch(ops: Ops, args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    cmd = args.command
+    q = urllib.parse.quote
+    if cmd == "status":
+        status = ops.status()
+        _print_detail(args, status)
+        return 0 if status.get("daemon") == "running" else 3
+    if cmd == "tasks":
+        tasks = ops.call(lambda c: c.get("/v1/tasks")["tasks"], lambda ctl: ctl.list_tasks())
+        rows = [_task_row(t) for t in tasks]
+        return _print(args, rows, list(rows[0]) if rows else ["task"])
+    if cmd == "runs" and args.action in ("show", "watch"):
+        if not args.run_id:
+            parser.error(f"runs {args.action} needs a run id")
+        rid = q(args.run_id, safe="")
+        if args.action == "watch":
+            return _follow(ops, args, f"/v1/runs/{rid}/events/stream")
+        detail = ops.call(lambda c: c.get(f"/v1/runs/{rid}"), lambda ctl: ctl.get_run(args.run_id))
+        detail["events"] = ops.call(
+            lambda c: c.get(f"/v1/runs/{rid}/events")["events"],
+            lambda ctl: ctl.events(run_id=args.run_id),
+        )
+        return _print_detail(args, detail)
+    if cmd == "runs":
+        rows = ops.call(
+            lambda c: c.get("/v1/runs", task=args.task, status=args.status, limit=args.limit)[
+                "runs"
+            ],
+            lambda ctl: ctl.list_runs(args.task, args.status, args.limit),
+        )
+        return _print(
+            args,
+            rows,
+            [
+                "id",
+                "task_id",
+                "status",
+                "attempt",
+                "trigger",
+                "scheduled_for",
+                "duration_s",
+                "error",
+            ],
+        )
+    if cmd == "events":
+        if args.follow:
+            return _follow(ops, args, "/v1/events/stream")
+        rows = ops.call(
+            lambda c: c.get("/v1/events", limit=args.limit)["events"],
+            lambda ctl: ctl.store.recent_events(args.limit),
+        )
+        for event in rows:
+            print(json.dumps(event, default=str) if args.json else _event_line(event))
+        return 0
+    if cmd in ("trigger", "pause", "resume"):
+        tid = q(args.task, safe="")
+        body = {"reason": args.reason} if cmd == "pause" else {}
+        direct: dict[str, Callable[[Control], Row]] = {
+            "trigger": lambda ctl: ctl.trigger(args.task),
+            "pause": lambda ctl: ctl.pause(args.task, args.reason),
+            "resume": lambda ctl: ctl.resume(args.task),
+        }
+        return _print_detail(
+            args, ops.call(lambda c: c.post(f"/v1/tasks/{tid}/{cmd}", body), direct[cmd])
+        )
+    if cmd == "cancel":
+        rid = q(args.run_id, safe="")
+        return _print_detail(
+            args,
+            ops.call(
+                lambda c: c.post(f"/v1/runs/{rid}/cancel"), lambda ctl: ctl.cancel(args.run_id)
+            ),
+        )
+    if cmd == "quarantine":
+        if args.action == "list":
+            rows = ops.call(
+                lambda c: c.get("/v1/quarantine")["quarantine"], lambda ctl: ctl.quarantine_list()
+            )
+            return _print(
+                args, rows, ["run_id", "task_id", "quarantined_at", "attempts", "last_error"]
+            )
+        if not args.run_id:
+            parser.error(f"quarantine {args.action} needs a run id")
+        rid = q(args.run_id, safe="")
+        if args.action == "show":
+            return _print_detail(
+                args,
+                ops.call(
+                    lambda c: c.get(f"/v1/quarantine/{rid}"),
+                    lambda ctl: ctl.quarantine_show(args.run_id),
+                ),
+            )
+        local = {"release": Control.quarantine_release, "drop": Control.quarantine_drop}
+        return _print_detail(
+            args,
+            ops.call(
+                lambda c: c.post(f"/v1/quarantine/{rid}/{args.action}"),
+                lambda ctl: local[args.action](ctl, args.run_id),
+            ),
+        )
+    parser.error(f"unknown command {cmd}")
+    return EXIT_USAGE
+
+
+def _follow(ops: Ops, args: argparse.Namespace, path: str) -> int:
+    """Print one line per event until the stream ends (a watched run finished) or Ctrl-C;
+    reconnects with Last-Event-ID so a daemon restart loses nothing."""
+    if ops.api is None:
+        raise StoreError("no_daemon", "following events needs a running daemon")
+    last_id: int | None = None
+    retries = 0
+    while True:
+        try:
+            for event in ops.api.stream(path, last_id):
+                last_id = int(event["id"])
+                retries = 0
+                print(
+                    json.dumps(event, default=str) if args.json else _event_line(event), flush=True
+                )
+            return 0
+        except Unreachable:
+            if last_id is None or retries >= 30:
+                raise StoreError("no_daemon", f"no agentd answers at {ops.api.url}") from None
+            retries += 1
+            print(f"(daemon unreachable, reconnecting {retries}/30)", file=sys.stderr)
+            time.sleep(1)
+        except KeyboardInterrupt:
+            return 130
+
+
+def _event_line(event: Row) -> str:
+    data = event.get("data") or {}
+    extras = " ".join(f"{k}={v}" for k, v in sorted(data.items()) if v is not None)
+    if event.get("kind") == "progress" and data.get("total"):
+        extras = f"{data.get('done')}/{data.get('total')} {data.get('message') or ''}".strip()
+    ts = _cell(event.get("ts"))
+    return (
+        f"{ts}  #{event.get('id')} {event.get('kind'):<12} "
+        f"{event.get('task_id') or '-'} {event.get('run_id') or '-'}  {extras}"
+    ).rstrip()
+
+
+def _task_row(t: Row) -> Row:
+    if t["paused"]:
+        paused = t["paused_reason"] or "yes"
+    elif not t["active"]:
+        paused = f"inactive: {t['inactive_reason']}"
+    else:
+        paused = "no"
+    return {
+        "task": t["id"],
+        "kind": t["kind"],
+        "schedule": t["schedule"],
+        "timezone": t["timezone"],
+        "next_run": _short_local(t["next_runs"][0]["local"]) if t["next_runs"] else "-",
+        "last_outcome": t["last_outcome"] or "-",
+        "paused": paused,
+    }
 
 
 def _short_local(iso: str) -> str:

@@ -86,6 +86,8 @@ class DaemonConfig(_Model):
     poll_interval: Duration = Field(default=0.25, gt=0, le=5)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     output_max_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    liveness_stale_after: Duration = Field(default=30.0, gt=0)
+    """/healthz turns 503 when the main loop or scheduler has not ticked for this long."""
     python_path: list[Path] = []
     """Directories searched for ``python:`` callables; relative ones are taken from the
     config file's directory."""

@@ -65,7 +65,11 @@ class Control:
         return self.task_view(task_id, self.store.task_row(task_id), self.clock.now(), n_next)
 
     def trigger(self, task_id: str) -> Row:
+        """A manual run, also for a paused task; not for one that cannot run at all."""
         task = self._require_task(task_id)
+        inactive = inactive_reason(task)
+        if inactive:
+            raise StoreError("task_inactive", f"task {task_id!r} is inactive: {inactive}")
         result = self.store.fire(
             task_id,
             self.clock.now(),
@@ -127,6 +131,9 @@ class Control:
         if not 1 <= limit <= 5000:
             raise StoreError("bad_request", "limit must be between 1 and 5000")
         return self.store.events(run_id, after, limit)
+
+    def latest_event_id(self) -> int:
+        return self.store.latest_event_id()
 
     # ------------------------------------------------------------ quarantine
 

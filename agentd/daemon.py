@@ -19,11 +19,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from agentd.clock import Clock, SystemClock
+import prometheus_client
+
+from agentd import __version__
+from agentd.clock import Clock, SystemClock, from_iso
 from agentd.config import Config, ConfigError, load_config
+from agentd.control import Control
+from agentd.events import EventBus
 from agentd.executors import ExecEnv
+from agentd.health import Health
+from agentd.http import BindRefused, HttpServer, check_bind, load_token
+from agentd.metrics import Metrics
 from agentd.runner import Runner, workspace_path
-from agentd.scheduler import Scheduler
+from agentd.scheduler import HEARTBEAT_S, Scheduler
 from agentd.store import Row, Store
 
 log = logging.getLogger("agentd")
@@ -33,6 +41,10 @@ EXIT_USAGE = 2
 EXIT_LOCKED = 75  # EX_TEMPFAIL: another instance owns the state dir; try later.
 EXIT_CONFIG = 78  # EX_CONFIG
 EXIT_FORCED = 130
+GAUGE_REFRESH_S = 1.0
+# Fault injection for tests of /healthz: while this file exists the main loop stops
+# ticking (as if an await inside it hung) but the event loop keeps serving HTTP.
+WEDGE_ENV = "AGENTD_TEST_WEDGE_FILE"
 
 
 class StateLocked(Exception):
@@ -100,39 +112,71 @@ class Daemon:
         self.store: Store | None = None
         self.scheduler: Scheduler | None = None
         self.runner: Runner | None = None
+        self.control: Control | None = None
+        self.http: HttpServer | None = None
+        self.health = Health(stale_after_s=config.daemon.liveness_stale_after)
+        self.bus = EventBus()
+        self.metrics = Metrics(__version__)
+        self.started_mono = self.clock.monotonic()
+        self._last_gauges = -GAUGE_REFRESH_S
 
     # ------------------------------------------------------------ phases
 
     async def serve(self) -> int:
         try:
-            self.startup()
+            await self.startup()
         except StateLocked as exc:
             log.error("%s", exc)
             return EXIT_LOCKED
+        except BindRefused as exc:
+            log.error("refusing to start: %s", exc)
+            return EXIT_CONFIG
         try:
             await self.main_loop()
         finally:
             code = await self.shutdown()
         return code
 
-    def startup(self) -> None:
+    async def startup(self) -> None:
+        """Lock, then probes up (503 until ready), then state, scheduler, READY.
+
+        The blocking parts (migrations, recovery over a large history) run in a thread so
+        that /healthz and /readyz keep answering while they take their time.
+        """
         cfg = self.config
-        root, db_path, jobs_path = state_paths(cfg)
+        root, _, jobs_path = state_paths(cfg)
+        token = load_token(cfg.daemon.http)
+        check_bind(cfg.daemon.http, token)
         root.mkdir(parents=True, exist_ok=True)
         self.lock.acquire()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, self._on_signal, sig)
         for extra in cfg.daemon.python_path:
             if str(extra) not in sys.path:
                 sys.path.insert(0, str(extra))
-        self.store = Store(db_path, event_sink=self._on_event)
-        now = self.clock.now()
-        recovered = self.store.recover(now, self.owner)
-        if recovered:
-            log.warning(
-                "recovered %d run(s) left running by a previous process: %s",
-                len(recovered),
-                " ".join(recovered),
-            )
-        self.store.sync_tasks(_task_index(cfg), now)
+        _, db_path, _ = state_paths(cfg)
+        self.store = Store(db_path, event_sink=self._on_event, defer_open=True)
+        self.control = Control(self.store, cfg, self.clock)
+        self.http = HttpServer(
+            control=self.control,
+            health=self.health,
+            registry=self.metrics.registry,
+            bus=self.bus,
+            status=self.status,
+            clock=self.clock,
+            token=token,
+        )
+        port = await self.http.start(cfg.daemon.http.host, cfg.daemon.http.port)
+        log.info(
+            "http listening on %s:%d (not ready until startup completes)",
+            cfg.daemon.http.host,
+            port,
+        )
+        # Known before recovery, so its "recover" events are counted.
+        self.metrics.set_tasks(cfg.tasks)
+        await asyncio.to_thread(self._open_state, self.store)
+        self._seed_metrics(cfg)
         self.runner = Runner(
             self.store,
             self.clock,
@@ -146,16 +190,22 @@ class Daemon:
             on_change=self._wake.set,
         )
         self.runner.set_tasks(cfg.tasks)
-        self.scheduler = Scheduler(self.store, self.clock, jobs_path, on_enqueue=self._wake.set)
+        self.scheduler = Scheduler(
+            self.store,
+            self.clock,
+            jobs_path,
+            on_enqueue=self._wake.set,
+            heartbeat_s=min(HEARTBEAT_S, cfg.daemon.liveness_stale_after / 4),
+        )
+        self.scheduler.on_tick = lambda: self.health.tick("scheduler", self.clock.monotonic())
         report = self.scheduler.start(cfg)
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, self._on_signal, signal.SIGTERM)
-        loop.add_signal_handler(signal.SIGINT, self._on_signal, signal.SIGINT)
-        loop.add_signal_handler(signal.SIGHUP, self._on_signal, signal.SIGHUP)
+        self.health.tick("main_loop", self.clock.monotonic())
+        self.health.started = True
         log.info(
-            "agentd started pid=%d config=%s state_dir=%s tasks=%d jobs_added=%d "
-            "jobs_rescheduled=%d jobs_removed=%d concurrency=%d",
+            "agentd started pid=%d version=%s config=%s state_dir=%s tasks=%d jobs_added=%d "
+            "jobs_rescheduled=%d jobs_removed=%d concurrency=%d http=%s:%d",
             os.getpid(),
+            __version__,
             self.config_path,
             root,
             len(cfg.tasks),
@@ -163,24 +213,76 @@ class Daemon:
             len(report.rescheduled),
             len(report.removed),
             cfg.daemon.concurrency,
+            cfg.daemon.http.host,
+            port,
         )
+
+    def _open_state(self, store: Store) -> None:
+        store.open()
+        now = self.clock.now()
+        recovered = store.recover(now, self.owner)
+        if recovered:
+            log.warning(
+                "recovered %d run(s) left running by a previous process: %s",
+                len(recovered),
+                " ".join(recovered),
+            )
+        store.sync_tasks(_task_index(self.config), now)
+
+    def _seed_metrics(self, cfg: Config) -> None:
+        assert self.store is not None
+        for row in self.store.task_rows():
+            self.metrics.set_last_times(
+                row["id"],
+                last_run=_ts(row["last_run_at"]),
+                last_success=_ts(row["last_success_at"]),
+            )
+        self.metrics.config_reload(True, self.clock.now().timestamp())
 
     async def main_loop(self) -> None:
         assert self.runner is not None
         poll_s = self.config.daemon.poll_interval
+        wedge = os.environ.get(WEDGE_ENV)
         while not self.should_exit:
+            if wedge and os.path.exists(wedge):
+                await asyncio.sleep(poll_s)
+                continue
+            now_mono = self.clock.monotonic()
+            self.health.tick("main_loop", now_mono)
             if self.reload_requested:
                 self.reload()
             try:
                 self.runner.tick()
+                if now_mono - self._last_gauges >= GAUGE_REFRESH_S:
+                    self._last_gauges = now_mono
+                    self._refresh_gauges()
+                self.health.db_writable, self.health.db_error = True, None
             except sqlite3.OperationalError as exc:
-                # Disk full or a long lock: keep the loop alive and try again next tick.
-                log.error("state DB error in runner tick: %s", exc)
+                # Disk full or a long lock: not ready, keep the loop alive, retry next tick.
+                self.health.db_writable, self.health.db_error = False, str(exc)
+                log.error("state DB error in main loop: %s", exc)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=poll_s)
 
+    def _refresh_gauges(self) -> None:
+        """A few cheap queries a second, so that a scrape never touches the DB. The write
+        probe is what notices a full disk: a claim with nothing to claim writes nothing."""
+        assert self.store and self.runner
+        self.store.probe_write(self.clock.now())
+        counts = self.store.counts()
+        running: dict[str, int] = {}
+        for active in self.runner.active.values():
+            running[active.task.id] = running.get(active.task.id, 0) + 1
+        self.metrics.set_state(
+            running=running,
+            queued=counts.get("queued", 0),
+            quarantined=counts.get("in_quarantine", 0),
+            paused=self.store.paused_tasks() & set(self.config.tasks),
+        )
+
     async def shutdown(self) -> int:
+        self.health.stopping = True
         log.info(
             "agentd stopping: no new fires or claims, draining %d run(s) grace=%gs",
             len(self.runner.active) if self.runner else 0,
@@ -193,6 +295,10 @@ class Daemon:
             stopped = await self.runner.drain(grace, self._force)
             if stopped:
                 log.warning("stopped %d run(s) at shutdown; they resume on next start", stopped)
+        if self.http:
+            # After the drain, so probes kept answering (ready=503, live=200) meanwhile;
+            # before the store closes, so no request meets a closed connection.
+            await self.http.stop(timeout_s=3.0)
         if self.scheduler:
             self.scheduler.shutdown()
         if self.store:
@@ -212,6 +318,7 @@ class Daemon:
         elif not self.should_exit:
             log.info("signal %s: shutting down gracefully", name)
             self.should_exit = True
+            self.health.stopping = True
         elif signum == signal.SIGINT:
             log.warning("signal %s again: forcing exit, interrupting runs now", name)
             self.force_exit = True
@@ -228,6 +335,7 @@ class Daemon:
             new = load_config(self.config_path)
         except ConfigError as exc:
             self.last_reload_ok = False
+            self.metrics.config_reload(False, self.clock.now().timestamp())
             for line in exc.render().splitlines():
                 log.error("reload failed, keeping the running config: %s", line)
             return False
@@ -238,9 +346,13 @@ class Daemon:
         self.store.sync_tasks(_task_index(new), now)
         report = self.scheduler.sync(new)
         self.runner.set_tasks(new.tasks)
+        self.metrics.set_tasks(new.tasks)
+        if self.control:
+            self.control.config = new
         self.config = new
         self.generation += 1
         self.last_reload_ok = True
+        self.metrics.config_reload(True, self.clock.now().timestamp())
         log.info(
             "reload ok generation=%d tasks=%d added=%s rescheduled=%s removed=%s unchanged=%d",
             self.generation,
@@ -254,8 +366,28 @@ class Daemon:
 
     # ------------------------------------------------------------ events
 
+    def status(self) -> dict[str, Any]:
+        counts = self.store.counts() if self.store else {}
+        ready, why = self.health.readiness()
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime_s": round(self.clock.monotonic() - self.started_mono, 3),
+            "config": str(self.config_path),
+            "config_generation": self.generation,
+            "last_reload_ok": self.last_reload_ok,
+            "ready": ready,
+            "ready_reason": why.get("reason"),
+            "tasks": len(self.config.tasks),
+            "running": sorted(self.runner.active) if self.runner else [],
+            "counts": counts,
+        }
+
     def _on_event(self, event: Row) -> None:
-        """One grep-able line per state change, and a copy in the run's workspace."""
+        """One grep-able line per state change, a copy in the run's workspace, then metrics
+        and live streams."""
+        self.metrics.on_event(event)
+        self.bus.publish(event)
         data: dict[str, Any] = event["data"]
         extras = " ".join(f"{k}={_fmt(v)}" for k, v in sorted(data.items()) if v is not None)
         log.info(
@@ -275,6 +407,10 @@ class Daemon:
                 log.warning("cannot write workspace events run=%s: %s", event["run_id"], exc)
 
 
+def _ts(text: str | None) -> float | None:
+    return from_iso(text).timestamp() if text else None
+
+
 def _task_index(config: Config) -> dict[str, tuple[str, str]]:
     return {tid: (t.fingerprint(), t.kind) for tid, t in config.tasks.items()}
 
@@ -285,6 +421,9 @@ def _fmt(value: Any) -> str:
 
 
 def run_daemon(config_path: Path) -> int:
+    # One *_created series per counter doubles the series count for no question anyone
+    # asks at 3 a.m.; process-wide, so it is decided here.
+    prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
     """Entry point for ``agentd run``: exit codes per the brief (0, 75, 78, 130)."""
     try:
         config = load_config(config_path)

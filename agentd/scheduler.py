@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy
+from apscheduler.executors.asyncio import AsyncIOExecutor
 from apscheduler.executors.base import BaseExecutor
+from apscheduler.jobstores.memory import MemoryJobStore
 from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.base import BaseTrigger
@@ -34,6 +36,7 @@ from agentd.store import FireResult, Store
 log = logging.getLogger("agentd.scheduler")
 
 JOB_FUNC = "agentd.scheduler:fire"
+HEARTBEAT_S = 2.0
 
 
 def fire(task_id: str) -> None:
@@ -114,7 +117,9 @@ class Scheduler:
         clock: Clock,
         jobstore_path: Path,
         on_enqueue: Callable[[], None] | None = None,
+        heartbeat_s: float = HEARTBEAT_S,
     ) -> None:
+        self.heartbeat_s = heartbeat_s
         self.store = store
         self.clock = clock
         self.on_enqueue = on_enqueue
@@ -122,17 +127,41 @@ class Scheduler:
         self.config: Config | None = None
         self._engine = _jobstore_engine(jobstore_path)
         self.aps = AsyncIOScheduler(
-            jobstores={"default": SQLAlchemyJobStore(engine=self._engine)},
-            executors={"default": EnqueueExecutor(self._on_due)},
+            jobstores={
+                "default": SQLAlchemyJobStore(engine=self._engine),
+                "internal": MemoryJobStore(),
+            },
+            executors={"default": EnqueueExecutor(self._on_due), "internal": AsyncIOExecutor()},
             timezone=UTC,
         )
+        self.on_tick: Callable[[], None] | None = None
 
     def start(self, config: Config) -> SyncReport:
         """Start paused, diff jobs against the config, then let fires through."""
+        logging.getLogger("apscheduler.executors.internal").setLevel(logging.WARNING)
         self.aps.start(paused=True)
         report = self.sync(config)
+        # A heartbeat job through APScheduler's own loop: if APScheduler stops processing
+        # jobs, /healthz sees this tick go stale.
+        self.aps.add_job(
+            self._tick,
+            "interval",
+            seconds=self.heartbeat_s,
+            id="agentd-heartbeat",
+            jobstore="internal",
+            executor="internal",
+            misfire_grace_time=None,
+            coalesce=True,
+            next_run_time=datetime.now(UTC),
+        )
         self.aps.resume()
         return report
+
+    async def _tick(self) -> None:
+        """Runs every ``heartbeat_s`` on APScheduler's own loop (its executor's per-run
+        INFO lines are silenced in ``start``: one every few seconds is noise)."""
+        if self.on_tick:
+            self.on_tick()
 
     def sync(self, config: Config) -> SyncReport:
         """Add, reschedule or remove jobs so they match the config; touch nothing else.
@@ -151,7 +180,7 @@ class Scheduler:
                 continue
             if task.schedule.kind != "manual":
                 wanted[task_id] = config.schedule_spec(task_id)
-        existing = {job.id: job for job in self.aps.get_jobs()}
+        existing = {job.id: job for job in self.aps.get_jobs(jobstore="default")}
         for task_id in existing:
             if task_id not in wanted:
                 self.aps.remove_job(task_id)

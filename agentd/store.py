@@ -169,18 +169,26 @@ class FireResult:
 
 
 class Store:
-    def __init__(self, path: Path, event_sink: EventSink | None = None) -> None:
+    def __init__(
+        self, path: Path, event_sink: EventSink | None = None, *, defer_open: bool = False
+    ) -> None:
+        """``defer_open`` leaves the pragmas and migrations to ``open()``, which may block
+        on another process's lock: the daemon runs it in a thread while probes answer."""
         self.path = path
         self.event_sink = event_sink
         self._pending_events: list[Row] = []
         self.conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self.conn.row_factory = sqlite3.Row
         self.conn.execute("PRAGMA busy_timeout = 10000")
-        self.conn.execute("PRAGMA journal_mode = WAL")
-        self.conn.execute("PRAGMA synchronous = FULL")
-        self.conn.execute("PRAGMA foreign_keys = ON")
         self.db = sqlite_utils.Database(self.conn)
+        if not defer_open:
+            self.open()
+
+    def open(self) -> None:
         try:
+            self.conn.execute("PRAGMA journal_mode = WAL")
+            self.conn.execute("PRAGMA synchronous = FULL")
+            self.conn.execute("PRAGMA foreign_keys = ON")
             self._migrate()
         except BaseException:
             self.conn.close()
@@ -867,6 +875,24 @@ class Store:
         for row in rows:
             row["data"] = json.loads(row["data"])
         return rows
+
+    def probe_write(self, now: datetime) -> None:
+        """A real page write, so a full disk or read-only file shows up as an error."""
+        with self.tx():
+            self.conn.execute(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES('last_probe', ?)", (to_iso(now),)
+            )
+
+    def latest_event_id(self) -> int:
+        row = self._one("SELECT COALESCE(MAX(id), 0) AS id FROM events")
+        return int(row["id"]) if row else 0
+
+    def recent_events(self, limit: int = 50) -> list[Row]:
+        """The newest ``limit`` events, oldest first."""
+        rows = self._all("SELECT * FROM events ORDER BY id DESC LIMIT ?", (limit,))
+        for row in rows:
+            row["data"] = json.loads(row["data"])
+        return rows[::-1]
 
     def counts(self) -> dict[str, int]:
         rows = self._all("SELECT status, COUNT(*) AS n FROM runs GROUP BY status")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -47,6 +48,8 @@ class Agentd:
 
     def __init__(self, root: Path, tasks_yaml: str, daemon_extra: str = "") -> None:
         self.root = root
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
         self.state_dir = root / "state"
         self.config = root / "agentd.yaml"
         self.log_path = root / "agentd.log"
@@ -64,19 +67,21 @@ class Agentd:
             "  kill_grace: 1s\n"
             f"  python_path: [{FIXTURES}]\n"
             "  log_level: debug\n"
+            f"  http: {{host: 127.0.0.1, port: {self.port}}}\n"
             f"{extra}\n"
             "tasks:\n" + textwrap.indent(textwrap.dedent(tasks_yaml).strip(), "  ") + "\n"
         )
 
     # ------------------------------------------------------------ process
 
-    def start(self, wait_ready: bool = True) -> Agentd:
+    def start(self, wait_ready: bool = True, env: dict[str, str] | None = None) -> Agentd:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "agentd.cli", "run", "--config", str(self.config)],
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=self.root,
+            env={**os.environ, **(env or {})},
         )
         log.close()
         if wait_ready:
@@ -160,6 +165,12 @@ class Agentd:
             f"run {run_id} to be {status} (now {self.run_status(run_id)})\n{self.log()}",
         )
         return self.query("SELECT * FROM runs WHERE id=?", (run_id,))[0]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def pid_alive(pid: int) -> bool:

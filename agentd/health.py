@@ -1,0 +1,50 @@
+"""What ``/healthz`` and ``/readyz`` mean, kept apart from HTTP so it can be stepped.
+
+Liveness asks only "is this process still doing its job": the main loop and the
+scheduler have ticked recently. It never looks at LLM providers or the network, so a
+dependency outage cannot make kubelet restart a healthy daemon. Readiness asks "should
+work and traffic come here": startup done, not stopping, state DB writable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Health:
+    stale_after_s: float = 30.0
+    started: bool = False
+    stopping: bool = False
+    db_writable: bool = True
+    db_error: str | None = None
+    ticks: dict[str, float] = field(default_factory=dict)
+    """Component name -> monotonic time of its last tick (main_loop, scheduler)."""
+
+    def tick(self, component: str, now_mono: float) -> None:
+        self.ticks[component] = now_mono
+
+    def liveness(self, now_mono: float) -> tuple[bool, dict[str, Any]]:
+        ages = {name: round(now_mono - t, 3) for name, t in self.ticks.items()}
+        stale = sorted(name for name, age in ages.items() if age > self.stale_after_s)
+        body: dict[str, Any] = {
+            "status": "ok" if not stale else "unhealthy",
+            "last_tick_age_s": ages,
+            "stale_after_s": self.stale_after_s,
+        }
+        if stale:
+            body["stale"] = stale
+        return not stale, body
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        if self.stopping:
+            return False, {"status": "not_ready", "reason": "shutting down"}
+        if not self.started:
+            return False, {"status": "not_ready", "reason": "starting up"}
+        if not self.db_writable:
+            return False, {
+                "status": "not_ready",
+                "reason": f"state DB not writable: {self.db_error or 'unknown'}",
+            }
+        return True, {"status": "ready"}

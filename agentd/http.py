@@ -1,0 +1,657 @@
+"""agentd's HTTP surface: probes, metrics, the JSON operator API and live event streams.
+
+Handlers are thin: parse and check the input, call ``Control`` (the one implementation
+of every operator operation, shared with the CLI), shape the output. State work is
+synchronous SQLite on the loop thread, by design: a request is a few indexed queries.
+
+Every error is JSON ``{"error": <stable code>, "message": ...}``, whatever raised it: a
+refusal from the store, bad input, aiohttp's own 404/405, or a bug (500, logged with
+its traceback, answered without it).
+
+Auth is a single bearer token for mutating requests (POST). The token is only compared
+(``hmac.compare_digest``), never logged, and neither is the Authorization header: the
+access log line carries the request line, status, size, referer and user agent only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import re
+import sqlite3
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from functools import partial
+from typing import Any, Final
+
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+from aiohttp.web_log import AccessLogger
+from aiohttp.web_request import BaseRequest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from agentd.clock import Clock, to_iso
+from agentd.config import HttpServerConfig
+from agentd.control import Control
+from agentd.events import Event, EventBus, Subscription
+from agentd.health import Health
+from agentd.models import FINAL_STATUSES
+from agentd.openapi import openapi_document
+from agentd.store import StoreError
+
+log = logging.getLogger("agentd.http")
+access_log = logging.getLogger("agentd.http.access")
+
+QUIET_PATHS: Final = frozenset({"/healthz", "/readyz", "/metrics"})
+"""Polled every few seconds by kubelet and Prometheus: no access log line for them."""
+
+SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
+UNGATED_PATHS: Final = frozenset({"/v1/openapi.json"})
+RETRY_LATER: Final[Mapping[str, str]] = {"Retry-After": "1"}
+MAX_EVENT_ID: Final = 2**63 - 1
+BACKFILL_PAGE: Final = 500
+DEFAULT_PAUSE_REASON: Final = "paused via API"
+KEEPALIVE: Final = b": keep-alive\n\n"
+
+STORE_ERROR_STATUS: Final[Mapping[str, int]] = {
+    "unknown_task": 404,
+    "unknown_run": 404,
+    "not_quarantined": 404,
+    "run_finished": 409,
+    "task_inactive": 409,
+    "bad_request": 400,
+}
+HTTP_ERROR_CODES: Final[Mapping[int, str]] = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    500: "internal",
+    503: "unavailable",
+}
+FINAL_EVENT_KINDS: Final = frozenset(
+    {"success", "failure", "timeout", "cancel", "quarantine", "skip"}
+)
+"""Event kinds after which a run may have reached a final status (checked in the DB)."""
+
+_UINT_RE = re.compile(r"[0-9]{1,19}")
+_SPACED_OFFSET_RE = re.compile(r"(?<=\d) (?=\d{2}(:?\d{2})?$)")
+
+
+class BindRefused(Exception):
+    """Listening beyond loopback without a token would hand the API to the network."""
+
+
+class TokenError(BindRefused):
+    """A token source is configured but yields no token; the message never holds the token.
+
+    A ``BindRefused``: an operator who asked for a token must not get an open API."""
+
+
+class ApiError(Exception):
+    def __init__(
+        self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = dict(headers or {})
+
+
+# ---------------------------------------------------------------- token and bind
+
+
+def load_token(cfg: HttpServerConfig, environ: Mapping[str, str] | None = None) -> str | None:
+    """The API token from ``token_env`` (preferred) or ``token_file``, stripped.
+
+    None when neither is configured. A configured source that is empty or unreadable is
+    a ``TokenError``: an operator who asked for a token must not get an open API.
+    """
+    env = os.environ if environ is None else environ
+    if cfg.token_env is None and cfg.token_file is None:
+        return None
+    problems: list[str] = []
+    if cfg.token_env is not None:
+        value = env.get(cfg.token_env, "").strip()
+        if value:
+            return value
+        problems.append(f"environment variable {cfg.token_env} is unset or empty")
+    if cfg.token_file is not None:
+        try:
+            value = cfg.token_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            problems.append(f"token file {cfg.token_file} cannot be read: {reason}")
+        else:
+            if value:
+                return value
+            problems.append(f"token file {cfg.token_file} is empty")
+    raise TokenError("no API token: " + "; ".join(problems))
+
+
+def is_loopback(host: str) -> bool:
+    name = host.strip().strip("[]")
+    if name.lower() == "localhost":
+        return True
+    try:
+        addr = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped.is_loopback
+    return addr.is_loopback
+
+
+def check_bind(cfg: HttpServerConfig, token: str | None) -> None:
+    """Refuse a non-loopback listen address unless a token guards it (or the operator
+    explicitly said ``allow_insecure_bind``)."""
+    if is_loopback(cfg.host) or token or cfg.allow_insecure_bind:
+        return
+    shown = cfg.host or "<all interfaces>"
+    raise BindRefused(
+        f"refusing to serve the API on {shown}:{cfg.port} without a token: anyone who can "
+        "reach it could trigger, pause and cancel tasks. Set daemon.http.token_env or "
+        "daemon.http.token_file, bind to 127.0.0.1, or set "
+        "daemon.http.allow_insecure_bind: true if something else guards the port."
+    )
+
+
+# ---------------------------------------------------------------- small helpers
+
+
+class _QuietAccessLogger(AccessLogger):
+    def log(self, request: BaseRequest, response: web.StreamResponse, time: float) -> None:
+        if request.path in QUIET_PATHS:
+            return
+        super().log(request, response, time)
+
+
+_dumps = partial(json.dumps, default=str)
+
+
+def _json(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.json_response(data, status=status, headers=headers, dumps=_dumps)
+
+
+def _error(
+    status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    return _json({"error": code, "message": message}, status, headers)
+
+
+def _bad(message: str) -> ApiError:
+    return ApiError(400, "bad_request", message)
+
+
+def _query(request: web.Request, name: str) -> str | None:
+    """A query parameter; absent and empty are the same (HTML forms send empty ones)."""
+    value = request.query.get(name)
+    return value if value else None
+
+
+def _parse_uint(value: str | None, name: str, default: int, lo: int, hi: int) -> int:
+    if value is None:
+        return default
+    if not _UINT_RE.fullmatch(value) or not lo <= int(value) <= hi:
+        raise _bad(f"{name} must be an integer from {lo} to {hi}")
+    return int(value)
+
+
+def _parse_time(value: str | None, name: str) -> str | None:
+    """An aware ISO 8601 date-time, as the store's fixed-width UTC text."""
+    if value is None:
+        return None
+    # An unencoded '+' in a query string arrives as a space: "12:00:00 02:00".
+    text = _SPACED_OFFSET_RE.sub("+", value)
+    hint = f"{name} must be an ISO 8601 date-time with a UTC offset, e.g. 2026-03-01T12:00:00Z"
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise _bad(hint) from None
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise _bad(hint + " (no offset given)")
+    try:
+        return to_iso(moment)
+    except (OverflowError, ValueError):
+        raise _bad(f"{name} is out of range") from None
+
+
+async def _json_body(request: web.Request, fields: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """An optional JSON object body with only ``fields``; no body is ``{}``."""
+    raw = await request.read()
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise _bad("request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise _bad("request body must be a JSON object")
+    unknown = sorted(set(body) - fields)
+    if unknown:
+        allowed = ", ".join(sorted(fields)) or "none"
+        raise _bad(f"unknown field(s) {', '.join(map(repr, unknown))}; allowed: {allowed}")
+    return body
+
+
+def _metrics_handler(registry: CollectorRegistry) -> Handler:
+    try:
+        from prometheus_client.aiohttp import make_aiohttp_handler
+    except ImportError:  # prometheus-client before 0.22
+
+        async def metrics(request: web.Request) -> web.StreamResponse:
+            body = generate_latest(registry)
+            return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        return metrics
+    return make_aiohttp_handler(registry)
+
+
+def _sse_frame(event: Event) -> bytes:
+    data = json.dumps(event, default=str, separators=(",", ":"))
+    return f"id: {event['id']}\nevent: {event['kind']}\ndata: {data}\n\n".encode()
+
+
+# ---------------------------------------------------------------- the server
+
+
+class HttpServer:
+    def __init__(
+        self,
+        *,
+        control: Control,
+        health: Health,
+        registry: CollectorRegistry,
+        bus: EventBus,
+        status: Callable[[], dict[str, Any]],
+        clock: Clock,
+        token: str | None,
+        sse_heartbeat_s: float = 15.0,
+        sse_queue_max: int = 1000,
+    ) -> None:
+        self.control = control
+        self.health = health
+        self.registry = registry
+        self.bus = bus
+        self.status = status
+        self.clock = clock
+        self._token = token.encode("utf-8", "surrogatepass") if token else None
+        self.sse_heartbeat_s = sse_heartbeat_s
+        self.sse_queue_max = sse_queue_max
+        self._closing = asyncio.Event()
+        self._streams: set[asyncio.Future[None]] = set()
+        self._runner: web.AppRunner | None = None
+        self._openapi = openapi_document()
+        self.app = self._build_app()
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen on ``host:port`` (0 picks a free port); returns the bound port."""
+        runner = web.AppRunner(
+            self.app,
+            handle_signals=False,
+            access_log_class=_QuietAccessLogger,
+            access_log=access_log,
+        )
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, host or None, port)
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self._closing.clear()
+        bound = int(runner.addresses[0][1])
+        log.debug("HTTP API listening on %s:%d", host or "*", bound)
+        return bound
+
+    async def stop(self, timeout_s: float = 3.0) -> None:
+        """End live streams, then stop listening and let in-flight requests finish."""
+        self._closing.set()
+        if self._streams:
+            await asyncio.wait(set(self._streams), timeout=timeout_s)
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            # The runner reads its shutdown timeout at cleanup; aiohttp sets it the same way
+            # for the deprecated per-site argument.
+            runner._shutdown_timeout = timeout_s
+            await runner.cleanup()
+
+    # ------------------------------------------------------------ app and middleware
+
+    def _build_app(self) -> web.Application:
+        app = web.Application(
+            middlewares=[
+                self._errors_middleware(),
+                self._startup_middleware(),
+                self._auth_middleware(),
+            ]
+        )
+        r = app.router
+        r.add_get("/healthz", self.healthz)
+        r.add_get("/readyz", self.readyz)
+        r.add_get("/metrics", _metrics_handler(self.registry))
+        r.add_get("/v1/openapi.json", self.openapi)
+        r.add_get("/v1/status", self.get_status)
+        r.add_get("/v1/tasks", self.list_tasks)
+        r.add_get("/v1/tasks/{task_id}", self.get_task)
+        r.add_post("/v1/tasks/{task_id}/trigger", self.trigger)
+        r.add_post("/v1/tasks/{task_id}/pause", self.pause)
+        r.add_post("/v1/tasks/{task_id}/resume", self.resume)
+        r.add_get("/v1/runs", self.list_runs)
+        r.add_get("/v1/runs/{run_id}", self.get_run)
+        r.add_post("/v1/runs/{run_id}/cancel", self.cancel)
+        r.add_get("/v1/runs/{run_id}/events", self.run_events)
+        r.add_get("/v1/runs/{run_id}/events/stream", self.run_stream, allow_head=False)
+        r.add_get("/v1/events", self.events)
+        r.add_get("/v1/events/stream", self.stream, allow_head=False)
+        r.add_get("/v1/quarantine", self.quarantine_list)
+        r.add_get("/v1/quarantine/{run_id}", self.quarantine_show)
+        r.add_post("/v1/quarantine/{run_id}/release", self.quarantine_release)
+        r.add_post("/v1/quarantine/{run_id}/drop", self.quarantine_drop)
+        app.on_shutdown.append(self._on_shutdown)
+        return app
+
+    async def _on_shutdown(self, app: web.Application) -> None:
+        self._closing.set()
+
+    def _errors_middleware(self) -> Middleware:
+        @web.middleware
+        async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+            try:
+                return await handler(request)
+            except ApiError as exc:
+                return _error(exc.status, exc.code, exc.message, exc.headers)
+            except StoreError as exc:
+                return _error(STORE_ERROR_STATUS.get(exc.code, 400), exc.code, str(exc))
+            except sqlite3.OperationalError as exc:
+                # Disk full, I/O error, a lock held past busy_timeout: not a bug, retryable.
+                log.warning("state DB error in %s %s: %s", request.method, request.path, exc)
+                return _error(503, "db_unavailable", f"state DB error: {exc}", RETRY_LATER)
+            except web.HTTPException as exc:
+                if exc.status < 400:
+                    raise
+                return self._http_exception(request, exc)
+            except Exception:
+                log.exception("unhandled error in %s %s", request.method, request.path)
+                return _error(500, "internal", "internal error; see the agentd log")
+
+        return errors
+
+    @staticmethod
+    def _http_exception(request: web.Request, exc: web.HTTPException) -> web.Response:
+        code = HTTP_ERROR_CODES.get(exc.status, f"http_{exc.status}")
+        headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "WWW-Authenticate")}
+        if isinstance(exc, web.HTTPNotFound):
+            message = f"no such endpoint: {request.path}"
+        elif isinstance(exc, web.HTTPMethodNotAllowed):
+            allowed = ", ".join(sorted(exc.allowed_methods))
+            message = f"{request.method} is not allowed here; allowed: {allowed}"
+        else:
+            message = exc.text if exc.text and exc.content_type == "text/plain" else exc.reason
+        return _error(exc.status, code, message, headers)
+
+    def _startup_middleware(self) -> Middleware:
+        @web.middleware
+        async def startup(request: web.Request, handler: Handler) -> web.StreamResponse:
+            # Until startup is done the state DB may be mid-migration on another thread:
+            # the API waits (probes and the OpenAPI document answer from the start).
+            if (
+                not self.health.started
+                and request.path.startswith("/v1/")
+                and request.path not in UNGATED_PATHS
+                and request.match_info.http_exception is None
+            ):
+                raise ApiError(503, "unavailable", "agentd is starting up", RETRY_LATER)
+            return await handler(request)
+
+        return startup
+
+    def _auth_middleware(self) -> Middleware:
+        @web.middleware
+        async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+            if (
+                self._token is not None
+                and request.method not in SAFE_METHODS
+                and request.match_info.http_exception is None
+                and not self._authorized(request)
+            ):
+                raise ApiError(
+                    401,
+                    "unauthorized",
+                    "this request needs the header 'Authorization: Bearer <token>'",
+                    {"WWW-Authenticate": "Bearer"},
+                )
+            return await handler(request)
+
+        return auth
+
+    def _authorized(self, request: web.Request) -> bool:
+        assert self._token is not None
+        scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        offered = credentials.strip().encode("utf-8", "surrogatepass")
+        return hmac.compare_digest(offered, self._token)
+
+    # ------------------------------------------------------------ probes and metadata
+
+    async def healthz(self, request: web.Request) -> web.StreamResponse:
+        ok, body = self.health.liveness(self.clock.monotonic())
+        return _json(body, 200 if ok else 503)
+
+    async def readyz(self, request: web.Request) -> web.StreamResponse:
+        ok, body = self.health.readiness()
+        return _json(body, 200 if ok else 503)
+
+    async def openapi(self, request: web.Request) -> web.StreamResponse:
+        return _json(self._openapi)
+
+    async def get_status(self, request: web.Request) -> web.StreamResponse:
+        return _json(self.status())
+
+    # ------------------------------------------------------------ tasks
+
+    async def list_tasks(self, request: web.Request) -> web.StreamResponse:
+        return _json({"tasks": self.control.list_tasks()})
+
+    async def get_task(self, request: web.Request) -> web.StreamResponse:
+        return _json(self.control.get_task(request.match_info["task_id"]))
+
+    async def trigger(self, request: web.Request) -> web.StreamResponse:
+        await _json_body(request)
+        return _json(self.control.trigger(request.match_info["task_id"]), 202)
+
+    async def pause(self, request: web.Request) -> web.StreamResponse:
+        body = await _json_body(request, frozenset({"reason"}))
+        reason = body.get("reason", DEFAULT_PAUSE_REASON)
+        if not isinstance(reason, str) or not 1 <= len(reason) <= 500:
+            raise _bad("reason must be a string of 1 to 500 characters")
+        try:
+            reason.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _bad("reason must be valid Unicode text") from None
+        return _json(self.control.pause(request.match_info["task_id"], reason))
+
+    async def resume(self, request: web.Request) -> web.StreamResponse:
+        await _json_body(request)
+        return _json(self.control.resume(request.match_info["task_id"]))
+
+    # ------------------------------------------------------------ runs
+
+    async def list_runs(self, request: web.Request) -> web.StreamResponse:
+        limit = _parse_uint(_query(request, "limit"), "limit", 50, 1, 1000)
+        runs = self.control.list_runs(
+            task=_query(request, "task"),
+            status=_query(request, "status"),
+            limit=limit,
+            before=_query(request, "before"),
+            since=_parse_time(_query(request, "since"), "since"),
+            until=_parse_time(_query(request, "until"), "until"),
+        )
+        next_before = runs[-1]["id"] if len(runs) == limit else None
+        return _json({"runs": runs, "next_before": next_before})
+
+    async def get_run(self, request: web.Request) -> web.StreamResponse:
+        return _json(self.control.get_run(request.match_info["run_id"]))
+
+    async def cancel(self, request: web.Request) -> web.StreamResponse:
+        await _json_body(request)
+        return _json(self.control.cancel(request.match_info["run_id"]), 202)
+
+    # ------------------------------------------------------------ events
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        return self._event_page(request, None)
+
+    async def run_events(self, request: web.Request) -> web.StreamResponse:
+        return self._event_page(request, request.match_info["run_id"])
+
+    def _event_page(self, request: web.Request, run_id: str | None) -> web.StreamResponse:
+        after = _parse_uint(_query(request, "after"), "after", 0, 0, MAX_EVENT_ID)
+        limit = _parse_uint(_query(request, "limit"), "limit", 500, 1, 5000)
+        return _json({"events": self.control.events(run_id, after=after, limit=limit)})
+
+    # ------------------------------------------------------------ quarantine
+
+    async def quarantine_list(self, request: web.Request) -> web.StreamResponse:
+        return _json({"quarantine": self.control.quarantine_list()})
+
+    async def quarantine_show(self, request: web.Request) -> web.StreamResponse:
+        return _json(self.control.quarantine_show(request.match_info["run_id"]))
+
+    async def quarantine_release(self, request: web.Request) -> web.StreamResponse:
+        await _json_body(request)
+        return _json(self.control.quarantine_release(request.match_info["run_id"]))
+
+    async def quarantine_drop(self, request: web.Request) -> web.StreamResponse:
+        await _json_body(request)
+        return _json(self.control.quarantine_drop(request.match_info["run_id"]))
+
+    # ------------------------------------------------------------ server-sent events
+
+    async def stream(self, request: web.Request) -> web.StreamResponse:
+        return await self._sse(request, None)
+
+    async def run_stream(self, request: web.Request) -> web.StreamResponse:
+        return await self._sse(request, request.match_info["run_id"])
+
+    def _resume_point(self, request: web.Request) -> int | None:
+        header = request.headers.get("Last-Event-ID", "").strip()
+        if header:
+            return _parse_uint(header, "Last-Event-ID", 0, 0, MAX_EVENT_ID)
+        after = _query(request, "after")
+        return None if after is None else _parse_uint(after, "after", 0, 0, MAX_EVENT_ID)
+
+    def _latest_event_id(self) -> int:
+        return self.control.latest_event_id()
+
+    def _run_final(self, run_id: str) -> bool:
+        return self.control.store.get_run(run_id)["status"] in FINAL_STATUSES
+
+    async def _sse(self, request: web.Request, run_id: str | None) -> web.StreamResponse:
+        """Subscribe first, then backfill from the DB, then follow the bus: an event
+        committed at any point lands in the DB page or the queue (or both, and the id
+        check drops the copy), all of it on the loop thread, so none is lost."""
+        if self._closing.is_set():
+            raise ApiError(503, "unavailable", "the server is shutting down", RETRY_LATER)
+        resume = self._resume_point(request)
+        if run_id is not None:
+            self.control.get_run(run_id)  # unknown run: 404 before any streaming
+        sub = self.bus.subscribe(run_id, maxsize=self.sse_queue_max)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._streams.add(done)
+        try:
+            if resume is None:
+                resume = 0 if run_id is not None else self._latest_event_id()
+            if (
+                run_id is not None
+                and self._run_final(run_id)
+                and not self.control.events(run_id, after=resume, limit=1)
+            ):
+                # Nothing more will come: 204 tells an EventSource to stop reconnecting.
+                return web.Response(status=204)
+            response = web.StreamResponse(
+                headers={
+                    "Content-Type": "text/event-stream",
+                    "Cache-Control": "no-cache",
+                    "X-Accel-Buffering": "no",
+                }
+            )
+            await response.prepare(request)
+            try:
+                await self._pump(response, sub, run_id, resume)
+            except ConnectionError:
+                pass  # the client went away
+            except Exception:
+                # Too late for an error response: end the stream; the client reconnects.
+                log.exception("event stream failed run=%s; closing it", run_id or "-")
+            return response
+        finally:
+            sub.close()
+            self._streams.discard(done)
+            done.set_result(None)
+
+    async def _backfill(self, response: web.StreamResponse, run_id: str | None, last: int) -> int:
+        while True:
+            page = self.control.events(run_id, after=last, limit=BACKFILL_PAGE)
+            for event in page:
+                await response.write(_sse_frame(event))
+                last = event["id"]
+            if len(page) < BACKFILL_PAGE:
+                return last
+
+    async def _pump(
+        self, response: web.StreamResponse, sub: Subscription, run_id: str | None, last: int
+    ) -> None:
+        last = await self._backfill(response, run_id, last)
+        if run_id is not None and self._run_final(run_id):
+            return
+        closing: asyncio.Future[Any] = asyncio.ensure_future(self._closing.wait())
+        getter: asyncio.Future[Any] | None = None
+        try:
+            while not sub.overflowed:
+                # An overflowed subscription lost events: end, and the client comes back
+                # with Last-Event-ID to read them from the DB.
+                if getter is None:
+                    getter = asyncio.ensure_future(sub.queue.get())
+                finished, _ = await asyncio.wait(
+                    {getter, closing},
+                    timeout=self.sse_heartbeat_s,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if closing in finished:
+                    return
+                if getter not in finished:
+                    await response.write(KEEPALIVE)
+                    continue
+                event: Event = getter.result()
+                getter = None
+                if event["id"] <= last:
+                    continue
+                await response.write(_sse_frame(event))
+                last = event["id"]
+                if (
+                    run_id is not None
+                    and event["kind"] in FINAL_EVENT_KINDS
+                    and self._run_final(run_id)
+                ):
+                    # The final transaction may hold more events (failure, then quarantine):
+                    # read the rest from the DB rather than the queue.
+                    await self._backfill(response, run_id, last)
+                    return
+        finally:
+            closing.cancel()
+            if getter is not None:
+                getter.cancel()

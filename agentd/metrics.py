@@ -1,0 +1,231 @@
+"""Prometheus metrics, fed by the store's audit events and the main loop's state snapshot.
+
+Scrapes never touch SQLite: a slow or stuck DB must not make ``/metrics`` hang, and a
+scraper hammering the endpoint must not compete with the scheduler for the write lock.
+Counters move on committed events (``Store.event_sink``); gauges about current state are
+pushed by the daemon's main loop about once a second via ``set_state``.
+
+Label sets are bounded on purpose: ``task`` (from the config) and a fixed outcome or
+reason. Run ids and error text never become labels; they live in the event log.
+Everything is registered on our own ``CollectorRegistry`` so that tests, embedders and
+a second daemon in one process never collide on the global ``REGISTRY``.
+"""
+
+from __future__ import annotations
+
+import platform
+import threading
+import time
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+
+# Event kind -> agentd_runs_total outcome. Finished attempts count once each (a run that
+# fails twice then succeeds adds failure=2, success=1); a quarantine is counted in
+# addition to the failure that caused it. "recover" (an attempt lost with its daemon and
+# re-queued) is counted as interrupted: like an interrupt, it was not the task's fault.
+OUTCOMES = {
+    "success": "success",
+    "failure": "failure",
+    "timeout": "timeout",
+    "cancel": "cancelled",
+    "interrupt": "interrupted",
+    "recover": "interrupted",
+    "skip": "skipped",
+    "quarantine": "quarantined",
+}
+RUN_OUTCOMES = tuple(dict.fromkeys(OUTCOMES.values()))  # deduplicated, in a stable order
+SKIP_REASONS = ("overlap", "queue_full", "paused")
+
+# Runs range from a quick HTTP call to an hour-long agent session.
+DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+# Start lateness: milliseconds when healthy, minutes when the pool is saturated.
+LATENESS_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 600)
+
+
+def _unix(ts: str) -> float:
+    """Store timestamps are fixed-width UTC ISO text ending in ``Z``."""
+    return datetime.fromisoformat(ts).timestamp()
+
+
+class Metrics:
+    """All of agentd's metrics, on one private registry."""
+
+    def __init__(self, version: str) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        self._lock = threading.Lock()  # set_tasks vs on_event: no child re-created after removal
+        self._tasks: set[str] = set()
+
+        self.runs = Counter(
+            "agentd_runs", "Run attempts by outcome", ["task", "outcome"], registry=r
+        )
+        self.duration = Histogram(
+            "agentd_run_duration_seconds",
+            "Wall time of finished attempts",
+            ["task"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.lateness = Histogram(
+            "agentd_run_start_lateness_seconds",
+            "Claim time minus scheduled time (early claims count as 0)",
+            ["task"],
+            buckets=LATENESS_BUCKETS,
+            registry=r,
+        )
+        self.retries = Counter(
+            "agentd_retries", "Attempts re-queued for retry", ["task"], registry=r
+        )
+        self.misfires = Counter(
+            "agentd_misfires", "Fires dropped by the catch-up policy", ["task"], registry=r
+        )
+        self.skipped = Counter(
+            "agentd_skipped_fires", "Fires not enqueued, by reason", ["task", "reason"], registry=r
+        )
+        self.last_run = Gauge(
+            "agentd_task_last_run_timestamp_seconds",
+            "End of the last attempt",
+            ["task"],
+            registry=r,
+        )
+        self.last_success = Gauge(
+            "agentd_task_last_success_timestamp_seconds",
+            "End of the last successful attempt",
+            ["task"],
+            registry=r,
+        )
+        self.running = Gauge("agentd_runs_running", "Runs executing now", ["task"], registry=r)
+        self.paused = Gauge("agentd_task_paused", "1 if the task is paused", ["task"], registry=r)
+        self.tasks_paused = Gauge("agentd_tasks_paused", "Number of paused tasks", registry=r)
+        self.queue_depth = Gauge("agentd_queue_depth", "Runs waiting to be claimed", registry=r)
+        self.quarantined = Gauge(
+            "agentd_quarantined_runs", "Runs in quarantine awaiting an operator", registry=r
+        )
+        self.reload_ok = Gauge(
+            "agentd_config_last_reload_successful", "1 if the last config load worked", registry=r
+        )
+        self.reload_ts = Gauge(
+            "agentd_config_last_reload_success_timestamp_seconds",
+            "When the config was last loaded successfully",
+            registry=r,
+        )
+        self.watchdog = Counter(
+            "agentd_watchdog_pings", "systemd watchdog keep-alives sent", registry=r
+        )
+        build = Gauge("agentd_build_info", "Always 1", ["version", "python"], registry=r)
+        build.labels(version, platform.python_version()).set(1)
+        # Token and cost metrics (agentd_llm_tokens_total{task,model,direction}, ...) go here.
+
+        # The daemon builds this right after the config loaded at start.
+        self.config_reload(True, time.time())
+
+    def set_tasks(self, task_ids: Iterable[str]) -> None:
+        """Export every per-task series at 0 from the start (so ``rate()`` and absent-alerts
+        work before the first failure) and drop all series of tasks the config no longer has."""
+        new = set(task_ids)
+        with self._lock:
+            for task in self._tasks - new:
+                for outcome in RUN_OUTCOMES:
+                    self.runs.remove(task, outcome)
+                for reason in SKIP_REASONS:
+                    self.skipped.remove(task, reason)
+                for metric in self._per_task():
+                    metric.remove(task)
+            for task in new - self._tasks:
+                for outcome in RUN_OUTCOMES:
+                    self.runs.labels(task, outcome)
+                for reason in SKIP_REASONS:
+                    self.skipped.labels(task, reason)
+                for metric in self._per_task():
+                    metric.labels(task)
+            self._tasks = new
+
+    def _per_task(self) -> tuple[Counter | Gauge | Histogram, ...]:
+        return (
+            self.duration,
+            self.lateness,
+            self.retries,
+            self.misfires,
+            self.last_run,
+            self.last_success,
+            self.running,
+            self.paused,
+        )
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        """Count one committed store event. Events of tasks outside the current config are
+        dropped: a late event from a removed task must not resurrect its series."""
+        task, kind = event.get("task_id"), event.get("kind")
+        data: dict[str, Any] = event.get("data") or {}
+        with self._lock:
+            if task not in self._tasks:
+                return
+            if kind in OUTCOMES:
+                self.runs.labels(task, OUTCOMES[kind]).inc()
+            if kind == "skip":
+                if data.get("reason") in SKIP_REASONS:  # anything else would be a new series
+                    self.skipped.labels(task, data["reason"]).inc()
+            elif kind == "misfire":
+                self.misfires.labels(task).inc(int(data.get("count") or 0))
+            elif kind == "retry":
+                self.retries.labels(task).inc()
+            elif kind == "claim" and data.get("lateness_s") is not None:
+                self.lateness.labels(task).observe(max(0.0, float(data["lateness_s"])))
+            elif kind in OUTCOMES and "duration_s" in data:
+                # Only finished attempts carry duration_s; a queued run cancelled before it
+                # started, or a startup recovery, did not run and has none.
+                self.last_run.labels(task).set(_unix(event["ts"]))
+                if kind == "success":
+                    self.last_success.labels(task).set(_unix(event["ts"]))
+                if data["duration_s"] is not None:
+                    self.duration.labels(task).observe(float(data["duration_s"]))
+
+    def set_state(
+        self, *, running: dict[str, int], queued: int, quarantined: int, paused: Iterable[str]
+    ) -> None:
+        """Current-state gauges, computed by the main loop so scrapes stay DB-free."""
+        paused_set = set(paused)
+        with self._lock:
+            for task in self._tasks:
+                self.running.labels(task).set(running.get(task, 0))
+                self.paused.labels(task).set(1 if task in paused_set else 0)
+            self.tasks_paused.set(len(paused_set & self._tasks))
+        self.queue_depth.set(queued)
+        self.quarantined.set(quarantined)
+
+    def set_last_times(
+        self, task_id: str, *, last_run: float | None, last_success: float | None
+    ) -> None:
+        """Seed from the DB at start, so a restart does not look like a task that never ran."""
+        with self._lock:
+            if task_id not in self._tasks:
+                return
+            if last_run is not None:
+                self.last_run.labels(task_id).set(last_run)
+            if last_success is not None:
+                self.last_success.labels(task_id).set(last_success)
+
+    def config_reload(self, ok: bool, when: float) -> None:
+        """A failed reload keeps the old config running; alert on this gauge being 0."""
+        self.reload_ok.set(1 if ok else 0)
+        if ok:
+            self.reload_ts.set(when)
+
+    def watchdog_ping(self) -> None:
+        self.watchdog.inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,539 @@
+"""The OpenAPI 3.0.3 description of agentd's HTTP API, served at ``/v1/openapi.json``.
+
+It is precise on purpose: the API fuzz test generates requests from it and checks every
+response (status code and body) against it, so a drift between this file and
+``agentd.http`` fails a test. Objects that mirror DB rows allow extra properties, so a
+new column is not a breaking change, but every documented field is required.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from agentd.control import RUN_STATUSES
+
+Schema = dict[str, Any]
+
+MAX_EVENT_ID = 2**63 - 1
+
+
+def _ref(name: str) -> Schema:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _str(nullable: bool = False, **extra: Any) -> Schema:
+    return {"type": "string", **({"nullable": True} if nullable else {}), **extra}
+
+
+def _int(nullable: bool = False, **extra: Any) -> Schema:
+    return {"type": "integer", **({"nullable": True} if nullable else {}), **extra}
+
+
+def _num(nullable: bool = False) -> Schema:
+    return {"type": "number", **({"nullable": True} if nullable else {})}
+
+
+def _obj(props: dict[str, Schema], *, extra: bool = True, required: bool = True) -> Schema:
+    out: Schema = {"type": "object", "properties": props, "additionalProperties": extra}
+    if required and props:
+        out["required"] = sorted(props)
+    return out
+
+
+def _json(schema: Schema, description: str) -> Schema:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _error(description: str) -> Schema:
+    return _json(_ref("Error"), description)
+
+
+ERRORS: dict[str, Schema] = {
+    "400": _error("Bad request (`bad_request`): a parameter or the body is invalid."),
+    "401": _error(
+        "`unauthorized`: this server has a token and the request has no or a wrong "
+        "`Authorization: Bearer` header."
+    ),
+    "404": _error("`unknown_task`, `unknown_run`, `not_quarantined` or `not_found`."),
+    "409": _error("`run_finished`: the run already ended."),
+    "413": _error("`payload_too_large`: the request body is over 1 MiB."),
+    "500": _error("`internal`: a bug; the traceback is in the agentd log, not here."),
+    "503": _error(
+        "`unavailable`: agentd is starting up (state not open yet) or shutting down; "
+        "`db_unavailable`: the state DB failed (disk full, locked too long). Retry later."
+    ),
+}
+
+
+def _errors(*codes: str) -> dict[str, Schema]:
+    return {code: ERRORS[code] for code in ("500", *codes)}
+
+
+def _path_param(name: str, description: str) -> Schema:
+    return {
+        "name": name,
+        "in": "path",
+        "required": True,
+        "description": description,
+        "schema": {"type": "string", "minLength": 1},
+    }
+
+
+TASK_ID = _path_param("task_id", "Task name, as in the config file.")
+RUN_ID = _path_param("run_id", "Run id, e.g. `20260301T120000-1a2b3c4d`.")
+
+
+def _query(name: str, schema: Schema, description: str) -> Schema:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "description": description,
+        "schema": schema,
+    }
+
+
+AFTER = _query(
+    "after",
+    _int(minimum=0, maximum=MAX_EVENT_ID, default=0),
+    "Only events with an id greater than this.",
+)
+EVENTS_LIMIT = _query(
+    "limit", _int(minimum=1, maximum=5000, default=500), "Page size (oldest first)."
+)
+LAST_EVENT_ID = {
+    "name": "Last-Event-ID",
+    "in": "header",
+    "required": False,
+    "description": "Resume after this event id (sent by EventSource on reconnect); "
+    "wins over `after`.",
+    "schema": _int(minimum=0, maximum=MAX_EVENT_ID),
+}
+
+
+def _optional_body(schema: Schema) -> Schema:
+    return {"required": False, "content": {"application/json": {"schema": schema}}}
+
+
+NO_FIELDS = _optional_body(_ref("Empty"))
+POST_SECURITY: list[dict[str, list[str]]] = [{"bearerAuth": []}, {}]
+
+
+def _post(
+    summary: str,
+    params: list[Schema],
+    status: str,
+    result: str,
+    *errors: str,
+    body: Schema = NO_FIELDS,
+) -> Schema:
+    return {
+        "summary": summary,
+        "security": POST_SECURITY,
+        "parameters": params,
+        "requestBody": body,
+        "responses": {
+            status: _json(_ref(result), "Done."),
+            **_errors("400", "401", "404", "413", "503", *errors),
+        },
+    }
+
+
+def _get(summary: str, params: list[Schema], result: Schema, *errors: str) -> Schema:
+    return {
+        "summary": summary,
+        "parameters": params,
+        "responses": {"200": _json(result, "OK."), **_errors("503", *errors)},
+    }
+
+
+def _sse(summary: str, params: list[Schema], *errors: str, ends: bool = False) -> Schema:
+    responses: dict[str, Schema] = {
+        "200": {
+            "description": "A `text/event-stream`: per event `id: <event id>`, "
+            "`event: <kind>`, `data: <the Event as JSON>`; `: keep-alive` comments while "
+            "idle. A client that falls too far behind is disconnected and should reconnect "
+            "with `Last-Event-ID`.",
+            "content": {"text/event-stream": {"schema": _ref("SseEvent")}},
+        },
+        **_errors("400", "503", *errors),
+    }
+    if ends:
+        responses["204"] = {
+            "description": "The run is final and nothing is newer than the resume point: "
+            "stop reconnecting."
+        }
+    return {"summary": summary, "parameters": params, "responses": responses}
+
+
+SCHEMAS: dict[str, Schema] = {
+    "Error": _obj({"error": _str(), "message": _str()}, extra=False),
+    "Empty": {"type": "object", "additionalProperties": False},
+    "Liveness": {
+        "type": "object",
+        "required": ["status", "last_tick_age_s", "stale_after_s"],
+        "properties": {
+            "status": _str(enum=["ok", "unhealthy"]),
+            "last_tick_age_s": {"type": "object", "additionalProperties": _num()},
+            "stale_after_s": _num(),
+            "stale": {"type": "array", "items": _str()},
+        },
+        "additionalProperties": True,
+    },
+    "Readiness": {
+        "type": "object",
+        "required": ["status"],
+        "properties": {"status": _str(enum=["ready", "not_ready"]), "reason": _str()},
+        "additionalProperties": True,
+    },
+    "Status": {"type": "object", "additionalProperties": True},
+    "OpenApi": {"type": "object", "required": ["openapi", "paths"], "additionalProperties": True},
+    "Task": _obj(
+        {
+            "id": _str(),
+            "description": _str(),
+            "kind": _str(enum=["command", "http", "python", "agent"]),
+            "schedule": _str(),
+            "schedule_kind": _str(enum=["cron", "interval", "once", "manual"]),
+            "timezone": _str(),
+            "next_runs": {
+                "type": "array",
+                "items": _obj({"local": _str(), "utc": _str()}),
+            },
+            "active": {"type": "boolean"},
+            "inactive_reason": _str(nullable=True),
+            "paused": {"type": "boolean"},
+            "paused_reason": _str(nullable=True),
+            "last_run_at": _str(nullable=True),
+            "last_outcome": _str(nullable=True),
+            "last_success_at": _str(nullable=True),
+            "overlap": _str(),
+            "catchup": _str(),
+        }
+    ),
+    "TaskList": _obj({"tasks": {"type": "array", "items": _ref("Task")}}, extra=False),
+    "TriggerResult": _obj(
+        {
+            "run_id": _str(),
+            "status": _str(enum=list(RUN_STATUSES)),
+            "reason": _str(nullable=True),
+        },
+        extra=False,
+    ),
+    "PauseRequest": {
+        "type": "object",
+        "properties": {"reason": _str(minLength=1, maxLength=500, default="paused via API")},
+        "additionalProperties": False,
+    },
+    "PauseResult": _obj(
+        {"task": _str(), "paused": {"type": "boolean"}, "changed": {"type": "boolean"}},
+        extra=False,
+    ),
+    "Run": _obj(
+        {
+            "id": _str(),
+            "task_id": _str(),
+            "trigger": _str(nullable=True),
+            "scheduled_for": _str(nullable=True),
+            "idempotency_key": _str(),
+            "status": _str(enum=list(RUN_STATUSES)),
+            "attempt": _int(),
+            "failures": _int(),
+            "not_before": _str(nullable=True),
+            "lease_owner": _str(nullable=True),
+            "lease_expires_at": _str(nullable=True),
+            "cancel_requested": _int(),
+            "created_at": _str(),
+            "started_at": _str(nullable=True),
+            "finished_at": _str(nullable=True),
+            "outcome": _str(nullable=True),
+            "exit_code": _int(nullable=True),
+            "error": _str(nullable=True),
+            "duration_s": _num(nullable=True),
+            "skip_reason": _str(nullable=True),
+            "progress_done": _int(nullable=True),
+            "progress_total": _int(nullable=True),
+            "progress_message": _str(nullable=True),
+        }
+    ),
+    "Attempt": _obj(
+        {
+            "id": _int(),
+            "run_id": _str(),
+            "attempt": _int(),
+            "worker": _str(nullable=True),
+            "started_at": _str(nullable=True),
+            "finished_at": _str(nullable=True),
+            "outcome": _str(nullable=True),
+            "exit_code": _int(nullable=True),
+            "http_status": _int(nullable=True),
+            "error": _str(nullable=True),
+            "duration_s": _num(nullable=True),
+        }
+    ),
+    "RunDetail": {
+        "allOf": [
+            _ref("Run"),
+            _obj(
+                {
+                    "attempts": {"type": "array", "items": _ref("Attempt")},
+                    "checkpoint": {"nullable": True, "description": "Any JSON value."},
+                }
+            ),
+        ]
+    },
+    "RunList": _obj(
+        {
+            "runs": {"type": "array", "items": _ref("Run")},
+            "next_before": _str(
+                nullable=True,
+                description="Pass as `before` for the next page; null on the last page.",
+            ),
+        },
+        extra=False,
+    ),
+    "CancelResult": _obj(
+        {"run_id": _str(), "status": _str(enum=["cancelled", "running"])}, extra=False
+    ),
+    "Event": _obj(
+        {
+            "id": _int(minimum=1),
+            "ts": _str(),
+            "kind": _str(),
+            "task_id": _str(nullable=True),
+            "run_id": _str(nullable=True),
+            "data": {"type": "object", "additionalProperties": True},
+        }
+    ),
+    "SseEvent": {
+        "description": "One server-sent event (what an EventSource client sees); `data` is "
+        "the Event as JSON.",
+        "type": "object",
+        "required": ["id", "event", "data"],
+        "properties": {
+            "id": _str(pattern="^[0-9]+$"),
+            "event": _str(minLength=1),
+            "data": _str(description="An `Event` as JSON."),
+        },
+        "additionalProperties": False,
+    },
+    "EventList": _obj({"events": {"type": "array", "items": _ref("Event")}}, extra=False),
+    "QuarantineEntry": _obj(
+        {
+            "run_id": _str(),
+            "task_id": _str(),
+            "quarantined_at": _str(),
+            "last_error": _str(nullable=True),
+            "attempts": _int(nullable=True),
+            "scheduled_for": _str(nullable=True),
+            "trigger": _str(nullable=True),
+        }
+    ),
+    "QuarantineRow": _obj(
+        {
+            "run_id": _str(),
+            "task_id": _str(),
+            "quarantined_at": _str(),
+            "last_error": _str(nullable=True),
+            "attempts": _int(nullable=True),
+        }
+    ),
+    "QuarantineList": _obj(
+        {"quarantine": {"type": "array", "items": _ref("QuarantineEntry")}}, extra=False
+    ),
+    "QuarantineDetail": _obj(
+        {"quarantine": _ref("QuarantineRow"), "run": _ref("RunDetail")}, extra=False
+    ),
+    "ReleaseResult": _obj({"run_id": _str(), "status": _str(enum=["queued"])}, extra=False),
+    "DropResult": _obj({"run_id": _str(), "dropped": {"type": "boolean"}}, extra=False),
+}
+
+
+def _probe(summary: str, schema: str, bad: str) -> Schema:
+    return {
+        "summary": summary,
+        "responses": {
+            "200": _json(_ref(schema), "OK."),
+            "503": _json(_ref(schema), bad),
+            **_errors(),
+        },
+    }
+
+
+PATHS: dict[str, Schema] = {
+    "/healthz": {
+        "get": _probe(
+            "Liveness: the main loop and scheduler ticked recently. No DB access, no token.",
+            "Liveness",
+            "A component is stale; `stale` names it.",
+        )
+    },
+    "/readyz": {
+        "get": _probe(
+            "Readiness: started, not stopping, state DB writable. No token.",
+            "Readiness",
+            "Not ready; `reason` says why.",
+        )
+    },
+    "/metrics": {
+        "get": {
+            "summary": "Prometheus metrics (text exposition format). No token.",
+            "responses": {
+                "200": {
+                    "description": "Metrics.",
+                    "content": {
+                        "text/plain": {"schema": {"type": "string"}},
+                        "application/openmetrics-text": {"schema": {"type": "string"}},
+                    },
+                },
+                **_errors(),
+            },
+        }
+    },
+    "/v1/openapi.json": {
+        "get": {
+            "summary": "This document (served while starting up, too).",
+            "responses": {"200": _json(_ref("OpenApi"), "OK."), **_errors()},
+        }
+    },
+    "/v1/status": {"get": _get("Daemon status summary.", [], _ref("Status"))},
+    "/v1/tasks": {"get": _get("All configured tasks.", [], _ref("TaskList"))},
+    "/v1/tasks/{task_id}": {
+        "get": _get("One task, with its next 5 fire times.", [TASK_ID], _ref("Task"), "404")
+    },
+    "/v1/tasks/{task_id}/trigger": {
+        "post": _post(
+            "Enqueue a manual run now (the task's overlap policy may skip it). "
+            "409 task_inactive when the task is disabled or lacks its API key.",
+            [TASK_ID],
+            "202",
+            "TriggerResult",
+            "409",
+        )
+    },
+    "/v1/tasks/{task_id}/pause": {
+        "post": _post(
+            "Pause scheduled fires of a task (idempotent: `changed` is false if it was).",
+            [TASK_ID],
+            "200",
+            "PauseResult",
+            body=_optional_body(_ref("PauseRequest")),
+        )
+    },
+    "/v1/tasks/{task_id}/resume": {
+        "post": _post(
+            "Resume a paused task (idempotent: `changed` is false if it was active).",
+            [TASK_ID],
+            "200",
+            "PauseResult",
+        )
+    },
+    "/v1/runs": {
+        "get": _get(
+            "Runs, newest first, one page at a time.",
+            [
+                _query("task", _str(), "Only runs of this task."),
+                _query("status", _str(enum=list(RUN_STATUSES)), "Only runs with this status."),
+                _query(
+                    "since",
+                    _str(format="date-time"),
+                    "Created at or after this moment (ISO 8601 with an offset).",
+                ),
+                _query(
+                    "until",
+                    _str(format="date-time"),
+                    "Created before this moment (ISO 8601 with an offset).",
+                ),
+                _query("limit", _int(minimum=1, maximum=1000, default=50), "Page size."),
+                _query("before", _str(), "The `next_before` of the previous page."),
+            ],
+            _ref("RunList"),
+            "400",
+        )
+    },
+    "/v1/runs/{run_id}": {
+        "get": _get("One run with its attempts and checkpoint.", [RUN_ID], _ref("RunDetail"), "404")
+    },
+    "/v1/runs/{run_id}/cancel": {
+        "post": _post(
+            "Cancel a run: a queued one at once, a running one is told to stop.",
+            [RUN_ID],
+            "202",
+            "CancelResult",
+            "409",
+        )
+    },
+    "/v1/runs/{run_id}/events": {
+        "get": _get(
+            "A run's events, oldest first.",
+            [RUN_ID, AFTER, EVENTS_LIMIT],
+            _ref("EventList"),
+            "400",
+            "404",
+        )
+    },
+    "/v1/runs/{run_id}/events/stream": {
+        "get": _sse(
+            "A run's events live, from the start (or the resume point); ends when the run "
+            "is final.",
+            [RUN_ID, AFTER, LAST_EVENT_ID],
+            "404",
+            ends=True,
+        )
+    },
+    "/v1/events": {
+        "get": _get("All events, oldest first.", [AFTER, EVENTS_LIMIT], _ref("EventList"), "400")
+    },
+    "/v1/events/stream": {
+        "get": _sse(
+            "All events live, from now (or the resume point).",
+            [AFTER, LAST_EVENT_ID],
+        )
+    },
+    "/v1/quarantine": {
+        "get": _get("Runs in quarantine, newest first.", [], _ref("QuarantineList"))
+    },
+    "/v1/quarantine/{run_id}": {
+        "get": _get(
+            "One quarantined run, with the run itself.", [RUN_ID], _ref("QuarantineDetail"), "404"
+        )
+    },
+    "/v1/quarantine/{run_id}/release": {
+        "post": _post(
+            "Put a quarantined run back in the queue with a fresh retry budget.",
+            [RUN_ID],
+            "200",
+            "ReleaseResult",
+        )
+    },
+    "/v1/quarantine/{run_id}/drop": {
+        "post": _post(
+            "Acknowledge and forget a quarantined run (it stays quarantined as history).",
+            [RUN_ID],
+            "200",
+            "DropResult",
+        )
+    },
+}
+
+
+def openapi_document() -> dict[str, Any]:
+    """A fresh copy of the whole document (callers may not share nested dicts)."""
+    return copy.deepcopy(
+        {
+            "openapi": "3.0.3",
+            "info": {
+                "title": "agentd",
+                "version": "1",
+                "description": "Operate agentd: tasks, runs, events, quarantine. Errors are "
+                'always `{"error": <stable code>, "message": ...}`. POST requests need '
+                "`Authorization: Bearer <token>` when the daemon has a token.",
+            },
+            "paths": PATHS,
+            "components": {
+                "schemas": SCHEMAS,
+                "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},
+            },
+        }
+    )

@@ -1,0 +1,285 @@
+"""Fuzz the live HTTP API from its own ``/v1/openapi.json`` with schemathesis.
+
+The server runs for real (aiohttp on a loopback port, a Store on a SQLite file seeded
+with runs in every state) in a background thread with its own event loop. For every
+documented operation, Hypothesis generates valid and invalid requests, and each
+response must: not be a 5xx, have a documented status code and content type, and have
+a body that matches the documented schema. Requests with real ids (which random
+generation never hits) are added explicitly, so the detail objects are checked too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import schemathesis
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis.errors import Unsatisfiable
+from prometheus_client import CollectorRegistry, Counter
+from schemathesis import GenerationMode
+from schemathesis.checks import not_a_server_error
+from schemathesis.core.result import Ok
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from agentd.clock import ManualClock
+from agentd.config import parse_config
+from agentd.control import Control
+from agentd.events import EventBus
+from agentd.health import Health
+from agentd.http import HttpServer
+from agentd.models import Outcome, RunStatus
+from agentd.store import Store
+
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+]
+EXAMPLES = {GenerationMode.POSITIVE: 25, GenerationMode.NEGATIVE: 10}
+STREAM_EXAMPLES = {GenerationMode.POSITIVE: 6, GenerationMode.NEGATIVE: 4}
+STREAM_TIMEOUT_S = 0.6
+"""Streams that do not end are read this long (schemathesis cuts them short), so the
+server's keep-alive interval below is shorter."""
+EVENT_FIELDS = {"id", "ts", "kind", "task_id", "run_id", "data"}
+
+CONFIG = """
+tasks:
+  alpha:
+    description: hourly
+    schedule: {every: 1h}
+    command: {argv: ["true"]}
+  beta:
+    schedule: {manual: true}
+    command: {argv: ["true"]}
+    overlap: allow
+  gamma:
+    description: disabled one
+    enabled: false
+    schedule: {cron: "0 3 * * *", timezone: Europe/Berlin}
+    http: {url: "http://127.0.0.1:9/"}
+"""
+
+
+@dataclass
+class Seeded:
+    run_ids: dict[str, str] = field(default_factory=dict)
+
+
+def seed(store: Store, control: Control, clock: ManualClock) -> Seeded:
+    """Runs in every status, with attempts, a checkpoint, progress and quarantine rows."""
+    out = Seeded()
+
+    def fire(task_id: str = "beta") -> str:
+        clock.advance(1)
+        return str(control.trigger(task_id)["run_id"])
+
+    def claim(run_id: str) -> None:
+        rows = store.claim(clock.now(), "w1", 30, 1, set(), {"beta"})
+        assert [r["id"] for r in rows] == [run_id]
+
+    def finish(run_id: str, status: RunStatus, outcome: Outcome, **kw: Any) -> None:
+        clock.advance(1)
+        store.finish(run_id, clock.now(), outcome=outcome, next_status=status, **kw)
+
+    done = out.run_ids["succeeded"] = fire()
+    claim(done)
+    store.save_checkpoint(done, {"next": 3, "items": ["a", "b"]}, clock.now())
+    store.progress(done, 2, 3, "two of three", clock.now())
+    finish(done, RunStatus.SUCCEEDED, Outcome.SUCCESS, exit_code=0, duration_s=1.5)
+
+    for name in ("quarantined", "dropped"):
+        run_id = out.run_ids[name] = fire()
+        claim(run_id)
+        finish(run_id, RunStatus.QUARANTINED, Outcome.FAILURE, error="exit 1", exit_code=1)
+    store.quarantine_drop(out.run_ids["dropped"], clock.now())
+
+    out.run_ids["cancelled"] = fire()
+    control.cancel(out.run_ids["cancelled"])
+    running = out.run_ids["running"] = fire()
+    claim(running)
+    out.run_ids["queued"] = fire()
+    out.run_ids["queued_alpha"] = fire("alpha")
+    clock.advance(1)
+    skipped = store.fire("alpha", clock.now(), trigger="manual", overlap="skip")
+    out.run_ids["skipped"] = skipped.run_id  # alpha already has an active run
+    control.pause("alpha", "seeded pause")
+    statuses = {name: store.get_run(run_id)["status"] for name, run_id in out.run_ids.items()}
+    assert statuses == {
+        "succeeded": "succeeded",
+        "quarantined": "quarantined",
+        "dropped": "quarantined",
+        "cancelled": "cancelled",
+        "running": "running",
+        "queued": "queued",
+        "queued_alpha": "queued",
+        "skipped": "skipped",
+    }
+    return out
+
+
+class ServerThread(threading.Thread):
+    def __init__(self, tmp_path: Path) -> None:
+        super().__init__(name="api-fuzz-server", daemon=True)
+        self.tmp_path = tmp_path
+        self.ready = threading.Event()
+        self.port = 0
+        self.seeded = Seeded()
+        self.error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping: asyncio.Event | None = None
+
+    def run(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException as exc:  # reported to the test thread
+            self.error = exc
+            self.ready.set()
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        config = parse_config(CONFIG, environ={})
+        clock = ManualClock(T0 + timedelta(days=30))
+        bus = EventBus()
+        store = Store(self.tmp_path / "state.sqlite", event_sink=bus.publish)
+        try:
+            tasks: dict[str, tuple[str, str]] = {
+                tid: (t.fingerprint(), t.kind) for tid, t in config.tasks.items()
+            }
+            store.sync_tasks(tasks, clock.now())
+            control = Control(store, config, clock)
+            self.seeded = seed(store, control, clock)
+            registry = CollectorRegistry()
+            Counter("agentd_fuzz_total", "A metric.", registry=registry).inc()
+            health = Health(started=True)
+            health.tick("main_loop", clock.monotonic())
+            server = HttpServer(
+                control=control,
+                health=health,
+                registry=registry,
+                bus=bus,
+                status=lambda: {"pid": 1, "generation": 1},
+                clock=clock,
+                token=None,
+                sse_heartbeat_s=0.2,
+            )
+            self.port = await server.start("127.0.0.1", 0)
+            self.ready.set()
+            await self._stopping.wait()
+            await server.stop()
+        finally:
+            store.conn.close()
+
+    def shutdown(self) -> None:
+        if self._loop is not None and self._stopping is not None:
+            self._loop.call_soon_threadsafe(self._stopping.set)
+        self.join(timeout=30)
+
+
+@pytest.fixture
+def live_server(tmp_path: Path) -> Iterator[ServerThread]:
+    thread = ServerThread(tmp_path)
+    thread.start()
+    assert thread.ready.wait(timeout=60), "server did not start"
+    if thread.error is not None:
+        raise thread.error
+    try:
+        yield thread
+    finally:
+        thread.shutdown()
+
+
+def check_event_payloads(content: bytes) -> None:
+    """The documented SSE frame is checked by schemathesis; its ``data`` is an Event."""
+    for block in content.decode().split("\n\n"):
+        fields = dict(
+            line.split(": ", 1) for line in block.splitlines() if not line.startswith(":")
+        )
+        if not fields:
+            continue
+        event = json.loads(fields["data"])
+        assert set(event) >= EVENT_FIELDS, event
+        assert event["id"] == int(fields["id"]) and event["kind"] == fields["event"], event
+        assert isinstance(event["data"], dict), event
+
+
+def test_api_conforms_to_its_openapi_document(live_server: ServerThread) -> None:
+    base_url = f"http://127.0.0.1:{live_server.port}"
+    schema = schemathesis.openapi.from_url(f"{base_url}/v1/openapi.json")
+    schema.validate()  # a valid OpenAPI 3.0 document to begin with
+    operations = []
+    for result in schema.get_all_operations():
+        assert isinstance(result, Ok), result
+        operations.append(result.ok())
+    assert len(operations) == 20  # all 21 but the document itself, which from_url skips
+
+    session = requests.Session()
+    session.trust_env = False
+    failures: list[str] = []
+
+    def call(case: schemathesis.Case[Any]) -> None:
+        stream = case.operation.path.endswith("/stream")
+        timeout = STREAM_TIMEOUT_S if stream else 20.0
+        response = case.call_and_validate(
+            base_url=base_url, session=session, checks=CHECKS, timeout=timeout
+        )
+        if response.headers.get("content-type", [""])[0].startswith("text/event-stream"):
+            check_event_payloads(response.content)
+
+    # Known ids first (GETs, then POSTs, which change state), so the detail objects of
+    # real tasks, runs and quarantine entries are validated, not only the 404s.
+    ids = live_server.seeded.run_ids
+    known: list[tuple[str, str, dict[str, str]]] = []
+    for op in operations:
+        names = [p.name for p in op.path_parameters]
+        if names == ["task_id"]:
+            known += [(op.method.upper(), op.path, {"task_id": t}) for t in ("alpha", "gamma")]
+        elif names == ["run_id"]:
+            known += [(op.method.upper(), op.path, {"run_id": r}) for r in ids.values()]
+    known.sort(key=lambda item: item[0] != "GET")
+    by_key = {(op.method.upper(), op.path): op for op in operations}
+    for method, path, params in known:
+        try:
+            call(by_key[(method, path)].Case(path_parameters=params))
+        except Exception as exc:
+            failures.append(f"{method} {path} {params}: {exc}")
+
+    for op in operations:
+        budget = STREAM_EXAMPLES if op.path.endswith("/stream") else EXAMPLES
+        for mode, examples in budget.items():
+
+            @settings(
+                max_examples=examples,
+                deadline=None,
+                database=None,
+                derandomize=False,
+                suppress_health_check=list(HealthCheck),
+                phases=[Phase.explicit, Phase.generate, Phase.shrink],
+            )
+            @given(case=op.as_strategy(generation_mode=mode))
+            def fuzz(case: schemathesis.Case[Any]) -> None:
+                call(case)
+
+            try:
+                fuzz()
+            except Unsatisfiable:
+                continue  # nothing to make invalid (an operation without parameters)
+            except Exception as exc:
+                failures.append(f"{op.method.upper()} {op.path} ({mode.value}): {exc}")
+
+    assert not failures, "\n\n".join(failures)
