@@ -27,7 +27,7 @@ from agentd.clock import SystemClock, from_iso
 from agentd.config import Config, ConfigError, inactive_reason, load_config, redacted
 from agentd.control import Control
 from agentd.daemon import EXIT_CONFIG, EXIT_USAGE, StateLock, _task_index, run_daemon, state_paths
-from agentd.http import load_token
+from agentd.http import BindRefused, load_token
 from agentd.schedule import next_fires
 from agentd.store import Row, Store, StoreError
 
@@ -162,7 +162,12 @@ class Ops:
 
     def __init__(self, config: Config, url: str | None) -> None:
         self.config = config
-        token = load_token(config.daemon.http)
+        try:
+            token = load_token(config.daemon.http)
+        except BindRefused as exc:
+            # Reads still work without it; a POST will get the daemon's own 401.
+            print(f"agentd: warning: {exc}", file=sys.stderr)
+            token = None
         self.api: ApiClient | None = ApiClient(url or default_url(config), token)
         self._store: Store | None = None
         self._ctl: Control | None = None
