@@ -21,22 +21,6 @@ from agentd.store import Store
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture
-def make_daemon(tmp_path: Path):  # type: ignore[no-untyped-def]
-    daemons: list[Agentd] = []
-
-    def make(tasks: str, daemon_extra: str = "") -> Agentd:
-        d = Agentd(tmp_path, tasks, daemon_extra)
-        daemons.append(d)
-        return d
-
-    yield make
-    for d in daemons:
-        if d.proc and d.proc.poll() is None:
-            d.proc.kill()
-            d.proc.wait(timeout=30)
-
-
 def test_interval_task_fires_and_succeeds(make_daemon) -> None:  # type: ignore[no-untyped-def]
     d = make_daemon(
         """

@@ -19,22 +19,6 @@ from prometheus_client.parser import text_string_to_metric_families
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture
-def make_daemon(tmp_path: Path):  # type: ignore[no-untyped-def]
-    daemons: list[Agentd] = []
-
-    def make(tasks: str, daemon_extra: str = "") -> Agentd:
-        d = Agentd(tmp_path, tasks, daemon_extra)
-        daemons.append(d)
-        return d
-
-    yield make
-    for d in daemons:
-        if d.proc and d.proc.poll() is None:
-            d.proc.kill()
-            d.proc.wait(timeout=30)
-
-
 def get(d: Agentd, path: str) -> httpx.Response | None:
     try:
         return httpx.get(d.url + path, timeout=5)
