@@ -378,10 +378,7 @@ class Store:
             if honour_pause and task["paused"]:
                 skip_reason = "paused"
             else:
-                active = self._all(
-                    "SELECT id, status FROM runs WHERE task_id=? AND status IN (?,?)",
-                    (task_id, RunStatus.QUEUED, RunStatus.RUNNING),
-                )
+                active = self.active_runs(task_id)
                 queued = [r for r in active if r["status"] == RunStatus.QUEUED]
                 if (overlap == "skip" and active) or (overlap == "queue_one" and queued):
                     skip_reason = "overlap"
