@@ -88,12 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Under systemd (JOURNAL_STREAM set) the journal stamps every line itself; a second
+    # timestamp would only push the message off the right edge of `systemctl status`.
+    stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
     logging.basicConfig(
         level=logging.INFO,
         stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        format=stamp + "%(levelname)s %(name)s %(message)s",
     )
-    logging.Formatter.converter = __import__("time").gmtime
+    logging.Formatter.converter = time.gmtime
     parser = build_parser()
     args = parser.parse_args(argv)
     config_path: Path = args.config or default_config()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import fcntl
 import json
 import logging
@@ -18,6 +19,7 @@ import sqlite3
 import sys
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import prometheus_client
 
@@ -33,6 +35,7 @@ from agentd.metrics import Metrics
 from agentd.runner import Runner, workspace_path
 from agentd.scheduler import HEARTBEAT_S, Scheduler
 from agentd.store import Row, Store
+from agentd.systemd import Notifier
 
 log = logging.getLogger("agentd")
 
@@ -117,6 +120,9 @@ class Daemon:
         self.health = Health(stale_after_s=config.daemon.liveness_stale_after)
         self.bus = EventBus()
         self.metrics = Metrics(__version__)
+        self.notifier = Notifier()
+        self._watchdog: asyncio.Task[None] | None = None
+        self._watchdog_silent = False
         self.started_mono = self.clock.monotonic()
         self._last_gauges = -GAUGE_REFRESH_S
 
@@ -152,6 +158,9 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        if self.notifier.watchdog_s:
+            # Pinging starts now: migrations over a large history may outlast WatchdogSec.
+            self._watchdog = asyncio.create_task(self._watchdog_loop(self.notifier.watchdog_s))
         for extra in cfg.daemon.python_path:
             if str(extra) not in sys.path:
                 sys.path.insert(0, str(extra))
@@ -201,6 +210,8 @@ class Daemon:
         report = self.scheduler.start(cfg)
         self.health.tick("main_loop", self.clock.monotonic())
         self.health.started = True
+        # Config valid, DB migrated, scheduler started, HTTP bound: now, and only now.
+        self.notifier.ready(self.status_line())
         log.info(
             "agentd started pid=%d version=%s config=%s state_dir=%s tasks=%d jobs_added=%d "
             "jobs_rescheduled=%d jobs_removed=%d concurrency=%d http=%s:%d",
@@ -250,7 +261,9 @@ class Daemon:
             now_mono = self.clock.monotonic()
             self.health.tick("main_loop", now_mono)
             if self.reload_requested:
+                self.notifier.reloading()
                 self.reload()
+                self.notifier.ready(self.status_line())
             try:
                 self.runner.tick()
                 if now_mono - self._last_gauges >= GAUGE_REFRESH_S:
@@ -280,18 +293,69 @@ class Daemon:
             quarantined=counts.get("in_quarantine", 0),
             paused=self.store.paused_tasks() & set(self.config.tasks),
         )
+        self.notifier.status(self.status_line(counts.get("queued", 0)))
+
+    def status_line(self, queued: int | None = None) -> str:
+        """The one line ``systemctl status`` shows, e.g.
+        ``12 tasks, 2 running, next: digest at 09:00 Europe/Berlin``."""
+        parts = [f"{len(self.config.tasks)} tasks"]
+        parts.append(f"{len(self.runner.active) if self.runner else 0} running")
+        if queued:
+            parts.append(f"{queued} queued")
+        due = self.scheduler.next_due() if self.scheduler else None
+        if due is not None and due[0] in self.config.tasks:
+            task_id, when = due
+            tz = self.config.tasks[task_id].schedule.timezone or self.config.daemon.timezone
+            local = when.astimezone(ZoneInfo(tz))
+            today = self.clock.now().astimezone(ZoneInfo(tz)).date()
+            fmt = "%H:%M" if local.second == 0 else "%H:%M:%S"
+            fmt = fmt if local.date() == today else "%Y-%m-%d " + fmt
+            parts.append(f"next: {task_id} at {local.strftime(fmt)} {tz}")
+        line = ", ".join(parts)
+        if not self.last_reload_ok:
+            line = f"reload FAILED, running previous config (see journal); {line}"
+        return line
+
+    async def _watchdog_loop(self, interval_s: float) -> None:
+        """Ping every half interval, from the event loop itself, and only while the
+        daemon is doing its job: a stopped or wedged process stops pinging, and systemd
+        kills and restarts it. Healthy means what ``/healthz`` means (main loop and
+        scheduler ticked recently), so a wedge is noticed within
+        ``liveness_stale_after`` + ``WatchdogSec``. While starting (migrations) and while
+        draining, the loop answering is all that is asked."""
+        period_s = interval_s / 2
+        log.info("watchdog on: interval=%gs ping_every=%gs", interval_s, period_s)
+        while True:
+            healthy, body = self.health.liveness(self.clock.monotonic())
+            if healthy or not self.health.started or self.should_exit:
+                if self._watchdog_silent:
+                    log.warning("watchdog: healthy again, pinging resumed")
+                    self._watchdog_silent = False
+                if self.notifier.watchdog():
+                    self.metrics.watchdog_ping()
+            elif not self._watchdog_silent:
+                log.error("watchdog: not pinging, stale=%s", ",".join(body.get("stale", [])))
+                self._watchdog_silent = True
+            await asyncio.sleep(period_s)
 
     async def shutdown(self) -> int:
         self.health.stopping = True
+        self.should_exit = True  # also when the main loop ended by an error
+        in_flight = len(self.runner.active) if self.runner else 0
+        grace = 0.0 if self.force_exit else self.config.daemon.shutdown_grace
         log.info(
             "agentd stopping: no new fires or claims, draining %d run(s) grace=%gs",
-            len(self.runner.active) if self.runner else 0,
-            self.config.daemon.shutdown_grace,
+            in_flight,
+            grace,
         )
+        self.notifier.stopping(f"stopping: draining {in_flight} run(s), grace {grace:g}s")
+        if in_flight:
+            # systemd cannot tell us its TimeoutStopSec; asking for what the drain may
+            # take is harmless when the unit allows more, and saves the runs when not.
+            self.notifier.extend_timeout(self._drain_budget_s(grace))
         if self.scheduler:
             self.scheduler.pause()
         if self.runner:
-            grace = 0.0 if self.force_exit else self.config.daemon.shutdown_grace
             stopped = await self.runner.drain(grace, self._force)
             if stopped:
                 log.warning("stopped %d run(s) at shutdown; they resume on next start", stopped)
@@ -303,10 +367,17 @@ class Daemon:
             self.scheduler.shutdown()
         if self.store:
             self.store.close()
+        if self._watchdog:
+            self._watchdog.cancel()
         self.lock.release()
         code = EXIT_FORCED if self.force_exit else EXIT_OK
         log.info("agentd stopped exit=%d", code)
         return code
+
+    def _drain_budget_s(self, grace_s: float) -> float:
+        """Worst case from STOPPING to exit: the grace, the kill grace, and the bounded
+        waits after it (runner, HTTP, closing the DB)."""
+        return grace_s + self.config.daemon.kill_grace + 15.0
 
     # ------------------------------------------------------------ signals and reload
 
@@ -421,10 +492,13 @@ def _fmt(value: Any) -> str:
 
 
 def run_daemon(config_path: Path) -> int:
+    """Entry point for ``agentd run``: exit codes per the brief (0, 75, 78, 130)."""
     # One *_created series per counter doubles the series count for no question anyone
     # asks at 3 a.m.; process-wide, so it is decided here.
     prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
-    """Entry point for ``agentd run``: exit codes per the brief (0, 75, 78, 130)."""
+    # When systemd's watchdog kills a wedged daemon (SIGABRT), the journal then shows
+    # every thread's Python stack: where it was stuck, not just that it was.
+    faulthandler.enable()
     try:
         config = load_config(config_path)
     except ConfigError as exc:

@@ -208,6 +208,19 @@ class Scheduler:
                 report.unchanged += 1
         return report
 
+    def next_due(self) -> tuple[str, datetime] | None:
+        """The soonest job and its fire time, from the jobstore's indexed column: cheap
+        enough for a status line refreshed every second, even with 10,000 jobs."""
+        query = sqlalchemy.text(
+            "SELECT id, next_run_time FROM apscheduler_jobs "
+            "WHERE next_run_time IS NOT NULL ORDER BY next_run_time LIMIT 1"
+        )
+        with self._engine.connect() as conn:
+            row = conn.execute(query).first()
+        if row is None:
+            return None
+        return str(row[0]), datetime.fromtimestamp(float(row[1]), UTC)
+
     def next_fire_time(self, task_id: str) -> datetime | None:
         job = self.aps.get_job(task_id)
         return job.next_run_time if job else None
