@@ -230,8 +230,14 @@ class Scheduler:
             self.aps.pause()
 
     def shutdown(self) -> None:
+        """Stop APScheduler and fold the jobstore's WAL back into its file."""
         if self.aps.running:
             self.aps.shutdown(wait=False)
+        try:
+            with self._engine.connect() as conn:
+                conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlalchemy.exc.SQLAlchemyError as exc:
+            log.warning("jobstore WAL checkpoint at shutdown failed: %s", exc)
         self._engine.dispose()
 
     # ------------------------------------------------------------ fires

@@ -130,6 +130,10 @@ def test_ready_comes_after_readyz_is_200_and_stopping_before_exit_0(
     assert stopping.fields["STATUS"].startswith("stopping: draining 0 run(s)")
     assert "EXTEND_TIMEOUT_USEC" not in stopping.fields  # nothing to drain, nothing to ask
     assert d.proc is not None and d.proc.wait(timeout=60) == 0
+    # Both databases closed cleanly: their WALs folded back, a copy of the files is whole.
+    for name in ("state.sqlite-wal", "schedule.sqlite-wal"):
+        wal = d.state_dir / name
+        assert not wal.exists() or wal.stat().st_size == 0, name
 
 
 def test_watchdog_pings_every_half_interval_and_none_for_a_foreign_pid(
@@ -233,6 +237,27 @@ def test_sighup_sends_reloading_with_monotonic_usec_then_ready(
     assert d.stop() == 0
 
 
+def test_hups_that_arrive_while_busy_coalesce_into_one_reload(
+    make_daemon: Callable[..., Agentd], notify: NotifySocket, tmp_path: Path
+) -> None:
+    wedge = tmp_path / "wedge"
+    d = make_daemon(RELOAD_TASKS).start(
+        wait_ready=False, env={**notify.env, "AGENTD_TEST_WEDGE_FILE": str(wedge)}
+    )
+    notify.wait(lambda m: m.fields.get("READY") == "1", "READY=1")
+    d.write_config(RELOAD_TASKS + 'added:\n  schedule: {every: 1h}\n  command: {argv: ["true"]}\n')
+    wedge.write_text("busy")  # the main loop is held, as if a reload were under way
+    count = len(notify.messages())
+    for seen in range(1, 6):  # one at a time: the kernel itself merges pending signals
+        d.signal(signal.SIGHUP)
+        wait_for(lambda n=seen: d.log().count("reload requested") == n, what=f"HUP {seen}")
+    wedge.unlink()
+    notify.wait(lambda m: "READY" in m.fields, "READY after the reload", count)
+    assert d.stop() == 0
+    assert d.log().count("reload ok generation=") == 1
+    assert len([m for m in notify.messages()[count:] if "RELOADING" in m.fields]) == 1
+
+
 def test_sigterm_with_a_run_in_flight_asks_systemd_for_more_time(
     make_daemon: Callable[..., Agentd], notify: NotifySocket, tmp_path: Path
 ) -> None:
@@ -300,3 +325,36 @@ def test_notifier_is_a_no_op_without_notify_socket_and_strips_the_variables(
     assert loud.status("same") and not loud.status("same")  # only changes are sent
     notify.wait(lambda m: m.fields.get("STATUS") == "same", "STATUS=same")
     assert [m.fields for m in notify.messages()] == [{"STATUS": "same"}]
+
+
+def test_watchdog_keeps_pinging_while_a_run_drains(
+    make_daemon: Callable[..., Agentd], notify: NotifySocket, tmp_path: Path
+) -> None:
+    go, out = tmp_path / "go", tmp_path / "out"
+    d = make_daemon(
+        f"""
+        blocker:
+          schedule: {{manual: true}}
+          python: {{callable: "e2e_tasks:batch"}}
+          params: {{out: "{out}", go: "{go}", items: [a, b], block_at: 0}}
+        """
+    ).start(wait_ready=False, env={**notify.env, "WATCHDOG_USEC": "200000"})
+    notify.wait(lambda m: m.fields.get("READY") == "1", "READY=1")
+    run_id = d.trigger("blocker")
+    wait_for(lambda: out.exists(), what="run blocked after its first item")
+    count = len(notify.messages())
+    d.signal(signal.SIGTERM)
+    notify.wait(lambda m: "STOPPING" in m.fields, "STOPPING=1", count)
+    # The run ignores the stop request until go exists: the daemon is draining, alive,
+    # and must keep telling systemd so, or systemd would kill it mid-drain.
+    since = len(notify.messages())
+    wait_for(
+        lambda: len([m for m in notify.messages()[since:] if "WATCHDOG" in m.fields]) >= 5,
+        what="pings while draining",
+    )
+    assert d.proc is not None and d.proc.poll() is None
+    go.write_text("go")
+    assert d.proc.wait(timeout=60) == 0
+    # It went on to its next checkpoint, and stopped there as asked.
+    attempts = d.query("SELECT outcome FROM attempts WHERE run_id=?", (run_id,))
+    assert [a["outcome"] for a in attempts] == ["interrupted"]
