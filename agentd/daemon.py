@@ -414,7 +414,9 @@ class Daemon:
             if getattr(new.daemon, key) != getattr(self.config.daemon, key):
                 log.warning("reload: daemon.%s changed; it takes effect after a restart", key)
         now = self.clock.now()
-        self.store.sync_tasks(_task_index(new), now)
+        before, after = _task_index(self.config), _task_index(new)
+        changed = sorted(t for t in before.keys() & after.keys() if before[t] != after[t])
+        self.store.sync_tasks(after, now)
         report = self.scheduler.sync(new)
         self.runner.set_tasks(new.tasks)
         self.metrics.set_tasks(new.tasks)
@@ -425,13 +427,16 @@ class Daemon:
         self.last_reload_ok = True
         self.metrics.config_reload(True, self.clock.now().timestamp())
         log.info(
-            "reload ok generation=%d tasks=%d added=%s rescheduled=%s removed=%s unchanged=%d",
+            "reload ok generation=%d tasks=%d added=%s changed=%s removed=%s "
+            "jobs_added=%d jobs_rescheduled=%s jobs_removed=%d",
             self.generation,
             len(new.tasks),
-            ",".join(report.added) or "-",
+            ",".join(sorted(after.keys() - before.keys())) or "-",
+            ",".join(changed) or "-",
+            ",".join(sorted(before.keys() - after.keys())) or "-",
+            len(report.added),
             ",".join(report.rescheduled) or "-",
-            ",".join(report.removed) or "-",
-            report.unchanged,
+            len(report.removed),
         )
         return True
 

@@ -83,3 +83,31 @@ def test_second_sigterm_is_logged_and_ignored(
     assert d.proc is not None and d.proc.poll() is None  # still draining
     go.write_text("go")
     assert d.proc.wait(timeout=60) == 0
+
+
+def test_sighup_applies_the_diff_without_touching_runs_in_flight(
+    make_daemon: Callable[..., Agentd], tmp_path: Path
+) -> None:
+    go, out, out2 = tmp_path / "go", tmp_path / "out", tmp_path / "out2"
+    keep = BLOCKER.format(out=out, go=go)
+    doomed = BLOCKER.format(out=out2, go=go).replace("blocker:", "doomed:")
+    hourly = 'schedule: {every: 1h}\n  command: {argv: ["true"]}\n'
+    d = make_daemon(keep + doomed + "moved:\n  " + hourly + "gone:\n  " + hourly).start()
+    kept_run, doomed_run = d.trigger("blocker"), d.trigger("doomed")
+    wait_for(lambda: out.exists() and out2.exists(), what="both runs blocked")
+
+    # blocker unchanged, doomed removed while its run is in flight, moved rescheduled,
+    # gone removed, new added.
+    d.write_config(keep + "moved:\n  " + hourly.replace("1h", "2h") + "new:\n  " + hourly)
+    d.signal(signal.SIGHUP)
+    wait_for(lambda: "reload ok" in d.log(), what="reload applied")
+    line = next(ln for ln in d.log().splitlines() if "reload ok" in ln)
+    assert " added=new changed=moved removed=doomed,gone " in line, line
+    assert "jobs_rescheduled=moved " in line, line
+    assert d.run_status(kept_run) == "running" and d.run_status(doomed_run) == "running"
+
+    go.write_text("go")
+    d.wait_status(kept_run, "succeeded")
+    d.wait_status(doomed_run, "succeeded")  # its task is gone; the run it started is not
+    assert outcomes(d, kept_run) == ["success"] and outcomes(d, doomed_run) == ["success"]
+    assert d.stop() == 0
