@@ -18,7 +18,17 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from agentd.budget import EPS, Need, Scope, full, global_scopes, reached, task_scopes
+from agentd.budget import (
+    EPS,
+    Need,
+    Period,
+    Scope,
+    full,
+    global_scopes,
+    reached,
+    task_scopes,
+    window_at,
+)
 from agentd.clock import to_iso
 from agentd.config import Config
 from agentd.store import Row, Store
@@ -264,4 +274,39 @@ def window_report(store: Store, scope: Scope) -> Row:
         "spent_usd": round(usd, 6),
         "limit_usd": scope.usd,
         "remaining_usd": None if scope.usd is None else round(max(0.0, scope.usd - usd), 6),
+    }
+
+
+def spend_report(store: Store, config: Config, now: datetime) -> Row:
+    """Spend per task and window (day and month in the task's zone) and globally, for
+    the API and the CLI. Tasks that cannot call a model and have no budget are left out."""
+
+    def window(task_id: str | None, period: Period, zone: str, usd: float | None) -> Row:
+        start, end = window_at(period, now, zone)
+        label = f"{task_id or 'global'}:{period}"
+        key = f"task:{label}" if task_id else label
+        scope = Scope(key, label, task_id, period, usd, None, start, end)
+        return {**window_report(store, scope), "timezone": zone}
+
+    tasks = []
+    for task_id, task in config.tasks.items():
+        budget = task.budget.task
+        if config.llm_target(task) is None and budget.usd_per_day is None:
+            continue
+        zone = config.task_timezone(task)
+        tasks.append(
+            {
+                "task": task_id,
+                "day": window(task_id, "day", zone, budget.usd_per_day),
+                "month": window(task_id, "month", zone, budget.usd_per_month),
+                "run_budget": task.budget.run.model_dump(),
+            }
+        )
+    zone, limits = config.limits_timezone, config.limits
+    return {
+        "tasks": tasks,
+        "global": {
+            "day": window(None, "day", zone, limits.usd_per_day),
+            "month": window(None, "month", zone, limits.usd_per_month),
+        },
     }
