@@ -390,3 +390,59 @@ def test_schema_1_llm_calls_are_folded_into_the_ledger(tmp_path: Path) -> None:
         assert "llm_calls" not in tables and {"outbox", "alerts", "budget_alarms"} <= tables
     finally:
         store.close()
+
+
+GLOBAL = """
+limits: {usd_per_day: 1.0, timezone: America/New_York}
+providers:
+  p:
+    base_url: http://127.0.0.1:9/v1
+    default_model: m
+    prices: {m: {input: 1000, output: 1000}}
+tasks:
+  t:
+    schedule: {every: 1h}
+    agent: {provider: p, prompt: hi}
+  py:
+    schedule: {every: 1h}
+    python: {callable: "agentd.examples:checksum_files"}
+"""
+
+
+def test_global_cap_counts_every_task_alarms_and_gates_agent_tasks_only(store: Store) -> None:
+    config = parse(GLOBAL)
+    store.sync_tasks({"t": ("f", "agent"), "py": ("g", "python")}, T0)
+    store.fire_gate = lambda task_id, now: window_blocked(store, config, task_id, now)
+    [day] = call_scopes(config, config.tasks["t"], T0)
+    assert day.key == "global:day"
+    assert day.start == datetime(2026, 3, 28, 4, tzinfo=UTC)  # New York midnight (EDT)
+    assert not isinstance(spend(store, config, T0, 0.85), Refusal)
+    assert alarms(store) == [("global:day", 50), ("global:day", 80)]
+    assert isinstance(spend(store, config, T0, 0.2), Refusal)
+    assert alarms(store)[-1] == ("global:day", 100)
+    assert store.fire("t", T0, scheduled_for=T0).reason == "budget"
+    # A python task may never call a model: the global window does not skip it.
+    assert store.fire("py", T0, scheduled_for=T0).status == "queued"
+
+
+def test_one_shared_client_per_provider() -> None:
+    import asyncio
+
+    from agentd.clock import SystemClock
+    from agentd.providers import Gateway
+
+    config = parse(GLOBAL)
+
+    async def main() -> None:
+        gateway = Gateway(None, config, SystemClock())  # type: ignore[arg-type]
+        provider = config.providers["p"]
+        first = gateway.client("p", provider)
+        assert gateway.client("p", provider) is first
+        assert first.timeout.connect == 10.0 and first.timeout.read == 120.0
+        run_a = gateway.for_run(config.tasks["t"], "a")
+        run_b = gateway.for_run(config.tasks["t"], "b")
+        assert run_a._gw is run_b._gw is gateway
+        await gateway.aclose()
+        assert first.is_closed
+
+    asyncio.run(main())
