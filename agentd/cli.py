@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", nargs="?", choices=["list", "show", "release", "drop"], default="list")
     p.add_argument("run_id", nargs="?")
     sub.add_parser("status", parents=[common], help="daemon health, tasks, running runs")
+    p = sub.add_parser("spend", parents=[common], help="LLM spend per task and window")
+    p.add_argument("--task")
+    p = sub.add_parser("alerts", parents=[common], help="alerts raised and their deliveries")
+    p.add_argument("--limit", type=int, default=20)
     p = sub.add_parser("events", parents=[common], help="the audit log; --follow to stream it")
     p.add_argument("--follow", "-f", action="store_true")
     p.add_argument("--limit", type=int, default=50)
@@ -272,6 +276,28 @@ def _dispatch(ops: Ops, args: argparse.Namespace, parser: argparse.ArgumentParse
                 "error",
             ],
         )
+    if cmd == "spend":
+        report = ops.call(
+            lambda c: c.get("/v1/spend", task=args.task),
+            lambda ctl: ctl.spend(args.task),
+        )
+        if args.json:
+            print(json.dumps(report, indent=2, default=str))
+            return 0
+        windows = [w for t in report["tasks"] for w in (t["day"], t["month"])]
+        if not args.task:
+            windows += [report["global"]["day"], report["global"]["month"]]
+        return _print(args, [_spend_row(w) for w in windows], list(_SPEND_COLUMNS))
+    if cmd == "alerts":
+        rows = ops.call(
+            lambda c: c.get("/v1/alerts", limit=args.limit)["alerts"],
+            lambda ctl: ctl.alerts(args.limit),
+        )
+        for row in rows:
+            row["delivered"] = " ".join(
+                f"{d['channel']}:{d['status']}" for d in row.get("deliveries", [])
+            )
+        return _print(args, rows, ["id", "ts", "kind", "task_id", "delivered", "summary"])
     if cmd == "events":
         if args.follow:
             return _follow(ops, args, "/v1/events/stream")
@@ -386,6 +412,28 @@ def _task_row(t: Row) -> Row:
         "last_outcome": t["last_outcome"] or "-",
         "paused": paused,
     }
+
+
+_SPEND_COLUMNS = {
+    "scope": "scope",
+    "window": "start",
+    "tz": "timezone",
+    "calls": "calls",
+    "tokens_in": "input_tokens",
+    "tokens_out": "output_tokens",
+    "spent_usd": "spent_usd",
+    "limit_usd": "limit_usd",
+    "left_usd": "remaining_usd",
+}
+
+
+def _spend_row(window: Row) -> Row:
+    row = {name: window.get(key) for name, key in _SPEND_COLUMNS.items()}
+    local = datetime.fromisoformat(str(window["start"]).replace("Z", "+00:00"))
+    row["window"] = local.astimezone(ZoneInfo(window["timezone"])).strftime(
+        "%Y-%m-%d" if window["period"] == "day" else "%Y-%m"
+    )
+    return row
 
 
 def _short_local(iso: str) -> str:

@@ -237,6 +237,10 @@ class HttpCallConfig(_Model):
 
 class PythonConfig(_Model):
     callable: str
+    provider: str | None = None
+    """Default provider of ``ctx.llm``; may be left out when only one is declared."""
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
 
     @field_validator("callable")
     @classmethod
@@ -247,8 +251,15 @@ class PythonConfig(_Model):
 
 
 class AgentConfig(_Model):
+    """One chat-completions step. ``provider`` names an entry of ``providers:``; without
+    it, ``base_url`` and ``api_key_env``/``api_key_file`` describe an unnamed provider
+    (no prices, so no USD budget). ``parse_config`` copies a named provider's URL and key
+    source in here, so a resolved task carries everything its executor needs."""
+
+    provider: str | None = None
     base_url: str = "https://api.openai.com/v1"
-    model: str
+    model: str = ""
+    """Empty means the provider's ``default_model``."""
     api_key_env: str | None = None
     api_key_file: Path | None = None
     system: str | None = None
@@ -256,13 +267,217 @@ class AgentConfig(_Model):
     items: list[Any] | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     max_tokens: int | None = Field(default=None, ge=1)
-    request_timeout: Duration = 120.0
+    """Output cap per call, sent to the provider and reserved against budgets."""
+    request_timeout: Duration | None = Field(default=None, gt=0)
+    """Read timeout per call; ``None`` means the provider's ``read_timeout``."""
 
     @model_validator(mode="after")
     def _key(self) -> AgentConfig:
         if self.api_key_env and self.api_key_file:
             raise ValueError("give api_key_env or api_key_file, not both")
         return self
+
+
+class PriceConfig(_Model):
+    """USD per million tokens."""
+
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+
+
+class ProviderConfig(_Model):
+    """An OpenAI-compatible endpoint, declared once and named by tasks."""
+
+    base_url: str
+    api_key_env: str | None = None
+    api_key_file: Path | None = None
+    default_model: str | None = None
+    connect_timeout: Duration = Field(default=10.0, gt=0)
+    read_timeout: Duration = Field(default=120.0, gt=0)
+    max_tokens: int = Field(default=1024, ge=1)
+    """Output cap for calls that set none: every call is bounded, so it can be reserved."""
+    prices: dict[str, PriceConfig] = {}
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"URL must start with http:// or https:// (got {value!r})")
+        return value
+
+    @model_validator(mode="after")
+    def _key(self) -> ProviderConfig:
+        if self.api_key_env and self.api_key_file:
+            raise ValueError("give api_key_env or api_key_file, not both")
+        return self
+
+
+class RunBudget(_Model):
+    tokens: int | None = Field(default=None, ge=1)
+    """Input plus output tokens over all attempts of one run."""
+    usd: float | None = Field(default=None, gt=0)
+
+
+class TaskBudget(_Model):
+    usd_per_day: float | None = Field(default=None, gt=0)
+    usd_per_month: float | None = Field(default=None, gt=0)
+    """Calendar day and month in the task's time zone."""
+
+
+class BudgetConfig(_Model):
+    run: RunBudget = RunBudget()
+    task: TaskBudget = TaskBudget()
+
+
+class LimitsConfig(_Model):
+    """The system cap over all tasks; no task's own budget may ask for more."""
+
+    usd_per_day: float | None = Field(default=None, gt=0)
+    usd_per_month: float | None = Field(default=None, gt=0)
+    timezone: str | None = None
+    """Where the global day starts; default ``daemon.timezone``."""
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str | None) -> str | None:
+        return None if value is None else _check_timezone(value)
+
+
+class ExpectConfig(_Model):
+    """Dead man's switch: a success at least every ``every``, with ``grace`` to spare."""
+
+    every: Duration = Field(gt=0)
+    grace: Duration = Field(default=0.0, ge=0)
+
+
+class PingConfig(_Model):
+    """Outbound pings for an external dead-man monitor. With only ``url`` the
+    Healthchecks.io convention applies: ``url/start``, ``url``, ``url/<exit status>``
+    (``url/fail`` when there is none). Explicit URLs may use ``{exit_code}``."""
+
+    url: str | None = None
+    start_url: str | None = None
+    success_url: str | None = None
+    fail_url: str | None = None
+    start: bool = True
+    timeout: Duration = Field(default=10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _urls(self) -> PingConfig:
+        for name in ("url", "start_url", "success_url", "fail_url"):
+            value = getattr(self, name)
+            if value is not None and not re.match(r"^https?://[^/\s]+", value):
+                raise ValueError(f"{name} must start with http:// or https:// (got {value!r})")
+        if not (self.url or self.success_url or self.fail_url or self.start_url):
+            raise ValueError("give url, or one of start_url, success_url, fail_url")
+        return self
+
+    def target(self, phase: str, exit_code: int | None) -> str | None:
+        base = self.url.rstrip("/") if self.url else None
+        if phase == "start":
+            if not self.start:
+                return None
+            return self.start_url or (f"{base}/start" if base else None)
+        if phase == "success":
+            return self.success_url or base
+        code = "fail" if exit_code is None else str(exit_code)
+        if self.fail_url:
+            return self.fail_url.replace("{exit_code}", code)
+        return f"{base}/{code}" if base else None
+
+
+ALERT_KINDS = (
+    "run_quarantined",
+    "task_paused",
+    "budget_alarm",
+    "budget_exhausted",
+    "deadman",
+    "run_too_long",
+    "config_reload_failed",
+    "recovered",
+)
+
+
+class WebhookChannel(_Model):
+    """JSON POST; with a secret, ``X-Agentd-Signature: sha256=<HMAC-SHA256 of the body>``."""
+
+    url: str
+    secret_env: str | None = None
+    secret_file: Path | None = None
+    headers: dict[str, str] = {}
+    timeout: Duration = Field(default=10.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"URL must start with http:// or https:// (got {value!r})")
+        return value
+
+    @model_validator(mode="after")
+    def _secret(self) -> WebhookChannel:
+        if self.secret_env and self.secret_file:
+            raise ValueError("give secret_env or secret_file, not both")
+        return self
+
+
+class CommandChannel(_Model):
+    """Runs ``argv`` with the alert as JSON on stdin; exit status 0 means delivered."""
+
+    argv: list[str] = Field(min_length=1)
+    timeout: Duration = Field(default=30.0, gt=0)
+
+
+class LogChannel(_Model):
+    level: Literal["info", "warning", "error"] = "warning"
+
+
+class ChannelConfig(_Model):
+    webhook: WebhookChannel | None = None
+    command: CommandChannel | None = None
+    log: LogChannel | None = None
+    retries: int = Field(default=5, ge=0, le=100)
+    """Further attempts after a failed delivery, with exponential backoff."""
+    backoff: Duration = Field(default=10.0, ge=0)
+    max_backoff: Duration = Field(default=3600.0, ge=0)
+
+    @model_validator(mode="after")
+    def _one(self) -> ChannelConfig:
+        kinds = [k for k in ("webhook", "command", "log") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            what = ", ".join(kinds) if kinds else "none"
+            raise ValueError(f"give exactly one of webhook, command, log (got {what})")
+        return self
+
+    @property
+    def kind(self) -> Literal["webhook", "command", "log"]:
+        if self.webhook is not None:
+            return "webhook"
+        return "command" if self.command is not None else "log"
+
+
+class AlertRule(_Model):
+    events: list[str] = Field(min_length=1)
+    """Alert kinds (see ``ALERT_KINDS``) or ``"*"`` for all."""
+    channels: list[str] = Field(min_length=1)
+    tasks: list[str] | None = None
+    """Only alerts about these tasks (alerts about no task always match)."""
+    cooldown: Duration | None = Field(default=None, ge=0)
+
+    @field_validator("events")
+    @classmethod
+    def _events(cls, value: list[str]) -> list[str]:
+        bad = [e for e in value if e != "*" and e not in ALERT_KINDS]
+        if bad:
+            raise ValueError(f"unknown event(s) {bad}; known: {', '.join(ALERT_KINDS)}, *")
+        return value
+
+
+class AlertsConfig(_Model):
+    cooldown: Duration = Field(default=3600.0, ge=0)
+    """The same condition (dedup key) alerts a channel at most once per cooldown."""
+    channels: dict[str, ChannelConfig] = {}
+    rules: list[AlertRule] = []
 
 
 class TaskConfig(_Model):
@@ -285,6 +500,11 @@ class TaskConfig(_Model):
     """How late a fire may start before ``catchup: skip`` counts it as missed."""
     pause_after_failures: int = Field(default=3, ge=0)
     output_max_bytes: int | None = Field(default=None, ge=1024)
+    budget: BudgetConfig = BudgetConfig()
+    expect: ExpectConfig | None = None
+    max_duration: Duration | None = Field(default=None, gt=0)
+    """Alert (``run_too_long``) when one attempt runs longer than this; it is not stopped."""
+    ping: PingConfig | None = None
 
     @field_validator("id")
     @classmethod
@@ -322,6 +542,9 @@ class TaskConfig(_Model):
 
 class Config(_Model):
     daemon: DaemonConfig = DaemonConfig()
+    providers: dict[str, ProviderConfig] = {}
+    limits: LimitsConfig = LimitsConfig()
+    alerts: AlertsConfig = AlertsConfig()
     tasks: dict[str, TaskConfig] = {}
     source: str = Field(default="<memory>", exclude=True)
 
@@ -339,6 +562,45 @@ class Config(_Model):
 
     def schedule_spec(self, task_id: str) -> ScheduleSpec:
         return self.tasks[task_id].schedule.spec(self.daemon.timezone)
+
+    def task_timezone(self, task: TaskConfig) -> str:
+        """The zone a task's budget windows are counted in: its schedule's."""
+        return task.schedule.timezone or self.daemon.timezone
+
+    @property
+    def limits_timezone(self) -> str:
+        return self.limits.timezone or self.daemon.timezone
+
+    def llm_target(self, task: TaskConfig) -> tuple[str, ProviderConfig, str, int | None] | None:
+        """(provider name, provider, model, max_tokens) a task's LLM calls go to by
+        default, or None when it has none (a command task, or python without providers)."""
+        if task.agent is not None:
+            name = task.agent.provider or provider_label(task.agent.base_url)
+            provider = self.providers.get(name) if task.agent.provider else None
+            if provider is None:
+                provider = ProviderConfig(
+                    base_url=task.agent.base_url,
+                    api_key_env=task.agent.api_key_env,
+                    api_key_file=task.agent.api_key_file,
+                )
+            model = task.agent.model or provider.default_model or ""
+            return name, provider, model, task.agent.max_tokens
+        if task.python is not None:
+            chosen = task.python.provider or (
+                next(iter(self.providers)) if len(self.providers) == 1 else None
+            )
+            if chosen is None or chosen not in self.providers:
+                return None
+            provider = self.providers[chosen]
+            model = task.python.model or provider.default_model or ""
+            return chosen, provider, model, task.python.max_tokens
+        return None
+
+
+def provider_label(base_url: str) -> str:
+    """The name an unnamed (inline) provider goes by in metrics and the ledger."""
+    match = re.match(r"^https?://([^/:\s]+)", base_url)
+    return match.group(1) if match else base_url
 
 
 # ---------------------------------------------------------------- errors
@@ -446,7 +708,105 @@ def parse_config(
         config = None
     if problems or config is None:
         raise ConfigError(source, problems)
+    config, problems = link(config)
+    if problems:
+        raise ConfigError(source, problems)
     return config
+
+
+def link(config: Config) -> tuple[Config, list[ConfigProblem]]:
+    """Checks across sections (names that must exist, budgets against the global cap,
+    prices that USD budgets need) and named providers copied into their agent tasks."""
+    problems: list[ConfigProblem] = []
+    tasks = dict(config.tasks)
+    for task_id, task in config.tasks.items():
+        at = f"tasks.{task_id}"
+        if task.agent is not None and task.agent.provider is not None:
+            agent = task.agent
+            named = task.agent.provider
+            provider = config.providers.get(named)
+            if provider is None:
+                have = ", ".join(sorted(config.providers)) or "none declared"
+                message = f"unknown provider {named!r} (have: {have})"
+                problems.append(ConfigProblem(f"{at}.agent.provider", message))
+                continue
+            clash = sorted({"base_url", "api_key_env", "api_key_file"} & agent.model_fields_set)
+            if clash:
+                message = (
+                    f"{', '.join(clash)} come(s) from providers.{agent.provider}; drop it here"
+                )
+                problems.append(ConfigProblem(f"{at}.agent", message))
+            agent = agent.model_copy(
+                update={
+                    "base_url": provider.base_url,
+                    "api_key_env": provider.api_key_env,
+                    "api_key_file": provider.api_key_file,
+                    "model": agent.model or provider.default_model or "",
+                }
+            )
+            tasks[task_id] = task = task.model_copy(update={"agent": agent})
+        if task.agent is not None and not task.agent.model:
+            message = "required key is missing (or set the provider's default_model)"
+            problems.append(ConfigProblem(f"{at}.agent.model", message))
+        if (
+            task.python is not None
+            and task.python.provider is not None
+            and task.python.provider not in config.providers
+        ):
+            have = ", ".join(sorted(config.providers)) or "none declared"
+            message = f"unknown provider {task.python.provider!r} (have: {have})"
+            problems.append(ConfigProblem(f"{at}.python.provider", message))
+        problems += _budget_problems(config, task)
+    linked = config.model_copy(update={"tasks": tasks})
+    for index, rule in enumerate(config.alerts.rules):
+        unknown = [c for c in rule.channels if c not in config.alerts.channels]
+        if unknown:
+            have = ", ".join(sorted(config.alerts.channels)) or "none declared"
+            message = f"unknown channel(s) {unknown} (have: {have})"
+            problems.append(ConfigProblem(f"alerts.rules[{index}].channels", message))
+        unknown = [t for t in rule.tasks or [] if t not in config.tasks]
+        if unknown:
+            problems.append(
+                ConfigProblem(f"alerts.rules[{index}].tasks", f"unknown task(s) {unknown}")
+            )
+    return linked, problems
+
+
+def _budget_problems(config: Config, task: TaskConfig) -> list[ConfigProblem]:
+    problems: list[ConfigProblem] = []
+    at = f"tasks.{task.id}.budget"
+    limits = config.limits
+    asks = {
+        "run.usd": task.budget.run.usd,
+        "task.usd_per_day": task.budget.task.usd_per_day,
+        "task.usd_per_month": task.budget.task.usd_per_month,
+    }
+    caps = {"usd_per_day": limits.usd_per_day, "usd_per_month": limits.usd_per_month}
+    for name, amount in asks.items():
+        if amount is None:
+            continue
+        for cap_name, cap in caps.items():
+            if name == "task.usd_per_month" and cap_name == "usd_per_day":
+                continue  # a month may well hold more than one day's cap
+            if cap is not None and amount > cap:
+                message = f"{amount:g} USD exceeds the global cap limits.{cap_name} ({cap:g} USD)"
+                problems.append(ConfigProblem(f"{at}.{name}", message))
+    wants_usd = any(v is not None for v in asks.values()) or (
+        task.agent is not None and any(v is not None for v in caps.values())
+    )
+    if wants_usd and task.agent is not None and task.agent.model:
+        pname = task.agent.provider
+        provider = config.providers.get(pname) if pname else None
+        if provider is None:
+            message = "a USD budget needs a named provider (providers:) with prices"
+            problems.append(ConfigProblem(f"tasks.{task.id}.agent.provider", message))
+        elif task.agent.model not in provider.prices:
+            message = (
+                f"no price for model {task.agent.model!r} in providers.{pname}.prices; "
+                "a USD budget or global cap needs one (0 for a free local model)"
+            )
+            problems.append(ConfigProblem(f"tasks.{task.id}.agent.model", message))
+    return problems
 
 
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
@@ -498,4 +858,17 @@ def redacted(config: Config) -> dict[str, Any]:
         return value
 
     result: dict[str, Any] = walk(config.model_dump(mode="json", by_alias=True))
+    # Webhook and ping URLs often carry their credential in the path (Slack, Healthchecks).
+    for channel in result.get("alerts", {}).get("channels", {}).values():
+        if channel.get("webhook"):
+            channel["webhook"]["url"] = _mask_url(channel["webhook"]["url"])
+    for task in result.get("tasks", {}).values():
+        for key in ("url", "start_url", "success_url", "fail_url"):
+            if task.get("ping") and task["ping"].get(key):
+                task["ping"][key] = _mask_url(task["ping"][key])
     return result
+
+
+def _mask_url(url: str) -> str:
+    match = re.match(r"^(https?://[^/?#\s]+)", url)
+    return (match.group(1) + "/***") if match and match.group(1) != url else url

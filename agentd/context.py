@@ -14,9 +14,12 @@ import threading
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from agentd.models import StopRequested
+
+if TYPE_CHECKING:
+    from agentd.providers import RunLLM
 
 T = TypeVar("T")
 
@@ -28,7 +31,6 @@ class ContextBackend(Protocol):
     def save_checkpoint(self, run_id: str, data: Any) -> None: ...
     def progress(self, run_id: str, done: int, total: int | None, message: str) -> None: ...
     def heartbeat(self, run_id: str) -> None: ...
-    def record_llm_call(self, run_id: str, call: dict[str, Any]) -> None: ...
 
 
 class Checkpoint:
@@ -63,6 +65,7 @@ class RunContext:
         backend: ContextBackend,
         loop: asyncio.AbstractEventLoop,
         logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
+        llm: RunLLM | None = None,
     ) -> None:
         self.run_id = run_id
         self.task_id = task_id
@@ -73,10 +76,19 @@ class RunContext:
         self.log = logger
         self.checkpoint = Checkpoint(self)
         self._backend = backend
+        self._llm = llm
         self._loop = loop
         self._loop_thread = threading.get_ident()
         self._cancel = threading.Event()
         self._stop = threading.Event()
+
+    @property
+    def llm(self) -> RunLLM:
+        """Chat completions through the task's provider, metered against its budgets:
+        ``await ctx.llm.achat("prompt")`` or, from a sync callable, ``ctx.llm.chat(...)``."""
+        if self._llm is None:
+            raise RuntimeError("this run context has no LLM gateway")
+        return self._llm
 
     # -- signals from the runner
     @property
@@ -105,9 +117,6 @@ class RunContext:
 
     def heartbeat(self) -> None:
         self._on_loop(lambda: self._backend.heartbeat(self.run_id))
-
-    def record_llm_call(self, call: dict[str, Any]) -> None:
-        self._on_loop(lambda: self._backend.record_llm_call(self.run_id, call))
 
     def _on_loop(self, fn: Callable[[], T]) -> T:
         if threading.get_ident() == self._loop_thread:

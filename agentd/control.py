@@ -7,16 +7,26 @@ a stable code that the API maps to an HTTP status.
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from agentd.clock import Clock
 from agentd.config import Config, inactive_reason
+from agentd.ledger import run_usage, spend_report
 from agentd.schedule import next_fires
 from agentd.store import Row, Store, StoreError
 
-RUN_STATUSES = ("queued", "running", "succeeded", "quarantined", "cancelled", "skipped")
+RUN_STATUSES = (
+    "queued",
+    "running",
+    "succeeded",
+    "quarantined",
+    "cancelled",
+    "skipped",
+    "budget_exhausted",
+)
 
 
 class Control:
@@ -119,6 +129,7 @@ class Control:
             **run,
             "attempts": self.store.attempts(run_id),
             "checkpoint": self.store.load_checkpoint(run_id),
+            "llm": run_usage(self.store, run_id),
         }
 
     def cancel(self, run_id: str) -> Row:
@@ -150,3 +161,28 @@ class Control:
     def quarantine_drop(self, run_id: str) -> Row:
         self.store.quarantine_drop(run_id, self.clock.now())
         return {"run_id": run_id, "dropped": True}
+
+    # ------------------------------------------------------------ spend and alerts
+
+    def spend(self, task: str | None = None) -> Row:
+        """LLM spend per task and window (day and month in the task's zone) and globally."""
+        if task is not None:
+            self._require_task(task)
+        report = spend_report(self.store, self.config, self.clock.now())
+        if task is not None:
+            report["tasks"] = [t for t in report["tasks"] if t["task"] == task]
+        return report
+
+    def alerts(self, limit: int = 50) -> list[Row]:
+        """The newest alerts, newest first, each with its deliveries."""
+        if not 1 <= limit <= 1000:
+            raise StoreError("bad_request", "limit must be between 1 and 1000")
+        rows = self.store._all("SELECT * FROM alerts ORDER BY id DESC LIMIT ?", (limit,))
+        for row in rows:
+            row["data"] = json.loads(row["data"])
+            row["deliveries"] = self.store._all(
+                "SELECT channel, status, attempts, last_error, delivered_at FROM outbox"
+                " WHERE alert_id=? ORDER BY id",
+                (row["id"],),
+            )
+        return rows

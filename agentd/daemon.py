@@ -33,6 +33,7 @@ from agentd.health import Health
 from agentd.http import BindRefused, HttpServer, check_bind, load_token
 from agentd.metrics import Metrics
 from agentd.runner import Runner, workspace_path
+from agentd.safety import Safety
 from agentd.scheduler import HEARTBEAT_S, Scheduler
 from agentd.store import Row, Store
 from agentd.systemd import Notifier
@@ -117,6 +118,7 @@ class Daemon:
         self.runner: Runner | None = None
         self.control: Control | None = None
         self.http: HttpServer | None = None
+        self.safety: Safety | None = None
         self.health = Health(stale_after_s=config.daemon.liveness_stale_after)
         self.bus = EventBus()
         self.metrics = Metrics(__version__)
@@ -185,6 +187,7 @@ class Daemon:
         # Known before recovery, so its "recover" events are counted.
         self.metrics.set_tasks(cfg.tasks)
         await asyncio.to_thread(self._open_state, self.store)
+        self.safety = Safety(self.store, cfg, self.clock, self.metrics)
         self._seed_metrics(cfg)
         self.runner = Runner(
             self.store,
@@ -197,6 +200,7 @@ class Daemon:
                 kill_grace_s=cfg.daemon.kill_grace, output_max_bytes=cfg.daemon.output_max_bytes
             ),
             on_change=self._wake.set,
+            llm=self.safety.gateway,
         )
         self.runner.set_tasks(cfg.tasks)
         self.scheduler = Scheduler(
@@ -266,6 +270,8 @@ class Daemon:
                 self.notifier.ready(self.status_line())
             try:
                 self.runner.tick()
+                if self.safety:
+                    self.safety.tick(self.clock.now())
                 if now_mono - self._last_gauges >= GAUGE_REFRESH_S:
                     self._last_gauges = now_mono
                     self._refresh_gauges()
@@ -359,6 +365,8 @@ class Daemon:
             stopped = await self.runner.drain(grace, self._force)
             if stopped:
                 log.warning("stopped %d run(s) at shutdown; they resume on next start", stopped)
+        if self.safety:
+            await self.safety.aclose()
         if self.http:
             # After the drain, so probes kept answering (ready=503, live=200) meanwhile;
             # before the store closes, so no request meets a closed connection.
@@ -409,6 +417,8 @@ class Daemon:
             self.metrics.config_reload(False, self.clock.now().timestamp())
             for line in exc.render().splitlines():
                 log.error("reload failed, keeping the running config: %s", line)
+            if self.safety:
+                self.safety.reload_failed(exc.render())
             return False
         for key in ("state_dir", "http", "concurrency", "lease"):
             if getattr(new.daemon, key) != getattr(self.config.daemon, key):
@@ -420,6 +430,8 @@ class Daemon:
         report = self.scheduler.sync(new)
         self.runner.set_tasks(new.tasks)
         self.metrics.set_tasks(new.tasks)
+        if self.safety:
+            self.safety.set_config(new)
         if self.control:
             self.control.config = new
         self.config = new
@@ -463,6 +475,8 @@ class Daemon:
         """One grep-able line per state change, a copy in the run's workspace, then metrics
         and live streams."""
         self.metrics.on_event(event)
+        if self.safety:
+            self.safety.on_event(event)
         self.bus.publish(event)
         data: dict[str, Any] = event["data"]
         extras = " ".join(f"{k}={_fmt(v)}" for k, v in sorted(data.items()) if v is not None)

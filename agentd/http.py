@@ -356,6 +356,8 @@ class HttpServer:
         r.add_get("/v1/runs/{run_id}/events/stream", self.run_stream, allow_head=False)
         r.add_get("/v1/events", self.events)
         r.add_get("/v1/events/stream", self.stream, allow_head=False)
+        r.add_get("/v1/spend", self.spend)
+        r.add_get("/v1/alerts", self.alerts)
         r.add_get("/v1/quarantine", self.quarantine_list)
         r.add_get("/v1/quarantine/{run_id}", self.quarantine_show)
         r.add_post("/v1/quarantine/{run_id}/release", self.quarantine_release)
@@ -522,6 +524,15 @@ class HttpServer:
         after = _parse_uint(_query(request, "after"), "after", 0, 0, MAX_EVENT_ID)
         limit = _parse_uint(_query(request, "limit"), "limit", 500, 1, 5000)
         return _json({"events": self.control.events(run_id, after=after, limit=limit)})
+
+    # ------------------------------------------------------------ spend and alerts
+
+    async def spend(self, request: web.Request) -> web.StreamResponse:
+        return _json(self.control.spend(_query(request, "task")))
+
+    async def alerts(self, request: web.Request) -> web.StreamResponse:
+        limit = _parse_uint(_query(request, "limit"), "limit", 50, 1, 1000)
+        return _json({"alerts": self.control.alerts(limit)})
 
     # ------------------------------------------------------------ quarantine
 

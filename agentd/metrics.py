@@ -43,9 +43,11 @@ OUTCOMES = {
     "recover": "interrupted",
     "skip": "skipped",
     "quarantine": "quarantined",
+    "budget_exhausted": "budget_exhausted",
 }
 RUN_OUTCOMES = tuple(dict.fromkeys(OUTCOMES.values()))  # deduplicated, in a stable order
-SKIP_REASONS = ("overlap", "queue_full", "paused")
+SKIP_REASONS = ("overlap", "queue_full", "paused", "budget")
+TOKEN_DIRECTIONS = ("input", "output")
 
 # Runs range from a quick HTTP call to an hour-long agent session.
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -127,7 +129,28 @@ class Metrics:
         )
         build = Gauge("agentd_build_info", "Always 1", ["version", "python"], registry=r)
         build.labels(version, platform.python_version()).set(1)
-        # Token and cost metrics (agentd_llm_tokens_total{task,model,direction}, ...) go here.
+        self.llm_tokens = Counter(
+            "agentd_llm_tokens",
+            "LLM tokens charged to a task (worst case when the provider reported none)",
+            ["task", "direction"],
+            registry=r,
+        )
+        self.llm_cost = Counter(
+            "agentd_llm_cost_usd", "LLM spend in USD from the price table", ["task"], registry=r
+        )
+        self.llm_requests = Counter(
+            "agentd_llm_requests",
+            "LLM calls made, by provider and HTTP status (or timeout, connect_error...)",
+            ["provider", "status"],
+            registry=r,
+        )
+        self.budget_remaining = Gauge(
+            "agentd_budget_remaining_usd",
+            "USD left in the current window (global:day, <task>:month...)",
+            ["scope"],
+            registry=r,
+        )
+        self._budget_scopes: set[str] = set()
 
         # The daemon builds this right after the config loaded at start.
         self.config_reload(True, time.time())
@@ -140,6 +163,8 @@ class Metrics:
             for task in self._tasks - new:
                 for outcome in RUN_OUTCOMES:
                     self.runs.remove(task, outcome)
+                for direction in TOKEN_DIRECTIONS:
+                    self.llm_tokens.remove(task, direction)
                 for reason in SKIP_REASONS:
                     self.skipped.remove(task, reason)
                 for metric in self._per_task():
@@ -147,6 +172,8 @@ class Metrics:
             for task in new - self._tasks:
                 for outcome in RUN_OUTCOMES:
                     self.runs.labels(task, outcome)
+                for direction in TOKEN_DIRECTIONS:
+                    self.llm_tokens.labels(task, direction)
                 for reason in SKIP_REASONS:
                     self.skipped.labels(task, reason)
                 for metric in self._per_task():
@@ -163,6 +190,7 @@ class Metrics:
             self.last_success,
             self.running,
             self.paused,
+            self.llm_cost,
         )
 
     def on_event(self, event: dict[str, Any]) -> None:
@@ -171,7 +199,15 @@ class Metrics:
         task, kind = event.get("task_id"), event.get("kind")
         data: dict[str, Any] = event.get("data") or {}
         with self._lock:
+            if kind == "llm_call" and data.get("provider"):
+                # Providers come from the config: a bounded label set, like tasks.
+                self.llm_requests.labels(data["provider"], str(data.get("status"))).inc()
             if task not in self._tasks:
+                return
+            if kind == "llm_call":
+                self.llm_tokens.labels(task, "input").inc(int(data.get("input_tokens") or 0))
+                self.llm_tokens.labels(task, "output").inc(int(data.get("output_tokens") or 0))
+                self.llm_cost.labels(task).inc(float(data.get("cost_usd") or 0.0))
                 return
             if kind in OUTCOMES:
                 self.runs.labels(task, OUTCOMES[kind]).inc()
@@ -217,6 +253,15 @@ class Metrics:
                 self.last_run.labels(task_id).set(last_run)
             if last_success is not None:
                 self.last_success.labels(task_id).set(last_success)
+
+    def set_budget_remaining(self, remaining: dict[str, float]) -> None:
+        """Current windows' remaining USD by scope; scopes no longer configured go away."""
+        with self._lock:
+            for scope in self._budget_scopes - set(remaining):
+                self.budget_remaining.remove(scope)
+            for scope, usd in remaining.items():
+                self.budget_remaining.labels(scope).set(usd)
+            self._budget_scopes = set(remaining)
 
     def config_reload(self, ok: bool, when: float) -> None:
         """A failed reload keeps the old config running; alert on this gauge being 0."""

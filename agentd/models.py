@@ -18,10 +18,19 @@ class RunStatus(StrEnum):
     QUARANTINED = "quarantined"
     CANCELLED = "cancelled"
     SKIPPED = "skipped"
+    BUDGET_EXHAUSTED = "budget_exhausted"
+    """Stopped before a call its budget could not hold; final, neither retried nor
+    quarantined (a retry would hit the same limit)."""
 
 
 FINAL_STATUSES = frozenset(
-    {RunStatus.SUCCEEDED, RunStatus.QUARANTINED, RunStatus.CANCELLED, RunStatus.SKIPPED}
+    {
+        RunStatus.SUCCEEDED,
+        RunStatus.QUARANTINED,
+        RunStatus.CANCELLED,
+        RunStatus.SKIPPED,
+        RunStatus.BUDGET_EXHAUSTED,
+    }
 )
 ACTIVE_STATUSES = frozenset({RunStatus.QUEUED, RunStatus.RUNNING})
 
@@ -35,6 +44,7 @@ class Outcome(StrEnum):
     CANCELLED = "cancelled"
     INTERRUPTED = "interrupted"
     LOST = "lost"
+    BUDGET_EXHAUSTED = "budget_exhausted"
 
 
 @dataclass(frozen=True)
@@ -51,6 +61,8 @@ class Result:
     http_status: int | None = None
     retry_after_s: float | None = None
     retryable: bool | None = None
+    budget_exhausted: bool = False
+    """The run stopped before a call that its budget could not hold."""
     detail: dict[str, Any] = field(default_factory=dict)
 
 

@@ -279,10 +279,90 @@ SCHEMAS: dict[str, Schema] = {
                 {
                     "attempts": {"type": "array", "items": _ref("Attempt")},
                     "checkpoint": {"nullable": True, "description": "Any JSON value."},
+                    "llm": _ref("RunUsage"),
                 }
             ),
         ]
     },
+    "RunUsage": _obj(
+        {
+            "calls": _int(),
+            "input_tokens": _int(),
+            "output_tokens": _int(),
+            "cost_usd": _num(),
+        },
+        extra=False,
+    ),
+    "SpendWindow": _obj(
+        {
+            "scope": _str(description="`<task>:day`, `<task>:month`, `global:day`..."),
+            "period": _str(enum=["day", "month"]),
+            "start": _str(description="Window start (UTC); the local midnight of `timezone`."),
+            "end": _str(),
+            "timezone": _str(),
+            "calls": _int(),
+            "input_tokens": _int(),
+            "output_tokens": _int(),
+            "spent_usd": _num(),
+            "limit_usd": _num(nullable=True),
+            "remaining_usd": _num(nullable=True),
+        },
+        extra=False,
+    ),
+    "TaskSpend": _obj(
+        {
+            "task": _str(),
+            "day": _ref("SpendWindow"),
+            "month": _ref("SpendWindow"),
+            "run_budget": _obj(
+                {"tokens": _int(nullable=True), "usd": _num(nullable=True)}, extra=False
+            ),
+        },
+        extra=False,
+    ),
+    "Spend": _obj(
+        {
+            "tasks": {"type": "array", "items": _ref("TaskSpend")},
+            "global": _obj({"day": _ref("SpendWindow"), "month": _ref("SpendWindow")}, extra=False),
+        },
+        extra=False,
+    ),
+    "Delivery": _obj(
+        {
+            "channel": _str(),
+            "status": _str(enum=["pending", "delivered", "failed"]),
+            "attempts": _int(),
+            "last_error": _str(nullable=True),
+            "delivered_at": _str(nullable=True),
+        },
+        extra=False,
+    ),
+    "Alert": _obj(
+        {
+            "id": _int(),
+            "ts": _str(),
+            "kind": _str(
+                enum=[
+                    "run_quarantined",
+                    "task_paused",
+                    "budget_alarm",
+                    "budget_exhausted",
+                    "deadman",
+                    "run_too_long",
+                    "config_reload_failed",
+                    "recovered",
+                ]
+            ),
+            "dedup_key": _str(),
+            "task_id": _str(nullable=True),
+            "run_id": _str(nullable=True),
+            "event_id": _int(nullable=True),
+            "summary": _str(),
+            "data": {"type": "object", "additionalProperties": True},
+            "deliveries": {"type": "array", "items": _ref("Delivery")},
+        }
+    ),
+    "AlertList": _obj({"alerts": {"type": "array", "items": _ref("Alert")}}, extra=False),
     "RunList": _obj(
         {
             "runs": {"type": "array", "items": _ref("Run")},
@@ -489,6 +569,23 @@ PATHS: dict[str, Schema] = {
         "get": _sse(
             "All events live, from now (or the resume point).",
             [AFTER, LAST_EVENT_ID],
+        )
+    },
+    "/v1/spend": {
+        "get": _get(
+            "LLM spend (USD, tokens, calls) per task for its current day and month, counted "
+            "in the task's time zone, and globally, with limits and what remains.",
+            [_query("task", _str(), "Only this task.")],
+            _ref("Spend"),
+            "404",
+        )
+    },
+    "/v1/alerts": {
+        "get": _get(
+            "Alerts raised, newest first, with their delivery state per channel.",
+            [_query("limit", _int(minimum=1, maximum=1000, default=50), "How many.")],
+            _ref("AlertList"),
+            "400",
         )
     },
     "/v1/quarantine": {

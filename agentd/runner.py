@@ -22,6 +22,7 @@ from agentd.config import TaskConfig
 from agentd.context import RunContext
 from agentd.executors import ExecEnv, executor_for
 from agentd.models import Outcome, Result, RunStatus, StopRequested
+from agentd.providers import Gateway
 from agentd.store import Row, Store
 
 log = logging.getLogger("agentd.runner")
@@ -53,6 +54,9 @@ def decide(
         return Decision(RunStatus.SUCCEEDED)
     if outcome == Outcome.CANCELLED:
         return Decision(RunStatus.CANCELLED)
+    if outcome == Outcome.BUDGET_EXHAUSTED:
+        # Final: a retry would meet the same limit, and nothing is broken to quarantine.
+        return Decision(RunStatus.BUDGET_EXHAUSTED, 0.0, "budget exhausted")
     if outcome in (Outcome.INTERRUPTED, Outcome.LOST):
         return Decision(RunStatus.QUEUED, 0.0, "resume")
     policy = task.retry
@@ -117,9 +121,6 @@ class _Backend:
         r = self._runner
         r.store.heartbeat([run_id], r.owner, r.clock.now(), r.lease_s)
 
-    def record_llm_call(self, run_id: str, call: dict[str, Any]) -> None:
-        self._runner.store.record_llm_call(run_id, self._task_id, call, self._runner.clock.now())
-
 
 class Runner:
     def __init__(
@@ -134,6 +135,7 @@ class Runner:
         exec_env: ExecEnv,
         on_change: Callable[[], None] | None = None,
         rng: random.Random | None = None,
+        llm: Gateway | None = None,
     ) -> None:
         self.store = store
         self.clock = clock
@@ -144,6 +146,7 @@ class Runner:
         self.exec_env = exec_env
         self.on_change = on_change
         self.rng = rng or random.Random()
+        self.llm = llm
         self.tasks: Mapping[str, TaskConfig] = {}
         self.active: dict[str, ActiveRun] = {}
         self.claiming = True
@@ -219,6 +222,7 @@ class Runner:
             logger=logging.LoggerAdapter(
                 logging.getLogger(f"agentd.task.{task.id}"), {"run_id": row["id"]}
             ),
+            llm=self.llm.for_run(task, row["id"], loop) if self.llm else None,
         )
         active = ActiveRun(row=row, task=task, ctx=ctx, started_mono=self.clock.monotonic())
         self.active[row["id"]] = active
@@ -236,6 +240,8 @@ class Runner:
             async with asyncio.timeout(task.timeout):
                 result = await execute(task, ctx, self.exec_env)
             outcome = Outcome.SUCCESS if result.ok else Outcome.FAILURE
+            if result.budget_exhausted:
+                outcome = Outcome.BUDGET_EXHAUSTED
             error = result.error
         except TimeoutError:
             ctx.request_cancel()

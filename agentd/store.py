@@ -26,9 +26,10 @@ import sqlite_utils
 from agentd.clock import from_iso, to_iso
 from agentd.models import ACTIVE_STATUSES, Outcome, RunStatus
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 Row = dict[str, Any]
 EventSink = Callable[[Row], None]
+FireGate = Callable[[str, datetime], "dict[str, Any] | None"]
 
 
 class StoreError(Exception):
@@ -157,7 +158,51 @@ def _migrate_1(db: sqlite_utils.Database) -> None:
     db.table("llm_calls").create_index(["task_id", "ts"])
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migrate_1]
+def _migrate_2(db: sqlite_utils.Database) -> None:
+    """Unattended safety: the spend ledger (which absorbs ``llm_calls``), budget alarms
+    once per window, alert state, raised alerts and their delivery outbox."""
+    db.execute(
+        "CREATE TABLE ledger (id INTEGER PRIMARY KEY AUTOINCREMENT, ts TEXT NOT NULL,"
+        " run_id TEXT, task_id TEXT, provider TEXT, model TEXT, item INTEGER,"
+        " state TEXT NOT NULL DEFAULT 'committed',"  # reserved | committed
+        " input_tokens INTEGER NOT NULL DEFAULT 0, output_tokens INTEGER NOT NULL DEFAULT 0,"
+        " cost_usd REAL NOT NULL DEFAULT 0, reserved_tokens INTEGER NOT NULL DEFAULT 0,"
+        " reserved_usd REAL NOT NULL DEFAULT 0, status TEXT, duration_s REAL,"
+        " usage_missing INTEGER NOT NULL DEFAULT 0)"
+    )
+    db.execute(
+        "INSERT INTO ledger(ts, run_id, task_id, provider, model, item, state, input_tokens,"
+        " output_tokens, cost_usd, status, duration_s) SELECT ts, run_id, task_id, provider,"
+        " model, item, 'committed', input_tokens, output_tokens, 0, CAST(status AS TEXT),"
+        " duration_s FROM llm_calls ORDER BY id"
+    )
+    db.execute("DROP TABLE llm_calls")
+    db.table("ledger").create_index(["task_id", "ts"])
+    db.table("ledger").create_index(["run_id"])
+    db.table("ledger").create_index(["ts"])
+    db.execute(
+        "CREATE TABLE budget_alarms (scope TEXT NOT NULL, window_start TEXT NOT NULL,"
+        " threshold REAL NOT NULL, ts TEXT NOT NULL, limit_usd REAL, spent_usd REAL,"
+        " PRIMARY KEY (scope, window_start, threshold))"
+    )
+    db.execute("CREATE TABLE alert_state (key TEXT PRIMARY KEY, value TEXT, ts TEXT NOT NULL)")
+    db.execute(
+        "CREATE TABLE alerts (id INTEGER PRIMARY KEY AUTOINCREMENT, ts TEXT NOT NULL,"
+        " kind TEXT NOT NULL, dedup_key TEXT NOT NULL, task_id TEXT, run_id TEXT,"
+        " event_id INTEGER, summary TEXT NOT NULL, data TEXT NOT NULL DEFAULT '{}')"
+    )
+    db.execute(
+        "CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, alert_id INTEGER,"
+        " channel TEXT NOT NULL, dedup_key TEXT NOT NULL, created_at TEXT NOT NULL,"
+        " status TEXT NOT NULL DEFAULT 'pending', attempts INTEGER NOT NULL DEFAULT 0,"
+        " next_attempt_at TEXT NOT NULL, last_error TEXT, delivered_at TEXT,"
+        " payload TEXT NOT NULL DEFAULT '{}')"  # pending | delivered | failed
+    )
+    db.table("outbox").create_index(["status", "next_attempt_at"])
+    db.table("outbox").create_index(["channel", "dedup_key", "created_at"])
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migrate_1, _migrate_2]
 
 
 @dataclass(frozen=True)
@@ -176,6 +221,9 @@ class Store:
         on another process's lock: the daemon runs it in a thread while probes answer."""
         self.path = path
         self.event_sink = event_sink
+        self.fire_gate: FireGate | None = None
+        """Asked inside ``fire()``'s transaction for scheduled fires: a reason to record
+        the fire as skipped (budget window full), or None."""
         self._pending_events: list[Row] = []
         self.conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self.conn.row_factory = sqlite3.Row
@@ -264,6 +312,18 @@ class Store:
                 "data": data,
             }
         )
+
+    def emit(
+        self,
+        now: datetime,
+        kind: str,
+        task_id: str | None = None,
+        run_id: str | None = None,
+        **data: Any,
+    ) -> None:
+        """Append an audit event inside the caller's ``tx()`` (for agentd's own modules
+        that keep their tables in this file: ledger, alerts)."""
+        self._event(now, kind, task_id, run_id, **data)
 
     def _one(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
         row = self.conn.execute(sql, params).fetchone()
@@ -375,8 +435,11 @@ class Store:
                 return FireResult(existing["id"], False, existing["status"], "duplicate")
             task = self._require_task(task_id)
             skip_reason: str | None = None
+            gate: dict[str, Any] | None = None
             if honour_pause and task["paused"]:
                 skip_reason = "paused"
+            elif honour_pause and self.fire_gate and (gate := self.fire_gate(task_id, now)):
+                skip_reason = str(gate.get("reason", "budget"))
             else:
                 active = self.active_runs(task_id)
                 queued = [r for r in active if r["status"] == RunStatus.QUEUED]
@@ -408,8 +471,15 @@ class Store:
                 ),
             )
             if skip_reason:
+                extra = {k: v for k, v in (gate or {}).items() if k != "reason"}
                 self._event(
-                    now, "skip", task_id, run_id, reason=skip_reason, scheduled_for=to_iso(when)
+                    now,
+                    "skip",
+                    task_id,
+                    run_id,
+                    reason=skip_reason,
+                    scheduled_for=to_iso(when),
+                    **extra,
                 )
             else:
                 self._event(
@@ -637,6 +707,7 @@ class Store:
                 Outcome.CANCELLED: "cancel",
                 Outcome.INTERRUPTED: "interrupt",
                 Outcome.LOST: "recover",
+                Outcome.BUDGET_EXHAUSTED: "budget_exhausted",
             }[outcome]
             self._event(
                 now,
@@ -798,27 +869,6 @@ class Store:
                 done=done,
                 total=total,
                 message=message[:500],
-            )
-
-    def record_llm_call(
-        self, run_id: str, task_id: str, call: dict[str, Any], now: datetime
-    ) -> None:
-        with self.tx():
-            self.conn.execute(
-                "INSERT INTO llm_calls(run_id, task_id, ts, provider, model, input_tokens,"
-                " output_tokens, duration_s, status, item) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (
-                    run_id,
-                    task_id,
-                    to_iso(now),
-                    call.get("provider"),
-                    call.get("model"),
-                    int(call.get("input_tokens") or 0),
-                    int(call.get("output_tokens") or 0),
-                    call.get("duration_s"),
-                    call.get("status"),
-                    call.get("item"),
-                ),
             )
 
     # ------------------------------------------------------------ reads

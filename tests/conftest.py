@@ -13,8 +13,8 @@ from harness import Agentd
 def make_daemon(tmp_path: Path) -> Iterator[Callable[..., Agentd]]:
     daemons: list[Agentd] = []
 
-    def make(tasks: str, daemon_extra: str = "") -> Agentd:
-        d = Agentd(tmp_path, tasks, daemon_extra)
+    def make(tasks: str, daemon_extra: str = "", top: str = "") -> Agentd:
+        d = Agentd(tmp_path, tasks, daemon_extra, top)
         daemons.append(d)
         return d
 

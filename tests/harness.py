@@ -46,7 +46,7 @@ def agentd_cli(*args: str, config: Path, check: bool = False) -> subprocess.Comp
 class Agentd:
     """One daemon process on a config written into a temp dir."""
 
-    def __init__(self, root: Path, tasks_yaml: str, daemon_extra: str = "") -> None:
+    def __init__(self, root: Path, tasks_yaml: str, daemon_extra: str = "", top: str = "") -> None:
         self.root = root
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -54,9 +54,12 @@ class Agentd:
         self.config = root / "agentd.yaml"
         self.log_path = root / "agentd.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.top = top
         self.write_config(tasks_yaml, daemon_extra)
 
     def write_config(self, tasks_yaml: str, daemon_extra: str = "") -> None:
+        """``top`` (given at construction) holds other top-level sections: providers,
+        limits, alerts."""
         extra = textwrap.indent(textwrap.dedent(daemon_extra).strip(), "  ")
         self.config.write_text(
             "daemon:\n"
@@ -69,6 +72,7 @@ class Agentd:
             "  log_level: debug\n"
             f"  http: {{host: 127.0.0.1, port: {self.port}}}\n"
             f"{extra}\n"
+            f"{textwrap.dedent(self.top).strip()}\n"
             "tasks:\n" + textwrap.indent(textwrap.dedent(tasks_yaml).strip(), "  ") + "\n"
         )
 

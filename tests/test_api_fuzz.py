@@ -34,13 +34,17 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from agentd.alerts import Alert
+from agentd.budget import Need, call_scopes
 from agentd.clock import ManualClock
 from agentd.config import parse_config
 from agentd.control import Control
 from agentd.events import EventBus
 from agentd.health import Health
 from agentd.http import HttpServer
+from agentd.ledger import commit, reserve
 from agentd.models import Outcome, RunStatus
+from agentd.outbox import Outbox
 from agentd.store import Store
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -58,7 +62,17 @@ server's keep-alive interval below is shorter."""
 EVENT_FIELDS = {"id", "ts", "kind", "task_id", "run_id", "data"}
 
 CONFIG = """
+providers:
+  p: {base_url: "http://127.0.0.1:9/v1", default_model: m, prices: {m: {input: 1, output: 2}}}
+limits: {usd_per_day: 10}
+alerts:
+  channels: {journal: {log: {}}}
+  rules: [{events: ["*"], channels: [journal]}]
 tasks:
+  delta:
+    schedule: {manual: true}
+    agent: {provider: p, prompt: hi}
+    budget: {task: {usd_per_day: 1}}
   alpha:
     description: hourly
     schedule: {every: 1h}
@@ -129,6 +143,21 @@ def seed(store: Store, control: Control, clock: ManualClock) -> Seeded:
         "queued_alpha": "queued",
         "skipped": "skipped",
     }
+    # Spend in the ledger, and an alert with a delivery, for /v1/spend and /v1/alerts.
+    scopes = call_scopes(control.config, control.config.tasks["delta"], clock.now())
+    entry = reserve(
+        store, clock.now(), run_id=done, task_id="delta", provider="p", model="m", item=None,
+        need=Need(100, 50, 0.0002), scopes=scopes,
+    )  # fmt: skip
+    assert isinstance(entry, int)
+    commit(
+        store, clock.now(), entry, input_tokens=90, output_tokens=40, cost=0.00017,
+        status="200", duration_s=0.5, usage_missing=False, scopes=scopes,
+    )  # fmt: skip
+    box = Outbox(store, control.config, clock)
+    box.process(clock.now())
+    with store.tx():
+        box.raise_alert(Alert("deadman", "deadman:alpha", "alpha is late", "alpha"), clock.now())
     return out
 
 
@@ -226,7 +255,7 @@ def test_api_conforms_to_its_openapi_document(live_server: ServerThread) -> None
     for result in schema.get_all_operations():
         assert isinstance(result, Ok), result
         operations.append(result.ok())
-    assert len(operations) == 20  # all 21 but the document itself, which from_url skips
+    assert len(operations) == 22  # all 23 but the document itself, which from_url skips
 
     session = requests.Session()
     session.trust_env = False

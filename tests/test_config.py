@@ -644,6 +644,14 @@ def test_shipped_config_validates() -> None:
         assert reason is not None
         assert "OPENAI_API_KEY" in reason
         assert inactive_reason(task, {"OPENAI_API_KEY": "sk-test"}) is None
+    # The agent task goes through a declared, priced provider under the global cap.
+    digest = config.tasks["daily-digest"]
+    assert digest.agent is not None and digest.agent.provider == "openai"
+    assert digest.agent.model in config.providers["openai"].prices
+    assert config.limits.usd_per_day is not None
+    assert digest.budget.task.usd_per_day is not None
+    assert digest.budget.task.usd_per_day <= config.limits.usd_per_day
+    assert set(config.alerts.channels) >= {"journal"}
     # Everything else runs offline.
     for task in config.tasks.values():
         if task.kind != "agent":

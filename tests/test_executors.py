@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import sys
+import textwrap
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -27,11 +28,14 @@ import pytest
 from aiohttp import web
 
 import agentd
-from agentd.config import TaskConfig
+from agentd.clock import SystemClock
+from agentd.config import Config, TaskConfig, parse_config
 from agentd.context import RunContext
 from agentd.executors import ExecEnv, executor_for
 from agentd.executors.http import parse_retry_after
 from agentd.models import Result, StopRequested
+from agentd.providers import Gateway
+from agentd.store import Store
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
 import fake_llm
@@ -48,7 +52,6 @@ class MemoryBackend:
 
     def __init__(self) -> None:
         self.checkpoints: dict[str, Any] = {}
-        self.llm_calls: list[dict[str, Any]] = []
         self.progress_log: list[tuple[int, int | None, str]] = []
         self.heartbeats = 0
         self.on_save: Callable[[Any], None] | None = None
@@ -68,9 +71,6 @@ class MemoryBackend:
 
     def heartbeat(self, run_id: str) -> None:
         self.heartbeats += 1
-
-    def record_llm_call(self, run_id: str, call: dict[str, Any]) -> None:
-        self.llm_calls.append(call)
 
 
 def make_ctx(
@@ -628,8 +628,51 @@ def test_python_cancel_sets_ctx_cancelled(tmp_path: Path) -> None:
 SECRET = "sk-test-SECRET-123"
 
 
+class LLMSide:
+    """What the daemon puts behind ``ctx.llm``: a real state DB (the ledger) and gateway."""
+
+    def __init__(self, root: Path, config: Config | None = None) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.store = Store(root / "state.sqlite")
+        self.config = config or Config()
+        self.gateway = Gateway(self.store, self.config, SystemClock())
+
+    def ctx(
+        self, workspace: Path, task: TaskConfig, backend: MemoryBackend | None = None
+    ) -> RunContext:
+        ctx = make_ctx(workspace, backend or MemoryBackend(), dict(task.params))
+        ctx._llm = self.gateway.for_run(task, ctx.run_id)
+        return ctx
+
+    def ledger(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.store.conn.execute("SELECT * FROM ledger ORDER BY id")]
+
+    def events(self, kind: str) -> list[dict[str, Any]]:
+        return [e for e in self.store.events() if e["kind"] == kind]
+
+
 def agent_task(llm: FakeLLM, params: dict[str, Any] | None = None, **spec: Any) -> TaskConfig:
     return make_task("agent", {"base_url": llm.url, "model": "m1", **spec}, params)
+
+
+def priced(llm: FakeLLM, task_yaml: str, limits: str = "") -> Config:
+    """A config with a priced provider ``fake`` at the fake server and one task ``t1``."""
+    text = (
+        textwrap.dedent(
+            f"""
+        providers:
+          fake:
+            base_url: {llm.url}
+            default_model: m1
+            max_tokens: 10
+            prices: {{m1: {{input: 1000, output: 1000}}}}   # 0.001 USD a token
+        """
+        )
+        + textwrap.dedent(limits)
+        + "tasks:\n  t1:\n"
+        + textwrap.indent(textwrap.dedent(task_yaml), "    ")
+    )
+    return parse_config(text, "test.yaml", {})
 
 
 def assert_secret_absent(workspace: Path, *things: object) -> None:
@@ -641,8 +684,8 @@ def assert_secret_absent(workspace: Path, *things: object) -> None:
 def test_agent_single_prompt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AGENTD_TEST_KEY", SECRET)
 
-    async def main() -> tuple[Result, FakeLLM, MemoryBackend]:
-        backend = MemoryBackend()
+    async def main() -> tuple[Result, FakeLLM, LLMSide]:
+        side = LLMSide(tmp_path / "db")
         async with FakeLLM() as llm:
             llm.queue(fake_llm.ok("Cats are great.", 11, 4))
             task = agent_task(
@@ -654,11 +697,12 @@ def test_agent_single_prompt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
                 temperature=0.2,
                 max_tokens=50,
             )
-            result = await execute(task, make_ctx(tmp_path, backend))
-        return result, llm, backend
+            result = await execute(task, side.ctx(tmp_path, task))
+        await side.gateway.aclose()
+        return result, llm, side
 
-    result, llm, backend = run(main)
-    assert result.ok and result.detail == {"input_tokens": 11, "output_tokens": 4}
+    result, llm, side = run(main)
+    assert result.ok and result.detail == {"input_tokens": 11, "output_tokens": 4, "cost_usd": 0}
     assert (tmp_path / "result.md").read_text() == "Cats are great."
     [req] = llm.requests
     assert req.path == "/v1/chat/completions"
@@ -672,17 +716,24 @@ def test_agent_single_prompt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         "temperature": 0.2,
         "max_tokens": 50,
     }
-    [call] = backend.llm_calls
-    assert call.pop("duration_s") >= 0
-    assert call == {
+    [call] = side.ledger()
+    assert call["duration_s"] >= 0
+    assert {k: call[k] for k in ("provider", "model", "input_tokens", "output_tokens")} == {
         "provider": "127.0.0.1",
         "model": "m1",
         "input_tokens": 11,
         "output_tokens": 4,
-        "status": 200,
-        "item": None,
     }
-    assert_secret_absent(tmp_path, result, backend.llm_calls)
+    assert (call["state"], call["status"], call["run_id"], call["task_id"]) == (
+        "committed",
+        "200",
+        "run-1",
+        "t1",
+    )
+    [event] = side.events("llm_call")
+    assert event["data"]["input_tokens"] == 11 and event["run_id"] == "run-1"
+    side.store.close()
+    assert_secret_absent(tmp_path, result, side.ledger, event)
 
 
 def test_agent_key_from_file_and_no_key(tmp_path: Path) -> None:
@@ -690,20 +741,24 @@ def test_agent_key_from_file_and_no_key(tmp_path: Path) -> None:
     key_file.write_text(f"  {SECRET}\n")
 
     async def main() -> tuple[list[Result], FakeLLM]:
+        side = LLMSide(tmp_path / "db")
         async with FakeLLM() as llm:
             with_file = agent_task(llm, prompt="hi", api_key_file=str(key_file))
             keyless = agent_task(llm, prompt="hi")
             results = [
-                await execute(with_file, make_ctx(tmp_path / "f", MemoryBackend())),
-                await execute(keyless, make_ctx(tmp_path / "n", MemoryBackend())),
+                await execute(with_file, side.ctx(tmp_path / "f", with_file)),
+                await execute(keyless, side.ctx(tmp_path / "n", keyless)),
             ]
+        await side.gateway.aclose()
         return results, llm
 
     results, llm = run(main)
     assert all(r.ok for r in results)
     assert llm.requests[0].headers["Authorization"] == f"Bearer {SECRET}"
     assert "Authorization" not in llm.requests[1].headers
-    assert set(llm.requests[1].body) == {"model", "messages"}  # no temperature/max_tokens
+    # Every call is bounded, so it can be reserved: the provider default cap is sent.
+    assert llm.requests[1].body["max_tokens"] == 1024
+    assert set(llm.requests[1].body) == {"model", "messages", "max_tokens"}
     assert_secret_absent(tmp_path / "f", *results)
 
 
@@ -712,35 +767,41 @@ def test_agent_unset_key_variable_fails_without_calling(
 ) -> None:
     monkeypatch.delenv("AGENTD_TEST_UNSET_KEY", raising=False)
 
-    async def main() -> tuple[Result, FakeLLM]:
+    async def main() -> tuple[Result, FakeLLM, LLMSide]:
+        side = LLMSide(tmp_path / "db")
         async with FakeLLM() as llm:
             task = agent_task(llm, prompt="hi", api_key_env="AGENTD_TEST_UNSET_KEY")
-            return await execute(task, make_ctx(tmp_path, MemoryBackend())), llm
+            return await execute(task, side.ctx(tmp_path, task)), llm, side
 
-    result, llm = run(main)
+    result, llm, side = run(main)
     assert not result.ok and result.retryable is False and llm.requests == []
     assert result.error and "AGENTD_TEST_UNSET_KEY" in result.error
+    assert side.ledger() == []  # nothing reserved for a call that was never made
 
 
 def test_agent_items_resume_from_checkpoint(tmp_path: Path) -> None:
     items = ["apple", "banana", {"name": "cherry"}, "date"]
     backend = MemoryBackend()
+    side = LLMSide(tmp_path / "db")
 
     async def attempt(stop_after: int | None) -> tuple[Result | None, FakeLLM]:
         async with FakeLLM() as llm:
             task = agent_task(
                 llm, {"style": "short"}, prompt="Describe {item} ({style}).", items=items
             )
-            ctx = make_ctx(tmp_path, backend)
-            if stop_after is not None:  # the daemon begins draining during item 1
-                backend.on_save = lambda data: (
-                    ctx.request_stop() if data["next_item"] == stop_after + 1 else None
-                )
-                with pytest.raises(StopRequested):
-                    await execute(task, ctx)
-                return None, llm
-            backend.on_save = None
-            return await execute(task, ctx), llm
+            ctx = side.ctx(tmp_path, task, backend)
+            try:
+                if stop_after is not None:  # the daemon begins draining during item 1
+                    backend.on_save = lambda data: (
+                        ctx.request_stop() if data["next_item"] == stop_after + 1 else None
+                    )
+                    with pytest.raises(StopRequested):
+                        await execute(task, ctx)
+                    return None, llm
+                backend.on_save = None
+                return await execute(task, ctx), llm
+            finally:
+                await side.gateway.aclose()
 
     _, first = run(lambda: attempt(stop_after=1))
     assert [r.user_content for r in first.requests] == [
@@ -760,56 +821,66 @@ def test_agent_items_resume_from_checkpoint(tmp_path: Path) -> None:
         "processed": 2,
         "input_tokens": 20,
         "output_tokens": 10,
+        "cost_usd": 0,
     }
-    assert [c["item"] for c in backend.llm_calls] == [0, 1, 2, 3]
+    assert [c["item"] for c in side.ledger()] == [0, 1, 2, 3]
     saved = json.loads((tmp_path / "items" / "00002.json").read_text())
     assert saved == {
         "item": {"name": "cherry"},
         "content": "echo: Describe {'name': 'cherry'} (short).",
-        "usage": {"input_tokens": 10, "output_tokens": 5},
+        "usage": {"input_tokens": 10, "output_tokens": 5, "cost_usd": 0},
     }
     assert sorted(p.name for p in (tmp_path / "items").iterdir()) == [
         f"{i:05d}.json" for i in range(4)
     ]
-    assert backend.heartbeats >= 2
+    # Progress follows the durable checkpoint; item 1 stopped the first attempt there.
+    assert [p[:2] for p in backend.progress_log] == [(1, 4), (3, 4), (4, 4)]
 
 
 def test_agent_item_failure_keeps_progress(tmp_path: Path) -> None:
     backend = MemoryBackend()
 
     async def main() -> Result:
+        side = LLMSide(tmp_path / "db")
         async with FakeLLM() as llm:
             llm.queue(fake_llm.ok("one"), fake_llm.error(503, "overloaded"))
             task = agent_task(llm, prompt="{item}", items=["x", "y", "z"])
-            return await execute(task, make_ctx(tmp_path, backend))
+            return await execute(task, side.ctx(tmp_path, task, backend))
 
     result = run(main)
     assert not result.ok and result.retryable is True and result.http_status == 503
     assert result.detail["item"] == 1 and result.detail["resumed_from"] == 0
+    assert result.detail["llm_error"] == "server_error"
     assert backend.checkpoints["run-1"] == {"next_item": 1}
 
 
-def test_agent_http_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_agent_http_errors_are_classified(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AGENTD_TEST_KEY", SECRET)
     replies = {
         "rate": fake_llm.error(429, "Rate limit reached", {"Retry-After": "12"}),
         "server": fake_llm.Reply(status=500, body="upstream exploded"),
         # Some providers echo the key back; it must not reach the result.
         "auth": fake_llm.error(401, f"Incorrect API key provided: {SECRET}."),
+        "forbidden": fake_llm.error(403, "Project does not have access"),
         "notfound": fake_llm.Reply(status=404, body="x" * 1000),
+        "context": fake_llm.error(
+            400, "This model's maximum context length is 8192 tokens, you requested 9000"
+        ),
+        "policy": fake_llm.error(400, "Your request was rejected by our content policy"),
     }
 
-    async def main() -> tuple[dict[str, Result], MemoryBackend]:
-        backend = MemoryBackend()
+    async def main() -> tuple[dict[str, Result], LLMSide]:
+        side = LLMSide(tmp_path / "db")
         results = {}
         async with FakeLLM() as llm:
             for name, reply in replies.items():
                 llm.queue(reply)
                 task = agent_task(llm, prompt="hi", api_key_env="AGENTD_TEST_KEY")
-                results[name] = await execute(task, make_ctx(tmp_path / name, backend))
-        return results, backend
+                results[name] = await execute(task, side.ctx(tmp_path / name, task))
+        await side.gateway.aclose()
+        return results, side
 
-    results, backend = run(main)
+    results, side = run(main)
     rate = results["rate"]
     assert not rate.ok and rate.retryable is True and rate.http_status == 429
     assert rate.retry_after_s == 12.0 and rate.error == "HTTP 429: Rate limit reached"
@@ -819,22 +890,70 @@ def test_agent_http_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     auth = results["auth"]
     assert auth.retryable is False and auth.http_status == 401
     assert auth.error == "HTTP 401: Incorrect API key provided: ***."
+    assert auth.detail["llm_error"] == "auth"
+    assert results["forbidden"].retryable is False
+    assert results["forbidden"].error == "HTTP 403: Project does not have access"
     notfound = results["notfound"]
     assert notfound.retryable is False and notfound.error == "HTTP 404: " + "x" * 300
-    assert [c["status"] for c in backend.llm_calls] == [429, 500, 401, 404]
-    assert_secret_absent(tmp_path, *results.values(), backend.llm_calls)
+    assert notfound.detail["llm_error"] == "model_not_found"
+    context = results["context"]
+    assert context.retryable is False and context.detail["llm_error"] == "context_length"
+    assert context.error and "maximum context length is 8192" in context.error
+    policy = results["policy"]
+    assert policy.retryable is False and policy.detail["llm_error"] == "content_policy"
+    calls = side.ledger()
+    assert [c["status"] for c in calls] == ["429", "500", "401", "403", "404", "400", "400"]
+    # Refused requests are not billed by providers: charged nothing.
+    assert all(c["cost_usd"] == 0 and c["input_tokens"] == 0 for c in calls)
+    side.store.close()
+    assert_secret_absent(tmp_path, *results.values(), calls)
 
 
-def test_agent_timeout_is_retryable(tmp_path: Path) -> None:
-    async def main() -> Result:
+def test_error_classification_table() -> None:
+    from agentd.providers import classify
+
+    assert classify(429, "") == (True, "rate_limited")
+    assert classify(502, "") == (True, "server_error")
+    assert classify(408, "")[0] is True
+    assert classify(401, "") == (False, "auth")
+    assert classify(404, "The model `gpt-9` does not exist") == (False, "model_not_found")
+    assert classify(400, "context_length_exceeded") == (False, "context_length")
+    assert classify(400, "flagged by the content filter") == (False, "content_policy")
+    assert classify(400, "invalid temperature") == (False, "bad_request")
+    assert classify(402, "insufficient credits") == (False, "payment_required")
+
+
+def test_agent_timeout_is_retryable_and_charged_at_worst_case(tmp_path: Path) -> None:
+    async def main() -> tuple[Result, LLMSide]:
+        side = LLMSide(tmp_path / "db")
         async with FakeLLM() as llm:
             llm.queue(fake_llm.Reply(hang=True))
-            task = agent_task(llm, prompt="hi", request_timeout=0.3)
-            return await execute(task, make_ctx(tmp_path, MemoryBackend()))
+            task = agent_task(llm, prompt="hi", request_timeout=0.3, max_tokens=7)
+            result = await execute(task, side.ctx(tmp_path, task))
+        await side.gateway.aclose()
+        return result, side
 
-    result = run(main)
+    result, side = run(main)
     assert not result.ok and result.retryable is True
     assert result.error == "request timed out after 0.3s"
+    [call] = side.ledger()
+    # The provider may have done (and billed) the work: unknown usage is the worst case.
+    assert call["status"] == "timeout" and call["usage_missing"] == 1
+    assert call["output_tokens"] == 7 and call["input_tokens"] > 0
+
+
+def test_slow_answer_within_the_read_timeout_succeeds(tmp_path: Path) -> None:
+    async def main() -> Result:
+        side = LLMSide(tmp_path / "db")
+        async with FakeLLM() as llm:
+            llm.queue(fake_llm.Reply(delay=0.3, body=fake_llm.ok("late but fine").body))
+            task = agent_task(llm, prompt="hi", request_timeout=5)
+            result = await execute(task, side.ctx(tmp_path, task))
+        await side.gateway.aclose()
+        return result
+
+    assert run(main).ok
+    assert (tmp_path / "result.md").read_text() == "late but fine"
 
 
 @pytest.mark.parametrize(
@@ -848,49 +967,53 @@ def test_agent_timeout_is_retryable(tmp_path: Path) -> None:
     ],
 )
 def test_agent_malformed_response_is_an_error(tmp_path: Path, body: Any, problem: str) -> None:
-    backend = MemoryBackend()
-
-    async def main() -> Result:
+    async def main() -> tuple[Result, LLMSide]:
+        side = LLMSide(tmp_path / "db")
         async with FakeLLM() as llm:
             llm.queue(fake_llm.Reply(body=body))
-            return await execute(agent_task(llm, prompt="hi"), make_ctx(tmp_path, backend))
+            task = agent_task(llm, prompt="hi")
+            result = await execute(task, side.ctx(tmp_path, task))
+        await side.gateway.aclose()
+        return result, side
 
-    result = run(main)
-    assert not result.ok and result.http_status == 200
+    result, side = run(main)
+    assert not result.ok and result.http_status == 200 and result.retryable is True
     assert result.error and result.error.startswith("malformed response: ")
     assert problem in result.error
     assert not (tmp_path / "result.md").exists()
-    assert backend.llm_calls[0]["status"] == 200
+    assert side.ledger()[0]["status"] == "malformed"
 
 
-def test_agent_missing_usage_is_recorded(tmp_path: Path) -> None:
-    backend = MemoryBackend()
+def test_agent_missing_usage_is_charged_at_worst_case(tmp_path: Path) -> None:
     reply = fake_llm.ok("fine")
     del reply.body["usage"]
 
-    async def main() -> Result:
+    async def main() -> tuple[Result, LLMSide]:
+        side = LLMSide(tmp_path / "db")
         async with FakeLLM() as llm:
             llm.queue(reply)
-            return await execute(agent_task(llm, prompt="hi"), make_ctx(tmp_path, backend))
+            task = agent_task(llm, prompt="hi", max_tokens=9)
+            result = await execute(task, side.ctx(tmp_path, task))
+        await side.gateway.aclose()
+        return result, side
 
-    result = run(main)
-    assert result.ok and result.detail == {
-        "input_tokens": 0,
-        "output_tokens": 0,
-        "usage_missing": True,
-    }
-    assert backend.llm_calls[0]["usage_missing"] is True
+    result, side = run(main)
+    assert result.ok and result.detail["usage_missing"] is True
+    assert result.detail["output_tokens"] == 9
+    [call] = side.ledger()
+    assert call["usage_missing"] == 1 and call["output_tokens"] == 9
 
 
 def test_agent_missing_placeholder_is_an_error(tmp_path: Path) -> None:
     async def main() -> tuple[Result, Result, FakeLLM]:
+        side = LLMSide(tmp_path / "db")
         async with FakeLLM() as llm:
             plain = agent_task(llm, {"topic": "x"}, prompt="Write about {subject}.")
             # Every item's prompt is rendered before the first call: nothing is spent.
             items = agent_task(llm, prompt="Tell {item[name]}", items=[{"name": "a"}, {"nom": "b"}])
             return (
-                await execute(plain, make_ctx(tmp_path / "p", MemoryBackend())),
-                await execute(items, make_ctx(tmp_path / "i", MemoryBackend())),
+                await execute(plain, side.ctx(tmp_path / "p", plain)),
+                await execute(items, side.ctx(tmp_path / "i", items)),
                 llm,
             )
 
@@ -900,6 +1023,132 @@ def test_agent_missing_placeholder_is_an_error(tmp_path: Path) -> None:
     assert not items.ok and items.retryable is False
     assert items.error and "{name}" in items.error and "item 1" in items.error
     assert llm.requests == []
+
+
+def test_run_budget_stops_before_the_call_that_would_break_it(tmp_path: Path) -> None:
+    """Each call reserves its worst case; the one that cannot fit is never made, the
+    checkpoint stays at the item it stopped before, and the result says budget."""
+    backend = MemoryBackend()
+
+    async def main() -> tuple[Result, FakeLLM, LLMSide]:
+        async with FakeLLM() as llm:
+            llm.default = lambda req: fake_llm.ok("fine", prompt_tokens=10, completion_tokens=5)
+            config = priced(
+                llm,
+                """
+                schedule: {manual: true}
+                agent: {provider: fake, prompt: "{item}", items: [a, b, c, d, e, f]}
+                budget: {run: {usd: 0.05}}
+                """,
+            )
+            side = LLMSide(tmp_path / "db", config)
+            task = config.tasks["t1"]
+            result = await execute(task, side.ctx(tmp_path, task, backend))
+            await side.gateway.aclose()
+        return result, llm, side
+
+    result, llm, side = run(main)
+    assert not result.ok and result.budget_exhausted and result.retryable is False
+    assert result.error and result.error.startswith("budget run exhausted")
+    calls = side.ledger()
+    spent = sum(c["cost_usd"] for c in calls)
+    assert len(llm.requests) == len(calls) == 3 and spent == pytest.approx(0.045)
+    assert all(r.body["max_tokens"] == 10 for r in llm.requests)
+    assert backend.checkpoints["run-1"] == {"next_item": 3}
+    assert result.detail["item"] == 3 and result.detail["budget_scope"] == "run"
+    [refused] = side.events("budget_refused")
+    data = refused["data"]
+    assert data["spent_usd"] == pytest.approx(spent) and data["limit_usd"] == 0.05
+    assert data["spent_usd"] <= 0.05 < data["spent_usd"] + data["need_usd"]
+    assert spent <= 0.05
+
+
+def test_run_token_budget(tmp_path: Path) -> None:
+    async def main() -> tuple[Result, FakeLLM]:
+        async with FakeLLM() as llm:
+            config = priced(
+                llm,
+                """
+                schedule: {manual: true}
+                agent: {provider: fake, prompt: "{item}", items: [a, b, c]}
+                budget: {run: {tokens: 40}}
+                """,
+            )
+            side = LLMSide(tmp_path / "db", config)
+            task = config.tasks["t1"]
+            result = await execute(task, side.ctx(tmp_path, task))
+            await side.gateway.aclose()
+        return result, llm
+
+    result, llm = run(main)
+    # 15 tokens a call, reserved as ~9 + 10: the third call cannot fit in 40.
+    assert result.budget_exhausted and len(llm.requests) == 2
+    assert result.error and "tokens exhausted" in result.error
+
+
+def test_ctx_llm_in_python_callables_is_metered(tmp_path: Path) -> None:
+    async def main() -> tuple[Result, Result, FakeLLM, LLMSide]:
+        async with FakeLLM() as llm:
+            llm.queue(fake_llm.ok("hi sync", 7, 3), fake_llm.ok("hi async", 8, 2))
+            config = priced(
+                llm,
+                """
+                schedule: {manual: true}
+                python: {callable: "sample_tasks:asks_llm"}
+                budget: {run: {usd: 1}}
+                """,
+            )
+            side = LLMSide(tmp_path / "db", config)
+            sync_task = config.tasks["t1"]
+            async_task = sync_task.model_copy(
+                update={"python": sync_task.python.model_copy(  # type: ignore[union-attr]
+                    update={"callable": "sample_tasks:asks_llm_async"})}
+            )  # fmt: skip
+            sync = await execute(sync_task, side.ctx(tmp_path / "s", sync_task))
+            coro = await execute(async_task, side.ctx(tmp_path / "a", async_task))
+            await side.gateway.aclose()
+        return sync, coro, llm, side
+
+    sync, coro, llm, side = run(main)
+    assert sync.ok and coro.ok
+    assert json.loads((tmp_path / "s" / "result.json").read_text()) == {
+        "content": "hi sync",
+        "usage": {"input_tokens": 7, "output_tokens": 3, "cost_usd": 0.01},
+    }
+    assert llm.requests[0].body["max_tokens"] == 20  # the call's own cap
+    assert llm.requests[1].body["max_tokens"] == 10  # the provider's default cap
+    calls = side.ledger()
+    assert [(c["task_id"], c["provider"], c["cost_usd"]) for c in calls] == [
+        ("t1", "fake", pytest.approx(0.01)),
+        ("t1", "fake", pytest.approx(0.01)),
+    ]
+
+
+def test_ctx_llm_errors_keep_their_meaning_in_python_tasks(tmp_path: Path) -> None:
+    task_yaml = """
+        schedule: {manual: true}
+        python: {callable: "sample_tasks:asks_llm"}
+        budget: {run: {usd: %s}}
+        """
+
+    async def main() -> tuple[Result, Result, int]:
+        async with FakeLLM() as llm:
+            llm.queue(fake_llm.error(401, "bad key"))
+            results = []
+            # 0.001 USD cannot hold ~12 prompt tokens plus 20 output tokens.
+            for n, usd in enumerate(("1", "0.001")):
+                config = priced(llm, task_yaml % usd)
+                side = LLMSide(tmp_path / "db", config)
+                task = config.tasks["t1"]
+                results.append(await execute(task, side.ctx(tmp_path / str(n), task)))
+                await side.gateway.aclose()
+        return results[0], results[1], len(llm.requests)
+
+    first, second, requests = run(main)
+    assert first.retryable is False and first.error == "HTTP 401: bad key"
+    assert second.budget_exhausted and second.retryable is False
+    assert requests == 1
+    assert "Traceback" in (tmp_path / "1" / "traceback.txt").read_text()
 
 
 def test_every_kind_has_an_executor() -> None:

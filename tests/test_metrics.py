@@ -239,3 +239,31 @@ def test_private_registry_instances_coexist() -> None:
     assert value(two, "agentd_runs_total", task="a", outcome="success") == 0
     assert set(REGISTRY._names_to_collectors) == global_names
     assert not any(name.startswith("agentd_") for name in global_names)
+
+
+def test_llm_calls_count_tokens_cost_and_requests(m: Metrics) -> None:
+    assert value(m, "agentd_llm_tokens_total", task="a", direction="input") == 0
+    assert value(m, "agentd_llm_cost_usd_total", task="a") == 0
+    call = {"provider": "openai", "model": "m", "cost_usd": 0.25, "item": None}
+    m.on_event(ev("llm_call", "a", input_tokens=100, output_tokens=40, status="200", **call))
+    m.on_event(ev("llm_call", "a", input_tokens=0, output_tokens=0, status="429", **call))
+    m.on_event(ev("llm_call", "gone", input_tokens=5, output_tokens=5, status="200", **call))
+    assert value(m, "agentd_llm_tokens_total", task="a", direction="input") == 100
+    assert value(m, "agentd_llm_tokens_total", task="a", direction="output") == 40
+    assert value(m, "agentd_llm_cost_usd_total", task="a") == 0.5
+    # Requests count per provider, even for a task a reload just removed.
+    assert value(m, "agentd_llm_requests_total", provider="openai", status="200") == 2
+    assert value(m, "agentd_llm_requests_total", provider="openai", status="429") == 1
+    m.on_event(finish("budget_exhausted"))
+    assert value(m, "agentd_runs_total", task="a", outcome="budget_exhausted") == 1
+    m.on_event(ev("skip", "a", reason="budget"))
+    assert value(m, "agentd_skipped_fires_total", task="a", reason="budget") == 1
+
+
+def test_budget_remaining_gauge_follows_configured_scopes(m: Metrics) -> None:
+    m.set_budget_remaining({"global:day": 4.5, "a:day": 0.25})
+    assert value(m, "agentd_budget_remaining_usd", scope="global:day") == 4.5
+    assert value(m, "agentd_budget_remaining_usd", scope="a:day") == 0.25
+    m.set_budget_remaining({"global:day": 4.0})
+    with pytest.raises(KeyError):
+        value(m, "agentd_budget_remaining_usd", scope="a:day")

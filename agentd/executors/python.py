@@ -9,6 +9,9 @@ A thread cannot be killed. On cancellation (timeout, cancel, shutdown) the execu
 checkpoint, where ``ctx.checkpoint.save()`` raises ``StopRequested``, or until it checks
 ``ctx.cancelled`` itself. Long sync work should do one or the other regularly.
 
+``ctx.llm`` errors that the callable lets escape keep their meaning: a budget refusal
+ends the run ``budget_exhausted``, a 401 is not retried, a 429 waits for Retry-After.
+
 ``StopRequested`` escapes unchanged: the runner records the run as interrupted and the
 next attempt resumes from the saved checkpoint.
 """
@@ -30,6 +33,7 @@ from agentd.config import TaskConfig
 from agentd.context import RunContext
 from agentd.executors import ExecEnv
 from agentd.models import Result, StopRequested
+from agentd.providers import BudgetExhausted, LLMError
 
 
 class _ResolveError(Exception):
@@ -102,6 +106,9 @@ async def execute(task: TaskConfig, ctx: RunContext, env: ExecEnv) -> Result:
         raise
     except StopRequested:
         raise
+    except (BudgetExhausted, LLMError) as exc:  # from ctx.llm, uncaught by the callable
+        (ctx.workspace / "traceback.txt").write_text("".join(traceback.format_exception(exc)))
+        return exc.result()
     except (Exception, SystemExit) as exc:  # sys.exit() in a task fails it, not the daemon
         (ctx.workspace / "traceback.txt").write_text("".join(traceback.format_exception(exc)))
         return Result(ok=False, error=f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,219 @@
+"""Alerts: which audit events need a human, to which channel, and how to deliver them.
+
+Everything that alerts is first an audit event (``quarantine``, ``pause`` by agentd,
+``budget_alarm``, ``budget_exhausted``, ``deadman``, ``run_too_long``,
+``config_reload_failed``, ``recovered``). ``agentd.outbox`` tails the event log with a
+durable cursor, turns events into alerts with ``alert_for_event`` and queues one
+delivery per channel that a rule names. This module holds the pure parts (the mapping,
+rules, the dead man's switch arithmetic, payloads and signatures) and the channels.
+
+Webhook signatures: ``X-Agentd-Signature: sha256=<hex>``, the HMAC-SHA256 of the raw
+body with the channel's secret. ``X-Agentd-Delivery`` is stable across retries, so a
+receiver can drop the rare duplicate (a crash right after a delivery, before it was
+recorded, sends it again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import httpx
+
+from agentd.config import ChannelConfig, Config, ExpectConfig, WebhookChannel
+
+log = logging.getLogger("agentd.alerts")
+
+SIGNATURE_HEADER = "X-Agentd-Signature"
+DELIVERY_HEADER = "X-Agentd-Delivery"
+
+
+@dataclass(frozen=True)
+class Alert:
+    kind: str
+    key: str
+    """Dedup key: the same condition alerts a channel once per cooldown."""
+    summary: str
+    task_id: str | None = None
+    run_id: str | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+def alert_for_event(event: dict[str, Any]) -> Alert | None:
+    """The alert an audit event raises, if any."""
+    kind, task, run = event["kind"], event.get("task_id"), event.get("run_id")
+    data: dict[str, Any] = event.get("data") or {}
+    if kind == "quarantine":
+        error = data.get("error") or "no error text"
+        summary = f"{task}: run {run} quarantined after {data.get('attempts')} attempt(s): {error}"
+        return Alert("run_quarantined", f"run_quarantined:{task}", summary, task, run, data)
+    if kind == "pause" and data.get("by") == "agentd":
+        summary = f"{task}: paused automatically ({data.get('reason')})"
+        return Alert("task_paused", f"task_paused:{task}", summary, task, None, data)
+    if kind == "budget_alarm":
+        pct, scope = data.get("threshold_pct"), data.get("scope")
+        summary = (
+            f"budget {scope}: {pct}% reached ({data.get('spent_usd')} of"
+            f" {data.get('limit_usd')} USD, window ends {data.get('window_end')})"
+        )
+        key = f"budget_alarm:{scope}:{data.get('window_start')}:{pct}"
+        return Alert("budget_alarm", key, summary, task, None, data)
+    if kind == "budget_exhausted":
+        summary = f"{task}: run {run} stopped, {data.get('error')}"
+        return Alert("budget_exhausted", f"budget_exhausted:{task}", summary, task, run, data)
+    if kind == "deadman":
+        summary = (
+            f"{task}: no success since {data.get('last_success') or 'monitoring began'}"
+            f" (expected every {data.get('every_s')}s, grace {data.get('grace_s')}s)"
+        )
+        return Alert("deadman", f"deadman:{task}", summary, task, None, data)
+    if kind == "run_too_long":
+        summary = (
+            f"{task}: run {run} attempt {data.get('attempt')} still running after"
+            f" {data.get('running_s')}s (max_duration {data.get('max_duration_s')}s)"
+        )
+        key = f"run_too_long:{run}:{data.get('attempt')}"
+        return Alert("run_too_long", key, summary, task, run, data)
+    if kind == "config_reload_failed":
+        error = str(data.get("error") or "")
+        digest = hashlib.sha256(error.encode()).hexdigest()[:12]
+        summary = f"config reload failed, the running config stays: {error.splitlines()[-1:]}"
+        return Alert(
+            "config_reload_failed", f"config_reload_failed:{digest}", summary, None, None, data
+        )
+    if kind == "recovered":
+        what = data.get("what")
+        summary = f"{task}: recovered ({what}), run {run} succeeded"
+        key = f"recovered:{what}:{task}:{data.get('since')}"
+        return Alert("recovered", key, summary, task, run, data)
+    return None
+
+
+def routes(alert: Alert, config: Config) -> dict[str, float]:
+    """Channel name -> cooldown (seconds) for every rule that matches the alert."""
+    out: dict[str, float] = {}
+    for rule in config.alerts.rules:
+        if "*" not in rule.events and alert.kind not in rule.events:
+            continue
+        if rule.tasks is not None and alert.task_id is not None and alert.task_id not in rule.tasks:
+            continue
+        cooldown = config.alerts.cooldown if rule.cooldown is None else rule.cooldown
+        for channel in rule.channels:
+            out[channel] = min(cooldown, out.get(channel, cooldown))
+    return out
+
+
+# ---------------------------------------------------------------- dead man's switch
+
+
+def deadman_deadline(
+    last_success: datetime | None, since: datetime, expect: ExpectConfig
+) -> datetime:
+    """When a task that must succeed every ``expect.every`` is late: a period plus grace
+    after its last success, or after monitoring began if it never succeeded."""
+    reference = max(last_success, since) if last_success else since
+    return reference + timedelta(seconds=expect.every + expect.grace)
+
+
+def deadman_late(
+    last_success: datetime | None, since: datetime, expect: ExpectConfig, now: datetime
+) -> datetime | None:
+    """The missed deadline, or None while the task is on time."""
+    deadline = deadman_deadline(last_success, since, expect)
+    return deadline if now > deadline else None
+
+
+# ---------------------------------------------------------------- payloads and channels
+
+
+def sign(body: bytes, secret: str) -> str:
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def verify(body: bytes, secret: str, header: str) -> bool:
+    """What a receiver does: compare in constant time."""
+    return hmac.compare_digest(sign(body, secret), header.strip())
+
+
+class DeliveryError(Exception):
+    pass
+
+
+def _secret(hook: WebhookChannel) -> str | None:
+    if hook.secret_env:
+        value = os.environ.get(hook.secret_env, "").strip()
+        if not value:
+            raise DeliveryError(f"secret variable {hook.secret_env} is not set")
+        return value
+    if hook.secret_file:
+        try:
+            value = hook.secret_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise DeliveryError(
+                f"cannot read secret file {hook.secret_file}: {exc.strerror}"
+            ) from None
+        if not value:
+            raise DeliveryError(f"secret file {hook.secret_file} is empty")
+        return value
+    return None
+
+
+async def deliver(
+    channel: ChannelConfig, payload: dict[str, Any], delivery_id: str, client: httpx.AsyncClient
+) -> None:
+    """One attempt; raises ``DeliveryError`` with a reason fit for the log (no secrets)."""
+    body = json.dumps(payload, default=str, sort_keys=True).encode()
+    if channel.webhook is not None:
+        hook = channel.webhook
+        headers = {
+            "Content-Type": "application/json",
+            DELIVERY_HEADER: delivery_id,
+            "X-Agentd-Event": str(payload.get("kind")),
+            **hook.headers,
+        }
+        secret = _secret(hook)
+        if secret:
+            headers[SIGNATURE_HEADER] = sign(body, secret)
+        try:
+            resp = await client.post(hook.url, content=body, headers=headers, timeout=hook.timeout)
+        except httpx.HTTPError as exc:
+            raise DeliveryError(f"webhook: {type(exc).__name__}") from None
+        if not resp.is_success:
+            raise DeliveryError(f"webhook answered HTTP {resp.status_code}")
+        return
+    if channel.command is not None:
+        await _run_command(channel.command.argv, body, channel.command.timeout)
+        return
+    level = getattr(logging, (channel.log.level if channel.log else "warning").upper())
+    log.log(level, "ALERT %s %s", payload.get("kind"), payload.get("summary"))
+
+
+async def _run_command(argv: list[str], body: bytes, timeout: float) -> None:
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        raise DeliveryError(f"command {argv[0]}: {exc.strerror}") from None
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(body), timeout)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise DeliveryError(f"command {argv[0]} timed out after {timeout:g}s") from None
+    if proc.returncode != 0:
+        tail = err.decode(errors="replace").strip().splitlines()[-1:] if err else []
+        raise DeliveryError(f"command {argv[0]} exited {proc.returncode} {tail}")

@@ -1,0 +1,428 @@
+"""LLM calls, metered: one shared client per provider, a budget check before every call.
+
+``Gateway`` belongs to the daemon; ``RunLLM`` is what a run sees as ``ctx.llm`` (the
+agent executor uses it too, so custom Python agents are metered the same way). Each
+call:
+
+1. reads the API key from its variable or file (rotating it needs no restart);
+2. reserves its worst case in the ledger against the run, task-window and global
+   budgets, or raises ``BudgetExhausted`` without calling;
+3. POSTs ``/chat/completions`` on the provider's shared ``httpx.AsyncClient``;
+4. commits what the provider reports, or the worst case when it reports nothing
+   usable (a timeout or a malformed answer may still have been billed);
+5. returns a ``Reply`` or raises ``LLMError`` classified for the retry policy.
+
+The key never leaves the Authorization header: it is scrubbed from provider messages,
+and it is in no ledger row, event or log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from agentd.budget import Need, Scope, call_scopes, cost_usd, estimate_prompt_tokens, worst_case
+from agentd.clock import Clock
+from agentd.config import Config, ProviderConfig, TaskConfig
+from agentd.executors.http import parse_retry_after
+from agentd.ledger import Refusal, commit, reserve
+from agentd.models import Result
+from agentd.store import Store
+
+_CONTEXT_RE = re.compile(r"context.?length|maximum context|too many tokens|context window", re.I)
+_POLICY_RE = re.compile(r"content.?(policy|filter|management)|safety system|flagged", re.I)
+
+
+class LLMError(Exception):
+    """A call that failed; ``retryable`` is the provider's meaning, for ``runner.decide``."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retryable: bool,
+        category: str,
+        http_status: int | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retryable = retryable
+        self.category = category
+        self.http_status = http_status
+        self.retry_after_s = retry_after_s
+
+    def result(self, detail: dict[str, Any] | None = None) -> Result:
+        return Result(
+            ok=False,
+            error=self.message,
+            http_status=self.http_status,
+            retry_after_s=self.retry_after_s,
+            retryable=self.retryable,
+            detail={"llm_error": self.category, **(detail or {})},
+        )
+
+
+class BudgetExhausted(Exception):
+    """The next call does not fit a budget; it was not made."""
+
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(refusal.message())
+        self.refusal = refusal
+
+    def result(self, detail: dict[str, Any] | None = None) -> Result:
+        return Result(
+            ok=False,
+            error=str(self),
+            retryable=False,
+            budget_exhausted=True,
+            detail={"budget_scope": self.refusal.scope.label, **(detail or {})},
+        )
+
+
+@dataclass(frozen=True)
+class Reply:
+    content: str
+    model: str
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float
+    usage_missing: bool = False
+
+    def usage(self) -> dict[str, Any]:
+        usage: dict[str, Any] = {
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "cost_usd": round(self.cost_usd, 9),
+        }
+        if self.usage_missing:
+            usage["usage_missing"] = True
+        return usage
+
+
+def classify(status: int, message: str) -> tuple[bool, str]:
+    """(retryable, category) of an HTTP error from a chat-completions provider."""
+    if status == 429:
+        return True, "rate_limited"
+    if status in (408, 409, 425) or status >= 500:
+        return True, "server_error" if status >= 500 else "transient"
+    if status in (401, 403):
+        return False, "auth"
+    if status == 404:
+        return False, "model_not_found"
+    if status == 402:
+        return False, "payment_required"
+    if status in (400, 413, 422) and _CONTEXT_RE.search(message):
+        return False, "context_length"
+    if status == 400 and _POLICY_RE.search(message):
+        return False, "content_policy"
+    return False, "bad_request"
+
+
+def api_key(provider: ProviderConfig) -> str | None:
+    if provider.api_key_env:
+        key = os.environ.get(provider.api_key_env, "").strip()
+        if not key:
+            raise LLMError(
+                f"API key variable {provider.api_key_env} is not set",
+                retryable=False,
+                category="auth",
+            )
+        return key
+    if provider.api_key_file:
+        try:
+            key = provider.api_key_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            message = f"cannot read API key file {provider.api_key_file}: {exc.strerror}"
+            raise LLMError(message, retryable=False, category="auth") from None
+        if not key:
+            message = f"API key file {provider.api_key_file} is empty"
+            raise LLMError(message, retryable=False, category="auth")
+        return key
+    return None
+
+
+def _scrub(text: str, key: str | None) -> str:
+    return text.replace(key, "***") if key else text
+
+
+def _error_message(data: Any) -> str | None:
+    error = data.get("error") if isinstance(data, dict) else None
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return str(error["message"])
+    return error if isinstance(error, str) else None
+
+
+def _provider_message(resp: httpx.Response, key: str | None) -> str:
+    try:
+        message = _error_message(resp.json())
+    except ValueError:
+        message = None
+    text = _scrub(message if message is not None else resp.text, key)
+    return " ".join(text[:300].split())  # one line, even from an HTML error page
+
+
+def parse_reply(resp: httpx.Response) -> tuple[str, int | None, int | None]:
+    """(content, prompt_tokens, completion_tokens); ValueError when it is not an answer."""
+    try:
+        data = resp.json()
+    except ValueError as exc:
+        raise ValueError(f"body is not JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError("top level is not an object")
+    choices = data.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        error = _error_message(data)  # some proxies answer 200 with an error object
+        raise ValueError(f"no choices (error: {error})" if error else "no choices")
+    message = choices[0].get("message")
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, str):
+        raise ValueError(f"choices[0].message.content is {type(content).__name__}, not a string")
+    usage = data.get("usage")
+    usage = usage if isinstance(usage, dict) else {}
+
+    def count(name: str) -> int | None:
+        value = usage.get(name)
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        return value if ok else None
+
+    return content, count("prompt_tokens"), count("completion_tokens")
+
+
+class Gateway:
+    """The daemon's LLM side: config, ledger (the store), clock, and one shared
+    ``httpx.AsyncClient`` per provider, made on first use on the running loop."""
+
+    def __init__(self, store: Store, config: Config, clock: Clock) -> None:
+        self.store = store
+        self.config = config
+        self.clock = clock
+        self._clients: dict[tuple[Any, ...], httpx.AsyncClient] = {}
+
+    def set_config(self, config: Config) -> None:
+        self.config = config
+
+    def client(self, name: str, provider: ProviderConfig) -> httpx.AsyncClient:
+        """Shared per provider; a reload that changes its URL or timeouts gets a new one."""
+        key = (name, provider.base_url, provider.connect_timeout, provider.read_timeout)
+        client = self._clients.get(key)
+        if client is None:
+            timeout = httpx.Timeout(
+                connect=provider.connect_timeout,
+                read=provider.read_timeout,
+                write=provider.read_timeout,
+                pool=provider.connect_timeout,
+            )
+            client = httpx.AsyncClient(base_url=provider.base_url.rstrip("/"), timeout=timeout)
+            self._clients[key] = client
+        return client
+
+    async def aclose(self) -> None:
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            await client.aclose()
+
+    def for_run(
+        self, task: TaskConfig, run_id: str, loop: asyncio.AbstractEventLoop | None = None
+    ) -> RunLLM:
+        return RunLLM(self, task, run_id, loop or asyncio.get_running_loop())
+
+
+class RunLLM:
+    """``ctx.llm``: chat completions for one run, metered against its budgets.
+
+    ``await ctx.llm.achat(...)`` in async code; ``ctx.llm.chat(...)`` from a sync
+    callable (which runs in a worker thread).
+    """
+
+    def __init__(
+        self, gateway: Gateway, task: TaskConfig, run_id: str, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self._gw = gateway
+        self.task = task
+        self.run_id = run_id
+        self._loop = loop
+        self._loop_thread = threading.get_ident()
+
+    def chat(self, prompt: str | None = None, **kwargs: Any) -> Reply:
+        """The blocking form, for sync callables in their worker thread."""
+        if threading.get_ident() == self._loop_thread:
+            raise RuntimeError("ctx.llm.chat() blocks: use `await ctx.llm.achat()` on the loop")
+        return asyncio.run_coroutine_threadsafe(self.achat(prompt, **kwargs), self._loop).result()
+
+    async def achat(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: list[dict[str, Any]] | None = None,
+        system: str | None = None,
+        provider: str | None = None,
+        model: str | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        read_timeout: float | None = None,
+        item: int | None = None,
+    ) -> Reply:
+        config, task = self._gw.config, self.task
+        name, prov, default_model, default_max = self._target(provider)
+        model = model or default_model
+        if not model:
+            message = "no model given and the provider has no default_model"
+            raise LLMError(message, retryable=False, category="bad_request")
+        if messages is None:
+            if prompt is None:
+                raise ValueError("give a prompt or messages")
+            messages = [{"role": "system", "content": system}] if system else []
+            messages.append({"role": "user", "content": prompt})
+        cap = max_tokens or default_max or prov.max_tokens
+        now = self._gw.clock.now()
+        scopes = call_scopes(config, task, now)
+        price = prov.prices.get(model)
+        if price is None and any(s.usd is not None for s in scopes):
+            raise LLMError(
+                f"model {model!r} has no price in providers.{name}.prices, so a USD budget"
+                " cannot be enforced; the call was not made",
+                retryable=False,
+                category="unpriced",
+            )
+        key = api_key(prov)
+        need = worst_case(price, estimate_prompt_tokens(messages), cap)
+        entry = reserve(
+            self._gw.store,
+            now,
+            run_id=self.run_id,
+            task_id=task.id,
+            provider=name,
+            model=model,
+            item=item,
+            need=need,
+            scopes=scopes,
+        )
+        if isinstance(entry, Refusal):
+            raise BudgetExhausted(entry)
+        body: dict[str, Any] = {"model": model, "messages": messages, "max_tokens": cap}
+        if temperature is not None:
+            body["temperature"] = temperature
+        call = _Call(self._gw, entry, scopes, need, price, model)
+        return await call.post(self._gw.client(name, prov), body, key, read_timeout)
+
+    def _target(self, provider: str | None) -> tuple[str, ProviderConfig, str, int | None]:
+        config = self._gw.config
+        if provider is not None:
+            if provider not in config.providers:
+                message = f"unknown provider {provider!r}"
+                raise LLMError(message, retryable=False, category="bad_request")
+            return provider, config.providers[provider], "", None
+        target = config.llm_target(self.task)
+        if target is None:
+            message = (
+                "this task has no LLM provider: name one (provider=...) or declare"
+                " exactly one under providers:"
+            )
+            raise LLMError(message, retryable=False, category="bad_request")
+        name, prov, model, cap = target
+        return name, config.providers.get(name, prov), model, cap
+
+
+class _Call:
+    """One HTTP exchange and the ledger entry that pays for it."""
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        entry: int,
+        scopes: list[Scope],
+        need: Need,
+        price: Any,
+        model: str,
+    ) -> None:
+        self.gw, self.entry, self.scopes, self.need = gateway, entry, scopes, need
+        self.price, self.model = price, model
+        self.started = time.monotonic()
+
+    def settle(self, status: str, input_tokens: int | None, output_tokens: int | None) -> float:
+        """Commit actual usage; unknown usage is charged at the reserved worst case."""
+        missing = input_tokens is None or output_tokens is None
+        if missing:
+            input_tokens, output_tokens = self.need.input_tokens, self.need.output_tokens
+        assert input_tokens is not None and output_tokens is not None
+        cost = cost_usd(self.price, input_tokens, output_tokens)
+        commit(
+            self.gw.store,
+            self.gw.clock.now(),
+            self.entry,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            cost=cost,
+            status=status,
+            duration_s=round(time.monotonic() - self.started, 3),
+            usage_missing=missing,
+            scopes=self.scopes,
+        )
+        return cost
+
+    async def post(
+        self,
+        client: httpx.AsyncClient,
+        body: dict[str, Any],
+        key: str | None,
+        read_timeout: float | None,
+    ) -> Reply:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        kwargs: dict[str, Any] = {"json": body, "headers": headers}
+        if read_timeout is not None:
+            kwargs["timeout"] = httpx.Timeout(client.timeout.connect, read=read_timeout)
+        try:
+            resp = await client.post("/chat/completions", **kwargs)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            self.settle("connect_error", 0, 0)  # nothing reached the provider
+            raise LLMError(f"cannot connect: {exc}", retryable=True, category="connect") from None
+        except httpx.TimeoutException:
+            self.settle("timeout", None, None)
+            seconds = read_timeout or client.timeout.read or 0
+            message = f"request timed out after {seconds:g}s"
+            raise LLMError(message, retryable=True, category="timeout") from None
+        except httpx.HTTPError as exc:
+            self.settle("transport_error", None, None)
+            message = _scrub(f"{type(exc).__name__}: {exc}", key)
+            raise LLMError(message, retryable=True, category="transport") from None
+        except asyncio.CancelledError:
+            self.settle("cancelled", None, None)
+            raise
+        status = resp.status_code
+        if not resp.is_success:
+            self.settle(str(status), 0, 0)  # providers do not bill refused requests
+            message = _provider_message(resp, key)
+            retryable, category = classify(status, message)
+            raise LLMError(
+                f"HTTP {status}: {message}" if message else f"HTTP {status}",
+                retryable=retryable,
+                category=category,
+                http_status=status,
+                retry_after_s=parse_retry_after(resp.headers.get("retry-after")),
+            )
+        try:
+            content, prompt_tokens, completion_tokens = parse_reply(resp)
+        except ValueError as exc:
+            self.settle("malformed", None, None)
+            message = f"malformed response: {_scrub(str(exc), key)[:300]}"
+            raise LLMError(
+                message, retryable=True, category="malformed", http_status=status
+            ) from None
+        cost = self.settle(str(status), prompt_tokens, completion_tokens)
+        missing = prompt_tokens is None or completion_tokens is None
+        return Reply(
+            content=content,
+            model=self.model,
+            input_tokens=self.need.input_tokens if missing else prompt_tokens or 0,
+            output_tokens=self.need.output_tokens if missing else completion_tokens or 0,
+            cost_usd=cost,
+            usage_missing=missing,
+        )

@@ -1,0 +1,147 @@
+"""The one object the daemon holds for unattended safety: budgets, LLM calls, alerts.
+
+Built in ``startup()`` once the state DB is open; the daemon calls ``tick(now)`` from
+its main loop, ``on_event`` from its event sink, ``set_config``/``reload_failed`` from
+``reload()`` and ``aclose()`` at shutdown. Everything else lives in ``budget``,
+``ledger``, ``providers``, ``alerts`` and ``outbox``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import datetime
+
+import httpx
+
+from agentd.budget import global_scopes, task_scopes
+from agentd.clock import Clock
+from agentd.config import Config
+from agentd.ledger import settle_stale, window_blocked, window_report
+from agentd.metrics import Metrics
+from agentd.outbox import Outbox
+from agentd.providers import Gateway
+from agentd.store import Row, Store
+
+log = logging.getLogger("agentd.safety")
+
+CHECK_EVERY_S = 1.0
+GAUGES_EVERY_S = 5.0
+ALERT_EVENTS = frozenset(
+    {
+        "quarantine",
+        "pause",
+        "success",
+        "budget_alarm",
+        "budget_exhausted",
+        "deadman",
+        "run_too_long",
+        "config_reload_failed",
+        "recovered",
+        "start",
+        "failure",
+        "timeout",
+    }
+)
+
+
+class Safety:
+    def __init__(self, store: Store, config: Config, clock: Clock, metrics: Metrics) -> None:
+        self.store = store
+        self.config = config
+        self.clock = clock
+        self.metrics = metrics
+        self.gateway = Gateway(store, config, clock)
+        self.outbox = Outbox(store, config, clock)
+        store.fire_gate = self._gate
+        settled = settle_stale(store, clock.now())
+        if settled:
+            log.warning("%d LLM call(s) in flight at the last stop charged at worst case", settled)
+        self._last_check = self._last_gauges = -1e9
+        self._dirty = True
+        self._deliver_wake = asyncio.Event()
+        self._delivery: asyncio.Task[None] | None = None
+        self._http: httpx.AsyncClient | None = None
+
+    def set_config(self, config: Config) -> None:
+        self.config = config
+        self.gateway.set_config(config)
+        self.outbox.config = config
+        self._last_gauges = -1e9
+
+    def _gate(self, task_id: str, now: datetime) -> Row | None:
+        return window_blocked(self.store, self.config, task_id, now)
+
+    # ------------------------------------------------------------ the loop's hooks
+
+    def on_event(self, event: Row) -> None:
+        """Called after each commit; only notes that the outbox has work (no DB here)."""
+        if event.get("kind") in ALERT_EVENTS:
+            self._dirty = True
+
+    def tick(self, now: datetime) -> None:
+        """One cheap step of the main loop: new events to alerts, periodic checks, gauges."""
+        mono = self.clock.monotonic()
+        if self._delivery is None:
+            self._delivery = asyncio.get_running_loop().create_task(
+                self._deliver_loop(), name="agentd-alerts"
+            )
+        if mono - self._last_check >= CHECK_EVERY_S:
+            self._last_check = mono
+            tasks = {r["id"]: r for r in self.store.task_rows()}
+            self.outbox.check(now, tasks, self.outbox.running_attempts())
+            self._dirty = True  # also events written by other processes (the CLI)
+        if self._dirty:
+            self._dirty = False
+            while self.outbox.process(now):
+                pass
+            due = self.outbox.next_due()
+            if due is not None and due <= now:
+                self._deliver_wake.set()
+        if mono - self._last_gauges >= GAUGES_EVERY_S:
+            self._last_gauges = mono
+            self.metrics.set_budget_remaining(self.remaining(now))
+
+    def reload_failed(self, error: str) -> None:
+        with self.store.tx():
+            self.store.emit(self.clock.now(), "config_reload_failed", error=error[-4000:])
+        self._dirty = True
+
+    async def aclose(self) -> None:
+        if self._delivery is not None:
+            self._delivery.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._delivery
+        if self._http is not None:
+            await self._http.aclose()
+        await self.gateway.aclose()
+
+    # ------------------------------------------------------------ delivery
+
+    async def _deliver_loop(self) -> None:
+        self._http = httpx.AsyncClient(follow_redirects=False)
+        while True:
+            try:
+                await self.outbox.deliver_due(self._http)
+            except Exception:  # a DB hiccup must not end delivery for good
+                log.exception("alert delivery pass failed; trying again")
+            self._deliver_wake.clear()
+            due = self.outbox.next_due()
+            wait = 5.0
+            if due is not None:
+                wait = min(wait, max(0.05, (due - self.clock.now()).total_seconds()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._deliver_wake.wait(), wait)
+
+    # ------------------------------------------------------------ budgets
+
+    def remaining(self, now: datetime) -> dict[str, float]:
+        out: dict[str, float] = {}
+        scopes = global_scopes(self.config, now)
+        for task in self.config.tasks.values():
+            scopes += task_scopes(self.config, task, now)
+        for scope in scopes:
+            report = window_report(self.store, scope)
+            out[scope.label] = float(report["remaining_usd"] or 0.0)
+        return out
