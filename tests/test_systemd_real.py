@@ -69,7 +69,9 @@ def machine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SystemdNS]:
     if reason:
         pytest.skip(f"real systemd unavailable: {reason}")
     venv = deps_venv()
-    binds = [] if _on_root_fs(ROOT) else [ROOT]
+    # The overlay shows the root filesystem, minus /tmp and /run (fresh tmpfs inside).
+    hidden = ROOT.is_relative_to("/tmp") or ROOT.is_relative_to("/run")
+    binds = [ROOT] if hidden or not _on_root_fs(ROOT) else []
     ns = SystemdNS(tmp_path_factory.mktemp("systemd"), binds=binds)
     try:
         ns.boot()
