@@ -56,6 +56,12 @@ Duration = Annotated[float, BeforeValidator(_duration)]
 """Seconds; accepts ``30s``, ``5m``, ``1h30m``, ``500ms`` or a bare number of seconds."""
 
 
+def _check_url(value: str) -> str:
+    if not re.match(r"^https?://[^/\s]+", value):
+        raise ValueError(f"URL must start with http:// or https:// (got {value!r})")
+    return value
+
+
 def _check_timezone(name: str) -> str:
     try:
         zoneinfo.ZoneInfo(name)
@@ -227,12 +233,7 @@ class HttpCallConfig(_Model):
     """Statuses that count as success; ``None`` means any 2xx."""
     timeout: Duration = 30.0
 
-    @field_validator("url")
-    @classmethod
-    def _url(cls, value: str) -> str:
-        if not re.match(r"^https?://[^/\s]+", value):
-            raise ValueError(f"URL must start with http:// or https:// (got {value!r})")
-        return value
+    _url = field_validator("url")(_check_url)
 
 
 class PythonConfig(_Model):
@@ -298,12 +299,7 @@ class ProviderConfig(_Model):
     """Output cap for calls that set none: every call is bounded, so it can be reserved."""
     prices: dict[str, PriceConfig] = {}
 
-    @field_validator("base_url")
-    @classmethod
-    def _url(cls, value: str) -> str:
-        if not re.match(r"^https?://[^/\s]+", value):
-            raise ValueError(f"URL must start with http:// or https:// (got {value!r})")
-        return value
+    _url = field_validator("base_url")(_check_url)
 
     @model_validator(mode="after")
     def _key(self) -> ProviderConfig:
@@ -407,12 +403,7 @@ class WebhookChannel(_Model):
     headers: dict[str, str] = {}
     timeout: Duration = Field(default=10.0, gt=0)
 
-    @field_validator("url")
-    @classmethod
-    def _url(cls, value: str) -> str:
-        if not re.match(r"^https?://[^/\s]+", value):
-            raise ValueError(f"URL must start with http:// or https:// (got {value!r})")
-        return value
+    _url = field_validator("url")(_check_url)
 
     @model_validator(mode="after")
     def _secret(self) -> WebhookChannel:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from agentd.config import ALERT_KINDS
 from agentd.control import RUN_STATUSES
 
 Schema = dict[str, Any]
@@ -341,18 +342,7 @@ SCHEMAS: dict[str, Schema] = {
         {
             "id": _int(),
             "ts": _str(),
-            "kind": _str(
-                enum=[
-                    "run_quarantined",
-                    "task_paused",
-                    "budget_alarm",
-                    "budget_exhausted",
-                    "deadman",
-                    "run_too_long",
-                    "config_reload_failed",
-                    "recovered",
-                ]
-            ),
+            "kind": _str(enum=list(ALERT_KINDS)),
             "dedup_key": _str(),
             "task_id": _str(nullable=True),
             "run_id": _str(nullable=True),
