@@ -13,7 +13,9 @@ runs with ``synchronous=NORMAL``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import pickle
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -27,6 +29,7 @@ from apscheduler.jobstores.memory import MemoryJobStore
 from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.base import BaseTrigger
+from apscheduler.util import datetime_to_utc_timestamp
 
 from agentd.clock import Clock, to_iso
 from agentd.config import Config, TaskConfig, inactive_reason
@@ -88,6 +91,85 @@ class EnqueueExecutor(BaseExecutor):  # type: ignore[misc]
         raise NotImplementedError  # submit_job is overridden
 
 
+class GroupCommitJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
+    """APScheduler's SQLite jobstore with write-behind for ``update_job``.
+
+    Stock, APScheduler commits each job's next fire time before it looks at the next due
+    job, so with 1,000 jobs due at once the last one starts 1,000 commits late. Here the
+    updates of one processing pass wait in memory and are written in one transaction at
+    the pass's first read (``get_next_run_time`` ends every pass), right after
+    ``before_flush`` has committed the fires themselves to the state DB. A crash in
+    between re-fires those jobs on restart; their runs' idempotency keys make that a
+    no-op, so nothing runs twice and nothing is lost.
+    """
+
+    def __init__(self, engine: sqlalchemy.Engine, before_flush: Callable[[], None]) -> None:
+        super().__init__(engine=engine)
+        self._before_flush = before_flush
+        self._pending: dict[str, Any] = {}
+
+    def update_job(self, job: Any) -> None:
+        self._pending[job.id] = job
+
+    def flush(self) -> None:
+        self._before_flush()
+        if not self._pending:
+            return
+        jobs, self._pending = list(self._pending.values()), {}
+        table = self.jobs_t
+        with self.engine.begin() as conn:
+            conn.execute(
+                table.update()
+                .where(table.c.id == sqlalchemy.bindparam("job_id"))
+                .values(
+                    next_run_time=sqlalchemy.bindparam("nrt"),
+                    job_state=sqlalchemy.bindparam("state"),
+                ),
+                [
+                    {
+                        "job_id": job.id,
+                        "nrt": datetime_to_utc_timestamp(job.next_run_time),
+                        "state": pickle.dumps(job.__getstate__(), self.pickle_protocol),
+                    }
+                    for job in jobs
+                ],
+            )
+
+    # Every read and every other write sees the pass's updates first.
+
+    def lookup_job(self, job_id: str) -> Any:
+        self.flush()
+        return super().lookup_job(job_id)
+
+    def get_due_jobs(self, now: datetime) -> Any:
+        self.flush()
+        return super().get_due_jobs(now)
+
+    def get_next_run_time(self) -> Any:
+        self.flush()
+        return super().get_next_run_time()
+
+    def get_all_jobs(self) -> Any:
+        self.flush()
+        return super().get_all_jobs()
+
+    def add_job(self, job: Any) -> None:
+        self.flush()
+        super().add_job(job)
+
+    def remove_job(self, job_id: str) -> None:
+        self.flush()
+        super().remove_job(job_id)
+
+    def remove_all_jobs(self) -> None:
+        self.flush()
+        super().remove_all_jobs()
+
+    def shutdown(self) -> None:
+        self.flush()
+        super().shutdown()
+
+
 @dataclass
 class SyncReport:
     added: list[str] = field(default_factory=list)
@@ -128,7 +210,7 @@ class Scheduler:
         self._engine = _jobstore_engine(jobstore_path)
         self.aps = AsyncIOScheduler(
             jobstores={
-                "default": SQLAlchemyJobStore(engine=self._engine),
+                "default": GroupCommitJobStore(self._engine, self._commit_fires),
                 "internal": MemoryJobStore(),
             },
             executors={"default": EnqueueExecutor(self._on_due), "internal": AsyncIOExecutor()},
@@ -242,10 +324,27 @@ class Scheduler:
 
     # ------------------------------------------------------------ fires
 
+    def _commit_fires(self) -> None:
+        """End of a processing pass: make its fires durable, in one commit."""
+        if self.store.in_group:
+            try:
+                self.store.commit_group()
+            except Exception:
+                log.exception("committing fires failed; they are lost unless re-fired")
+
     def _on_due(self, task_id: str, run_times: list[datetime]) -> None:
         task = self.tasks.get(task_id)
         if task is None or not run_times:
             return
+        if not self.store.in_group:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None  # called directly, not from APScheduler's pass: no grouping
+            if loop is not None:
+                self.store.begin_group()
+                # The pass ends with a jobstore read that commits; this is the backstop.
+                loop.call_soon(self._commit_fires)
         now = self.clock.now()
         due, missed, reason = catchup_split(task, run_times, now)
         if missed:

@@ -225,6 +225,7 @@ class Store:
         """Asked inside ``fire()``'s transaction for scheduled fires: a reason to record
         the fire as skipped (budget window full), or None."""
         self._pending_events: list[Row] = []
+        self._group_open = False
         self.conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self.conn.row_factory = sqlite3.Row
         self.conn.execute("PRAGMA busy_timeout = 10000")
@@ -267,7 +268,23 @@ class Store:
 
     @contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction, taken up front so read-then-write cannot race."""
+        """One write transaction, taken up front so read-then-write cannot race.
+
+        Inside a group (``begin_group``) it is a savepoint instead: its writes become
+        durable with the group's one commit, and a failure undoes only its own part.
+        """
+        if self._group_open:
+            mark = len(self._pending_events)
+            self.conn.execute("SAVEPOINT tx")
+            try:
+                yield self.conn
+            except BaseException:
+                self.conn.execute("ROLLBACK TO tx")
+                self.conn.execute("RELEASE tx")
+                del self._pending_events[mark:]
+                raise
+            self.conn.execute("RELEASE tx")
+            return
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             yield self.conn
@@ -276,6 +293,33 @@ class Store:
             self._pending_events.clear()
             raise
         self.conn.execute("COMMIT")
+        events, self._pending_events = self._pending_events, []
+        if self.event_sink:
+            for event in events:
+                self.event_sink(event)
+
+    @property
+    def in_group(self) -> bool:
+        return self._group_open
+
+    def begin_group(self) -> None:
+        """Group commit: the transactions that follow, up to ``commit_group``, share one
+        commit and so one fsync. The scheduler uses it for all fires of one due instant,
+        where a commit each would make the thousandth run wait for 999 fsyncs."""
+        if not self._group_open:
+            self.conn.execute("BEGIN IMMEDIATE")
+            self._group_open = True
+
+    def commit_group(self) -> None:
+        if not self._group_open:
+            return
+        self._group_open = False
+        try:
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            self._pending_events.clear()
+            raise
         events, self._pending_events = self._pending_events, []
         if self.event_sink:
             for event in events:

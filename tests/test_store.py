@@ -864,3 +864,30 @@ def test_two_stores_writing_from_two_threads(tmp_path: Path) -> None:
     finally:
         cli.close()
         daemon.close()
+
+
+def test_group_commit_shares_one_commit_and_a_failed_part_undoes_only_itself(
+    tmp_path: Path,
+) -> None:
+    published: list[str] = []
+    store = make_store(tmp_path, event_sink=lambda e: published.append(e["kind"]))
+    published.clear()
+    statements: list[str] = []
+    store.conn.set_trace_callback(statements.append)
+    store.begin_group()
+    first = fire_at(store, "a", 1)
+    with pytest.raises(StoreError), store.tx():
+        store.conn.execute("UPDATE tasks SET paused=1 WHERE id='b'")
+        raise StoreError("boom", "a part that fails")
+    second = fire_at(store, "b", 1)
+    assert published == []  # nothing announced before it is durable
+    other = sqlite3.connect(tmp_path / "state.sqlite")
+    assert other.execute("SELECT count(*) FROM runs").fetchone()[0] == 0  # not yet visible
+    store.commit_group()
+    assert [s for s in statements if s == "COMMIT"] == ["COMMIT"]  # one commit, one fsync
+    assert published == ["enqueue", "enqueue"]
+    ids = {r[0] for r in other.execute("SELECT id FROM runs")}
+    assert ids == {first, second}
+    assert other.execute("SELECT paused FROM tasks WHERE id='b'").fetchone()[0] == 0
+    other.close()
+    store.conn.close()

@@ -1,0 +1,63 @@
+"""The APScheduler side on real SQLite files: fires of one due instant are one commit."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy
+
+from agentd.clock import SystemClock
+from agentd.config import parse_config
+from agentd.scheduler import Scheduler
+from agentd.store import Store
+
+N_TASKS = 60
+
+
+def test_fires_due_at_one_instant_are_one_commit_and_one_jobstore_write(tmp_path: Path) -> None:
+    tasks = "".join(
+        f'  t{i}:\n    schedule: {{every: 1s}}\n    command: {{argv: ["true"]}}\n'
+        for i in range(N_TASKS)
+    )
+    config = parse_config(f"daemon:\n  state_dir: {tmp_path}\ntasks:\n{tasks}")
+    store = Store(tmp_path / "state.sqlite")
+    index = {t: (c.fingerprint(), c.kind) for t, c in config.tasks.items()}
+    store.sync_tasks(index, SystemClock().now())
+    commits: list[str] = []
+    store.conn.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+    updates: list[int] = []
+
+    def on_execute(_conn: Any, _cur: Any, sql: str, params: Any, _ctx: Any, many: bool) -> None:
+        if sql.startswith("UPDATE apscheduler_jobs"):
+            updates.append(len(params) if many else 1)
+
+    async def scenario() -> None:
+        scheduler = Scheduler(store, SystemClock(), tmp_path / "schedule.sqlite")
+        sqlalchemy.event.listen(scheduler._engine, "before_cursor_execute", on_execute)
+        scheduler.start(config)
+        deadline = time.monotonic() + 30
+        try:
+            while store.counts().get("queued", 0) < N_TASKS:
+                assert time.monotonic() < deadline, "fires did not arrive"
+                await asyncio.sleep(0.01)
+        finally:
+            scheduler.shutdown()
+
+    asyncio.run(scenario())
+    instants = {r[0] for r in store.conn.execute("SELECT scheduled_for FROM runs")}
+    runs = store.conn.execute("SELECT count(*) FROM runs").fetchone()[0]
+    store.conn.close()
+    # Normally one instant; two if adding the jobs straddled a second boundary.
+    assert len(instants) <= 2 and runs >= N_TASKS
+    # One commit per due instant, not per run...
+    assert len(commits) == len(instants), (commits, instants)
+    # ... and the jobstore moved all those jobs on with one statement per instant.
+    assert len(updates) == len(instants) and sum(updates) == runs, updates
+    jobs = sqlite3.connect(tmp_path / "schedule.sqlite")
+    (count,) = jobs.execute("SELECT count(*) FROM apscheduler_jobs").fetchone()
+    jobs.close()
+    assert count == N_TASKS
