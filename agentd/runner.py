@@ -13,7 +13,8 @@ import logging
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +153,7 @@ class Runner:
         self.claiming = True
         self.last_tick_mono = clock.monotonic()
         self._last_heartbeat = clock.monotonic()
+        self._finishing: list[partial[None]] = []
 
     def set_tasks(self, tasks: Mapping[str, TaskConfig]) -> None:
         """New config: runs in flight keep the task definition they started with."""
@@ -175,11 +177,20 @@ class Runner:
             return []
         busy = {a.task.id for a in self.active.values()}
         allow = {t.id for t in self.tasks.values() if t.overlap == "allow"}
-        rows = self.store.claim(self.clock.now(), self.owner, self.lease_s, free, busy, allow)
-        started = []
-        for row in rows:
-            self._start(row)
-            started.append(row["id"])
+        # The claim and every start of this tick share one commit: with 256 free slots
+        # that is one fsync, not 257. Synchronous from begin to commit, so no other
+        # writer's transaction can slip into the group.
+        own_group = not self.store.in_group
+        self.store.begin_group()
+        try:
+            rows = self.store.claim(self.clock.now(), self.owner, self.lease_s, free, busy, allow)
+            started = []
+            for row in rows:
+                self._start(row)
+                started.append(row["id"])
+        finally:
+            if own_group:
+                self.store.commit_group()
         if rows:
             self._last_heartbeat = self.clock.monotonic()
         return started
@@ -271,6 +282,46 @@ class Runner:
             1 if outcome in (Outcome.FAILURE, Outcome.TIMEOUT) else 0
         )
         decision = decide(task, outcome, result, failures_after, self.rng)
+        if not self._finishing:
+            asyncio.get_running_loop().call_soon(self._flush_finishes)
+        self._finishing.append(
+            partial(self._finish, active, outcome, result, error, duration, decision, now)
+        )
+
+    def _flush_finishes(self) -> None:
+        """Record every run that ended in this loop iteration with one commit, then let
+        their waiters (drain, the next claim) go on: ``done`` is set only once durable."""
+        pending, self._finishing = self._finishing, []
+        own_group = not self.store.in_group
+        self.store.begin_group()
+        try:
+            for record in pending:
+                record()
+        finally:
+            if own_group:
+                try:
+                    self.store.commit_group()
+                except Exception:
+                    # The leases will expire and recovery re-queues the runs.
+                    log.exception("could not commit %d run outcome(s)", len(pending))
+            for record in pending:
+                active = record.args[0]
+                self.active.pop(active.row["id"], None)
+                active.done.set()
+            if self.on_change:
+                self.on_change()
+
+    def _finish(
+        self,
+        active: ActiveRun,
+        outcome: Outcome,
+        result: Result | None,
+        error: str | None,
+        duration: float,
+        decision: Decision,
+        now: datetime,
+    ) -> None:
+        task, row = active.task, active.row
         not_before = now + timedelta(seconds=decision.delay_s)
         try:
             final = self.store.finish(
@@ -298,11 +349,6 @@ class Runner:
         except Exception:
             # The lease will expire and recovery re-queues the run: nothing is lost.
             log.exception("could not record outcome run=%s task=%s", row["id"], task.id)
-        finally:
-            self.active.pop(row["id"], None)
-            active.done.set()
-            if self.on_change:
-                self.on_change()
 
     # ------------------------------------------------------------ shutdown
 

@@ -328,6 +328,7 @@ class Store:
     def close(self) -> None:
         """Fold the WAL back into the main file so a copy of the DB alone is complete."""
         try:
+            self.commit_group()
             self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         finally:
             self.conn.close()
