@@ -152,7 +152,7 @@ class Suite:
                 venv = peer.split("-")[0]
                 reason = self.not_run.get(peer) or self.not_run.get(venv)
                 metric.not_run[peer] = reason or "no result (see errors)"
-        metric.not_run.update(absent or {})
+        metric.not_run |= {k: v for k, v in (absent or {}).items() if k not in metric.values}
         if AGENTD not in metric.values and runs is not None and AGENTD in runs.timed:
             metric.not_run[AGENTD] = "no result (see errors)"
         self.metrics.append(metric)
