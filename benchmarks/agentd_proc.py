@@ -99,10 +99,13 @@ class AgentdProc:
 
     # ------------------------------------------------------------ process
 
-    def start(self, trace: Path | None = None) -> AgentdProc:
+    def start(self, trace: Path | None = None, wrap: tuple[str, ...] = ()) -> AgentdProc:
+        """Spawn the daemon; ``trace`` counts its SQL, ``wrap`` prefixes the command (a
+        profiler, as in ``benchmarks.profile``)."""
         cmd = [sys.executable, "-m", "agentd.cli", "run", "--config", str(self.config)]
         if trace is not None:
             cmd[1:2] = ["-m", "benchmarks.sqltrace", str(trace), "-m"]
+        cmd = [*wrap, *cmd]
         with self.log_path.open("ab") as log:
             self.spawned = time.monotonic()
             self.proc = subprocess.Popen(
