@@ -39,9 +39,17 @@ def _insert(store: Store, table: str, rows: list[dict[str, Any]]) -> None:
 
 
 def queue(
-    proc: AgentdProc, task_id: str, n: int, trigger: str = "manual", paused: bool = False
+    proc: AgentdProc,
+    task_id: str,
+    n: int,
+    trigger: str = "manual",
+    paused: bool = False,
+    offset: int = 0,
 ) -> None:
-    """``n`` queued runs of ``task_id`` (``trigger='schedule'`` ones wait while paused)."""
+    """``n`` queued runs of ``task_id`` (``trigger='schedule'`` ones wait while paused).
+
+    Also safe while the daemon runs (the CLI writes the same file the same way): B6 tops
+    the queue up in chunks, ``offset`` keeping ids and idempotency keys unique."""
     store = _store(proc)
     now = datetime.now(UTC)
     try:
@@ -49,8 +57,8 @@ def queue(
         template = store.get_run(first.run_id)
         stamp = now.strftime("%Y%m%dT%H%M%S")
         runs, events = [], []
-        for i in range(1, n):
-            run_id = f"{stamp}-q{i:07d}"
+        for i in range(offset + 1, offset + n):
+            run_id = f"{stamp}-q{i:08d}"
             runs.append({**template, "id": run_id, "idempotency_key": f"{task_id}@bench:{i}"})
             events.append(
                 {

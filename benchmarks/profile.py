@@ -104,6 +104,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--top", type=int, default=40)
     p.add_argument("--out", type=Path, default=Path("agentd-profile.txt"))
+    p.add_argument("--idle", action="store_true", help="wall clock: include waiting threads")
     a = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="agentd-profile-") as tmp:
         d, due = build(a.scenario, a.n, Path(tmp))
@@ -115,6 +116,7 @@ def main() -> None:
             "--rate",
             "250",
             "--nonblocking",
+            *(["--idle", "--threads"] if a.idle else []),
             "-o",
             str(a.out.resolve()),
             "--",
