@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= config/agentd.yaml
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench bench-quick clean
 
 $(BIN)/agentd: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,14 @@ lint: $(BIN)/agentd
 
 test: lint
 	$(BIN)/pytest -q
+
+# The benchmark suite (benchmarks/README.md): full takes most of an hour; ARGS=--quick
+# a few minutes. Peers are installed into their own venvs under ~/.cache/agentd-bench.
+bench: $(BIN)/agentd
+	$(BIN)/python -m benchmarks $(ARGS)
+
+bench-quick: $(BIN)/agentd
+	$(BIN)/python -m benchmarks --quick $(ARGS)
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,130 @@
+"""Queue or history rows written straight into a stopped daemon's state DB.
+
+Throughput benchmarks (B3, B4, B6) time how fast agentd *works off* a queue, like the
+huey benchmark times its consumer on a filled queue; crash recovery (B8) needs a long
+history. Writing those rows through the daemon would take minutes and measure the API
+instead. So one run is created through agentd's own ``Store.fire`` (its real row
+shape) and cloned in one transaction. Column lists come from that row, so the clones
+follow agentd's schema as it changes.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from agentd.clock import to_iso
+from agentd.config import load_config
+from agentd.store import Store
+from benchmarks.agentd_proc import AgentdProc
+
+
+def _store(proc: AgentdProc) -> Store:
+    proc.state_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(proc.db_path)
+    tasks = load_config(proc.config).tasks
+    store.sync_tasks(
+        {tid: (t.fingerprint(), t.kind) for tid, t in tasks.items()}, datetime.now(UTC)
+    )
+    return store
+
+
+def _insert(store: Store, table: str, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    cols = list(rows[0])
+    sql = f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
+    store.conn.executemany(sql, [tuple(r[c] for c in cols) for r in rows])
+
+
+def queue(
+    proc: AgentdProc,
+    task_id: str,
+    n: int,
+    trigger: str = "manual",
+    paused: bool = False,
+    offset: int = 0,
+) -> None:
+    """``n`` queued runs of ``task_id`` (``trigger='schedule'`` ones wait while paused).
+
+    Also safe while the daemon runs (the CLI writes the same file the same way): B6 tops
+    the queue up in chunks, ``offset`` keeping ids and idempotency keys unique."""
+    store = _store(proc)
+    now = datetime.now(UTC)
+    try:
+        first = store.fire(task_id, now, trigger=trigger, overlap="allow")
+        template = store.get_run(first.run_id)
+        stamp = now.strftime("%Y%m%dT%H%M%S")
+        runs, events = [], []
+        for i in range(offset + 1, offset + n):
+            run_id = f"{stamp}-q{i:08d}"
+            runs.append({**template, "id": run_id, "idempotency_key": f"{task_id}@bench:{i}"})
+            events.append(
+                {
+                    "ts": template["created_at"],
+                    "kind": "enqueue",
+                    "task_id": task_id,
+                    "run_id": run_id,
+                    "data": json.dumps({"trigger": trigger}),
+                }
+            )
+        with store.tx():
+            _insert(store, "runs", runs)
+            _insert(store, "events", events)
+        if paused:
+            store.pause(task_id, "benchmark: queue filled while paused", now)
+    finally:
+        store.close()
+
+
+def history(proc: AgentdProc, task_id: str, n: int) -> None:
+    """``n`` finished runs of ``task_id`` over the past days: attempts and events too."""
+    store = _store(proc)
+    now = datetime.now(UTC)
+    try:
+        first = store.fire(task_id, now, trigger="manual", overlap="allow")
+        template = store.get_run(first.run_id)
+        runs, attempts, events = [], [], []
+        for i in range(n):
+            at = to_iso(now - timedelta(days=7) + timedelta(seconds=5 * i))
+            run_id = f"hist-{i:08d}"
+            runs.append(
+                {
+                    **template,
+                    "id": run_id,
+                    "idempotency_key": f"{task_id}@hist:{i}",
+                    "status": "succeeded",
+                    "outcome": "success",
+                    "attempt": 1,
+                    "created_at": at,
+                    "scheduled_for": at,
+                    "started_at": at,
+                    "finished_at": at,
+                    "duration_s": 0.01,
+                    "not_before": at,
+                }
+            )
+            attempts.append(
+                {
+                    "run_id": run_id,
+                    "attempt": 1,
+                    "worker": "bench:1",
+                    "started_at": at,
+                    "finished_at": at,
+                    "outcome": "success",
+                    "duration_s": 0.01,
+                }
+            )
+            for kind in ("enqueue", "claim", "start", "success"):
+                events.append(
+                    {"ts": at, "kind": kind, "task_id": task_id, "run_id": run_id, "data": "{}"}
+                )
+        with store.tx():
+            store.conn.execute("DELETE FROM events WHERE run_id=?", (first.run_id,))
+            store.conn.execute("DELETE FROM runs WHERE id=?", (first.run_id,))
+            _insert(store, "runs", runs)
+            _insert(store, "attempts", attempts)
+            _insert(store, "events", events)
+    finally:
+        store.close()

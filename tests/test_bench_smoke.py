@@ -1,0 +1,78 @@
+"""The benchmark harness (benchmarks/, issue 5) in smoke mode, so that it cannot rot.
+
+Smoke mode runs every benchmark once at tiny sizes against agentd and the stdlib
+floors only: no peer virtualenvs, no network. Nothing about speed is asserted here,
+only that the suite ran end to end and every benchmark produced a figure in the
+documented JSON shape. Timing belongs in ``make bench``, never in a test.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BENCHES = {"C", *(f"B{i}" for i in range(1, 11))}
+METRIC_KEYS = {"bench", "label", "unit", "better", "target", "status", "note", "results", "not_run"}
+RESULT_KEYS = {"median", "min", "max", "n", "samples"}
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
+    out = tmp_path_factory.mktemp("bench") / "results.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--smoke", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+@pytest.mark.e2e
+def test_every_benchmark_produced_a_figure(smoke: tuple[dict[str, Any], str]) -> None:
+    data, _ = smoke
+    assert data["meta"]["errors"] == []
+    metrics = data["metrics"]
+    assert {m["bench"] for m in metrics} == BENCHES
+    with_agentd = {m["bench"] for m in metrics if "agentd" in m["results"]}
+    assert with_agentd == BENCHES - {"C"}
+    for m in metrics:
+        assert "agentd" not in m["not_run"], m["label"]
+        assert m["results"], m["label"]
+
+
+@pytest.mark.e2e
+def test_json_shape(smoke: tuple[dict[str, Any], str]) -> None:
+    data, _ = smoke
+    assert set(data) == {"meta", "metrics"}
+    meta = data["meta"]
+    assert meta["mode"] == "smoke"
+    for key in ("machine", "commit", "python", "started", "duration_s", "not_run"):
+        assert key in meta
+    assert {"cpu_model", "cores", "ram_gib", "kernel"} <= set(meta["machine"])
+    for m in data["metrics"]:
+        assert set(m) == METRIC_KEYS
+        assert m["status"] in ("met", "MISSED", "-")
+        for result in m["results"].values():
+            assert set(result) == RESULT_KEYS
+            assert result["n"] == len([v for v in result["samples"] if v is not None]) >= 1
+
+
+@pytest.mark.e2e
+def test_peers_skipped_with_reasons_and_counters_recorded(
+    smoke: tuple[dict[str, Any], str],
+) -> None:
+    data, stdout = smoke
+    not_run = data["meta"]["not_run"]
+    assert {"aps", "huey", "celery"} <= set(not_run)
+    counters = [m for m in data["metrics"] if m["label"].startswith("SQL commits per 1,000")]
+    assert counters and all("agentd" in m["results"] for m in counters)
+    assert "== B1" in stdout and "== B10" in stdout
