@@ -32,7 +32,7 @@ from agentd.executors import ExecEnv
 from agentd.health import Health
 from agentd.http import BindRefused, HttpServer, check_bind, load_token
 from agentd.metrics import Metrics
-from agentd.runner import Runner, workspace_path
+from agentd.runner import Runner
 from agentd.safety import Safety
 from agentd.scheduler import HEARTBEAT_S, Scheduler
 from agentd.store import Row, Store
@@ -472,8 +472,9 @@ class Daemon:
         }
 
     def _on_event(self, event: Row) -> None:
-        """One grep-able line per state change, a copy in the run's workspace, then metrics
-        and live streams."""
+        """One grep-able line per state change, then metrics and live streams. (The run's
+        workspace gets its events.jsonl from the runner when an attempt ends: one file
+        write per attempt, not one per event.)"""
         self.metrics.on_event(event)
         if self.safety:
             self.safety.on_event(event)
@@ -487,14 +488,6 @@ class Daemon:
             event["run_id"] or "-",
             extras,
         )
-        if event["run_id"] and event["task_id"]:
-            ws = workspace_path(self.config.daemon.state_dir, event["task_id"], event["run_id"])
-            try:
-                ws.mkdir(parents=True, exist_ok=True)
-                with (ws / "events.jsonl").open("a", encoding="utf-8") as fh:
-                    fh.write(json.dumps(event, default=str) + "\n")
-            except OSError as exc:
-                log.warning("cannot write workspace events run=%s: %s", event["run_id"], exc)
 
 
 def _ts(text: str | None) -> float | None:

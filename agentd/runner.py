@@ -346,6 +346,7 @@ class Runner:
                     else None,
                 },
             )
+            write_events_jsonl(active.ctx.workspace, self.store.events(row["id"], 0, 5000))
         except Exception:
             # The lease will expire and recovery re-queues the run: nothing is lost.
             log.exception("could not record outcome run=%s task=%s", row["id"], task.id)
@@ -388,3 +389,11 @@ def write_run_json(workspace: Path, data: Mapping[str, Any]) -> None:
     tmp = workspace / "run.json.tmp"
     tmp.write_text(json.dumps(dict(data), indent=2, default=str, sort_keys=True))
     tmp.replace(workspace / "run.json")
+
+
+def write_events_jsonl(workspace: Path, events: list[Row]) -> None:
+    """The run's audit trail so far, beside its output; rewritten whole at the end of
+    each attempt (atomic replace), the DB's events table staying the truth."""
+    tmp = workspace / "events.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(e, default=str) + "\n" for e in events))
+    tmp.replace(workspace / "events.jsonl")
