@@ -72,7 +72,8 @@ class RunContext:
         self.attempt = attempt
         self.scheduled_for = scheduled_for
         self.params = params
-        self.workspace = workspace
+        self.workspace_path = workspace
+        self._workspace_made = False
         self.log = logger
         self.checkpoint = Checkpoint(self)
         self._backend = backend
@@ -81,6 +82,15 @@ class RunContext:
         self._loop_thread = threading.get_ident()
         self._cancel = threading.Event()
         self._stop = threading.Event()
+
+    @property
+    def workspace(self) -> Path:
+        """The run's own directory, created on first use: a run that writes nothing
+        costs no directory (on some filesystems a mkdir is half a millisecond of CPU)."""
+        if not self._workspace_made:
+            self.workspace_path.mkdir(parents=True, exist_ok=True)
+            self._workspace_made = True
+        return self.workspace_path
 
     @property
     def llm(self) -> RunLLM:

@@ -219,7 +219,6 @@ class Runner:
             )
             return
         workspace = workspace_path(self.state_dir, task.id, row["id"])
-        workspace.mkdir(parents=True, exist_ok=True)
         loop = asyncio.get_running_loop()
         ctx = RunContext(
             run_id=row["id"],
@@ -237,7 +236,6 @@ class Runner:
         )
         active = ActiveRun(row=row, task=task, ctx=ctx, started_mono=self.clock.monotonic())
         self.active[row["id"]] = active
-        write_run_json(workspace, {**row, "status": "running"})
         self.store.mark_started(row["id"], task.id, self.clock.now(), str(workspace))
         active.job = loop.create_task(self._run(active), name=f"run:{row['id']}")
 
@@ -336,8 +334,10 @@ class Runner:
                 duration_s=duration,
                 pause_after_failures=task.pause_after_failures,
             )
+            if not active.ctx.workspace_path.is_dir():
+                return  # the run wrote nothing: its record is in the DB alone
             write_run_json(
-                active.ctx.workspace,
+                active.ctx.workspace_path,
                 {
                     **final,
                     "decision": decision.why,
@@ -346,7 +346,8 @@ class Runner:
                     else None,
                 },
             )
-            write_events_jsonl(active.ctx.workspace, self.store.events(row["id"], 0, 5000))
+            events = self.store.events(row["id"], 0, 5000)
+            write_events_jsonl(active.ctx.workspace_path, events)
         except Exception:
             # The lease will expire and recovery re-queues the run: nothing is lost.
             log.exception("could not record outcome run=%s task=%s", row["id"], task.id)

@@ -93,7 +93,6 @@ async def execute(task: TaskConfig, ctx: RunContext, env: ExecEnv) -> Result:
         func = resolve(cfg.callable)
     except _ResolveError as exc:
         return Result(ok=False, error=str(exc), retryable=False)
-    ctx.workspace.mkdir(parents=True, exist_ok=True)
     try:
         if inspect.iscoroutinefunction(func):
             value = await func(ctx)
