@@ -92,7 +92,7 @@ class EnqueueExecutor(BaseExecutor):  # type: ignore[misc]
 
 
 class GroupCommitJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
-    """APScheduler's SQLite jobstore with write-behind for ``update_job``.
+    """APScheduler's SQLite jobstore with write-behind for ``update_job``/``remove_job``.
 
     Stock, APScheduler commits each job's next fire time before it looks at the next due
     job, so with 1,000 jobs due at once the last one starts 1,000 commits late. Here the
@@ -111,29 +111,38 @@ class GroupCommitJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
     def update_job(self, job: Any) -> None:
         self._pending[job.id] = job
 
+    def remove_job(self, job_id: str) -> None:
+        """Buffered like updates: a one-shot job is removed right after it fires."""
+        self._pending[job_id] = None
+
     def flush(self) -> None:
         self._before_flush()
         if not self._pending:
             return
-        jobs, self._pending = list(self._pending.values()), {}
+        pending, self._pending = self._pending, {}
+        updates = [job for job in pending.values() if job is not None]
+        removals = [job_id for job_id, job in pending.items() if job is None]
         table = self.jobs_t
         with self.engine.begin() as conn:
-            conn.execute(
-                table.update()
-                .where(table.c.id == sqlalchemy.bindparam("job_id"))
-                .values(
-                    next_run_time=sqlalchemy.bindparam("nrt"),
-                    job_state=sqlalchemy.bindparam("state"),
-                ),
-                [
-                    {
-                        "job_id": job.id,
-                        "nrt": datetime_to_utc_timestamp(job.next_run_time),
-                        "state": pickle.dumps(job.__getstate__(), self.pickle_protocol),
-                    }
-                    for job in jobs
-                ],
-            )
+            if updates:
+                conn.execute(
+                    table.update()
+                    .where(table.c.id == sqlalchemy.bindparam("job_id"))
+                    .values(
+                        next_run_time=sqlalchemy.bindparam("nrt"),
+                        job_state=sqlalchemy.bindparam("state"),
+                    ),
+                    [
+                        {
+                            "job_id": job.id,
+                            "nrt": datetime_to_utc_timestamp(job.next_run_time),
+                            "state": pickle.dumps(job.__getstate__(), self.pickle_protocol),
+                        }
+                        for job in updates
+                    ],
+                )
+            if removals:
+                conn.execute(table.delete().where(table.c.id.in_(removals)))
 
     # Every read and every other write sees the pass's updates first.
 
@@ -156,10 +165,6 @@ class GroupCommitJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
     def add_job(self, job: Any) -> None:
         self.flush()
         super().add_job(job)
-
-    def remove_job(self, job_id: str) -> None:
-        self.flush()
-        super().remove_job(job_id)
 
     def remove_all_jobs(self) -> None:
         self.flush()
