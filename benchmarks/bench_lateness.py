@@ -14,7 +14,7 @@ import time
 from functools import partial
 from pathlib import Path
 
-from benchmarks import common
+from benchmarks import common, procstat
 from benchmarks.agentd_proc import AgentdProc, idle_tasks, iso, py_task, unix
 from benchmarks.common import APS, HUEY, Lead, attempt_dir, check_ready, lateness_sample, with_lead
 from benchmarks.model import AGENTD, Target, percentile
@@ -53,12 +53,13 @@ def peer_due(lead: Lead, python: Path, module: str, variant: str, n: int, rep: R
             ready = peer.wait_ready()
             check_ready(lead, f"{module}{variant}{n}", ready, due)
             common.sleep_until(due - 0.05)
-            sql0 = read_trace(rep)
+            # CPU from here on: /proc now, the peer's own total when it is done.
+            cpu0, sql0 = procstat.cpu_seconds(peer.pid), read_trace(rep)
             result = peer.result()
         finally:
             peer.close()
         late = common.floats(result["lateness_s"])
-        sample = lateness_sample(late, n, float(result["cpu_s"]))
+        sample = lateness_sample(late, n, float(result["cpu_total_s"]) - cpu0)
         return {**sample, **per_1k(sql0, read_trace(rep), n), "ready_s": ready}
 
     return with_lead(lead, f"{module}{variant}{n}", 1.0 + n * 0.0015, attempt)

@@ -48,6 +48,8 @@ def ratio(metric: Metric, agentd: Stats | None, other: Stats) -> str:
     if agentd is None or not other.median or math.isnan(agentd.median * other.median):
         return ""
     r = agentd.median / other.median
+    if r == 0 and metric.better == "lower":
+        return "(better)"
     if metric.better == "none" or math.isclose(r, 1.0, rel_tol=0.02):
         return f"{r:.3g}x"
     good = r < 1 if metric.better == "lower" else r > 1
@@ -96,6 +98,13 @@ def text(metrics: list[Metric]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def summary(metrics: list[Metric]) -> str:
+    judged = [m for m in metrics if m.status() in ("met", "MISSED")]
+    missed = [f"{m.bench} {m.label}" for m in judged if m.status() == "MISSED"]
+    text = f"{len(judged) - len(missed)} of {len(judged)} met."
+    return text + (" Missed: " + "; ".join(missed) + "." if missed else "")
+
+
 def markdown(metrics: list[Metric], meta: dict[str, Any]) -> str:
     m = meta["machine"]
     lines = [
@@ -111,6 +120,11 @@ def markdown(metrics: list[Metric], meta: dict[str, Any]) -> str:
         "",
         "Figures are medians over the timed repetitions with min-max; `agentd / it` is "
         "agentd's median divided by that contender's. See `benchmarks/README.md`.",
+        "",
+        "The machine is shared with other engineers' test runs, so figures are noisy: "
+        "compare contenders within this run, not with another run's figures.",
+        "",
+        "Targets: " + summary(metrics),
     ]
     for bench, group in by_bench(metrics):
         lines += [
@@ -122,6 +136,8 @@ def markdown(metrics: list[Metric], meta: dict[str, Any]) -> str:
         ]
         for m in group:
             lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows(m)]
+        notes = [f"- {m.label}: {m.note}" for m in group if m.note]
+        lines += ["", *notes] if notes else []
     if meta.get("errors"):
         lines += ["", "## Errors", ""] + [f"- {e}" for e in meta["errors"]]
     return "\n".join(lines) + "\n"
