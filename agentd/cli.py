@@ -105,7 +105,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config_path: Path = args.config or default_config()
     if args.command == "run":
-        return run_daemon(config_path)
+        code = run_daemon(config_path)
+        # The daemon has closed its state, released its lock and logged its last line.
+        # Skipping interpreter teardown (module and object cleanup of a large import
+        # graph: 0.2 s with no task, 0.8 s with 1,000) keeps SIGTERM-to-exit short,
+        # which is what systemd and kubelet time.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     try:
         config = load_config(config_path)
     except ConfigError as exc:

@@ -97,7 +97,7 @@ class DaemonConfig(_Model):
     python_path: list[Path] = []
     """Directories searched for ``python:`` callables; relative ones are taken from the
     config file's directory."""
-    http: HttpServerConfig = HttpServerConfig()
+    http: HttpServerConfig = Field(default_factory=HttpServerConfig)
 
     _tz = field_validator("timezone")(_check_timezone)
 
@@ -321,8 +321,8 @@ class TaskBudget(_Model):
 
 
 class BudgetConfig(_Model):
-    run: RunBudget = RunBudget()
-    task: TaskBudget = TaskBudget()
+    run: RunBudget = Field(default_factory=RunBudget)
+    task: TaskBudget = Field(default_factory=TaskBudget)
 
 
 class LimitsConfig(_Model):
@@ -482,7 +482,7 @@ class TaskConfig(_Model):
     agent: AgentConfig | None = None
     params: dict[str, Any] = {}
     timeout: Duration | None = 3600.0
-    retry: RetryConfig = RetryConfig()
+    retry: RetryConfig = Field(default_factory=RetryConfig)
     overlap: Literal["skip", "queue_one", "queue_all", "cancel_previous", "allow"] = "skip"
     max_queued: int = Field(default=10, ge=1, le=10_000)
     catchup: Literal["skip", "latest", "all"] = "latest"
@@ -491,7 +491,7 @@ class TaskConfig(_Model):
     """How late a fire may start before ``catchup: skip`` counts it as missed."""
     pause_after_failures: int = Field(default=3, ge=0)
     output_max_bytes: int | None = Field(default=None, ge=1024)
-    budget: BudgetConfig = BudgetConfig()
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
     expect: ExpectConfig | None = None
     max_duration: Duration | None = Field(default=None, gt=0)
     """Alert (``run_too_long``) when one attempt runs longer than this; it is not stopped."""
@@ -532,10 +532,10 @@ class TaskConfig(_Model):
 
 
 class Config(_Model):
-    daemon: DaemonConfig = DaemonConfig()
+    daemon: DaemonConfig = Field(default_factory=DaemonConfig)
     providers: dict[str, ProviderConfig] = {}
-    limits: LimitsConfig = LimitsConfig()
-    alerts: AlertsConfig = AlertsConfig()
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    alerts: AlertsConfig = Field(default_factory=AlertsConfig)
     tasks: dict[str, TaskConfig] = {}
     source: str = Field(default="<memory>", exclude=True)
 
@@ -675,12 +675,17 @@ def interpolate(
     return value
 
 
+_YAML_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def parse_config(
     text: str, source: str = "<memory>", environ: Mapping[str, str] | None = None
 ) -> Config:
     environ = os.environ if environ is None else environ
     try:
-        raw = yaml.safe_load(text)
+        # libyaml when PyYAML was built with it (its wheels are): ~10x faster on a
+        # 10,000-task file, same safe tag set, same error marks.
+        raw = yaml.load(text, Loader=_YAML_LOADER)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"

@@ -208,8 +208,12 @@ def _parse_field(spec: _FieldSpec, text: str) -> frozenset[int]:
     return frozenset(values)
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_cron(expr: str) -> Cron:
-    """Parse a cron expression, failing loudly so mistakes surface at config load."""
+    """Parse a cron expression, failing loudly so mistakes surface at config load.
+
+    Memoized: a ``Cron`` is immutable, and a config of thousands of tasks repeats a
+    few expressions (validation and the scheduler each parse every task's)."""
     text = expr.strip()
     if not text:
         raise CronError("empty cron expression")

@@ -14,10 +14,12 @@ runs with ``synchronous=NORMAL``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import logging
 import pickle
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from typing import Any
 import sqlalchemy
 from apscheduler.executors.asyncio import AsyncIOExecutor
 from apscheduler.executors.base import BaseExecutor
+from apscheduler.jobstores.base import ConflictingIdError
 from apscheduler.jobstores.memory import MemoryJobStore
 from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -51,6 +54,11 @@ def fire(task_id: str) -> None:
     )
 
 
+# APScheduler checks a job's callable against its args with inspect.signature on every
+# add_job; a precomputed __signature__ is what inspect returns first (10,000 tasks: 0.3 s).
+fire.__signature__ = inspect.signature(fire)  # type: ignore[attr-defined]
+
+
 class SpecTrigger(BaseTrigger):  # type: ignore[misc]
     """Pickled into the jobstore; keeps only the plain schedule spec."""
 
@@ -65,7 +73,10 @@ class SpecTrigger(BaseTrigger):  # type: ignore[misc]
         return next_fire(self.spec, self.task_id, after)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"version": 1, "task_id": self.task_id, "spec": asdict(self.spec)}
+        # All fields are immutable scalars: a shallow dict (asdict deep-copies, and was a
+        # fifth of a 10,000-task cold start).
+        spec = {f.name: getattr(self.spec, f.name) for f in fields(self.spec)}
+        return {"version": 1, "task_id": self.task_id, "spec": spec}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.task_id = state["task_id"]
@@ -107,6 +118,20 @@ class GroupCommitJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
         super().__init__(engine=engine)
         self._before_flush = before_flush
         self._pending: dict[str, Any] = {}
+        self._adds: list[Any] = []
+        self._buffer_adds = False
+
+    @contextlib.contextmanager
+    def bulk_adds(self) -> Iterator[None]:
+        """Inside, ``add_job`` is buffered and the jobs are inserted in one transaction at
+        the end: a cold start with 10,000 tasks was 10,000 commits. Only for ids known
+        to be absent (``Scheduler.sync`` checks): a conflict is raised at the end."""
+        self._buffer_adds = True
+        try:
+            yield
+        finally:
+            self._buffer_adds = False
+            self.flush()
 
     def update_job(self, job: Any) -> None:
         self._pending[job.id] = job
@@ -117,13 +142,20 @@ class GroupCommitJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
 
     def flush(self) -> None:
         self._before_flush()
-        if not self._pending:
+        if not self._pending and not self._adds:
             return
         pending, self._pending = self._pending, {}
+        adds, self._adds = self._adds, []
         updates = [job for job in pending.values() if job is not None]
         removals = [job_id for job_id, job in pending.items() if job is None]
         table = self.jobs_t
         with self.engine.begin() as conn:
+            if adds:
+                try:
+                    conn.execute(table.insert(), [self._row(job) for job in adds])
+                except sqlalchemy.exc.IntegrityError:
+                    ids = ", ".join(job.id for job in adds)
+                    raise ConflictingIdError(f"one of: {ids[:200]}") from None
             if updates:
                 conn.execute(
                     table.update()
@@ -163,8 +195,18 @@ class GroupCommitJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
         return super().get_all_jobs()
 
     def add_job(self, job: Any) -> None:
+        if self._buffer_adds:
+            self._adds.append(job)
+            return
         self.flush()
         super().add_job(job)
+
+    def _row(self, job: Any) -> dict[str, Any]:
+        return {
+            "id": job.id,
+            "next_run_time": datetime_to_utc_timestamp(job.next_run_time),
+            "job_state": pickle.dumps(job.__getstate__(), self.pickle_protocol),
+        }
 
     def remove_all_jobs(self) -> None:
         self.flush()
@@ -213,9 +255,10 @@ class Scheduler:
         self.tasks: Mapping[str, TaskConfig] = {}
         self.config: Config | None = None
         self._engine = _jobstore_engine(jobstore_path)
+        self._jobstore = GroupCommitJobStore(self._engine, self._commit_fires)
         self.aps = AsyncIOScheduler(
             jobstores={
-                "default": GroupCommitJobStore(self._engine, self._commit_fires),
+                "default": self._jobstore,
                 "internal": MemoryJobStore(),
             },
             executors={"default": EnqueueExecutor(self._on_due), "internal": AsyncIOExecutor()},
@@ -272,6 +315,13 @@ class Scheduler:
             if task_id not in wanted:
                 self.aps.remove_job(task_id)
                 report.removed.append(task_id)
+        with self._jobstore.bulk_adds():
+            self._add_or_reschedule(wanted, existing, report)
+        return report
+
+    def _add_or_reschedule(
+        self, wanted: dict[str, ScheduleSpec], existing: dict[str, Any], report: SyncReport
+    ) -> None:
         for task_id, spec in wanted.items():
             job = existing.get(task_id)
             trigger = SpecTrigger(spec, task_id)
@@ -293,7 +343,6 @@ class Scheduler:
                 report.rescheduled.append(task_id)
             else:
                 report.unchanged += 1
-        return report
 
     def next_due(self) -> tuple[str, datetime] | None:
         """The soonest job and its fire time, from the jobstore's indexed column: cheap

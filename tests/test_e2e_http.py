@@ -133,8 +133,8 @@ def test_metrics_parse_and_move_with_runs(make_daemon, tmp_path) -> None:  # typ
           retry: {max_attempts: 1}
         """
     ).start()
-    assert metric(d, "agentd_runs_total", task="ok", outcome="success") == 0
-    assert metric(d, "agentd_runs_total", task="bad", outcome="quarantined") == 0
+    # No series before a task's first activity (10,000 idle tasks, tiny scrape).
+    assert metric(d, "agentd_runs_total", task="ok", outcome="success") is None
     d.wait_status(d.trigger("ok"), "succeeded")
     d.wait_status(d.trigger("bad"), "quarantined")
     wait_for(lambda: metric(d, "agentd_runs_total", task="ok", outcome="success") == 1)

@@ -63,7 +63,13 @@ def m() -> Metrics:
     return metrics
 
 
-def test_fresh_task_exports_zero_for_every_outcome_and_reason(m: Metrics) -> None:
+def test_task_series_appear_at_zero_on_first_activity(m: Metrics) -> None:
+    # A task that has done nothing since start has no series at all (10,000 idle tasks
+    # must not make a 30 MiB scrape) ...
+    assert not any(("task", "a") in labels for _, labels in samples(m))
+    # ... and its first event brings every one of them, at 0 but for what it counted.
+    m.on_event(ev("fire", task="a"))
+    m.on_event(ev("fire", task="b"))
     for task in ("a", "b"):
         for outcome in OUTCOMES:
             assert value(m, "agentd_runs_total", task=task, outcome=outcome) == 0
@@ -101,7 +107,7 @@ def test_outcomes_counted_per_event_kind(m: Metrics) -> None:
     }
     for outcome, n in expected.items():
         assert value(m, "agentd_runs_total", task="a", outcome=outcome) == n
-        assert value(m, "agentd_runs_total", task="b", outcome=outcome) == 0
+    assert not any(("task", "b") in labels for _, labels in samples(m))  # b did nothing
 
 
 def test_skips_misfires_retries(m: Metrics) -> None:
@@ -175,16 +181,19 @@ def test_removed_task_loses_every_series(m: Metrics) -> None:
     m.set_state(running={"gone": 1}, queued=0, quarantined=0, paused=["gone"])
     assert not any(("task", "gone") in labels for _, labels in samples(m))
     assert not any(("task", "b") in labels for _, labels in samples(m))
-    assert value(m, "agentd_runs_total", task="a", outcome="failure") == 0
     assert value(m, "agentd_tasks_paused") == 0
     m.set_tasks(["a", "gone"])  # re-added: starts again from zero
+    assert not any(("task", "gone") in labels for _, labels in samples(m))
+    m.on_event(ev("fire", task="gone"))
     assert value(m, "agentd_runs_total", task="gone", outcome="success") == 0
+    m.set_state(running={}, queued=0, quarantined=0, paused=["gone"])
+    assert value(m, "agentd_task_paused", task="gone") == 1
 
 
 def test_state_gauges(m: Metrics) -> None:
     m.set_state(running={"a": 2}, queued=5, quarantined=1, paused=["b"])
     assert value(m, "agentd_runs_running", task="a") == 2
-    assert value(m, "agentd_runs_running", task="b") == 0
+    assert value(m, "agentd_runs_running", task="b") == 0  # b's pause brought its series
     assert value(m, "agentd_queue_depth") == 5
     assert value(m, "agentd_quarantined_runs") == 1
     assert value(m, "agentd_task_paused", task="a") == 0
@@ -236,12 +245,14 @@ def test_private_registry_instances_coexist() -> None:
     two.set_tasks(["a"])
     one.on_event(finish("success"))
     assert value(one, "agentd_runs_total", task="a", outcome="success") == 1
+    two.on_event(ev("fire"))
     assert value(two, "agentd_runs_total", task="a", outcome="success") == 0
     assert set(REGISTRY._names_to_collectors) == global_names
     assert not any(name.startswith("agentd_") for name in global_names)
 
 
 def test_llm_calls_count_tokens_cost_and_requests(m: Metrics) -> None:
+    m.on_event(ev("claim", "a", attempt=1))
     assert value(m, "agentd_llm_tokens_total", task="a", direction="input") == 0
     assert value(m, "agentd_llm_cost_usd_total", task="a") == 0
     call = {"provider": "openai", "model": "m", "cost_usd": 0.25, "item": None}
