@@ -685,7 +685,7 @@ def parse_config(
     try:
         # libyaml when PyYAML was built with it (its wheels are): ~10x faster on a
         # 10,000-task file, same safe tag set, same error marks.
-        raw = yaml.load(text, Loader=_YAML_LOADER)  # noqa: S506 - a SafeLoader
+        raw = yaml.load(text, Loader=_YAML_LOADER)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"

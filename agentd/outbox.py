@@ -46,6 +46,8 @@ class Outbox:
         self.config = config
         self.clock = clock
         self.host = os.uname().nodename
+        self._watched_for: Config | None = None
+        self._watched: list[str] = []
 
     # ------------------------------------------------------------ state
 
@@ -185,12 +187,26 @@ class Outbox:
 
     # ------------------------------------------------------------ checks
 
+    def watched(self) -> list[str]:
+        """Tasks with a dead man's switch (``expect``); usually few of many."""
+        if self._watched_for is not self.config:
+            self._watched_for = self.config
+            self._watched = [t for t, task in self.config.tasks.items() if task.expect]
+        return self._watched
+
     def check(self, now: datetime, task_rows: dict[str, Row], running: list[Row]) -> None:
-        """Dead man's switch and run-too-long: raise each condition once, as events."""
+        """Dead man's switch and run-too-long: raise each condition once, as events.
+
+        Runs every second: with nothing watched, nothing running and no report to clear
+        it returns without a transaction."""
+        watched = self.watched()
+        timed = [r for r in running if self._max_duration(r) is not None]
+        if not watched and not timed and not self._has_too_long_state():
+            return
         with self.store.tx():
-            for task_id, task in self.config.tasks.items():
-                if task.expect is None:
-                    continue
+            for task_id in watched:
+                task = self.config.tasks[task_id]
+                assert task.expect is not None
                 since_text = self._state(f"deadman_since:{task_id}")
                 if since_text is None:
                     self._set_state(f"deadman_since:{task_id}", to_iso(now), now)
@@ -213,9 +229,10 @@ class Outbox:
                     every_s=task.expect.every,
                     grace_s=task.expect.grace,
                 )
-            for run in running:
-                owner = self.config.tasks.get(run["task_id"])
-                if owner is None or owner.max_duration is None or not run.get("attempt_started"):
+            for run in timed:
+                owner = self.config.tasks[run["task_id"]]
+                assert owner.max_duration is not None
+                if not run.get("attempt_started"):
                     continue
                 elapsed = (now - from_iso(run["attempt_started"])).total_seconds()
                 key = f"too_long:{run['id']}:{run['attempt']}"
@@ -237,6 +254,16 @@ class Outbox:
                 " FROM runs WHERE runs.status='running' AND alert_state.key LIKE"
                 " 'too_long:' || runs.id || ':%')"
             )
+
+    def _max_duration(self, run: Row) -> float | None:
+        owner = self.config.tasks.get(run["task_id"])
+        return owner.max_duration if owner else None
+
+    def _has_too_long_state(self) -> bool:
+        row = self.store._one(
+            "SELECT 1 AS x FROM alert_state WHERE key >= 'too_long:' AND key < 'too_long;' LIMIT 1"
+        )
+        return row is not None
 
     def running_attempts(self) -> list[Row]:
         return self.store._all(

@@ -154,10 +154,12 @@ class Runner:
         self.last_tick_mono = clock.monotonic()
         self._last_heartbeat = clock.monotonic()
         self._finishing: list[partial[None]] = []
+        self._allow_overlap: set[str] = set()
 
     def set_tasks(self, tasks: Mapping[str, TaskConfig]) -> None:
         """New config: runs in flight keep the task definition they started with."""
         self.tasks = tasks
+        self._allow_overlap = {t.id for t in tasks.values() if t.overlap == "allow"}
 
     # ------------------------------------------------------------ the step
 
@@ -175,15 +177,18 @@ class Runner:
         free = self.concurrency - len(self.active)
         if free <= 0:
             return []
+        now = self.clock.now()
+        if not self.store.has_due(now):
+            return []  # the common idle tick: one indexed read, no transaction
         busy = {a.task.id for a in self.active.values()}
-        allow = {t.id for t in self.tasks.values() if t.overlap == "allow"}
+        allow = self._allow_overlap
         # The claim and every start of this tick share one commit: with 256 free slots
         # that is one fsync, not 257. Synchronous from begin to commit, so no other
         # writer's transaction can slip into the group.
         own_group = not self.store.in_group
         self.store.begin_group()
         try:
-            rows = self.store.claim(self.clock.now(), self.owner, self.lease_s, free, busy, allow)
+            rows = self.store.claim(now, self.owner, self.lease_s, free, busy, allow)
             started = []
             for row in rows:
                 self._start(row)

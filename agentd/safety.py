@@ -17,7 +17,7 @@ import httpx
 
 from agentd.budget import global_scopes, task_scopes
 from agentd.clock import Clock
-from agentd.config import Config
+from agentd.config import Config, TaskConfig
 from agentd.ledger import settle_stale, window_blocked, window_report
 from agentd.metrics import Metrics
 from agentd.outbox import Outbox
@@ -63,6 +63,8 @@ class Safety:
         self._deliver_wake = asyncio.Event()
         self._delivery: asyncio.Task[None] | None = None
         self._http: httpx.AsyncClient | None = None
+        self._budgeted_for: Config | None = None
+        self._budgeted_tasks: list[TaskConfig] = []
 
     def set_config(self, config: Config) -> None:
         self.config = config
@@ -89,7 +91,8 @@ class Safety:
             )
         if mono - self._last_check >= CHECK_EVERY_S:
             self._last_check = mono
-            tasks = {r["id"]: r for r in self.store.task_rows()}
+            watched = self.outbox.watched()
+            tasks = {r["id"]: r for r in self.store.task_rows(watched)} if watched else {}
             self.outbox.check(now, tasks, self.outbox.running_attempts())
             self._dirty = True  # also events written by other processes (the CLI)
         if self._dirty:
@@ -136,10 +139,22 @@ class Safety:
 
     # ------------------------------------------------------------ budgets
 
+    def _budgeted(self) -> list[TaskConfig]:
+        """Tasks with a day or month USD limit; computed once per config, as this runs
+        every few seconds and most of 10,000 tasks have none."""
+        if self._budgeted_for is not self.config:
+            self._budgeted_for = self.config
+            self._budgeted_tasks = [
+                t
+                for t in self.config.tasks.values()
+                if t.budget.task.usd_per_day is not None or t.budget.task.usd_per_month is not None
+            ]
+        return self._budgeted_tasks
+
     def remaining(self, now: datetime) -> dict[str, float]:
         out: dict[str, float] = {}
         scopes = global_scopes(self.config, now)
-        for task in self.config.tasks.values():
+        for task in self._budgeted():
             scopes += task_scopes(self.config, task, now)
         for scope in scopes:
             report = window_report(self.store, scope)
