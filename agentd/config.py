@@ -17,11 +17,11 @@ import json
 import os
 import re
 import zoneinfo
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -72,6 +72,17 @@ def _check_timezone(name: str) -> str:
 
 class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+_M = TypeVar("_M", bound=_Model)
+
+
+def _shared(cls: type[_M]) -> Callable[[], _M]:
+    """One default instance for every task that leaves the section out. The models are
+    frozen, so sharing is safe; pydantic would otherwise build (or deep-copy) one per
+    task, which for 10,000 tasks is megabytes of identical objects."""
+    instance = cls()
+    return lambda: instance
 
 
 class HttpServerConfig(_Model):
@@ -321,8 +332,8 @@ class TaskBudget(_Model):
 
 
 class BudgetConfig(_Model):
-    run: RunBudget = Field(default_factory=RunBudget)
-    task: TaskBudget = Field(default_factory=TaskBudget)
+    run: RunBudget = Field(default_factory=_shared(RunBudget))
+    task: TaskBudget = Field(default_factory=_shared(TaskBudget))
 
 
 class LimitsConfig(_Model):
@@ -482,7 +493,7 @@ class TaskConfig(_Model):
     agent: AgentConfig | None = None
     params: dict[str, Any] = {}
     timeout: Duration | None = 3600.0
-    retry: RetryConfig = Field(default_factory=RetryConfig)
+    retry: RetryConfig = Field(default_factory=_shared(RetryConfig))
     overlap: Literal["skip", "queue_one", "queue_all", "cancel_previous", "allow"] = "skip"
     max_queued: int = Field(default=10, ge=1, le=10_000)
     catchup: Literal["skip", "latest", "all"] = "latest"
@@ -491,7 +502,7 @@ class TaskConfig(_Model):
     """How late a fire may start before ``catchup: skip`` counts it as missed."""
     pause_after_failures: int = Field(default=3, ge=0)
     output_max_bytes: int | None = Field(default=None, ge=1024)
-    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    budget: BudgetConfig = Field(default_factory=_shared(BudgetConfig))
     expect: ExpectConfig | None = None
     max_duration: Duration | None = Field(default=None, gt=0)
     """Alert (``run_too_long``) when one attempt runs longer than this; it is not stopped."""
