@@ -8,11 +8,12 @@ executor cleans up (kills its process group, closes its client) and re-raises.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from agentd.config import TaskConfig
 from agentd.context import RunContext
 from agentd.models import Result
+from agentd.threads import DaemonThreads
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,8 @@ class ExecEnv:
 
     kill_grace_s: float = 5.0
     output_max_bytes: int = 10 * 1024 * 1024
+    threads: DaemonThreads = field(default_factory=DaemonThreads)
+    """Where sync Python callables run (see ``agentd.threads``)."""
 
 
 Execute = Callable[[TaskConfig, RunContext, ExecEnv], Awaitable[Result]]

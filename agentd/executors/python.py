@@ -1,8 +1,9 @@
 """Call a user's Python function, ``"package.module:function"``, with the run context.
 
-A coroutine function runs on the event loop. A plain function runs in a new daemon
-thread rather than ``asyncio.to_thread``: the default executor's threads are joined at
-interpreter exit, so one stuck callable would hang daemon shutdown forever.
+A coroutine function runs on the event loop. A plain function runs in one of the
+daemon's reusable daemon threads (``agentd.threads``) rather than ``asyncio.to_thread``:
+the default executor's threads are joined at interpreter exit, so one stuck callable
+would hang daemon shutdown forever.
 
 A thread cannot be killed. On cancellation (timeout, cancel, shutdown) the executor sets
 ``ctx.cancelled`` and stops waiting at once; the function keeps running until its next
@@ -24,7 +25,6 @@ import importlib
 import inspect
 import json
 import sys
-import threading
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -34,6 +34,7 @@ from agentd.context import RunContext
 from agentd.executors import ExecEnv
 from agentd.models import Result, StopRequested
 from agentd.providers import BudgetExhausted, LLMError
+from agentd.threads import DaemonThreads
 
 
 class _ResolveError(Exception):
@@ -58,7 +59,7 @@ def resolve(ref: str) -> Callable[..., Any]:
     return func
 
 
-async def _in_thread(func: Callable[..., Any], ctx: RunContext) -> Any:
+async def _in_thread(func: Callable[..., Any], ctx: RunContext, threads: DaemonThreads) -> Any:
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[Any] = loop.create_future()
 
@@ -82,7 +83,7 @@ async def _in_thread(func: Callable[..., Any], ctx: RunContext) -> Any:
         with contextlib.suppress(RuntimeError):  # loop closed: nobody is waiting any more
             loop.call_soon_threadsafe(settle, value, error)
 
-    threading.Thread(target=run, name=f"agentd-python-{ctx.run_id}", daemon=True).start()
+    threads.submit(run)
     return await fut
 
 
@@ -97,7 +98,7 @@ async def execute(task: TaskConfig, ctx: RunContext, env: ExecEnv) -> Result:
         if inspect.iscoroutinefunction(func):
             value = await func(ctx)
         else:
-            value = await _in_thread(func, ctx)
+            value = await _in_thread(func, ctx, env.threads)
             if inspect.isawaitable(value):
                 value = await value
     except asyncio.CancelledError:
