@@ -46,8 +46,10 @@ class ManualClock:
 
 
 def to_iso(dt: datetime) -> str:
-    """Fixed-width UTC text, so that string order in SQLite is time order."""
-    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """Fixed-width UTC text, so that string order in SQLite is time order. (isoformat
+    pads years before 1000 to four digits, which strftime's %Y does not, and is faster:
+    this runs several times per run.)"""
+    return dt.astimezone(UTC).isoformat(timespec="microseconds")[:-6] + "Z"
 
 
 def from_iso(text: str) -> datetime:

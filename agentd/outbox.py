@@ -38,6 +38,24 @@ PING_CHANNEL = "ping"
 PING_RETRIES = 3
 PING_BACKOFF_S = 10.0
 BATCH = 500
+# Event kinds that can raise an alert, fire a ping or clear a condition.
+ALERT_EVENTS = frozenset(
+    {
+        "quarantine",
+        "pause",
+        "success",
+        "budget_alarm",
+        "budget_exhausted",
+        "deadman",
+        "run_too_long",
+        "config_reload_failed",
+        "recovered",
+        "start",
+        "failure",
+        "timeout",
+    }
+)
+_KINDS_JSON = json.dumps(sorted(ALERT_EVENTS))
 
 
 class Outbox:
@@ -79,15 +97,22 @@ class Outbox:
                 self._set_cursor(int(latest))
                 return 0
             cursor = int(row[0])
+            # Only the kinds that can raise an alert, ping or recover are read and
+            # decoded (claims, heartbeats and fires are most of the log). No other
+            # writer runs inside this transaction, so every event up to ``top`` is
+            # committed and the cursor may jump there when the batch was not full.
+            top = conn.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
+            if top <= cursor:
+                return 0
             events = self.store._all(
-                "SELECT * FROM events WHERE id>? ORDER BY id LIMIT ?", (cursor, BATCH)
+                "SELECT * FROM events WHERE id>? AND id<=? AND kind IN"
+                " (SELECT value FROM json_each(?)) ORDER BY id LIMIT ?",
+                (cursor, top, _KINDS_JSON, BATCH),
             )
             for event in events:
                 event["data"] = json.loads(event["data"])
                 self._on_event(event, now)
-                cursor = event["id"]
-            if events:
-                self._set_cursor(cursor)
+            self._set_cursor(events[-1]["id"] if len(events) == BATCH else top)
             return len(events)
 
     def _set_cursor(self, value: int) -> None:

@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import random
+import sqlite3
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -300,6 +301,16 @@ class Runner:
         try:
             for record in pending:
                 record()
+            for record in pending:
+                self.active.pop(record.args[0].row["id"], None)
+            if own_group:
+                # The freed slots are claimed in the same commit: one fsync per cycle
+                # of "some runs end, as many start", not two. A failed claim is the
+                # main loop's to retry; it must not cost these outcomes.
+                try:
+                    self.tick()
+                except sqlite3.Error as exc:
+                    log.warning("claim after finishing runs failed, retried next tick: %s", exc)
         finally:
             if own_group:
                 try:

@@ -20,30 +20,15 @@ from agentd.clock import Clock
 from agentd.config import Config, TaskConfig
 from agentd.ledger import settle_stale, window_blocked, window_report
 from agentd.metrics import Metrics
-from agentd.outbox import Outbox
+from agentd.outbox import ALERT_EVENTS, Outbox
 from agentd.providers import Gateway
 from agentd.store import Row, Store
 
 log = logging.getLogger("agentd.safety")
 
 CHECK_EVERY_S = 1.0
+PROCESS_EVERY_S = 0.2  # events -> alerts in batches: at most this late, not once per run
 GAUGES_EVERY_S = 5.0
-ALERT_EVENTS = frozenset(
-    {
-        "quarantine",
-        "pause",
-        "success",
-        "budget_alarm",
-        "budget_exhausted",
-        "deadman",
-        "run_too_long",
-        "config_reload_failed",
-        "recovered",
-        "start",
-        "failure",
-        "timeout",
-    }
-)
 
 
 class Safety:
@@ -58,7 +43,7 @@ class Safety:
         settled = settle_stale(store, clock.now())
         if settled:
             log.warning("%d LLM call(s) in flight at the last stop charged at worst case", settled)
-        self._last_check = self._last_gauges = -1e9
+        self._last_check = self._last_gauges = self._last_process = -1e9
         self._dirty = True
         self._deliver_wake = asyncio.Event()
         self._delivery: asyncio.Task[None] | None = None
@@ -95,7 +80,8 @@ class Safety:
             tasks = {r["id"]: r for r in self.store.task_rows(watched)} if watched else {}
             self.outbox.check(now, tasks, self.outbox.running_attempts())
             self._dirty = True  # also events written by other processes (the CLI)
-        if self._dirty:
+        if self._dirty and mono - self._last_process >= PROCESS_EVERY_S:
+            self._last_process = mono
             self._dirty = False
             while self.outbox.process(now):
                 pass

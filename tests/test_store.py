@@ -891,3 +891,16 @@ def test_group_commit_shares_one_commit_and_a_failed_part_undoes_only_itself(
     assert other.execute("SELECT paused FROM tasks WHERE id='b'").fetchone()[0] == 0
     other.close()
     store.conn.close()
+
+
+def test_to_iso_is_fixed_width_so_text_order_is_time_order() -> None:
+    from datetime import UTC, datetime, timezone
+
+    from agentd.clock import from_iso
+
+    early = datetime(999, 1, 2, 3, 4, 5, tzinfo=UTC)
+    assert to_iso(early) == "0999-01-02T03:04:05.000000Z"
+    berlin = datetime(2026, 3, 29, 3, 30, tzinfo=timezone(timedelta(hours=2)))
+    assert to_iso(berlin) == "2026-03-29T01:30:00.000000Z"
+    assert from_iso(to_iso(berlin)) == berlin
+    assert to_iso(early) < to_iso(datetime(1000, 1, 1, tzinfo=UTC)) < to_iso(berlin)
