@@ -109,10 +109,15 @@ class Safety:
     # ------------------------------------------------------------ delivery
 
     async def _deliver_loop(self) -> None:
-        self._http = httpx.AsyncClient(follow_redirects=False)
         while True:
             try:
-                await self.outbox.deliver_due(self._http)
+                due = self.outbox.next_due()
+                if due is not None and due <= self.clock.now():
+                    if self._http is None:
+                        # Made on first delivery: loading the CA bundle is tens of ms
+                        # on the loop, which a daemon with no alert to send never pays.
+                        self._http = httpx.AsyncClient(follow_redirects=False)
+                    await self.outbox.deliver_due(self._http)
             except Exception:  # a DB hiccup must not end delivery for good
                 log.exception("alert delivery pass failed; trying again")
             self._deliver_wake.clear()
