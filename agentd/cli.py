@@ -1,8 +1,8 @@
 """``agentd`` on the command line.
 
-State-changing commands write the state DB directly, in the same transactions the
-daemon uses; a running daemon sees them on its next tick (``poll_interval``, well
-under a second), and they work just as well while it is stopped.
+Commands go through the daemon's API when one answers; otherwise they write the state
+DB directly, in the same transactions the daemon uses, so they work just as well while
+it is stopped (and a daemon whose API they could not reach sees them within a second).
 """
 
 from __future__ import annotations

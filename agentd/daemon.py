@@ -47,6 +47,8 @@ EXIT_LOCKED = 75  # EX_TEMPFAIL: another instance owns the state dir; try later.
 EXIT_CONFIG = 78  # EX_CONFIG
 EXIT_FORCED = 130
 GAUGE_REFRESH_S = 1.0
+IDLE_GAUGE_REFRESH_S = 5.0  # nothing running: only queued/quarantined/paused can move
+IDLE_POLL_S = 1.0
 # An idle daemon's only write: an fsync (~4 ms of CPU here). A busy daemon's real
 # writes fail first and turn readiness off at once; idle, a full disk harms nothing
 # until work arrives, and readiness still sees it within this.
@@ -131,7 +133,8 @@ class Daemon:
         self._watchdog: asyncio.Task[None] | None = None
         self._watchdog_silent = False
         self.started_mono = self.clock.monotonic()
-        self._last_gauges = -GAUGE_REFRESH_S
+        self._last_gauges = -IDLE_GAUGE_REFRESH_S
+        self._gauges_busy = False
         self._last_probe = -WRITE_PROBE_S
         self._index: dict[str, tuple[str, str]] = {}  # fingerprints of self.config's tasks
 
@@ -284,8 +287,10 @@ class Daemon:
                 self.runner.tick()
                 if self.safety:
                     self.safety.tick(self.clock.now())
-                if now_mono - self._last_gauges >= GAUGE_REFRESH_S:
-                    self._last_gauges = now_mono
+                busy = bool(self.runner.active)
+                every_s = GAUGE_REFRESH_S if busy else IDLE_GAUGE_REFRESH_S
+                if now_mono - self._last_gauges >= every_s or busy != self._gauges_busy:
+                    self._last_gauges, self._gauges_busy = now_mono, busy
                     self._refresh_gauges()
                 self.health.db_writable, self.health.db_error = True, None
             except sqlite3.OperationalError as exc:
@@ -294,7 +299,22 @@ class Daemon:
                 log.error("state DB error in main loop: %s", exc)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=poll_s)
+                await asyncio.wait_for(self._wake.wait(), timeout=self._wait_s(poll_s))
+
+    def _wait_s(self, poll_s: float) -> float:
+        """How long the loop may sleep unless woken. Local fires, finishes and API calls
+        wake it at once; polling is for what they cannot announce: leases and cancels
+        of runs in flight (every ``poll_interval``), retries falling due (exactly then),
+        and writes by a CLI that could not reach the API (within IDLE_POLL_S when idle).
+        Four wake-ups a second with nothing to do were most of an idle daemon's CPU."""
+        assert self.runner and self.store
+        if self.runner.active or self.reload_requested:
+            return poll_s
+        wait_s = max(poll_s, IDLE_POLL_S)
+        due = self.runner.next_due_at  # from this iteration's tick
+        if due is not None:
+            wait_s = min(wait_s, max(0.0, (due - self.clock.now()).total_seconds()))
+        return wait_s
 
     def _refresh_gauges(self) -> None:
         """A few indexed reads a second, so that a scrape never touches the DB. Nothing

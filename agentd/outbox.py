@@ -65,6 +65,9 @@ class Outbox:
         self.clock = clock
         self.host = os.uname().nodename
         self._watched_for: Config | None = None
+        self._timed_for: Config | None = None
+        self._any_timed = False
+        self._too_long_may_exist = True
         self._watched: list[str] = []
 
     # ------------------------------------------------------------ state
@@ -89,6 +92,12 @@ class Outbox:
     def process(self, now: datetime) -> int:
         """Turn new events into alerts and outbox rows; returns how many events were read."""
         conn = self.store.conn
+        if not self.store.in_group:
+            # The usual answer, "nothing new", without a write transaction.
+            row = conn.execute("SELECT value FROM meta WHERE key=?", (CURSOR_KEY,)).fetchone()
+            top = conn.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
+            if row is not None and top <= int(row[0]):
+                return 0
         with self.store.tx():
             row = conn.execute("SELECT value FROM meta WHERE key=?", (CURSOR_KEY,)).fetchone()
             if row is None:
@@ -219,6 +228,18 @@ class Outbox:
             self._watched = [t for t, task in self.config.tasks.items() if task.expect]
         return self._watched
 
+    def needs_check(self) -> bool:
+        """False when no task has ``expect`` or ``max_duration`` and no run-too-long
+        report is left to clear: then the per-second check needs no query at all."""
+        if self._timed_for is not self.config:
+            self._timed_for = self.config
+            self._any_timed = any(t.max_duration for t in self.config.tasks.values())
+        if self.watched() or self._any_timed:
+            return True
+        if self._too_long_may_exist:  # from an earlier process, or this one's reports
+            self._too_long_may_exist = self._has_too_long_state()
+        return self._too_long_may_exist
+
     def check(self, now: datetime, task_rows: dict[str, Row], running: list[Row]) -> None:
         """Dead man's switch and run-too-long: raise each condition once, as events.
 
@@ -264,6 +285,7 @@ class Outbox:
                 if elapsed <= owner.max_duration or self._state(key) is not None:
                     continue
                 self._set_state(key, to_iso(now), now)
+                self._too_long_may_exist = True
                 self.store.emit(
                     now,
                     "run_too_long",

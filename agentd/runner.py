@@ -156,6 +156,8 @@ class Runner:
         self._last_heartbeat = clock.monotonic()
         self._finishing: list[partial[None]] = []
         self._allow_overlap: set[str] = set()
+        self.next_due_at: datetime | None = None
+        """When the earliest queued run falls due, if later than the last tick."""
 
     def set_tasks(self, tasks: Mapping[str, TaskConfig]) -> None:
         """New config: runs in flight keep the task definition they started with."""
@@ -179,7 +181,9 @@ class Runner:
         if free <= 0:
             return []
         now = self.clock.now()
-        if not self.store.has_due(now):
+        first = self.store.first_queued_at()
+        self.next_due_at = first if first is not None and first > now else None
+        if first is None or first > now:
             return []  # the common idle tick: one indexed read, no transaction
         busy = {a.task.id for a in self.active.values()}
         allow = self._allow_overlap

@@ -76,9 +76,10 @@ class Safety:
             )
         if mono - self._last_check >= CHECK_EVERY_S:
             self._last_check = mono
-            watched = self.outbox.watched()
-            tasks = {r["id"]: r for r in self.store.task_rows(watched)} if watched else {}
-            self.outbox.check(now, tasks, self.outbox.running_attempts())
+            if self.outbox.needs_check():
+                watched = self.outbox.watched()
+                tasks = {r["id"]: r for r in self.store.task_rows(watched)} if watched else {}
+                self.outbox.check(now, tasks, self.outbox.running_attempts())
             self._dirty = True  # also events written by other processes (the CLI)
         if self._dirty and mono - self._last_process >= PROCESS_EVERY_S:
             self._last_process = mono

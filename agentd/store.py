@@ -566,16 +566,12 @@ class Store:
 
     # ------------------------------------------------------------ claim / lease
 
-    def has_due(self, now: datetime) -> bool:
-        """Whether any queued run may be due: a read on the (status, not_before) index,
-        so the main loop's idle ticks take no write lock."""
-        return (
-            self._one(
-                "SELECT 1 AS x FROM runs WHERE status='queued' AND not_before <= ? LIMIT 1",
-                (to_iso(now),),
-            )
-            is not None
-        )
+    def first_queued_at(self) -> datetime | None:
+        """The earliest ``not_before`` of any queued run: one read on the (status,
+        not_before) index, which tells the main loop's idle tick both whether anything is
+        due and how long it may sleep."""
+        row = self._one("SELECT MIN(not_before) AS t FROM runs WHERE status='queued'")
+        return from_iso(row["t"]) if row and row["t"] else None
 
     def claim(
         self,

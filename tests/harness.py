@@ -116,6 +116,17 @@ class Agentd:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def wait_log(self, text: str, what: str, timeout: float = 30.0) -> None:
+        """Wait for ``text`` in the daemon's log; on timeout say whether the process is
+        still alive and show the log's tail, so a flake explains itself."""
+        try:
+            wait_for(lambda: text in self.log(), timeout=timeout, what=what)
+        except AssertionError as exc:
+            code = self.proc.poll() if self.proc else None
+            raise AssertionError(
+                f"{exc}; exit code {code}; log tail:\n{self.log()[-4000:]}"
+            ) from None
+
     # ------------------------------------------------------------ state, read from the DB
 
     def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:

@@ -77,9 +77,9 @@ def test_second_sigterm_is_logged_and_ignored(
     d.trigger("blocker")
     wait_for(lambda: out.exists(), what="run blocked")
     d.signal(signal.SIGTERM)
-    wait_for(lambda: "shutting down gracefully" in d.log(), what="drain begins")
+    d.wait_log("shutting down gracefully", what="drain begins")
     d.signal(signal.SIGTERM)
-    wait_for(lambda: "already shutting down, ignored" in d.log(), what="second SIGTERM logged")
+    d.wait_log("already shutting down, ignored", what="second SIGTERM logged")
     assert d.proc is not None and d.proc.poll() is None  # still draining
     go.write_text("go")
     assert d.proc.wait(timeout=60) == 0
