@@ -171,6 +171,15 @@ def test_command_success_streams_output(tmp_path: Path) -> None:
     assert result.detail == {"stdout_bytes": 6, "stderr_bytes": len(pid)}
 
 
+def test_silent_command_leaves_no_output_files(tmp_path: Path) -> None:
+    task = make_task("command", {"argv": ["true"]})
+    result = run_one(task, tmp_path)
+    assert result.ok and result.exit_code == 0
+    assert tmp_path.is_dir()  # AGENTD_WORKSPACE exists for the command to use
+    assert not (tmp_path / "stdout.log").exists()
+    assert not (tmp_path / "stderr.log").exists()
+
+
 def test_command_failure_reports_exit_code_and_last_stderr_line(tmp_path: Path) -> None:
     script = "echo early >&2; echo 'the real problem' >&2; echo >&2; exit 3"
     failing = make_task("command", {"shell": script})
