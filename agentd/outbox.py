@@ -91,26 +91,21 @@ class Outbox:
 
     def process(self, now: datetime) -> int:
         """Turn new events into alerts and outbox rows; returns how many events were read."""
-        conn = self.store.conn
         if not self.store.in_group:
             # The usual answer, "nothing new", without a write transaction.
-            row = conn.execute("SELECT value FROM meta WHERE key=?", (CURSOR_KEY,)).fetchone()
-            top = conn.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
-            if row is not None and top <= int(row[0]):
+            cursor, top = self._cursor_and_top()
+            if cursor is not None and top <= cursor:
                 return 0
         with self.store.tx():
-            row = conn.execute("SELECT value FROM meta WHERE key=?", (CURSOR_KEY,)).fetchone()
-            if row is None:
+            cursor, top = self._cursor_and_top()
+            if cursor is None:
                 # First start with alerts: history before now is not news.
-                latest = conn.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
-                self._set_cursor(int(latest))
+                self._set_cursor(top)
                 return 0
-            cursor = int(row[0])
             # Only the kinds that can raise an alert, ping or recover are read and
             # decoded (claims, heartbeats and fires are most of the log). No other
             # writer runs inside this transaction, so every event up to ``top`` is
             # committed and the cursor may jump there when the batch was not full.
-            top = conn.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
             if top <= cursor:
                 return 0
             events = self.store._all(
@@ -123,6 +118,13 @@ class Outbox:
                 self._on_event(event, now)
             self._set_cursor(events[-1]["id"] if len(events) == BATCH else top)
             return len(events)
+
+    def _cursor_and_top(self) -> tuple[int | None, int]:
+        """The last event read (None before the first pass) and the newest event id."""
+        conn = self.store.conn
+        row = conn.execute("SELECT value FROM meta WHERE key=?", (CURSOR_KEY,)).fetchone()
+        top = conn.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
+        return (None if row is None else int(row[0])), int(top)
 
     def _set_cursor(self, value: int) -> None:
         self.store.conn.execute(

@@ -339,8 +339,7 @@ class Scheduler:
         # known from the last sync (at start), so a reload of 10,000 tasks with 100
         # changed touches 100 jobs.
         self._jobstore.flush()
-        with self._engine.connect() as conn:
-            ids = {row[0] for row in conn.exec_driver_sql("SELECT id FROM apscheduler_jobs")}
+        ids = {row[0] for row in self._jobstore.read("SELECT id FROM apscheduler_jobs")}
         if ids - self._synced.keys():  # at start: every stored spec, in one read
             for job in self.aps.get_jobs(jobstore="default"):
                 self._synced[job.id] = getattr(job.trigger, "spec", None)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import threading
-import time
+
+from harness import wait_for
 
 from agentd.threads import DaemonThreads
 
@@ -23,18 +24,11 @@ def run_and_wait(pool: DaemonThreads) -> threading.Thread:
     return seen[0]
 
 
-def wait_until(predicate: object, what: str) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while not predicate():  # type: ignore[operator]
-        assert time.monotonic() < deadline, what
-        time.sleep(0.01)
-
-
 def test_a_worker_is_reused_and_is_a_daemon_thread() -> None:
     pool = DaemonThreads("t-reuse")
     first = run_and_wait(pool)
     # The worker counts itself idle just after the function returns: wait for that.
-    wait_until(lambda: pool._idle == 1, "worker back to idle")
+    wait_for(lambda: pool._idle == 1, what="worker back to idle")
     second = run_and_wait(pool)
     assert first is second
     assert first.daemon and first.name == "t-reuse-1"
@@ -59,7 +53,7 @@ def test_a_stuck_callable_does_not_hold_up_the_next() -> None:
 def test_idle_workers_leave() -> None:
     pool = DaemonThreads("t-idle", idle_s=0.05)
     worker = run_and_wait(pool)
-    wait_until(lambda: not worker.is_alive(), "idle worker gone")
+    wait_for(lambda: not worker.is_alive(), what="idle worker gone")
     assert pool._idle == 0
     again = run_and_wait(pool)  # and a new one comes when there is work
     assert again is not worker
@@ -72,5 +66,5 @@ def test_many_concurrent_submits_all_run() -> None:
         pool.submit(done.release)
     for _ in range(n):
         assert done.acquire(timeout=DEADLINE)
-    wait_until(lambda: pool._idle == pool._started, "every worker idle again")
+    wait_for(lambda: pool._idle == pool._started, what="every worker idle again")
     assert pool._started <= n
