@@ -35,6 +35,13 @@ def wait_for(predicate: Callable[[], T], timeout: float = 30.0, what: str = "con
         time.sleep(0.02)
 
 
+def blocked(out: Path) -> bool:
+    """True once an ``e2e_tasks:batch`` run writing ``out`` is blocked past its checkpoint.
+    (``out`` itself appears just before that checkpoint, so a signal sent on seeing it
+    could still end the run there.)"""
+    return out.with_name(out.name + ".blocked").exists()
+
+
 def agentd_cli(*args: str, config: Path, check: bool = False) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "agentd.cli", args[0], "--config", str(config), *args[1:]]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)

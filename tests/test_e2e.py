@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from harness import Agentd, agentd_cli, pid_alive, wait_for
+from harness import Agentd, agentd_cli, blocked, pid_alive, wait_for
 
 from agentd.clock import to_iso
 from agentd.config import load_config
@@ -334,7 +334,7 @@ def test_sigterm_interrupts_python_at_checkpoint_and_resumes(make_daemon, tmp_pa
         """
     ).start()
     run_id = d.trigger("batch")
-    wait_for(lambda: out.exists() and out.read_text().split() == ["a"])
+    wait_for(lambda: blocked(out) and out.read_text().split() == ["a"])
     # The run blocks after item a; the stop request lands at its next checkpoint.
     d.signal(signal.SIGTERM)
     # Release the run only once the drain has begun, so its next checkpoint is the stop.

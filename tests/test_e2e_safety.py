@@ -306,8 +306,14 @@ def test_alert_raised_before_kill9_is_delivered_after_restart_once(
     wait_for(lambda: len(hooks.delivered()) >= 2, what="the second alert")
     assert [a["task"] for a in hooks.delivered()] == ["bad", "worse"]
     assert len(d.query("SELECT * FROM alerts")) == 2  # the restart raised nothing twice
-    rows = d.query("SELECT status FROM outbox ORDER BY id")
-    assert [r["status"] for r in rows] == ["delivered", "delivered"]
+    # The hook has the body before the daemon records the 2xx: wait for the record.
+    wait_for(
+        lambda: (
+            [r["status"] for r in d.query("SELECT status FROM outbox ORDER BY id")]
+            == ["delivered", "delivered"]
+        ),
+        what="both outbox rows delivered",
+    )
     assert d.stop() == 0
 
 

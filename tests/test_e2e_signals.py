@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from harness import Agentd, pid_alive, wait_for
+from harness import Agentd, blocked, pid_alive, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -59,7 +59,7 @@ def test_second_sigint_forces_exit_130_and_records_interrupted(
     go, out = tmp_path / "go", tmp_path / "out"
     d = make_daemon(BLOCKER.format(out=out, go=go), "shutdown_grace: 5m").start()
     run_id = d.trigger("blocker")
-    wait_for(lambda: out.exists(), what="run blocked")
+    wait_for(lambda: blocked(out), what="run blocked")
     d.signal(signal.SIGINT)
     wait_for(lambda: "shutting down gracefully" in d.log(), what="drain begins")
     assert d.proc is not None and d.proc.poll() is None  # would wait up to 5 minutes
@@ -75,7 +75,7 @@ def test_second_sigterm_is_logged_and_ignored(
     go, out = tmp_path / "go", tmp_path / "out"
     d = make_daemon(BLOCKER.format(out=out, go=go), "shutdown_grace: 5m").start()
     d.trigger("blocker")
-    wait_for(lambda: out.exists(), what="run blocked")
+    wait_for(lambda: blocked(out), what="run blocked")
     d.signal(signal.SIGTERM)
     d.wait_log("shutting down gracefully", what="drain begins")
     d.signal(signal.SIGTERM)
@@ -94,7 +94,7 @@ def test_sighup_applies_the_diff_without_touching_runs_in_flight(
     hourly = 'schedule: {every: 1h}\n  command: {argv: ["true"]}\n'
     d = make_daemon(keep + doomed + "moved:\n  " + hourly + "gone:\n  " + hourly).start()
     kept_run, doomed_run = d.trigger("blocker"), d.trigger("doomed")
-    wait_for(lambda: out.exists() and out2.exists(), what="both runs blocked")
+    wait_for(lambda: blocked(out) and blocked(out2), what="both runs blocked")
 
     # blocker unchanged, doomed removed while its run is in flight, moved rescheduled,
     # gone removed, new added.

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from harness import Agentd, wait_for
+from harness import Agentd, blocked, wait_for
 
 from agentd.systemd import Notifier, ascii_status, watchdog_interval_s
 
@@ -341,7 +341,7 @@ def test_watchdog_keeps_pinging_while_a_run_drains(
     ).start(wait_ready=False, env={**notify.env, "WATCHDOG_USEC": "200000"})
     notify.wait(lambda m: m.fields.get("READY") == "1", "READY=1")
     run_id = d.trigger("blocker")
-    wait_for(lambda: out.exists(), what="run blocked after its first item")
+    wait_for(lambda: blocked(out), what="run blocked after its first item")
     count = len(notify.messages())
     d.signal(signal.SIGTERM)
     notify.wait(lambda m: "STOPPING" in m.fields, "STOPPING=1", count)
