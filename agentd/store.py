@@ -26,7 +26,7 @@ import sqlite_utils
 from agentd.clock import from_iso, to_iso
 from agentd.models import ACTIVE_STATUSES, Outcome, RunStatus
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 Row = dict[str, Any]
 EventSink = Callable[[Row], None]
 FireGate = Callable[[str, datetime], "dict[str, Any] | None"]
@@ -210,7 +210,24 @@ def _migrate_3(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX idx_runs_due ON runs(status, not_before, scheduled_for)")
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migrate_1, _migrate_2, _migrate_3]
+def _migrate_4(db: sqlite_utils.Database) -> None:
+    """Every status change rewrites each index on ``status``: (status, not_before) is a
+    prefix of idx_runs_due and only cost writes. A fire's overlap check reads the task's
+    *active* runs, which the (task_id, created_at) index found by walking the task's
+    whole history: O(history) per fire for a task that runs every minute for a year.
+    The partial index holds only queued and running rows."""
+    db.execute("DROP INDEX IF EXISTS idx_runs_status_not_before")
+    db.execute(
+        "CREATE INDEX idx_runs_active ON runs(task_id, status) WHERE status IN ('queued','running')"
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
+    _migrate_1,
+    _migrate_2,
+    _migrate_3,
+    _migrate_4,
+]
 
 
 @dataclass(frozen=True)
@@ -343,13 +360,15 @@ class Store:
 
     def _event(
         self,
-        now: datetime,
+        now: datetime | str,
         kind: str,
         task_id: str | None = None,
         run_id: str | None = None,
         **data: Any,
     ) -> None:
-        ts = to_iso(now)
+        """``now`` may come already formatted: a run's finish writes one timestamp to
+        four places, and formatting is a measurable share of a trivial run's cost."""
+        ts = now if isinstance(now, str) else to_iso(now)
         payload = json.dumps(data, default=str, sort_keys=True)
         cur = self.conn.execute(
             "INSERT INTO events(ts, kind, task_id, run_id, data) VALUES (?,?,?,?,?)",
@@ -500,7 +519,7 @@ class Store:
                 skip_reason = "paused"
             elif honour_pause and self.fire_gate and (gate := self.fire_gate(task_id, now)):
                 skip_reason = str(gate.get("reason", "budget"))
-            else:
+            elif overlap != "allow":  # allow needs no look at what is active
                 active = self.active_runs(task_id)
                 queued = [r for r in active if r["status"] == RunStatus.QUEUED]
                 if (overlap == "skip" and active) or (overlap == "queue_one" and queued):
@@ -618,18 +637,19 @@ class Store:
 
     def _claim_row(self, row: Row, now: datetime, owner: str, expires: str) -> Row:
         attempt = row["attempt"] + 1
+        ts = to_iso(now)
         self.conn.execute(
             "UPDATE runs SET status='running', attempt=?, lease_owner=?,"
             " lease_expires_at=?, started_at=COALESCE(started_at, ?) WHERE id=?",
-            (attempt, owner, expires, to_iso(now), row["id"]),
+            (attempt, owner, expires, ts, row["id"]),
         )
         self.conn.execute(
             "INSERT INTO attempts(run_id, attempt, worker, started_at) VALUES (?,?,?,?)",
-            (row["id"], attempt, owner, to_iso(now)),
+            (row["id"], attempt, owner, ts),
         )
         lateness = (now - from_iso(row["scheduled_for"])).total_seconds()
         self._event(
-            now, "claim", row["task_id"], row["id"], attempt=attempt, lateness_s=round(lateness, 6)
+            ts, "claim", row["task_id"], row["id"], attempt=attempt, lateness_s=round(lateness, 6)
         )
         row.update(status="running", attempt=attempt, lease_owner=owner)
         return row
@@ -724,56 +744,40 @@ class Store:
         ``next_status`` is the runner's decision: SUCCEEDED, QUEUED (retry or resume),
         QUARANTINED or CANCELLED. Failures count toward retries; interrupts do not.
         """
+        counted = outcome in (Outcome.FAILURE, Outcome.TIMEOUT)
+        final = next_status != RunStatus.QUEUED
+        ts = to_iso(now)
+        due = to_iso(not_before) if not_before else ts
         with self.tx():
-            run = self._one("SELECT * FROM runs WHERE id=?", (run_id,))
+            # One statement reads and moves the run (it used to be a SELECT, then the
+            # UPDATE): this runs once per attempt, on the event loop.
+            run = self._one(
+                "UPDATE runs SET status=?, failures=failures+?, not_before=?, lease_owner=NULL,"
+                " lease_expires_at=NULL, cancel_requested=0, outcome=?, exit_code=?, error=?,"
+                " duration_s=?, finished_at=? WHERE id=? RETURNING *",
+                (
+                    next_status,
+                    1 if counted else 0,
+                    due,
+                    outcome,
+                    exit_code,
+                    error,
+                    duration_s,
+                    ts if final else None,
+                    run_id,
+                ),
+            )
             if run is None:
                 raise StoreError("unknown_run", f"no run {run_id!r}")
-            counted = outcome in (Outcome.FAILURE, Outcome.TIMEOUT)
-            failures = run["failures"] + (1 if counted else 0)
-            final = next_status != RunStatus.QUEUED
             self.conn.execute(
                 "UPDATE attempts SET finished_at=?, outcome=?, exit_code=?, http_status=?,"
                 " error=?, duration_s=? WHERE run_id=? AND attempt=? AND finished_at IS NULL",
-                (
-                    to_iso(now),
-                    outcome,
-                    exit_code,
-                    http_status,
-                    error,
-                    duration_s,
-                    run_id,
-                    run["attempt"],
-                ),
-            )
-            self.conn.execute(
-                "UPDATE runs SET status=?, failures=?, not_before=?, lease_owner=NULL,"
-                " lease_expires_at=NULL, cancel_requested=0, outcome=?, exit_code=?, error=?,"
-                " duration_s=?, finished_at=? WHERE id=?",
-                (
-                    next_status,
-                    failures,
-                    to_iso(not_before or now),
-                    outcome,
-                    exit_code,
-                    error,
-                    duration_s,
-                    to_iso(now) if final else None,
-                    run_id,
-                ),
+                (ts, outcome, exit_code, http_status, error, duration_s, run_id, run["attempt"]),
             )
             task_id = run["task_id"]
-            kind = {
-                Outcome.SUCCESS: "success",
-                Outcome.FAILURE: "failure",
-                Outcome.TIMEOUT: "timeout",
-                Outcome.CANCELLED: "cancel",
-                Outcome.INTERRUPTED: "interrupt",
-                Outcome.LOST: "recover",
-                Outcome.BUDGET_EXHAUSTED: "budget_exhausted",
-            }[outcome]
             self._event(
-                now,
-                kind,
+                ts,
+                _FINISH_EVENT[outcome],
                 task_id,
                 run_id,
                 attempt=run["attempt"],
@@ -782,28 +786,29 @@ class Store:
                 http_status=http_status,
                 duration_s=duration_s,
             )
-            self.conn.execute(
-                "UPDATE tasks SET last_run_at=?, last_outcome=? WHERE id=?",
-                (to_iso(now), outcome, task_id),
-            )
+            if next_status == RunStatus.SUCCEEDED:
+                self.conn.execute(
+                    "UPDATE tasks SET last_run_at=?, last_outcome=?, last_success_at=?,"
+                    " consecutive_quarantines=0 WHERE id=?",
+                    (ts, outcome, ts, task_id),
+                )
+            else:
+                self.conn.execute(
+                    "UPDATE tasks SET last_run_at=?, last_outcome=? WHERE id=?",
+                    (ts, outcome, task_id),
+                )
             if next_status == RunStatus.QUEUED and counted:
                 self._event(
-                    now,
+                    ts,
                     "retry",
                     task_id,
                     run_id,
                     attempt=run["attempt"],
-                    not_before=to_iso(not_before or now),
-                    failures=failures,
-                )
-            elif next_status == RunStatus.SUCCEEDED:
-                self.conn.execute(
-                    "UPDATE tasks SET last_success_at=?, consecutive_quarantines=0 WHERE id=?",
-                    (to_iso(now), task_id),
+                    not_before=due,
+                    failures=run["failures"],
                 )
             elif next_status == RunStatus.QUARANTINED:
                 self._quarantine_locked(run, now, error, pause_after_failures)
-            run.update(status=next_status, failures=failures, outcome=outcome, error=error)
             return run
 
     def _quarantine_locked(
@@ -1021,6 +1026,17 @@ class Store:
         return self._all(
             "SELECT * FROM runs WHERE task_id=? AND status IN ('queued','running')", (task_id,)
         )
+
+
+_FINISH_EVENT = {
+    Outcome.SUCCESS: "success",
+    Outcome.FAILURE: "failure",
+    Outcome.TIMEOUT: "timeout",
+    Outcome.CANCELLED: "cancel",
+    Outcome.INTERRUPTED: "interrupt",
+    Outcome.LOST: "recover",
+    Outcome.BUDGET_EXHAUSTED: "budget_exhausted",
+}
 
 
 def _plus(now: datetime, seconds: float) -> datetime:
