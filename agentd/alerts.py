@@ -24,11 +24,12 @@ import logging
 import os
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from agentd.config import ChannelConfig, Config, ExpectConfig, WebhookChannel
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger("agentd.alerts")
 
@@ -170,6 +171,8 @@ async def deliver(
     channel: ChannelConfig, payload: dict[str, Any], delivery_id: str, client: httpx.AsyncClient
 ) -> None:
     """One attempt; raises ``DeliveryError`` with a reason fit for the log (no secrets)."""
+    import httpx  # imported on first delivery: most daemons never send one
+
     body = json.dumps(payload, default=str, sort_keys=True).encode()
     if channel.webhook is not None:
         hook = channel.webhook

@@ -23,8 +23,7 @@ import json
 import logging
 import os
 from datetime import datetime, timedelta
-
-import httpx
+from typing import TYPE_CHECKING
 
 from agentd.alerts import Alert, DeliveryError, alert_for_event, deadman_late, deliver, routes
 from agentd.clock import Clock, from_iso, to_iso
@@ -55,6 +54,9 @@ ALERT_EVENTS = frozenset(
         "timeout",
     }
 )
+
+if TYPE_CHECKING:
+    import httpx
 _KINDS_JSON = json.dumps(sorted(ALERT_EVENTS))
 
 
@@ -400,6 +402,8 @@ class Outbox:
         )
 
     async def _send_ping(self, payload: Row, client: httpx.AsyncClient) -> None:
+        import httpx  # on first use: a daemon that sends no HTTP never loads it
+
         task = self.config.tasks.get(payload["task"])
         if task is None or task.ping is None:
             return  # the ping was removed from the config: nothing to send

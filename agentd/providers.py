@@ -24,9 +24,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from agentd.budget import Need, Scope, call_scopes, cost_usd, estimate_prompt_tokens, worst_case
 from agentd.clock import Clock
@@ -35,6 +33,9 @@ from agentd.executors.http import parse_retry_after
 from agentd.ledger import Refusal, commit, reserve
 from agentd.models import Result
 from agentd.store import Store
+
+if TYPE_CHECKING:
+    import httpx
 
 _CONTEXT_RE = re.compile(r"context.?length|maximum context|too many tokens|context window", re.I)
 _POLICY_RE = re.compile(r"content.?(policy|filter|management)|safety system|flagged", re.I)
@@ -211,6 +212,8 @@ class Gateway:
 
     def client(self, name: str, provider: ProviderConfig) -> httpx.AsyncClient:
         """Shared per provider; a reload that changes its URL or timeouts gets a new one."""
+        import httpx  # on first use: a daemon that sends no HTTP never loads it
+
         key = (name, provider.base_url, provider.connect_timeout, provider.read_timeout)
         client = self._clients.get(key)
         if client is None:
@@ -375,6 +378,8 @@ class _Call:
         key: str | None,
         read_timeout: float | None,
     ) -> Reply:
+        import httpx
+
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         kwargs: dict[str, Any] = {"json": body, "headers": headers}
         if read_timeout is not None:

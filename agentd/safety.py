@@ -12,8 +12,7 @@ import asyncio
 import contextlib
 import logging
 from datetime import datetime
-
-import httpx
+from typing import TYPE_CHECKING
 
 from agentd.budget import global_scopes, task_scopes
 from agentd.clock import Clock
@@ -23,6 +22,9 @@ from agentd.metrics import Metrics
 from agentd.outbox import ALERT_EVENTS, Outbox
 from agentd.providers import Gateway
 from agentd.store import Row, Store
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger("agentd.safety")
 
@@ -110,6 +112,8 @@ class Safety:
     # ------------------------------------------------------------ delivery
 
     async def _deliver_loop(self) -> None:
+        import httpx  # on first use: a daemon that sends no HTTP never loads it
+
         while True:
             try:
                 due = self.outbox.next_due()

@@ -14,8 +14,6 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-import httpx
-
 from agentd.config import TaskConfig
 from agentd.context import RunContext
 from agentd.executors import ExecEnv
@@ -46,6 +44,8 @@ def describe(exc: BaseException) -> str:
 
 
 async def execute(task: TaskConfig, ctx: RunContext, env: ExecEnv) -> Result:
+    import httpx  # here, not at the top: providers imports this module for its helpers
+
     cfg = task.http
     assert cfg is not None
     cap = task.output_max_bytes or env.output_max_bytes
