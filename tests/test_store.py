@@ -13,7 +13,7 @@ import pytest
 
 from agentd.clock import to_iso
 from agentd.models import Outcome, RunStatus
-from agentd.store import SCHEMA_VERSION, EventSink, Row, Store, StoreError
+from agentd.store import MIGRATIONS, SCHEMA_VERSION, EventSink, Row, Store, StoreError
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 N_ROUNDS = 12
@@ -153,6 +153,45 @@ def test_reopen_keeps_data_and_does_not_remigrate(tmp_path: Path) -> None:
         assert len(again.events()) == n_events
     finally:
         again.close()
+
+
+def test_v3_file_migrates_to_v4_indexes_and_the_overlap_check_uses_them(
+    tmp_path: Path,
+) -> None:
+    """A state file written by schema v3 keeps its runs; v4 trades the redundant
+    (status, not_before) index for a partial index of active runs, which is what a
+    fire's overlap check must read instead of the task's whole history."""
+    path = tmp_path / "state.sqlite"
+    old = Store(path, defer_open=True)
+    old.conn.execute("PRAGMA journal_mode = WAL")
+    with old.tx():
+        for migrate in MIGRATIONS[:3]:
+            migrate(old.db)
+        old.conn.execute("INSERT INTO meta(key, value) VALUES('schema_version', '3')")
+    old.sync_tasks(TASKS, at(0))
+    run_id = fire_at(old, "a", 0)
+    old.close()
+
+    store = Store(path)
+    try:
+        names = {r[0] for r in store.conn.execute("SELECT name FROM sqlite_master")}
+        assert "idx_runs_active" in names
+        assert "idx_runs_status_not_before" not in names
+        assert store.get_run(run_id)["status"] == RunStatus.QUEUED
+        plan = " ".join(
+            str(r[3])
+            for r in store.conn.execute(
+                "EXPLAIN QUERY PLAN SELECT * FROM runs WHERE task_id=?"
+                " AND status IN ('queued','running')",
+                ("a",),
+            )
+        )
+        assert "idx_runs_active" in plan
+        # The check still sees the queued run: a skip-overlap fire is skipped.
+        again = store.fire("a", at(60), scheduled_for=at(60), overlap="skip")
+        assert again.status == RunStatus.SKIPPED and again.reason == "overlap"
+    finally:
+        store.close()
 
 
 def test_newer_schema_version_is_refused(tmp_path: Path) -> None:
