@@ -24,7 +24,7 @@ from zoneinfo import ZoneInfo
 
 import prometheus_client
 
-from agentd import __version__
+from agentd import __version__, tls
 from agentd.clock import Clock, SystemClock, from_iso
 from agentd.config import Config, ConfigError, load_config
 from agentd.control import Control
@@ -476,6 +476,7 @@ class Daemon:
         if self.control:
             self.control.config = new
         self.config, self._index = new, after
+        tls.forget()  # clients made from now on read the CA bundle again
         self.generation += 1
         self.last_reload_ok = True
         self.metrics.config_reload(True, self.clock.now().timestamp())

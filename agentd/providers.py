@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from agentd import tls
 from agentd.budget import Need, Scope, call_scopes, cost_usd, estimate_prompt_tokens, worst_case
 from agentd.clock import Clock
 from agentd.config import Config, ProviderConfig, TaskConfig
@@ -223,7 +224,9 @@ class Gateway:
                 write=provider.read_timeout,
                 pool=provider.connect_timeout,
             )
-            client = httpx.AsyncClient(base_url=provider.base_url.rstrip("/"), timeout=timeout)
+            client = httpx.AsyncClient(
+                base_url=provider.base_url.rstrip("/"), timeout=timeout, verify=tls.context()
+            )
             self._clients[key] = client
         return client
 

@@ -14,6 +14,7 @@ import logging
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+from agentd import tls
 from agentd.budget import global_scopes, task_scopes
 from agentd.clock import Clock
 from agentd.config import Config, TaskConfig
@@ -112,16 +113,17 @@ class Safety:
     # ------------------------------------------------------------ delivery
 
     async def _deliver_loop(self) -> None:
-        import httpx  # on first use: a daemon that sends no HTTP never loads it
-
         while True:
             try:
                 due = self.outbox.next_due()
                 if due is not None and due <= self.clock.now():
                     if self._http is None:
-                        # Made on first delivery: loading the CA bundle is tens of ms
-                        # on the loop, which a daemon with no alert to send never pays.
-                        self._http = httpx.AsyncClient(follow_redirects=False)
+                        # Made on first delivery, the slow parts off the loop (see
+                        # agentd.tls): a daemon with no alert to send never pays them.
+                        await tls.prepare()
+                        import httpx
+
+                        self._http = httpx.AsyncClient(follow_redirects=False, verify=tls.context())
                     await self.outbox.deliver_due(self._http)
             except Exception:  # a DB hiccup must not end delivery for good
                 log.exception("alert delivery pass failed; trying again")

@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from agentd import tls
 from agentd.config import AgentConfig, TaskConfig
 from agentd.context import RunContext
 from agentd.executors import ExecEnv
@@ -100,6 +101,7 @@ async def _each(cfg: AgentConfig, ctx: RunContext, values: dict[str, Any], start
 async def execute(task: TaskConfig, ctx: RunContext, env: ExecEnv) -> Result:
     cfg = task.agent
     assert cfg is not None
+    await tls.prepare()  # so the provider's client is made without stalling the loop
     ctx.workspace.mkdir(parents=True, exist_ok=True)
     values = {**task.params, **ctx.params}
     try:

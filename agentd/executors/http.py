@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 
+from agentd import tls
 from agentd.config import TaskConfig
 from agentd.context import RunContext
 from agentd.executors import ExecEnv
@@ -44,7 +45,8 @@ def describe(exc: BaseException) -> str:
 
 
 async def execute(task: TaskConfig, ctx: RunContext, env: ExecEnv) -> Result:
-    import httpx  # here, not at the top: providers imports this module for its helpers
+    await tls.prepare()
+    import httpx  # not at the top: providers imports this module for its helpers
 
     cfg = task.http
     assert cfg is not None
@@ -60,7 +62,7 @@ async def execute(task: TaskConfig, ctx: RunContext, env: ExecEnv) -> Result:
     truncated = False
     try:
         async with (
-            httpx.AsyncClient(timeout=cfg.timeout) as client,
+            httpx.AsyncClient(timeout=cfg.timeout, verify=tls.context()) as client,
             client.stream(cfg.method, cfg.url, **kwargs) as resp,
         ):
             with (ctx.workspace / "response.body").open("wb") as fh:
