@@ -13,7 +13,15 @@ import pytest
 
 from agentd.clock import to_iso
 from agentd.models import Outcome, RunStatus
-from agentd.store import MIGRATIONS, SCHEMA_VERSION, EventSink, Row, Store, StoreError
+from agentd.store import (
+    CHECKPOINT_EVERY,
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    EventSink,
+    Row,
+    Store,
+    StoreError,
+)
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 N_ROUNDS = 12
@@ -206,6 +214,92 @@ def test_newer_schema_version_is_refused(tmp_path: Path) -> None:
         Store(tmp_path / "state.sqlite")
     assert info.value.code == "schema_too_new"
     assert str(SCHEMA_VERSION + 1) in str(info.value)
+
+
+# ---------------------------------------------------------------- commit off the loop
+
+
+def _other_reader(tmp_path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(tmp_path / "state.sqlite")
+
+
+def test_off_loop_commit_events_come_once_after_it_and_before_later_ones(
+    tmp_path: Path,
+) -> None:
+    seen: list[Row] = []
+    store = make_store(tmp_path, event_sink=seen.append)
+    try:
+        del seen[:]
+        store.begin_group()
+        first = fire_at(store, "a", 0)
+        commit = store.commit_group_off_loop()
+        assert commit is not None
+        # Done or not, nothing reaches the sink before someone settles the commit.
+        assert seen == []
+        # The next use of the connection waits for it and hands its events on first.
+        second = fire_at(store, "b", 1)
+        assert [(e["kind"], e["run_id"]) for e in seen] == [
+            ("enqueue", first),
+            ("enqueue", second),
+        ]
+        assert commit.result() is None
+        assert store.settle() is None and len(seen) == 2  # never twice
+        reader = _other_reader(tmp_path)
+        ids = {r[0] for r in reader.execute("SELECT id FROM runs")}
+        reader.close()
+        assert {first, second} <= ids
+    finally:
+        store.close()
+
+
+def test_failed_off_loop_commit_undoes_its_group_and_drops_its_events(tmp_path: Path) -> None:
+    seen: list[Row] = []
+    store = make_store(tmp_path, event_sink=seen.append)
+    try:
+        del seen[:]
+        store.begin_group()
+        lost = fire_at(store, "a", 0)
+        # A real failure at COMMIT: a foreign key checked only then.
+        store.conn.execute("PRAGMA defer_foreign_keys = ON")
+        store.conn.execute(
+            "INSERT INTO checkpoints(run_id, data, seq, saved_at) VALUES ('nope', '{}', 1, 'x')"
+        )
+        commit = store.commit_group_off_loop()
+        assert commit is not None
+        error = commit.result()
+        assert isinstance(error, sqlite3.IntegrityError)
+        assert isinstance(store.settle(), sqlite3.IntegrityError)
+        assert store.settle() is None  # settled once
+        assert seen == []
+        with pytest.raises(StoreError):
+            store.get_run(lost)
+        # The connection is usable, outside any transaction.
+        kept = fire_at(store, "a", 5)
+        assert store.get_run(kept)["status"] == RunStatus.QUEUED
+        assert [e["kind"] for e in seen] == ["enqueue"]
+    finally:
+        store.close()
+
+
+def test_wal_is_checkpointed_off_the_committing_connection(tmp_path: Path) -> None:
+    """The loop's connection never checkpoints (a commit that did stalled the loop for
+    tens of ms); the checkpoint thread folds the WAL into the file every so many
+    commits, which a copy of the main file alone (no -wal) shows."""
+    store = make_store(tmp_path)
+    try:
+        assert store.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+        ids = [fire_at(store, "a", i, overlap="allow") for i in range(CHECKPOINT_EVERY * 2)]
+        assert store._checkpointing is not None
+        store._checkpointing.result()
+        copy = tmp_path / "main-file-only.sqlite"
+        copy.write_bytes((tmp_path / "state.sqlite").read_bytes())
+        reader = sqlite3.connect(copy)
+        in_file = {r[0] for r in reader.execute("SELECT id FROM runs")}
+        reader.close()
+        # Everything up to the commit that started the last checkpoint is in the file.
+        assert set(ids[:CHECKPOINT_EVERY]) <= in_file
+    finally:
+        store.close()
 
 
 def test_sync_tasks_adds_changes_removes_and_keeps_pause(store: Store) -> None:
