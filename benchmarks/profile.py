@@ -105,6 +105,7 @@ def main() -> None:
     p.add_argument("--top", type=int, default=40)
     p.add_argument("--out", type=Path, default=Path("agentd-profile.txt"))
     p.add_argument("--idle", action="store_true", help="wall clock: include waiting threads")
+    p.add_argument("--rate", type=int, default=250, help="samples per second")
     a = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="agentd-profile-") as tmp:
         d, due = build(a.scenario, a.n, Path(tmp))
@@ -114,7 +115,7 @@ def main() -> None:
             "--format",
             "raw",
             "--rate",
-            "250",
+            str(a.rate),
             "--nonblocking",
             *(["--idle", "--threads"] if a.idle else []),
             "-o",
