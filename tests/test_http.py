@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import json
 import logging
 import sqlite3
@@ -285,6 +286,34 @@ def test_metrics_is_prometheus_text(tmp_path: Path) -> None:
                 for s in families["agentd_test_things"].samples
             }
             assert samples[("agentd_test_things_total", (("kind", "x"),))] == 3.0
+
+    run(main)
+
+
+def test_metrics_negotiates_openmetrics_gzip_and_name_filter(tmp_path: Path) -> None:
+    """Rendered off the loop, the exposition still honours what scrapers ask for."""
+
+    async def main() -> None:
+        async with serving(tmp_path) as env:
+            Counter("agentd_test_a", "A.", registry=env.registry).inc()
+            Counter("agentd_test_b", "B.", registry=env.registry).inc(2)
+            response = await env.client.get(
+                "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"}
+            )
+            assert response.headers["content-type"].startswith("application/openmetrics-text")
+            assert response.text.endswith("# EOF\n")
+            response = await env.client.get("/metrics", params={"name[]": "agentd_test_b_total"})
+            assert "agentd_test_b_total 2.0" in response.text
+            assert "agentd_test_a" not in response.text
+            async with env.client.stream(
+                "GET", "/metrics", headers={"Accept-Encoding": "gzip"}
+            ) as raw:
+                assert raw.headers["content-encoding"] == "gzip"
+                body = b"".join([chunk async for chunk in raw.aiter_raw()])
+            assert b"agentd_test_a_total 1.0" in gzip.decompress(body)
+            response = await env.client.get("/metrics", headers={"Accept-Encoding": "identity"})
+            assert "content-encoding" not in response.headers
+            assert "agentd_test_a_total 1.0" in response.text
 
     run(main)
 
