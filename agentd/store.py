@@ -779,6 +779,10 @@ class Store:
     def mark_started(self, run_id: str, task_id: str, now: datetime, workspace: str) -> None:
         """The executor is about to begin: separate from ``claim`` so the audit shows a run
         that was claimed but never started (workspace not writable, task removed)."""
+        if self._group_open:
+            # One statement is atomic by itself: no savepoint around it (per run).
+            self._event(now, "start", task_id, run_id, workspace=workspace)
+            return
         with self.tx():
             self._event(now, "start", task_id, run_id, workspace=workspace)
 
