@@ -221,6 +221,7 @@ class Daemon:
             heartbeat_s=min(HEARTBEAT_S, cfg.daemon.liveness_stale_after / 4),
         )
         self.scheduler.on_tick = lambda: self.health.tick("scheduler", self.clock.monotonic())
+        self.scheduler.before_commit = self.runner.tick
         report = self.scheduler.start(cfg)
         self.health.tick("main_loop", self.clock.monotonic())
         self.health.started = True

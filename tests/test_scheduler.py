@@ -61,3 +61,46 @@ def test_fires_due_at_one_instant_are_one_commit_and_one_jobstore_write(tmp_path
     (count,) = jobs.execute("SELECT count(*) FROM apscheduler_jobs").fetchone()
     jobs.close()
     assert count == N_TASKS
+
+
+def test_before_commit_runs_inside_the_pass_group_before_its_fires_are_durable(
+    tmp_path: Path,
+) -> None:
+    """The daemon claims fired runs in ``before_commit``: it must see the pass's fires
+    (same connection, same transaction) while no other connection can yet."""
+    n = 5  # due at the same instants, so each pass fires several
+    tasks = "".join(
+        f'  t{i}:\n    schedule: {{every: 1s}}\n    command: {{argv: ["true"]}}\n' for i in range(n)
+    )
+    config = parse_config(f"daemon:\n  state_dir: {tmp_path}\ntasks:\n{tasks}")
+    store = Store(tmp_path / "state.sqlite")
+    index = {t: (c.fingerprint(), c.kind) for t, c in config.tasks.items()}
+    store.sync_tasks(index, SystemClock().now())
+    other = sqlite3.connect(tmp_path / "state.sqlite")
+    seen: list[tuple[bool, int, int]] = []
+
+    def before_commit() -> None:
+        mine = store.conn.execute("SELECT count(*) FROM runs").fetchone()[0]
+        theirs = other.execute("SELECT count(*) FROM runs").fetchone()[0]
+        seen.append((store.in_group, mine, theirs))
+
+    async def scenario() -> None:
+        scheduler = Scheduler(store, SystemClock(), tmp_path / "schedule.sqlite")
+        scheduler.before_commit = before_commit
+        scheduler.start(config)
+        deadline = time.monotonic() + 30
+        try:
+            while not seen:
+                assert time.monotonic() < deadline, "no processing pass committed fires"
+                await asyncio.sleep(0.01)
+        finally:
+            scheduler.shutdown()
+
+    asyncio.run(scenario())
+    committed = other.execute("SELECT count(*) FROM runs").fetchone()[0]
+    other.close()
+    store.conn.close()
+    in_group, mine, theirs = seen[0]
+    assert in_group
+    assert theirs < mine, seen  # this pass's fires: visible here, not yet durable
+    assert committed >= mine
