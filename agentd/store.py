@@ -373,9 +373,9 @@ class Store:
                 self.event_sink(event)
 
     def commit_group_off_loop(self) -> Future[BaseException | None] | None:
-        """``commit_group`` with the COMMIT, its fsync and any WAL checkpoint on the
-        writer thread, so the event loop answers probes and gathers the next group
-        meanwhile (the fsync was a fifth of the loop's time draining a queue).
+        """``commit_group`` with the COMMIT and its fsync on the writer thread, so the
+        event loop answers probes and gathers the next group meanwhile (the fsync was a
+        fifth of the loop's time draining a queue).
 
         The future gives the exception that undid the group, or None. Any use of
         ``conn`` before it is done waits for it (``settle``); the group's events reach
