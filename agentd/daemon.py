@@ -29,7 +29,7 @@ from agentd.clock import Clock, SystemClock, from_iso
 from agentd.config import Config, ConfigError, load_config
 from agentd.control import Control
 from agentd.events import EventBus
-from agentd.executors import ExecEnv
+from agentd.executors import ExecEnv, command
 from agentd.health import Health
 from agentd.http import BindRefused, HttpServer, check_bind, load_token
 from agentd.metrics import Metrics
@@ -566,4 +566,5 @@ def run_daemon(config_path: Path) -> int:
         return EXIT_CONFIG
     logging.getLogger().setLevel(config.daemon.log_level.upper())
     daemon = Daemon(config_path, config)
+    command.use_pidfd_child_watcher()  # attached to the loop asyncio.run creates
     return asyncio.run(daemon.serve())

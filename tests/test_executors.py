@@ -32,6 +32,7 @@ from agentd.clock import SystemClock
 from agentd.config import Config, TaskConfig, parse_config
 from agentd.context import RunContext
 from agentd.executors import ExecEnv, executor_for
+from agentd.executors.command import use_pidfd_child_watcher
 from agentd.executors.http import parse_retry_after
 from agentd.models import Result, StopRequested
 from agentd.providers import Gateway
@@ -178,6 +179,26 @@ def test_silent_command_leaves_no_output_files(tmp_path: Path) -> None:
     assert tmp_path.is_dir()  # AGENTD_WORKSPACE exists for the command to use
     assert not (tmp_path / "stdout.log").exists()
     assert not (tmp_path / "stderr.log").exists()
+
+
+def test_pidfd_child_watcher_reaps_commands_with_their_exit_code(tmp_path: Path) -> None:
+    """What the daemon installs on Python 3.11: children reaped through a pidfd on the
+    loop, with no waiter thread per command."""
+    policy = asyncio.get_event_loop_policy()
+    if not use_pidfd_child_watcher():
+        pytest.skip("Python 3.12+ uses pidfds by itself, or the kernel has no pidfd_open")
+    try:
+        code = "import os, sys; print(os.getpid()); sys.exit(3)"
+        task = make_task("command", {"argv": [PY, "-c", code]})
+        before = {t.name for t in threading.enumerate()}
+        result = run_one(task, tmp_path)
+        assert type(policy.get_child_watcher()).__name__ == "PidfdChildWatcher"
+        assert not result.ok and result.exit_code == 3
+        assert reaped(int((tmp_path / "stdout.log").read_text()))
+        new_threads = {t.name for t in threading.enumerate()} - before
+        assert not [name for name in new_threads if name.startswith("waitpid")]
+    finally:
+        policy.set_child_watcher(None)  # the default (threaded) one is made on next use
 
 
 def test_command_failure_reports_exit_code_and_last_stderr_line(tmp_path: Path) -> None:

@@ -56,3 +56,45 @@ def test_a_tick_claims_and_starts_forty_runs_with_one_commit(
     # on the machine, so only the bound is asserted: never more than one per outcome.
     assert 2 <= len(commits) <= N_RUNS + 1, len(commits)
     store.conn.close()
+
+
+def test_a_command_that_writes_nothing_leaves_no_workspace(tmp_path: Path) -> None:
+    """The command gets its workspace, but one left empty is removed when the run ends;
+    one it wrote into keeps the file and gets run.json and events.jsonl beside it."""
+    config = parse_config(
+        f"daemon:\n  state_dir: {tmp_path}\ntasks:\n"
+        "  silent:\n    schedule: {manual: true}\n"
+        '    command: {shell: "test -d $AGENTD_WORKSPACE"}\n'
+        "  writer:\n    schedule: {manual: true}\n"
+        '    command: {shell: "echo x > $AGENTD_WORKSPACE/out"}\n'
+    )
+    clock = SystemClock()
+    store = Store(tmp_path / "state.sqlite")
+    store.sync_tasks(
+        {t: (config.tasks[t].fingerprint(), "command") for t in ("silent", "writer")}, clock.now()
+    )
+    silent = store.fire("silent", clock.now(), trigger="manual", overlap="allow").run_id
+    writer = store.fire("writer", clock.now(), trigger="manual", overlap="allow").run_id
+
+    async def scenario() -> None:
+        runner = Runner(
+            store,
+            clock,
+            owner="test",
+            state_dir=tmp_path,
+            concurrency=2,
+            lease_s=30,
+            exec_env=ExecEnv(kill_grace_s=1, output_max_bytes=1000),
+        )
+        runner.set_tasks(config.tasks)
+        assert len(runner.tick()) == 2
+        done = [a.done.wait() for a in runner.active.values()]
+        await asyncio.wait_for(asyncio.gather(*done), timeout=60)
+
+    asyncio.run(scenario())
+    rows = dict(store.conn.execute("SELECT id, status FROM runs").fetchall())
+    assert rows == {silent: "succeeded", writer: "succeeded"}  # the dir existed for both
+    assert not (tmp_path / "runs" / "silent" / str(silent)).exists()
+    kept = tmp_path / "runs" / "writer" / str(writer)
+    assert sorted(p.name for p in kept.iterdir()) == ["events.jsonl", "out", "run.json"]
+    store.close()
