@@ -134,6 +134,7 @@ class Daemon:
         self._watchdog_silent = False
         self.started_mono = self.clock.monotonic()
         self._last_gauges = -IDLE_GAUGE_REFRESH_S
+        self._last_db_tick = -IDLE_POLL_S
         self._gauges_busy = False
         self._last_probe = -WRITE_PROBE_S
         self._index: dict[str, tuple[str, str]] = {}  # fingerprints of self.config's tasks
@@ -271,7 +272,7 @@ class Daemon:
         self.metrics.config_reload(True, self.clock.now().timestamp())
 
     async def main_loop(self) -> None:
-        assert self.runner is not None
+        assert self.runner is not None and self.store is not None
         poll_s = self.config.daemon.poll_interval
         wedge = os.environ.get(WEDGE_ENV)
         while not self.should_exit:
@@ -284,6 +285,16 @@ class Daemon:
                 self.notifier.reloading()
                 await self.reload()
                 self.notifier.ready(self.status_line())
+            if self.store.committing and now_mono - self._last_db_tick < poll_s:
+                # Woken by a finish while the runner's next group commits: reading the
+                # DB now would hold the loop for that fsync. The flush that started
+                # the commit already claimed, heartbeated and looked for cancels in its
+                # group, and the commit's end wakes this loop again.
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=poll_s)
+                continue
+            self._last_db_tick = now_mono
             try:
                 self.runner.tick()
                 if self.safety:

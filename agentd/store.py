@@ -428,6 +428,12 @@ class Store:
             return exc
 
     @property
+    def committing(self) -> bool:
+        """A commit is on the writer thread right now: touching ``conn`` would block the
+        caller (the loop) until its fsync is done."""
+        return self._inflight is not None and not self._inflight.done()
+
+    @property
     def conn(self) -> sqlite3.Connection:
         """The connection, once any commit on the writer thread has finished."""
         if self._inflight is not None:

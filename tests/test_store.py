@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -1037,3 +1038,31 @@ def test_to_iso_is_fixed_width_so_text_order_is_time_order() -> None:
     assert to_iso(berlin) == "2026-03-29T01:30:00.000000Z"
     assert from_iso(to_iso(berlin)) == berlin
     assert to_iso(early) < to_iso(datetime(1000, 1, 1, tzinfo=UTC)) < to_iso(berlin)
+
+
+def test_committing_says_a_commit_is_in_flight_without_waiting_for_it(tmp_path: Path) -> None:
+    """The daemon's main loop asks before it reads: ``committing`` must neither block
+    nor settle. The writer thread is held busy so that the commit is surely in flight."""
+    seen: list[Row] = []
+    store = make_store(tmp_path, event_sink=seen.append)
+    gate = threading.Event()
+    try:
+        del seen[:]
+        assert not store.committing
+        store._writer = ThreadPoolExecutor(1)
+        store._writer.submit(gate.wait, 60)
+        store.begin_group()
+        fire_at(store, "a", 0)
+        commit = store.commit_group_off_loop()
+        assert commit is not None
+        assert store.committing
+        assert seen == []  # asking settled nothing
+        gate.set()
+        assert commit.result(timeout=60) is None
+        assert not store.committing
+        assert seen == []  # done, but handed on only when someone uses the connection
+        _ = store.conn
+        assert [e["kind"] for e in seen] == ["enqueue"]
+    finally:
+        gate.set()
+        store.close()
