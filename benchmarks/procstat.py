@@ -29,6 +29,21 @@ def cpu_seconds(pid: int, children: bool = False) -> float:
     return ticks / _TICK
 
 
+def thread_cpu_seconds(pid: int) -> float:
+    """CPU time of the process's live threads from ``schedstat``, in nanoseconds: the
+    clock-tick figures of ``cpu_seconds`` come in 10 ms steps, which over B7's 15 s
+    window is a resolution of 0.67 ms/s, coarser than the figure being measured.
+    Threads that exit in between take their time with them, so this is for idle
+    windows, where none do."""
+    total_ns = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total_ns += int((task / "schedstat").read_text().split()[0])
+        except OSError:  # the thread ended between listing and reading
+            continue
+    return total_ns / 1e9
+
+
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
