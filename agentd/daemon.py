@@ -8,7 +8,6 @@ work happens in the main loop, so a signal can never interrupt a half-written ro
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import faulthandler
 import fcntl
 import gc
@@ -135,6 +134,7 @@ class Daemon:
         self.started_mono = self.clock.monotonic()
         self._last_gauges = -IDLE_GAUGE_REFRESH_S
         self._last_db_tick = -IDLE_POLL_S
+        self._gauges_version: tuple[int, int] | None = None
         self._gauges_busy = False
         self._last_probe = -WRITE_PROBE_S
         self._index: dict[str, tuple[str, str]] = {}  # fingerprints of self.config's tasks
@@ -219,7 +219,7 @@ class Daemon:
             self.clock,
             jobs_path,
             on_enqueue=self._wake.set,
-            heartbeat_s=min(HEARTBEAT_S, cfg.daemon.liveness_stale_after / 4),
+            heartbeat_s=min(HEARTBEAT_S, cfg.daemon.liveness_stale_after / 3),
         )
         self.scheduler.on_tick = lambda: self.health.tick("scheduler", self.clock.monotonic())
         self.scheduler.before_commit = self.runner.tick
@@ -290,28 +290,32 @@ class Daemon:
                 # DB now would hold the loop for that fsync. The flush that started
                 # the commit already claimed, heartbeated and looked for cancels in its
                 # group, and the commit's end wakes this loop again.
-                self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=poll_s)
+                await self._sleep(poll_s)
                 continue
             self._last_db_tick = now_mono
             try:
                 self.runner.tick()
                 if self.safety:
                     self.safety.tick(self.clock.now())
-                busy = bool(self.runner.active)
-                every_s = GAUGE_REFRESH_S if busy else IDLE_GAUGE_REFRESH_S
-                if now_mono - self._last_gauges >= every_s or busy != self._gauges_busy:
-                    self._last_gauges, self._gauges_busy = now_mono, busy
+                if self._gauges_due(now_mono):
                     self._refresh_gauges()
                 self.health.db_writable, self.health.db_error = True, None
             except sqlite3.OperationalError as exc:
                 # Disk full or a long lock: not ready, keep the loop alive, retry next tick.
                 self.health.db_writable, self.health.db_error = False, str(exc)
                 log.error("state DB error in main loop: %s", exc)
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self._wait_s(poll_s))
+            await self._sleep(self._wait_s(poll_s))
+
+    async def _sleep(self, timeout_s: float) -> None:
+        """Until woken or ``timeout_s``. A timer that sets the wake event, not
+        ``wait_for``: that wraps the wait in a task and cancels it on every timeout, a
+        third of an idle iteration's CPU."""
+        self._wake.clear()
+        timer = asyncio.get_running_loop().call_later(timeout_s, self._wake.set)
+        try:
+            await self._wake.wait()
+        finally:
+            timer.cancel()
 
     def _wait_s(self, poll_s: float) -> float:
         """How long the loop may sleep unless woken. Local fires, finishes and API calls
@@ -328,6 +332,26 @@ class Daemon:
             wait_s = min(wait_s, max(0.0, (due - self.clock.now()).total_seconds()))
         return wait_s
 
+    def _gauges_due(self, now_mono: float) -> bool:
+        """Every second while runs are in flight. Idle, only queued, quarantined and
+        paused can move, and only by a write: at most every IDLE_GAUGE_REFRESH_S, and
+        only when the DB changed (or the write probe is due)."""
+        assert self.store and self.runner
+        busy = bool(self.runner.active)
+        since_s = now_mono - self._last_gauges
+        if busy != self._gauges_busy:
+            due = True
+        elif busy:
+            due = since_s >= GAUGE_REFRESH_S
+        else:
+            due = since_s >= IDLE_GAUGE_REFRESH_S and (
+                self.store.version() != self._gauges_version
+                or now_mono - self._last_probe >= WRITE_PROBE_S
+            )
+        if due:
+            self._last_gauges, self._gauges_busy = now_mono, busy
+        return due
+
     def _refresh_gauges(self) -> None:
         """A few indexed reads a second, so that a scrape never touches the DB. Nothing
         here may be O(tasks) or O(history): it runs every second for the daemon's life,
@@ -338,6 +362,7 @@ class Daemon:
             # What notices a full disk or a read-only file while nothing else writes.
             self._last_probe = now_mono
             self.store.probe_write(self.clock.now())
+        self._gauges_version = self.store.version()
         queued, quarantined = self.store.gauge_counts()
         running: dict[str, int] = {}
         for active in self.runner.active.values():

@@ -161,6 +161,8 @@ class Runner:
         """The flush whose COMMIT is on the store's writer thread, if any."""
         self._allow_overlap: set[str] = set()
         self.next_due_at: datetime | None = None
+        self._queue_version: tuple[int, int] | None = None
+        self._first_queued: datetime | None = None
         """When the earliest queued run falls due, if later than the last tick."""
 
     def set_tasks(self, tasks: Mapping[str, TaskConfig]) -> None:
@@ -185,10 +187,16 @@ class Runner:
         if free <= 0:
             return []
         now = self.clock.now()
-        first = self.store.first_queued_at()
+        version = self.store.version()
+        if version == self._queue_version:
+            first = self._first_queued  # no write anywhere since it was read
+        else:
+            first = self._first_queued = self.store.first_queued_at()
+            self._queue_version = version
         self.next_due_at = first if first is not None and first > now else None
         if first is None or first > now:
-            return []  # the common idle tick: one indexed read, no transaction
+            return []  # the common idle tick: no transaction, often no read
+        self._queue_version = None  # the claim below changes the queue
         busy = {a.task.id for a in self.active.values()}
         allow = self._allow_overlap
         # The claim and every start of this tick share one commit: with 256 free slots

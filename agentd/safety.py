@@ -32,6 +32,7 @@ log = logging.getLogger("agentd.safety")
 CHECK_EVERY_S = 1.0
 PROCESS_EVERY_S = 0.2  # events -> alerts in batches: at most this late, not once per run
 GAUGES_EVERY_S = 5.0
+DELIVERY_IDLE_S = 60.0
 
 
 class Safety:
@@ -48,6 +49,7 @@ class Safety:
             log.warning("%d LLM call(s) in flight at the last stop charged at worst case", settled)
         self._last_check = self._last_gauges = self._last_process = -1e9
         self._dirty = True
+        self._seen_version: tuple[int, int] | None = None
         self._deliver_wake = asyncio.Event()
         self._delivery: asyncio.Task[None] | None = None
         self._http: httpx.AsyncClient | None = None
@@ -83,7 +85,10 @@ class Safety:
                 watched = self.outbox.watched()
                 tasks = {r["id"]: r for r in self.store.task_rows(watched)} if watched else {}
                 self.outbox.check(now, tasks, self.outbox.running_attempts())
-            self._dirty = True  # also events written by other processes (the CLI)
+            version = self.store.version()
+            if version != self._seen_version:  # also events written by the CLI
+                self._seen_version = version
+                self._dirty = True
         if self._dirty and mono - self._last_process >= PROCESS_EVERY_S:
             self._last_process = mono
             self._dirty = False
@@ -129,7 +134,9 @@ class Safety:
                 log.exception("alert delivery pass failed; trying again")
             self._deliver_wake.clear()
             due = self.outbox.next_due()
-            wait = 5.0
+            # New work sets the wake event (tick, after turning events into outbox
+            # rows); the cap only bounds a wake-up this loop could have missed.
+            wait = DELIVERY_IDLE_S
             if due is not None:
                 wait = min(wait, max(0.05, (due - self.clock.now()).total_seconds()))
             with contextlib.suppress(TimeoutError):

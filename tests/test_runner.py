@@ -98,3 +98,42 @@ def test_a_command_that_writes_nothing_leaves_no_workspace(tmp_path: Path) -> No
     kept = tmp_path / "runs" / "writer" / str(writer)
     assert sorted(p.name for p in kept.iterdir()) == ["events.jsonl", "out", "run.json"]
     store.close()
+
+
+def test_idle_tick_reads_the_queue_only_after_a_write(tmp_path: Path) -> None:
+    """With nothing written since the last look, an idle tick runs one PRAGMA; a run
+    queued by another connection (the CLI, API unreachable) is still claimed at once."""
+    config = parse_config(
+        f"daemon:\n  state_dir: {tmp_path}\ntasks:\n"
+        '  quick:\n    schedule: {manual: true}\n    command: {argv: ["true"]}\n'
+    )
+    clock = SystemClock()
+    store = Store(tmp_path / "state.sqlite")
+    store.sync_tasks({"quick": (config.tasks["quick"].fingerprint(), "command")}, clock.now())
+    statements: list[str] = []
+    store.conn.set_trace_callback(statements.append)
+    cli = Store(tmp_path / "state.sqlite")  # a second connection, as the CLI has
+
+    async def scenario() -> None:
+        runner = Runner(
+            store,
+            clock,
+            owner="test",
+            state_dir=tmp_path,
+            concurrency=1,
+            lease_s=30,
+            exec_env=ExecEnv(kill_grace_s=1, output_max_bytes=1000),
+        )
+        runner.set_tasks(config.tasks)
+        assert runner.tick() == []
+        del statements[:]
+        assert runner.tick() == []
+        assert statements == ["PRAGMA data_version"]
+        run_id = cli.fire("quick", clock.now(), trigger="manual").run_id
+        assert runner.tick() == [run_id]
+        await asyncio.wait_for(runner.active[run_id].done.wait(), timeout=60)
+
+    asyncio.run(scenario())
+    assert [r[0] for r in store.conn.execute("SELECT status FROM runs")] == ["succeeded"]
+    cli.close()
+    store.close()

@@ -1066,3 +1066,24 @@ def test_committing_says_a_commit_is_in_flight_without_waiting_for_it(tmp_path: 
     finally:
         gate.set()
         store.close()
+
+
+def test_version_moves_on_any_write_and_only_then(tmp_path: Path) -> None:
+    """What lets an idle tick skip its reads: unchanged means nobody wrote."""
+    store = make_store(tmp_path)
+    try:
+        v0 = store.version()
+        store.first_queued_at()
+        assert store.version() == v0  # reads move nothing
+        fire_at(store, "a", 0)
+        v1 = store.version()
+        assert v1 != v0  # this connection's write
+        other = _other_reader(tmp_path)
+        with other:
+            other.execute("UPDATE tasks SET paused=1 WHERE id='a'")
+        other.close()
+        v2 = store.version()
+        assert v2 != v1  # another connection's commit (the CLI's)
+        assert store.version() == v2
+    finally:
+        store.close()

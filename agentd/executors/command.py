@@ -172,8 +172,7 @@ async def execute(task: TaskConfig, ctx: RunContext, env: ExecEnv) -> Result:
     argv = cfg.argv if cfg.argv is not None else ["/bin/sh", "-c", cfg.shell or ""]
     cap = task.output_max_bytes or env.output_max_bytes
     loop = asyncio.get_running_loop()
-    ctx.workspace.mkdir(parents=True, exist_ok=True)
-    proto = _Capture(ctx.workspace, cap, loop)
+    proto = _Capture(ctx.workspace, cap, loop)  # made here: AGENTD_WORKSPACE must exist
     spawn = asyncio.ensure_future(
         loop.subprocess_exec(
             lambda: proto,
