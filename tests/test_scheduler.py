@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import sqlalchemy
 
-from agentd.clock import SystemClock
+from agentd.clock import SystemClock, from_iso
 from agentd.config import parse_config
 from agentd.scheduler import Scheduler
 from agentd.store import Store
@@ -104,3 +106,78 @@ def test_before_commit_runs_inside_the_pass_group_before_its_fires_are_durable(
     assert in_group
     assert theirs < mine, seen  # this pass's fires: visible here, not yet durable
     assert committed >= mine
+
+
+def _every_second(tmp_path: Path, n: int) -> tuple[Any, Store]:
+    tasks = "".join(
+        f"  t{i}:\n    schedule: {{every: 1s}}\n    overlap: allow\n"
+        '    command: {argv: ["true"]}\n'
+        for i in range(n)
+    )
+    config = parse_config(f"daemon:\n  state_dir: {tmp_path}\ntasks:\n{tasks}")
+    store = Store(tmp_path / "state.sqlite")
+    index = {t: (c.fingerprint(), c.kind) for t, c in config.tasks.items()}
+    store.sync_tasks(index, SystemClock().now())
+    return config, store
+
+
+def test_the_early_timer_never_fires_a_run_before_its_time(tmp_path: Path) -> None:
+    """The scheduler's timer goes off up to EARLY_S early and sleeps the rest: every
+    fire is still recorded at or after its scheduled instant."""
+    config, store = _every_second(tmp_path, 1)
+
+    async def scenario() -> None:
+        scheduler = Scheduler(store, SystemClock(), tmp_path / "schedule.sqlite")
+        scheduler.start(config)
+        deadline = time.monotonic() + 30
+        try:
+            while store.conn.execute("SELECT count(*) FROM runs").fetchone()[0] < 3:
+                assert time.monotonic() < deadline, "fires did not arrive"
+                await asyncio.sleep(0.05)
+        finally:
+            scheduler.shutdown()
+
+    asyncio.run(scenario())
+    rows = store.conn.execute(
+        "SELECT r.scheduled_for, e.ts FROM runs r JOIN events e"
+        " ON e.run_id = r.id AND e.kind = 'enqueue'"
+    ).fetchall()
+    store.close()
+    assert len(rows) >= 3
+    for scheduled_for, enqueued in rows:
+        assert from_iso(enqueued) >= from_iso(scheduled_for), (scheduled_for, enqueued)
+
+
+def test_a_job_that_cannot_be_unpickled_is_logged_and_removed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config, store = _every_second(tmp_path, 2)
+    jobs_path = tmp_path / "schedule.sqlite"
+
+    def job_ids() -> set[str]:
+        jobs = sqlite3.connect(jobs_path)
+        try:
+            return {r[0] for r in jobs.execute("SELECT id FROM apscheduler_jobs")}
+        finally:
+            jobs.close()
+
+    async def scenario() -> None:
+        scheduler = Scheduler(store, SystemClock(), jobs_path)
+        scheduler.start(config)
+        try:
+            jobs = sqlite3.connect(jobs_path)
+            with jobs:
+                jobs.execute("UPDATE apscheduler_jobs SET job_state=x'00' WHERE id='t0'")
+            jobs.close()
+            deadline = time.monotonic() + 30
+            while "t0" in job_ids():
+                assert time.monotonic() < deadline, "the broken job was not removed"
+                await asyncio.sleep(0.05)
+        finally:
+            scheduler.shutdown()
+
+    with caplog.at_level(logging.ERROR, logger="agentd.scheduler"):
+        asyncio.run(scenario())
+    store.close()
+    assert job_ids() == {"t1"}
+    assert any("cannot restore job t0" in r.getMessage() for r in caplog.records)
