@@ -22,9 +22,9 @@ from benchmarks.reps import Rep, RunFn, Runs, Sample, Suite
 
 
 def idle_window(pid: int, seconds: float) -> Sample:
-    cpu0, wake0 = procstat.cpu_seconds(pid), procstat.wakeups(pid)
+    cpu0, wake0 = procstat.thread_cpu_seconds(pid), procstat.wakeups(pid)
     time.sleep(seconds)
-    cpu, wake = procstat.cpu_seconds(pid) - cpu0, procstat.wakeups(pid) - wake0
+    cpu, wake = procstat.thread_cpu_seconds(pid) - cpu0, procstat.wakeups(pid) - wake0
     return {
         "idle_cpu_ms_per_s": cpu * 1000 / seconds,
         "wakeups_per_s": wake / seconds,
