@@ -7,12 +7,28 @@ import time
 from pathlib import Path
 
 from agentd.clock import SystemClock
-from agentd.config import parse_config
+from agentd.config import Config, parse_config
 from agentd.executors import ExecEnv
 from agentd.runner import Runner
 from agentd.store import Store
 
 N_RUNS = 40
+
+
+def make_runner(
+    store: Store, clock: SystemClock, tmp_path: Path, concurrency: int, config: Config
+) -> Runner:
+    runner = Runner(
+        store,
+        clock,
+        owner="test",
+        state_dir=tmp_path,
+        concurrency=concurrency,
+        lease_s=30,
+        exec_env=ExecEnv(kill_grace_s=1, output_max_bytes=1000),
+    )
+    runner.set_tasks(config.tasks)
+    return runner
 
 
 def test_a_tick_claims_and_starts_forty_runs_with_one_commit(
@@ -32,16 +48,7 @@ def test_a_tick_claims_and_starts_forty_runs_with_one_commit(
     store.conn.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
 
     async def scenario() -> None:
-        runner = Runner(
-            store,
-            clock,
-            owner="test",
-            state_dir=tmp_path,
-            concurrency=N_RUNS,
-            lease_s=30,
-            exec_env=ExecEnv(kill_grace_s=1, output_max_bytes=1000),
-        )
-        runner.set_tasks(config.tasks)
+        runner = make_runner(store, clock, tmp_path, N_RUNS, config)
         assert len(runner.tick()) == N_RUNS
         assert len(commits) == 1  # the claim and all 40 starts
         deadline = time.monotonic() + 60
@@ -77,16 +84,7 @@ def test_a_command_that_writes_nothing_leaves_no_workspace(tmp_path: Path) -> No
     writer = store.fire("writer", clock.now(), trigger="manual", overlap="allow").run_id
 
     async def scenario() -> None:
-        runner = Runner(
-            store,
-            clock,
-            owner="test",
-            state_dir=tmp_path,
-            concurrency=2,
-            lease_s=30,
-            exec_env=ExecEnv(kill_grace_s=1, output_max_bytes=1000),
-        )
-        runner.set_tasks(config.tasks)
+        runner = make_runner(store, clock, tmp_path, 2, config)
         assert len(runner.tick()) == 2
         done = [a.done.wait() for a in runner.active.values()]
         await asyncio.wait_for(asyncio.gather(*done), timeout=60)
@@ -115,16 +113,7 @@ def test_idle_tick_reads_the_queue_only_after_a_write(tmp_path: Path) -> None:
     cli = Store(tmp_path / "state.sqlite")  # a second connection, as the CLI has
 
     async def scenario() -> None:
-        runner = Runner(
-            store,
-            clock,
-            owner="test",
-            state_dir=tmp_path,
-            concurrency=1,
-            lease_s=30,
-            exec_env=ExecEnv(kill_grace_s=1, output_max_bytes=1000),
-        )
-        runner.set_tasks(config.tasks)
+        runner = make_runner(store, clock, tmp_path, 1, config)
         assert runner.tick() == []
         del statements[:]
         assert runner.tick() == []
