@@ -380,7 +380,7 @@ class Runner:
         task, row = active.task, active.row
         not_before = now + timedelta(seconds=decision.delay_s)
         try:
-            final = self.store.finish(
+            self.store.finish(
                 row["id"],
                 now,
                 outcome=outcome,
@@ -397,7 +397,7 @@ class Runner:
             write_run_json(
                 active.ctx.workspace_path,
                 {
-                    **final,
+                    **self.store.get_run(row["id"]),
                     "decision": decision.why,
                     "not_before": to_iso(not_before)
                     if decision.status == RunStatus.QUEUED

@@ -39,7 +39,7 @@ from apscheduler.util import datetime_to_utc_timestamp, utc_timestamp_to_datetim
 from agentd.clock import Clock, to_iso
 from agentd.config import Config, TaskConfig, inactive_reason
 from agentd.schedule import ScheduleSpec, next_fire
-from agentd.store import FireResult, Store
+from agentd.store import Fire, FireResult, Store
 
 log = logging.getLogger("agentd.scheduler")
 
@@ -333,6 +333,9 @@ class Scheduler:
             timezone=UTC,
         )
         self.on_tick: Callable[[], None] | None = None
+        self._fires: list[Fire] = []
+        self._pass_open = False
+        """Fires of the processing pass under way, enqueued together at its end."""
 
     def start(self, config: Config) -> SyncReport:
         """Start paused, diff jobs against the config, then let fires through."""
@@ -455,7 +458,15 @@ class Scheduler:
     # ------------------------------------------------------------ fires
 
     def _commit_fires(self) -> None:
-        """End of a processing pass: make its fires durable, in one commit."""
+        """End of a processing pass: enqueue its fires and make them durable, in one
+        commit."""
+        self._pass_open = False
+        if self._fires:
+            fires, self._fires = self._fires, []
+            try:
+                self._enqueue(fires)
+            except Exception:
+                log.exception("enqueue of %d fire(s) failed", len(fires))
         if self.store.in_group:
             if self.before_commit is not None:
                 try:
@@ -469,16 +480,19 @@ class Scheduler:
                 log.exception("committing fires failed; they are lost unless re-fired")
 
     def _on_due(self, task_id: str, run_times: list[datetime]) -> None:
+        """One job's due times, from APScheduler's pass. Inside a pass the fires wait
+        in ``_fires`` and are enqueued together at its end (``Store.fire_many``)."""
         task = self.tasks.get(task_id)
         if task is None or not run_times:
             return
-        if not self.store.in_group:
+        if not self._pass_open and not self.store.in_group:
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:
                 loop = None  # called directly, not from APScheduler's pass: no grouping
             if loop is not None:
                 self.store.begin_group()
+                self._pass_open = True
                 # The pass ends with a jobstore read that commits; this is the backstop.
                 loop.call_soon(self._commit_fires)
         now = self.clock.now()
@@ -493,10 +507,39 @@ class Scheduler:
                 to_iso(missed[-1]),
             )
             self.store.record_misfire(task_id, now, missed, reason)
-        for when in due:
-            # A run that stands in for dropped fires, or starts late, is a catch-up.
-            late = bool(missed) or (now - when).total_seconds() > task.misfire_grace
-            self.fire(task_id, scheduled_for=when, trigger="catchup" if late else "schedule")
+        fires = [
+            Fire(
+                task_id,
+                when,
+                # A run that stands in for dropped fires, or starts late, is a catch-up.
+                "catchup"
+                if missed or (now - when).total_seconds() > task.misfire_grace
+                else "schedule",
+                task.overlap,
+                task.max_queued,
+            )
+            for when in due
+        ]
+        if self._pass_open:
+            self._fires += fires
+        else:
+            self._enqueue(fires)  # inside a caller's group, or none
+
+    def _enqueue(self, fires: list[Fire]) -> None:
+        created = False
+        for fire, result in zip(fires, self.store.fire_many(fires, self.clock.now()), strict=True):
+            created = created or result.created
+            if result.reason == "duplicate":
+                log.info(
+                    "fire deduplicated task=%s scheduled_for=%s run=%s",
+                    fire.task_id,
+                    to_iso(fire.scheduled_for) if fire.scheduled_for else "-",
+                    result.run_id,
+                )
+            elif result.reason == "unknown_task":
+                log.error("fire of a task the state DB does not know task=%s", fire.task_id)
+        if created and self.on_enqueue:
+            self.on_enqueue()
 
     def fire(
         self, task_id: str, *, scheduled_for: datetime | None = None, trigger: str = "schedule"

@@ -19,6 +19,7 @@ from agentd.store import (
     MIGRATIONS,
     SCHEMA_VERSION,
     EventSink,
+    Fire,
     Row,
     Store,
     StoreError,
@@ -406,6 +407,85 @@ def test_overlap_allow(store: Store) -> None:
     results = [store.fire("a", at(i), scheduled_for=at(i), overlap="allow") for i in range(10, 13)]
     assert all(r.status == RunStatus.QUEUED for r in results)
     assert len(store.active_runs("a")) == 4
+
+
+def test_fire_many_is_the_same_fires_one_after_the_other(tmp_path: Path) -> None:
+    """Every policy, repeated keys, a paused task and an unknown one in one batch: the
+    batch gives each fire the result, the row and the events that firing it alone, in
+    order, gives."""
+    tasks = {**TASKS, "c": ("fp3", "command")}
+    fires = [
+        Fire("a", at(0)),
+        Fire("a", at(1)),  # skip: the first is queued
+        Fire("a", at(0)),  # the first's key again
+        Fire("b", at(0), overlap="queue_all", max_queued=2),
+        Fire("b", at(1), overlap="queue_all", max_queued=2),
+        Fire("b", at(2), overlap="queue_all", max_queued=2),  # queue_full
+        Fire("b", at(3), overlap="cancel_previous"),  # cancels both, queued this batch
+        Fire("b", at(4), overlap="queue_one"),  # overlap: the one before is queued
+        Fire("c", at(0)),  # paused: skipped
+        Fire("c", None, trigger="manual", honour_pause=False),  # manual: runs anyway
+        Fire("a", at(5), overlap="allow"),
+        Fire("nope", at(0)),
+    ]
+
+    def outcome(store: Store, results: list[Any], setup: int) -> list[Any]:
+        runs = [
+            (r.created, r.status, r.reason, store.get_run(r.run_id) if r.run_id else None)
+            for r in results
+        ]
+        events = [(e["kind"], e["task_id"], e["run_id"], e["data"]) for e in store.events()]
+        events = events[setup:]  # the fires' own events
+        random = {"id": "-", "idempotency_key": "-"}  # a manual key is random too
+        return [[(c, s, why, run and {**run, **random}) for c, s, why, run in runs], events]
+
+    one_dir, many_dir = tmp_path / "one", tmp_path / "many"
+    one_dir.mkdir()
+    many_dir.mkdir()
+    one, many = make_store(one_dir, tasks=tasks), make_store(many_dir, tasks=tasks)
+    try:
+        for s in (one, many):
+            s.pause("c", "test", at(0))
+            fire_at(s, "a", -60)  # an earlier run of a, claimed and running
+            claim_one(s, at(-59))
+            s.finish(
+                s.list_runs(task_id="a")[0]["id"], at(-58),
+                outcome=Outcome.SUCCESS, next_status=RunStatus.SUCCEEDED,
+            )  # fmt: skip
+        setup = len(one.events())
+        singly = []
+        for f in fires:
+            try:
+                singly.append(
+                    one.fire(
+                        f.task_id,
+                        at(10),
+                        scheduled_for=f.scheduled_for,
+                        trigger=f.trigger,
+                        overlap=f.overlap,
+                        max_queued=f.max_queued,
+                        honour_pause=f.honour_pause,
+                    )
+                )
+            except StoreError as exc:
+                assert exc.code == "unknown_task"
+                singly.append(None)
+        batch = many.fire_many(fires, at(10))
+        assert batch[-1].reason == "unknown_task" and singly[-1] is None
+        ids = {r.run_id: b.run_id for r, b in zip(singly[:-1], batch[:-1], strict=True)}
+        got = outcome(many, batch[:-1], setup)
+        expected = outcome(one, singly[:-1], setup)
+        # Run ids are random: compare with the batch's ids put in place of the others'.
+        expected[1] = [(k, t, ids.get(r, r), d) for k, t, r, d in expected[1]]
+        assert got == expected
+        statuses = [r.status for r in batch[:-1]]
+        assert statuses == [
+            "queued", "skipped", "queued", "queued", "queued", "skipped", "queued",
+            "skipped", "skipped", "queued", "queued",
+        ]  # fmt: skip
+    finally:
+        one.conn.close()
+        many.conn.close()
 
 
 # ---------------------------------------------------------------- pause
