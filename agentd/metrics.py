@@ -15,11 +15,11 @@ a second daemon in one process never collide on the global ``REGISTRY``.
 
 from __future__ import annotations
 
-import contextlib
 import platform
 import threading
 import time
-from collections.abc import Iterable
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator
 from datetime import datetime
 from typing import Any
 
@@ -27,11 +27,17 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     PlatformCollector,
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
 
 # Event kind -> agentd_runs_total outcome. Finished attempts count once each (a run that
 # fails twice then succeeds adds failure=2, success=1); a quarantine is counted in
@@ -48,9 +54,7 @@ OUTCOMES = {
     "quarantine": "quarantined",
     "budget_exhausted": "budget_exhausted",
 }
-RUN_OUTCOMES = tuple(dict.fromkeys(OUTCOMES.values()))  # deduplicated, in a stable order
 SKIP_REASONS = ("overlap", "queue_full", "paused", "budget")
-TOKEN_DIRECTIONS = ("input", "output")
 # Audit events about the config, not the task's activity: they bring no series.
 CONFIG_KINDS = frozenset({"task_added", "task_changed", "task_removed"})
 
@@ -63,6 +67,91 @@ LATENESS_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 120, 3
 def _unix(ts: str) -> float:
     """Store timestamps are fixed-width UTC ISO text ending in ``Z``."""
     return datetime.fromisoformat(ts).timestamp()
+
+
+class TaskSeries:
+    """One per-task metric family as plain numbers: ``{task: {other labels: value}}``.
+
+    prometheus-client's labelled children carry a lock per value (per bucket, for a
+    histogram): a task's first run created ~10 of them, 120 us of the event loop per
+    task, so a burst of 1,000 tasks firing for the first time since start spent most
+    of its claiming time there. Here a new series is a dict entry or a list. The caller
+    (``Metrics``) holds its lock for every change and for ``family``."""
+
+    def __init__(
+        self,
+        kind: str,
+        name: str,
+        doc: str,
+        labels: tuple[str, ...] = (),
+        buckets: tuple[float, ...] = (),
+    ) -> None:
+        self.kind, self.name, self.doc = kind, name, doc
+        self.labels = ("task", *labels)
+        self.buckets = buckets
+        # As prometheus-client writes ``le`` (its floatToGoString for these bounds).
+        self.les = [repr(float(b)) for b in buckets] + ["+Inf"]
+        self.series: dict[str, dict[tuple[str, ...], Any]] = {}
+
+    def inc(self, task: str, *labels: str, by: float = 1.0) -> None:
+        mine = self.series.setdefault(task, {})
+        mine[labels] = mine.get(labels, 0.0) + by
+
+    def set(self, task: str, *labels: str, value: float) -> None:
+        self.series.setdefault(task, {})[labels] = value
+
+    def touch(self, task: str, *labels: str) -> None:
+        """The series exists from now on, at 0 if new."""
+        self.series.setdefault(task, {}).setdefault(labels, 0.0)
+
+    def observe(self, task: str, value: float) -> None:
+        """Histogram: a count per bucket (``le`` is the first bound >= value), then sum."""
+        mine = self.series.setdefault(task, {})
+        counts = mine.get(())
+        if counts is None:
+            counts = mine[()] = [0] * (len(self.buckets) + 1) + [0.0]
+        counts[bisect_left(self.buckets, value)] += 1
+        counts[-1] += value
+
+    def drop(self, task: str) -> None:
+        self.series.pop(task, None)
+
+    def family(self) -> Metric:
+        if self.kind == "counter":
+            family: Metric = CounterMetricFamily(self.name, self.doc, labels=self.labels)
+        elif self.kind == "gauge":
+            family = GaugeMetricFamily(self.name, self.doc, labels=self.labels)
+        else:
+            family = HistogramMetricFamily(self.name, self.doc, labels=self.labels)
+        for task, mine in self.series.items():
+            for labels, value in mine.items():
+                if self.kind != "histogram":
+                    family.add_metric([task, *labels], value)  # type: ignore[attr-defined]
+                    continue
+                cumulative, running = [], 0
+                for le, count in zip(self.les, value[:-1], strict=True):
+                    running += count
+                    cumulative.append((le, running))
+                family.add_metric([task], cumulative, value[-1])  # type: ignore[attr-defined]
+        return family
+
+
+class _TaskCollector(Collector):
+    """Exposes the per-task families; scrapes read them under ``Metrics``' lock."""
+
+    def __init__(self, families: list[TaskSeries], lock: threading.Lock) -> None:
+        self._families = families
+        self._lock = lock
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            families = [f.family() for f in self._families]
+        yield from families
+
+    def describe(self) -> Iterator[Metric]:
+        """Names only (``registry.restricted_registry`` for ``name[]`` filters)."""
+        for f in self._families:
+            yield TaskSeries(f.kind, f.name, f.doc, f.labels[1:], f.buckets).family()
 
 
 class Metrics:
@@ -79,46 +168,60 @@ class Metrics:
         self._running: dict[str, int] = {}  # last pushed by set_state
         self._paused: set[str] = set()
 
-        self.runs = Counter(
-            "agentd_runs", "Run attempts by outcome", ["task", "outcome"], registry=r
-        )
-        self.duration = Histogram(
+        self.runs = TaskSeries("counter", "agentd_runs", "Run attempts by outcome", ("outcome",))
+        self.duration = TaskSeries(
+            "histogram",
             "agentd_run_duration_seconds",
             "Wall time of finished attempts",
-            ["task"],
             buckets=DURATION_BUCKETS,
-            registry=r,
         )
-        self.lateness = Histogram(
+        self.lateness = TaskSeries(
+            "histogram",
             "agentd_run_start_lateness_seconds",
             "Claim time minus scheduled time (early claims count as 0)",
-            ["task"],
             buckets=LATENESS_BUCKETS,
-            registry=r,
         )
-        self.retries = Counter(
-            "agentd_retries", "Attempts re-queued for retry", ["task"], registry=r
+        self.retries = TaskSeries("counter", "agentd_retries", "Attempts re-queued for retry")
+        self.misfires = TaskSeries(
+            "counter", "agentd_misfires", "Fires dropped by the catch-up policy"
         )
-        self.misfires = Counter(
-            "agentd_misfires", "Fires dropped by the catch-up policy", ["task"], registry=r
+        self.skipped = TaskSeries(
+            "counter", "agentd_skipped_fires", "Fires not enqueued, by reason", ("reason",)
         )
-        self.skipped = Counter(
-            "agentd_skipped_fires", "Fires not enqueued, by reason", ["task", "reason"], registry=r
+        self.last_run = TaskSeries(
+            "gauge", "agentd_task_last_run_timestamp_seconds", "End of the last attempt"
         )
-        self.last_run = Gauge(
-            "agentd_task_last_run_timestamp_seconds",
-            "End of the last attempt",
-            ["task"],
-            registry=r,
-        )
-        self.last_success = Gauge(
+        self.last_success = TaskSeries(
+            "gauge",
             "agentd_task_last_success_timestamp_seconds",
             "End of the last successful attempt",
-            ["task"],
-            registry=r,
         )
-        self.running = Gauge("agentd_runs_running", "Runs executing now", ["task"], registry=r)
-        self.paused = Gauge("agentd_task_paused", "1 if the task is paused", ["task"], registry=r)
+        self.running = TaskSeries("gauge", "agentd_runs_running", "Runs executing now")
+        self.paused = TaskSeries("gauge", "agentd_task_paused", "1 if the task is paused")
+        self.llm_tokens = TaskSeries(
+            "counter",
+            "agentd_llm_tokens",
+            "LLM tokens charged to a task (worst case when the provider reported none)",
+            ("direction",),
+        )
+        self.llm_cost = TaskSeries(
+            "counter", "agentd_llm_cost_usd", "LLM spend in USD from the price table"
+        )
+        self._per_task = [
+            self.runs,
+            self.duration,
+            self.lateness,
+            self.retries,
+            self.misfires,
+            self.skipped,
+            self.last_run,
+            self.last_success,
+            self.running,
+            self.paused,
+            self.llm_tokens,
+            self.llm_cost,
+        ]
+        r.register(_TaskCollector(self._per_task, self._lock))
         self.tasks_paused = Gauge("agentd_tasks_paused", "Number of paused tasks", registry=r)
         self.queue_depth = Gauge("agentd_queue_depth", "Runs waiting to be claimed", registry=r)
         self.quarantined = Gauge(
@@ -137,15 +240,6 @@ class Metrics:
         )
         build = Gauge("agentd_build_info", "Always 1", ["version", "python"], registry=r)
         build.labels(version, platform.python_version()).set(1)
-        self.llm_tokens = Counter(
-            "agentd_llm_tokens",
-            "LLM tokens charged to a task (worst case when the provider reported none)",
-            ["task", "direction"],
-            registry=r,
-        )
-        self.llm_cost = Counter(
-            "agentd_llm_cost_usd", "LLM spend in USD from the price table", ["task"], registry=r
-        )
         self.llm_requests = Counter(
             "agentd_llm_requests",
             "LLM calls made, by provider and HTTP status (or timeout, connect_error...)",
@@ -186,33 +280,13 @@ class Metrics:
         if task in self._live:
             return
         self._live.add(task)
-        self.runs.labels(task, "success")
-        self.runs.labels(task, "failure")
+        self.runs.touch(task, "success")
+        self.runs.touch(task, "failure")
 
     def _drop(self, task: str) -> None:
         """Remove whichever of the task's series exist."""
-        labelled: list[tuple[Counter | Gauge | Histogram, tuple[str, ...]]] = [
-            (self.runs, (task, outcome)) for outcome in RUN_OUTCOMES
-        ]
-        labelled += [(self.llm_tokens, (task, d)) for d in TOKEN_DIRECTIONS]
-        labelled += [(self.skipped, (task, reason)) for reason in SKIP_REASONS]
-        labelled += [(metric, (task,)) for metric in self._per_task()]
-        for metric, labels in labelled:
-            with contextlib.suppress(KeyError):
-                metric.remove(*labels)
-
-    def _per_task(self) -> tuple[Counter | Gauge | Histogram, ...]:
-        return (
-            self.duration,
-            self.lateness,
-            self.retries,
-            self.misfires,
-            self.last_run,
-            self.last_success,
-            self.running,
-            self.paused,
-            self.llm_cost,
-        )
+        for family in self._per_task:
+            family.drop(task)
 
     def on_event(self, event: dict[str, Any]) -> None:
         """Count one committed store event. Events of tasks outside the current config are
@@ -223,36 +297,36 @@ class Metrics:
             if kind == "llm_call" and data.get("provider"):
                 # Providers come from the config: a bounded label set, like tasks.
                 self.llm_requests.labels(data["provider"], str(data.get("status"))).inc()
-            if task not in self._tasks or kind in CONFIG_KINDS:
+            if task is None or task not in self._tasks or kind in CONFIG_KINDS:
                 return
             self._ensure(task)
             if kind == "llm_call":
-                self.llm_cost.labels(task).inc(0)  # both directions and the cost together
-                self.llm_tokens.labels(task, "input").inc(int(data.get("input_tokens") or 0))
-                self.llm_tokens.labels(task, "output").inc(int(data.get("output_tokens") or 0))
-                self.llm_cost.labels(task).inc(float(data.get("cost_usd") or 0.0))
+                self.llm_cost.touch(task)  # both directions and the cost together
+                self.llm_tokens.inc(task, "input", by=int(data.get("input_tokens") or 0))
+                self.llm_tokens.inc(task, "output", by=int(data.get("output_tokens") or 0))
+                self.llm_cost.inc(task, by=float(data.get("cost_usd") or 0.0))
                 return
             if kind in OUTCOMES:
-                self.runs.labels(task, OUTCOMES[kind]).inc()
+                self.runs.inc(task, OUTCOMES[kind])
             if kind == "skip":
                 for reason in SKIP_REASONS:  # all reasons at 0 from the task's first skip
-                    self.skipped.labels(task, reason)
+                    self.skipped.touch(task, reason)
                 if data.get("reason") in SKIP_REASONS:  # anything else would be a new series
-                    self.skipped.labels(task, data["reason"]).inc()
+                    self.skipped.inc(task, data["reason"])
             elif kind == "misfire":
-                self.misfires.labels(task).inc(int(data.get("count") or 0))
+                self.misfires.inc(task, by=int(data.get("count") or 0))
             elif kind == "retry":
-                self.retries.labels(task).inc()
+                self.retries.inc(task)
             elif kind == "claim" and data.get("lateness_s") is not None:
-                self.lateness.labels(task).observe(max(0.0, float(data["lateness_s"])))
+                self.lateness.observe(task, max(0.0, float(data["lateness_s"])))
             elif kind in OUTCOMES and "duration_s" in data:
                 # Only finished attempts carry duration_s; a queued run cancelled before it
                 # started, or a startup recovery, did not run and has none.
-                self.last_run.labels(task).set(_unix(event["ts"]))
+                self.last_run.set(task, value=_unix(event["ts"]))
                 if kind == "success":
-                    self.last_success.labels(task).set(_unix(event["ts"]))
+                    self.last_success.set(task, value=_unix(event["ts"]))
                 if data["duration_s"] is not None:
-                    self.duration.labels(task).observe(float(data["duration_s"]))
+                    self.duration.observe(task, float(data["duration_s"]))
 
     def set_state(
         self, *, running: dict[str, int], queued: int, quarantined: int, paused: Iterable[str]
@@ -266,10 +340,10 @@ class Metrics:
             for task in running.keys() | self._running.keys():
                 if running.get(task) != self._running.get(task):
                     self._ensure(task)
-                    self.running.labels(task).set(running.get(task, 0))
+                    self.running.set(task, value=running.get(task, 0))
             for task in paused_set ^ self._paused:
                 self._ensure(task)
-                self.paused.labels(task).set(1 if task in paused_set else 0)
+                self.paused.set(task, value=1 if task in paused_set else 0)
             self._running, self._paused = running, paused_set
             self.tasks_paused.set(len(paused_set))
         self.queue_depth.set(queued)
@@ -284,9 +358,9 @@ class Metrics:
                 return
             self._ensure(task_id)
             if last_run is not None:
-                self.last_run.labels(task_id).set(last_run)
+                self.last_run.set(task_id, value=last_run)
             if last_success is not None:
-                self.last_success.labels(task_id).set(last_success)
+                self.last_success.set(task_id, value=last_success)
 
     def set_budget_remaining(self, remaining: dict[str, float]) -> None:
         """Current windows' remaining USD by scope; scopes no longer configured go away."""
