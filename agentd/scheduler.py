@@ -63,6 +63,18 @@ def fire(task_id: str) -> None:
 fire.__signature__ = inspect.signature(fire)  # type: ignore[attr-defined]
 
 
+def _per_job_lines(record: logging.LogRecord) -> bool:
+    """Drops APScheduler's "Added job"/"Removed job" INFO lines: agentd logs each task's
+    arrival, change and removal itself (``event=task_added`` ...), so with 10,000 tasks
+    a cold start wrote 10,000 duplicate lines, and every one-shot fire one more. Its
+    other lines (started, paused, shut down, warnings) stay."""
+    return not (
+        record.levelno == logging.INFO
+        and isinstance(record.msg, str)
+        and record.msg.startswith(("Added job ", "Removed job "))
+    )
+
+
 class SpecTrigger(BaseTrigger):  # type: ignore[misc]
     """Pickled into the jobstore; keeps only the plain schedule spec."""
 
@@ -340,6 +352,9 @@ class Scheduler:
     def start(self, config: Config) -> SyncReport:
         """Start paused, diff jobs against the config, then let fires through."""
         logging.getLogger("apscheduler.executors.internal").setLevel(logging.WARNING)
+        aps_log = logging.getLogger("apscheduler.scheduler")
+        if _per_job_lines not in aps_log.filters:
+            aps_log.addFilter(_per_job_lines)
         self.aps.start(paused=True)
         report = self.sync(config)
         # A heartbeat job through APScheduler's own loop: if APScheduler stops processing

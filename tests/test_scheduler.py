@@ -197,3 +197,32 @@ def test_a_job_that_cannot_be_unpickled_is_logged_and_removed(
     store.close()
     assert job_ids() == {"t1"}
     assert any("cannot restore job t0" in r.getMessage() for r in caplog.records)
+
+
+def test_apscheduler_per_job_lines_are_dropped_its_own_state_lines_kept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    tasks = "".join(
+        f'  t{i}:\n    schedule: {{every: 1h}}\n    command: {{argv: ["true"]}}\n' for i in range(3)
+    )
+    config = parse_config(f"daemon:\n  state_dir: {tmp_path}\ntasks:\n{tasks}")
+    store = Store(tmp_path / "state.sqlite")
+    store.sync_tasks(
+        {t: (c.fingerprint(), c.kind) for t, c in config.tasks.items()}, SystemClock().now()
+    )
+
+    async def scenario() -> None:
+        scheduler = Scheduler(store, SystemClock(), tmp_path / "schedule.sqlite")
+        scheduler.start(config)
+        fewer = parse_config(
+            f"daemon:\n  state_dir: {tmp_path}\ntasks:\n{tasks[: len(tasks) // 3]}"
+        )
+        assert scheduler.sync(fewer).removed == ["t1", "t2"]
+        scheduler.shutdown()
+
+    asyncio.run(scenario())
+    store.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "apscheduler.scheduler"]
+    assert "Scheduler started" in lines and "Scheduler has been shut down" in lines, lines
+    assert not [line for line in lines if "job" in line.lower() and "processing" not in line]
