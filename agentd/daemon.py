@@ -223,7 +223,9 @@ class Daemon:
         )
         self.scheduler.on_tick = lambda: self.health.tick("scheduler", self.clock.monotonic())
         self.scheduler.before_commit = self.runner.tick
-        report = self.scheduler.start(cfg)
+        self.scheduler.start_paused()
+        report = await self.scheduler.sync_async(cfg)  # in slices: probes are answered
+        self.scheduler.resume()
         self.health.tick("main_loop", self.clock.monotonic())
         self.health.started = True
         # What startup built (modules, config, jobs) lives as long as the daemon: out of
@@ -505,7 +507,7 @@ class Daemon:
         before = self._index
         changed = sorted(t for t in before.keys() & after.keys() if before[t] != after[t])
         self.store.sync_tasks(after, now)
-        report = self.scheduler.sync(new)
+        report = await self.scheduler.sync_async(new)
         self.runner.set_tasks(new.tasks)
         self.metrics.set_tasks(new.tasks)
         if self.safety:

@@ -226,3 +226,56 @@ def test_apscheduler_per_job_lines_are_dropped_its_own_state_lines_kept(
     lines = [r.getMessage() for r in caplog.records if r.name == "apscheduler.scheduler"]
     assert "Scheduler started" in lines and "Scheduler has been shut down" in lines, lines
     assert not [line for line in lines if "job" in line.lower() and "processing" not in line]
+
+
+def test_sync_async_lets_the_loop_run_between_slices_and_syncs_the_same(
+    tmp_path: Path,
+) -> None:
+    """The daemon registers and reloads through ``sync_async``: the loop must get
+    turns while it works, and the jobs must end up as ``sync`` leaves them."""
+    n = 40
+
+    def config_text(minute: int) -> str:
+        tasks = "".join(
+            f'  t{i}:\n    schedule: {{cron: "{minute if i < 10 else 0} 3 * * *"}}\n'
+            f'    command: {{argv: ["true"]}}\n'
+            for i in range(n)
+        )
+        return f"daemon:\n  state_dir: {tmp_path}\ntasks:\n{tasks}"
+
+    first, second = parse_config(config_text(0)), parse_config(config_text(5))
+    store = Store(tmp_path / "state.sqlite")
+    store.sync_tasks(
+        {t: (c.fingerprint(), c.kind) for t, c in first.tasks.items()}, SystemClock().now()
+    )
+
+    async def scenario() -> tuple[int, int, Any, Any]:
+        scheduler = Scheduler(store, SystemClock(), tmp_path / "schedule.sqlite")
+        turns = 0
+        stop = asyncio.Event()
+
+        async def count_turns() -> None:
+            nonlocal turns
+            while not stop.is_set():
+                turns += 1
+                await asyncio.sleep(0)
+
+        counter = asyncio.create_task(count_turns())
+        scheduler.start_paused()
+        added = await scheduler.sync_async(first, slice_s=0)  # a turn after every job
+        turns_at_start = turns
+        reloaded = await scheduler.sync_async(second, slice_s=0)
+        stop.set()
+        await counter
+        next_fires = {t: scheduler.next_fire_time(t) for t in ("t0", "t9", "t10")}
+        scheduler.shutdown()
+        return turns_at_start, turns, (added, reloaded), next_fires
+
+    turns_at_start, turns, (added, reloaded), next_fires = asyncio.run(scenario())
+    store.close()
+    assert sorted(added.added) == sorted(first.tasks) and not added.rescheduled
+    assert reloaded.rescheduled == [f"t{i}" for i in range(10)] and reloaded.unchanged == n - 10
+    assert turns_at_start >= n and turns >= n + 10  # the loop ran between the jobs
+    assert next_fires["t0"] is not None and next_fires["t0"].minute == 5
+    assert next_fires["t9"] is not None and next_fires["t9"].minute == 5
+    assert next_fires["t10"] is not None and next_fires["t10"].minute == 0
