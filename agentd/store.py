@@ -11,6 +11,7 @@ to ``event_sink`` only after the commit, so nobody ever sees an event that rolle
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -450,6 +451,15 @@ class Store:
             with contextlib.suppress(sqlite3.Error):
                 self._conn.execute("ROLLBACK")
             return exc
+
+    async def settled(self) -> None:
+        """Returns once the commit on the writer thread (if any) is done, without holding
+        the event loop meanwhile: for readers on the loop that can wait (API requests).
+        Only that one commit: under a steady stream of commits, waiting for a gap could
+        starve the caller."""
+        inflight = self._inflight
+        if inflight is not None and not inflight.done():
+            await asyncio.wrap_future(inflight)
 
     @property
     def committing(self) -> bool:

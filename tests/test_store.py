@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -1143,6 +1144,39 @@ def test_committing_says_a_commit_is_in_flight_without_waiting_for_it(tmp_path: 
         assert seen == []  # done, but handed on only when someone uses the connection
         _ = store.conn
         assert [e["kind"] for e in seen] == ["enqueue"]
+    finally:
+        gate.set()
+        store.close()
+
+
+def test_settled_waits_for_the_commit_in_flight_off_the_loop(tmp_path: Path) -> None:
+    """What API requests await before they read: the loop keeps running meanwhile."""
+    store = make_store(tmp_path)
+    gate = threading.Event()
+
+    async def scenario() -> list[str]:
+        order: list[str] = []
+        store._writer = ThreadPoolExecutor(1)
+        store._writer.submit(gate.wait, 60)  # the commit below waits behind this
+        store.begin_group()
+        fire_at(store, "a", 0)
+        assert store.commit_group_off_loop() is not None
+
+        async def reader() -> None:
+            await store.settled()
+            order.append("settled")
+            assert not store.committing
+
+        task = asyncio.create_task(reader())
+        await asyncio.sleep(0)
+        order.append("loop ran")  # while the reader waited
+        gate.set()
+        await asyncio.wait_for(task, 60)
+        await store.settled()  # nothing in flight: returns at once
+        return order
+
+    try:
+        assert asyncio.run(scenario()) == ["loop ran", "settled"]
     finally:
         gate.set()
         store.close()
