@@ -360,6 +360,11 @@ class Scheduler:
         self.resume()
         return report
 
+    def prepare(self) -> None:
+        """The jobstore's table and first connection, which APScheduler's start would
+        make on the loop; may run in a thread, before ``start_paused``."""
+        self._jobstore.jobs_t.create(self._engine, checkfirst=True)
+
     def start_paused(self) -> None:
         logging.getLogger("apscheduler.executors.internal").setLevel(logging.WARNING)
         aps_log = logging.getLogger("apscheduler.scheduler")
