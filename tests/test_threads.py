@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 
+import pytest
 from harness import wait_for
 
+from agentd.daemon import LOOP_FIRST_SWITCH_S, _loop_first
 from agentd.threads import DaemonThreads
 
 DEADLINE = 10.0
@@ -68,3 +71,15 @@ def test_many_concurrent_submits_all_run() -> None:
         assert done.acquire(timeout=DEADLINE)
     wait_for(lambda: pool._idle == pool._started, what="every worker idle again")
     assert pool._started <= n
+
+
+def test_loop_first_shortens_the_switch_interval_only_meanwhile() -> None:
+    """The daemon's reload and startup threads: the loop gets the GIL back sooner
+    while they run, and the interpreter is as it was afterwards, error or not."""
+    before = sys.getswitchinterval()
+    with _loop_first():
+        assert sys.getswitchinterval() == pytest.approx(min(before, LOOP_FIRST_SWITCH_S))
+    assert sys.getswitchinterval() == before
+    with pytest.raises(ValueError), _loop_first():
+        raise ValueError("a config that does not parse")
+    assert sys.getswitchinterval() == before
