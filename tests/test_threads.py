@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 import threading
 
@@ -73,13 +74,15 @@ def test_many_concurrent_submits_all_run() -> None:
     assert pool._started <= n
 
 
-def test_loop_first_shortens_the_switch_interval_only_meanwhile() -> None:
+def test_loop_first_shortens_the_switch_interval_and_pauses_gc_only_meanwhile() -> None:
     """The daemon's reload and startup threads: the loop gets the GIL back sooner
     while they run, and the interpreter is as it was afterwards, error or not."""
     before = sys.getswitchinterval()
+    assert gc.isenabled()
     with _loop_first():
         assert sys.getswitchinterval() == pytest.approx(min(before, LOOP_FIRST_SWITCH_S))
-    assert sys.getswitchinterval() == before
+        assert not gc.isenabled()  # no full collection holding the GIL meanwhile
+    assert sys.getswitchinterval() == before and gc.isenabled()
     with pytest.raises(ValueError), _loop_first():
         raise ValueError("a config that does not parse")
-    assert sys.getswitchinterval() == before
+    assert sys.getswitchinterval() == before and gc.isenabled()
