@@ -662,14 +662,11 @@ class Store:
         A fire of a task not in the tasks table gets ``reason="unknown_task"``.
         """
         ts = to_iso(now)
+        whens = [to_iso(f.scheduled_for) if f.scheduled_for else None for f in fires]
         keys = [
             f.key
-            or (
-                f"{f.task_id}@{to_iso(f.scheduled_for)}"
-                if f.scheduled_for
-                else f"{f.task_id}@manual:{secrets.token_hex(6)}"
-            )
-            for f in fires
+            or (f"{f.task_id}@{when}" if when else f"{f.task_id}@manual:{secrets.token_hex(6)}")
+            for f, when in zip(fires, whens, strict=True)
         ]
         ids = json.dumps(sorted({f.task_id for f in fires}))
         watched = json.dumps(sorted({f.task_id for f in fires if f.overlap != "allow"}))
@@ -700,7 +697,7 @@ class Store:
                 ):
                     active.setdefault(run["task_id"], []).append(run)
             inserts: list[tuple[Any, ...]] = []
-            for f, key in zip(fires, keys, strict=True):
+            for f, key, scheduled in zip(fires, keys, whens, strict=True):
                 if key in seen:
                     run_id, status = seen[key]
                     results.append(FireResult(run_id, False, status, "duplicate"))
@@ -713,7 +710,7 @@ class Store:
                 skip, gate = self._fire_policy(f, now, paused[f.task_id], active)
                 run_id = new_run_id(now)
                 status = RunStatus.SKIPPED if skip else RunStatus.QUEUED
-                when = to_iso(f.scheduled_for) if f.scheduled_for else ts
+                when = scheduled or ts
                 inserts.append(
                     (
                         run_id, f.task_id, f.trigger, when, key, status, ts, ts,
