@@ -51,6 +51,7 @@ GAUGE_REFRESH_S = 1.0
 IDLE_GAUGE_REFRESH_S = 5.0  # nothing running: only queued/quarantined/paused can move
 IDLE_POLL_S = 1.0
 LOOP_FIRST_SWITCH_S = 0.001  # see _loop_first
+TaskIndex = dict[str, tuple[str, str]]  # task id -> (fingerprint, kind): what the store keeps
 # An idle daemon's only write: an fsync (~4 ms of CPU here). A busy daemon's real
 # writes fail first and turn readiness off at once; idle, a full disk harms nothing
 # until work arrives, and readiness still sees it within this.
@@ -140,7 +141,7 @@ class Daemon:
         self._gauges_version: tuple[int, int] | None = None
         self._gauges_busy = False
         self._last_probe = -WRITE_PROBE_S
-        self._index: dict[str, tuple[str, str]] = {}  # fingerprints of self.config's tasks
+        self._index: TaskIndex = {}  # fingerprints of self.config's tasks
 
     # ------------------------------------------------------------ phases
 
@@ -506,7 +507,9 @@ class Daemon:
         assert self.store and self.scheduler and self.runner
         try:
             with _loop_first():
-                new, after = await asyncio.to_thread(_load_indexed, self.config_path)
+                new, after = await asyncio.to_thread(
+                    _load_indexed, self.config_path, (self.config, self._index)
+                )
                 # Before collection is back on: its first pass would walk all of them.
                 gc.freeze()
         except ConfigError as exc:
@@ -628,13 +631,22 @@ def _ts(text: str | None) -> float | None:
     return from_iso(text).timestamp() if text else None
 
 
-def _task_index(config: Config) -> dict[str, tuple[str, str]]:
-    return {tid: (t.fingerprint(), t.kind) for tid, t in config.tasks.items()}
+def _task_index(config: Config, before: tuple[Config, TaskIndex] | None = None) -> TaskIndex:
+    """Fingerprint every task; on a reload, an unchanged task keeps the one it had."""
+    old_tasks, old_index = (before[0].tasks, before[1]) if before else ({}, {})
+    index: TaskIndex = {}
+    for tid, task in config.tasks.items():
+        old = old_tasks.get(tid)
+        if old is not None and tid in old_index and task.same_as(old):
+            index[tid] = old_index[tid]
+        else:
+            index[tid] = (task.fingerprint(), task.kind)
+    return index
 
 
-def _load_indexed(path: Path) -> tuple[Config, dict[str, tuple[str, str]]]:
+def _load_indexed(path: Path, before: tuple[Config, TaskIndex]) -> tuple[Config, TaskIndex]:
     config = load_config(path)
-    return config, _task_index(config)
+    return config, _task_index(config, before)
 
 
 def _fmt(value: Any) -> str:

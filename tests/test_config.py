@@ -151,6 +151,67 @@ def test_fingerprint_is_stable_and_changes_with_the_task() -> None:
     assert a.fingerprint() != changed.fingerprint()
 
 
+def _task(body: dict[str, object]) -> TaskConfig:
+    return TaskConfig.model_validate({"id": "t", "schedule": {"manual": True}, **body})
+
+
+PY = {"python": {"callable": "m:f"}}
+HTTP: dict[str, dict[str, object]] = {"http": {"url": "http://127.0.0.1:1/x", "method": "POST"}}
+AGENT: dict[str, dict[str, object]] = {
+    "agent": {"base_url": "http://127.0.0.1:1/v1", "model": "m", "prompt": "p"}
+}
+SAME_AS_CASES: list[dict[str, object]] = [
+    {**PY, "params": {"n": 1}},
+    {**PY, "params": {"n": True}},
+    {**PY, "params": {"n": 1.0}},
+    {**PY, "params": {"n": -0.0}},
+    {**PY, "params": {"n": 0.0}},
+    {**PY, "params": {"n": [1, {"a": 1}]}},
+    {**PY, "params": {"n": [1, {"a": True}]}},
+    {**PY, "params": {"a": 1, "b": 2}},
+    {**PY, "params": {"b": 2, "a": 1}},
+    {**PY, "params": {"n": None}},
+    {**PY, "params": {}},
+    {**PY, "timeout": "1m"},
+    {**PY, "timeout": 60},
+    {"http": {**HTTP["http"], "json": {"k": 1}}},
+    {"http": {**HTTP["http"], "json": {"k": True}}},
+    {"http": {**HTTP["http"], "json": [1]}},
+    HTTP,
+    {"agent": {**AGENT["agent"], "items": [1, 2]}},
+    {"agent": {**AGENT["agent"], "items": [1, 2.0]}},
+    AGENT,
+]
+
+
+def test_same_as_agrees_with_the_fingerprint() -> None:
+    """Reload keeps an unchanged task's fingerprint when ``same_as`` says so: it must
+    never say so for two tasks whose fingerprints differ (1, 1.0, true; -0.0, 0.0)."""
+    tasks = [_task(body) for body in SAME_AS_CASES]
+    again = [_task(body) for body in SAME_AS_CASES]
+    for a, a2 in zip(tasks, again, strict=True):
+        assert a.same_as(a2)
+    pairs = 0
+    for a in tasks:
+        for b in tasks:
+            assert a.same_as(b) == (a.fingerprint() == b.fingerprint()), (a, b)
+            pairs += a is not b and a.same_as(b)
+    assert pairs == 4  # key order of params, and 1m vs 60 s: same task, both ways
+
+
+def test_reload_index_keeps_unchanged_fingerprints_and_recomputes_the_rest() -> None:
+    from agentd.daemon import _task_index
+
+    before = parse(FULL)
+    index = _task_index(before)
+    after = parse(FULL.replace("*/5 * * * *", "*/10 * * * *"))
+    again = _task_index(after, (before, index))
+    assert again == _task_index(after)  # what a cold start would compute
+    changed = {t for t in index if index[t] != again[t]}
+    assert changed == {"cron-cmd"}
+    assert all(again[t] is index[t] for t in index.keys() - changed)  # reused, not redone
+
+
 # ---------------------------------------------------------------- one error each
 
 
