@@ -526,7 +526,7 @@ class Daemon:
         now = self.clock.now()
         before = self._index
         changed = sorted(t for t in before.keys() & after.keys() if before[t] != after[t])
-        self.store.sync_tasks(after, now)
+        self.store.sync_tasks(after, now, synced=before)
         report = await self.scheduler.sync_async(new)
         self.runner.set_tasks(new.tasks)
         self.metrics.set_tasks(new.tasks)

@@ -322,6 +322,36 @@ def test_sync_tasks_adds_changes_removes_and_keeps_pause(store: Store) -> None:
     assert info.value.code == "unknown_task"
 
 
+def test_sync_tasks_against_the_last_sync_writes_what_a_full_sync_writes(
+    tmp_path: Path,
+) -> None:
+    """A reload passes what it synced last, and only the differing rows are read."""
+    steps = [
+        {"a": ("fp1-changed", "command"), "c": ("fp3", "http")},  # change, remove, add
+        {"a": ("fp1-changed", "command"), "b": ("fp2", "command"), "c": ("fp3", "http")},
+        {"a": ("fp1-changed", "command"), "b": ("fp2", "command"), "c": ("fp3", "http")},
+        {"b": ("fp2b", "http")},
+    ]
+    (tmp_path / "full").mkdir()
+    (tmp_path / "diff").mkdir()
+    full, diff = make_store(tmp_path / "full"), make_store(tmp_path / "diff")
+    try:
+        last = TASKS
+        for n, step in enumerate(steps, start=1):
+            full.sync_tasks(step, at(n))
+            diff.sync_tasks(step, at(n), synced=last)
+            last = step
+        rows = "SELECT id, fingerprint, kind, present, updated_at FROM tasks ORDER BY id"
+        assert diff._all(rows) == full._all(rows)
+        seen = [(e["kind"], e["task_id"], e["ts"], e["data"]) for e in full.events()]
+        assert [(e["kind"], e["task_id"], e["ts"], e["data"]) for e in diff.events()] == seen
+        assert ("task_changed", "b", to_iso(at(2)), {"fingerprint": "fp2"}) in seen  # back
+        assert not [e for e in seen if e[2] == to_iso(at(3))]  # nothing changed, nothing said
+    finally:
+        full.conn.close()
+        diff.conn.close()
+
+
 # ---------------------------------------------------------------- fire
 
 
