@@ -564,6 +564,22 @@ def _exact(a: Any, b: Any) -> bool:
     return bool(a == b) and (not isinstance(a, float) or repr(a) == repr(b))
 
 
+TaskIndex = dict[str, tuple[str, str]]  # task id -> (fingerprint, kind): what the store keeps
+
+
+def task_index(config: Config, before: tuple[Config, TaskIndex] | None = None) -> TaskIndex:
+    """Fingerprint every task; on a reload, an unchanged task keeps the one it had."""
+    old_tasks, old_index = (before[0].tasks, before[1]) if before else ({}, {})
+    index: TaskIndex = {}
+    for tid, task in config.tasks.items():
+        old = old_tasks.get(tid)
+        if old is not None and tid in old_index and task.same_as(old):
+            index[tid] = old_index[tid]
+        else:
+            index[tid] = (task.fingerprint(), task.kind)
+    return index
+
+
 class Config(_Model):
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
     providers: dict[str, ProviderConfig] = {}

@@ -27,7 +27,8 @@ import prometheus_client
 
 from agentd import __version__, tls
 from agentd.clock import Clock, SystemClock, from_iso
-from agentd.config import Config, ConfigError, load_config
+from agentd.config import Config, ConfigError, TaskIndex, task_index
+from agentd.configload import ConfigLoad
 from agentd.control import Control
 from agentd.events import EventBus
 from agentd.executors import ExecEnv, command
@@ -51,7 +52,6 @@ GAUGE_REFRESH_S = 1.0
 IDLE_GAUGE_REFRESH_S = 5.0  # nothing running: only queued/quarantined/paused can move
 IDLE_POLL_S = 1.0
 LOOP_FIRST_SWITCH_S = 0.001  # see _loop_first
-TaskIndex = dict[str, tuple[str, str]]  # task id -> (fingerprint, kind): what the store keeps
 # An idle daemon's only write: an fsync (~4 ms of CPU here). A busy daemon's real
 # writes fail first and turn readiness off at once; idle, a full disk harms nothing
 # until work arrives, and readiness still sees it within this.
@@ -110,7 +110,13 @@ def state_paths(config: Config) -> tuple[Path, Path, Path]:
 
 
 class Daemon:
-    def __init__(self, config_path: Path, config: Config, clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        config_path: Path,
+        config: Config,
+        clock: Clock | None = None,
+        index: TaskIndex | None = None,
+    ) -> None:
         self.config_path = config_path
         self.config = config
         self.clock: Clock = clock or SystemClock()
@@ -141,7 +147,7 @@ class Daemon:
         self._gauges_version: tuple[int, int] | None = None
         self._gauges_busy = False
         self._last_probe = -WRITE_PROBE_S
-        self._index: TaskIndex = {}  # fingerprints of self.config's tasks
+        self._index: TaskIndex = index or {}  # fingerprints of self.config's tasks
 
     # ------------------------------------------------------------ phases
 
@@ -260,7 +266,8 @@ class Daemon:
                 len(recovered),
                 " ".join(recovered),
             )
-        self._index = _task_index(self.config)
+        if not self._index:  # unless run_daemon brought it from the config's child
+            self._index = task_index(self.config)
         store.sync_tasks(self._index, now)
 
     def _prepare(self, cfg: Config, jobs_path: Path) -> Scheduler:
@@ -501,15 +508,16 @@ class Daemon:
     async def reload(self) -> bool:
         """Apply a changed config file, or keep the running one and say why.
 
-        The file is read, validated and fingerprinted in a thread: with 10,000 tasks
-        that is over a second the event loop (probes, fires, runs) must not wait for."""
+        The file is read, validated and fingerprinted in a child process (see
+        ``configload``), and its result unpickled in a thread: with 10,000 tasks the
+        parse is over half a second the event loop (probes, fires, runs) must not wait
+        for, nor share the GIL with."""
         self.reload_requested = False
         assert self.store and self.scheduler and self.runner
         try:
+            load = ConfigLoad(self.config_path, (self.config, self._index))
             with _loop_first():
-                new, after = await asyncio.to_thread(
-                    _load_indexed, self.config_path, (self.config, self._index)
-                )
+                new, after = await asyncio.to_thread(load.result)
                 # Before collection is back on: its first pass would walk all of them.
                 gc.freeze()
         except ConfigError as exc:
@@ -599,8 +607,9 @@ class Daemon:
 
 @contextlib.contextmanager
 def _loop_first() -> Iterator[None]:
-    """While a thread does long pure-Python work (parsing a config, syncing its tasks),
-    the loop gets the GIL back at each switch interval, after each of its DB calls: at
+    """While a thread does long pure-Python work (unpickling a reloaded config, or
+    parsing it when its child failed; startup's state), the loop gets the GIL back at
+    each switch interval, after each of its DB calls: at
     CPython's 5 ms, one /v1/status during a reload took 27 ms. 1 ms meanwhile (B5's
     reload stall, 4 reps: 43.6 -> 33.7 ms); not for good, it cost B3 ~7 %."""
     interval = sys.getswitchinterval()
@@ -614,10 +623,10 @@ def _loop_first() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _no_cyclic_gc() -> Iterator[None]:
-    """No cyclic GC while a config is parsed: with 10,000 tasks the parse allocates a
-    million objects, which set off full collections of 50-240 ms each (every one holding
-    the GIL), and found nothing to free: ``load_config`` of 10,000 tasks took 1.1-1.2 s
-    with collection on, 0.43 s off. A parsed config holds no reference cycles."""
+    """No cyclic GC while a config is parsed or unpickled: with 10,000 tasks a parse
+    allocates a million objects, which set off full collections of 50-240 ms each (every
+    one holding the GIL), and found nothing to free: ``load_config`` of 10,000 tasks took
+    1.1-1.2 s with collection on, 0.43 s off. A parsed config holds no reference cycles."""
     collecting = gc.isenabled()
     gc.disable()
     try:
@@ -631,31 +640,15 @@ def _ts(text: str | None) -> float | None:
     return from_iso(text).timestamp() if text else None
 
 
-def _task_index(config: Config, before: tuple[Config, TaskIndex] | None = None) -> TaskIndex:
-    """Fingerprint every task; on a reload, an unchanged task keeps the one it had."""
-    old_tasks, old_index = (before[0].tasks, before[1]) if before else ({}, {})
-    index: TaskIndex = {}
-    for tid, task in config.tasks.items():
-        old = old_tasks.get(tid)
-        if old is not None and tid in old_index and task.same_as(old):
-            index[tid] = old_index[tid]
-        else:
-            index[tid] = (task.fingerprint(), task.kind)
-    return index
-
-
-def _load_indexed(path: Path, before: tuple[Config, TaskIndex]) -> tuple[Config, TaskIndex]:
-    config = load_config(path)
-    return config, _task_index(config, before)
-
-
 def _fmt(value: Any) -> str:
     text = str(value)
     return json.dumps(text) if (" " in text or not text) else text
 
 
-def run_daemon(config_path: Path) -> int:
-    """Entry point for ``agentd run``: exit codes per the brief (0, 75, 78, 130)."""
+def run_daemon(config_path: Path, load: ConfigLoad | None = None) -> int:
+    """Entry point for ``agentd run``: exit codes per the brief (0, 75, 78, 130).
+
+    ``load`` is the config's parse, begun (by ``cli``) before this module's imports."""
     # One *_created series per counter doubles the series count for no question anyone
     # asks at 3 a.m.; process-wide, so it is decided here.
     prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -664,12 +657,12 @@ def run_daemon(config_path: Path) -> int:
     faulthandler.enable()
     try:
         with _no_cyclic_gc():
-            config = load_config(config_path)
+            config, index = (load or ConfigLoad(config_path)).result()
             gc.freeze()  # lives until the first reload; no collection need walk it
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
         return EXIT_CONFIG
     logging.getLogger().setLevel(config.daemon.log_level.upper())
-    daemon = Daemon(config_path, config)
+    daemon = Daemon(config_path, config, index=index)
     command.use_pidfd_child_watcher()  # attached to the loop asyncio.run creates
     return asyncio.run(daemon.serve())

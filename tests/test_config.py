@@ -24,6 +24,7 @@ from agentd.config import (
     load_config,
     parse_config,
     redacted,
+    task_index,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -200,13 +201,11 @@ def test_same_as_agrees_with_the_fingerprint() -> None:
 
 
 def test_reload_index_keeps_unchanged_fingerprints_and_recomputes_the_rest() -> None:
-    from agentd.daemon import _task_index
-
     before = parse(FULL)
-    index = _task_index(before)
+    index = task_index(before)
     after = parse(FULL.replace("*/5 * * * *", "*/10 * * * *"))
-    again = _task_index(after, (before, index))
-    assert again == _task_index(after)  # what a cold start would compute
+    again = task_index(after, (before, index))
+    assert again == task_index(after)  # what a cold start would compute
     changed = {t for t in index if index[t] != again[t]}
     assert changed == {"cron-cmd"}
     assert all(again[t] is index[t] for t in index.keys() - changed)  # reused, not redone

@@ -1,0 +1,370 @@
+"""The operator commands (``agentd status``, ``tasks``, ``runs``, ``pause`` ...).
+
+Each goes through the daemon's API when one answers; otherwise it writes the state DB
+directly, in the same transactions the daemon uses (``Control``), so it works just as
+well while the daemon is stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import urllib.parse
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from agentd.client import ApiClient, ApiError, Unreachable, default_url
+from agentd.clock import SystemClock, from_iso
+from agentd.config import (
+    Config,
+    task_index,
+)
+from agentd.control import Control
+from agentd.daemon import EXIT_USAGE, StateLock, state_paths
+from agentd.http import BindRefused, load_token
+from agentd.store import Row, Store, StoreError
+
+
+def open_store(config: Config) -> Store:
+    """Open the state DB; if no daemon holds it, bring its task table up to the config
+    so commands also work on a daemon that has never started."""
+    root, db_path, _ = state_paths(config)
+    root.mkdir(parents=True, exist_ok=True)
+    store = Store(db_path)
+    if StateLock(root).held_by_other() is None:
+        store.sync_tasks(task_index(config), SystemClock().now())
+    return store
+
+
+class Ops:
+    """Each operator command once: through the daemon's API when one answers, else on
+    the state DB directly (the same ``Control`` code the API runs)."""
+
+    def __init__(self, config: Config, url: str | None) -> None:
+        self.config = config
+        try:
+            token = load_token(config.daemon.http)
+        except BindRefused as exc:
+            # Reads still work without it; a POST will get the daemon's own 401.
+            print(f"agentd: warning: {exc}", file=sys.stderr)
+            token = None
+        self.api: ApiClient | None = ApiClient(url or default_url(config), token)
+        self._store: Store | None = None
+        self._ctl: Control | None = None
+
+    def close(self) -> None:
+        if self.api:
+            self.api.close()
+        if self._store:
+            self._store.close()
+
+    @property
+    def ctl(self) -> Control:
+        if self._ctl is None:
+            self._store = open_store(self.config)
+            self._ctl = Control(self._store, self.config, SystemClock())
+        return self._ctl
+
+    def call(self, api: Callable[[ApiClient], Any], direct: Callable[[Control], Any]) -> Any:
+        if self.api is not None:
+            try:
+                return api(self.api)
+            except Unreachable:
+                self.api = None  # no daemon: work on the DB from here on
+        return direct(self.ctl)
+
+    def status(self) -> Row:
+        def via_api(c: ApiClient) -> Row:
+            status: Row = c.get("/v1/status")
+            status["health"] = c.get("/healthz")
+            status["readiness"] = c.get("/readyz")
+            status["daemon"] = "running"
+            return status
+
+        def direct(ctl: Control) -> Row:
+            return {
+                "daemon": "not running",
+                "counts": ctl.store.counts(),
+                "tasks": len(self.config.tasks),
+            }
+
+        result: Row = self.call(via_api, direct)
+        return result
+
+
+def state_command(config: Config, args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """One operator command; an API or state error is printed and exits 1."""
+    try:
+        ops = Ops(config, args.url)
+        try:
+            return _dispatch(ops, args, parser)
+        finally:
+            ops.close()
+    except (ApiError, StoreError) as exc:
+        _emit_error(args, exc.code, str(exc))
+        return 1
+
+
+def _dispatch(ops: Ops, args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    cmd = args.command
+    q = urllib.parse.quote
+    if cmd == "status":
+        status = ops.status()
+        _print_detail(args, status)
+        return 0 if status.get("daemon") == "running" else 3
+    if cmd == "tasks":
+        tasks = ops.call(lambda c: c.get("/v1/tasks")["tasks"], lambda ctl: ctl.list_tasks())
+        rows = [_task_row(t) for t in tasks]
+        return _print(args, rows, list(rows[0]) if rows else ["task"])
+    if cmd == "runs" and args.action in ("show", "watch"):
+        if not args.run_id:
+            parser.error(f"runs {args.action} needs a run id")
+        rid = q(args.run_id, safe="")
+        if args.action == "watch":
+            return _follow(ops, args, f"/v1/runs/{rid}/events/stream")
+        detail = ops.call(lambda c: c.get(f"/v1/runs/{rid}"), lambda ctl: ctl.get_run(args.run_id))
+        detail["events"] = ops.call(
+            lambda c: c.get(f"/v1/runs/{rid}/events")["events"],
+            lambda ctl: ctl.events(run_id=args.run_id),
+        )
+        return _print_detail(args, detail)
+    if cmd == "runs":
+        rows = ops.call(
+            lambda c: c.get("/v1/runs", task=args.task, status=args.status, limit=args.limit)[
+                "runs"
+            ],
+            lambda ctl: ctl.list_runs(args.task, args.status, args.limit),
+        )
+        return _print(
+            args,
+            rows,
+            [
+                "id",
+                "task_id",
+                "status",
+                "attempt",
+                "trigger",
+                "scheduled_for",
+                "duration_s",
+                "error",
+            ],
+        )
+    if cmd == "spend":
+        report = ops.call(
+            lambda c: c.get("/v1/spend", task=args.task),
+            lambda ctl: ctl.spend(args.task),
+        )
+        if args.json:
+            print(json.dumps(report, indent=2, default=str))
+            return 0
+        windows = [w for t in report["tasks"] for w in (t["day"], t["month"])]
+        if not args.task:
+            windows += [report["global"]["day"], report["global"]["month"]]
+        return _print(args, [_spend_row(w) for w in windows], list(_SPEND_COLUMNS))
+    if cmd == "alerts":
+        rows = ops.call(
+            lambda c: c.get("/v1/alerts", limit=args.limit)["alerts"],
+            lambda ctl: ctl.alerts(args.limit),
+        )
+        for row in rows:
+            row["delivered"] = " ".join(
+                f"{d['channel']}:{d['status']}" for d in row.get("deliveries", [])
+            )
+        return _print(args, rows, ["id", "ts", "kind", "task_id", "delivered", "summary"])
+    if cmd == "events":
+        if args.follow:
+            return _follow(ops, args, "/v1/events/stream")
+        rows = ops.call(
+            lambda c: c.get("/v1/events", limit=args.limit)["events"],
+            lambda ctl: ctl.store.recent_events(args.limit),
+        )
+        for event in rows:
+            print(json.dumps(event, default=str) if args.json else _event_line(event))
+        return 0
+    if cmd in ("trigger", "pause", "resume"):
+        tid = q(args.task, safe="")
+        body = {"reason": args.reason} if cmd == "pause" else {}
+        direct: dict[str, Callable[[Control], Row]] = {
+            "trigger": lambda ctl: ctl.trigger(args.task),
+            "pause": lambda ctl: ctl.pause(args.task, args.reason),
+            "resume": lambda ctl: ctl.resume(args.task),
+        }
+        return _print_detail(
+            args, ops.call(lambda c: c.post(f"/v1/tasks/{tid}/{cmd}", body), direct[cmd])
+        )
+    if cmd == "cancel":
+        rid = q(args.run_id, safe="")
+        return _print_detail(
+            args,
+            ops.call(
+                lambda c: c.post(f"/v1/runs/{rid}/cancel"), lambda ctl: ctl.cancel(args.run_id)
+            ),
+        )
+    if cmd == "quarantine":
+        if args.action == "list":
+            rows = ops.call(
+                lambda c: c.get("/v1/quarantine")["quarantine"], lambda ctl: ctl.quarantine_list()
+            )
+            return _print(
+                args, rows, ["run_id", "task_id", "quarantined_at", "attempts", "last_error"]
+            )
+        if not args.run_id:
+            parser.error(f"quarantine {args.action} needs a run id")
+        rid = q(args.run_id, safe="")
+        if args.action == "show":
+            return _print_detail(
+                args,
+                ops.call(
+                    lambda c: c.get(f"/v1/quarantine/{rid}"),
+                    lambda ctl: ctl.quarantine_show(args.run_id),
+                ),
+            )
+        local = {"release": Control.quarantine_release, "drop": Control.quarantine_drop}
+        return _print_detail(
+            args,
+            ops.call(
+                lambda c: c.post(f"/v1/quarantine/{rid}/{args.action}"),
+                lambda ctl: local[args.action](ctl, args.run_id),
+            ),
+        )
+    parser.error(f"unknown command {cmd}")
+    return EXIT_USAGE
+
+
+def _follow(ops: Ops, args: argparse.Namespace, path: str) -> int:
+    """Print one line per event until the stream ends (a watched run finished) or Ctrl-C;
+    reconnects with Last-Event-ID so a daemon restart loses nothing."""
+    if ops.api is None:
+        raise StoreError("no_daemon", "following events needs a running daemon")
+    last_id: int | None = None
+    retries = 0
+    while True:
+        try:
+            for event in ops.api.stream(path, last_id):
+                last_id = int(event["id"])
+                retries = 0
+                print(
+                    json.dumps(event, default=str) if args.json else _event_line(event), flush=True
+                )
+            return 0
+        except Unreachable:
+            if last_id is None or retries >= 30:
+                raise StoreError("no_daemon", f"no agentd answers at {ops.api.url}") from None
+            retries += 1
+            print(f"(daemon unreachable, reconnecting {retries}/30)", file=sys.stderr)
+            time.sleep(1)
+        except KeyboardInterrupt:
+            return 130
+
+
+def _event_line(event: Row) -> str:
+    data = event.get("data") or {}
+    extras = " ".join(f"{k}={v}" for k, v in sorted(data.items()) if v is not None)
+    if event.get("kind") == "progress" and data.get("total"):
+        extras = f"{data.get('done')}/{data.get('total')} {data.get('message') or ''}".strip()
+    ts = _cell(event.get("ts"))
+    return (
+        f"{ts}  #{event.get('id')} {event.get('kind'):<12} "
+        f"{event.get('task_id') or '-'} {event.get('run_id') or '-'}  {extras}"
+    ).rstrip()
+
+
+def _task_row(t: Row) -> Row:
+    if t["paused"]:
+        paused = t["paused_reason"] or "yes"
+    elif not t["active"]:
+        paused = f"inactive: {t['inactive_reason']}"
+    else:
+        paused = "no"
+    return {
+        "task": t["id"],
+        "kind": t["kind"],
+        "schedule": t["schedule"],
+        "timezone": t["timezone"],
+        "next_run": _short_local(t["next_runs"][0]["local"]) if t["next_runs"] else "-",
+        "last_outcome": t["last_outcome"] or "-",
+        "paused": paused,
+    }
+
+
+_SPEND_COLUMNS = {
+    "scope": "scope",
+    "window": "start",
+    "tz": "timezone",
+    "calls": "calls",
+    "tokens_in": "input_tokens",
+    "tokens_out": "output_tokens",
+    "spent_usd": "spent_usd",
+    "limit_usd": "limit_usd",
+    "left_usd": "remaining_usd",
+}
+
+
+def _spend_row(window: Row) -> Row:
+    row = {name: window.get(key) for name, key in _SPEND_COLUMNS.items()}
+    local = datetime.fromisoformat(str(window["start"]).replace("Z", "+00:00"))
+    row["window"] = local.astimezone(ZoneInfo(window["timezone"])).strftime(
+        "%Y-%m-%d" if window["period"] == "day" else "%Y-%m"
+    )
+    return row
+
+
+def _short_local(iso: str) -> str:
+    dt = datetime.fromisoformat(iso)
+    return dt.strftime("%Y-%m-%d %H:%M:%S ") + (dt.tzname() or "")
+
+
+def _print(args: argparse.Namespace, rows: list[Row], columns: list[str]) -> int:
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    if not rows:
+        print("(none)")
+        return 0
+    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    text = str(value)
+    if isinstance(value, str) and text.endswith("Z") and "T" in text:
+        try:
+            return from_iso(text).strftime("%Y-%m-%d %H:%M:%S")
+        except ValueError:
+            pass
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _print_detail(args: argparse.Namespace, detail: dict[str, Any]) -> int:
+    if args.json:
+        print(json.dumps(detail, indent=2, default=str))
+        return 0
+    for key, value in detail.items():
+        if isinstance(value, list):
+            print(f"{key}:")
+            for item in value:
+                print("  " + json.dumps(item, default=str))
+        elif isinstance(value, dict):
+            print(f"{key}:")
+            for k, v in value.items():
+                print(f"  {k}: {v}")
+        else:
+            print(f"{key}: {value}")
+    return 0
+
+
+def _emit_error(args: argparse.Namespace, code: str, message: str) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps({"error": code, "message": message}))
+    else:
+        print(f"agentd: {message}", file=sys.stderr)
