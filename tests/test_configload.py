@@ -71,31 +71,24 @@ def test_an_invalid_config_is_reported_from_the_child(
     assert not caplog.records  # an invalid file is an answer, not a failed child
 
 
-def test_a_killed_child_falls_back_to_parsing_here(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("how", ["killed", "late"])
+def test_a_failed_child_falls_back_to_parsing_here(
+    how: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = tmp_path / "agentd.yaml"
     # 600 tasks pickle to more than a pipe holds (64 KiB): the child cannot have written
-    # its answer and exited before result() reads, so the kill finds it alive.
+    # its answer and exited before result() reads, so it is alive when it fails here.
     path.write_text(tasks_yaml(600))
     load = ConfigLoad(path)
     assert load.pid is not None
-    os.kill(load.pid, signal.SIGKILL)
-    config, index = load.result()
+    if how == "killed":
+        os.kill(load.pid, signal.SIGKILL)
+        config, index = load.result()
+        why = "child killed by signal 9"
+    else:
+        config, index = load.result(timeout_s=0)
+        why = "no result within 0 s, child killed"
     assert config == load_config(path) and index == task_index(config)
-    assert "child killed by signal 9" in caplog.text
-    assert "parsing in-process" in caplog.text
-
-
-def test_a_child_past_its_deadline_is_killed_and_the_parse_done_here(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    path = tmp_path / "agentd.yaml"
-    path.write_text(tasks_yaml(5))
-    load = ConfigLoad(path)
-    config, _ = load.result(timeout_s=0)
-    assert config == load_config(path)
-    assert "no result within 0 s, child killed" in caplog.text
-    assert load.pid is not None
+    assert why in caplog.text and "parsing in-process" in caplog.text
     with pytest.raises(ChildProcessError):
         os.waitpid(load.pid, os.WNOHANG)  # reaped: no zombie left behind
