@@ -113,7 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config_path: Path = args.config or default_config()
     if args.command == "run":
         # The config parses in a child while this process imports the daemon's modules
-        # (aiohttp, SQLAlchemy, APScheduler: 0.47 s), on the other core.
+        # (aiohttp, SQLAlchemy, APScheduler: 0.47 s), on the other core: hence the
+        # import here, after the fork, and not at the top.
         load = ConfigLoad(config_path)
         from agentd.daemon import run_daemon
 
@@ -133,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     if args.command == "check-config":
         return check_config(config, args)
-    from agentd.ops import state_command
+    from agentd.ops import state_command  # the daemon's modules: kept off `run`'s path
 
     return state_command(config, args, parser)
 

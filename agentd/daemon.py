@@ -609,9 +609,9 @@ class Daemon:
 def _loop_first() -> Iterator[None]:
     """While a thread does long pure-Python work (unpickling a reloaded config, or
     parsing it when its child failed; startup's state), the loop gets the GIL back at
-    each switch interval, after each of its DB calls: at
-    CPython's 5 ms, one /v1/status during a reload took 27 ms. 1 ms meanwhile (B5's
-    reload stall, 4 reps: 43.6 -> 33.7 ms); not for good, it cost B3 ~7 %."""
+    each switch interval, after each of its DB calls: at CPython's 5 ms, one /v1/status
+    during a reload took 27 ms. 1 ms meanwhile (B5's reload stall, 4 reps: 43.6 -> 33.7
+    ms); not for good, it cost B3 ~7 %."""
     interval = sys.getswitchinterval()
     sys.setswitchinterval(min(interval, LOOP_FIRST_SWITCH_S))
     try:
