@@ -205,6 +205,53 @@ def test_v3_file_migrates_to_v4_indexes_and_the_overlap_check_uses_them(
         store.close()
 
 
+def _plan(store: Store, sql: str, params: tuple[Any, ...] = ()) -> str:
+    return " ".join(str(r[3]) for r in store.conn.execute("EXPLAIN QUERY PLAN " + sql, params))
+
+
+def test_v4_file_migrates_to_partial_indexes_and_the_hot_queries_use_them(
+    tmp_path: Path,
+) -> None:
+    """v5 indexes queued runs by due time and running runs by owner, and nothing else:
+    a queued run written by v4 is still claimed in due order, and none of the queries
+    the loop runs per tick falls back to a scan of the whole history."""
+    path = tmp_path / "state.sqlite"
+    old = Store(path, defer_open=True)
+    old.conn.execute("PRAGMA journal_mode = WAL")
+    with old.tx():
+        for migrate in MIGRATIONS[:4]:
+            migrate(old.db)
+        old.conn.execute("INSERT INTO meta(key, value) VALUES('schema_version', '4')")
+    old.sync_tasks(TASKS, at(0))
+    later = fire_at(old, "a", 5)
+    sooner = fire_at(old, "b", 1)
+    old.close()
+
+    store = Store(path)
+    try:
+        sql = {r[0]: r[1] for r in store.conn.execute("SELECT name, sql FROM sqlite_master")}
+        assert "WHERE status='queued'" in sql["idx_runs_due"]
+        assert "WHERE status='running'" in sql["idx_runs_running"]
+        assert "idx_runs_due" in _plan(
+            store, "SELECT MIN(not_before) FROM runs WHERE status='queued'"
+        )
+        owner_plan = _plan(
+            store,
+            "SELECT id FROM runs WHERE status='running' AND cancel_requested=1 AND lease_owner=?",
+            ("w1",),
+        )
+        assert "idx_runs_running" in owner_plan
+        assert [r["id"] for r in store.claim(at(10), "w1", 30, 5, set(), set())] == [sooner, later]
+        assert store.cancel_requests("w1") == []
+        assert store.request_cancel(later, at(11)) == RunStatus.RUNNING
+        assert store.cancel_requests("w1") == [later]
+        assert [r["id"] for r in store.list_runs(status="running")] == [later, sooner]
+        assert store.list_runs(status="queued") == []
+        assert store.gauge_counts() == (0, 0)
+    finally:
+        store.close()
+
+
 def test_newer_schema_version_is_refused(tmp_path: Path) -> None:
     make_store(tmp_path, fresh=True).close()
     conn = sqlite3.connect(tmp_path / "state.sqlite")
