@@ -17,7 +17,6 @@ import sqlite3
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from agentd.context import RunContext
 from agentd.executors import ExecEnv, executor_for
 from agentd.models import Outcome, Result, RunStatus, StopRequested
 from agentd.providers import Gateway
-from agentd.store import Row, Store
+from agentd.store import Finish, Row, Store
 
 log = logging.getLogger("agentd.runner")
 
@@ -105,6 +104,37 @@ class ActiveRun:
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+@dataclass
+class _Ended:
+    """A run whose attempt ended, waiting for the next flush to be recorded."""
+
+    active: ActiveRun
+    outcome: Outcome
+    result: Result | None
+    error: str | None
+    duration_s: float
+    decision: Decision
+    at: datetime
+
+    def record(self) -> Finish:
+        row, result = self.active.row, self.result
+        return Finish(
+            run_id=row["id"],
+            task_id=row["task_id"],
+            attempt=row["attempt"],
+            failures=row["failures"],
+            outcome=self.outcome,
+            next_status=self.decision.status,
+            at=self.at,
+            not_before=self.at + timedelta(seconds=self.decision.delay_s),
+            error=self.error,
+            exit_code=result.exit_code if result else None,
+            http_status=result.http_status if result else None,
+            duration_s=self.duration_s,
+            pause_after_failures=self.active.task.pause_after_failures,
+        )
+
+
 class _Backend:
     """The store seen from inside a run (ContextBackend)."""
 
@@ -156,7 +186,7 @@ class Runner:
         self.claiming = True
         self.last_tick_mono = clock.monotonic()
         self._last_heartbeat = clock.monotonic()
-        self._finishing: list[partial[None]] = []
+        self._finishing: list[_Ended] = []
         self._committing: asyncio.Future[None] | None = None
         """The flush whose COMMIT is on the store's writer thread, if any."""
         self._allow_overlap: set[str] = set()
@@ -206,10 +236,16 @@ class Runner:
         self.store.begin_group()
         try:
             rows = self.store.claim(now, self.owner, self.lease_s, free, busy, allow)
-            started = []
-            for row in rows:
-                self._start(row)
-                started.append(row["id"])
+            runs = [run for run in map(self._prepare, rows) if run is not None]
+            # One statement for all their "start" events, then the runs begin.
+            self.store.mark_started_many(
+                [(a.row["id"], a.task.id, str(a.ctx.workspace_path)) for a in runs],
+                self.clock.now(),
+            )
+            loop = asyncio.get_running_loop()
+            for active in runs:
+                active.job = loop.create_task(self._run(active), name=f"run:{active.row['id']}")
+            started = [row["id"] for row in rows]
         finally:
             if own_group:
                 self.store.commit_group()
@@ -228,7 +264,8 @@ class Runner:
 
     # ------------------------------------------------------------ one run
 
-    def _start(self, row: Row) -> None:
+    def _prepare(self, row: Row) -> ActiveRun | None:
+        """The claimed run's context, counted as active; None if its task is gone."""
         task = self.tasks.get(row["task_id"])
         if task is None:
             # The run was queued for a task a reload removed between fire and claim.
@@ -239,7 +276,7 @@ class Runner:
                 next_status=RunStatus.CANCELLED,
                 error="task is no longer in the config",
             )
-            return
+            return None
         workspace = workspace_path(self.state_dir, task.id, row["id"])
         loop = asyncio.get_running_loop()
         ctx = RunContext(
@@ -258,8 +295,7 @@ class Runner:
         )
         active = ActiveRun(row=row, task=task, ctx=ctx, started_mono=self.clock.monotonic())
         self.active[row["id"]] = active
-        self.store.mark_started(row["id"], task.id, self.clock.now(), str(workspace))
-        active.job = loop.create_task(self._run(active), name=f"run:{row['id']}")
+        return active
 
     async def _run(self, active: ActiveRun) -> None:
         task, ctx, row = active.task, active.ctx, active.row
@@ -305,9 +341,7 @@ class Runner:
         if not self._finishing and self._committing is None:
             # (While a commit is in flight, _after_commit flushes what gathered.)
             asyncio.get_running_loop().call_soon(self._flush_finishes)
-        self._finishing.append(
-            partial(self._finish, active, outcome, result, error, duration, decision, now)
-        )
+        self._finishing.append(_Ended(active, outcome, result, error, duration, decision, now))
 
     def _flush_finishes(self) -> None:
         """Record every run that ended since the last flush, and claim the freed slots,
@@ -324,10 +358,9 @@ class Runner:
         own_group = not self.store.in_group
         self.store.begin_group()
         try:
-            for record in pending:
-                record()
-            for record in pending:
-                self.active.pop(record.args[0].row["id"], None)
+            self._finish(pending)
+            for ended in pending:
+                self.active.pop(ended.active.row["id"], None)
             if own_group:
                 # The freed slots are claimed in the same commit: one fsync per cycle
                 # of "some runs end, as many start", not two. A failed claim is the
@@ -346,7 +379,7 @@ class Runner:
                 self._committing = asyncio.ensure_future(self._after_commit(commit, pending))
 
     async def _after_commit(
-        self, commit: concurrent.futures.Future[BaseException | None], pending: list[partial[None]]
+        self, commit: concurrent.futures.Future[BaseException | None], pending: list[_Ended]
     ) -> None:
         try:
             error = await asyncio.wrap_future(commit)
@@ -359,56 +392,59 @@ class Runner:
             self._finished(pending)
         self._flush_finishes()
 
-    def _finished(self, pending: list[partial[None]]) -> None:
-        for record in pending:
-            active = record.args[0]
-            self.active.pop(active.row["id"], None)
-            active.done.set()
+    def _finished(self, pending: list[_Ended]) -> None:
+        for ended in pending:
+            self.active.pop(ended.active.row["id"], None)
+            ended.active.done.set()
         if self.on_change:
             self.on_change()
 
-    def _finish(
-        self,
-        active: ActiveRun,
-        outcome: Outcome,
-        result: Result | None,
-        error: str | None,
-        duration: float,
-        decision: Decision,
-        now: datetime,
-    ) -> None:
-        task, row = active.task, active.row
-        not_before = now + timedelta(seconds=decision.delay_s)
+    def _finish(self, pending: list[_Ended]) -> None:
+        """Record the outcomes, all in one ``finish_many``; if that fails, one by one, so
+        one bad record costs only its own run. A run whose record fails keeps its lease,
+        which expires, and recovery re-queues it: nothing is lost."""
         try:
-            self.store.finish(
-                row["id"],
-                now,
-                outcome=outcome,
-                next_status=decision.status,
-                not_before=not_before,
-                error=error,
-                exit_code=result.exit_code if result else None,
-                http_status=result.http_status if result else None,
-                duration_s=duration,
-                pause_after_failures=task.pause_after_failures,
-            )
+            self.store.finish_many([ended.record() for ended in pending])
+        except Exception as exc:
+            log.warning("recording %d outcomes together failed, one by one: %s", len(pending), exc)
+            for ended in pending:
+                try:
+                    self.store.finish_many([ended.record()])
+                except Exception:
+                    log.exception(
+                        "could not record outcome run=%s task=%s",
+                        ended.active.row["id"],
+                        ended.active.task.id,
+                    )
+                else:
+                    self._write_workspace(ended)
+            return
+        for ended in pending:
+            self._write_workspace(ended)
+
+    def _write_workspace(self, ended: _Ended) -> None:
+        """run.json and events.jsonl beside what the run left, if it left anything."""
+        active, decision = ended.active, ended.decision
+        run_id = active.row["id"]
+        try:
             if _drop_if_empty(active.ctx.workspace_path):
                 return  # the run wrote nothing: its record is in the DB alone
+            not_before = ended.record().not_before
             write_run_json(
                 active.ctx.workspace_path,
                 {
-                    **self.store.get_run(row["id"]),
+                    **self.store.get_run(run_id),
                     "decision": decision.why,
                     "not_before": to_iso(not_before)
-                    if decision.status == RunStatus.QUEUED
+                    if decision.status == RunStatus.QUEUED and not_before is not None
                     else None,
                 },
             )
-            events = self.store.events(row["id"], 0, 5000)
-            write_events_jsonl(active.ctx.workspace_path, events)
+            write_events_jsonl(active.ctx.workspace_path, self.store.events(run_id, 0, 5000))
         except Exception:
-            # The lease will expire and recovery re-queues the run: nothing is lost.
-            log.exception("could not record outcome run=%s task=%s", row["id"], task.id)
+            log.exception(
+                "could not write the workspace record run=%s task=%s", run_id, active.task.id
+            )
 
     # ------------------------------------------------------------ shutdown
 

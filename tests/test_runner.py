@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from pathlib import Path
+
+import pytest
 
 from agentd.clock import SystemClock
 from agentd.config import Config, parse_config
@@ -125,4 +128,50 @@ def test_idle_tick_reads_the_queue_only_after_a_write(tmp_path: Path) -> None:
     asyncio.run(scenario())
     assert [r[0] for r in store.conn.execute("SELECT status FROM runs")] == ["succeeded"]
     cli.close()
+    store.close()
+
+
+def test_one_outcome_that_cannot_be_recorded_costs_only_its_own_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Runs ending together are recorded in one batch; if that fails, one by one, so the
+    run whose row vanished is logged and the other still succeeds, with its run.json."""
+    (tmp_path / "ends_at_once.py").write_text(
+        "async def write(ctx):\n    (ctx.workspace / 'out').write_text('x')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = parse_config(
+        f"daemon:\n  state_dir: {tmp_path}\ntasks:\n"
+        "  kept:\n    schedule: {manual: true}\n"
+        '    python: {callable: "ends_at_once:write"}\n'
+        "  vanished:\n    schedule: {manual: true}\n"
+        '    python: {callable: "ends_at_once:write"}\n'
+    )
+    clock = SystemClock()
+    store = Store(tmp_path / "state.sqlite")
+    store.sync_tasks(
+        {t: (config.tasks[t].fingerprint(), "python") for t in ("kept", "vanished")}, clock.now()
+    )
+    kept = store.fire("kept", clock.now(), trigger="manual").run_id
+    vanished = store.fire("vanished", clock.now(), trigger="manual").run_id
+
+    async def scenario() -> None:
+        runner = make_runner(store, clock, tmp_path, 2, config)
+        assert len(runner.tick()) == 2
+        with store.tx() as conn:  # both started; one's records disappear before it ends
+            for table, column in (("attempts", "run_id"), ("events", "run_id"), ("runs", "id")):
+                conn.execute(f"DELETE FROM {table} WHERE {column}=?", (vanished,))
+        done = [a.done.wait() for a in runner.active.values()]
+        await asyncio.wait_for(asyncio.gather(*done), timeout=60)
+
+    with caplog.at_level(logging.WARNING, logger="agentd.runner"):
+        asyncio.run(scenario())
+    assert store.get_run(kept)["status"] == "succeeded"
+    assert (tmp_path / "runs" / "kept" / kept / "run.json").exists()
+    assert (
+        store.conn.execute("SELECT COUNT(*) FROM runs WHERE id=?", (vanished,)).fetchone()[0] == 0
+    )
+    logged = caplog.text
+    assert "recording 2 outcomes together failed" in logged  # they ended as one batch
+    assert f"could not record outcome run={vanished} task=vanished" in logged
     store.close()

@@ -20,6 +20,7 @@ from agentd.store import (
     MIGRATIONS,
     SCHEMA_VERSION,
     EventSink,
+    Finish,
     Fire,
     Row,
     Store,
@@ -485,6 +486,124 @@ def test_overlap_allow(store: Store) -> None:
     results = [store.fire("a", at(i), scheduled_for=at(i), overlap="allow") for i in range(10, 13)]
     assert all(r.status == RunStatus.QUEUED for r in results)
     assert len(store.active_runs("a")) == 4
+
+
+def _finishes(rows: list[Row], plan: list[tuple[Outcome, RunStatus]]) -> list[Finish]:
+    return [
+        Finish(
+            run_id=row["id"],
+            task_id=row["task_id"],
+            attempt=row["attempt"],
+            failures=row["failures"],
+            outcome=outcome,
+            next_status=status,
+            at=at(20 + i),
+            not_before=at(60 + i) if status == RunStatus.QUEUED else at(20 + i),
+            error=None if outcome == Outcome.SUCCESS else f"{outcome} #{i}",
+            exit_code=i,
+            duration_s=0.5 + i,
+            pause_after_failures=1,
+        )
+        for i, (row, (outcome, status)) in enumerate(zip(rows, plan, strict=True))
+    ]
+
+
+@pytest.mark.parametrize("with_quarantine", [False, True])
+def test_finish_many_is_the_same_finishes_one_after_the_other(
+    tmp_path: Path, with_quarantine: bool
+) -> None:
+    """Every outcome, and two runs of one task ending either way round, in one batch:
+    the runs, attempts, task rows and events (with their ids as the sink saw them) are
+    what finishing them one after the other gives. A quarantine (which reads and counts
+    the task's row, and here pauses it) is part of the second batch."""
+    tasks = {**TASKS, "c": ("fp3", "command"), "d": ("fp4", "command")}
+    plan = [
+        (Outcome.FAILURE, RunStatus.QUEUED),  # a: retry
+        (Outcome.SUCCESS, RunStatus.SUCCEEDED),  # a: then success
+        (Outcome.SUCCESS, RunStatus.SUCCEEDED),  # b: success
+        (Outcome.TIMEOUT, RunStatus.QUEUED),  # b: then a retried timeout
+        (Outcome.INTERRUPTED, RunStatus.QUEUED),  # c: resume, not counted
+        (Outcome.CANCELLED, RunStatus.CANCELLED),  # c
+        (
+            (Outcome.FAILURE, RunStatus.QUARANTINED)
+            if with_quarantine
+            else (Outcome.BUDGET_EXHAUSTED, RunStatus.BUDGET_EXHAUSTED)
+        ),  # d
+    ]
+    made = make_store(tmp_path, tasks=tasks)
+    for task_id in ("a", "a", "b", "b", "c", "c", "d"):
+        made.fire(task_id, at(0), trigger="manual", overlap="allow")
+    rows = made.claim(at(1), "w1", 30, 10, set(), set(tasks))
+    made.close()
+    assert [r["task_id"] for r in rows] == ["a", "a", "b", "b", "c", "c", "d"]
+    for name in ("one", "many"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "state.sqlite").write_bytes((tmp_path / "state.sqlite").read_bytes())
+
+    def state(store: Store, seen: list[Row]) -> list[Any]:
+        events = store.events()
+        assert [(e["id"], e["kind"], e["data"]) for e in events[-len(seen) :]] == [
+            (e["id"], e["kind"], e["data"]) for e in seen
+        ]
+        return [
+            store._all("SELECT * FROM runs ORDER BY id"),
+            store._all("SELECT * FROM attempts ORDER BY id"),
+            store._all("SELECT * FROM tasks ORDER BY id"),
+            events,
+        ]
+
+    items = _finishes(rows, plan)
+    seen_one: list[Row] = []
+    one = Store(tmp_path / "one" / "state.sqlite", event_sink=seen_one.append)
+    one.begin_group()
+    for f in items:
+        one.finish(
+            f.run_id,
+            f.at,
+            outcome=f.outcome,
+            next_status=f.next_status,
+            not_before=f.not_before,
+            error=f.error,
+            exit_code=f.exit_code,
+            duration_s=f.duration_s,
+            pause_after_failures=f.pause_after_failures,
+        )
+    one.commit_group()
+    seen_many: list[Row] = []
+    many = Store(tmp_path / "many" / "state.sqlite", event_sink=seen_many.append)
+    many.begin_group()
+    many.finish_many(items)
+    many.commit_group()
+    try:
+        assert len(seen_many) == len(seen_one) >= len(items)
+        assert state(many, seen_many) == state(one, seen_one)
+        kinds_seen = {e["kind"] for e in seen_many}
+        assert kinds_seen >= {"failure", "retry", "success", "timeout", "interrupt", "cancel"}
+        assert ("quarantine" in kinds_seen) is with_quarantine
+        assert ("pause" in kinds_seen) is with_quarantine
+    finally:
+        one.close()
+        many.close()
+
+
+def test_finish_many_is_all_or_nothing(store: Store) -> None:
+    """A run that is gone undoes the whole batch: its caller then records them one by
+    one, and must not find half of them already done."""
+    fire_at(store, "a", 0)
+    row = claim_one(store, at(1))
+    gone = Finish(
+        run_id="r-gone", task_id="b", attempt=1, failures=0,
+        outcome=Outcome.SUCCESS, next_status=RunStatus.SUCCEEDED, at=at(2),
+    )  # fmt: skip
+    real = _finishes([row], [(Outcome.SUCCESS, RunStatus.SUCCEEDED)])[0]
+    before = len(store.events())
+    with pytest.raises(StoreError) as caught:
+        store.finish_many([real, gone])
+    assert caught.value.code == "unknown_run"
+    assert store.get_run(row["id"])["status"] == RunStatus.RUNNING
+    assert len(store.events()) == before
+    store.finish_many([real])
+    assert store.get_run(row["id"])["status"] == RunStatus.SUCCEEDED
 
 
 def test_fire_many_is_the_same_fires_one_after_the_other(tmp_path: Path) -> None:
