@@ -784,6 +784,7 @@ class Store:
                 ):
                     active.setdefault(run["task_id"], []).append(run)
             inserts: list[tuple[Any, ...]] = []
+            events: list[tuple[str, str, str | None, str | None, Row]] = []
             for f, key, scheduled in zip(fires, keys, whens, strict=True):
                 if key in seen:
                     run_id, status = seen[key]
@@ -793,7 +794,11 @@ class Store:
                     results.append(FireResult("", False, "", "unknown_task"))
                     continue
                 if f.overlap == "cancel_previous" and inserts:
-                    self._insert_runs(inserts)  # what it cancels may be in this batch
+                    # What it cancels may be in this batch; its cancel events come after
+                    # the events of the fires before it.
+                    self._insert_runs(inserts)
+                    self._insert_events(events)
+                    events.clear()
                 skip, gate = self._fire_policy(f, now, paused[f.task_id], active)
                 run_id = new_run_id(now)
                 status = RunStatus.SKIPPED if skip else RunStatus.QUEUED
@@ -807,18 +812,17 @@ class Store:
                 seen[key] = (run_id, status)
                 if skip:
                     extra = {k: v for k, v in (gate or {}).items() if k != "reason"}
-                    self._event(
-                        ts, "skip", f.task_id, run_id, reason=skip, scheduled_for=when, **extra
-                    )
+                    data = {"reason": skip, "scheduled_for": when, **extra}
+                    events.append((ts, "skip", f.task_id, run_id, data))
                 else:
                     active.setdefault(f.task_id, []).append(
                         {"id": run_id, "task_id": f.task_id, "status": RunStatus.QUEUED}
                     )
-                    self._event(
-                        ts, "enqueue", f.task_id, run_id, trigger=f.trigger, scheduled_for=when
-                    )
+                    data = {"trigger": f.trigger, "scheduled_for": when}
+                    events.append((ts, "enqueue", f.task_id, run_id, data))
                 results.append(FireResult(run_id, True, status, skip))
             self._insert_runs(inserts)
+            self._insert_events(events)
         return results
 
     def _insert_runs(self, rows: list[tuple[Any, ...]]) -> None:
