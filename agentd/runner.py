@@ -116,6 +116,11 @@ class _Ended:
     decision: Decision
     at: datetime
 
+    @property
+    def not_before(self) -> datetime:
+        """When a re-queued run may be claimed again (``at`` for a run that ended)."""
+        return self.at + timedelta(seconds=self.decision.delay_s)
+
     def record(self) -> Finish:
         row, result = self.active.row, self.result
         return Finish(
@@ -126,7 +131,7 @@ class _Ended:
             outcome=self.outcome,
             next_status=self.decision.status,
             at=self.at,
-            not_before=self.at + timedelta(seconds=self.decision.delay_s),
+            not_before=self.not_before,
             error=self.error,
             exit_code=result.exit_code if result else None,
             http_status=result.http_status if result else None,
@@ -429,14 +434,13 @@ class Runner:
         try:
             if _drop_if_empty(active.ctx.workspace_path):
                 return  # the run wrote nothing: its record is in the DB alone
-            not_before = ended.record().not_before
             write_run_json(
                 active.ctx.workspace_path,
                 {
                     **self.store.get_run(run_id),
                     "decision": decision.why,
-                    "not_before": to_iso(not_before)
-                    if decision.status == RunStatus.QUEUED and not_before is not None
+                    "not_before": to_iso(ended.not_before)
+                    if decision.status == RunStatus.QUEUED
                     else None,
                 },
             )
