@@ -644,28 +644,37 @@ class Store:
                 )
                 tasks = {t: tasks[t] for t in ids if t in tasks}
             known = {r["id"]: r for r in rows}
+            # Each statement once over all the rows it touches, events in one insert, in
+            # the order one-by-one writing gave: a cold start with 10,000 tasks executed
+            # 20,000 statements one at a time (~180 ms of the start).
+            added: list[tuple[str, str, str, str]] = []
+            changed: list[tuple[str, str, str, str]] = []
+            gone: list[tuple[str, str]] = []
+            events: list[tuple[str, str, str | None, str | None, Row]] = []
             for task_id, (fingerprint, kind) in tasks.items():
                 old = known.get(task_id)
                 if old is None:
-                    self.conn.execute(
-                        "INSERT INTO tasks(id, fingerprint, kind, present, paused,"
-                        " consecutive_quarantines, updated_at) VALUES (?,?,?,1,0,0,?)",
-                        (task_id, fingerprint, kind, ts),
-                    )
-                    self._event(now, "task_added", task_id, fingerprint=fingerprint)
+                    added.append((task_id, fingerprint, kind, ts))
+                    events.append((ts, "task_added", task_id, None, {"fingerprint": fingerprint}))
                 elif old["fingerprint"] != fingerprint or not old["present"]:
-                    self.conn.execute(
-                        "UPDATE tasks SET fingerprint=?, kind=?, present=1, updated_at=?"
-                        " WHERE id=?",
-                        (fingerprint, kind, ts, task_id),
-                    )
-                    self._event(now, "task_changed", task_id, fingerprint=fingerprint)
+                    changed.append((fingerprint, kind, ts, task_id))
+                    events.append((ts, "task_changed", task_id, None, {"fingerprint": fingerprint}))
             for task_id, old in known.items():
                 if task_id not in tasks and old["present"]:
-                    self.conn.execute(
-                        "UPDATE tasks SET present=0, updated_at=? WHERE id=?", (ts, task_id)
-                    )
-                    self._event(now, "task_removed", task_id)
+                    gone.append((ts, task_id))
+                    events.append((ts, "task_removed", task_id, None, {}))
+            conn = self.conn
+            conn.executemany(
+                "INSERT INTO tasks(id, fingerprint, kind, present, paused,"
+                " consecutive_quarantines, updated_at) VALUES (?,?,?,1,0,0,?)",
+                added,
+            )
+            conn.executemany(
+                "UPDATE tasks SET fingerprint=?, kind=?, present=1, updated_at=? WHERE id=?",
+                changed,
+            )
+            conn.executemany("UPDATE tasks SET present=0, updated_at=? WHERE id=?", gone)
+            self._insert_events(events)
 
     def task_rows(self, ids: Sequence[str] | None = None) -> list[Row]:
         """Present tasks, or those of ``ids`` (one statement, any number of ids)."""

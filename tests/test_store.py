@@ -370,6 +370,43 @@ def test_sync_tasks_adds_changes_removes_and_keeps_pause(store: Store) -> None:
     assert info.value.code == "unknown_task"
 
 
+def test_sync_tasks_events_come_in_config_order_with_the_ids_the_sink_saw(
+    tmp_path: Path,
+) -> None:
+    """The batched writes keep what one-by-one writing said: adds and changes in the
+    config's order, then removals; each event's id in the sink is its row's id."""
+    seen: list[Row] = []
+    store = make_store(tmp_path, event_sink=seen.append)
+    try:
+        seen.clear()
+        store.sync_tasks(
+            {"z": ("fz", "http"), "a": ("fp1-changed", "command"), "c": ("fp3", "http")}, at(1)
+        )
+        expected = [
+            ("task_added", "z", {"fingerprint": "fz"}),
+            ("task_changed", "a", {"fingerprint": "fp1-changed"}),
+            ("task_added", "c", {"fingerprint": "fp3"}),
+            ("task_removed", "b", {}),
+        ]
+        assert [(e["kind"], e["task_id"], e["data"]) for e in seen] == expected
+        stored = [e for e in store.events() if e["ts"] == to_iso(at(1))]
+        assert [(e["id"], e["kind"], e["task_id"]) for e in stored] == [
+            (e["id"], e["kind"], e["task_id"]) for e in seen
+        ]
+        rows = {
+            r["id"]: (r["fingerprint"], r["kind"], r["present"])
+            for r in store._all("SELECT * FROM tasks")
+        }
+        assert rows == {
+            "a": ("fp1-changed", "command", 1),
+            "b": ("fp2", "command", 0),
+            "c": ("fp3", "http", 1),
+            "z": ("fz", "http", 1),
+        }
+    finally:
+        store.conn.close()
+
+
 def test_sync_tasks_against_the_last_sync_writes_what_a_full_sync_writes(
     tmp_path: Path,
 ) -> None:
