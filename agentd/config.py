@@ -34,6 +34,7 @@ from pydantic import (
     model_validator,
 )
 
+from agentd import yamlload
 from agentd.schedule import CronError, ScheduleSpec, parse_cron, parse_duration
 
 EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h: systemd's RestartPreventExitStatus uses it.
@@ -724,17 +725,14 @@ def interpolate(
     return value
 
 
-_YAML_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
 def parse_config(
     text: str, source: str = "<memory>", environ: Mapping[str, str] | None = None
 ) -> Config:
     environ = os.environ if environ is None else environ
     try:
-        # libyaml when PyYAML was built with it (its wheels are): ~10x faster on a
-        # 10,000-task file, same safe tag set, same error marks.
-        raw = yaml.load(text, Loader=_YAML_LOADER)
+        # libyaml when PyYAML was built with it (its wheels are), and a lean walk of
+        # its node tree (agentd.yamlload): same safe tag set, values and error marks.
+        raw = yamlload.load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"

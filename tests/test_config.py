@@ -420,6 +420,15 @@ def test_yaml_syntax_error_gives_line_and_column() -> None:
     assert "YAML syntax" in problems[0].message
 
 
+def test_a_bad_tagged_yaml_value_is_a_config_error_with_its_place() -> None:
+    """PyYAML itself fails on ``!!timestamp nope`` with an AttributeError (a traceback
+    at start instead of exit 78)."""
+    problems = problems_of("tasks:\n  x:\n    schedule: {at: !!timestamp nope}\n")
+    assert len(problems) == 1
+    assert problems[0].path == "line 3, column 20"
+    assert "timestamp" in problems[0].message and "nope" in problems[0].message
+
+
 def test_top_level_must_be_a_mapping() -> None:
     problems = problems_of("- a\n- b\n")
     assert "mapping" in problems[0].message
