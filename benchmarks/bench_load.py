@@ -26,9 +26,10 @@ send, to get enough samples within a burst that lasts seconds."""
 def growth(tasks: int, n: int, settle: float, rep: Rep) -> Sample:
     """Idle RSS with a paused, filled queue; resume; RSS again once all ``n`` ran.
 
-    The queue is topped up in chunks while agentd works: claiming costs time in
-    proportion to the queue's length (see RESULTS.md), so 100,000 runs queued at once
-    would measure that, for most of an hour, instead of memory."""
+    The queue is topped up in chunks while agentd works. When this was written, each
+    claim cost time in proportion to the queue's length (a window function over every
+    queued run, since replaced by a due-order index), so 100,000 runs queued at once
+    measured that, for most of an hour, instead of memory."""
     cfg = {**idle_tasks(tasks), "bench": PY_TASK["bench"]}
     d = AgentdProc(rep.tmp, cfg, concurrency=QUEUE_CONCURRENCY)
     chunk = min(n, GROWTH_CHUNK)
