@@ -242,7 +242,7 @@ class Daemon:
         self.notifier.ready(self.status_line())
         log.info(
             "agentd started pid=%d version=%s config=%s state_dir=%s tasks=%d jobs_added=%d "
-            "jobs_rescheduled=%d jobs_removed=%d concurrency=%d http=%s:%d",
+            "jobs_rescheduled=%d jobs_removed=%d schedules_ended=%d concurrency=%d http=%s:%d",
             os.getpid(),
             __version__,
             self.config_path,
@@ -251,6 +251,7 @@ class Daemon:
             len(report.added),
             len(report.rescheduled),
             len(report.removed),
+            len(report.ended),
             cfg.daemon.concurrency,
             cfg.daemon.http.host,
             port,
@@ -555,7 +556,7 @@ class Daemon:
         self.metrics.config_reload(True, self.clock.now().timestamp())
         log.info(
             "reload ok generation=%d tasks=%d added=%s changed=%s removed=%s "
-            "jobs_added=%d jobs_rescheduled=%s jobs_removed=%d",
+            "jobs_added=%d jobs_rescheduled=%s jobs_removed=%d schedules_ended=%d",
             self.generation,
             len(new.tasks),
             ",".join(sorted(after.keys() - before.keys())) or "-",
@@ -564,6 +565,7 @@ class Daemon:
             len(report.added),
             ",".join(report.rescheduled) or "-",
             len(report.removed),
+            len(report.ended),
         )
         return True
 

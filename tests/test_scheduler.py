@@ -6,6 +6,7 @@ import asyncio
 import logging
 import sqlite3
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -279,3 +280,67 @@ def test_sync_async_lets_the_loop_run_between_slices_and_syncs_the_same(
     assert next_fires["t0"] is not None and next_fires["t0"].minute == 5
     assert next_fires["t9"] is not None and next_fires["t9"].minute == 5
     assert next_fires["t10"] is not None and next_fires["t10"].minute == 0
+
+
+def test_a_schedule_with_no_fire_time_left_gets_no_job_and_a_fired_once_task_no_second(
+    tmp_path: Path,
+) -> None:
+    """A once task fires, its job goes; a restart must neither bring the job back nor
+    fire it again. A past ``at`` and a passed ``end_at`` never get a job; a future
+    ``at`` and an open cron do."""
+    soon = datetime.now(UTC) + timedelta(seconds=0.3)
+    text = (
+        f"daemon:\n  state_dir: {tmp_path}\ntasks:\n"
+        f'  soon:\n    schedule: {{at: "{soon.isoformat()}"}}\n    command: {{argv: ["true"]}}\n'
+        '  past:\n    schedule: {at: "2020-01-01T00:00:00Z"}\n    command: {argv: ["true"]}\n'
+        '  ended:\n    schedule: {cron: "0 3 * * *", end_at: "2020-01-01T00:00:00Z"}\n'
+        '    command: {argv: ["true"]}\n'
+        '  later:\n    schedule: {at: "2999-01-01T00:00:00Z"}\n    command: {argv: ["true"]}\n'
+        '  nightly:\n    schedule: {cron: "0 3 * * *"}\n    command: {argv: ["true"]}\n'
+    )
+    config = parse_config(text)
+    store = Store(tmp_path / "state.sqlite")
+    store.sync_tasks(
+        {t: (c.fingerprint(), c.kind) for t, c in config.tasks.items()}, SystemClock().now()
+    )
+    jobs_path = tmp_path / "schedule.sqlite"
+
+    def job_ids() -> set[str]:
+        conn = sqlite3.connect(jobs_path)
+        try:
+            return {r[0] for r in conn.execute("SELECT id FROM apscheduler_jobs")}
+        finally:
+            conn.close()
+
+    async def first_life() -> Any:
+        scheduler = Scheduler(store, SystemClock(), jobs_path)
+        scheduler.start_paused()
+        report = await scheduler.sync_async(config)
+        scheduler.resume()
+        deadline = time.monotonic() + 30
+        try:
+            while store.counts().get("queued", 0) < 1:
+                assert time.monotonic() < deadline, "the once task did not fire"
+                await asyncio.sleep(0.01)
+        finally:
+            scheduler.shutdown()
+        return report
+
+    async def restart() -> Any:
+        scheduler = Scheduler(store, SystemClock(), jobs_path)
+        scheduler.start_paused()
+        report = await scheduler.sync_async(config)
+        scheduler.resume()
+        scheduler.shutdown()
+        return report
+
+    first = asyncio.run(first_life())
+    assert sorted(first.added) == ["later", "nightly", "soon"]
+    assert sorted(first.ended) == ["ended", "past"]
+    assert job_ids() == {"later", "nightly"}  # the fired once task's job is gone
+    again = asyncio.run(restart())
+    assert sorted(again.ended) == ["ended", "past", "soon"] and not again.added
+    assert again.unchanged == 2 and job_ids() == {"later", "nightly"}
+    runs = store.conn.execute("SELECT task_id, COUNT(*) FROM runs GROUP BY task_id").fetchall()
+    store.close()
+    assert [tuple(r) for r in runs] == [("soon", 1)]
