@@ -21,6 +21,15 @@ from agentd.store import Store
 N_TASKS = 60
 
 
+def _job_ids(jobs_path: Path) -> set[str]:
+    """The ids in APScheduler's jobstore table, read with a connection of our own."""
+    conn = sqlite3.connect(jobs_path)
+    try:
+        return {r[0] for r in conn.execute("SELECT id FROM apscheduler_jobs")}
+    finally:
+        conn.close()
+
+
 def test_fires_due_at_one_instant_are_one_commit_and_one_jobstore_write(tmp_path: Path) -> None:
     tasks = "".join(
         f'  t{i}:\n    schedule: {{every: 1s}}\n    command: {{argv: ["true"]}}\n'
@@ -171,13 +180,6 @@ def test_a_job_that_cannot_be_unpickled_is_logged_and_removed(
     config, store = _every_second(tmp_path, 2)
     jobs_path = tmp_path / "schedule.sqlite"
 
-    def job_ids() -> set[str]:
-        jobs = sqlite3.connect(jobs_path)
-        try:
-            return {r[0] for r in jobs.execute("SELECT id FROM apscheduler_jobs")}
-        finally:
-            jobs.close()
-
     async def scenario() -> None:
         fires = Fires()
         scheduler = Scheduler(store, SystemClock(), jobs_path, fires)
@@ -196,7 +198,7 @@ def test_a_job_that_cannot_be_unpickled_is_logged_and_removed(
     with caplog.at_level(logging.ERROR, logger="agentd.scheduler"):
         asyncio.run(scenario())
     store.close()
-    assert job_ids() == {"t1"}
+    assert _job_ids(jobs_path) == {"t1"}
     assert any("cannot restore job t0" in r.getMessage() for r in caplog.records)
 
 
@@ -305,13 +307,6 @@ def test_a_schedule_with_no_fire_time_left_gets_no_job_and_a_fired_once_task_no_
     )
     jobs_path = tmp_path / "schedule.sqlite"
 
-    def job_ids() -> set[str]:
-        conn = sqlite3.connect(jobs_path)
-        try:
-            return {r[0] for r in conn.execute("SELECT id FROM apscheduler_jobs")}
-        finally:
-            conn.close()
-
     async def first_life() -> Any:
         fired = asyncio.Event()
         scheduler = Scheduler(store, SystemClock(), jobs_path, on_enqueue=fired.set)
@@ -335,10 +330,10 @@ def test_a_schedule_with_no_fire_time_left_gets_no_job_and_a_fired_once_task_no_
     first = asyncio.run(first_life())
     assert sorted(first.added) == ["later", "nightly", "soon"]
     assert sorted(first.ended) == ["ended", "past"]
-    assert job_ids() == {"later", "nightly"}  # the fired once task's job is gone
+    assert _job_ids(jobs_path) == {"later", "nightly"}  # the fired once task's job is gone
     again = asyncio.run(restart())
     assert sorted(again.ended) == ["ended", "past", "soon"] and not again.added
-    assert again.unchanged == 2 and job_ids() == {"later", "nightly"}
+    assert again.unchanged == 2 and _job_ids(jobs_path) == {"later", "nightly"}
     runs = store.conn.execute("SELECT task_id, COUNT(*) FROM runs GROUP BY task_id").fetchall()
     store.close()
     assert [tuple(r) for r in runs] == [("soon", 1)]
