@@ -26,7 +26,7 @@ from agentd.context import RunContext
 from agentd.executors import ExecEnv, executor_for
 from agentd.models import Outcome, Result, RunStatus, StopRequested
 from agentd.providers import Gateway
-from agentd.store import Finish, Row, Store
+from agentd.store import Finish, Row, Store, wait_commit
 
 log = logging.getLogger("agentd.runner")
 
@@ -387,7 +387,7 @@ class Runner:
         self, commit: concurrent.futures.Future[BaseException | None], pending: list[_Ended]
     ) -> None:
         try:
-            error = await asyncio.wrap_future(commit)
+            error = await wait_commit(commit)
             self.store.settle()  # the group's events, unless a reader already settled it
             if error is not None:
                 # The leases will expire and recovery re-queues the runs.

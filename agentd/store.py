@@ -48,6 +48,15 @@ class StoreError(Exception):
         self.code = code
 
 
+async def wait_commit(commit: Future[BaseException | None]) -> BaseException | None:
+    """Await a commit on the writer thread without letting the waiter's cancellation
+    reach it. ``wrap_future`` alone cancels the thread's future when its waiter is
+    cancelled (an API request dropped, the loop shutting down): a commit still queued
+    behind another would then never run, and ``settle`` would raise instead of making
+    its group (run outcomes, events) durable."""
+    return await asyncio.shield(asyncio.wrap_future(commit))
+
+
 def new_run_id(now: datetime) -> str:
     """Sortable and readable: the creation second, then randomness."""
     return now.strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(4)
@@ -495,7 +504,7 @@ class Store:
         starve the caller."""
         inflight = self._inflight
         if inflight is not None and not inflight.done():
-            await asyncio.wrap_future(inflight)
+            await wait_commit(inflight)
 
     @property
     def committing(self) -> bool:

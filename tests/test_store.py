@@ -1434,3 +1434,39 @@ def test_version_moves_on_any_write_and_only_then(tmp_path: Path) -> None:
         assert store.version() == v2
     finally:
         store.close()
+
+
+def test_a_cancelled_waiter_does_not_cancel_a_queued_commit(tmp_path: Path) -> None:
+    """An API request waiting in ``settled()`` may be cancelled (the client went away).
+    The commit it waited on, still queued on the writer thread, must run anyway: its
+    group holds run outcomes and events that ``settle`` then makes durable."""
+    store = Store(tmp_path / "state.sqlite")
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    store.begin_group()
+    store.emit(now, "first")
+    first = store.commit_group_off_loop()
+    assert first is not None
+    first.result()
+    store.settle()
+    writer = store._writer  # white box: hold the writer thread so the next commit queues
+    assert writer is not None
+    release = threading.Event()
+    writer.submit(release.wait)
+    store.begin_group()
+    store.emit(now, "second")
+    queued = store.commit_group_off_loop()
+    assert queued is not None and not queued.running()
+
+    async def waiter_cancelled() -> bool:
+        waiting = asyncio.ensure_future(store.settled())
+        await asyncio.wait({waiting}, timeout=0.05)  # it is now awaiting the commit
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
+        return waiting.cancelled()
+
+    assert asyncio.run(waiter_cancelled())
+    release.set()
+    assert store.settle() is None  # the commit ran: no CancelledError
+    kinds = [r[0] for r in store.conn.execute("SELECT kind FROM events ORDER BY id")]
+    store.close()
+    assert kinds[-2:] == ["first", "second"]
