@@ -8,6 +8,7 @@ a stable code that the API maps to an HTTP status.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -30,10 +31,25 @@ RUN_STATUSES = (
 
 
 class Control:
-    def __init__(self, store: Store, config: Config, clock: Clock) -> None:
+    """``on_change`` is called after each write: the daemon wakes its main loop with it
+    (a trigger is claimed now, not at the next idle poll), the CLI rings the doorbell of
+    a daemon its API could not reach."""
+
+    def __init__(
+        self,
+        store: Store,
+        config: Config,
+        clock: Clock,
+        on_change: Callable[[], object] | None = None,
+    ) -> None:
         self.store = store
         self.config = config
         self.clock = clock
+        self.on_change = on_change
+
+    def _changed(self) -> None:
+        if self.on_change:
+            self.on_change()
 
     # ------------------------------------------------------------ tasks
 
@@ -88,16 +104,19 @@ class Control:
             max_queued=task.max_queued,
             honour_pause=False,
         )
+        self._changed()
         return {"run_id": result.run_id, "status": result.status, "reason": result.reason}
 
     def pause(self, task_id: str, reason: str) -> Row:
         self._require_task(task_id)
         changed = self.store.pause(task_id, reason, self.clock.now())
+        self._changed()
         return {"task": task_id, "paused": True, "changed": changed}
 
     def resume(self, task_id: str) -> Row:
         self._require_task(task_id)
         changed = self.store.resume(task_id, self.clock.now())
+        self._changed()
         return {"task": task_id, "paused": False, "changed": changed}
 
     def _require_task(self, task_id: str) -> Any:
@@ -134,6 +153,7 @@ class Control:
 
     def cancel(self, run_id: str) -> Row:
         status = self.store.request_cancel(run_id, self.clock.now())
+        self._changed()
         return {"run_id": run_id, "status": status}
 
     def events(self, run_id: str | None = None, after: int = 0, limit: int = 500) -> list[Row]:
@@ -156,10 +176,12 @@ class Control:
 
     def quarantine_release(self, run_id: str) -> Row:
         self.store.quarantine_release(run_id, self.clock.now())
+        self._changed()
         return {"run_id": run_id, "status": "queued"}
 
     def quarantine_drop(self, run_id: str) -> Row:
         self.store.quarantine_drop(run_id, self.clock.now())
+        self._changed()
         return {"run_id": run_id, "dropped": True}
 
     # ------------------------------------------------------------ spend and alerts

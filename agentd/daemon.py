@@ -189,7 +189,7 @@ class Daemon:
                 sys.path.insert(0, str(extra))
         _, db_path, _ = state_paths(cfg)
         self.store = Store(db_path, event_sink=self._on_event, defer_open=True)
-        self.control = Control(self.store, cfg, self.clock)
+        self.control = Control(self.store, cfg, self.clock, on_change=self._wake.set)
         self.http = HttpServer(
             control=self.control,
             health=self.health,

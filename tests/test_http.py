@@ -409,6 +409,36 @@ def test_trigger_pause_resume(tmp_path: Path) -> None:
     run(main)
 
 
+def test_every_write_wakes_the_daemon_and_a_refusal_does_not(tmp_path: Path) -> None:
+    """The daemon's main loop sleeps up to its idle poll; ``on_change`` (its wake-up) is
+    what makes a triggered or released run be claimed now."""
+
+    async def main() -> None:
+        async with serving(tmp_path) as env:
+            q1, q2 = env.quarantined_run(), env.quarantined_run()
+            woken: list[str] = []
+            env.control.on_change = lambda: woken.append("wake")
+            response = await env.client.post("/v1/tasks/beta/trigger")
+            assert response.status_code == 202, response.text
+            run_id = response.json()["run_id"]
+            for path in ("/v1/tasks/alpha/pause", "/v1/tasks/alpha/resume"):
+                response = await env.client.post(path)
+                assert response.status_code == 200, response.text
+            for path in (
+                f"/v1/runs/{run_id}/cancel",
+                f"/v1/quarantine/{q1}/release",
+                f"/v1/quarantine/{q2}/drop",
+            ):
+                response = await env.client.post(path)
+                assert response.status_code in (200, 202), response.text
+            assert len(woken) == 6
+            assert_error(await env.client.post("/v1/tasks/nope/trigger"), 404, "unknown_task")
+            assert_error(await env.client.post(f"/v1/quarantine/{q2}/drop"), 404, "not_quarantined")
+            assert len(woken) == 6
+
+    run(main)
+
+
 # ---------------------------------------------------------------- runs
 
 
