@@ -30,6 +30,7 @@ from agentd.clock import Clock, SystemClock, from_iso
 from agentd.config import Config, ConfigError, TaskIndex, task_index
 from agentd.configload import ConfigLoad
 from agentd.control import Control
+from agentd.doorbell import Doorbell
 from agentd.events import EventBus
 from agentd.executors import ExecEnv, command
 from agentd.health import Health
@@ -50,7 +51,9 @@ EXIT_CONFIG = 78  # EX_CONFIG
 EXIT_FORCED = 130
 GAUGE_REFRESH_S = 1.0
 IDLE_GAUGE_REFRESH_S = 5.0  # nothing running: only queued/quarantined/paused can move
-IDLE_POLL_S = 1.0
+# Idle, the loop polls only for what nobody announces: a CLI's direct write rings the
+# doorbell, fires and API calls wake it. Each wake-up is most of an idle daemon's CPU.
+IDLE_POLL_S = 5.0
 LOOP_FIRST_SWITCH_S = 0.001  # see _loop_first
 # An idle daemon's only write: an fsync (~4 ms of CPU here). A busy daemon's real
 # writes fail first and turn readiness off at once; idle, a full disk harms nothing
@@ -135,6 +138,7 @@ class Daemon:
         self.control: Control | None = None
         self.http: HttpServer | None = None
         self.safety: Safety | None = None
+        self.doorbell = Doorbell(config.daemon.state_dir, self._on_ring)
         self.health = Health(stale_after_s=config.daemon.liveness_stale_after)
         self.bus = EventBus()
         self.metrics = Metrics(__version__)
@@ -146,6 +150,7 @@ class Daemon:
         self._last_db_tick = -IDLE_POLL_S
         self._gauges_version: tuple[int, int] | None = None
         self._gauges_busy = False
+        self._gauges_pending = False
         self._last_probe = -WRITE_PROBE_S
         self._index: TaskIndex = index or {}  # fingerprints of self.config's tasks
 
@@ -179,6 +184,7 @@ class Daemon:
         root.mkdir(parents=True, exist_ok=True)
         self.lock.acquire()
         loop = asyncio.get_running_loop()
+        self.doorbell.open(loop)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, self._on_signal, sig)
         if self.notifier.watchdog_s:
@@ -346,15 +352,22 @@ class Daemon:
         """How long the loop may sleep unless woken. Local fires, finishes and API calls
         wake it at once; polling is for what they cannot announce: leases and cancels
         of runs in flight (every ``poll_interval``), retries falling due (exactly then),
-        and writes by a CLI that could not reach the API (within IDLE_POLL_S when idle).
-        Four wake-ups a second with nothing to do were most of an idle daemon's CPU."""
+        and, idle, a write whose doorbell ring was lost or could not be sent (within
+        IDLE_POLL_S, and often enough for /healthz's main-loop liveness). Wake-ups with
+        nothing to do were most of an idle daemon's CPU: four a second once, then one."""
         assert self.runner and self.store
         if self.runner.active or self.reload_requested:
             return poll_s
-        wait_s = max(poll_s, IDLE_POLL_S)
+        wait_s = max(poll_s, min(IDLE_POLL_S, self.config.daemon.liveness_stale_after / 3))
         due = self.runner.next_due_at  # from this iteration's tick
         if due is not None:
             wait_s = min(wait_s, max(0.0, (due - self.clock.now()).total_seconds()))
+        soon = self.safety.wait_s() if self.safety else None
+        if soon is not None:
+            wait_s = min(wait_s, soon)
+        if self._gauges_pending:
+            since_s = self.clock.monotonic() - self._last_gauges
+            wait_s = min(wait_s, max(0.0, IDLE_GAUGE_REFRESH_S - since_s))
         return wait_s
 
     def _gauges_due(self, now_mono: float) -> bool:
@@ -364,15 +377,18 @@ class Daemon:
         assert self.store and self.runner
         busy = bool(self.runner.active)
         since_s = now_mono - self._last_gauges
+        self._gauges_pending = False
         if busy != self._gauges_busy:
             due = True
         elif busy:
             due = since_s >= GAUGE_REFRESH_S
         else:
-            due = since_s >= IDLE_GAUGE_REFRESH_S and (
+            changed = (
                 self.store.version() != self._gauges_version
                 or now_mono - self._last_probe >= WRITE_PROBE_S
             )
+            due = changed and since_s >= IDLE_GAUGE_REFRESH_S
+            self._gauges_pending = changed and not due  # _wait_s comes back for it
         if due:
             self._last_gauges, self._gauges_busy = now_mono, busy
         return due
@@ -477,6 +493,7 @@ class Daemon:
             self.store.close()
         if self._watchdog:
             self._watchdog.cancel()
+        self.doorbell.close()  # before the lock: the socket file is the lock holder's
         self.lock.release()
         code = EXIT_FORCED if self.force_exit else EXIT_OK
         log.info("agentd stopped exit=%d", code)
@@ -504,6 +521,11 @@ class Daemon:
             self._force.set()
         else:
             log.info("signal %s again: already shutting down, ignored", name)
+        self._wake.set()
+
+    def _on_ring(self) -> None:
+        """A CLI wrote the state DB itself (see ``doorbell``): look now."""
+        log.info("doorbell: state DB changed by a CLI, looking now")
         self._wake.set()
 
     async def reload(self) -> bool:

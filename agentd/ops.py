@@ -25,6 +25,7 @@ from agentd.config import (
 )
 from agentd.control import Control
 from agentd.daemon import EXIT_USAGE, StateLock, state_paths
+from agentd.doorbell import ring
 from agentd.http import BindRefused, load_token
 from agentd.store import Row, Store, StoreError
 
@@ -66,7 +67,11 @@ class Ops:
     def ctl(self) -> Control:
         if self._ctl is None:
             self._store = open_store(self.config)
-            self._ctl = Control(self._store, self.config, SystemClock())
+            # A write rings a running daemon whose API we could not reach: it acts now.
+            root = state_paths(self.config)[0]
+            self._ctl = Control(
+                self._store, self.config, SystemClock(), on_change=lambda: ring(root)
+            )
         return self._ctl
 
     def call(self, api: Callable[[ApiClient], Any], direct: Callable[[Control], Any]) -> Any:

@@ -101,6 +101,19 @@ class Safety:
             self._last_gauges = mono
             self.metrics.set_budget_remaining(self.remaining(now))
 
+    def wait_s(self) -> float | None:
+        """How soon ``tick`` has work, so an idle main loop sleeps no longer: the next
+        events -> alerts batch while events wait for it, the per-second check while a
+        dead man's switch or a run-too-long limit is watched. None when nothing here needs
+        the loop before its idle poll (the budget gauges can wait for that)."""
+        mono = self.clock.monotonic()
+        waits: list[float] = []
+        if self._dirty:
+            waits.append(self._last_process + PROCESS_EVERY_S - mono)
+        if self.outbox.needs_check():
+            waits.append(self._last_check + CHECK_EVERY_S - mono)
+        return max(0.0, min(waits)) if waits else None
+
     def reload_failed(self, error: str) -> None:
         with self.store.tx():
             self.store.emit(self.clock.now(), "config_reload_failed", error=error[-4000:])

@@ -23,8 +23,10 @@ from aiohttp import web
 from agentd.alerts import SIGNATURE_HEADER, deadman_deadline, deadman_late, verify
 from agentd.clock import ManualClock
 from agentd.config import Config, ExpectConfig, parse_config
+from agentd.metrics import Metrics
 from agentd.models import Outcome, RunStatus
 from agentd.outbox import Outbox
+from agentd.safety import CHECK_EVERY_S, PROCESS_EVERY_S, Safety
 from agentd.store import Store
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
@@ -292,16 +294,16 @@ def test_command_channel_gets_the_alert_as_json_on_stdin(store: Store, tmp_path:
     assert alert["kind"] == "run_quarantined" and alert["task"] == "t"
 
 
+DAILY_WATCHED = """
+daily:
+  schedule: {cron: "0 3 * * *"}
+  command: {shell: "true"}
+  expect: {every: 1d, grace: 1h}
+"""
+
+
 def test_dead_man_fires_once_when_late_and_recovers_on_the_next_success(store: Store) -> None:
-    config = config_for(
-        "http://127.0.0.1:9",
-        """
-        daily:
-          schedule: {cron: "0 3 * * *"}
-          command: {shell: "true"}
-          expect: {every: 1d, grace: 1h}
-        """,
-    )
+    config = config_for("http://127.0.0.1:9", DAILY_WATCHED)
     clock = ManualClock(T0)
     store.sync_tasks({"t": ("f", "command"), "daily": ("g", "command")}, clock.now())
     box = Outbox(store, config, clock)
@@ -456,3 +458,37 @@ def test_auto_paused_task_gets_a_recovery_notice_at_its_next_success(store: Stor
     succeed(store, clock)
     box.process(clock.now())
     assert len([r for r in store.conn.execute("SELECT 1 FROM alerts")]) == 4  # once
+
+
+def test_safety_brings_the_idle_loop_back_only_for_its_own_work(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon's idle main loop sleeps until ``Safety.wait_s``: events waiting to
+    become alerts and a watched dead man's switch keep their cadence; with neither,
+    Safety leaves the sleep to the idle poll."""
+    monkeypatch.setenv("AGENTD_TEST_HOOK_SECRET", SECRET)
+    clock = ManualClock(T0)
+    store.sync_tasks({"t": ("f", "command"), "daily": ("g", "command")}, clock.now())
+
+    async def scenario() -> None:
+        plain = Safety(store, config_for("http://127.0.0.1:9"), clock, Metrics("test"))
+        assert plain.wait_s() == 0.0  # events since the last process: now
+        plain.tick(clock.now())
+        assert plain.wait_s() is None  # nothing watched, nothing waiting
+        plain.on_event({"kind": "quarantine", "task_id": "t", "run_id": "r", "data": {}})
+        assert plain.wait_s() == pytest.approx(PROCESS_EVERY_S)
+        clock.advance(PROCESS_EVERY_S)
+        assert plain.wait_s() == 0.0
+        plain.tick(clock.now())
+        assert plain.wait_s() is None
+        await plain.aclose()
+
+        watched = config_for("http://127.0.0.1:9", DAILY_WATCHED)
+        deadman = Safety(store, watched, clock, Metrics("test"))
+        deadman.tick(clock.now())
+        assert deadman.wait_s() == pytest.approx(CHECK_EVERY_S)
+        clock.advance(0.4)
+        assert deadman.wait_s() == pytest.approx(CHECK_EVERY_S - 0.4)
+        await deadman.aclose()
+
+    asyncio.run(scenario())

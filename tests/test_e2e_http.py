@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-from harness import Agentd, wait_for
+from harness import Agentd, free_port, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.e2e
@@ -258,6 +258,26 @@ def test_cli_talks_to_the_daemon_api(make_daemon, tmp_path) -> None:  # type: ig
     stopped = d.cli("status", "--json", check=False)
     assert stopped.returncode == 3
     assert json.loads(stopped.stdout)["daemon"] == "not running"
+
+
+def test_a_direct_cli_write_rings_the_running_daemon(make_daemon) -> None:  # type: ignore[no-untyped-def]
+    """A CLI that cannot reach the API writes the DB itself and rings the doorbell: the
+    daemon says so and runs the trigger, then removes its socket when it stops."""
+    d = make_daemon(
+        """
+        job:
+          schedule: {manual: true}
+          command: {shell: "echo done"}
+        """
+    ).start()
+    assert (d.state_dir / "agentd.wake").exists()
+    nobody = f"http://127.0.0.1:{free_port()}"
+    out = d.cli("trigger", "job", "--json", "--url", nobody)
+    run_id = json.loads(out.stdout)["run_id"]
+    d.wait_log("doorbell: state DB changed by a CLI", "the daemon to hear the ring")
+    d.wait_status(run_id, "succeeded")
+    assert d.stop() == 0
+    assert not (d.state_dir / "agentd.wake").exists()
 
 
 def test_non_loopback_bind_without_token_refuses_to_start(tmp_path: Path) -> None:
