@@ -287,7 +287,7 @@ class Daemon:
             self.clock,
             jobs_path,
             on_enqueue=self._wake.set,
-            heartbeat_s=min(HEARTBEAT_S, cfg.daemon.liveness_stale_after / 3),
+            heartbeat_s=min(HEARTBEAT_S, self.health.tick_within_s),
         )
         scheduler.prepare()
         return scheduler
@@ -358,7 +358,7 @@ class Daemon:
         assert self.runner and self.store
         if self.runner.active or self.reload_requested:
             return poll_s
-        wait_s = max(poll_s, min(IDLE_POLL_S, self.config.daemon.liveness_stale_after / 3))
+        wait_s = max(poll_s, min(IDLE_POLL_S, self.health.tick_within_s))
         due = self.runner.next_due_at  # from this iteration's tick
         if due is not None:
             wait_s = min(wait_s, max(0.0, (due - self.clock.now()).total_seconds()))

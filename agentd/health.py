@@ -25,6 +25,12 @@ class Health:
     def tick(self, component: str, now_mono: float) -> None:
         self.ticks[component] = now_mono
 
+    @property
+    def tick_within_s(self) -> float:
+        """How often a component must tick, idle or not: three times per staleness
+        window, so one late tick on a loaded machine never turns /healthz 503."""
+        return self.stale_after_s / 3
+
     def liveness(self, now_mono: float) -> tuple[bool, dict[str, Any]]:
         ages = {name: round(now_mono - t, 3) for name, t in self.ticks.items()}
         stale = sorted(name for name, age in ages.items() if age > self.stale_after_s)
