@@ -227,7 +227,9 @@ class Daemon:
             concurrency=cfg.daemon.concurrency,
             lease_s=cfg.daemon.lease,
             exec_env=ExecEnv(
-                kill_grace_s=cfg.daemon.kill_grace, output_max_bytes=cfg.daemon.output_max_bytes
+                kill_grace_s=cfg.daemon.kill_grace,
+                output_max_bytes=cfg.daemon.output_max_bytes,
+                inherited_env=command.inherited_env(),
             ),
             on_change=self._wake.set,
             llm=self.safety.gateway,

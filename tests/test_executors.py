@@ -32,7 +32,7 @@ from agentd.clock import SystemClock
 from agentd.config import Config, TaskConfig, parse_config
 from agentd.context import RunContext
 from agentd.executors import ExecEnv, executor_for
-from agentd.executors.command import use_pidfd_child_watcher
+from agentd.executors.command import inherited_env, use_pidfd_child_watcher
 from agentd.executors.http import parse_retry_after
 from agentd.models import Result, StopRequested
 from agentd.providers import Gateway
@@ -288,6 +288,37 @@ def test_command_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert "AGENTD_TEST_PARENT" not in small and "PATH" in small
     for env in (full, small):
         assert not {"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"} & env.keys()
+
+
+def test_command_environment_from_the_daemons_snapshot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon takes its environment once (``ExecEnv.inherited_env``): commands get
+    that, without systemd's variables, and not what was set in the process since."""
+    monkeypatch.setenv("AGENTD_TEST_PARENT", "before")
+    monkeypatch.setenv("NOTIFY_SOCKET", "/run/systemd/notify")
+    snapshot = ExecEnv(inherited_env=inherited_env())
+    monkeypatch.setenv("AGENTD_TEST_PARENT", "after")
+    monkeypatch.setenv("AGENTD_TEST_LATER", "yes")
+    dump = [PY, "-c", "import json, os; print(json.dumps(dict(os.environ)))"]
+    task = make_task("command", {"argv": dump, "env": {"FOO": "bar"}})
+    minimal = make_task("command", {"argv": dump, "inherit_env": False})
+
+    async def main() -> tuple[dict[str, str], dict[str, str]]:
+        ws1, ws2 = tmp_path / "a", tmp_path / "b"
+        assert (await execute(task, make_ctx(ws1, MemoryBackend()), snapshot)).ok
+        assert (await execute(minimal, make_ctx(ws2, MemoryBackend()), snapshot)).ok
+        return (
+            json.loads((ws1 / "stdout.log").read_text()),
+            json.loads((ws2 / "stdout.log").read_text()),
+        )
+
+    full, small = run(main)
+    assert full["AGENTD_TEST_PARENT"] == "before" and "AGENTD_TEST_LATER" not in full
+    assert full["FOO"] == "bar" and full["AGENTD_WORKSPACE"] == str(tmp_path / "a")
+    assert "NOTIFY_SOCKET" not in full
+    assert full["PATH"] == small["PATH"] == os.environ["PATH"]
+    assert "AGENTD_TEST_PARENT" not in small and small["AGENTD_TASK"] == "t1"
 
 
 def test_command_cwd_and_shell(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ from agentd.models import Result
 
 # systemd hands these to the daemon alone; a child that saw them could ping the
 # watchdog or send READY=1 on our behalf.
-_SYSTEMD_VARS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+_SYSTEMD_VARS_B = (b"NOTIFY_SOCKET", b"WATCHDOG_USEC", b"WATCHDOG_PID")
 _TAIL_BYTES = 4096
 
 
@@ -129,26 +129,36 @@ def use_pidfd_child_watcher() -> bool:
     return True
 
 
-def _child_env(task: TaskConfig, ctx: RunContext) -> dict[str, str]:
+def inherited_env() -> dict[bytes, bytes]:
+    """What a command inherits: this process's environment without systemd's variables.
+    As bytes, which ``Popen`` passes to the child as they are."""
+    return {k: v for k, v in os.environb.items() if k not in _SYSTEMD_VARS_B}
+
+
+def _child_env(task: TaskConfig, ctx: RunContext, exec_env: ExecEnv) -> dict[bytes, bytes]:
     cfg = task.command
     assert cfg is not None
+    base = exec_env.inherited_env
+    if base is None:
+        base = inherited_env()
     if cfg.inherit_env:
-        env = dict(os.environ)
+        env = dict(base)
     else:
         env = {
-            "PATH": os.environ.get("PATH", os.defpath),
-            "HOME": os.environ.get("HOME", "/"),
-            "LANG": os.environ.get("LANG", "C.UTF-8"),
+            b"PATH": base.get(b"PATH", os.defpath.encode()),
+            b"HOME": base.get(b"HOME", b"/"),
+            b"LANG": base.get(b"LANG", b"C.UTF-8"),
         }
-    env.update(cfg.env)
-    env.update(
-        AGENTD_RUN_ID=ctx.run_id,
-        AGENTD_TASK=ctx.task_id,
-        AGENTD_ATTEMPT=str(ctx.attempt),
-        AGENTD_WORKSPACE=str(ctx.workspace),
-        AGENTD_SCHEDULED_FOR=ctx.scheduled_for.isoformat() if ctx.scheduled_for else "",
+    enc = os.fsencode
+    env.update((enc(k), enc(v)) for k, v in cfg.env.items())
+    env[b"AGENTD_RUN_ID"] = enc(ctx.run_id)
+    env[b"AGENTD_TASK"] = enc(ctx.task_id)
+    env[b"AGENTD_ATTEMPT"] = str(ctx.attempt).encode()
+    env[b"AGENTD_WORKSPACE"] = enc(ctx.workspace)
+    env[b"AGENTD_SCHEDULED_FOR"] = (
+        ctx.scheduled_for.isoformat().encode() if ctx.scheduled_for else b""
     )
-    for name in _SYSTEMD_VARS:
+    for name in _SYSTEMD_VARS_B:  # also when the task's own env names them
         env.pop(name, None)
     return env
 
@@ -181,7 +191,7 @@ async def execute(task: TaskConfig, ctx: RunContext, env: ExecEnv) -> Result:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             cwd=cfg.cwd,
-            env=_child_env(task, ctx),
+            env=_child_env(task, ctx, env),
             start_new_session=True,
         )
     )
