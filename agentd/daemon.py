@@ -33,6 +33,7 @@ from agentd.control import Control
 from agentd.doorbell import Doorbell
 from agentd.events import EventBus
 from agentd.executors import ExecEnv, command
+from agentd.gauges import GaugeSchedule
 from agentd.health import Health
 from agentd.http import BindRefused, HttpServer, check_bind, load_token
 from agentd.metrics import Metrics
@@ -146,12 +147,12 @@ class Daemon:
         self._watchdog: asyncio.Task[None] | None = None
         self._watchdog_silent = False
         self.started_mono = self.clock.monotonic()
-        self._last_gauges = -IDLE_GAUGE_REFRESH_S
         self._last_db_tick = -IDLE_POLL_S
-        self._gauges_version: tuple[int, int] | None = None
-        self._gauges_busy = False
-        self._gauges_pending = False
-        self._last_probe = -WRITE_PROBE_S
+        self.gauges = GaugeSchedule(
+            busy_refresh_s=GAUGE_REFRESH_S,
+            idle_refresh_s=IDLE_GAUGE_REFRESH_S,
+            probe_every_s=WRITE_PROBE_S,
+        )
         self._index: TaskIndex = index or {}  # fingerprints of self.config's tasks
 
     # ------------------------------------------------------------ phases
@@ -330,7 +331,7 @@ class Daemon:
                 self.runner.tick()
                 if self.safety:
                     self.safety.tick(self.clock.now())
-                if self._gauges_due(now_mono):
+                if self.gauges.due(now_mono, bool(self.runner.active), self.store.version):
                     self._refresh_gauges()
                 self.health.db_writable, self.health.db_error = True, None
             except sqlite3.OperationalError as exc:
@@ -367,33 +368,10 @@ class Daemon:
         soon = self.safety.wait_s() if self.safety else None
         if soon is not None:
             wait_s = min(wait_s, soon)
-        if self._gauges_pending:
-            since_s = self.clock.monotonic() - self._last_gauges
-            wait_s = min(wait_s, max(0.0, IDLE_GAUGE_REFRESH_S - since_s))
+        pending = self.gauges.wait_s(self.clock.monotonic())
+        if pending is not None:
+            wait_s = min(wait_s, pending)
         return wait_s
-
-    def _gauges_due(self, now_mono: float) -> bool:
-        """Every second while runs are in flight. Idle, only queued, quarantined and
-        paused can move, and only by a write: at most every IDLE_GAUGE_REFRESH_S, and
-        only when the DB changed (or the write probe is due)."""
-        assert self.store and self.runner
-        busy = bool(self.runner.active)
-        since_s = now_mono - self._last_gauges
-        self._gauges_pending = False
-        if busy != self._gauges_busy:
-            due = True
-        elif busy:
-            due = since_s >= GAUGE_REFRESH_S
-        else:
-            changed = (
-                self.store.version() != self._gauges_version
-                or now_mono - self._last_probe >= WRITE_PROBE_S
-            )
-            due = changed and since_s >= IDLE_GAUGE_REFRESH_S
-            self._gauges_pending = changed and not due  # _wait_s comes back for it
-        if due:
-            self._last_gauges, self._gauges_busy = now_mono, busy
-        return due
 
     def _refresh_gauges(self) -> None:
         """A few indexed reads a second, so that a scrape never touches the DB. Nothing
@@ -401,11 +379,11 @@ class Daemon:
         and with 10,000 tasks idle CPU is what it costs."""
         assert self.store and self.runner
         now_mono = self.clock.monotonic()
-        if now_mono - self._last_probe >= WRITE_PROBE_S:
+        if self.gauges.probe_due(now_mono):
             # What notices a full disk or a read-only file while nothing else writes.
-            self._last_probe = now_mono
+            self.gauges.last_probe = now_mono
             self.store.probe_write(self.clock.now())
-        self._gauges_version = self.store.version()
+        self.gauges.seen_version = self.store.version()
         queued, quarantined = self.store.gauge_counts()
         running: dict[str, int] = {}
         for active in self.runner.active.values():
