@@ -378,12 +378,10 @@ class Daemon:
         here may be O(tasks) or O(history): it runs every second for the daemon's life,
         and with 10,000 tasks idle CPU is what it costs."""
         assert self.store and self.runner
-        now_mono = self.clock.monotonic()
-        if self.gauges.probe_due(now_mono):
-            # What notices a full disk or a read-only file while nothing else writes.
-            self.gauges.last_probe = now_mono
-            self.store.probe_write(self.clock.now())
-        self.gauges.seen_version = self.store.version()
+        store = self.store
+        self.gauges.reading(
+            self.clock.monotonic(), lambda: store.probe_write(self.clock.now()), store.version
+        )
         queued, quarantined = self.store.gauge_counts()
         running: dict[str, int] = {}
         for active in self.runner.active.values():

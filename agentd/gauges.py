@@ -53,6 +53,17 @@ class GaugeSchedule:
     def probe_due(self, now_mono: float) -> bool:
         return now_mono - self.last_probe >= self.probe_every_s
 
+    def reading(
+        self, now_mono: float, probe_write: Callable[[], None], version: Callable[[], Version]
+    ) -> None:
+        """Just before the gauges are read: the write probe if it is due (what notices
+        a full disk or a read-only file while nothing else writes), then the DB version
+        that the read will show, so the probe's own write is not a change."""
+        if self.probe_due(now_mono):
+            self.last_probe = now_mono
+            probe_write()
+        self.seen_version = version()
+
     def wait_s(self, now_mono: float) -> float | None:
         """Seconds until a pending change may be shown; None when nothing waits."""
         if not self.pending:

@@ -21,11 +21,8 @@ class Db:
 
 
 def refresh(g: GaugeSchedule, db: Db, now_mono: float) -> None:
-    """What the daemon's refresh does: probe when due, then remember the version."""
-    if g.probe_due(now_mono):
-        g.last_probe = now_mono
-        db.write()
-    g.seen_version = db.value
+    """What the daemon does before it reads the gauges."""
+    g.reading(now_mono, db.write, db.version)
 
 
 def test_an_idle_change_inside_the_throttle_is_shown_when_it_ends() -> None:
