@@ -172,7 +172,15 @@ class GroupCommitJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
     ``before_flush`` has committed the fires themselves to the state DB. A crash in
     between re-fires those jobs on restart; their runs' idempotency keys make that a
     no-op, so nothing runs twice and nothing is lost.
+
+    A pass takes at most ``due_batch`` due jobs. The rest stay due, so APScheduler's
+    next wake-up is immediate, and the loop serves probes and finished runs in between.
+    With 10,000 jobs due at once, one pass held the loop for 0.92 s.
     """
+
+    due_batch = 256
+    """Jobs fired per pass: as many as the most run slots a daemon can have, so one
+    pass's claim can still fill them all. 256 due jobs take the loop 25-60 ms."""
 
     def __init__(self, engine: sqlalchemy.Engine, before_flush: Callable[[], None]) -> None:
         super().__init__(engine=engine)
@@ -245,13 +253,14 @@ class GroupCommitJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
 
     def get_due_jobs(self, now: datetime) -> Any:
         """The stock query through plain sqlite3 (SQLAlchemy's layer was ~0.5 ms of a
-        per-second task's start lateness); a job that cannot be unpickled is logged and
-        removed, as upstream does, with the pass's other writes."""
+        per-second task's start lateness), earliest first and at most ``due_batch``; a
+        job that cannot be unpickled is logged and removed, as upstream does, with the
+        pass's other writes."""
         self.flush()
         rows = self.read(
             f"SELECT id, job_state FROM {self.jobs_t.name} WHERE next_run_time <= ?"
-            " ORDER BY next_run_time",
-            (datetime_to_utc_timestamp(now),),
+            " ORDER BY next_run_time LIMIT ?",
+            (datetime_to_utc_timestamp(now), self.due_batch),
         )
         jobs = []
         for job_id, state in rows:

@@ -149,6 +149,63 @@ class Fires:
                 await self._changed.wait()
 
 
+def test_a_burst_is_fired_in_passes_of_due_batch_with_the_loop_running_between(
+    tmp_path: Path,
+) -> None:
+    """Jobs due at one instant are fired ``due_batch`` per pass, each pass one commit,
+    and the loop gets turns between passes; none is dropped or fired twice."""
+    n, batch = 25, 10
+    soon = datetime.now(UTC) + timedelta(seconds=1.0)
+    tasks = "".join(
+        f'  t{i}:\n    schedule: {{at: "{soon.isoformat()}"}}\n    command: {{argv: ["true"]}}\n'
+        for i in range(n)
+    )
+    config = parse_config(f"daemon:\n  state_dir: {tmp_path}\ntasks:\n{tasks}")
+    store = Store(tmp_path / "state.sqlite")
+    store.sync_tasks(
+        {t: (c.fingerprint(), c.kind) for t, c in config.tasks.items()}, SystemClock().now()
+    )
+    passes: list[tuple[int, int]] = []  # (runs so far, loop turns so far) per pass
+
+    async def scenario() -> None:
+        turns = 0
+        all_fired = asyncio.Event()
+
+        async def count_turns() -> None:
+            nonlocal turns
+            while not all_fired.is_set():
+                turns += 1
+                await asyncio.sleep(0)
+
+        def before_commit() -> None:
+            runs = store.conn.execute("SELECT count(*) FROM runs").fetchone()[0]
+            passes.append((runs, turns))
+            if runs >= n:
+                all_fired.set()
+
+        scheduler = Scheduler(store, SystemClock(), tmp_path / "schedule.sqlite")
+        scheduler._jobstore.due_batch = batch
+        scheduler.before_commit = before_commit
+        counter = asyncio.create_task(count_turns())
+        scheduler.start(config)
+        try:
+            await asyncio.wait_for(all_fired.wait(), timeout=30)
+        finally:
+            scheduler.shutdown()
+            all_fired.set()
+            await counter
+
+    asyncio.run(scenario())
+    rows = store.conn.execute("SELECT task_id, scheduled_for FROM runs").fetchall()
+    store.close()
+    assert [runs for runs, _ in passes] == [10, 20, 25], passes
+    turns = [t for _, t in passes]
+    assert turns[0] < turns[1] < turns[2], passes  # the loop ran between the passes
+    assert sorted(r[0] for r in rows) == sorted(config.tasks)  # each fired exactly once
+    assert {from_iso(r[1]) for r in rows} == {soon}
+    assert _job_ids(tmp_path / "schedule.sqlite") == set()  # all fired, all removed
+
+
 def test_the_early_timer_never_fires_a_run_before_its_time(tmp_path: Path) -> None:
     """The scheduler's timer goes off up to EARLY_S early and sleeps the rest: every
     fire is still recorded at or after its scheduled instant."""
