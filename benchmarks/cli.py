@@ -57,7 +57,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--only", help=f"comma-separated sections: {','.join(SECTIONS)}")
     p.add_argument("--no-peers", action="store_true", help="agentd and floors only")
     p.add_argument("--reps", type=int, help="timed repetitions (default: 5, quick/smoke 1)")
-    p.add_argument("--out", type=Path, help="JSON file (default benchmarks/results-MODE.json)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="JSON file (default benchmarks/results-MODE.json, results-MODE-SECTIONS.json"
+        " with --only)",
+    )
     p.add_argument("--markdown", type=Path, help="also write the Markdown table here")
     return p.parse_args(argv)
 
@@ -90,6 +95,13 @@ def git_commit() -> str:
 
     dirty = git("status", "--porcelain", "--", "agentd", "benchmarks")
     return git("rev-parse", "--short=12", "HEAD") + ("+dirty" if dirty else "")
+
+
+def default_out(mode: str, only: list[str]) -> str:
+    """``results-full.json`` belongs to a run of the whole suite: a run of some sections
+    gets a file of its own, so it never replaces the full run's figures."""
+    whole = list(only) == list(SECTIONS)
+    return f"results-{mode}.json" if whole else f"results-{mode}-{'-'.join(only)}.json"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     print(report.text(s.metrics))
     for err in s.errors:
         print(f"error: {err}")
-    out = args.out or HERE / f"results-{mode.name}.json"
+    out = args.out or HERE / default_out(mode.name, only)
     out.write_text(
         json.dumps(
             {"meta": meta, "metrics": [m.to_json() for m in s.metrics]}, indent=1, default=str

@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 
+from benchmarks.cli import SECTIONS, default_out
+
 REPO = Path(__file__).resolve().parent.parent
 BENCHES = {"C", *(f"B{i}" for i in range(1, 11))}
 METRIC_KEYS = {"bench", "label", "unit", "better", "target", "status", "note", "results", "not_run"}
@@ -76,3 +78,10 @@ def test_peers_skipped_with_reasons_and_counters_recorded(
     counters = [m for m in data["metrics"] if m["label"].startswith("SQL commits per 1,000")]
     assert counters and all("agentd" in m["results"] for m in counters)
     assert "== B1" in stdout and "== B10" in stdout
+
+
+def test_a_run_of_some_sections_never_takes_the_whole_runs_json() -> None:
+    whole = list(SECTIONS)
+    assert default_out("full", whole) == "results-full.json"
+    assert default_out("full", ["B4"]) == "results-full-B4.json"
+    assert default_out("quick", ["B1", "load"]) == "results-quick-B1-load.json"
