@@ -149,6 +149,29 @@ class Fires:
                 await self._changed.wait()
 
 
+class LoopTurns:
+    """Counts the event loop's turns while it runs: that a count grew between two
+    points shows the loop got turns in between."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._count())
+
+    async def _count(self) -> None:
+        while not self._stop.is_set():
+            self.count += 1
+            await asyncio.sleep(0)
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+
+
 def test_a_burst_is_fired_in_passes_of_due_batch_with_the_loop_running_between(
     tmp_path: Path,
 ) -> None:
@@ -168,32 +191,25 @@ def test_a_burst_is_fired_in_passes_of_due_batch_with_the_loop_running_between(
     passes: list[tuple[int, int]] = []  # (runs so far, loop turns so far) per pass
 
     async def scenario() -> None:
-        turns = 0
+        turns = LoopTurns()
         all_fired = asyncio.Event()
-
-        async def count_turns() -> None:
-            nonlocal turns
-            while not all_fired.is_set():
-                turns += 1
-                await asyncio.sleep(0)
 
         def before_commit() -> None:
             runs = store.conn.execute("SELECT count(*) FROM runs").fetchone()[0]
-            passes.append((runs, turns))
+            passes.append((runs, turns.count))
             if runs >= n:
                 all_fired.set()
 
         scheduler = Scheduler(store, SystemClock(), tmp_path / "schedule.sqlite")
         scheduler._jobstore.due_batch = batch
         scheduler.before_commit = before_commit
-        counter = asyncio.create_task(count_turns())
+        turns.start()
         scheduler.start(config)
         try:
             await asyncio.wait_for(all_fired.wait(), timeout=30)
         finally:
             scheduler.shutdown()
-            all_fired.set()
-            await counter
+            await turns.stop()
 
     asyncio.run(scenario())
     rows = store.conn.execute("SELECT task_id, scheduled_for FROM runs").fetchall()
@@ -311,25 +327,16 @@ def test_sync_async_lets_the_loop_run_between_slices_and_syncs_the_same(
 
     async def scenario() -> tuple[int, int, Any, Any]:
         scheduler = Scheduler(store, SystemClock(), tmp_path / "schedule.sqlite")
-        turns = 0
-        stop = asyncio.Event()
-
-        async def count_turns() -> None:
-            nonlocal turns
-            while not stop.is_set():
-                turns += 1
-                await asyncio.sleep(0)
-
-        counter = asyncio.create_task(count_turns())
+        turns = LoopTurns()
+        turns.start()
         scheduler.start_paused()
         added = await scheduler.sync_async(first, slice_s=0)  # a turn after every job
-        turns_at_start = turns
+        turns_at_start = turns.count
         reloaded = await scheduler.sync_async(second, slice_s=0)
-        stop.set()
-        await counter
+        await turns.stop()
         next_fires = {t: scheduler.next_fire_time(t) for t in ("t0", "t9", "t10")}
         scheduler.shutdown()
-        return turns_at_start, turns, (added, reloaded), next_fires
+        return turns_at_start, turns.count, (added, reloaded), next_fires
 
     turns_at_start, turns, (added, reloaded), next_fires = asyncio.run(scenario())
     store.close()
