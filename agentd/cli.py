@@ -19,9 +19,9 @@ from zoneinfo import ZoneInfo
 
 import yaml
 
+from agentd import exitcodes
 from agentd.clock import SystemClock
 from agentd.config import (
-    EXIT_CONFIG,
     Config,
     ConfigError,
     inactive_reason,
@@ -131,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(config_path)
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
-        return EXIT_CONFIG
+        return exitcodes.CONFIG
     if args.command == "check-config":
         return check_config(config, args)
     from agentd.ops import state_command  # the daemon's modules: kept off `run`'s path

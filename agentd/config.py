@@ -37,8 +37,6 @@ from pydantic import (
 from agentd import yamlload
 from agentd.schedule import CronError, ScheduleSpec, parse_cron, parse_duration
 
-EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h: systemd's RestartPreventExitStatus uses it.
-
 TASK_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 CALLABLE_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 SECRET_KEY_RE = re.compile(r"(key|token|secret|password|passwd|authorization|cookie)", re.I)

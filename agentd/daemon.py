@@ -25,7 +25,7 @@ from zoneinfo import ZoneInfo
 
 import prometheus_client
 
-from agentd import __version__, tls
+from agentd import __version__, exitcodes, tls
 from agentd.clock import Clock, SystemClock, from_iso
 from agentd.config import Config, ConfigError, TaskIndex, task_index
 from agentd.configload import ConfigLoad
@@ -45,11 +45,6 @@ from agentd.systemd import Notifier
 
 log = logging.getLogger("agentd")
 
-EXIT_OK = 0
-EXIT_USAGE = 2
-EXIT_LOCKED = 75  # EX_TEMPFAIL: another instance owns the state dir; try later.
-EXIT_CONFIG = 78  # EX_CONFIG
-EXIT_FORCED = 130
 GAUGE_REFRESH_S = 1.0
 IDLE_GAUGE_REFRESH_S = 5.0  # nothing running: only queued/quarantined/paused can move
 # Idle, the loop polls only for what nobody announces: a CLI's direct write rings the
@@ -162,10 +157,10 @@ class Daemon:
             await self.startup()
         except StateLocked as exc:
             log.error("%s", exc)
-            return EXIT_LOCKED
+            return exitcodes.LOCKED
         except BindRefused as exc:
             log.error("refusing to start: %s", exc)
-            return EXIT_CONFIG
+            return exitcodes.CONFIG
         try:
             await self.main_loop()
         finally:
@@ -473,7 +468,7 @@ class Daemon:
             self._watchdog.cancel()
         self.doorbell.close()  # before the lock: the socket file is the lock holder's
         self.lock.release()
-        code = EXIT_FORCED if self.force_exit else EXIT_OK
+        code = exitcodes.FORCED if self.force_exit else exitcodes.OK
         log.info("agentd stopped exit=%d", code)
         return code
 
@@ -648,7 +643,7 @@ def _fmt(value: Any) -> str:
 
 
 def run_daemon(config_path: Path, load: ConfigLoad | None = None) -> int:
-    """Entry point for ``agentd run``: exit codes per the brief (0, 75, 78, 130).
+    """Entry point for ``agentd run``: exit codes from ``agentd.exitcodes``.
 
     ``load`` is the config's parse, begun (by ``cli``) before this module's imports."""
     # One *_created series per counter doubles the series count for no question anyone
@@ -663,7 +658,7 @@ def run_daemon(config_path: Path, load: ConfigLoad | None = None) -> int:
             gc.freeze()  # lives until the first reload; no collection need walk it
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
-        return EXIT_CONFIG
+        return exitcodes.CONFIG
     logging.getLogger().setLevel(config.daemon.log_level.upper())
     daemon = Daemon(config_path, config, index=index)
     command.use_pidfd_child_watcher()  # attached to the loop asyncio.run creates

@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from agentd import exitcodes
 from agentd.client import ApiClient, ApiError, Unreachable, default_url
 from agentd.clock import SystemClock, from_iso
 from agentd.config import (
@@ -24,7 +25,7 @@ from agentd.config import (
     task_index,
 )
 from agentd.control import Control
-from agentd.daemon import EXIT_USAGE, StateLock, state_paths
+from agentd.daemon import StateLock, state_paths
 from agentd.doorbell import ring
 from agentd.http import BindRefused, load_token
 from agentd.store import Row, Store, StoreError
@@ -237,7 +238,7 @@ def _dispatch(ops: Ops, args: argparse.Namespace, parser: argparse.ArgumentParse
             ),
         )
     parser.error(f"unknown command {cmd}")
-    return EXIT_USAGE
+    return exitcodes.USAGE
 
 
 def _follow(ops: Ops, args: argparse.Namespace, path: str) -> int:

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from agentd import exitcodes
 from agentd.config import (
-    EXIT_CONFIG,
     Config,
     ConfigError,
     ConfigProblem,
@@ -747,7 +747,7 @@ def test_check_config_cli_broken_file_exits_78(tmp_path: Path) -> None:
     broken = tmp_path / "broken.yaml"
     broken.write_text(BROKEN, encoding="utf-8")
     result = _cli("check-config", "--config", str(broken), cwd=tmp_path)
-    assert result.returncode == EXIT_CONFIG == 78
+    assert result.returncode == exitcodes.CONFIG == 78
     assert "tasks.nightly.schedule.cron" in result.stderr
     assert f"{broken}: tasks.nightly.schedule.cron" in result.stderr
     assert result.stdout == ""
