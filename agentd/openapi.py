@@ -82,7 +82,7 @@ def _path_param(name: str, description: str) -> Schema:
 
 
 TASK_ID = _path_param("task_id", "Task name, as in the config file.")
-RUN_ID = _path_param("run_id", "Run id, e.g. `20260301T120000-1a2b3c4d`.")
+RUN_ID = _path_param("run_id", "Run id, e.g. `20260301T120000-9f2c4e0b7a1d3c5e8f60`.")
 
 
 def _query(name: str, schema: Schema, description: str) -> Schema:

@@ -15,12 +15,13 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import secrets
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +36,18 @@ SCHEMA_VERSION = 5
 CHECKPOINT_EVERY = 64
 """Commits between WAL checkpoints: a few hundred pages at a busy pool's group sizes,
 about SQLite's own 1,000-page default."""
+WAL_LIMIT_BYTES = 64 * 1024 * 1024
+"""The WAL's size past which it is made to start over and cut back to this size (see
+``Store._restart_wal``)."""
+RESTART_WAIT_MS = 2000
+"""How long a restarting checkpoint may wait for readers (a CLI, the checkpoint thread)
+before it gives up, to try again after the next checkpoint."""
 Row = dict[str, Any]
 EventSink = Callable[[Row], None]
 FireGate = Callable[[str, datetime], "dict[str, Any] | None"]
+WriteListener = Callable[[BaseException | None], None]
+"""Told of the state DB's write health when it changes: the error that made a write
+fail (disk full, read-only, I/O error, a lock held too long), or None once one works."""
 
 
 class StoreError(Exception):
@@ -46,6 +56,19 @@ class StoreError(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class WriteLost(sqlite3.OperationalError):
+    """A write inside a group whose transaction an earlier failure already rolled back
+    (SQLite ends the whole transaction on some errors: a full disk, an I/O error). Every
+    write after that fails too, until the group's owner ends it, so that no later part of
+    the group can commit without the earlier ones."""
+
+
+def is_storage_fault(exc: BaseException) -> bool:
+    """An error of the storage (disk full, read-only, I/O, locked, damaged), as opposed to
+    a refused request or a constraint: what turns readiness off."""
+    return isinstance(exc, sqlite3.OperationalError) or type(exc) is sqlite3.DatabaseError
 
 
 async def wait_commit(commit: Future[BaseException | None]) -> BaseException | None:
@@ -57,9 +80,39 @@ async def wait_commit(commit: Future[BaseException | None]) -> BaseException | N
     return await asyncio.shield(asyncio.wrap_future(commit))
 
 
-def new_run_id(now: datetime) -> str:
-    """Sortable and readable: the creation second, then randomness."""
-    return now.strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(4)
+RUN_ID_RANDOM_BITS = 80
+_RUN_ID_TOP = 1 << RUN_ID_RANDOM_BITS
+
+
+class RunIds:
+    """Run ids: ``YYYYMMDDTHHMMSS-`` (the creation second, UTC) then 80 random bits as 20
+    hex digits, e.g. ``20260301T120000-9f2c4e0b7a1d3c5e8f60``. They sort by creation
+    time to the second; within a second, the ids of one generator increase (the
+    second's first id draws its random part, each later one adds 1, as ULID's monotonic
+    rule does), so one process's ids sort in the order they were made. Two processes'
+    ids of the same second are unordered against each other and collide with a chance
+    of about n**2 / 2**81 (``Store.fire_many`` draws again on a collision anyway)."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+        self._last = 0
+
+    def __call__(self, now: datetime) -> str:
+        second = int(now.timestamp())
+        if second != self._second:
+            self._second = second
+            self._prefix = now.astimezone(UTC).strftime("%Y%m%dT%H%M%S-")
+            self._last = secrets.randbits(RUN_ID_RANDOM_BITS)
+        else:
+            self._last += 1
+            if self._last >= _RUN_ID_TOP:  # out of room above this second's draw
+                self._last = secrets.randbits(RUN_ID_RANDOM_BITS - 1)
+        return f"{self._prefix}{self._last:020x}"
+
+
+MAX_ID_DRAWS = 5
+"""Draws of fresh ids for a batch whose ids collide before ``fire_many`` gives up."""
 
 
 def _migrate_1(db: sqlite_utils.Database) -> None:
@@ -313,21 +366,39 @@ class Finish:
     http_status: int | None = None
     duration_s: float | None = None
     pause_after_failures: int = 0
+    cancel_reason: str | None = None
+    """Why a run that would have been re-queued ends cancelled instead (its task left
+    the config: ``task_removed``); recorded as a ``cancel`` event."""
 
 
 class Store:
     def __init__(
-        self, path: Path, event_sink: EventSink | None = None, *, defer_open: bool = False
+        self,
+        path: Path,
+        event_sink: EventSink | None = None,
+        *,
+        defer_open: bool = False,
+        wal_limit_bytes: int = WAL_LIMIT_BYTES,
     ) -> None:
         """``defer_open`` leaves the pragmas and migrations to ``open()``, which may block
         on another process's lock: the daemon runs it in a thread while probes answer."""
         self.path = path
+        self.wal_limit_bytes = wal_limit_bytes
+        self.new_run_id: Callable[[datetime], str] = RunIds()
+        """Makes the id of each new run (see ``RunIds``)."""
         self.event_sink = event_sink
         self.fire_gate: FireGate | None = None
         """Asked inside ``fire()``'s transaction for scheduled fires: a reason to record
         the fire as skipped (budget window full), or None."""
         self._pending_events: list[Row] = []
         self._group_open = False
+        self._group_lost: BaseException | None = None
+        """Why the open group's transaction is gone (see ``WriteLost``), if it is."""
+        self._rollback_hooks: list[Callable[[], None]] = []
+        self._inflight_hooks: list[Callable[[], None]] = []
+        self.on_write: WriteListener | None = None
+        self.write_error: str | None = None
+        """Why the last write failed, until a commit succeeds again."""
         # A group's COMMIT may run on the writer thread (``commit_group_off_loop``);
         # until it is settled, nobody else may touch the connection (``conn``).
         self._inflight: Future[BaseException | None] | None = None
@@ -337,6 +408,7 @@ class Store:
         self._checkpointer: ThreadPoolExecutor | None = None
         self._checkpointing: Future[None] | None = None
         self._checkpoint_conn: sqlite3.Connection | None = None
+        self._restart_due = False
         self._conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self.conn.row_factory = sqlite3.Row
         self.conn.execute("PRAGMA busy_timeout = 10000")
@@ -353,6 +425,8 @@ class Store:
             # by the commit that crosses 1,000 pages, one took 40-60 ms, and whoever
             # waited on that commit (the event loop) waited for it too.
             self.conn.execute("PRAGMA wal_autocheckpoint = 0")
+            # When a checkpoint lets the WAL start over, its file is cut back to this.
+            self.conn.execute(f"PRAGMA journal_size_limit = {int(self.wal_limit_bytes)}")
             self._migrate()
         except BaseException:
             self.conn.close()
@@ -386,28 +460,49 @@ class Store:
         """One write transaction, taken up front so read-then-write cannot race.
 
         Inside a group (``begin_group``) it is a savepoint instead: its writes become
-        durable with the group's one commit, and a failure undoes only its own part.
+        durable with the group's one commit, and a failure undoes only its own part --
+        unless SQLite ended the whole transaction (a full disk), in which case the group
+        is lost and every later write in it raises ``WriteLost``. A storage fault in
+        either case is reported to ``on_write``; a successful commit reports recovery.
         """
         if self._group_open:
+            if self._group_lost is not None:
+                raise WriteLost(f"the group's transaction was rolled back: {self._group_lost}")
             mark = len(self._pending_events)
-            self.conn.execute("SAVEPOINT tx")
             try:
+                self._conn.execute("SAVEPOINT tx")
                 yield self.conn
-            except BaseException:
-                self.conn.execute("ROLLBACK TO tx")
-                self.conn.execute("RELEASE tx")
-                del self._pending_events[mark:]
+                self._conn.execute("RELEASE tx")
+            except BaseException as exc:
+                if self._conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._conn.execute("ROLLBACK TO tx")
+                        self._conn.execute("RELEASE tx")
+                    del self._pending_events[mark:]
+                else:
+                    self._group_lost = exc
+                    self._pending_events.clear()
+                self._write_failed(exc)
                 raise
-            self.conn.execute("RELEASE tx")
             return
-        self.conn.execute("BEGIN IMMEDIATE")
         try:
-            yield self.conn
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            self._pending_events.clear()
+            conn = self.conn
+            if self._restart_due:
+                self._restart_wal()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+                self._conn.execute("COMMIT")
+            except BaseException:
+                if self._conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._conn.execute("ROLLBACK")
+                self._pending_events.clear()
+                raise
+        except BaseException as exc:
+            self._write_failed(exc)
             raise
-        self.conn.execute("COMMIT")
+        self._write_ok()
         self._committed()
         events, self._pending_events = self._pending_events, []
         if self.event_sink:
@@ -423,24 +518,65 @@ class Store:
         commit and so one fsync. The scheduler uses it for all fires of one due instant,
         where a commit each would make the thousandth run wait for 999 fsyncs."""
         if not self._group_open:
-            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn = self.conn
+                if self._restart_due:
+                    self._restart_wal()
+                conn.execute("BEGIN IMMEDIATE")
+            except BaseException as exc:
+                self._write_failed(exc)
+                raise
             self._group_open = True
+            self._group_lost = None
+
+    def after_rollback(self, undo: Callable[[], None]) -> None:
+        """Inside a group: call ``undo`` if the group does not commit (its COMMIT fails,
+        an earlier failure lost it, or it is aborted). For work done in memory on the
+        strength of the group's writes, such as runs started on a claim the group holds;
+        dropped when the group commits. Outside a group a failed write raises to its
+        caller, so there is nothing to do."""
+        if self._group_open:
+            self._rollback_hooks.append(undo)
 
     def commit_group(self) -> None:
+        """Commit the open group; on failure everything in it is undone (the rollback
+        hooks run) and the error is raised."""
         if not self._group_open:
             return
         self._group_open = False
+        hooks, self._rollback_hooks = self._rollback_hooks, []
+        lost, self._group_lost = self._group_lost, None
         try:
-            self.conn.execute("COMMIT")
-        except BaseException:
-            self.conn.execute("ROLLBACK")
+            if lost is not None:
+                raise WriteLost(f"the group's transaction was rolled back: {lost}")
+            self._conn.execute("COMMIT")
+        except BaseException as exc:
+            if self._conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.execute("ROLLBACK")
             self._pending_events.clear()
+            self._write_failed(exc)
+            _run_hooks(hooks)
             raise
+        self._write_ok()
         self._committed()
         events, self._pending_events = self._pending_events, []
         if self.event_sink:
             for event in events:
                 self.event_sink(event)
+
+    def abort_group(self) -> None:
+        """Roll the open group back (its rollback hooks run); nothing of it is kept."""
+        if not self._group_open:
+            return
+        self._group_open = False
+        self._group_lost = None
+        hooks, self._rollback_hooks = self._rollback_hooks, []
+        if self._conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("ROLLBACK")
+        self._pending_events.clear()
+        _run_hooks(hooks)
 
     def commit_group_off_loop(self) -> Future[BaseException | None] | None:
         """``commit_group`` with the COMMIT and its fsync on the writer thread, so the
@@ -449,33 +585,71 @@ class Store:
 
         The future gives the exception that undid the group, or None. Any use of
         ``conn`` before it is done waits for it (``settle``); the group's events reach
-        the sink at that point, in order, never before the commit and never twice.
+        the sink at that point, in order, never before the commit and never twice, and
+        its rollback hooks run there if it failed.
         """
         if not self._group_open:
             return None
         self._group_open = False
         self._inflight_events, self._pending_events = self._pending_events, []
+        self._inflight_hooks, self._rollback_hooks = self._rollback_hooks, []
+        lost, self._group_lost = self._group_lost, None
+        if lost is not None:
+            if self._conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.execute("ROLLBACK")
+            done: Future[BaseException | None] = Future()
+            done.set_result(WriteLost(f"the group's transaction was rolled back: {lost}"))
+            self._inflight = done
+            return done
         if self._writer is None:
             self._writer = ThreadPoolExecutor(1, thread_name_prefix="agentd-commit")
         self._inflight = self._writer.submit(self._commit_or_rollback)
         self._committed()
         return self._inflight
 
+    def _write_ok(self) -> None:
+        if self.write_error is not None:
+            log.info("state DB writable again: %s", self.path)
+            self.write_error = None
+            if self.on_write:
+                self.on_write(None)
+
+    def _write_failed(self, exc: BaseException) -> None:
+        """Note a storage fault (see ``is_storage_fault``); one log line per new cause,
+        not one per failed write, so a full disk cannot flood the journal."""
+        if not is_storage_fault(exc):
+            return
+        message = str(exc)
+        if message == self.write_error:
+            return
+        log.error("state DB write failed: %s: %s", self.path, message)
+        self.write_error = message
+        if self.on_write:
+            self.on_write(exc)
+
     def _committed(self) -> None:
         """Every CHECKPOINT_EVERY commits, fold the WAL into the file on the checkpoint
         thread, with its own connection. A PASSIVE checkpoint takes no lock a writer
-        needs, so commits (and the loop) go on while it copies pages and fsyncs."""
+        needs, so commits (and the loop) go on while it copies pages and fsyncs. A WAL
+        past ``wal_limit_bytes`` (looked at after every commit: one stat) is checkpointed
+        at once, then made to start over before this connection's next transaction
+        (``_restart_wal``)."""
         self._commits += 1
-        if self._commits % CHECKPOINT_EVERY:
+        over = self._wal_bytes() > self.wal_limit_bytes
+        if not over and self._commits % CHECKPOINT_EVERY:
             return
         if self._checkpointing is not None and not self._checkpointing.done():
             return
         if self._checkpointer is None:
             self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="agentd-checkpoint")
-        self._checkpointing = self._checkpointer.submit(self._checkpoint)
+        self._checkpointing = self._checkpointer.submit(self._checkpoint, over)
 
-    def _checkpoint(self) -> None:
-        """On the checkpoint thread. A failure only leaves the WAL longer until the next."""
+    def _checkpoint(self, over_limit: bool = False) -> None:
+        """On the checkpoint thread. A failure only leaves the WAL longer until the next.
+        ``over_limit``: the WAL is past its limit; once this PASSIVE checkpoint has
+        copied it, the writer makes it start over (``_restart_wal``) with little left to
+        copy."""
         try:
             if self._checkpoint_conn is None:
                 self._checkpoint_conn = sqlite3.connect(
@@ -485,6 +659,43 @@ class Store:
             self._checkpoint_conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
         except sqlite3.Error as exc:
             log.warning("WAL checkpoint of %s failed, retried later: %s", self.path, exc)
+            return
+        if over_limit:
+            self._restart_due = True
+
+    def _wal_bytes(self) -> int:
+        try:
+            return os.path.getsize(f"{self.path}-wal")
+        except OSError:
+            return 0
+
+    def _restart_wal(self) -> None:
+        """Let the WAL start over, on the writing connection itself, between two
+        transactions; ``journal_size_limit`` then cuts its file back to the limit.
+
+        A PASSIVE checkpoint never lets the WAL start over while a writer commits back
+        to back (it always leaves the frames written meanwhile), so under steady load the
+        WAL only grew. A RESTART checkpoint needs the write lock, which a second
+        connection would have to win in the gaps between commits; taken here, between
+        this writer's own transactions, it only waits for readers, and copies only what
+        the PASSIVE checkpoint just before it (see ``_checkpoint``) left. (TRUNCATE would
+        also cut the file to nothing, which on a large WAL took hundreds of ms.)"""
+        self._restart_due = False
+        conn = self._conn
+        if self._checkpointing is not None:
+            # Two checkpoints cannot run at once: the second would give up at once.
+            self._checkpointing.result()
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {RESTART_WAIT_MS}")
+            try:
+                busy, _, _ = conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+            finally:
+                conn.execute("PRAGMA busy_timeout = 10000")
+        except sqlite3.Error as exc:
+            log.warning("WAL of %s over its limit, not restarted: %s", self.path, exc)
+            return
+        if busy:
+            log.warning("WAL of %s over its limit, not restarted yet: readers", self.path)
 
     def _commit_or_rollback(self) -> BaseException | None:
         """On the writer thread; the loop thread keeps off ``_conn`` until this is done."""
@@ -493,8 +704,9 @@ class Store:
             return None
         except BaseException as exc:
             # A failed COMMIT may already have ended the transaction.
-            with contextlib.suppress(sqlite3.Error):
-                self._conn.execute("ROLLBACK")
+            if self._conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.execute("ROLLBACK")
             return exc
 
     async def settled(self) -> None:
@@ -527,10 +739,16 @@ class Store:
             return None
         error = fut.result()
         events, self._inflight_events = self._inflight_events, []
-        if error is None and self.event_sink:
+        hooks, self._inflight_hooks = self._inflight_hooks, []
+        if error is not None:
+            self._write_failed(error)
+            _run_hooks(hooks)
+            return error
+        self._write_ok()
+        if self.event_sink:
             for event in events:
                 self.event_sink(event)
-        return error
+        return None
 
     def close(self) -> None:
         """Fold the WAL back into the main file so a copy of the DB alone is complete."""
@@ -683,7 +901,34 @@ class Store:
                 changed,
             )
             conn.executemany("UPDATE tasks SET present=0, updated_at=? WHERE id=?", gone)
+            if gone or synced is None:
+                events += self._cancel_orphans(ts)
             self._insert_events(events)
+
+    def _cancel_orphans(self, ts: str) -> list[tuple[str, str, str | None, str | None, Row]]:
+        """Queued runs of tasks that are no longer in the config end ``cancelled``: nothing
+        would ever claim them (a retry waiting for a task removed by a reload, or by a
+        restart with another config). A task that comes back later starts afresh. Their
+        cancel events, for the caller's insert."""
+        rows = self.conn.execute(
+            "SELECT r.id, r.task_id FROM runs r JOIN tasks t ON t.id = r.task_id"
+            " WHERE r.status='queued' AND t.present=0"
+        ).fetchall()
+        if not rows:
+            return []
+        self.conn.executemany(
+            "UPDATE runs SET status='cancelled', outcome='cancelled', finished_at=?,"
+            " error='task removed from the config', not_before=NULL WHERE id=?",
+            [(ts, run_id) for run_id, _ in rows],
+        )
+        log.warning(
+            "cancelled %d queued run(s) of task(s) no longer in the config: %s",
+            len(rows),
+            " ".join(run_id for run_id, _ in rows),
+        )
+        return [
+            (ts, "cancel", task_id, run_id, {"reason": "task_removed"}) for run_id, task_id in rows
+        ]
 
     def task_rows(self, ids: Sequence[str] | None = None) -> list[Row]:
         """Present tasks, or those of ``ids`` (one statement, any number of ids)."""
@@ -803,6 +1048,7 @@ class Store:
                     active.setdefault(run["task_id"], []).append(run)
             inserts: list[tuple[Any, ...]] = []
             events: list[tuple[str, str, str | None, str | None, Row]] = []
+            fresh_ids = self._fresh_run_ids(now, len(fires))
             for f, key, scheduled in zip(fires, keys, whens, strict=True):
                 if key in seen:
                     run_id, status = seen[key]
@@ -818,7 +1064,7 @@ class Store:
                     self._insert_events(events)
                     events.clear()
                 skip, gate = self._fire_policy(f, now, paused[f.task_id], active)
-                run_id = new_run_id(now)
+                run_id = fresh_ids.pop()
                 status = RunStatus.SKIPPED if skip else RunStatus.QUEUED
                 when = scheduled or ts
                 inserts.append(
@@ -842,6 +1088,32 @@ class Store:
             self._insert_runs(inserts)
             self._insert_events(events)
         return results
+
+    def _fresh_run_ids(self, now: datetime, count: int) -> list[str]:
+        """``count`` new run ids that no run has (inside the write transaction, so none
+        can be taken before they are used), last to be used first. A collision with a
+        stored run or within the batch draws again: a batch is never lost to one."""
+        ids = [self.new_run_id(now) for _ in range(count)]
+        for _ in range(MAX_ID_DRAWS):
+            taken = {
+                row[0]
+                for row in self.conn.execute(
+                    "SELECT id FROM runs WHERE id IN (SELECT value FROM json_each(?))",
+                    (json.dumps(ids),),
+                )
+            }
+            seen: set[str] = set()
+            clashes = 0
+            for i, run_id in enumerate(ids):
+                if run_id in taken or run_id in seen:
+                    ids[i] = self.new_run_id(now)
+                    clashes += 1
+                seen.add(ids[i])
+            if not clashes:
+                ids.reverse()
+                return ids
+            log.warning("%d new run id(s) were taken already; drew them again", clashes)
+        raise StoreError("run_id_collision", f"new run ids kept colliding ({MAX_ID_DRAWS} draws)")
 
     def _insert_runs(self, rows: list[tuple[Any, ...]]) -> None:
         """New runs from ``fire_many``, in one statement; empties ``rows``."""
@@ -1025,17 +1297,27 @@ class Store:
         with self.tx():
             self._insert_events(events)
 
-    def recover(self, now: datetime, owner: str, live_owners: set[str] | None = None) -> list[str]:
-        """Re-queue runs whose owner is gone or whose lease expired.
+    def recover(
+        self,
+        now: datetime,
+        owner: str,
+        live_owners: set[str] | None = None,
+        keep: set[str] | None = None,
+    ) -> list[str]:
+        """Re-queue runs whose owner is gone or whose lease expired, except ``keep``
+        (runs the caller still holds in memory, whatever their lease says).
 
         Called at start under the state-dir lock, every running row belongs to a dead
         process. The lost attempt costs nothing: the run did not fail, the daemon did.
         """
         live = live_owners or set()
+        held = keep or set()
         recovered: list[str] = []
         with self.tx():
             rows = self._all("SELECT * FROM runs WHERE status='running'")
             for row in rows:
+                if row["id"] in held:
+                    continue
                 owner_live = row["lease_owner"] in live
                 expired = (row["lease_expires_at"] or "") < to_iso(now)
                 if owner_live and not expired:
@@ -1087,6 +1369,7 @@ class Store:
         http_status: int | None = None,
         duration_s: float | None = None,
         pause_after_failures: int = 0,
+        cancel_reason: str | None = None,
     ) -> Row:
         """Close the current attempt and move the run on, in one transaction.
 
@@ -1160,6 +1443,8 @@ class Store:
                 )
             elif next_status == RunStatus.QUARANTINED:
                 self._quarantine_locked(run, now, error, pause_after_failures)
+            elif next_status == RunStatus.CANCELLED and cancel_reason:
+                self._event(ts, "cancel", task_id, run_id, reason=cancel_reason)
             return run
 
     def finish_many(self, items: Sequence[Finish]) -> None:
@@ -1188,6 +1473,7 @@ class Store:
                     http_status=f.http_status,
                     duration_s=f.duration_s,
                     pause_after_failures=f.pause_after_failures,
+                    cancel_reason=f.cancel_reason,
                 )
             return
         runs: list[tuple[Any, ...]] = []
@@ -1250,6 +1536,8 @@ class Store:
                         {"attempt": f.attempt, "not_before": due, "failures": f.failures + 1},
                     )
                 )
+            if f.cancel_reason and f.next_status == RunStatus.CANCELLED:
+                events.append((ts, "cancel", f.task_id, f.run_id, {"reason": f.cancel_reason}))
             last[f.task_id] = (ts, f.outcome)
             if f.next_status == RunStatus.SUCCEEDED:
                 succeeded[f.task_id] = ts
@@ -1511,6 +1799,14 @@ _FINISH_EVENT = {
     Outcome.LOST: "recover",
     Outcome.BUDGET_EXHAUSTED: "budget_exhausted",
 }
+
+
+def _run_hooks(hooks: list[Callable[[], None]]) -> None:
+    for undo in hooks:
+        try:
+            undo()
+        except Exception:
+            log.exception("undoing in-memory work of a rolled-back group failed")
 
 
 def _plus(now: datetime, seconds: float) -> datetime:

@@ -1,0 +1,239 @@
+"""The state DB under faults, on real SQLite files: a continuous writer, a full disk,
+colliding run ids, runs of a task that is gone."""
+
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from smallfs import SmallFs, small_fs
+
+from agentd.clock import to_iso
+from agentd.models import Outcome, RunStatus
+from agentd.store import Fire, RunIds, Store, WriteLost
+
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+TASKS = {"a": ("fp1", "command"), "b": ("fp2", "command")}
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+def _wal_size(path: Path) -> int:
+    try:
+        return os.path.getsize(f"{path}-wal")
+    except FileNotFoundError:
+        return 0
+
+
+# ---------------------------------------------------------------- the WAL stays bounded
+
+
+def test_the_wal_stays_bounded_under_a_writer_that_never_pauses(tmp_path: Path) -> None:
+    """A PASSIVE checkpoint never catches up with a writer that commits back to back, so
+    the WAL is never reset and grows with every commit; past its limit the checkpoint
+    thread truncates it."""
+    limit = 256 * 1024
+    store = Store(tmp_path / "state.sqlite", wal_limit_bytes=limit)
+    store.sync_tasks(TASKS, T0)
+    payload = "x" * 2000
+    sizes: list[int] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            sizes.append(_wal_size(store.path))
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    written = 0
+    try:
+        deadline = time.monotonic() + 4.0
+        i = 0
+        while time.monotonic() < deadline:
+            # Each commit appends a few pages (a run, its event, a 2 KB checkpoint).
+            [result] = store.fire_many([Fire("a", at(i), overlap="allow")], at(i))
+            store.save_checkpoint(result.run_id, {"blob": payload}, at(i))
+            written += 2
+            i += 1
+    finally:
+        stop.set()
+        sampler.join()
+    store.close()
+    assert written > 200, "the writer did not get going"
+    # Bounded: the limit plus what a writer adds while one TRUNCATE checkpoint waits.
+    assert max(sizes) < 4 * limit, (max(sizes), limit, written)
+
+
+# ---------------------------------------------------------------- run ids
+
+
+def test_run_ids_sort_by_time_and_carry_80_random_bits() -> None:
+    ids = RunIds()
+    first = ids(at(0))
+    assert re.fullmatch(r"20260301T120000-[0-9a-f]{20}", first), first
+    same_second = [ids(at(0.5)) for _ in range(1000)]
+    # One generator: strictly increasing within a second, whatever the random draw.
+    assert same_second == sorted(same_second) and len(set(same_second)) == 1000
+    assert first < same_second[0]
+    later = ids(at(1))
+    assert later > same_second[-1]
+    # The random parts of two generators' first ids differ (80 bits: a collision here
+    # would be a broken generator, not bad luck).
+    assert RunIds()(at(0))[-20:] != RunIds()(at(0))[-20:]
+
+
+def test_a_run_id_that_is_taken_is_drawn_again_and_no_fire_of_the_batch_is_lost(
+    tmp_path: Path,
+) -> None:
+    store = Store(tmp_path / "state.sqlite")
+    store.sync_tasks(TASKS, T0)
+    [taken] = store.fire_many([Fire("a", at(0))], at(0))
+    fresh = RunIds()
+    # The next ids are the one already taken, twice (once within the batch), then fresh.
+    queue = [taken.run_id, taken.run_id]
+
+    def colliding(now: datetime) -> str:
+        return queue.pop(0) if queue else fresh(now)
+
+    store.new_run_id = colliding
+    fires = [Fire("a", at(10), overlap="allow"), Fire("b", at(10)), Fire("a", at(11))]
+    results = store.fire_many(fires, at(12))
+    assert all(r.created for r in results)
+    ids = [r.run_id for r in results]
+    assert len(set(ids)) == 3 and taken.run_id not in ids
+    assert store.get_run(taken.run_id)["scheduled_for"] == to_iso(at(0))
+    for fire, result in zip(fires, results, strict=True):
+        assert store.get_run(result.run_id)["scheduled_for"] == to_iso(fire.scheduled_for)
+    store.close()
+
+
+# ---------------------------------------------------------------- a full disk
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path) -> Iterator[SmallFs]:
+    with small_fs(tmp_path / "fs", "4m") as fs:
+        yield fs
+
+
+def _filled_store(fs: SmallFs) -> tuple[Store, list[BaseException | None]]:
+    store = Store(fs.root / "state.sqlite")
+    store.sync_tasks(TASKS, T0)
+    heard: list[BaseException | None] = []
+    store.on_write = heard.append
+    fs.fill()
+    return store, heard
+
+
+def _fill_until_a_write_fails(store: Store, start: int) -> int:
+    """Write runs until the disk refuses one; the seconds used."""
+    for i in range(start, start + 100_000):
+        try:
+            store.fire_many([Fire("a", at(i), overlap="allow")], at(i))
+        except sqlite3.OperationalError:
+            return i
+    raise AssertionError("the disk never filled")
+
+
+def test_a_failed_write_is_reported_once_and_the_next_commit_clears_it(
+    full_disk: SmallFs,
+) -> None:
+    store, heard = _filled_store(full_disk)
+    i = _fill_until_a_write_fails(store, 0)
+    assert store.write_error is not None and "full" in store.write_error
+    assert len(heard) == 1 and isinstance(heard[0], sqlite3.OperationalError)
+    with pytest.raises(sqlite3.OperationalError):
+        store.fire_many([Fire("a", at(i + 1), overlap="allow")], at(i + 1))
+    assert len(heard) == 1  # the same cause again: no second report, no second log line
+    full_disk.free()
+    store.fire_many([Fire("a", at(i + 2), overlap="allow")], at(i + 2))
+    assert store.write_error is None and heard[-1] is None
+    store.close()
+
+
+def test_a_group_whose_transaction_the_disk_ended_commits_nothing_of_itself(
+    full_disk: SmallFs,
+) -> None:
+    store, _ = _filled_store(full_disk)
+    i = _fill_until_a_write_fails(store, 0)
+    full_disk.free()
+    before = store.counts()
+    # A group in which one write fails for a full disk: SQLite may end the whole
+    # transaction; then nothing of the group commits, not even the parts after it.
+    undone: list[str] = []
+    store.begin_group()
+    store.after_rollback(lambda: undone.append("claims"))
+    [run] = store.fire_many([Fire("a", at(i + 1), overlap="allow")], at(i + 1))
+    full_disk.fill()
+    failed = None
+    for j in range(i + 2, i + 100_000):
+        try:
+            store.save_checkpoint(run.run_id, {"blob": "x" * 50_000, "j": j}, at(j))
+        except sqlite3.OperationalError as exc:
+            failed = exc
+            break
+    assert failed is not None
+    # Here SQLite ended the whole transaction (had it undone only the statement, the
+    # savepoint would have, and the group would go on): every later write in the group
+    # fails, so that none of it can commit without the part that was lost.
+    assert not store.conn.in_transaction
+    with pytest.raises(WriteLost):
+        store.fire_many([Fire("b", at(j), overlap="allow")], at(j))
+    full_disk.free()
+    with pytest.raises(sqlite3.OperationalError):
+        store.commit_group()
+    assert undone == ["claims"]
+    assert store.counts() == before
+    assert not store.in_group and not store.conn.in_transaction
+    store.close()
+
+
+# ---------------------------------------------------------------- tasks that are gone
+
+
+def test_queued_runs_of_a_removed_task_are_cancelled_when_it_goes(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state.sqlite")
+    store.sync_tasks(TASKS, T0)
+    [retry] = store.fire_many([Fire("b", at(0))], at(0))
+    store.claim(at(0), "w1", 30, 10, set(), set())
+    store.finish(retry.run_id, at(1), outcome=Outcome.FAILURE, next_status=RunStatus.QUEUED)
+    [queued] = store.fire_many([Fire("b", at(5), overlap="allow")], at(2))
+    [kept] = store.fire_many([Fire("a", at(5))], at(2))
+    assert store.counts()["queued"] == 3
+    store.sync_tasks({"a": TASKS["a"]}, at(3), synced=TASKS)
+    for run_id in (retry.run_id, queued.run_id):
+        run = store.get_run(run_id)
+        assert run["status"] == RunStatus.CANCELLED
+        assert run["finished_at"] == to_iso(at(3))
+        assert "removed from the config" in run["error"]
+        [event] = [e for e in store.events(run_id) if e["kind"] == "cancel"]
+        assert event["data"]["reason"] == "task_removed"
+    assert store.get_run(kept.run_id)["status"] == RunStatus.QUEUED
+    assert store.gauge_counts()[0] == 1
+    # The task coming back does not bring its cancelled runs back.
+    store.sync_tasks(TASKS, at(4), synced={"a": TASKS["a"]})
+    assert store.get_run(retry.run_id)["status"] == RunStatus.CANCELLED
+    store.close()
+
+
+def test_queued_runs_of_a_task_gone_while_the_daemon_was_down_are_cancelled_at_start(
+    tmp_path: Path,
+) -> None:
+    store = Store(tmp_path / "state.sqlite")
+    store.sync_tasks(TASKS, T0)
+    [queued] = store.fire_many([Fire("b", at(5))], at(0))
+    store.close()
+    store = Store(tmp_path / "state.sqlite")
+    store.sync_tasks({"a": TASKS["a"]}, at(10))  # a start with a config without b
+    assert store.get_run(queued.run_id)["status"] == RunStatus.CANCELLED
+    store.close()
