@@ -54,3 +54,29 @@ def to_iso(dt: datetime) -> str:
 
 def from_iso(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+class Backoff:
+    """Exponential backoff between retries of something that failed, on a monotonic
+    clock (``now_mono`` from ``Clock.monotonic``): ``first_s``, doubling to ``max_s``."""
+
+    def __init__(self, first_s: float = 0.5, max_s: float = 10.0) -> None:
+        self.first_s = first_s
+        self.max_s = max_s
+        self.delay_s = first_s
+        self.until: float | None = None
+        """When the wait after the last failure ends; None after a success."""
+
+    def failed(self, now_mono: float) -> None:
+        self.until = now_mono + self.delay_s
+        self.delay_s = min(self.delay_s * 2, self.max_s)
+
+    def ok(self) -> None:
+        self.delay_s, self.until = self.first_s, None
+
+    def waiting(self, now_mono: float) -> bool:
+        return self.until is not None and now_mono < self.until
+
+    def remaining_s(self, now_mono: float) -> float | None:
+        """Seconds until a retry is due (0 when it is), or None when nothing failed."""
+        return None if self.until is None else max(0.0, self.until - now_mono)

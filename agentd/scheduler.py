@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import json
 import logging
 import math
 import pickle
@@ -37,7 +38,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.util import datetime_to_utc_timestamp, utc_timestamp_to_datetime
 
-from agentd.clock import Clock, to_iso
+from agentd.clock import Backoff, Clock, to_iso
 from agentd.config import Config, TaskConfig, inactive_reason
 from agentd.schedule import ScheduleSpec, next_fire
 from agentd.store import Fire, FireResult, Store
@@ -127,9 +128,21 @@ class PreciseAsyncIOScheduler(AsyncIOScheduler):  # type: ignore[misc]
     thread. asyncio rounds its timers up to whole milliseconds and the wake-up from an
     idle epoll comes late on top: a per-second task's pass began 1.6-2.1 ms after its
     second, where ``time.sleep`` lands within ~0.2 ms. The loop is held at most
-    ``EARLY_S`` per fire time, and only when the timer was early."""
+    ``EARLY_S`` per fire time, and only when the timer was early.
+
+    A pass that raises still arms the next wake-up (after ``RETRY_S``): stock, an
+    exception out of ``_process_jobs`` left no timer, and nothing fired again."""
 
     EARLY_S = 0.002
+    RETRY_S = 1.0
+
+    def _process_jobs(self) -> float | None:
+        try:
+            wait_s: float | None = super()._process_jobs()
+        except Exception:
+            log.exception("scheduler pass failed; next pass in %gs", self.RETRY_S)
+            return self.RETRY_S
+        return wait_s
 
     def _start_timer(self, wait_seconds: float | None) -> None:
         self._stop_timer()
@@ -147,54 +160,115 @@ class PreciseAsyncIOScheduler(AsyncIOScheduler):  # type: ignore[misc]
 
 
 class EnqueueExecutor(BaseExecutor):  # type: ignore[misc]
-    def __init__(self, on_due: Callable[[str, list[datetime]], None]) -> None:
+    def __init__(
+        self,
+        on_due: Callable[[str, list[datetime]], None],
+        on_failed: Callable[[str, BaseException], None],
+    ) -> None:
         super().__init__()
         self._on_due = on_due
+        self._on_failed = on_failed
 
     def submit_job(self, job: Any, run_times: list[datetime]) -> None:
         try:
             self._on_due(job.args[0], list(run_times))
-        except Exception:
-            # Never let one task's failure to enqueue stop APScheduler's loop.
+        except Exception as exc:
+            # Never let one task's failure to enqueue stop APScheduler's loop; the job
+            # must not move on past fires that were not stored (see FiresNotStored).
             log.exception("enqueue failed task=%s", job.args[0])
+            self._on_failed(job.id, exc)
 
     def _do_submit_job(self, job: Any, run_times: list[datetime]) -> None:
         raise NotImplementedError  # submit_job is overridden
 
 
+class FiresNotStored(Exception):
+    """A pass's fires did not become durable: its jobs must stay where they were, so
+    that they fire again with the same scheduled times (and so the same idempotency
+    keys, which make the second attempt safe whatever the first one left)."""
+
+    def __init__(self, job_ids: set[str], cause: BaseException) -> None:
+        super().__init__(f"fires of {len(job_ids)} job(s) not stored: {cause}")
+        self.job_ids = job_ids
+        self.cause = cause
+
+
+class _Backoff(Backoff):
+    """``Backoff`` on ``time.monotonic``, as APScheduler keeps wall-clock time itself."""
+
+    def __init__(self) -> None:
+        super().__init__(first_s=0.5, max_s=10.0)
+
+    def failed(self, now_mono: float | None = None) -> None:
+        super().failed(time.monotonic() if now_mono is None else now_mono)
+
+    def waiting(self, now_mono: float | None = None) -> bool:
+        return super().waiting(time.monotonic() if now_mono is None else now_mono)
+
+    def at(self) -> datetime | None:
+        """When the wait ends, as an aware UTC time (for APScheduler's wake-up)."""
+        left = self.remaining_s(time.monotonic())
+        return None if left is None else datetime.now(UTC) + timedelta(seconds=left)
+
+
 class GroupCommitJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
-    """APScheduler's SQLite jobstore with write-behind for ``update_job``/``remove_job``.
+    """APScheduler's SQLite jobstore, written behind, that never loses or skips a fire.
 
     Stock, APScheduler commits each job's next fire time before it looks at the next due
-    job, so with 1,000 jobs due at once the last one starts 1,000 commits late. Here the
-    updates of one processing pass wait in memory and are written in one transaction at
-    the pass's first read (``get_next_run_time`` ends every pass), right after
-    ``before_flush`` has committed the fires themselves to the state DB. A crash in
-    between re-fires those jobs on restart; their runs' idempotency keys make that a
-    no-op, so nothing runs twice and nothing is lost.
+    job, so with 1,000 jobs due at once the last one starts 1,000 commits late. Here every
+    change (``add_job``, ``update_job``, ``remove_job``) waits in ``_pending`` and the
+    changes of one processing pass are written in one transaction at the pass's next
+    read (``get_next_run_time`` ends every pass), right after ``before_flush`` has
+    committed the fires themselves to the state DB. Invariants:
+
+    - Every read sees the table overlaid with ``_pending``, so a change is visible at
+      once whether or not it has been written yet.
+    - A job moves on only once its fires are durable: when ``before_flush`` raises
+      ``FiresNotStored``, the pending changes of the jobs that fired are dropped and they
+      fire again, with the same scheduled times, after a backoff (0.5 s doubling to 10 s;
+      ``get_due_jobs`` returns nothing until then).
+    - A failed write of the table keeps the changes pending; they are written by a later
+      flush, after the same kind of backoff. A crash before that re-fires those jobs on
+      restart; their runs' idempotency keys make that a no-op.
+    - No write failure reaches APScheduler: each is reported to ``on_fault`` (once per
+      cause; None once a write works again), and ``get_next_run_time`` always gives a
+      next wake-up while anything waits to be retried.
 
     A pass takes at most ``due_batch`` due jobs. The rest stay due, so APScheduler's
     next wake-up is immediate, and the loop serves probes and finished runs in between.
-    With 10,000 jobs due at once, one pass held the loop for 0.92 s.
     """
 
     due_batch = 256
     """Jobs fired per pass: as many as the most run slots a daemon can have, so one
-    pass's claim can still fill them all. 256 due jobs take the loop 25-60 ms."""
+    pass's claim can still fill them all."""
 
-    def __init__(self, engine: sqlalchemy.Engine, before_flush: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        engine: sqlalchemy.Engine,
+        before_flush: Callable[[], bool],
+        on_fault: Callable[[BaseException | None], None] | None = None,
+    ) -> None:
         super().__init__(engine=engine)
         self._before_flush = before_flush
+        self.on_fault = on_fault
+        self.fault: str | None = None
         self._pending: dict[str, Any] = {}
-        self._adds: list[Any] = []
+        """Job id -> the job as it must be stored, or None: to be deleted."""
+        self._inserts: set[str] = set()
+        """Pending ids with no row in the table yet."""
+        self._before_pass: dict[str, tuple[Any, bool]] = {}
+        """Pending jobs handed out as due in this pass, as they were before it (and
+        whether they were still to be inserted)."""
         self._buffer_adds = False
         self._reader: sqlite3.Connection | None = None
+        self._fire_retry = _Backoff()
+        self._write_retry = _Backoff()
 
     @contextlib.contextmanager
     def bulk_adds(self) -> Iterator[None]:
-        """Inside, ``add_job`` is buffered and the jobs are inserted in one transaction at
-        the end: a cold start with 10,000 tasks was 10,000 commits. Only for ids known
-        to be absent (``Scheduler.sync`` checks): a conflict is raised at the end."""
+        """Inside, ``add_job`` does not look for an existing job nor write at once: the
+        jobs are inserted in one transaction at the end (a cold start with 10,000 tasks
+        was 10,000 commits). Only for ids known to be absent (``Scheduler.sync`` checks)."""
         self._buffer_adds = True
         try:
             yield
@@ -202,20 +276,74 @@ class GroupCommitJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
             self._buffer_adds = False
             self.flush()
 
+    def add_job(self, job: Any) -> None:
+        if not self._buffer_adds and self.lookup_job(job.id) is not None:
+            raise ConflictingIdError(job.id)
+        if job.id in self._pending and self._pending[job.id] is None:
+            self._pending[job.id] = job  # replaces a stored row whose deletion is pending
+        else:
+            self._pending[job.id] = job
+            self._inserts.add(job.id)
+        if not self._buffer_adds:
+            self.flush()
+
     def update_job(self, job: Any) -> None:
         self._pending[job.id] = job
 
     def remove_job(self, job_id: str) -> None:
         """Buffered like updates: a one-shot job is removed right after it fires."""
-        self._pending[job_id] = None
+        if job_id in self._inserts:
+            self._inserts.discard(job_id)
+            self._pending.pop(job_id, None)
+        else:
+            self._pending[job_id] = None
 
-    def flush(self) -> None:
-        self._before_flush()
-        if not self._pending and not self._adds:
+    def flush(self, force: bool = False) -> None:
+        """Commit the pass's fires (``before_flush``), then write what is pending; see
+        the class's invariants. Never raises a storage failure. ``force`` writes even
+        while a failed write's backoff lasts (at shutdown)."""
+        before, self._before_pass = self._before_pass, {}
+        try:
+            stored = self._before_flush()
+        except FiresNotStored as exc:
+            for job_id in exc.job_ids:
+                if job_id in before:
+                    self._pending[job_id], insert = before[job_id]
+                    if insert:
+                        self._inserts.add(job_id)
+                elif job_id not in self._inserts:
+                    self._pending.pop(job_id, None)
+            self._fire_retry.failed()
+        else:
+            if stored:
+                self._fire_retry.ok()
+        if not self._pending or (self._write_retry.waiting() and not force):
             return
-        pending, self._pending = self._pending, {}
-        adds, self._adds = self._adds, []
-        updates = [job for job in pending.values() if job is not None]
+        try:
+            self._write(self._pending, self._inserts)
+        except Exception as exc:
+            self._write_retry.failed()
+            if str(exc) != self.fault:
+                log.error(
+                    "jobstore write failed, %d change(s) kept in memory and retried: %s",
+                    len(self._pending),
+                    exc,
+                )
+                self.fault = str(exc)
+                if self.on_fault:
+                    self.on_fault(exc)
+            return
+        self._pending, self._inserts = {}, set()
+        self._write_retry.ok()
+        if self.fault is not None:
+            log.info("jobstore writable again: %s", self.engine.url.database)
+            self.fault = None
+            if self.on_fault:
+                self.on_fault(None)
+
+    def _write(self, pending: dict[str, Any], inserts: set[str]) -> None:
+        adds = [job for job_id, job in pending.items() if job_id in inserts and job is not None]
+        updates = [job for job_id, job in pending.items() if job_id not in inserts and job]
         removals = [job_id for job_id, job in pending.items() if job is None]
         table = self.jobs_t
         with self.engine.begin() as conn:
@@ -245,23 +373,45 @@ class GroupCommitJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
             if removals:
                 conn.execute(table.delete().where(table.c.id.in_(removals)))
 
-    # Every read and every other write sees the pass's updates first.
+    # Every read flushes first and sees the table overlaid with what is still pending.
+
+    def _copy(self, job: Any) -> Any:
+        """A pending job as a fresh object, as if read from the table: APScheduler
+        changes the jobs it is given in place, and the pending one must stay as it is
+        until the pass's fires are stored."""
+        return self._reconstitute_job(pickle.dumps(job.__getstate__(), self.pickle_protocol))
+
+    def _unpending(self) -> str:
+        return json.dumps(list(self._pending))
 
     def lookup_job(self, job_id: str) -> Any:
         self.flush()
+        if job_id in self._pending:
+            job = self._pending[job_id]
+            return None if job is None else self._copy(job)
         return super().lookup_job(job_id)
 
     def get_due_jobs(self, now: datetime) -> Any:
-        """The stock query through plain sqlite3 (SQLAlchemy's layer was ~0.5 ms of a
-        per-second task's start lateness), earliest first and at most ``due_batch``; a
-        job that cannot be unpickled is logged and removed, as upstream does, with the
-        pass's other writes."""
+        """The due jobs, earliest first and at most ``due_batch``, through plain sqlite3
+        (SQLAlchemy's layer was ~0.5 ms of a per-second task's start lateness); none
+        while fires wait out a failure's backoff. A job that cannot be unpickled is
+        logged and removed, as upstream does, with the pass's other writes."""
         self.flush()
-        rows = self.read(
-            f"SELECT id, job_state FROM {self.jobs_t.name} WHERE next_run_time <= ?"
-            " ORDER BY next_run_time LIMIT ?",
-            (datetime_to_utc_timestamp(now), self.due_batch),
-        )
+        if self._fire_retry.waiting():
+            return []
+        limit = self.due_batch
+        if self._pending:
+            rows = self.read(
+                f"SELECT id, job_state FROM {self.jobs_t.name} WHERE next_run_time <= ?"
+                " AND id NOT IN (SELECT value FROM json_each(?)) ORDER BY next_run_time LIMIT ?",
+                (datetime_to_utc_timestamp(now), self._unpending(), limit),
+            )
+        else:
+            rows = self.read(
+                f"SELECT id, job_state FROM {self.jobs_t.name} WHERE next_run_time <= ?"
+                " ORDER BY next_run_time LIMIT ?",
+                (datetime_to_utc_timestamp(now), limit),
+            )
         jobs = []
         for job_id, state in rows:
             try:
@@ -269,15 +419,61 @@ class GroupCommitJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
             except Exception:
                 log.exception("cannot restore job %s from the jobstore; removing it", job_id)
                 self._pending[job_id] = None
+        for job_id, job in self._pending.items():
+            if job is not None and job.next_run_time is not None and job.next_run_time <= now:
+                self._before_pass[job_id] = (job, job_id in self._inserts)
+                jobs.append(self._copy(job))
+        if len(jobs) > len(rows):
+            jobs.sort(key=lambda j: j.next_run_time)
+            del jobs[limit:]
         return jobs
 
+    def earliest(self) -> tuple[str, datetime] | None:
+        """The job that fires first and when, from the indexed column (overlaid with
+        what is pending): cheap enough for a status line refreshed every second."""
+        if self._pending:
+            rows = self.read(
+                f"SELECT id, next_run_time FROM {self.jobs_t.name} WHERE next_run_time IS NOT"
+                " NULL AND id NOT IN (SELECT value FROM json_each(?)) ORDER BY next_run_time"
+                " LIMIT 1",
+                (self._unpending(),),
+            )
+        else:
+            rows = self.read(
+                f"SELECT id, next_run_time FROM {self.jobs_t.name}"
+                " WHERE next_run_time IS NOT NULL ORDER BY next_run_time LIMIT 1"
+            )
+        best = (str(rows[0][0]), utc_timestamp_to_datetime(rows[0][1])) if rows else None
+        for job_id, job in self._pending.items():
+            when = job.next_run_time if job is not None else None
+            if when is not None and (best is None or when < best[1]):
+                best = (job_id, when)
+        return best
+
     def get_next_run_time(self) -> Any:
+        """The next wake-up APScheduler needs: the earliest job, but not before a failed
+        fire's backoff ends, and no later than a failed write's retry."""
         self.flush()
-        rows = self.read(
-            f"SELECT next_run_time FROM {self.jobs_t.name}"
-            " WHERE next_run_time IS NOT NULL ORDER BY next_run_time LIMIT 1"
-        )
-        return utc_timestamp_to_datetime(rows[0][0]) if rows else None
+        first = self.earliest()
+        when = first[1] if first else None
+        fire_at = self._fire_retry.at()
+        if fire_at is not None and when is not None and when < fire_at:
+            when = fire_at
+        write_at = self._write_retry.at() if self._pending else None
+        if write_at is not None and (when is None or write_at < when):
+            when = write_at
+        return when
+
+    def job_ids(self) -> set[str]:
+        """Every stored job's id, as the overlay sees them."""
+        self.flush()
+        ids = {row[0] for row in self.read(f"SELECT id FROM {self.jobs_t.name}")}
+        for job_id, job in self._pending.items():
+            if job is None:
+                ids.discard(job_id)
+            else:
+                ids.add(job_id)
+        return ids
 
     def read(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
         """Plain sqlite3 for the reads APScheduler makes on every pass ("anything due?",
@@ -292,14 +488,10 @@ class GroupCommitJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
 
     def get_all_jobs(self) -> Any:
         self.flush()
-        return super().get_all_jobs()
-
-    def add_job(self, job: Any) -> None:
-        if self._buffer_adds:
-            self._adds.append(job)
-            return
-        self.flush()
-        super().add_job(job)
+        jobs = [job for job in super().get_all_jobs() if job.id not in self._pending]
+        jobs += [self._copy(job) for job in self._pending.values() if job is not None]
+        self._fix_paused_jobs_sorting(jobs)
+        return jobs
 
     def _row(self, job: Any) -> dict[str, Any]:
         return {
@@ -311,9 +503,16 @@ class GroupCommitJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
     def remove_all_jobs(self) -> None:
         self.flush()
         super().remove_all_jobs()
+        self._pending, self._inserts = {}, set()
 
     def shutdown(self) -> None:
-        self.flush()
+        self.flush(force=True)
+        if self._pending:
+            log.warning(
+                "jobstore: %d change(s) could not be written before stopping; the next "
+                "start re-fires those jobs (their runs' idempotency keys make it a no-op)",
+                len(self._pending),
+            )
         if self._reader is not None:
             self._reader.close()
             self._reader = None
@@ -368,18 +567,27 @@ class Scheduler:
         self._synced: dict[str, ScheduleSpec | None] = {}  # each job's spec, last sync
         self._engine = _jobstore_engine(jobstore_path)
         self._jobstore = GroupCommitJobStore(self._engine, self._commit_fires)
+        """Its ``on_fault`` hears of jobstore write failures (see ``on_jobstore_fault``)."""
         self.aps = PreciseAsyncIOScheduler(
             jobstores={
                 "default": self._jobstore,
                 "internal": MemoryJobStore(),
             },
-            executors={"default": EnqueueExecutor(self._on_due), "internal": AsyncIOExecutor()},
+            executors={
+                "default": EnqueueExecutor(self._on_due, self._fire_failed),
+                "internal": AsyncIOExecutor(),
+            },
             timezone=UTC,
         )
         self.on_tick: Callable[[], None] | None = None
         self._fires: list[Fire] = []
         self._pass_open = False
         """Fires of the processing pass under way, enqueued together at its end."""
+        self._pass_jobs: set[str] = set()
+        """Jobs that fired in the pass under way: they move on only if its fires commit."""
+        self._pass_failed: BaseException | None = None
+        self._fires_failing = False
+        """The last pass's fires were not stored (said once, until they are again)."""
 
     def start(self, config: Config) -> SyncReport:
         """Start paused, diff jobs against the config, then let fires through (the
@@ -469,8 +677,7 @@ class Scheduler:
         # Job ids from the table; a job is unpickled only when its stored spec is not
         # known from the last sync (at start), so a reload of 10,000 tasks with 100
         # changed touches 100 jobs.
-        self._jobstore.flush()
-        ids = {row[0] for row in self._jobstore.read("SELECT id FROM apscheduler_jobs")}
+        ids = self._jobstore.job_ids()
         if ids - self._synced.keys():  # at start: every stored spec, in one read
             for job in self.aps.get_jobs(jobstore="default"):
                 self._synced[job.id] = getattr(job.trigger, "spec", None)
@@ -531,16 +738,13 @@ class Scheduler:
             report.unchanged += 1
 
     def next_due(self) -> tuple[str, datetime] | None:
-        """The soonest job and its fire time, from the jobstore's indexed column: cheap
-        enough for a status line refreshed every second, even with 10,000 jobs."""
-        rows = self._jobstore.read(
-            "SELECT id, next_run_time FROM apscheduler_jobs "
-            "WHERE next_run_time IS NOT NULL ORDER BY next_run_time LIMIT 1"
-        )
-        if not rows:
-            return None
-        row = rows[0]
-        return str(row[0]), datetime.fromtimestamp(float(row[1]), UTC)
+        """The soonest job and its fire time (see ``GroupCommitJobStore.earliest``)."""
+        return self._jobstore.earliest()
+
+    def on_jobstore_fault(self, listener: Callable[[BaseException | None], None]) -> None:
+        """Tell ``listener`` when jobstore writes start failing (the error) and when they
+        work again (None)."""
+        self._jobstore.on_fault = listener
 
     def next_fire_time(self, task_id: str) -> datetime | None:
         job = self.aps.get_job(task_id)
@@ -563,27 +767,56 @@ class Scheduler:
 
     # ------------------------------------------------------------ fires
 
-    def _commit_fires(self) -> None:
-        """End of a processing pass: enqueue its fires and make them durable, in one
-        commit."""
+    def _commit_fires(self) -> bool:
+        """End of a processing pass (the jobstore's ``before_flush``): enqueue its fires,
+        let ``before_commit`` claim what they made runnable, and commit it all at once.
+        True when a pass's fires were committed, False when there was no pass; raises
+        ``FiresNotStored`` naming the pass's jobs when anything of it failed, so that the
+        jobstore keeps them where they were and they fire again."""
         self._pass_open = False
-        if self._fires:
-            fires, self._fires = self._fires, []
-            try:
+        fires, self._fires = self._fires, []
+        jobs, self._pass_jobs = self._pass_jobs, set()
+        failed, self._pass_failed = self._pass_failed, None
+        if failed is None and not self.store.in_group:
+            return False
+        try:
+            if failed is not None:
+                raise failed
+            if fires:
                 self._enqueue(fires)
-            except Exception:
-                log.exception("enqueue of %d fire(s) failed", len(fires))
-        if self.store.in_group:
             if self.before_commit is not None:
                 try:
                     self.before_commit()
                 except Exception:
                     # The fires must still be committed; the main loop claims them.
                     log.exception("claim before committing fires failed")
-            try:
-                self.store.commit_group()
-            except Exception:
-                log.exception("committing fires failed; they are lost unless re-fired")
+            self.store.commit_group()
+        except Exception as exc:
+            self.store.abort_group()
+            log.log(
+                logging.DEBUG if self._fires_failing else logging.WARNING,
+                "fires not stored task(s)=%s, fired again after a backoff: %s",
+                ",".join(sorted(jobs)[:10]) + (",..." if len(jobs) > 10 else ""),
+                exc,
+            )
+            self._fires_failing = True
+            raise FiresNotStored(jobs, exc) from exc
+        if self._fires_failing:
+            self._fires_failing = False
+            log.info("fires stored again task(s)=%s", ",".join(sorted(jobs)[:10]))
+        return True
+
+    def _fire_failed(self, job_id: str, exc: BaseException) -> None:
+        """A job's fire could not even be enqueued: its pass must not move it on."""
+        self._pass_jobs.add(job_id)
+        if self._pass_failed is None:
+            self._pass_failed = exc
+
+    def _end_pass(self) -> None:
+        """Backstop for a pass that did not end with the jobstore's read: flush it, which
+        commits its fires first (or keeps its jobs where they were)."""
+        if self._pass_open:
+            self._jobstore.flush()
 
     def _on_due(self, task_id: str, run_times: list[datetime]) -> None:
         """One job's due times, from APScheduler's pass. Inside a pass the fires wait
@@ -597,10 +830,14 @@ class Scheduler:
             except RuntimeError:
                 loop = None  # called directly, not from APScheduler's pass: no grouping
             if loop is not None:
-                self.store.begin_group()
                 self._pass_open = True
                 # The pass ends with a jobstore read that commits; this is the backstop.
-                loop.call_soon(self._commit_fires)
+                loop.call_soon(self._end_pass)
+                self.store.begin_group()
+        if self._pass_open:
+            self._pass_jobs.add(task_id)
+            if self._pass_failed is not None:
+                return  # the pass is lost already: this job fires again with it
         now = self.clock.now()
         due, missed, reason = catchup_split(task, run_times, now)
         if missed:
