@@ -15,6 +15,7 @@ A config error is not such a failure: the child reports it and the parent raises
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -26,7 +27,7 @@ import traceback
 from pathlib import Path
 from typing import Any, NoReturn
 
-from agentd.config import Config, ConfigError, TaskIndex, load_config, task_index
+from agentd.config import Config, ConfigError, ConfigProblem, TaskIndex, load_config, task_index
 
 log = logging.getLogger("agentd.config")
 
@@ -51,6 +52,8 @@ class ConfigLoad:
         self.pid: int | None = None
         self._fd: int | None = None
         self._fork_error: str | None = None
+        self._reaped = False
+        self._killed = False
         try:
             read_fd, write_fd = os.pipe()
         except OSError as exc:  # out of file descriptors: parse here instead
@@ -69,6 +72,13 @@ class ConfigLoad:
         os.close(write_fd)
         self.pid, self._fd = pid, read_fd
 
+    def kill(self) -> None:
+        """Give up on this load: the child is killed, so a waiting ``result`` returns."""
+        self._killed = True
+        if self.pid is not None and not self._reaped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+
     def result(self, timeout_s: float = CHILD_TIMEOUT_S) -> tuple[Config, TaskIndex]:
         """The validated config and its index; raises ConfigError when it is invalid."""
         try:
@@ -76,6 +86,8 @@ class ConfigLoad:
                 raise ChildFailed(self._fork_error)
             payload = self._collect(timeout_s)
         except ChildFailed as exc:
+            if self._killed:
+                raise ConfigError(str(self.path), [ConfigProblem("", "load abandoned")]) from None
             log.warning("config parse in a child process failed (%s); parsing in-process", exc)
             config = load_config(self.path)
             return config, task_index(config, self.before)
@@ -107,6 +119,7 @@ class ConfigLoad:
         finally:
             os.close(self._fd)
             status = _reap(self.pid)
+            self._reaped = True
         if status:
             raise ChildFailed(status)
         try:

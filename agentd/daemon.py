@@ -14,11 +14,12 @@ import fcntl
 import gc
 import json
 import logging
+import math
 import os
 import signal
-import sqlite3
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -26,7 +27,7 @@ from zoneinfo import ZoneInfo
 import prometheus_client
 
 from agentd import __version__, exitcodes, tls
-from agentd.clock import Clock, SystemClock, from_iso
+from agentd.clock import Backoff, Clock, SystemClock, from_iso
 from agentd.config import Config, ConfigError, TaskIndex, task_index
 from agentd.configload import ConfigLoad
 from agentd.control import Control
@@ -39,8 +40,8 @@ from agentd.http import BindRefused, HttpServer, check_bind, load_token
 from agentd.metrics import Metrics
 from agentd.runner import Runner
 from agentd.safety import Safety
-from agentd.scheduler import HEARTBEAT_S, Scheduler
-from agentd.store import Row, Store
+from agentd.scheduler import HEARTBEAT_S, Scheduler, SyncReport
+from agentd.store import Row, Store, is_storage_fault
 from agentd.systemd import Notifier
 
 log = logging.getLogger("agentd")
@@ -125,6 +126,14 @@ class Daemon:
         self.reload_requested = False
         self.generation = 1
         self.last_reload_ok = True
+        self.last_reload_error: str | None = None
+        """Why the last reload was refused (every problem, as logged), until one works."""
+        self._reload_summary = ""
+        self._reload_task: asyncio.Task[None] | None = None
+        self._reload_load: ConfigLoad | None = None
+        self._probe = Backoff(first_s=0.5, max_s=5.0)
+        """While the state DB fails writes: when to try a write again to see it work."""
+        self._loop_errors: dict[str, float] = {}
         self._wake = asyncio.Event()
         self._force = asyncio.Event()
         self.lock = StateLock(config.daemon.state_dir)
@@ -191,6 +200,9 @@ class Daemon:
                 sys.path.insert(0, str(extra))
         _, db_path, _ = state_paths(cfg)
         self.store = Store(db_path, event_sink=self._on_event, defer_open=True)
+        self.store.on_write = lambda exc: self.health.fault(
+            "state DB", None if exc is None else str(exc)
+        )
         self.control = Control(self.store, cfg, self.clock, on_change=self._wake.set)
         self.http = HttpServer(
             control=self.control,
@@ -232,6 +244,9 @@ class Daemon:
         )
         self.runner.set_tasks(cfg.tasks)
         self.scheduler.on_tick = lambda: self.health.tick("scheduler", self.clock.monotonic())
+        self.scheduler.on_jobstore_fault(
+            lambda exc: self.health.fault("schedule DB", None if exc is None else str(exc))
+        )
         self.scheduler.before_commit = self.runner.tick
         self.scheduler.start_paused()
         report = await self.scheduler.sync_async(cfg)  # in slices: probes are answered
@@ -301,6 +316,9 @@ class Daemon:
         self.metrics.config_reload(True, self.clock.now().timestamp())
 
     async def main_loop(self) -> None:
+        """Tick until told to stop. Nothing that goes wrong in a tick ends the loop: a
+        storage fault has been reported by the store (readiness, one log line) and is
+        retried; any other error is logged (once a minute per kind) and the loop goes on."""
         assert self.runner is not None and self.store is not None
         poll_s = self.config.daemon.poll_interval
         wedge = os.environ.get(WEDGE_ENV)
@@ -310,10 +328,11 @@ class Daemon:
                 continue
             now_mono = self.clock.monotonic()
             self.health.tick("main_loop", now_mono)
-            if self.reload_requested:
-                self.notifier.reloading()
-                await self.reload()
-                self.notifier.ready(self.status_line())
+            if self.reload_requested and self._reload_task is None:
+                # In its own task: the loop goes on ticking (probes, runs, fires) while
+                # the config is read and checked.
+                self.reload_requested = False
+                self._reload_task = asyncio.create_task(self._reload_task_main(), name="reload")
             if self.store.committing and now_mono - self._last_db_tick < poll_s:
                 # Woken by a finish while the runner's next group commits: reading the
                 # DB now would hold the loop for that fsync. The flush that started
@@ -322,18 +341,47 @@ class Daemon:
                 await self._sleep(poll_s)
                 continue
             self._last_db_tick = now_mono
-            try:
-                self.runner.tick()
-                if self.safety:
-                    self.safety.tick(self.clock.now())
-                if self.gauges.due(now_mono, bool(self.runner.active), self.store.version):
-                    self._refresh_gauges()
-                self.health.db_writable, self.health.db_error = True, None
-            except sqlite3.OperationalError as exc:
-                # Disk full or a long lock: not ready, keep the loop alive, retry next tick.
-                self.health.db_writable, self.health.db_error = False, str(exc)
-                log.error("state DB error in main loop: %s", exc)
+            if self.store.write_error is not None:
+                self._probe_writes(now_mono)
+            # Each step on its own: one that fails (a full disk) must not starve the rest.
+            self._step(self.runner.tick)
+            if self.safety:
+                self._step(partial(self.safety.tick, self.clock.now()))
+            self._step(partial(self._gauges_step, now_mono))
             await self._sleep(self._wait_s(poll_s))
+
+    def _step(self, step: Callable[[], object]) -> None:
+        try:
+            step()
+        except Exception as exc:
+            if not is_storage_fault(exc):
+                self._log_loop_error(exc)
+
+    def _gauges_step(self, now_mono: float) -> None:
+        assert self.runner and self.store
+        if self.gauges.due(now_mono, bool(self.runner.active), self.store.version):
+            self._refresh_gauges()
+
+    def _probe_writes(self, now_mono: float) -> None:
+        """While writes fail, try one now and then (backing off to every 5 s): the one
+        that works turns readiness back on, and the runner claims again."""
+        assert self.store is not None
+        if self._probe.waiting(now_mono):
+            return
+        try:
+            self.store.probe_write(self.clock.now())
+        except Exception:
+            self._probe.failed(now_mono)
+        else:
+            self._probe.ok()
+
+    def _log_loop_error(self, exc: Exception) -> None:
+        """A bug, not a fault of the storage: the traceback once a minute per kind."""
+        key = f"{type(exc).__name__}: {exc}"
+        now_mono = self.clock.monotonic()
+        if now_mono - self._loop_errors.get(key, -math.inf) >= 60.0:
+            self._loop_errors[key] = now_mono
+            log.error("main loop step failed (retried next tick): %s", key, exc_info=exc)
 
     async def _sleep(self, timeout_s: float) -> None:
         """Until woken or ``timeout_s``. A timer that sets the wake event, not
@@ -355,6 +403,8 @@ class Daemon:
         nothing to do were most of an idle daemon's CPU: four a second once, then one."""
         assert self.runner and self.store
         if self.runner.active or self.reload_requested:
+            return poll_s
+        if self.store.write_error is not None or self.runner.unrecorded:
             return poll_s
         wait_s = max(poll_s, min(IDLE_POLL_S, self.health.tick_within_s))
         due = self.runner.next_due_at  # from this iteration's tick
@@ -406,9 +456,16 @@ class Daemon:
             fmt = "%H:%M" if local.second == 0 else "%H:%M:%S"
             fmt = fmt if local.date() == today else "%Y-%m-%d " + fmt
             parts.append(f"next: {task_id} at {local.strftime(fmt)} {tz}")
+        if self.health.faults:
+            parts.insert(
+                0, "NOT READY: " + "; ".join(f"{w} not writable" for w in self.health.faults)
+            )
         line = ", ".join(parts)
         if not self.last_reload_ok:
-            line = f"reload FAILED, running previous config (see journal); {line}"
+            line = (
+                f"reload FAILED, running previous config: {self._reload_summary} "
+                f"(see journal); {line}"
+            )
         return line
 
     async def _watchdog_loop(self, interval_s: float) -> None:
@@ -448,12 +505,15 @@ class Daemon:
             # systemd cannot tell us its TimeoutStopSec; asking for what the drain may
             # take is harmless when the unit allows more, and saves the runs when not.
             self.notifier.extend_timeout(self._drain_budget_s(grace))
+        await self._cancel_reload()
         if self.scheduler:
             self.scheduler.pause()
+        unrecorded = 0
         if self.runner:
             stopped = await self.runner.drain(grace, self._force)
             if stopped:
                 log.warning("stopped %d run(s) at shutdown; they resume on next start", stopped)
+            unrecorded = self.runner.record_unrecorded_now()
         if self.safety:
             await self.safety.aclose()
         if self.http:
@@ -469,6 +529,8 @@ class Daemon:
         self.doorbell.close()  # before the lock: the socket file is the lock holder's
         self.lock.release()
         code = exitcodes.FORCED if self.force_exit else exitcodes.OK
+        if unrecorded:
+            code = exitcodes.STATE_WRITE_FAILED
         log.info("agentd stopped exit=%d", code)
         return code
 
@@ -501,43 +563,74 @@ class Daemon:
         log.info("doorbell: state DB changed by a CLI, looking now")
         self._wake.set()
 
+    async def _reload_task_main(self) -> None:
+        """One reload in its own task, RELOADING to READY; whatever happens in it, the
+        daemon goes on with a config it can run (the new one, or the old one)."""
+        self.notifier.reloading()
+        try:
+            await self.reload()
+        except Exception as exc:  # reload() handles its failures; this is the backstop
+            log.exception("reload failed unexpectedly")
+            self._reload_failed(f"internal error: {type(exc).__name__}: {exc}", str(exc))
+        finally:
+            self._reload_task = None
+            self.notifier.ready(self.status_line())
+            self._wake.set()
+
+    async def _cancel_reload(self) -> None:
+        """At shutdown: a reload still reading its config is dropped (its child killed)."""
+        task = self._reload_task
+        if task is None:
+            return
+        if self._reload_load is not None:
+            self._reload_load.kill()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+
     async def reload(self) -> bool:
         """Apply a changed config file, or keep the running one and say why.
 
         The file is read, validated and fingerprinted in a child process (see
         ``configload``), and its result unpickled in a thread: with 10,000 tasks the
         parse is over half a second the event loop (probes, fires, runs) must not wait
-        for, nor share the GIL with."""
+        for, nor share the GIL with. A reload that fails for any reason -- an invalid
+        file, the child killed or out of time, a state write that fails while applying --
+        leaves the running config in force: in the log, ``/v1/status``, STATUS= and
+        ``agentd_config_last_reload_success``."""
         self.reload_requested = False
         assert self.store and self.scheduler and self.runner
         try:
-            load = ConfigLoad(self.config_path, (self.config, self._index))
+            load = self._reload_load = ConfigLoad(self.config_path, (self.config, self._index))
             with _loop_first():
                 new, after = await asyncio.to_thread(load.result)
                 # Before collection is back on: its first pass would walk all of them.
                 gc.freeze()
         except ConfigError as exc:
-            self.last_reload_ok = False
-            self.metrics.config_reload(False, self.clock.now().timestamp())
-            for line in exc.render().splitlines():
-                log.error("reload failed, keeping the running config: %s", line)
-            if self.safety:
-                self.safety.reload_failed(exc.render())
+            first = exc.problems[0] if exc.problems else None
+            summary = f"{first.path or '<top>'}: {first.message}" if first else str(exc)
+            self._reload_failed(exc.render(), summary)
             return False
+        except Exception as exc:
+            self._reload_failed(f"cannot read {self.config_path}: {exc}", str(exc))
+            return False
+        finally:
+            self._reload_load = None
         for key in ("state_dir", "http", "concurrency", "lease"):
             if getattr(new.daemon, key) != getattr(self.config.daemon, key):
                 log.warning("reload: daemon.%s changed; it takes effect after a restart", key)
-        now = self.clock.now()
-        before = self._index
+        old, before = self.config, self._index
         changed = sorted(t for t in before.keys() & after.keys() if before[t] != after[t])
-        self.store.sync_tasks(after, now, synced=before)
-        report = await self.scheduler.sync_async(new)
-        self.runner.set_tasks(new.tasks)
-        self.metrics.set_tasks(new.tasks)
-        if self.safety:
-            self.safety.set_config(new)
-        if self.control:
-            self.control.config = new
+        try:
+            report = await self._apply(new, after, before)
+        except Exception as exc:
+            log.error("reload: applying the new config failed, restoring the running one: %s", exc)
+            try:
+                await self._apply(old, before, after)
+            except Exception:
+                log.exception("reload: restoring the running config failed; restart agentd")
+            self._reload_failed(f"cannot apply the new config: {exc}", str(exc))
+            return False
         self.config, self._index = new, after
         # As at startup: the new config lives until the next reload; out of the
         # collector's generations (frozen right after parsing, and what applying it
@@ -547,7 +640,7 @@ class Daemon:
         gc.freeze()
         tls.forget()  # clients made from now on read the CA bundle again
         self.generation += 1
-        self.last_reload_ok = True
+        self.last_reload_ok, self.last_reload_error, self._reload_summary = True, None, ""
         self.metrics.config_reload(True, self.clock.now().timestamp())
         log.info(
             "reload ok generation=%d tasks=%d added=%s changed=%s removed=%s "
@@ -564,6 +657,37 @@ class Daemon:
         )
         return True
 
+    async def _apply(self, new: Config, index: TaskIndex, synced: TaskIndex) -> SyncReport:
+        """Bring state, schedule and every part's view of the tasks to ``new``. The state
+        DB's task rows go first: if they cannot be written, nothing else has changed."""
+        assert self.store and self.scheduler and self.runner
+        self.store.sync_tasks(index, self.clock.now(), synced=synced)
+        report = await self.scheduler.sync_async(new)
+        self.runner.set_tasks(new.tasks)
+        self.metrics.set_tasks(new.tasks)
+        if self.safety:
+            self.safety.set_config(new)
+        if self.control:
+            self.control.config = new
+        return report
+
+    def _reload_failed(self, reason: str, summary: str) -> None:
+        """Keep the running config and say why everywhere an operator looks."""
+        self.last_reload_ok = False
+        self.last_reload_error = reason
+        summary = " ".join(summary.split())
+        self._reload_summary = summary if len(summary) <= 120 else summary[:117] + "..."
+        self.metrics.config_reload(False, self.clock.now().timestamp())
+        for line in reason.splitlines():
+            log.error("reload failed, keeping the running config: %s", line)
+        if self.safety:
+            try:
+                self.safety.reload_failed(reason)
+            except Exception as exc:  # the alert is a courtesy; the log line above is not
+                log.warning("reload failure not recorded as an alert: %s", exc)
+        if self.notifier.enabled:
+            self.notifier.status(self.status_line())
+
     # ------------------------------------------------------------ events
 
     def status(self) -> dict[str, Any]:
@@ -576,6 +700,7 @@ class Daemon:
             "config": str(self.config_path),
             "config_generation": self.generation,
             "last_reload_ok": self.last_reload_ok,
+            "last_reload_error": self.last_reload_error,
             "ready": ready,
             "ready_reason": why.get("reason"),
             "tasks": len(self.config.tasks),

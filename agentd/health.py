@@ -3,7 +3,8 @@
 Liveness asks only "is this process still doing its job": the main loop and the
 scheduler have ticked recently. It never looks at LLM providers or the network, so a
 dependency outage cannot make kubelet restart a healthy daemon. Readiness asks "should
-work and traffic come here": startup done, not stopping, state DB writable.
+work and traffic come here": startup done, not stopping, and the last write of each
+state file (the state DB, the jobstore) worked.
 """
 
 from __future__ import annotations
@@ -17,10 +18,19 @@ class Health:
     stale_after_s: float = 30.0
     started: bool = False
     stopping: bool = False
-    db_writable: bool = True
-    db_error: str | None = None
+    faults: dict[str, str] = field(default_factory=dict)
+    """What cannot be written and why, e.g. ``{"state DB": "database or disk is full"}``:
+    set when a write fails, cleared by the next write that works."""
     ticks: dict[str, float] = field(default_factory=dict)
     """Component name -> monotonic time of its last tick (main_loop, scheduler)."""
+
+    def fault(self, what: str, error: str | None) -> None:
+        """``what`` ("state DB", "schedule DB") failed a write with ``error``, or, with
+        None, wrote again."""
+        if error is None:
+            self.faults.pop(what, None)
+        else:
+            self.faults[what] = error
 
     def tick(self, component: str, now_mono: float) -> None:
         self.ticks[component] = now_mono
@@ -48,9 +58,7 @@ class Health:
             return False, {"status": "not_ready", "reason": "shutting down"}
         if not self.started:
             return False, {"status": "not_ready", "reason": "starting up"}
-        if not self.db_writable:
-            return False, {
-                "status": "not_ready",
-                "reason": f"state DB not writable: {self.db_error or 'unknown'}",
-            }
+        if self.faults:
+            reason = "; ".join(f"{what} not writable: {why}" for what, why in self.faults.items())
+            return False, {"status": "not_ready", "reason": reason}
         return True, {"status": "ready"}

@@ -72,3 +72,9 @@ class StopRequested(Exception):
     The checkpoint is already durable when this is raised, so the run resumes at the
     next item on the next start.
     """
+
+
+class CheckpointNotSaved(Exception):
+    """Raised from ``checkpoint.save()`` when the state DB cannot be written (a full disk,
+    a read-only file): the run stops there, as the daemon did not fail the task, it costs
+    no attempt, and it resumes from its last saved checkpoint once writes work again."""

@@ -17,16 +17,17 @@ import sqlite3
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from agentd.clock import Clock, from_iso, to_iso
+from agentd.clock import Backoff, Clock, from_iso, to_iso
 from agentd.config import TaskConfig
 from agentd.context import RunContext
 from agentd.executors import ExecEnv, executor_for
-from agentd.models import Outcome, Result, RunStatus, StopRequested
+from agentd.models import CheckpointNotSaved, Outcome, Result, RunStatus, StopRequested
 from agentd.providers import Gateway
-from agentd.store import Finish, Row, Store, wait_commit
+from agentd.store import Finish, Row, Store, WriteLost, is_storage_fault, wait_commit
 
 log = logging.getLogger("agentd.runner")
 
@@ -100,8 +101,11 @@ class ActiveRun:
     ctx: RunContext
     job: asyncio.Task[None] | None = None
     started_mono: float = 0.0
-    stop_reason: str | None = None  # "cancel" | "shutdown"
+    stop_reason: str | None = None  # "cancel" | "shutdown" | "void"
+    """Why the runner stopped it; "void": its claim was never committed (see ``_void``)."""
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    ended: bool = False
+    """Its attempt's end has been handed to ``_record``."""
 
 
 @dataclass
@@ -137,6 +141,9 @@ class _Ended:
             http_status=result.http_status if result else None,
             duration_s=self.duration_s,
             pause_after_failures=self.active.task.pause_after_failures,
+            cancel_reason="task_removed"
+            if self.decision.status == RunStatus.CANCELLED and self.outcome != Outcome.CANCELLED
+            else None,
         )
 
 
@@ -151,14 +158,28 @@ class _Backend:
         return self._runner.store.load_checkpoint(run_id)
 
     def save_checkpoint(self, run_id: str, data: Any) -> None:
-        self._runner.store.save_checkpoint(run_id, data, self._runner.clock.now())
+        try:
+            self._runner.store.save_checkpoint(run_id, data, self._runner.clock.now())
+        except Exception as exc:
+            if is_storage_fault(exc):
+                raise CheckpointNotSaved(f"checkpoint not saved: {exc}") from None
+            raise
 
     def progress(self, run_id: str, done: int, total: int | None, message: str) -> None:
-        self._runner.store.progress(run_id, done, total, message, self._runner.clock.now())
+        """Progress is for people to look at: a failed write of it does not stop the run."""
+        try:
+            self._runner.store.progress(run_id, done, total, message, self._runner.clock.now())
+        except Exception as exc:
+            if not is_storage_fault(exc):
+                raise
 
     def heartbeat(self, run_id: str) -> None:
         r = self._runner
-        r.store.heartbeat([run_id], r.owner, r.clock.now(), r.lease_s)
+        try:
+            r.store.heartbeat([run_id], r.owner, r.clock.now(), r.lease_s)
+        except Exception as exc:
+            if not is_storage_fault(exc):
+                raise
 
 
 class Runner:
@@ -189,9 +210,14 @@ class Runner:
         self.tasks: Mapping[str, TaskConfig] = {}
         self.active: dict[str, ActiveRun] = {}
         self.claiming = True
-        self.last_tick_mono = clock.monotonic()
         self._last_heartbeat = clock.monotonic()
+        self._last_recover = clock.monotonic()
         self._finishing: list[_Ended] = []
+        self.unrecorded: list[_Ended] = []
+        """Runs that ended but whose outcome could not be committed (the state DB failed
+        a write); retried after ``_retry``'s backoff, until recorded or the daemon
+        stops (then recovery at the next start re-queues them)."""
+        self._retry = Backoff(first_s=0.5, max_s=5.0)
         self._committing: asyncio.Future[None] | None = None
         """The flush whose COMMIT is on the store's writer thread, if any."""
         self._allow_overlap: set[str] = set()
@@ -208,14 +234,29 @@ class Runner:
     # ------------------------------------------------------------ the step
 
     def tick(self) -> list[str]:
-        """One step; returns the run ids started. Never blocks on a run."""
-        self.last_tick_mono = self.clock.monotonic()
+        """One step; returns the run ids started. Never blocks on a run.
+
+        While the state DB fails writes (``Store.write_error``) it neither claims nor
+        heartbeats: a claim would fail, and the runs it started would have to be stopped
+        again. The daemon's write probe finds out when writes work again.
+        """
+        now_mono = self.clock.monotonic()
+        if self.unrecorded and self._committing is None and not self._retry.waiting(now_mono):
+            # Outcomes that could not be committed: once more, with the next flush.
+            if not self._finishing:
+                asyncio.get_running_loop().call_soon(self._flush_finishes)
+            self._finishing[:0], self.unrecorded = self.unrecorded, []
+        if self.store.write_error is not None:
+            return []
         if self.active:
             for run_id in self.store.cancel_requests(self.owner):
                 self.cancel(run_id, "cancel")
-            if self.clock.monotonic() - self._last_heartbeat >= self.lease_s / 3:
+            if now_mono - self._last_heartbeat >= self.lease_s / 3:
                 self.store.heartbeat(list(self.active), self.owner, self.clock.now(), self.lease_s)
                 self._last_heartbeat = self.clock.monotonic()
+        if now_mono - self._last_recover >= self.lease_s:
+            self._last_recover = now_mono
+            self.recover_expired()
         if not self.claiming:
             return []
         free = self.concurrency - len(self.active)
@@ -250,6 +291,10 @@ class Runner:
             loop = asyncio.get_running_loop()
             for active in runs:
                 active.job = loop.create_task(self._run(active), name=f"run:{active.row['id']}")
+                active.job.add_done_callback(partial(self._job_done, active))
+            # They start only after this group commits (their first step comes later on
+            # the loop); should it not commit, they are stopped before they run.
+            self.store.after_rollback(lambda: self._void(runs))
             started = [row["id"] for row in rows]
         finally:
             if own_group:
@@ -257,6 +302,44 @@ class Runner:
         if rows:
             self._last_heartbeat = self.clock.monotonic()
         return started
+
+    def recover_expired(self) -> list[str]:
+        """Re-queue runs left ``running`` whose lease has expired and that this runner no
+        longer holds (an outcome lost to a crash of ours is recovered at start; this is
+        for one that goes missing while the daemon runs). Every lease period."""
+        held = set(self.active) | {e.active.row["id"] for e in (*self.unrecorded, *self._finishing)}
+        recovered = self.store.recover(
+            self.clock.now(), self.owner, live_owners={self.owner}, keep=held
+        )
+        if recovered:
+            log.warning(
+                "recovered %d run(s) whose lease expired while running: %s",
+                len(recovered),
+                " ".join(recovered),
+            )
+        return recovered
+
+    def _void(self, runs: list[ActiveRun]) -> None:
+        """The group that claimed ``runs`` did not commit: in the DB they are still
+        queued (or do not exist, if their fire was rolled back too). Stop them before or
+        as they begin, record nothing; they are claimed again when writes work."""
+        voided = []
+        for active in runs:
+            if self.active.get(active.row["id"]) is not active:
+                continue
+            del self.active[active.row["id"]]
+            active.stop_reason = "void"
+            active.ctx.request_cancel()
+            if active.job is not None:
+                active.job.cancel()
+            active.done.set()
+            voided.append(active.row["id"])
+        if voided:
+            log.warning(
+                "claim of %d run(s) not committed; stopped them, they stay queued: %s",
+                len(voided),
+                " ".join(voided),
+            )
 
     def cancel(self, run_id: str, reason: str) -> bool:
         active = self.active.get(run_id)
@@ -320,6 +403,8 @@ class Runner:
             outcome, error = Outcome.TIMEOUT, f"timed out after {task.timeout:g}s"
         except StopRequested:
             outcome, error = Outcome.INTERRUPTED, "stopped at checkpoint for shutdown"
+        except CheckpointNotSaved as exc:
+            outcome, error = Outcome.INTERRUPTED, f"{exc}; resumes from the last saved one"
         except asyncio.CancelledError:
             if active.stop_reason == "cancel":
                 outcome, error = Outcome.CANCELLED, "cancelled"
@@ -333,9 +418,21 @@ class Runner:
         if unexpected_cancel:
             raise asyncio.CancelledError
 
+    def _job_done(self, active: ActiveRun, job: asyncio.Task[None]) -> None:
+        """A run's task that was cancelled before its first step never ran ``_run`` (a
+        cancel or a shutdown in the same loop turn as its claim): record it here."""
+        if not active.ended and job.cancelled():
+            if active.stop_reason == "cancel":
+                self._record(active, Outcome.CANCELLED, None, "cancelled")
+            else:
+                self._record(active, Outcome.INTERRUPTED, None, "interrupted before it began")
+
     def _record(
         self, active: ActiveRun, outcome: Outcome, result: Result | None, error: str | None
     ) -> None:
+        active.ended = True
+        if active.stop_reason == "void":
+            return
         task, row = active.task, active.row
         now = self.clock.now()
         duration = round(self.clock.monotonic() - active.started_mono, 6)
@@ -343,6 +440,9 @@ class Runner:
             1 if outcome in (Outcome.FAILURE, Outcome.TIMEOUT) else 0
         )
         decision = decide(task, outcome, result, failures_after, self.rng)
+        if decision.status == RunStatus.QUEUED and self.tasks.get(task.id) is None:
+            # Its task left the config while it ran: nothing would claim it again.
+            decision = Decision(RunStatus.CANCELLED, 0.0, "task removed from the config")
         if not self._finishing and self._committing is None:
             # (While a commit is in flight, _after_commit flushes what gathered.)
             asyncio.get_running_loop().call_soon(self._flush_finishes)
@@ -355,17 +455,23 @@ class Runner:
 
         Runs that end while that commit is in flight gather in ``_finishing`` and are
         flushed together when it is done: the busier the pool, the bigger each group
-        and the fewer fsyncs per run.
+        and the fewer fsyncs per run. Should the group not commit, its outcomes wait in
+        ``unrecorded`` to be tried again (see ``tick``).
         """
         if not self._finishing or self._committing is not None:
             return
         pending, self._finishing = self._finishing, []
+        for ended in pending:
+            self.active.pop(ended.active.row["id"], None)
         own_group = not self.store.in_group
-        self.store.begin_group()
+        try:
+            self.store.begin_group()
+        except sqlite3.Error:
+            self._keep_unrecorded(pending)
+            return
+        self.store.after_rollback(lambda: self._keep_unrecorded(pending))
         try:
             self._finish(pending)
-            for ended in pending:
-                self.active.pop(ended.active.row["id"], None)
             if own_group:
                 # The freed slots are claimed in the same commit: one fsync per cycle
                 # of "some runs end, as many start", not two. A failed claim is the
@@ -374,30 +480,58 @@ class Runner:
                     self.tick()
                 except sqlite3.Error as exc:
                     log.warning("claim after finishing runs failed, retried next tick: %s", exc)
-        finally:
-            commit = self.store.commit_group_off_loop() if own_group else None
-            if commit is None:
-                # Inside someone else's group (or nothing to commit): their commit
-                # makes these durable.
-                self._finished(pending)
-            else:
-                self._committing = asyncio.ensure_future(self._after_commit(commit, pending))
+        except Exception:
+            if own_group:
+                self.store.abort_group()  # the outcomes wait in ``unrecorded``
+                return
+            raise
+        commit = self.store.commit_group_off_loop() if own_group else None
+        if commit is None:
+            # Inside someone else's group (or nothing to commit): their commit makes
+            # these durable.
+            self._finished(pending)
+        else:
+            self._committing = asyncio.ensure_future(self._after_commit(commit, pending))
+
+    def _keep_unrecorded(self, pending: list[_Ended]) -> None:
+        """Outcomes whose group did not commit: kept for another try after a backoff
+        (while draining, the last try is ``record_unrecorded_now``: nobody waits)."""
+        self.unrecorded.extend(pending)
+        if not self.claiming:
+            for ended in pending:
+                ended.active.done.set()
+        again = self._retry.until is not None  # the last try failed too: said already
+        self._retry.failed(self.clock.monotonic())
+        log.log(
+            logging.DEBUG if again else logging.ERROR,
+            "could not commit %d run outcome(s), kept to retry in %.1fs: %s",
+            len(pending),
+            self._retry.remaining_s(self.clock.monotonic()) or 0.0,
+            self.store.write_error or "the group was rolled back",
+        )
+        if self.on_change:
+            self.on_change()
 
     async def _after_commit(
         self, commit: concurrent.futures.Future[BaseException | None], pending: list[_Ended]
     ) -> None:
+        error: BaseException | None = None
         try:
             error = await wait_commit(commit)
-            self.store.settle()  # the group's events, unless a reader already settled it
-            if error is not None:
-                # The leases will expire and recovery re-queues the runs.
-                log.error("could not commit %d run outcome(s): %s", len(pending), error)
+            # The group's events (or, had it failed, its rollback hooks: the outcomes go
+            # to ``unrecorded``), unless a reader settled it already.
+            self.store.settle()
         finally:
             self._committing = None
-            self._finished(pending)
+            if error is None:
+                self._retry.ok()
+                self._finished(pending)
         self._flush_finishes()
 
     def _finished(self, pending: list[_Ended]) -> None:
+        """The outcomes are durable: the workspace records, then whoever waits."""
+        for ended in pending:
+            self._write_workspace(ended)
         for ended in pending:
             self.active.pop(ended.active.row["id"], None)
             ended.active.done.set()
@@ -405,27 +539,27 @@ class Runner:
             self.on_change()
 
     def _finish(self, pending: list[_Ended]) -> None:
-        """Record the outcomes, all in one ``finish_many``; if that fails, one by one, so
-        one bad record costs only its own run. A run whose record fails keeps its lease,
-        which expires, and recovery re-queues it: nothing is lost."""
+        """Record the outcomes, all in one ``finish_many``; if that fails for a reason of
+        the data (a run gone), one by one, so one bad record costs only its own run, and
+        a run whose record fails that way keeps its lease, which expires, and recovery
+        re-queues it. A storage fault raises: then none of them is recorded."""
         try:
             self.store.finish_many([ended.record() for ended in pending])
         except Exception as exc:
+            if isinstance(exc, WriteLost) or is_storage_fault(exc):
+                raise
             log.warning("recording %d outcomes together failed, one by one: %s", len(pending), exc)
             for ended in pending:
                 try:
                     self.store.finish_many([ended.record()])
-                except Exception:
+                except Exception as one:
+                    if isinstance(one, WriteLost) or is_storage_fault(one):
+                        raise
                     log.exception(
                         "could not record outcome run=%s task=%s",
                         ended.active.row["id"],
                         ended.active.task.id,
                     )
-                else:
-                    self._write_workspace(ended)
-            return
-        for ended in pending:
-            self._write_workspace(ended)
 
     def _write_workspace(self, ended: _Ended) -> None:
         """run.json and events.jsonl beside what the run left, if it left anything."""
@@ -451,6 +585,29 @@ class Runner:
             )
 
     # ------------------------------------------------------------ shutdown
+
+    def record_unrecorded_now(self) -> int:
+        """At shutdown, one last try to record the outcomes that could not be committed
+        (see ``unrecorded``); returns how many are still not recorded. Those runs stay
+        ``running`` in the DB and are recovered at the next start."""
+        pending, self.unrecorded = [*self.unrecorded, *self._finishing], []
+        self._finishing = []
+        if not pending:
+            return 0
+        try:
+            self.store.finish_many([ended.record() for ended in pending])
+        except Exception as exc:
+            self.unrecorded = pending
+            log.error(
+                "%d run outcome(s) could not be recorded before stopping (%s); those runs "
+                "are recovered at the next start: %s",
+                len(pending),
+                exc,
+                " ".join(e.active.row["id"] for e in pending),
+            )
+            return len(pending)
+        self._finished(pending)
+        return 0
 
     async def drain(self, grace_s: float, force: asyncio.Event | None = None) -> int:
         """Stop claiming; let runs finish within ``grace_s``; then stop the rest.

@@ -258,12 +258,12 @@ def test_readyz_follows_startup_stopping_and_db_state(tmp_path: Path) -> None:
             assert response.status_code == 200
             assert response.json() == {"status": "ready"}
 
-            env.health.db_writable, env.health.db_error = False, "disk I/O error"
+            env.health.fault("state DB", "disk I/O error")
             response = await env.client.get("/readyz")
             assert response.status_code == 503
             assert "disk I/O error" in response.json()["reason"]
 
-            env.health.db_writable = True
+            env.health.fault("state DB", None)
             env.health.stopping = True
             response = await env.client.get("/readyz")
             assert response.status_code == 503

@@ -175,3 +175,52 @@ def test_one_outcome_that_cannot_be_recorded_costs_only_its_own_run(
     assert "recording 2 outcomes together failed" in logged  # they ended as one batch
     assert f"could not record outcome run={vanished} task=vanished" in logged
     store.close()
+
+
+def test_a_run_left_running_that_the_runner_does_not_hold_is_recovered_after_its_lease(
+    tmp_path: Path,
+) -> None:
+    """A run whose outcome went missing while the daemon runs (its commit failed, say)
+    stays ``running`` in the DB: once its lease has expired the runner re-queues it, at
+    no cost of an attempt, without a restart; a run it does hold is left alone however
+    old its lease."""
+    from datetime import UTC, datetime
+
+    from agentd.clock import ManualClock
+
+    config = parse_config(
+        f"daemon:\n  state_dir: {tmp_path}\ntasks:\n"
+        "  lost:\n    schedule: {manual: true}\n"
+        '    command: {argv: ["true"]}\n'
+        "  held:\n    schedule: {manual: true}\n"
+        '    command: {shell: "sleep 30"}\n'
+    )
+    clock = ManualClock(datetime(2026, 3, 1, 12, 0, tzinfo=UTC))
+    store = Store(tmp_path / "state.sqlite")
+    store.sync_tasks({t: (c.fingerprint(), c.kind) for t, c in config.tasks.items()}, clock.now())
+    lost = store.fire("lost", clock.now(), trigger="manual").run_id
+    store.claim(clock.now(), "test", 30, 1, set(), set())  # claimed, then forgotten
+    held = store.fire("held", clock.now(), trigger="manual").run_id
+
+    async def scenario() -> None:
+        runner = make_runner(store, clock, tmp_path, 4, config)  # type: ignore[arg-type]
+        assert runner.tick() == [held]
+        clock.advance(20)
+        runner.tick()
+        assert store.get_run(lost)["status"] == "running"  # its lease has not expired
+        clock.advance(40)  # both leases in the DB are past now (no heartbeat was written)
+        store.conn.execute("UPDATE runs SET lease_expires_at='2000-01-01T00:00:00Z'")
+        runner.tick()
+        assert store.get_run(held)["status"] == "running"
+        run = store.get_run(lost)
+        assert run["status"] in ("queued", "running") and run["failures"] == 0
+        [event] = [e for e in store.events(lost) if e["kind"] == "recover"]
+        assert event["data"]["previous_owner"] == "test"
+        runner.cancel(held, "cancel")
+        deadline = time.monotonic() + 30
+        while runner.active:
+            assert time.monotonic() < deadline, "runs did not finish"
+            await asyncio.sleep(0.01)
+
+    asyncio.run(scenario())
+    store.conn.close()

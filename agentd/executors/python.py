@@ -13,8 +13,9 @@ checkpoint, where ``ctx.checkpoint.save()`` raises ``StopRequested``, or until i
 ``ctx.llm`` errors that the callable lets escape keep their meaning: a budget refusal
 ends the run ``budget_exhausted``, a 401 is not retried, a 429 waits for Retry-After.
 
-``StopRequested`` escapes unchanged: the runner records the run as interrupted and the
-next attempt resumes from the saved checkpoint.
+``StopRequested`` and ``CheckpointNotSaved`` (the state DB could not take a checkpoint)
+escape unchanged: the runner records the run as interrupted, at no cost of an attempt, and
+the next attempt resumes from the last saved checkpoint.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Any
 from agentd.config import TaskConfig
 from agentd.context import RunContext
 from agentd.executors import ExecEnv
-from agentd.models import Result, StopRequested
+from agentd.models import CheckpointNotSaved, Result, StopRequested
 from agentd.providers import BudgetExhausted, LLMError
 from agentd.threads import DaemonThreads
 
@@ -104,13 +105,13 @@ async def execute(task: TaskConfig, ctx: RunContext, env: ExecEnv) -> Result:
     except asyncio.CancelledError:
         ctx.request_cancel()
         raise
-    except StopRequested:
+    except (StopRequested, CheckpointNotSaved):
         raise
     except (BudgetExhausted, LLMError) as exc:  # from ctx.llm, uncaught by the callable
-        (ctx.workspace / "traceback.txt").write_text("".join(traceback.format_exception(exc)))
+        _save_traceback(ctx, exc)
         return exc.result()
     except (Exception, SystemExit) as exc:  # sys.exit() in a task fails it, not the daemon
-        (ctx.workspace / "traceback.txt").write_text("".join(traceback.format_exception(exc)))
+        _save_traceback(ctx, exc)
         return Result(ok=False, error=f"{type(exc).__name__}: {exc}")
     if value is None:
         return Result(ok=True)
@@ -118,5 +119,17 @@ async def execute(task: TaskConfig, ctx: RunContext, env: ExecEnv) -> Result:
         text = json.dumps(value, default=str, indent=2)
     except (TypeError, ValueError):  # e.g. non-string keys or a cycle
         text = json.dumps(repr(value))
-    (ctx.workspace / "result.json").write_text(text + "\n")
+    try:
+        (ctx.workspace / "result.json").write_text(text + "\n")
+    except OSError as exc:
+        return Result(ok=False, error=f"result.json not written: {exc.strerror}")
     return Result(ok=True, detail={"result_bytes": len(text) + 1})
+
+
+def _save_traceback(ctx: RunContext, exc: BaseException) -> None:
+    """traceback.txt beside the run's output; a workspace that cannot take it (a full
+    disk) costs only the file, the run's error says what happened."""
+    try:
+        (ctx.workspace / "traceback.txt").write_text("".join(traceback.format_exception(exc)))
+    except OSError as err:
+        ctx.log.warning("traceback.txt not written: %s", err.strerror)

@@ -1,0 +1,162 @@
+"""SIGHUP with a config that cannot be applied, and tasks that leave the config, on a
+real daemon: the running config stays, the daemon says why everywhere, nothing hangs."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from harness import Agentd, wait_for
+from prometheus_client.parser import text_string_to_metric_families
+
+pytestmark = pytest.mark.e2e
+
+GOOD = """
+tick:
+  schedule: {every: 1s}
+  command: {argv: ["true"]}
+"""
+"""A config's tasks (``Agentd.write_config`` puts the daemon section above them)."""
+
+
+def _get(d: Agentd, path: str) -> Any:
+    return httpx.get(d.url + path, timeout=10).json()
+
+
+def _metric(d: Agentd, name: str) -> float | None:
+    text = httpx.get(d.url + "/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                return float(sample.value)
+    return None
+
+
+def _reloads_seen(d: Agentd) -> int:
+    return d.log().count("reload failed, keeping the running config") + d.log().count(
+        "reload ok generation="
+    )
+
+
+def _append(raw: bytes) -> Any:
+    return lambda d: d.config.write_bytes(d.config.read_bytes() + raw)
+
+
+def _tasks(yaml: str) -> Any:
+    return lambda d: d.write_config(GOOD + yaml)
+
+
+def _daemon(extra: str) -> Any:
+    return lambda d: d.write_config(GOOD, extra)
+
+
+def _deep(levels: int) -> str:
+    return "  x:\n    schedule: {every: 1m}\n    command: {argv: [true]}\n    params: " + (
+        "[" * levels + "]" * levels
+    )
+
+
+# Each breaks the file in a way that took the daemon down (a traceback, exit 1), or that
+# validation let through and the scheduler could not take.
+HOSTILE: dict[str, Any] = {
+    "latin1_text": _append(b"# caf\xe9\n"),
+    "byte_0xff": _append(b"\xff\n"),
+    "zone_is_a_directory": _daemon("timezone: America"),
+    "zone_300_chars": _daemon("timezone: " + "A" * 300),
+    "cron_never_fires": _tasks('x: {schedule: {cron: "0 0 31 2 *"}, command: {argv: [true]}}'),
+    "interval_overflows": _tasks("x: {schedule: {every: 100000000d}, command: {argv: [true]}}"),
+    "interval_1e300": _tasks("x: {schedule: {every: 1e300}, command: {argv: [true]}}"),
+    "jitter_1e300": _tasks("x: {schedule: {every: 1m, jitter: 1e300}, command: {argv: [true]}}"),
+    "params_600_deep": lambda d: d.write_config(GOOD + _deep(600)),
+    "self_alias": _tasks("x: {schedule: {every: 1m}, command: {argv: [true]}, params: &a {a: *a}}"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_a_hostile_config_sent_by_sighup_keeps_the_running_config(
+    make_daemon: Any, name: str
+) -> None:
+    d = make_daemon(GOOD).start()
+    wait_for(lambda: d.runs("tick"), what="a first fire")
+    good = d.config.read_bytes()
+    HOSTILE[name](d)
+    seen = _reloads_seen(d)
+    d.signal(signal.SIGHUP)
+    wait_for(lambda: _reloads_seen(d) > seen, timeout=60, what="the reload's outcome")
+    assert "reload failed, keeping the running config" in d.log(), d.log()[-3000:]
+    assert not d.proc_exited(), d.log()[-3000:]
+    status = _get(d, "/v1/status")
+    assert status["last_reload_ok"] is False
+    assert status["last_reload_error"], status
+    assert status["config_generation"] == 1
+    assert _metric(d, "agentd_config_last_reload_successful") == 0
+    # Still scheduling on the old config.
+    count = len(d.runs("tick"))
+    wait_for(lambda: len(d.runs("tick")) > count + 1, what="fires after the failed reload")
+    # Mended, the next SIGHUP applies and clears the failure.
+    d.config.write_bytes(good)
+    d.signal(signal.SIGHUP)
+    wait_for(lambda: "reload ok generation=2" in d.log(), what="the mended reload")
+    status = _get(d, "/v1/status")
+    assert status["last_reload_ok"] is True and status["last_reload_error"] is None
+    assert d.stop() == 0
+
+
+def test_a_slow_reload_does_not_stop_the_loop_and_shutdown_does_not_wait_for_it(
+    make_daemon: Any, tmp_path: Path
+) -> None:
+    """The config path turned into a FIFO nobody writes: the parse child blocks opening
+    it. Meanwhile the daemon goes on ticking (liveness stays 200), and SIGTERM ends the
+    reload with the daemon."""
+    import os
+
+    d = make_daemon(GOOD).start()
+    wait_for(lambda: d.runs("tick"), what="a first fire")
+    d.config.unlink()
+    os.mkfifo(d.config)
+    d.signal(signal.SIGHUP)
+    d.wait_log("signal SIGHUP: reload requested", "the reload request")
+    count = len(d.runs("tick"))
+    wait_for(lambda: len(d.runs("tick")) > count + 2, what="fires while the reload waits")
+    health = httpx.get(d.url + "/healthz", timeout=10)
+    assert health.status_code == 200, health.text
+    assert d.stop(timeout=30) == 0
+
+
+def test_queued_retry_of_a_task_removed_by_a_reload_is_cancelled(make_daemon: Any) -> None:
+    d = make_daemon(
+        """
+        flaky:
+          schedule: {manual: true}
+          command: {shell: "exit 3"}
+          retry: {max_attempts: 5, backoff: 1h, max_backoff: 1h}
+        other:
+          schedule: {manual: true}
+          command: {argv: ["true"]}
+        """
+    ).start()
+    run_id = d.trigger("flaky")
+    wait_for(lambda: d.events(run_id, "retry"), what="the retry waiting in the queue")
+    assert d.run_status(run_id) == "queued"
+    wait_for(lambda: _metric(d, "agentd_queue_depth") == 1, what="queue depth 1")
+    d.write_config(
+        """
+        other:
+          schedule: {manual: true}
+          command: {argv: ["true"]}
+        """
+    )
+    d.signal(signal.SIGHUP)
+    d.wait_log("reload ok generation=2", "the reload")
+    row = d.wait_status(run_id, "cancelled")
+    assert "removed from the config" in row["error"]
+    [cancel] = d.events(run_id, "cancel")
+    assert cancel["data"]["reason"] == "task_removed"
+    wait_for(lambda: _metric(d, "agentd_queue_depth") == 0, what="the queue drained")
+    listed = json.loads(d.cli("runs", "--status", "queued", "--json").stdout)
+    assert listed == []
+    assert d.stop() == 0
