@@ -156,12 +156,14 @@ def test_double_fire_enqueues_one_run(make_daemon) -> None:  # type: ignore[no-u
     )
     config = load_config(d.config)
     spec = config.schedule_spec("tick")
-    # Pick the fire time the daemon will hit, at least a second ahead, and fire it first.
-    target = next_fire(spec, "tick", datetime.now(UTC) + timedelta(seconds=1))
-    assert target is not None
     d.start()
     store = Store(d.state_dir / "state.sqlite")
     try:
+        # A fire time the running daemon will hit, a few seconds ahead even on a loaded
+        # machine (picked before the start, it could pass while the daemon starts up and
+        # the daemon would never fire it), and fire it first.
+        target = next_fire(spec, "tick", datetime.now(UTC) + timedelta(seconds=3))
+        assert target is not None
         first = store.fire("tick", datetime.now(UTC), scheduled_for=target, overlap="allow")
         assert first.created
         d.wait_status(first.run_id, "succeeded")
