@@ -25,7 +25,7 @@ from zoneinfo import ZoneInfo
 
 import prometheus_client
 
-from agentd import __version__, exitcodes, tls
+from agentd import __version__, exitcodes, statecheck, tls
 from agentd.clock import Clock, SystemClock, from_iso
 from agentd.config import Config, ConfigError, TaskIndex, task_index
 from agentd.configload import ConfigLoad
@@ -65,6 +65,18 @@ class StateLocked(Exception):
         super().__init__(f"state dir is locked by another agentd (pid {holder}): {path}")
         self.path = path
         self.holder = holder
+
+
+class ListenFailed(statecheck.Refusal):
+    """The HTTP address cannot be bound: in use, or not an address of this host."""
+
+    exit_code = exitcodes.UNAVAILABLE
+
+    def __init__(self, host: str, port: int, exc: OSError) -> None:
+        super().__init__(
+            f"cannot listen on {host or '*'}:{port}: {exc.strerror or exc}. Stop what "
+            "listens there (another agentd?) or set daemon.http.host/port to a free address"
+        )
 
 
 class StateLock:
@@ -115,8 +127,10 @@ class Daemon:
         config: Config,
         clock: Clock | None = None,
         index: TaskIndex | None = None,
+        accept_empty_state: bool = False,
     ) -> None:
         self.config_path = config_path
+        self.accept_empty_state = accept_empty_state
         self.config = config
         self.clock: Clock = clock or SystemClock()
         self.owner = f"{os.uname().nodename}:{os.getpid()}"
@@ -161,6 +175,10 @@ class Daemon:
         except BindRefused as exc:
             log.error("refusing to start: %s", exc)
             return exitcodes.CONFIG
+        except statecheck.Refusal as exc:
+            log.error("refusing to start: %s", exc)
+            await self._abandon_startup()
+            return exc.exit_code
         try:
             await self.main_loop()
         finally:
@@ -177,8 +195,16 @@ class Daemon:
         root, _, jobs_path = state_paths(cfg)
         token = load_token(cfg.daemon.http)
         check_bind(cfg.daemon.http, token)
-        root.mkdir(parents=True, exist_ok=True)
-        self.lock.acquire()
+        statecheck.prepare_state_dir(root)
+        try:
+            self.lock.acquire()
+        except OSError as exc:
+            raise statecheck.StateUnusable(statecheck.dir_problem(root, exc)) from None
+        # Before anything opens the state: what SQLite would silently drop or replace.
+        for found in await asyncio.to_thread(
+            statecheck.startup_guard, root, accept_empty_state=self.accept_empty_state
+        ):
+            log.warning("state: %s", found.line())
         loop = asyncio.get_running_loop()
         self.doorbell.open(loop)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -190,7 +216,8 @@ class Daemon:
             if str(extra) not in sys.path:
                 sys.path.insert(0, str(extra))
         _, db_path, _ = state_paths(cfg)
-        self.store = Store(db_path, event_sink=self._on_event, defer_open=True)
+        with _refusing(root):
+            self.store = Store(db_path, event_sink=self._on_event, defer_open=True)
         self.control = Control(self.store, cfg, self.clock, on_change=self._wake.set)
         self.http = HttpServer(
             control=self.control,
@@ -201,7 +228,10 @@ class Daemon:
             clock=self.clock,
             token=token,
         )
-        port = await self.http.start(cfg.daemon.http.host, cfg.daemon.http.port)
+        try:
+            port = await self.http.start(cfg.daemon.http.host, cfg.daemon.http.port)
+        except OSError as exc:
+            raise ListenFailed(cfg.daemon.http.host, cfg.daemon.http.port, exc) from None
         log.info(
             "http listening on %s:%d (not ready until startup completes)",
             cfg.daemon.http.host,
@@ -212,7 +242,7 @@ class Daemon:
         # State, metrics' last times and the scheduler's objects (SQLAlchemy engine,
         # jobstore table) off the loop: with 1,000 tasks the last two were 20 ms of the
         # loop that probes waited for (B5's cold-start stall).
-        with _loop_first():
+        with _loop_first(), _refusing(root):
             self.scheduler = await asyncio.to_thread(self._prepare, cfg, jobs_path)
         self.safety = Safety(self.store, cfg, self.clock, self.metrics)
         self.runner = Runner(
@@ -234,7 +264,8 @@ class Daemon:
         self.scheduler.on_tick = lambda: self.health.tick("scheduler", self.clock.monotonic())
         self.scheduler.before_commit = self.runner.tick
         self.scheduler.start_paused()
-        report = await self.scheduler.sync_async(cfg)  # in slices: probes are answered
+        with _refusing(root):
+            report = await self.scheduler.sync_async(cfg)  # in slices: probes are answered
         self.scheduler.resume()
         self.health.tick("main_loop", self.clock.monotonic())
         self.health.started = True
@@ -472,6 +503,16 @@ class Daemon:
         log.info("agentd stopped exit=%d", code)
         return code
 
+    async def _abandon_startup(self) -> None:
+        """After a refusal to start: undo what startup began, writing no state."""
+        if self.http:
+            await self.http.stop(timeout_s=1.0)
+        if self._watchdog:
+            self._watchdog.cancel()
+        with contextlib.suppress(OSError):
+            self.doorbell.close()
+        self.lock.release()
+
     def _drain_budget_s(self, grace_s: float) -> float:
         """Worst case from STOPPING to exit: the grace, the kill grace, and the bounded
         waits after it (runner, HTTP, closing the DB)."""
@@ -603,6 +644,18 @@ class Daemon:
 
 
 @contextlib.contextmanager
+def _refusing(root: Path) -> Iterator[None]:
+    """Errors that say a state file is damaged or cannot be used become a ``Refusal``."""
+    try:
+        yield
+    except Exception as exc:
+        refusal = statecheck.classify(exc, root)
+        if refusal is None:
+            raise
+        raise refusal from None
+
+
+@contextlib.contextmanager
 def _loop_first() -> Iterator[None]:
     """While a thread does long pure-Python work (unpickling a reloaded config, or
     parsing it when its child failed; startup's state), the loop gets the GIL back at
@@ -642,10 +695,13 @@ def _fmt(value: Any) -> str:
     return json.dumps(text) if (" " in text or not text) else text
 
 
-def run_daemon(config_path: Path, load: ConfigLoad | None = None) -> int:
+def run_daemon(
+    config_path: Path, load: ConfigLoad | None = None, *, accept_empty_state: bool = False
+) -> int:
     """Entry point for ``agentd run``: exit codes from ``agentd.exitcodes``.
 
-    ``load`` is the config's parse, begun (by ``cli``) before this module's imports."""
+    ``load`` is the config's parse, begun (by ``cli``) before this module's imports;
+    ``accept_empty_state`` is ``--accept-empty-state`` (see ``statecheck``)."""
     # One *_created series per counter doubles the series count for no question anyone
     # asks at 3 a.m.; process-wide, so it is decided here.
     prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -660,6 +716,6 @@ def run_daemon(config_path: Path, load: ConfigLoad | None = None) -> int:
         print(exc.render(), file=sys.stderr)
         return exitcodes.CONFIG
     logging.getLogger().setLevel(config.daemon.log_level.upper())
-    daemon = Daemon(config_path, config, index=index)
+    daemon = Daemon(config_path, config, index=index, accept_empty_state=accept_empty_state)
     command.use_pidfd_child_watcher()  # attached to the loop asyncio.run creates
     return asyncio.run(daemon.serve())
