@@ -493,15 +493,54 @@ class Daemon:
             await self.http.stop(timeout_s=3.0)
         if self.scheduler:
             self.scheduler.shutdown()
-        if self.store:
-            self.store.close()
+        unwritten = self._close_store() if self.store else None
         if self._watchdog:
             self._watchdog.cancel()
-        self.doorbell.close()  # before the lock: the socket file is the lock holder's
+        with contextlib.suppress(OSError):  # a read-only state dir keeps the socket file
+            self.doorbell.close()  # before the lock: the socket file is the lock holder's
         self.lock.release()
         code = exitcodes.FORCED if self.force_exit else exitcodes.OK
+        if unwritten and not self.force_exit:
+            code = exitcodes.STATE_WRITE_FAILED
         log.info("agentd stopped exit=%d", code)
         return code
+
+    def _close_store(self) -> str | None:
+        """Close the state DB after the drain. Returns None when every record made it, else
+        says (once, in the log) what could not be written: runs the runner is done with
+        but the DB still has ``running`` under this process (their outcome or
+        interruption did not commit), which the next start recovers. (A run the drain had
+        to abandon is still the runner's: not a write that failed.) A WAL that cannot be
+        folded into the file at the end loses nothing."""
+        assert self.store is not None
+        store, unwritten = self.store, None
+        try:
+            store.commit_group()
+            rows = store.conn.execute(
+                "SELECT id FROM runs WHERE status='running' AND lease_owner=?", (self.owner,)
+            ).fetchall()
+            left = {row[0] for row in rows} - set(self.runner.active if self.runner else ())
+            if left:
+                unwritten = f"{len(left)} run(s) still recorded as running ({' '.join(left)})"
+        except sqlite3.Error as exc:
+            unwritten = f"its last commit failed ({exc})"
+        try:
+            store.close()
+        except sqlite3.Error as exc:
+            if not unwritten:
+                log.warning(
+                    "state DB: could not fold the WAL into %s at stop (%s); nothing is lost, "
+                    "the next start replays it",
+                    store.path,
+                    exc,
+                )
+        if unwritten:
+            log.error(
+                "state DB: could not write the last records at stop: %s; the runs concerned "
+                "are recovered at next start (state dir read-only or full?)",
+                unwritten,
+            )
+        return unwritten
 
     async def _abandon_startup(self) -> None:
         """After a refusal to start: undo what startup began, writing no state."""
