@@ -201,10 +201,12 @@ class Daemon:
         except OSError as exc:
             raise statecheck.StateUnusable(statecheck.dir_problem(root, exc)) from None
         # Before anything opens the state: what SQLite would silently drop or replace.
+        checked = self.clock.monotonic()
         for found in await asyncio.to_thread(
             statecheck.startup_guard, root, accept_empty_state=self.accept_empty_state
         ):
-            log.warning("state: %s", found.line())
+            (log.info if found.severity == "ok" else log.warning)("state: %s", found.line())
+        log.debug("state checked in %.1f ms", (self.clock.monotonic() - checked) * 1000)
         loop = asyncio.get_running_loop()
         self.doorbell.open(loop)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

@@ -350,7 +350,8 @@ def check_jobstore_header(root: Path) -> Finding | None:
 
 def startup_guard(root: Path, *, accept_empty_state: bool = False) -> list[Finding]:
     """Everything that must be known before SQLite opens the state: raises a ``Refusal``
-    for the first reason not to go on, else returns the warnings to log.
+    for the first reason not to go on, else returns the findings to log (warnings, and
+    an intact WAL's "ok").
 
     Its only writes: a refused WAL's evidence copy and ``MARKER``; with
     ``accept_empty_state``, an orphaned WAL renamed aside (SQLite would delete it)."""
@@ -383,6 +384,8 @@ def startup_guard(root: Path, *, accept_empty_state: bool = False) -> list[Findi
         raise found.refusal()
     if found is not None:
         warnings.append(found)
+    elif report is not None and report.frames:  # left by an unclean stop: say it was read
+        warnings.append(Finding("ok", report.path, f"left by an unclean stop: {report.describe()}"))
     return warnings
 
 

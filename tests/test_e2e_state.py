@@ -616,6 +616,7 @@ def test_sigkill_leaves_a_wal_that_the_next_start_checks_and_accepts(
     assert (d.state_dir / "state.sqlite-wal").stat().st_size > 32
     code, out = outcome(d)
     assert code == 0 and "refusing" not in out and "WARNING agentd state" not in out, out
+    assert "left by an unclean stop:" in out and ", intact" in out, out
     assert run_count(d.state_dir) == 3
 
 
