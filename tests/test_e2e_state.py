@@ -10,6 +10,7 @@ does); where mounting is not permitted the test is skipped and says why.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -435,7 +436,9 @@ def test_read_only_state_dir_at_start_refuses(tmpfs_state: Agentd) -> None:
 def ext4_state(make_daemon: Callable[..., Agentd], tmp_path: Path) -> Iterator[tuple[Agentd, Path]]:
     """A daemon whose state dir is an ext4 loop device mounted ``errors=remount-ro``; the
     second item is the file that, written to, makes the kernel turn it read-only under
-    the running daemon (``/sys/fs/ext4/<dev>/trigger_fs_error``), as a disk error would."""
+    the running daemon (``/sys/fs/ext4/<dev>/trigger_fs_error``), as a disk error would.
+    (A tmpfs cannot be remounted read-only under it: the kernel refuses, EBUSY, while any
+    file on it is open for writing, and the daemon holds its DB, WAL and lock open.)"""
     d = make_daemon(
         """
         sleeper:
@@ -519,6 +522,46 @@ def test_sigterm_with_state_gone_read_only_while_idle_exits_0(
     assert d.stop() == 0, d.log()
     assert "Traceback" not in d.log(), d.log()
     assert "could not write the last records" not in d.log()
+
+
+def test_sigterm_with_the_state_dir_full_exits_74_and_the_run_is_recovered(
+    make_daemon: Callable[..., Agentd],
+) -> None:
+    d = make_daemon(
+        """
+        sleeper:
+          schedule: {manual: true}
+          command: {argv: ["sleep", "30"]}
+        """,
+        "shutdown_grace: 1s",
+    )
+    d.state_dir.mkdir()
+    done = _mount("-t", "tmpfs", "-o", "size=4m", "tmpfs", str(d.state_dir))
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        start(d)
+        run_id = d.trigger("sleeper")
+        d.wait_status(run_id, "running")
+        filler = d.state_dir / "filler"
+        with filler.open("wb") as f, contextlib.suppress(OSError):
+            while True:  # until the file system is full
+                f.write(b"\0" * 65536)
+                f.flush()
+        assert d.stop() == exitcodes.STATE_WRITE_FAILED, d.log()
+        out = d.log()
+        assert "Traceback" not in out, out
+        lines = [ln for ln in out.splitlines() if "could not write the last records" in ln]
+        assert len(lines) == 1 and run_id in lines[0], out
+        filler.unlink()
+        start(d)
+        d.wait_log("recovered 1 run(s) left running by a previous process", what="recovery")
+        assert d.stop() == 0
+    finally:
+        if d.proc and d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait(timeout=30)
+        subprocess.run(["umount", "-l", str(d.state_dir)], timeout=30)
 
 
 def read_only(path: Path) -> bool:
