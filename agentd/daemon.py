@@ -205,7 +205,8 @@ class Daemon:
         for found in await asyncio.to_thread(
             statecheck.startup_guard, root, accept_empty_state=self.accept_empty_state
         ):
-            (log.info if found.severity == "ok" else log.warning)("state: %s", found.line())
+            level = logging.INFO if found.severity == "ok" else logging.WARNING
+            log.log(level, "state: %s: %s", found.path, found.message)
         log.debug("state checked in %.1f ms", (self.clock.monotonic() - checked) * 1000)
         loop = asyncio.get_running_loop()
         self.doorbell.open(loop)
