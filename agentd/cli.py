@@ -57,7 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="agentd", description="Run background agent work.")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", parents=[common], help="run the daemon in the foreground")
+    p = sub.add_parser("run", parents=[common], help="run the daemon in the foreground")
+    p.add_argument(
+        "--accept-empty-state",
+        action="store_true",
+        help="start even though state.sqlite is missing or empty beside a jobstore that "
+        "holds jobs: begin afresh, deliberately",
+    )
     p = sub.add_parser("check-config", parents=[common], help="validate the config")
     p.add_argument("--next", type=int, default=0, metavar="N", help="show each task's next N fires")
     p.add_argument("--show", action="store_true", help="print the config, secrets redacted")
@@ -85,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task")
     p = sub.add_parser("alerts", parents=[common], help="alerts raised and their deliveries")
     p.add_argument("--limit", type=int, default=20)
+    p = sub.add_parser("doctor", parents=[common], help="check the state dir and its files")
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="do what is safe: move damaged files aside, acknowledge a damaged WAL",
+    )
     p = sub.add_parser("events", parents=[common], help="the audit log; --follow to stream it")
     p.add_argument("--follow", "-f", action="store_true")
     p.add_argument("--limit", type=int, default=50)
@@ -118,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         load = ConfigLoad(config_path)
         from agentd.daemon import run_daemon
 
-        code = run_daemon(config_path, load)
+        code = run_daemon(config_path, load, accept_empty_state=args.accept_empty_state)
         # The daemon has closed its state, released its lock and logged its last line.
         # Skipping interpreter teardown (module and object cleanup of a large import
         # graph: 0.2 s with no task, 0.8 s with 1,000) keeps SIGTERM-to-exit short,
@@ -134,6 +146,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exitcodes.CONFIG
     if args.command == "check-config":
         return check_config(config, args)
+    if args.command == "doctor":
+        from agentd.statecheck import doctor
+
+        return doctor(config.daemon.state_dir, args)
     from agentd.ops import state_command  # the daemon's modules: kept off `run`'s path
 
     return state_command(config, args, parser)

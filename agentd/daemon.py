@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import signal
+import sqlite3
 import sys
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -26,7 +27,7 @@ from zoneinfo import ZoneInfo
 
 import prometheus_client
 
-from agentd import __version__, exitcodes, tls
+from agentd import __version__, exitcodes, statecheck, tls
 from agentd.clock import Backoff, Clock, SystemClock, from_iso
 from agentd.config import Config, ConfigError, TaskIndex, task_index
 from agentd.configload import ConfigLoad
@@ -66,6 +67,18 @@ class StateLocked(Exception):
         super().__init__(f"state dir is locked by another agentd (pid {holder}): {path}")
         self.path = path
         self.holder = holder
+
+
+class ListenFailed(statecheck.Refusal):
+    """The HTTP address cannot be bound: in use, or not an address of this host."""
+
+    exit_code = exitcodes.UNAVAILABLE
+
+    def __init__(self, host: str, port: int, exc: OSError) -> None:
+        super().__init__(
+            f"cannot listen on {host or '*'}:{port}: {exc.strerror or exc}. Stop what "
+            "listens there (another agentd?) or set daemon.http.host/port to a free address"
+        )
 
 
 class StateLock:
@@ -116,8 +129,10 @@ class Daemon:
         config: Config,
         clock: Clock | None = None,
         index: TaskIndex | None = None,
+        accept_empty_state: bool = False,
     ) -> None:
         self.config_path = config_path
+        self.accept_empty_state = accept_empty_state
         self.config = config
         self.clock: Clock = clock or SystemClock()
         self.owner = f"{os.uname().nodename}:{os.getpid()}"
@@ -170,6 +185,10 @@ class Daemon:
         except BindRefused as exc:
             log.error("refusing to start: %s", exc)
             return exitcodes.CONFIG
+        except statecheck.Refusal as exc:
+            log.error("refusing to start: %s", exc)
+            await self._abandon_startup()
+            return exc.exit_code
         try:
             await self.main_loop()
         finally:
@@ -186,8 +205,19 @@ class Daemon:
         root, _, jobs_path = state_paths(cfg)
         token = load_token(cfg.daemon.http)
         check_bind(cfg.daemon.http, token)
-        root.mkdir(parents=True, exist_ok=True)
-        self.lock.acquire()
+        statecheck.prepare_state_dir(root)
+        try:
+            self.lock.acquire()
+        except OSError as exc:
+            raise statecheck.StateUnusable(statecheck.dir_problem(root, exc)) from None
+        # Before anything opens the state: what SQLite would silently drop or replace.
+        checked = self.clock.monotonic()
+        for found in await asyncio.to_thread(
+            statecheck.startup_guard, root, accept_empty_state=self.accept_empty_state
+        ):
+            level = logging.INFO if found.severity == "ok" else logging.WARNING
+            log.log(level, "state: %s: %s", found.path, found.message)
+        log.debug("state checked in %.1f ms", (self.clock.monotonic() - checked) * 1000)
         loop = asyncio.get_running_loop()
         self.doorbell.open(loop)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -199,7 +229,8 @@ class Daemon:
             if str(extra) not in sys.path:
                 sys.path.insert(0, str(extra))
         _, db_path, _ = state_paths(cfg)
-        self.store = Store(db_path, event_sink=self._on_event, defer_open=True)
+        with _refusing(root):
+            self.store = Store(db_path, event_sink=self._on_event, defer_open=True)
         self.store.on_write = lambda exc: self.health.fault(
             "state DB", None if exc is None else str(exc)
         )
@@ -213,7 +244,10 @@ class Daemon:
             clock=self.clock,
             token=token,
         )
-        port = await self.http.start(cfg.daemon.http.host, cfg.daemon.http.port)
+        try:
+            port = await self.http.start(cfg.daemon.http.host, cfg.daemon.http.port)
+        except OSError as exc:
+            raise ListenFailed(cfg.daemon.http.host, cfg.daemon.http.port, exc) from None
         log.info(
             "http listening on %s:%d (not ready until startup completes)",
             cfg.daemon.http.host,
@@ -224,7 +258,7 @@ class Daemon:
         # State, metrics' last times and the scheduler's objects (SQLAlchemy engine,
         # jobstore table) off the loop: with 1,000 tasks the last two were 20 ms of the
         # loop that probes waited for (B5's cold-start stall).
-        with _loop_first():
+        with _loop_first(), _refusing(root):
             self.scheduler = await asyncio.to_thread(self._prepare, cfg, jobs_path)
         self.safety = Safety(self.store, cfg, self.clock, self.metrics)
         self.runner = Runner(
@@ -249,7 +283,8 @@ class Daemon:
         )
         self.scheduler.before_commit = self.runner.tick
         self.scheduler.start_paused()
-        report = await self.scheduler.sync_async(cfg)  # in slices: probes are answered
+        with _refusing(root):
+            report = await self.scheduler.sync_async(cfg)  # in slices: probes are answered
         self.scheduler.resume()
         self.health.tick("main_loop", self.clock.monotonic())
         self.health.started = True
@@ -522,17 +557,64 @@ class Daemon:
             await self.http.stop(timeout_s=3.0)
         if self.scheduler:
             self.scheduler.shutdown()
-        if self.store:
-            self.store.close()
+        unwritten = self._close_store() if self.store else None
         if self._watchdog:
             self._watchdog.cancel()
-        self.doorbell.close()  # before the lock: the socket file is the lock holder's
+        with contextlib.suppress(OSError):  # a read-only state dir keeps the socket file
+            self.doorbell.close()  # before the lock: the socket file is the lock holder's
         self.lock.release()
         code = exitcodes.FORCED if self.force_exit else exitcodes.OK
-        if unrecorded:
+        if (unrecorded or unwritten) and not self.force_exit:
             code = exitcodes.STATE_WRITE_FAILED
         log.info("agentd stopped exit=%d", code)
         return code
+
+    def _close_store(self) -> str | None:
+        """Close the state DB after the drain. Returns None when every record made it, else
+        says (once, in the log) what could not be written: runs the runner is done with
+        but the DB still has ``running`` under this process (their outcome or
+        interruption did not commit), which the next start recovers. (A run the drain had
+        to abandon is still the runner's: not a write that failed.) A WAL that cannot be
+        folded into the file at the end loses nothing."""
+        assert self.store is not None
+        store, unwritten = self.store, None
+        try:
+            store.commit_group()
+            rows = store.conn.execute(
+                "SELECT id FROM runs WHERE status='running' AND lease_owner=?", (self.owner,)
+            ).fetchall()
+            left = {row[0] for row in rows} - set(self.runner.active if self.runner else ())
+            if left:
+                unwritten = f"{len(left)} run(s) still recorded as running ({' '.join(left)})"
+        except sqlite3.Error as exc:
+            unwritten = f"its last commit failed ({exc})"
+        try:
+            store.close()
+        except sqlite3.Error as exc:
+            if not unwritten:
+                log.warning(
+                    "state DB: could not fold the WAL into %s at stop (%s); nothing is lost, "
+                    "the next start replays it",
+                    store.path,
+                    exc,
+                )
+        if unwritten:
+            log.error(
+                "state DB: could not write the last records at stop: %s; the runs concerned "
+                "are recovered at next start (state dir read-only or full?)",
+                unwritten,
+            )
+        return unwritten
+
+    async def _abandon_startup(self) -> None:
+        """After a refusal to start: undo what startup began, writing no state."""
+        if self.http:
+            await self.http.stop(timeout_s=1.0)
+        if self._watchdog:
+            self._watchdog.cancel()
+        with contextlib.suppress(OSError):
+            self.doorbell.close()
+        self.lock.release()
 
     def _drain_budget_s(self, grace_s: float) -> float:
         """Worst case from STOPPING to exit: the grace, the kill grace, and the bounded
@@ -728,6 +810,18 @@ class Daemon:
 
 
 @contextlib.contextmanager
+def _refusing(root: Path) -> Iterator[None]:
+    """Errors that say a state file is damaged or cannot be used become a ``Refusal``."""
+    try:
+        yield
+    except Exception as exc:
+        refusal = statecheck.classify(exc, root)
+        if refusal is None:
+            raise
+        raise refusal from None
+
+
+@contextlib.contextmanager
 def _loop_first() -> Iterator[None]:
     """While a thread does long pure-Python work (unpickling a reloaded config, or
     parsing it when its child failed; startup's state), the loop gets the GIL back at
@@ -767,10 +861,13 @@ def _fmt(value: Any) -> str:
     return json.dumps(text) if (" " in text or not text) else text
 
 
-def run_daemon(config_path: Path, load: ConfigLoad | None = None) -> int:
+def run_daemon(
+    config_path: Path, load: ConfigLoad | None = None, *, accept_empty_state: bool = False
+) -> int:
     """Entry point for ``agentd run``: exit codes from ``agentd.exitcodes``.
 
-    ``load`` is the config's parse, begun (by ``cli``) before this module's imports."""
+    ``load`` is the config's parse, begun (by ``cli``) before this module's imports;
+    ``accept_empty_state`` is ``--accept-empty-state`` (see ``statecheck``)."""
     # One *_created series per counter doubles the series count for no question anyone
     # asks at 3 a.m.; process-wide, so it is decided here.
     prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -785,6 +882,6 @@ def run_daemon(config_path: Path, load: ConfigLoad | None = None) -> int:
         print(exc.render(), file=sys.stderr)
         return exitcodes.CONFIG
     logging.getLogger().setLevel(config.daemon.log_level.upper())
-    daemon = Daemon(config_path, config, index=index)
+    daemon = Daemon(config_path, config, index=index, accept_empty_state=accept_empty_state)
     command.use_pidfd_child_watcher()  # attached to the loop asyncio.run creates
     return asyncio.run(daemon.serve())

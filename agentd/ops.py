@@ -17,7 +17,7 @@ from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from agentd import exitcodes
+from agentd import exitcodes, statecheck
 from agentd.client import ApiClient, ApiError, Unreachable, default_url
 from agentd.clock import SystemClock, from_iso
 from agentd.config import (
@@ -35,9 +35,12 @@ def open_store(config: Config) -> Store:
     """Open the state DB; if no daemon holds it, bring its task table up to the config
     so commands also work on a daemon that has never started."""
     root, db_path, _ = state_paths(config)
-    root.mkdir(parents=True, exist_ok=True)
+    statecheck.prepare_state_dir(root)
+    alone = StateLock(root).held_by_other() is None
+    if alone:
+        statecheck.guard_open(root)  # what the daemon would refuse, this refuses too
     store = Store(db_path)
-    if StateLock(root).held_by_other() is None:
+    if alone:
         store.sync_tasks(task_index(config), SystemClock().now())
     return store
 
@@ -113,6 +116,9 @@ def state_command(config: Config, args: argparse.Namespace, parser: argparse.Arg
     except (ApiError, StoreError) as exc:
         _emit_error(args, exc.code, str(exc))
         return 1
+    except statecheck.Refusal as exc:
+        print(f"agentd: {exc}", file=sys.stderr)
+        return exc.exit_code
 
 
 def _dispatch(ops: Ops, args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -579,6 +579,13 @@ class Runner:
                 },
             )
             write_events_jsonl(active.ctx.workspace_path, self.store.events(run_id, 0, 5000))
+        except OSError as exc:  # read-only or full: the DB has the record; one line says so
+            log.error(
+                "could not write the workspace record run=%s task=%s: %s",
+                run_id,
+                active.task.id,
+                exc,
+            )
         except Exception:
             log.exception(
                 "could not write the workspace record run=%s task=%s", run_id, active.task.id

@@ -762,7 +762,9 @@ class Scheduler:
             with self._engine.connect() as conn:
                 conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlalchemy.exc.SQLAlchemyError as exc:
-            log.warning("jobstore WAL checkpoint at shutdown failed: %s", exc)
+            log.warning(
+                "jobstore WAL checkpoint at shutdown failed: %s", getattr(exc, "orig", None) or exc
+            )
         self._engine.dispose()
 
     # ------------------------------------------------------------ fires

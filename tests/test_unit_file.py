@@ -35,7 +35,9 @@ def test_unit_has_the_lifecycle_directives() -> None:
     assert exec_start[0] == "/opt/agentd/bin/agentd" and exec_start[1] == "run"  # no shell
     assert [r.split()[1] for r in d["ExecReload"]] == ["check-config", "-HUP"]
     assert d["ExecReload"][1] == "/bin/kill -HUP $MAINPID"
-    assert d["Restart"] == ["on-failure"] and d["RestartPreventExitStatus"] == ["78"]
+    assert d["Restart"] == ["on-failure"]
+    # what a person must fix: damaged state, unusable state dir, bad config
+    assert d["RestartPreventExitStatus"] == ["65 73 78"]
     assert d["KillMode"] == ["mixed"] and d["WatchdogSec"] == ["30s"]
     assert d["DynamicUser"] == ["yes"]
     assert d["StateDirectory"] == ["agentd"] and d["ConfigurationDirectory"] == ["agentd"]
