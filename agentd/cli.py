@@ -132,8 +132,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         if args.command == "check-config":
             return config_invalid(exc, args)
-        print(exc.render(), file=sys.stderr)
-        return exitcodes.CONFIG
+        # The operator commands still reach a running daemon through its API.
+        from agentd.ops import broken_config_command
+
+        return broken_config_command(config_path, exc, args, parser)
     if args.command == "check-config":
         return check_config(config, args)
     from agentd.ops import state_command  # the daemon's modules: kept off `run`'s path

@@ -963,6 +963,59 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
     return config
 
 
+def lenient_daemon(path: Path, environ: Mapping[str, str] | None = None) -> DaemonConfig | None:
+    """The ``daemon:`` section of a config file that does not validate as a whole, if
+    that section validates on its own; None when it does not (or the file cannot be
+    read): the caller then takes the defaults. For the CLI, to find the running
+    daemon's API (address, token source) while the file on disk is broken.
+
+    Lenient on purpose: bytes that are not UTF-8 are replaced, and when the document
+    does not parse, the top-level ``daemon:`` block is parsed alone."""
+    environ = os.environ if environ is None else environ
+    try:
+        with Path(path).open("rb") as file:
+            data = file.read(MAX_FILE_BYTES + 1)
+    except OSError:
+        return None
+    text = data[:MAX_FILE_BYTES].decode("utf-8", errors="replace")
+    section: Any = None
+    for candidate in (text, _daemon_block(text)):
+        if candidate is None:
+            continue
+        try:
+            raw = yamlload.load(candidate)
+        except yaml.YAMLError:
+            continue
+        if isinstance(raw, Mapping):
+            section = raw.get("daemon")
+            break
+    if not isinstance(section, Mapping):
+        return None
+    problems: list[ConfigProblem] = []
+    try:
+        section = interpolate(section, environ, "daemon", problems)
+    except SubstitutedTooMuch:
+        return None
+    if problems:
+        return None
+    try:
+        return DaemonConfig.model_validate(section)
+    except ValidationError:
+        return None
+
+
+def _daemon_block(text: str) -> str | None:
+    """The lines of the top-level ``daemon:`` key: from it to the next top-level line."""
+    lines = text.splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        if line.startswith("daemon:"):
+            end = i + 1
+            while end < len(lines) and (not lines[end].strip() or lines[end][0] in " \t#"):
+                end += 1
+            return "".join(lines[i:end])
+    return None
+
+
 def utf8(data: bytes, source: str) -> str:
     """``data`` as text; a ConfigError at the line and column of its first byte that is
     not UTF-8 (a Latin-1 file, a stray binary byte)."""
