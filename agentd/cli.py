@@ -142,8 +142,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(config_path)
     except ConfigError as exc:
-        print(exc.render(), file=sys.stderr)
-        return exitcodes.CONFIG
+        if args.command == "check-config":
+            return config_invalid(exc, args)
+        # The operator commands still reach a running daemon through its API.
+        from agentd.ops import broken_config_command
+
+        return broken_config_command(config_path, exc, args, parser)
     if args.command == "check-config":
         return check_config(config, args)
     if args.command == "doctor":
@@ -153,6 +157,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     from agentd.ops import state_command  # the daemon's modules: kept off `run`'s path
 
     return state_command(config, args, parser)
+
+
+def config_invalid(exc: ConfigError, args: argparse.Namespace) -> int:
+    """``check-config`` on an invalid file: every problem, as text on stderr or, with
+    ``--json``, as ``{"ok": false, "source", "problems": [{"path", "message"}]}``."""
+    if args.json:
+        problems = [{"path": p.path, "message": p.message} for p in exc.problems]
+        print(json.dumps({"ok": False, "source": exc.source, "problems": problems}, indent=2))
+    else:
+        print(exc.render(), file=sys.stderr)
+    return exitcodes.CONFIG
 
 
 def check_config(config: Config, args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-from agentd.config import Config
+from agentd.config import HttpServerConfig
 
 
 class Unreachable(Exception):
@@ -24,13 +24,14 @@ class ApiError(Exception):
         self.code = code
 
 
-def default_url(config: Config) -> str:
-    host = config.daemon.http.host
+def default_url(http: HttpServerConfig) -> str:
+    """The URL the CLI reaches a daemon serving on ``http`` at (a wildcard is loopback)."""
+    host = http.host
     if host in ("", "0.0.0.0", "::"):
         host = "127.0.0.1"
     if ":" in host:
         host = f"[{host}]"
-    return f"http://{host}:{config.daemon.http.port}"
+    return f"http://{host}:{http.port}"
 
 
 class ApiClient:

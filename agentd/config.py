@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import zoneinfo
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -30,12 +31,20 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from agentd import yamlload
-from agentd.schedule import CronError, ScheduleSpec, parse_cron, parse_duration
+from agentd.schedule import (
+    CronError,
+    CronNeverFires,
+    ScheduleSpec,
+    parse_cron,
+    parse_duration,
+    shortest_gap_s,
+)
 
 TASK_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 CALLABLE_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -43,16 +52,47 @@ SECRET_KEY_RE = re.compile(r"(key|token|secret|password|passwd|authorization|coo
 _VAR_RE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
+MAX_DURATION_S = 36525 * 86400.0
+"""Every duration is at most 100 years (of 365.25 days): beyond any real timeout or
+interval, and well inside what ``timedelta``, datetimes near today, asyncio timers and
+thread waits hold (``1e300`` seconds overflow each of them)."""
+MAX_JITTER_FIRES = 1000
+"""A schedule's ``jitter`` spans at most this many of its fires: each next fire time is
+chosen among the nominal times within one jitter, so its cost grows with their number."""
+INT_MAX = 2**53
+"""The largest count a config may hold (tokens, bytes, failures): exact as a float and
+within SQLite's INTEGER, so budget arithmetic and the ledger never overflow."""
+MAX_FILE_BYTES = 64 << 20
+"""A config file larger than this is not read (10,000 tasks take 1 to 5 MiB)."""
+
+
 def _duration(value: Any) -> Any:
     if value is None or isinstance(value, bool):
         return value
     if isinstance(value, (str, int, float)):
-        return parse_duration(value)
+        seconds = (
+            math.inf
+            if isinstance(value, int) and value > MAX_DURATION_S  # may not fit a float
+            else parse_duration(value)
+        )
+        if seconds > MAX_DURATION_S:
+            raise ValueError(
+                f"invalid duration {_clip(value)}: must be at most 100 years "
+                f"({MAX_DURATION_S:,.0f} s)"
+            )
+        return seconds
     return value
 
 
+def _clip(value: object, width: int = 40) -> str:
+    """``repr(value)``, cut short for a message (a 400-digit number, a 300-character name)."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else "a huge number"
+    return text if len(text) <= width else text[: width - 5] + "...'"
+
+
 Duration = Annotated[float, BeforeValidator(_duration)]
-"""Seconds; accepts ``30s``, ``5m``, ``1h30m``, ``500ms`` or a bare number of seconds."""
+"""Seconds; accepts ``30s``, ``5m``, ``1h30m``, ``500ms`` or a bare number of seconds;
+finite, not negative, at most ``MAX_DURATION_S``."""
 
 
 def _check_url(value: str) -> str:
@@ -64,8 +104,8 @@ def _check_url(value: str) -> str:
 def _check_timezone(name: str) -> str:
     try:
         zoneinfo.ZoneInfo(name)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-        raise ValueError(f"unknown IANA time zone {name!r}") from None
+    except Exception:  # not found, a bad key, a tzdata directory, a name too long for a path
+        raise ValueError(f"unknown IANA time zone {_clip(name, 70)}") from None
     return name
 
 
@@ -101,7 +141,7 @@ class DaemonConfig(_Model):
     lease: Duration = Field(default=30.0, gt=0)
     poll_interval: Duration = Field(default=0.25, gt=0, le=5)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    output_max_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    output_max_bytes: int = Field(default=10 * 1024 * 1024, ge=1024, le=INT_MAX)
     liveness_stale_after: Duration = Field(default=30.0, gt=0)
     """/healthz turns 503 when the main loop or scheduler has not ticked for this long."""
     python_path: list[Path] = []
@@ -130,6 +170,8 @@ class ScheduleConfig(_Model):
         if value is not None:
             try:
                 parse_cron(value)
+            except CronNeverFires as exc:
+                raise ValueError(str(exc)) from None
             except CronError as exc:
                 raise ValueError(f"invalid cron expression {value!r}: {exc}") from None
         return value
@@ -146,11 +188,34 @@ class ScheduleConfig(_Model):
     def _timezone(cls, value: str | None) -> str | None:
         return None if value is None else _check_timezone(value)
 
+    @field_validator("jitter")
+    @classmethod
+    def _jitter(cls, value: float, info: ValidationInfo) -> float:
+        """Validated after ``cron`` and ``every`` (field order), so they are in ``info``."""
+        if value <= MAX_JITTER_FIRES:  # within the bound for any schedule (every >= 1s)
+            return value
+        every, cron = info.data.get("every"), info.data.get("cron")
+        spacing = every if every is not None else cron and shortest_gap_s(parse_cron(cron))
+        if spacing and value > MAX_JITTER_FIRES * spacing:
+            raise ValueError(
+                f"jitter {value:g}s spans more than {MAX_JITTER_FIRES:,} fires of this "
+                f"schedule (they can be {spacing:g}s apart): at most "
+                f"{MAX_JITTER_FIRES * spacing:g}s here"
+            )
+        return value
+
     @field_validator("at", "start_at", "end_at")
     @classmethod
     def _aware(cls, value: datetime | None) -> datetime | None:
         if value is not None and value.tzinfo is None:
             raise ValueError("datetime needs a UTC offset, e.g. 2026-01-01T09:00:00+01:00")
+        if value is not None:
+            try:
+                value.astimezone(UTC)
+            except OverflowError:
+                raise ValueError(
+                    "datetime must lie within 0001-01-01 and 9999-12-31 in UTC"
+                ) from None
         return value
 
     @model_validator(mode="after")
@@ -251,7 +316,7 @@ class PythonConfig(_Model):
     provider: str | None = None
     """Default provider of ``ctx.llm``; may be left out when only one is declared."""
     model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=INT_MAX)
 
     @field_validator("callable")
     @classmethod
@@ -277,7 +342,7 @@ class AgentConfig(_Model):
     prompt: str
     items: list[Any] | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=INT_MAX)
     """Output cap per call, sent to the provider and reserved against budgets."""
     request_timeout: Duration | None = Field(default=None, gt=0)
     """Read timeout per call; ``None`` means the provider's ``read_timeout``."""
@@ -292,8 +357,8 @@ class AgentConfig(_Model):
 class PriceConfig(_Model):
     """USD per million tokens."""
 
-    input: float = Field(ge=0)
-    output: float = Field(ge=0)
+    input: float = Field(ge=0, allow_inf_nan=False)
+    output: float = Field(ge=0, allow_inf_nan=False)
 
 
 class ProviderConfig(_Model):
@@ -305,7 +370,7 @@ class ProviderConfig(_Model):
     default_model: str | None = None
     connect_timeout: Duration = Field(default=10.0, gt=0)
     read_timeout: Duration = Field(default=120.0, gt=0)
-    max_tokens: int = Field(default=1024, ge=1)
+    max_tokens: int = Field(default=1024, ge=1, le=INT_MAX)
     """Output cap for calls that set none: every call is bounded, so it can be reserved."""
     prices: dict[str, PriceConfig] = {}
 
@@ -319,14 +384,14 @@ class ProviderConfig(_Model):
 
 
 class RunBudget(_Model):
-    tokens: int | None = Field(default=None, ge=1)
+    tokens: int | None = Field(default=None, ge=1, le=INT_MAX)
     """Input plus output tokens over all attempts of one run."""
-    usd: float | None = Field(default=None, gt=0)
+    usd: float | None = Field(default=None, gt=0, allow_inf_nan=False)
 
 
 class TaskBudget(_Model):
-    usd_per_day: float | None = Field(default=None, gt=0)
-    usd_per_month: float | None = Field(default=None, gt=0)
+    usd_per_day: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    usd_per_month: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     """Calendar day and month in the task's time zone."""
 
 
@@ -338,8 +403,8 @@ class BudgetConfig(_Model):
 class LimitsConfig(_Model):
     """The system cap over all tasks; no task's own budget may ask for more."""
 
-    usd_per_day: float | None = Field(default=None, gt=0)
-    usd_per_month: float | None = Field(default=None, gt=0)
+    usd_per_day: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    usd_per_month: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     timezone: str | None = None
     """Where the global day starts; default ``daemon.timezone``."""
 
@@ -499,8 +564,8 @@ class TaskConfig(_Model):
     catchup_max: int = Field(default=10, ge=1, le=10_000)
     misfire_grace: Duration = Field(default=30.0, gt=0)
     """How late a fire may start before ``catchup: skip`` counts it as missed."""
-    pause_after_failures: int = Field(default=3, ge=0)
-    output_max_bytes: int | None = Field(default=None, ge=1024)
+    pause_after_failures: int = Field(default=3, ge=0, le=INT_MAX)
+    output_max_bytes: int | None = Field(default=None, ge=1024, le=INT_MAX)
     budget: BudgetConfig = Field(default_factory=_shared(BudgetConfig))
     expect: ExpectConfig | None = None
     max_duration: Duration | None = Field(default=None, gt=0)
@@ -691,14 +756,31 @@ def _problems_from(exc: ValidationError) -> list[ConfigProblem]:
 # ---------------------------------------------------------------- loading
 
 
+class SubstitutedTooMuch(ValueError):
+    """``${VAR}`` substitutions added more than ``yamlload.MAX_TEXT`` characters: an
+    aliased string is substituted once per copy."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(
+            f"config too large: ${{VAR}} substitutions add more than "
+            f"{yamlload.MAX_TEXT >> 20} MiB of text, an alias counted as a copy"
+        )
+        self.path = path
+
+
 def interpolate(
     value: Any,
     environ: Mapping[str, str],
     path: str = "",
     problems: list[ConfigProblem] | None = None,
+    budget: list[int] | None = None,
 ) -> Any:
-    """Replace ``${VAR}`` and ``${VAR:-default}`` in every string; ``$$`` is a literal ``$``."""
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in every string; ``$$`` is a literal ``$``.
+
+    ``budget`` is what substitutions may still add, in characters (shared down the
+    walk); past it, ``SubstitutedTooMuch``."""
     problems = problems if problems is not None else []
+    budget = budget if budget is not None else [yamlload.MAX_TEXT]
     if isinstance(value, str):
 
         def sub(match: re.Match[str]) -> str:
@@ -706,20 +788,27 @@ def interpolate(
                 return "$"
             name, default = match.group(1), match.group(2)
             if name in environ and environ[name] != "":
-                return environ[name]
-            if default is not None:
-                return default
-            problems.append(ConfigProblem(path, f"environment variable {name} is not set"))
-            return ""
+                text = environ[name]
+            elif default is not None:
+                text = default
+            else:
+                problems.append(ConfigProblem(path, f"environment variable {name} is not set"))
+                return ""
+            budget[0] -= len(text)
+            if budget[0] < 0:
+                raise SubstitutedTooMuch(path)
+            return text
 
         return _VAR_RE.sub(sub, value)
     if isinstance(value, Mapping):
         return {
-            k: interpolate(v, environ, f"{path}.{k}" if path else str(k), problems)
+            k: interpolate(v, environ, f"{path}.{k}" if path else str(k), problems, budget)
             for k, v in value.items()
         }
     if isinstance(value, list):
-        return [interpolate(v, environ, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+        return [
+            interpolate(v, environ, f"{path}[{i}]", problems, budget) for i, v in enumerate(value)
+        ]
     return value
 
 
@@ -731,6 +820,8 @@ def parse_config(
         # libyaml when PyYAML was built with it (its wheels are), and a lean walk of
         # its node tree (agentd.yamlload): same safe tag set, values and error marks.
         raw = yamlload.load(text)
+    except yamlload.Rejected as exc:
+        raise ConfigError(source, [ConfigProblem(exc.path, exc.message)]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
@@ -741,7 +832,10 @@ def parse_config(
     if not isinstance(raw, Mapping):
         raise ConfigError(source, [ConfigProblem("", "top level must be a mapping")])
     problems: list[ConfigProblem] = []
-    data = interpolate(raw, environ, "", problems)
+    try:
+        data = interpolate(raw, environ, "", problems)
+    except SubstitutedTooMuch as exc:
+        raise ConfigError(source, [ConfigProblem(exc.path, str(exc))]) from None
     try:
         config = Config.model_validate({**data, "source": source})
     except ValidationError as exc:
@@ -853,16 +947,91 @@ def _budget_problems(config: Config, task: TaskConfig) -> list[ConfigProblem]:
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as file:
+            data = file.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
         raise ConfigError(str(path), [ConfigProblem("", f"cannot read: {exc.strerror}")]) from None
-    config = parse_config(text, str(path), environ)
+    if len(data) > MAX_FILE_BYTES:
+        message = f"file larger than {MAX_FILE_BYTES >> 20} MiB: not read"
+        raise ConfigError(str(path), [ConfigProblem("", message)])
+    config = parse_config(utf8(data, str(path)), str(path), environ)
     if config.daemon.python_path:
         base = path.resolve().parent
         resolved = [p if p.is_absolute() else base / p for p in config.daemon.python_path]
         daemon = config.daemon.model_copy(update={"python_path": resolved})
         config = config.model_copy(update={"daemon": daemon})
     return config
+
+
+def lenient_daemon(path: Path, environ: Mapping[str, str] | None = None) -> DaemonConfig | None:
+    """The ``daemon:`` section of a config file that does not validate as a whole, if
+    that section validates on its own; None when it does not (or the file cannot be
+    read): the caller then takes the defaults. For the CLI, to find the running
+    daemon's API (address, token source) while the file on disk is broken.
+
+    Lenient on purpose: bytes that are not UTF-8 are replaced, and when the document
+    does not parse, the top-level ``daemon:`` block is parsed alone."""
+    environ = os.environ if environ is None else environ
+    try:
+        with Path(path).open("rb") as file:
+            data = file.read(MAX_FILE_BYTES + 1)
+    except OSError:
+        return None
+    text = data[:MAX_FILE_BYTES].decode("utf-8", errors="replace")
+    section: Any = None
+    for candidate in (text, _daemon_block(text)):
+        if candidate is None:
+            continue
+        try:
+            raw = yamlload.load(candidate)
+        except yaml.YAMLError:
+            continue
+        if isinstance(raw, Mapping):
+            section = raw.get("daemon")
+            break
+    if not isinstance(section, Mapping):
+        return None
+    problems: list[ConfigProblem] = []
+    try:
+        section = interpolate(section, environ, "daemon", problems)
+    except SubstitutedTooMuch:
+        return None
+    if problems:
+        return None
+    try:
+        return DaemonConfig.model_validate(section)
+    except ValidationError:
+        return None
+
+
+def _daemon_block(text: str) -> str | None:
+    """The lines of the top-level ``daemon:`` key: from it to the next top-level line."""
+    lines = text.splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        if line.startswith("daemon:"):
+            end = i + 1
+            while end < len(lines) and (not lines[end].strip() or lines[end][0] in " \t#"):
+                end += 1
+            return "".join(lines[i:end])
+    return None
+
+
+def utf8(data: bytes, source: str) -> str:
+    """``data`` as text; a ConfigError at the line and column of its first byte that is
+    not UTF-8 (a Latin-1 file, a stray binary byte)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line_start = data.rfind(b"\n", 0, exc.start) + 1
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = len(data[line_start : exc.start].decode("utf-8")) + 1
+        message = (
+            f"not UTF-8: byte 0x{data[exc.start]:02x} at byte offset {exc.start} "
+            "(save the file as UTF-8)"
+        )
+        raise ConfigError(
+            source, [ConfigProblem(f"line {line}, column {column}", message)]
+        ) from None
 
 
 def inactive_reason(task: TaskConfig, environ: Mapping[str, str] | None = None) -> str | None:

@@ -3,17 +3,25 @@
 Each goes through the daemon's API when one answers; otherwise it writes the state DB
 directly, in the same transactions the daemon uses (``Control``), so it works just as
 well while the daemon is stopped.
+
+While the config file is broken (``broken_config_command``) they go through the API
+only: the state DB is not touched without a valid config to bring its tasks up to.
+
+The API token is ``$AGENTD_TOKEN`` when set, else the one the config's ``daemon.http``
+names (``token_env``, ``token_file``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import urllib.parse
 from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -22,6 +30,9 @@ from agentd.client import ApiClient, ApiError, Unreachable, default_url
 from agentd.clock import SystemClock, from_iso
 from agentd.config import (
     Config,
+    ConfigError,
+    DaemonConfig,
+    lenient_daemon,
     task_index,
 )
 from agentd.control import Control
@@ -49,15 +60,22 @@ class Ops:
     """Each operator command once: through the daemon's API when one answers, else on
     the state DB directly (the same ``Control`` code the API runs)."""
 
-    def __init__(self, config: Config, url: str | None) -> None:
+    def __init__(
+        self, config: Config | None, url: str | None, daemon: DaemonConfig | None = None
+    ) -> None:
+        """``config`` None: the file is broken, and only the API is used, at ``url`` or
+        where ``daemon`` (what could be read of its section, else the defaults) says."""
         self.config = config
-        try:
-            token = load_token(config.daemon.http)
-        except BindRefused as exc:
-            # Reads still work without it; a POST will get the daemon's own 401.
-            print(f"agentd: warning: {exc}", file=sys.stderr)
-            token = None
-        self.api: ApiClient | None = ApiClient(url or default_url(config), token)
+        if daemon is None:
+            daemon = config.daemon if config is not None else DaemonConfig()
+        token = os.environ.get("AGENTD_TOKEN", "").strip() or None
+        if token is None:
+            try:
+                token = load_token(daemon.http)
+            except BindRefused as exc:
+                # Reads still work without it; a POST will get the daemon's own 401.
+                print(f"agentd: warning: {exc}", file=sys.stderr)
+        self.api: ApiClient | None = ApiClient(url or default_url(daemon.http), token)
         self._store: Store | None = None
         self._ctl: Control | None = None
 
@@ -70,6 +88,7 @@ class Ops:
     @property
     def ctl(self) -> Control:
         if self._ctl is None:
+            assert self.config is not None, "no state DB access without a valid config"
             self._store = open_store(self.config)
             # A write rings a running daemon whose API we could not reach: it acts now.
             root = state_paths(self.config)[0]
@@ -79,10 +98,14 @@ class Ops:
         return self._ctl
 
     def call(self, api: Callable[[ApiClient], Any], direct: Callable[[Control], Any]) -> Any:
+        """``api`` on the daemon; ``direct`` on the state DB when no daemon answers (with
+        a valid config: else ``Unreachable`` goes to the caller)."""
         if self.api is not None:
             try:
                 return api(self.api)
             except Unreachable:
+                if self.config is None:
+                    raise
                 self.api = None  # no daemon: work on the DB from here on
         return direct(self.ctl)
 
@@ -98,7 +121,7 @@ class Ops:
             return {
                 "daemon": "not running",
                 "counts": ctl.store.counts(),
-                "tasks": len(self.config.tasks),
+                "tasks": len(ctl.config.tasks),
             }
 
         result: Row = self.call(via_api, direct)
@@ -119,6 +142,45 @@ def state_command(config: Config, args: argparse.Namespace, parser: argparse.Arg
     except statecheck.Refusal as exc:
         print(f"agentd: {exc}", file=sys.stderr)
         return exc.exit_code
+
+
+def broken_config_command(
+    config_path: Path,
+    broken: ConfigError,
+    args: argparse.Namespace,
+    parser: argparse.ArgumentParser,
+) -> int:
+    """One operator command while the config file does not validate: through the API of
+    the daemon at ``--url``, or where the file's ``daemon:`` section says when it still
+    validates alone, else at the default address; with one warning line naming the
+    file's first problem. When no daemon answers: the whole config error, exit 78.
+    (A missing file with ``--url`` is no warning: the file is not needed then.)"""
+    daemon = lenient_daemon(config_path)
+    if not (args.url and not config_path.exists()):
+        first = broken.problems[0] if broken.problems else None
+        problem = f"{first.path or '<top>'}: {first.message}" if first else "invalid"
+        where = args.url or default_url((daemon or DaemonConfig()).http)
+        print(
+            f"agentd: warning: config file {broken.source} is broken ({problem}); "
+            f"asking the daemon at {where}".replace("\n", " "),
+            file=sys.stderr,
+        )
+    try:
+        ops = Ops(None, args.url, daemon)
+        try:
+            return _dispatch(ops, args, parser)
+        finally:
+            ops.close()
+    except (Unreachable, StoreError) as exc:
+        if isinstance(exc, StoreError) and exc.code != "no_daemon":
+            _emit_error(args, exc.code, str(exc))
+            return 1
+        print(broken.render(), file=sys.stderr)
+        print(f"agentd: and no daemon answers: {exc}", file=sys.stderr)
+        return exitcodes.CONFIG
+    except ApiError as exc:
+        _emit_error(args, exc.code, str(exc))
+        return 1
 
 
 def _dispatch(ops: Ops, args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

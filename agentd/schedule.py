@@ -38,6 +38,14 @@ A wall time can exist once, not at all (spring-forward gap) or twice (fall-back 
 
 These rules hold for any ``after``, including one inside the repeated hour (either pass).
 
+Impossible expressions and the end of the calendar
+--------------------------------------------------
+An expression whose days never occur (``0 0 31 2 *``) is a ``CronError`` at parse time.
+Any other one fires within every 400 years, the period of the Gregorian calendar, so
+the search never looks further; the rarest need 11 years and more (``0 0 */31 2 1``, a
+February 1st on a Monday: 2027, then 2038). A schedule whose next fire would fall after
+9999-12-31, where ``datetime`` ends, has no next fire: ``next_fire`` returns None.
+
 Jitter
 ------
 A schedule's *nominal* times come from the cron expression / interval / ``at``. The *actual*
@@ -52,6 +60,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import math
 import re
 from bisect import bisect_left
@@ -63,6 +72,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 __all__ = [
     "Cron",
     "CronError",
+    "CronNeverFires",
     "ScheduleSpec",
     "jitter_offset",
     "next_cron_fire",
@@ -71,15 +81,19 @@ __all__ = [
     "next_interval_fire",
     "parse_cron",
     "parse_duration",
+    "shortest_gap_s",
 ]
 
 _MINUTE = timedelta(minutes=1)
 _SECOND = timedelta(seconds=1)
 _MICROSECOND = timedelta(microseconds=1)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-# Long enough for the rarest satisfiable expression ("0 0 29 2 *" across a skipped leap year
-# such as 2100 needs 8 years), short enough that impossible ones fail fast.
-_MAX_SEARCH_YEARS = 8
+_MIN_UTC = datetime.min.replace(tzinfo=UTC)
+# The Gregorian calendar repeats every 400 years, weekdays included: an expression that
+# matches any day matches one in every 400-year window. Impossible ones (no such day in
+# any month named) are rejected by parse_cron and never searched for.
+_MAX_SEARCH_YEARS = 400
+_MONTH_DAYS = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)  # February in a leap year
 
 _MONTH_NAMES = {
     name: i + 1
@@ -100,6 +114,7 @@ _MACROS = {
     "@annually": "0 0 1 1 *",
 }
 _NUMBER = re.compile(r"[0-9]+")
+_MONTH_ABBR = tuple(name.capitalize() for name in _MONTH_NAMES)
 
 
 class CronError(ValueError):
@@ -107,6 +122,14 @@ class CronError(ValueError):
 
     Subclasses ValueError so config validation can treat it like any other bad value.
     """
+
+
+class CronNeverFires(CronError):
+    """A well-formed expression whose days occur in none of its months (``0 0 31 2 *``)."""
+
+
+class _CalendarEnd(CronError):
+    """No fire time before ``datetime`` ends (9999-12-31): the schedule is over."""
 
 
 @dataclass(frozen=True)
@@ -233,6 +256,19 @@ def parse_cron(expr: str) -> Cron:
     minutes, hours, days, months, weekdays = (
         _parse_field(spec, part) for spec, part in zip(_FIELDS, parts, strict=True)
     )
+    # Only a restricted day-of-month with an unrestricted day-of-week can miss every day:
+    # a restricted weekday (alone or OR-ed) occurs in every month, and an unrestricted
+    # day-of-month ('*', '*/n') includes the 1st, which falls on every weekday some year.
+    if (
+        not parts[2].startswith("*")
+        and parts[4].startswith("*")
+        and min(days) > max(_MONTH_DAYS[m - 1] for m in months)
+    ):
+        names = ", ".join(_MONTH_ABBR[m - 1] for m in sorted(months))
+        raise CronNeverFires(
+            f"never fires: {expr!r} names day-of-month {parts[2]!r}, a day that no month "
+            f"it names ({names}) has"
+        )
     return Cron(
         expr=expr,
         minutes=minutes,
@@ -305,6 +341,8 @@ def _next_wall_match(cron: Cron, start: datetime) -> datetime:
             hour, minute = hour + 1, 0  # hour 24 finds no next hour and moves to next day
             continue
         return datetime(year, month, day, hour, next_minute)
+    if end_year == 9999:
+        raise _CalendarEnd(f"cron expression {cron.expr!r} has no fire time before 10000-01-01")
     raise CronError(
         f"cron expression {cron.expr!r} has no fire time within {_MAX_SEARCH_YEARS} years "
         f"after {start.isoformat()}"
@@ -373,11 +411,11 @@ def next_cron_fire(cron: Cron, tz: ZoneInfo, after: datetime) -> datetime:
     so it is only searched then.
     """
     _require_aware(after, "after")
-    after_utc = _naive_utc(after)
-    # fold=0 explicitly: astimezone() sets fold=1 on the second pass of a repeated hour, and
-    # the offsets below must be looked up for both passes independently of it.
-    wall = after.astimezone(tz).replace(tzinfo=None, fold=0)
     try:
+        after_utc = _naive_utc(after)
+        # fold=0 explicitly: astimezone() sets fold=1 on the second pass of a repeated hour,
+        # and the offsets below must be looked up for both passes independently of it.
+        wall = after.astimezone(tz).replace(tzinfo=None, fold=0)
         candidate = wall.replace(second=0, microsecond=0)
         while True:
             candidate = _next_wall_match(cron, candidate)
@@ -396,7 +434,7 @@ def next_cron_fire(cron: Cron, tz: ZoneInfo, after: datetime) -> datetime:
                 if second is not None:
                     best = second
     except OverflowError as exc:
-        raise CronError(
+        raise _CalendarEnd(
             f"cron expression {cron.expr!r} has no fire time within the datetime range"
         ) from exc
     return best.replace(tzinfo=UTC)
@@ -413,7 +451,10 @@ def _second_pass_fire(
     """
     candidate = (after_utc + post).replace(second=0, microsecond=0)
     while True:
-        candidate = _next_wall_match(cron, candidate)
+        try:
+            candidate = _next_wall_match(cron, candidate)
+        except _CalendarEnd:
+            return None
         if candidate - post >= best:
             return None
         _, second = _wall_instants(candidate, tz)
@@ -507,8 +548,18 @@ def _cached_cron(expr: str) -> Cron:
 def _zone(name: str) -> ZoneInfo:
     try:
         return ZoneInfo(name)  # ZoneInfo keeps its own cache of instances
-    except (ZoneInfoNotFoundError, ValueError) as exc:
+    except (ZoneInfoNotFoundError, ValueError, OSError) as exc:
+        # OSError: a tzdata directory ("America"), a name too long for the file system.
         raise ValueError(f"unknown time zone {name!r}") from exc
+
+
+def shortest_gap_s(cron: Cron) -> int:
+    """Seconds between the two closest wall times of a day that ``cron`` matches, the
+    wrap to the next day included: no two of its fires are closer (but around a DST
+    transition, once a year)."""
+    times = sorted(h * 60 + m for h in cron.hours for m in cron.minutes)
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    return 60 * min([*gaps, times[0] + 1440 - times[-1]])
 
 
 def _nominal_after(spec: ScheduleSpec, after: datetime) -> datetime | None:
@@ -517,17 +568,30 @@ def _nominal_after(spec: ScheduleSpec, after: datetime) -> datetime | None:
         assert spec.cron is not None
         if spec.start_at is not None:
             # "strictly after start_at - 1us" == "at or after start_at" at datetime resolution
-            after = max(after, spec.start_at.astimezone(UTC) - _MICROSECOND)
-        return next_cron_fire(_cached_cron(spec.cron), _zone(spec.timezone), after)
+            start = spec.start_at.astimezone(UTC)
+            if start > after:
+                after = start - _MICROSECOND
+        try:
+            return next_cron_fire(_cached_cron(spec.cron), _zone(spec.timezone), after)
+        except _CalendarEnd:
+            return None
     if spec.kind == "interval":
         assert spec.every_s is not None
         anchor = spec.start_at if spec.start_at is not None else _EPOCH
-        return next_interval_fire(timedelta(seconds=spec.every_s), anchor, after)
+        try:
+            return next_interval_fire(timedelta(seconds=spec.every_s), anchor, after)
+        except OverflowError:  # the next one is after 9999-12-31
+            return None
     return None
 
 
 def next_fire(spec: ScheduleSpec, task_id: str, after: datetime) -> datetime | None:
-    """Next actual (jittered) fire instant strictly after ``after`` in UTC, or None if done."""
+    """Next actual (jittered) fire instant strictly after ``after`` in UTC, or None if done
+    (also when it would fall after 9999-12-31, where ``datetime`` ends).
+
+    Raises nothing for a spec that validated (``agentd.config.ScheduleConfig``) and an
+    aware ``after``; its cost grows with the number of nominal times within ``jitter``,
+    which validation bounds."""
     _require_aware(after, "after")
     after = after.astimezone(UTC)
     jitter = timedelta(seconds=spec.jitter_s)
@@ -541,14 +605,21 @@ def next_fire(spec: ScheduleSpec, task_id: str, after: datetime) -> datetime | N
         at = spec.at.astimezone(UTC)
         if (start is not None and at < start) or (end is not None and at > end):
             return None
-        at_actual = at + jitter_offset(task_id, at, jitter)
+        try:
+            at_actual = at + jitter_offset(task_id, at, jitter)
+        except OverflowError:  # after 9999-12-31
+            return None
         return at_actual if at_actual > after else None
 
     # A nominal time n fires at n + j with 0 <= j < jitter, so only n > after - jitter can
     # fire after `after`. Scan upward keeping the earliest actual instant; later nominals
     # cannot beat it once they reach it themselves.
     best: datetime | None = None
-    nominal = _nominal_after(spec, after - jitter)
+    try:
+        low = after - jitter
+    except OverflowError:  # before 0001-01-01
+        low = _MIN_UTC
+    nominal = _nominal_after(spec, low)
     while nominal is not None:
         if end is not None and nominal > end:
             break
@@ -556,7 +627,10 @@ def next_fire(spec: ScheduleSpec, task_id: str, after: datetime) -> datetime | N
             break
         if not jitter:
             return nominal
-        actual = nominal + jitter_offset(task_id, nominal, jitter)
+        try:
+            actual = nominal + jitter_offset(task_id, nominal, jitter)
+        except OverflowError:  # after 9999-12-31, and so is every later one
+            break
         if actual > after and (best is None or actual < best):
             best = actual
         nominal = _nominal_after(spec, nominal)
@@ -590,7 +664,10 @@ def parse_duration(text: str | int | float) -> float:
     """
     if isinstance(text, bool):
         raise ValueError(f"invalid duration {text!r}: expected a number or a string like '5m'")
-    seconds = float(text) if isinstance(text, int | float) else _parse_duration_text(text)
+    try:
+        seconds = float(text) if isinstance(text, int | float) else _parse_duration_text(text)
+    except OverflowError:  # an int beyond float: 1 followed by 400 zeros
+        seconds = math.inf
     if not math.isfinite(seconds):
         raise ValueError(f"invalid duration {text!r}: must be finite")
     if seconds < 0:

@@ -66,19 +66,25 @@ class Agentd:
 
     def write_config(self, tasks_yaml: str, daemon_extra: str = "") -> None:
         """``top`` (given at construction) holds other top-level sections: providers,
-        limits, alerts."""
-        extra = textwrap.indent(textwrap.dedent(daemon_extra).strip(), "  ")
+        limits, alerts. A key of ``daemon_extra`` replaces the default of that name (a
+        key twice in one mapping is a config error)."""
+        extra = textwrap.dedent(daemon_extra).strip()
+        given = {line.split(":", 1)[0] for line in extra.splitlines() if line[:1].isalpha()}
+        defaults = {
+            "state_dir": str(self.state_dir),
+            "poll_interval": "50ms",
+            "lease": "5s",
+            "shutdown_grace": "10s",
+            "kill_grace": "1s",
+            "python_path": f"[{FIXTURES}]",
+            "log_level": "debug",
+            "http": f"{{host: 127.0.0.1, port: {self.port}}}",
+        }
+        lines = "".join(f"  {k}: {v}\n" for k, v in defaults.items() if k not in given)
         self.config.write_text(
             "daemon:\n"
-            f"  state_dir: {self.state_dir}\n"
-            "  poll_interval: 50ms\n"
-            "  lease: 5s\n"
-            "  shutdown_grace: 10s\n"
-            "  kill_grace: 1s\n"
-            f"  python_path: [{FIXTURES}]\n"
-            "  log_level: debug\n"
-            f"  http: {{host: 127.0.0.1, port: {self.port}}}\n"
-            f"{extra}\n"
+            f"{lines}"
+            f"{textwrap.indent(extra, '  ')}\n"
             f"{textwrap.dedent(self.top).strip()}\n"
             "tasks:\n" + textwrap.indent(textwrap.dedent(tasks_yaml).strip(), "  ") + "\n"
         )

@@ -275,10 +275,34 @@ def test_next_fire_across_month_and_year_ends(
     assert fire(expr, after) == expected
 
 
-@pytest.mark.parametrize("expr", ["0 0 30 2 *", "0 0 31 4,6,9,11 *", "0 0 31 feb *"])
+@pytest.mark.parametrize(
+    "expr",
+    # day-of-week '*/2' counts as unrestricted (Vixie): both fields must match, and the
+    # 31st of February is never a Sunday, Tuesday, Thursday or Saturday.
+    ["0 0 30 2 *", "0 0 31 4,6,9,11 *", "0 0 31 feb *", "0 0 31 2 */2"],
+)
 def test_impossible_expression_raises(expr: str) -> None:
-    with pytest.raises(CronError, match="no fire time within 8 years"):
-        fire(expr, utc(2024, 1, 1))
+    with pytest.raises(CronError, match="never fires"):
+        parse_cron(expr)
+
+
+@pytest.mark.parametrize(
+    ("expr", "year"),
+    # Feb 29th; Feb 31st OR a Monday (a Monday, then); a Feb 1st that is a Monday.
+    [("0 0 29 2 *", 2028), ("0 0 31 2 1", 2026), ("0 0 */31 2 1", 2027)],
+)
+def test_expressions_on_rare_days_fire(expr: str, year: int) -> None:
+    first = fire(expr, utc(2026, 1, 1))
+    assert first.month == 2 and first.year == year
+
+
+def test_the_end_of_the_calendar_is_no_next_fire() -> None:
+    spec = ScheduleSpec(kind="cron", cron="0 0 1 1 *")
+    assert next_fire(spec, "t", utc(9999, 1, 1)) is None
+    spec = ScheduleSpec(kind="interval", every_s=3600.0)
+    assert next_fire(spec, "t", utc(9999, 12, 31, 23, 30)) is None
+    spec = ScheduleSpec(kind="once", at=utc(9999, 12, 31, 23, 59, 59), jitter_s=86400.0)
+    assert next_fire(spec, "t", utc(2026, 1, 1)) is None  # its jittered instant is past it
 
 
 def test_dom_and_dow_both_restricted_means_either() -> None:
