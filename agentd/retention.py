@@ -7,7 +7,8 @@ What goes (``history:`` in the config, see ``HistoryConfig``):
   once out of quarantine) that finished more than ``keep_runs`` ago, and those beyond
   a task's newest ``max_runs_per_task``; each with its attempts, checkpoint, events and
   workspace directory. Queued and running runs never go, nor a run still in the
-  ``quarantine`` table, nor a run with an event the alert outbox has not read yet;
+  ``quarantine`` table, nor a run with an event the alert outbox has yet to read (of
+  the kinds it reads);
 - quarantine entries older than ``keep_quarantine`` (dropped, with a ``drop`` event);
 - events tied to no run, older than ``keep_events`` (and already read by the outbox);
 - ledger rows and budget alarms older than ``keep_ledger`` (never under 32 days:
@@ -27,8 +28,8 @@ The executor (``prune``) deletes one batch per ``BEGIN IMMEDIATE`` transaction, 
 milliseconds each, with a pause between batches (the daemon's writes wait for the lock
 while a batch holds it); a batch is selected again under the lock, so what it deletes
 is what is true at its commit. A selection that finds nothing takes no write lock at
-all. Workspaces are removed after their runs' commit: a crash in between leaves a
-directory without a run, never a run without its directory.
+all. Workspaces are removed once their runs' deletion is durable: a crash in between
+leaves a directory without a run, never a run without its directory.
 
 ``Pruner`` runs passes on its own thread and connection, a while after start and then
 every ``prune_every``, reading the settings anew each pass (a reload applies without a
@@ -57,13 +58,15 @@ from typing import Any
 from agentd.clock import Clock, SystemClock, to_iso
 from agentd.config import LEDGER_FLOOR_S, Config, HistoryConfig
 from agentd.metrics import PRUNE_KINDS
+from agentd.models import FINAL_STATUSES
 from agentd.outbox import ALERT_EVENTS, CURSOR_KEY
 from agentd.store import SCHEMA_VERSION
 
 log = logging.getLogger("agentd.retention")
 
-PRUNABLE_STATUSES = ("succeeded", "cancelled", "skipped", "budget_exhausted", "quarantined")
-"""Final statuses; a quarantined run only once it is out of the quarantine table."""
+PRUNABLE_STATUSES = FINAL_STATUSES
+"""Succeeded, cancelled, skipped, budget_exhausted, and quarantined once out of the
+quarantine table: never queued or running."""
 BATCH_RUNS = 50
 """Runs per transaction: each brings its events (about four), attempts and checkpoint,
 so a batch is a few hundred rows and a few milliseconds."""
@@ -71,13 +74,17 @@ BATCH_ROWS = 300
 """Rows per transaction for the one-row kinds (events, ledger, alerts...)."""
 GAP_MIN_S = 0.02
 GAP_FACTOR = 4.0
-"""Between batches the pruner waits GAP_FACTOR times the last batch's time (at least
-GAP_MIN_S): it holds the write lock at most a fifth of the time while it works, and
-still deletes a couple of thousand runs a second."""
+"""Between batches the pruner waits GAP_FACTOR times as long as the last batch held the
+write lock (at least GAP_MIN_S): it holds the lock at most a fifth of the time while it
+works, and still deletes a couple of thousand runs a second."""
+FOLD_EVERY = 16
+"""Batches between checkpoints of the pruner's own (``connect``), and one after a pass."""
 FIRST_PASS_S = 60.0
 """The first pass waits this long after start (or ``prune_every``, if shorter): the
 start's own work (catch-up fires, recovery) comes first."""
 STOP_JOIN_S = 5.0
+SETTINGS_POLL_S = 30.0
+"""While waiting for its next pass the pruner looks at ``prune_every`` this often."""
 _ALERT_KINDS = json.dumps(sorted(ALERT_EVENTS))
 """The events the alert outbox reads: a run with one it has not read yet stays."""
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -562,18 +569,48 @@ def _tree_bytes(path: Path) -> int:
     return total
 
 
+def fold(conn: sqlite3.Connection) -> None:
+    """A PASSIVE checkpoint: copies what it can of the WAL into the DB file without
+    taking a lock a writer needs (and does nothing if another checkpoint runs). A
+    failure only leaves the WAL longer until the next."""
+    try:
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+    except sqlite3.Error as exc:
+        log.warning("retention: WAL checkpoint failed, retried later: %s", exc)
+
+
+def durable(conn: sqlite3.Connection) -> None:
+    """Make every commit so far durable: fsync the WAL file (``connect``). If it is gone,
+    the last connection closed and folded it into the DB file, synced."""
+    main = conn.execute("PRAGMA database_list").fetchone()[2]
+    try:
+        fd = os.open(main + "-wal", os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def remove_workspaces(
-    state_dir: Path, runs: Sequence[tuple[str, str]], stopped: Callable[[], bool]
+    conn: sqlite3.Connection,
+    state_dir: Path,
+    runs: Sequence[tuple[str, str]],
+    stopped: Callable[[], bool],
 ) -> int:
-    """Remove the runs' workspace directories; returns how many there were. A failure
-    is logged and costs only that directory (it stays, without its run)."""
+    """Remove the workspace directories of runs whose deletion ``conn`` committed, once
+    that commit is durable; returns how many there were. A failure is logged and costs
+    only that directory (it stays, without its run)."""
+    paths = [workspace_dir(state_dir, task_id, run_id) for task_id, run_id in runs]
+    found = [p for p in paths if p is not None and (p.is_dir() or p.is_symlink())]
+    if not found:
+        return 0  # most runs write nothing
+    durable(conn)
     removed = 0
-    for task_id, run_id in runs:
+    for path in found:
         if stopped():
             break
-        path = workspace_dir(state_dir, task_id, run_id)
-        if path is None:
-            continue
         try:
             if path.is_symlink():
                 path.unlink()
@@ -581,7 +618,7 @@ def remove_workspaces(
                 shutil.rmtree(path)
             removed += 1
         except FileNotFoundError:
-            continue  # the run wrote nothing, so it had none
+            continue  # gone meanwhile
         except OSError as exc:
             log.warning("retention: could not remove workspace %s: %s", path, exc)
     return removed
@@ -599,9 +636,9 @@ def prune(
     batch_rows: int = BATCH_ROWS,
 ) -> Report:
     """One pass over every kind, batch by batch, each batch one transaction. ``pace`` is
-    called after each batch with the time it took and pauses before the next; when it
-    returns False the pass ends there (``report.stopped``). ``stopped`` is asked
-    between workspace removals.
+    called after each batch with how long it held the write lock and pauses before the
+    next; when it returns False the pass ends there (``report.stopped``). ``stopped``
+    is asked between workspace removals.
 
     ``conn`` is in autocommit mode (``connect``). A ``dry_run`` writes nothing: the pass
     reads one snapshot, counts what would go, with the bytes of its workspaces."""
@@ -621,6 +658,8 @@ def prune(
         if dry_run:
             conn.execute("COMMIT")
         report.seconds = time.monotonic() - started
+    if not dry_run and report.batches % FOLD_EVERY:
+        fold(conn)
     return report
 
 
@@ -641,10 +680,12 @@ def _prune_step(
         if not sel.keys:
             if not sel.more:
                 return True
+            if stopped():
+                return False
             cursor = sel.cursor
             continue
+        conn.execute("BEGIN IMMEDIATE")  # may wait for the daemon's commit: not counted
         t0 = time.monotonic()
-        conn.execute("BEGIN IMMEDIATE")
         try:
             sel = step.select(conn, cut, cursor, limit)  # again, under the lock: what is true now
             counts = step.delete(conn, sel, cut, False) if sel.keys else {}
@@ -652,13 +693,15 @@ def _prune_step(
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        elapsed = time.monotonic() - t0
+        held = time.monotonic() - t0
         report.add(counts, step.kind, sel.times)
         report.batches += 1
+        if report.batches % FOLD_EVERY == 0:
+            fold(conn)
         if step.per_run and sel.runs:
-            report.counts["workspaces"] += remove_workspaces(state_dir, sel.runs, stopped)
+            report.counts["workspaces"] += remove_workspaces(conn, state_dir, sel.runs, stopped)
         cursor = sel.cursor
-        if not pace(elapsed):
+        if not pace(held):
             return False
         if not sel.more:
             return True
@@ -685,13 +728,24 @@ def _count_step(
 
 def connect(db_path: Path, *, read_only: bool = False) -> sqlite3.Connection:
     """A connection of retention's own, in autocommit mode (its transactions are
-    explicit): foreign keys on and ``synchronous=FULL`` as the daemon's, or read-only
-    (``mode=ro``: it cannot write the DB whatever it runs)."""
+    explicit) with foreign keys on, or read-only (``mode=ro``: it cannot write the DB
+    whatever it runs).
+
+    Its commits are quick, so that the daemon's writes, waiting for the lock, wait
+    little. ``synchronous=NORMAL``: a commit does not fsync the WAL while it holds the
+    lock. A prune that a crash undoes is only done again; what must not be undone is
+    one whose workspaces are gone, so ``durable`` syncs the WAL, outside the lock,
+    before any is removed: the guarantee FULL gives at commit (in WAL mode FULL is
+    NORMAL plus an fsync of the WAL after each commit), a moment later. And no
+    automatic checkpoint: a commit that crosses 1,000 WAL pages would fold the WAL into
+    the DB file inside the COMMIT call (10-30 ms under load); ``fold`` does it between
+    batches instead, as the daemon's checkpoint thread does for its own commits."""
     if read_only:
         conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, isolation_level=None)
     else:
         conn = sqlite3.connect(str(db_path), isolation_level=None)
-        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA wal_autocheckpoint = 0")
         conn.execute("PRAGMA foreign_keys = ON")
     conn.execute("PRAGMA busy_timeout = 10000")
     return conn
@@ -731,6 +785,7 @@ class Pruner:
         on_pruned: Callable[[Mapping[str, int]], None] | None = None,
         *,
         first_pass_s: float = FIRST_PASS_S,
+        settings_poll_s: float = SETTINGS_POLL_S,
         batch_runs: int = BATCH_RUNS,
         batch_rows: int = BATCH_ROWS,
     ) -> None:
@@ -740,6 +795,7 @@ class Pruner:
         self.clock: Clock = clock or SystemClock()
         self.on_pruned = on_pruned
         self.first_pass_s = first_pass_s
+        self.settings_poll_s = settings_poll_s
         self.batch_runs = batch_runs
         self.batch_rows = batch_rows
         self.passes = 0
@@ -789,11 +845,21 @@ class Pruner:
                 self.on_pruned(report.counts)
         return report
 
+    def _due_in(self, since: float, first: bool) -> float:
+        """Seconds until the next pass: ``prune_every`` after the last one ended (read
+        now, so a reload that shortens it applies without waiting out the old one)."""
+        every = self.settings().prune_every
+        return since + (min(self.first_pass_s, every) if first else every) - time.monotonic()
+
     def _main(self) -> None:
         conn: sqlite3.Connection | None = None
-        delay = min(self.first_pass_s, self.settings().prune_every)
+        since, first = time.monotonic(), True
         try:
-            while not self._stop.wait(delay):
+            while not self._stop.is_set():
+                wait_s = self._due_in(since, first)
+                if wait_s > 0:
+                    self._stop.wait(min(wait_s, self.settings_poll_s))
+                    continue
                 try:
                     if conn is None:
                         conn = connect(self.db_path)
@@ -802,7 +868,7 @@ class Pruner:
                     log.warning("retention: prune pass failed, the next one is as usual: %s", exc)
                 except Exception:
                     log.exception("retention: prune pass failed, the next one is as usual")
-                delay = self.settings().prune_every
+                since, first = time.monotonic(), False
         finally:
             if conn is not None:
                 conn.close()

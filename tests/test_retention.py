@@ -567,36 +567,47 @@ def test_the_pruner_thread_prunes_counts_and_stops_promptly(store: Store, tmp_pa
         finished(store, "a", at(i / 1000), at(i / 1000 + 0.0001))
     read_all(store)
     metrics = Metrics("test")
-    settings = history(keep_runs=DAY)
+    settings = {"now": history(keep_runs=DAY)}  # prune_every: the default 10 minutes
+    clock = ManualClock(at(10))
     pruner = retention.Pruner(
         store.path,
         tmp_path,
-        lambda: settings,
-        ManualClock(at(10)),
+        lambda: settings["now"],
+        clock,
         metrics.pruned_history,
         first_pass_s=0.0,
+        settings_poll_s=0.05,
         batch_runs=100,
     )
     pruner.start()
     wait_for(lambda: pruner.passes >= 1, what="a first pass")
     assert run_ids(store) == set()
-    samples = {
-        s.labels["kind"]: s.value
-        for family in text_string_to_metric_families(metrics.render().decode())
-        for s in family.samples
-        if s.name == "agentd_pruned_total"
-    }
+
+    def pruned() -> dict[str, float]:
+        return {
+            s.labels["kind"]: s.value
+            for family in text_string_to_metric_families(metrics.render().decode())
+            for s in family.samples
+            if s.name == "agentd_pruned_total"
+        }
+
+    samples = pruned()
     assert set(samples) == set(PRUNE_KINDS)
     assert samples["runs"] == 300 and samples["attempts"] == 300 and samples["events"] == 900
-    # Settings are read per pass: a change applies without a new pruner.
-    for i in range(300):
+    # The settings are read anew: a shorter prune_every applies without a new pruner,
+    # and without waiting out the ten minutes.
+    for i in range(200):
         finished(store, "b", at(20 + i / 1000), at(20 + i / 1000 + 0.0001))
     read_all(store)
-    assert pruner.passes == 1  # the next pass is prune_every (10 min) away
+    assert pruner.passes == 1
+    settings["now"] = history(keep_runs=DAY / 2, prune_every=1)
+    clock.advance(20 * DAY)
+    wait_for(lambda: pruner.passes >= 2 and not run_ids(store), what="a pass on the new settings")
+    assert pruned()["runs"] == 500
     t0 = time.monotonic()
     assert pruner.stop()
     assert time.monotonic() - t0 < 2.0
-    assert len(run_ids(store)) == 300
+    assert not [t for t in threading.enumerate() if t.name == "agentd-retention"]
 
 
 def test_a_stop_ends_a_long_pass_between_batches(store: Store, tmp_path: Path) -> None:
