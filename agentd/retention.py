@@ -45,6 +45,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import sqlite3
 import sys
 import threading
@@ -55,6 +56,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from agentd import exitcodes
 from agentd.clock import Clock, SystemClock, to_iso
 from agentd.config import LEDGER_FLOOR_S, Config, HistoryConfig
 from agentd.metrics import PRUNE_KINDS
@@ -650,8 +652,10 @@ def prune(
         for step in STEPS:
             limit = batch_runs if step.per_run else batch_rows
             if dry_run:
-                _count_step(conn, state_dir, cut, report, step, limit)
-            elif not _prune_step(conn, state_dir, cut, report, step, limit, pace, stopped):
+                done = _count_step(conn, state_dir, cut, report, step, limit, stopped)
+            else:
+                done = _prune_step(conn, state_dir, cut, report, step, limit, pace, stopped)
+            if not done:
                 report.stopped = True
                 break
     finally:
@@ -708,8 +712,15 @@ def _prune_step(
 
 
 def _count_step(
-    conn: sqlite3.Connection, state_dir: Path, cut: Cutoffs, report: Report, step: Step, limit: int
-) -> None:
+    conn: sqlite3.Connection,
+    state_dir: Path,
+    cut: Cutoffs,
+    report: Report,
+    step: Step,
+    limit: int,
+    stopped: Callable[[], bool],
+) -> bool:
+    """A dry run of ``_prune_step``; returns False when ``stopped`` said stop."""
     cursor: Any = None
     while True:
         sel = step.select(conn, cut, cursor, limit)
@@ -722,7 +733,9 @@ def _count_step(
                 report.counts["workspaces"] += 1
                 report.workspace_bytes += _tree_bytes(path)
         if not sel.more:
-            return
+            return True
+        if stopped():
+            return False
         cursor = sel.cursor
 
 
@@ -898,26 +911,53 @@ def prune_command(config: Config, args: argparse.Namespace) -> int:
             print(f"agentd: cannot prune {db_path}: {problem}", file=sys.stderr)
             return 1
         cut = cutoffs(config.history, SystemClock().now())
+        # Ctrl-C ends the prune between batches, and what went is still reported.
+        interrupted = threading.Event()
+        previous = signal.signal(signal.SIGINT, lambda _sig, _frame: interrupted.set())
+        try:
 
-        def pace(batch_s: float) -> bool:
-            time.sleep(max(GAP_MIN_S, GAP_FACTOR * batch_s))
-            return True
+            def pace(batch_s: float) -> bool:
+                return not interrupted.wait(max(GAP_MIN_S, GAP_FACTOR * batch_s))
 
-        report = prune(conn, root, cut, pace=pace, dry_run=args.dry_run)
+            report = prune(
+                conn, root, cut, pace=pace, stopped=interrupted.is_set, dry_run=args.dry_run
+            )
+        finally:
+            signal.signal(signal.SIGINT, previous)
     finally:
         conn.close()
-    _print_report(args, config.history, report)
-    return 0
+    _print_report(args, config.history, cut, report)
+    return exitcodes.FORCED if report.stopped else exitcodes.OK
 
 
-def _print_report(args: argparse.Namespace, history: HistoryConfig, report: Report) -> None:
+def _print_report(
+    args: argparse.Namespace, history: HistoryConfig, cut: Cutoffs, report: Report
+) -> None:
     settings = history.model_dump()
+    edges = {
+        kind: None if when is None else to_iso(when)
+        for kind, when in (
+            ("runs", cut.runs),
+            ("events", cut.events),
+            ("quarantine", cut.quarantine),
+            ("ledger", cut.ledger),
+            ("alerts", cut.alerts),
+        )
+    }
     if args.json:
-        out = {"dry_run": bool(args.dry_run), "history": settings, **report.as_dict()}
+        out = {
+            "dry_run": bool(args.dry_run),
+            "history": settings,
+            "before": edges,
+            **report.as_dict(),
+        }
         print(json.dumps(out, indent=2))
         return
     shown = ", ".join(f"{k}: {_setting(v)}" for k, v in settings.items())
     print(f"{'would prune' if args.dry_run else 'pruned'} (history: {shown})")
+    print("  before: " + ", ".join(f"{k} {v or 'never'}" for k, v in edges.items()))
+    if report.stopped:
+        print("  (interrupted: the counts are what went until then)")
     for kind in PRUNE_KINDS:
         line = f"  {kind:<14}{report.counts.get(kind, 0):>10,}"
         if kind == "workspaces" and args.dry_run and report.counts.get(kind):

@@ -8,7 +8,10 @@ import asyncio
 import json
 import os
 import re
+import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -29,7 +32,7 @@ from agentd.metrics import PRUNE_KINDS, Metrics
 from agentd.models import Outcome, RunStatus
 from agentd.outbox import Outbox
 from agentd.runner import workspace_path
-from agentd.store import Store
+from agentd.store import Finish, Fire, Store
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
 TASKS = {"a": ("fa", "python"), "b": ("fb", "python")}
@@ -669,6 +672,7 @@ def test_cli_prune_dry_run_writes_nothing_and_prune_prunes(tmp_path: Path) -> No
     dry = agentd_cli("prune", "--dry-run", config=config)
     assert dry.returncode == 0, dry.stderr
     assert re.search(r"^would prune \(history: keep_runs: 10d", dry.stdout, re.M), dry.stdout
+    assert re.search(r"^  before: runs \S+Z, events never,", dry.stdout, re.M), dry.stdout
     assert re.search(r"^\s+runs\s+6\s+oldest \S+\s+newest \S+$", dry.stdout, re.M), dry.stdout
     assert re.search(r"^\s+workspaces\s+1\s+2\.0 KiB", dry.stdout, re.M), dry.stdout
     assert watcher.execute("PRAGMA data_version").fetchone()[0] == version
@@ -713,3 +717,48 @@ def test_cli_prune_refuses_a_db_of_another_schema(tmp_path: Path) -> None:
     proc = agentd_cli("prune", config=_config_for(tmp_path, state_dir, "{}"))
     assert proc.returncode == 1 and "schema version is 999" in proc.stderr, proc.stderr
     assert os.path.exists(state_dir / "state.sqlite")
+
+
+def test_ctrl_c_ends_cli_prune_between_batches_and_reports_what_went(tmp_path: Path) -> None:
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    now = datetime.now(UTC)
+    store = Store(state_dir / "state.sqlite")
+    store.sync_tasks(TASKS, now - timedelta(days=30))
+    created = now - timedelta(days=20)
+    fires = [Fire("a", created + timedelta(seconds=i), overlap="allow") for i in range(2000)]
+    store.fire_many(fires, created)
+    claimed = store.claim(created, "test-worker", 3600, 2000, set(), {"a"})
+    store.finish_many(
+        [
+            Finish(r["id"], "a", r["attempt"], 0, Outcome.SUCCESS, RunStatus.SUCCEEDED, created)
+            for r in claimed
+        ]
+    )
+    assert len(claimed) == 2000
+    read_all(store)
+    store.close()
+    config = _config_for(tmp_path, state_dir, "{keep_runs: 10d}")
+    watcher = sqlite3.connect(f"file:{state_dir / 'state.sqlite'}?mode=ro", uri=True)
+
+    def left() -> int:
+        return int(watcher.execute("SELECT COUNT(*) FROM runs").fetchone()[0])
+
+    cmd = [sys.executable, "-m", "agentd.cli", "prune", "--json", "--config", str(config)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: left() < 2000, what="the first batches")  # 40 batches, >= 20 ms apart
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    report = json.loads(out)
+    assert report["stopped"] and 0 < report["counts"]["runs"] < 2000
+    assert report["counts"]["runs"] == 2000 - left()
+    assert report["before"]["runs"] is not None and report["before"]["ledger"] is not None
+    assert watcher.execute("PRAGMA foreign_key_check").fetchall() == []
+    watcher.close()
