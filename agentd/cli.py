@@ -100,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("events", parents=[common], help="the audit log; --follow to stream it")
     p.add_argument("--follow", "-f", action="store_true")
     p.add_argument("--limit", type=int, default=50)
+    p = sub.add_parser(
+        "prune", parents=[common], help="remove the history the config's `history:` does not keep"
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="show what would go; the DB is opened read-only"
+    )
     return parser
 
 
@@ -154,6 +160,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from agentd.statecheck import doctor
 
         return doctor(config.daemon.state_dir, args)
+    if args.command == "prune":
+        from agentd.retention import prune_command  # directly on the state DB, no API
+
+        return prune_command(config, args)
     from agentd.ops import state_command  # the daemon's modules: kept off `run`'s path
 
     return state_command(config, args, parser)

@@ -546,6 +546,62 @@ class AlertsConfig(_Model):
     rules: list[AlertRule] = []
 
 
+LEDGER_FLOOR_S = 32 * 86400.0
+"""The shortest ``history.keep_ledger``: a budget month in any zone began less than 32
+days ago, and its spend (and its alarms) must still be there to be counted."""
+
+
+def _keep(value: Any) -> Any:
+    """``forever`` (or null) keeps everything; anything else is a duration."""
+    if isinstance(value, str) and value.strip().lower() == "forever":
+        return None
+    return _duration(value)
+
+
+def _cap(value: Any) -> Any:
+    return None if isinstance(value, str) and value.strip().lower() == "forever" else value
+
+
+Keep = Annotated[float | None, BeforeValidator(_keep)]
+"""Seconds of history to keep, or None for ``forever``."""
+
+
+class HistoryConfig(_Model):
+    """How much history the state DB keeps; ``agentd.retention`` prunes the rest.
+
+    Only finished runs are pruned, each with its attempts, checkpoint, events and
+    workspace; queued and running runs never are, nor a quarantined run while it is in
+    quarantine (``keep_quarantine`` bounds that), nor an alert with a delivery pending.
+    """
+
+    keep_runs: Keep = Field(default=30 * 86400.0, gt=0)
+    """Finished runs, counted from when they finished."""
+    max_runs_per_task: Annotated[int | None, BeforeValidator(_cap)] = Field(default=10_000, ge=1)
+    """Also at most this many of a task's newest runs: older finished ones go."""
+    keep_events: Keep = Field(default=30 * 86400.0, gt=0)
+    """Audit events not tied to a run (a run's events go with the run)."""
+    keep_quarantine: Keep = Field(default=None, gt=0)
+    """Quarantine entries are dropped this long after the quarantine; forever: by hand."""
+    keep_ledger: Keep = Field(default=62 * 86400.0, gt=0)
+    """LLM spend records and budget alarms: by default this month's and all of the last;
+    at least 32d (budget months count them)."""
+    keep_alerts: Keep = Field(default=90 * 86400.0, gt=0)
+    """Raised alerts and their finished deliveries; at least the longest alert cooldown."""
+    prune_every: Duration = Field(default=600.0, ge=1)
+    """Between the end of one prune pass and the next; the first is a minute after start
+    (or sooner, when this is shorter)."""
+
+    @field_validator("keep_ledger")
+    @classmethod
+    def _ledger(cls, value: float | None) -> float | None:
+        if value is not None and value < LEDGER_FLOOR_S:
+            raise ValueError(
+                "must be at least 32d (or forever): budget windows count the spend"
+                " of the current day and month"
+            )
+        return value
+
+
 class TaskConfig(_Model):
     id: str = ""
     description: str = ""
@@ -649,6 +705,7 @@ class Config(_Model):
     providers: dict[str, ProviderConfig] = {}
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+    history: HistoryConfig = Field(default_factory=HistoryConfig)
     tasks: dict[str, TaskConfig] = {}
     source: str = Field(default="<memory>", exclude=True)
 
@@ -904,7 +961,25 @@ def link(config: Config) -> tuple[Config, list[ConfigProblem]]:
             problems.append(
                 ConfigProblem(f"alerts.rules[{index}].tasks", f"unknown task(s) {unknown}")
             )
+    problems += _history_problems(config)
     return linked, problems
+
+
+def _history_problems(config: Config) -> list[ConfigProblem]:
+    """Deliveries are the alert cooldown's memory: pruning them sooner would let the
+    same condition alert a channel again within its cooldown."""
+    keep = config.history.keep_alerts
+    cooldowns = [config.alerts.cooldown] + [
+        r.cooldown for r in config.alerts.rules if r.cooldown is not None
+    ]
+    longest = max(cooldowns)
+    if keep is not None and keep < longest:
+        message = (
+            f"must be at least the longest alert cooldown ({longest:g}s) or forever:"
+            " deliveries remember what is in cooldown"
+        )
+        return [ConfigProblem("history.keep_alerts", message)]
+    return []
 
 
 def _budget_problems(config: Config, task: TaskConfig) -> list[ConfigProblem]:

@@ -39,6 +39,7 @@ from agentd.gauges import GaugeSchedule
 from agentd.health import Health
 from agentd.http import BindRefused, HttpServer, check_bind, load_token
 from agentd.metrics import Metrics
+from agentd.retention import Pruner
 from agentd.runner import Runner
 from agentd.safety import Safety
 from agentd.scheduler import HEARTBEAT_S, Scheduler, SyncReport
@@ -158,6 +159,7 @@ class Daemon:
         self.control: Control | None = None
         self.http: HttpServer | None = None
         self.safety: Safety | None = None
+        self.pruner: Pruner | None = None  # retention (agentd.retention)
         self.doorbell = Doorbell(config.daemon.state_dir, self._on_ring)
         self.health = Health(stale_after_s=config.daemon.liveness_stale_after)
         self.bus = EventBus()
@@ -310,6 +312,17 @@ class Daemon:
             cfg.daemon.http.host,
             port,
         )
+        # --- retention: prunes history on its own thread and connection; it reads
+        # self.config.history at each pass, so a reload applies without a restart.
+        self.pruner = Pruner(
+            state_paths(cfg)[1],
+            root,
+            lambda: self.config.history,
+            self.clock,
+            on_pruned=self.metrics.pruned_history,
+        )
+        self.pruner.start()
+        # --- end retention
 
     def _open_state(self, store: Store) -> None:
         store.open()
@@ -543,6 +556,8 @@ class Daemon:
         await self._cancel_reload()
         if self.scheduler:
             self.scheduler.pause()
+        if self.pruner:  # retention: its thread ends within one batch, off the loop
+            await asyncio.to_thread(self.pruner.stop)
         unrecorded = 0
         if self.runner:
             stopped = await self.runner.drain(grace, self._force)

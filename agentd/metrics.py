@@ -19,7 +19,7 @@ import platform
 import threading
 import time
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -55,6 +55,19 @@ OUTCOMES = {
     "budget_exhausted": "budget_exhausted",
 }
 SKIP_REASONS = ("overlap", "queue_full", "paused", "budget")
+# What retention prunes (agentd.retention), each an agentd_pruned_total series from start.
+PRUNE_KINDS = (
+    "runs",
+    "attempts",
+    "checkpoints",
+    "events",
+    "workspaces",
+    "quarantine",
+    "ledger",
+    "budget_alarms",
+    "alerts",
+    "outbox",
+)
 # Audit events about the config, not the task's activity: they bring no series.
 CONFIG_KINDS = frozenset({"task_added", "task_changed", "task_removed"})
 
@@ -253,6 +266,14 @@ class Metrics:
             registry=r,
         )
         self._budget_scopes: set[str] = set()
+        self.pruned = Counter(
+            "agentd_pruned",
+            "History removed by retention: rows by table, and run workspaces",
+            ["kind"],
+            registry=r,
+        )
+        for kind in PRUNE_KINDS:
+            self.pruned.labels(kind)
 
         # The daemon builds this right after the config loaded at start.
         self.config_reload(True, time.time())
@@ -370,6 +391,13 @@ class Metrics:
             for scope, usd in remaining.items():
                 self.budget_remaining.labels(scope).set(usd)
             self._budget_scopes = set(remaining)
+
+    def pruned_history(self, counts: Mapping[str, int]) -> None:
+        """One retention pass's counts (from the pruner's thread: counters are
+        thread-safe)."""
+        for kind, n in counts.items():
+            if n and kind in PRUNE_KINDS:
+                self.pruned.labels(kind).inc(n)
 
     def config_reload(self, ok: bool, when: float) -> None:
         """A failed reload keeps the old config running; alert on this gauge being 0."""
