@@ -150,6 +150,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         if args.command == "check-config":
             return config_invalid(exc, args)
+        if args.command in ("prune", "doctor"):
+            # They work on the state dir itself, which only a valid config names.
+            print(exc.render(), file=sys.stderr)
+            return exitcodes.CONFIG
         # The operator commands still reach a running daemon through its API.
         from agentd.ops import broken_config_command
 
