@@ -562,12 +562,17 @@ class Runner:
                     )
 
     def _write_workspace(self, ended: _Ended) -> None:
-        """run.json and events.jsonl beside what the run left, if it left anything."""
+        """events.jsonl, then run.json, beside what the run left, if it left anything.
+        Written after the outcome is committed: the DB is the truth, the workspace follows
+        it, so a run can be ``succeeded`` in the DB a moment before its run.json says so."""
         active, decision = ended.active, ended.decision
         run_id = active.row["id"]
         try:
             if _drop_if_empty(active.ctx.workspace_path):
                 return  # the run wrote nothing: its record is in the DB alone
+            # events.jsonl first: a reader that sees this attempt's run.json finds its
+            # events beside it (run.json is the last file written).
+            write_events_jsonl(active.ctx.workspace_path, self.store.events(run_id, 0, 5000))
             write_run_json(
                 active.ctx.workspace_path,
                 {
@@ -578,7 +583,6 @@ class Runner:
                     else None,
                 },
             )
-            write_events_jsonl(active.ctx.workspace_path, self.store.events(run_id, 0, 5000))
         except OSError as exc:  # read-only or full: the DB has the record; one line says so
             log.error(
                 "could not write the workspace record run=%s task=%s: %s",
