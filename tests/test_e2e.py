@@ -39,8 +39,10 @@ def test_interval_task_fires_and_succeeds(make_daemon) -> None:  # type: ignore[
     assert (ws / "stdout.log").read_text().strip() == "hello-from-tick"
     # The workspace follows the DB: run.json appears just after the commit.
     wait_for(
-        lambda: (ws / "run.json").exists()
-        and json.loads((ws / "run.json").read_text())["status"] == "succeeded",
+        lambda: (
+            (ws / "run.json").exists()
+            and json.loads((ws / "run.json").read_text())["status"] == "succeeded"
+        ),
         what="run.json saying succeeded",
     )
     kinds = [json.loads(line)["kind"] for line in (ws / "events.jsonl").read_text().splitlines()]

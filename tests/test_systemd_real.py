@@ -241,10 +241,12 @@ def test_hardened_unit_runs_the_shipped_config_as_a_dynamic_user(agentd: Systemd
     wait_for(lambda: "succeeded" in _statuses(agentd, "host-report"), timeout=90)
     run = runs_of(agentd, "config-manifest")[0]
     manifest = wait_for(  # run.json follows the DB's record by a moment
-        lambda: agentd.sh(
-            f"cat /var/lib/private/agentd/runs/config-manifest/{run['id']}/run.json",
-            check=False,
-        ).stdout,
+        lambda: (
+            agentd.sh(
+                f"cat /var/lib/private/agentd/runs/config-manifest/{run['id']}/run.json",
+                check=False,
+            ).stdout
+        ),
         what="the run's run.json",
     )
     assert "agentd.yaml" in manifest  # it read /etc/agentd through CONFIGURATION_DIRECTORY
