@@ -168,7 +168,11 @@ def _secret(hook: WebhookChannel) -> str | None:
 
 
 async def deliver(
-    channel: ChannelConfig, payload: dict[str, Any], delivery_id: str, client: httpx.AsyncClient
+    channel: ChannelConfig,
+    payload: dict[str, Any],
+    delivery_id: str,
+    client: httpx.AsyncClient,
+    withheld_env: frozenset[str] = frozenset(),
 ) -> None:
     """One attempt; raises ``DeliveryError`` with a reason fit for the log (no secrets)."""
     import httpx  # imported on first delivery: most daemons never send one
@@ -193,16 +197,22 @@ async def deliver(
             raise DeliveryError(f"webhook answered HTTP {resp.status_code}")
         return
     if channel.command is not None:
-        await _run_command(channel.command.argv, body, channel.command.timeout)
+        await _run_command(channel.command.argv, body, channel.command.timeout, withheld_env)
         return
     level = getattr(logging, (channel.log.level if channel.log else "warning").upper())
     log.log(level, "ALERT %s %s", payload.get("kind"), payload.get("summary"))
 
 
-async def _run_command(argv: list[str], body: bytes, timeout: float) -> None:
+async def _run_command(
+    argv: list[str], body: bytes, timeout: float, withheld_env: frozenset[str] = frozenset()
+) -> None:
+    """The alert on stdin; the daemon's environment without the variables that hold
+    its secrets (``withheld_env``), like a task's command."""
+    env = {k: v for k, v in os.environ.items() if k not in withheld_env}
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv,
+            env=env,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,

@@ -27,8 +27,10 @@ from agentd.config import (
     inactive_reason,
     load_config,
     redacted,
+    secret_refs,
 )
 from agentd.configload import ConfigLoad
+from agentd.redact import read_secrets
 from agentd.schedule import next_fires
 
 DEFAULT_CONFIGS = (Path("/etc/agentd/agentd.yaml"), Path("config/agentd.yaml"))
@@ -202,6 +204,12 @@ def check_config(config: Config, args: argparse.Namespace) -> int:
                 for t in next_fires(spec, task_id, now, args.next)
             ]
         report["tasks"][task_id] = entry
+    # What is withheld from commands and scrubbed from texts (see agentd.redact).
+    refs = secret_refs(config)
+    report["secrets"] = [
+        {"path": ref.where, "env": ref.env, "file": str(ref.file) if ref.file else None}
+        for ref in refs
+    ]
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -212,7 +220,19 @@ def check_config(config: Config, args: argparse.Namespace) -> int:
         for t in entry.get("next", []):
             print(f"      {t['local']}   ({t['utc']})")
     if args.show:
-        print(yaml.safe_dump(redacted(config), sort_keys=False))
+        # Masked by key (``redacted``), then by value: a secret ${VAR}-substituted into
+        # any string of the file is not shown either.
+        print(read_secrets(refs).text(yaml.safe_dump(redacted(config), sort_keys=False)))
+        print(
+            "# Secrets: never in a command's environment (unless its task's `env` names\n"
+            "# the variable), and their values are scrubbed from every stored or logged\n"
+            "# text. CREDENTIALS_DIRECTORY is withheld from commands too."
+        )
+        for ref in report["secrets"]:
+            held = f"${ref['env']}" if ref["env"] else ref["file"]
+            print(f"#   {ref['path']}: {held}")
+        if not report["secrets"]:
+            print("#   (none configured)")
     return 0
 
 

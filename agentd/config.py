@@ -37,6 +37,7 @@ from pydantic import (
 )
 
 from agentd import yamlload
+from agentd.redact import SecretRef
 from agentd.schedule import (
     CronError,
     CronNeverFires,
@@ -1123,6 +1124,66 @@ def inactive_reason(task: TaskConfig, environ: Mapping[str, str] | None = None) 
     if task.agent and task.agent.api_key_file and not task.agent.api_key_file.exists():
         return f"API key file {task.agent.api_key_file} does not exist"
     return None
+
+
+def _secret_fields(cls: type[BaseModel]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """A model class's fields that name a secret's variable or file (``token_env``,
+    ``api_key_file``, ``secret_env``, ``password_env``...), and the fields that may hold
+    models in turn."""
+    cached = _SECRET_FIELDS.get(cls)
+    if cached is None:
+        refs, nested = [], []
+        for name, info in cls.model_fields.items():
+            stem, _, suffix = name.rpartition("_")
+            if suffix in ("env", "file") and SECRET_KEY_RE.search(stem):
+                refs.append(name)
+            elif any(
+                isinstance(t, type) and issubclass(t, BaseModel) for t in _types_in(info.annotation)
+            ):
+                nested.append(name)
+        cached = _SECRET_FIELDS[cls] = (tuple(refs), tuple(nested))
+    return cached
+
+
+_SECRET_FIELDS: dict[type[BaseModel], tuple[tuple[str, ...], tuple[str, ...]]] = {}
+
+
+def _types_in(annotation: Any) -> list[Any]:
+    args = getattr(annotation, "__args__", None)
+    if not args:
+        return [annotation]
+    return [t for arg in args for t in _types_in(arg)]
+
+
+def secret_refs(config: Config) -> tuple[SecretRef, ...]:
+    """Every variable and file the config names as holding a secret, each once, with the
+    first config path that names it: what is scrubbed from stored and logged texts
+    (``redact``) and never passed to a command's environment unless its task names it."""
+    found: dict[tuple[str | None, Path | None], SecretRef] = {}
+
+    def walk(model: BaseModel, path: str) -> None:
+        refs, nested = _secret_fields(type(model))
+        for name in refs:
+            value = getattr(model, name)
+            if not value:
+                continue
+            key = (value, None) if name.endswith("_env") else (None, Path(value))
+            found.setdefault(key, SecretRef(f"{path}{name}", env=key[0], file=key[1]))
+        for name in nested:
+            value = getattr(model, name)
+            if isinstance(value, BaseModel):
+                walk(value, f"{path}{name}.")
+            elif isinstance(value, dict):
+                for k, v in value.items():
+                    if isinstance(v, BaseModel):
+                        walk(v, f"{path}{name}.{k}.")
+            elif isinstance(value, (list, tuple)):
+                for i, v in enumerate(value):
+                    if isinstance(v, BaseModel):
+                        walk(v, f"{path}{name}.{i}.")
+
+    walk(config, "")
+    return tuple(found.values())
 
 
 def redacted(config: Config) -> dict[str, Any]:

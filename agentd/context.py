@@ -90,7 +90,7 @@ class RunContext:
         """The run's own directory, created on first use: a run that writes nothing
         costs no directory (on some filesystems a mkdir is half a millisecond of CPU)."""
         if not self._workspace_made:
-            self.workspace_path.mkdir(parents=True, exist_ok=True)
+            self.workspace_path.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._workspace_made = True
         return self.workspace_path
 

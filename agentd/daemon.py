@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import faulthandler
 import fcntl
 import gc
@@ -27,9 +28,9 @@ from zoneinfo import ZoneInfo
 
 import prometheus_client
 
-from agentd import __version__, exitcodes, statecheck, tls
+from agentd import __version__, exitcodes, redact, statecheck, tls
 from agentd.clock import Backoff, Clock, SystemClock, from_iso
-from agentd.config import Config, ConfigError, TaskIndex, task_index
+from agentd.config import Config, ConfigError, TaskIndex, secret_refs, task_index
 from agentd.configload import ConfigLoad
 from agentd.control import Control
 from agentd.doorbell import Doorbell
@@ -39,6 +40,7 @@ from agentd.gauges import GaugeSchedule
 from agentd.health import Health
 from agentd.http import BindRefused, HttpServer, check_bind, load_token
 from agentd.metrics import Metrics
+from agentd.redact import Redactor, read_secrets
 from agentd.retention import Pruner
 from agentd.runner import Runner
 from agentd.safety import Safety
@@ -91,7 +93,7 @@ class StateLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -175,10 +177,23 @@ class Daemon:
             probe_every_s=WRITE_PROBE_S,
         )
         self._index: TaskIndex = index or {}  # fingerprints of self.config's tasks
+        self.redactor: Redactor = redact.NOTHING
+        self.child_umask = -1  # the caller's umask, once ``serve`` has set the daemon's
+        self.withheld_env: frozenset[str] = frozenset()
 
     # ------------------------------------------------------------ phases
 
     async def serve(self) -> int:
+        # What agentd makes (state DBs and their WAL, the jobstore, the lock, workspaces,
+        # run records) is the daemon's alone whatever the caller's umask: 0700 and 0600.
+        # Commands get the caller's umask back (``ExecEnv.child_umask``).
+        self.child_umask = os.umask(0o077)
+        try:
+            return await self._serve()
+        finally:
+            os.umask(self.child_umask)
+
+    async def _serve(self) -> int:
         try:
             await self.startup()
         except StateLocked as exc:
@@ -204,6 +219,7 @@ class Daemon:
         that /healthz and /readyz keep answering while they take their time.
         """
         cfg = self.config
+        self._use_secrets(cfg)  # first: every line logged from here on is scrubbed
         root, _, jobs_path = state_paths(cfg)
         token = load_token(cfg.daemon.http)
         check_bind(cfg.daemon.http, token)
@@ -233,6 +249,7 @@ class Daemon:
         _, db_path, _ = state_paths(cfg)
         with _refusing(root):
             self.store = Store(db_path, event_sink=self._on_event, defer_open=True)
+        self.store.redactor = self.redactor
         self.store.on_write = lambda exc: self.health.fault(
             "state DB", None if exc is None else str(exc)
         )
@@ -263,6 +280,7 @@ class Daemon:
         with _loop_first(), _refusing(root):
             self.scheduler = await asyncio.to_thread(self._prepare, cfg, jobs_path)
         self.safety = Safety(self.store, cfg, self.clock, self.metrics)
+        self.safety.outbox.withheld_env = self.withheld_env
         self.runner = Runner(
             self.store,
             self.clock,
@@ -274,6 +292,8 @@ class Daemon:
                 kill_grace_s=cfg.daemon.kill_grace,
                 output_max_bytes=cfg.daemon.output_max_bytes,
                 inherited_env=command.inherited_env(),
+                withheld_env=frozenset(os.fsencode(name) for name in self.withheld_env),
+                child_umask=self.child_umask,
             ),
             on_change=self._wake.set,
             llm=self.safety.gateway,
@@ -766,7 +786,38 @@ class Daemon:
             self.safety.set_config(new)
         if self.control:
             self.control.config = new
+        self._use_secrets(new)
         return report
+
+    def _use_secrets(self, cfg: Config) -> None:
+        """Read what ``cfg``'s secret variables and files hold (``config.secret_refs``):
+        from now on those values are scrubbed from the state DB's texts and the log,
+        and those variables (and systemd's ``CREDENTIALS_DIRECTORY``) are withheld from
+        every command a task or an alert channel runs."""
+        refs = secret_refs(cfg)
+        self.redactor = read_secrets(refs)
+        redact.install(self.redactor)
+        self.withheld_env = frozenset({r.env for r in refs if r.env} | {"CREDENTIALS_DIRECTORY"})
+        if self.store:
+            self.store.redactor = self.redactor
+        if self.runner:
+            self.runner.exec_env = dataclasses.replace(
+                self.runner.exec_env,
+                withheld_env=frozenset(os.fsencode(name) for name in self.withheld_env),
+            )
+        if self.safety:
+            self.safety.outbox.withheld_env = self.withheld_env
+        for where in self.redactor.too_short:
+            log.warning(
+                "secret named by %s is shorter than %d characters: not scrubbed from texts",
+                where,
+                redact.MIN_LENGTH,
+            )
+        log.info(
+            "secrets: %s; %d variable(s) withheld from commands",
+            self.redactor.describe(),
+            len(self.withheld_env),
+        )
 
     def _reload_failed(self, reason: str, summary: str) -> None:
         """Keep the running config and say why everywhere an operator looks."""

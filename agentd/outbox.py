@@ -19,6 +19,7 @@ tasks are late or auto-paused and owe a recovery notice at their next success.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -75,6 +76,8 @@ class Outbox:
         self.config = config
         self.clock = clock
         self.host = os.uname().nodename
+        self.withheld_env: frozenset[str] = frozenset()
+        """Kept out of a command channel's environment (the daemon's secrets)."""
         self._watched_for: Config | None = None
         self._timed_for: Config | None = None
         self._any_timed = False
@@ -183,7 +186,13 @@ class Outbox:
             self.raise_alert(alert, now, event["id"])
 
     def raise_alert(self, alert: Alert, now: datetime, event_id: int | None = None) -> int:
-        """Record the alert and queue it for every channel its rules name (inside a tx)."""
+        """Record the alert and queue it for every channel its rules name (inside a tx).
+        Its summary and data are scrubbed of secret values like every stored text."""
+        scrub = self.store.redactor
+        if scrub:
+            alert = dataclasses.replace(
+                alert, summary=scrub.text(alert.summary), data=scrub.value(alert.data)
+            )
         cur = self.store.conn.execute(
             "INSERT INTO alerts(ts, kind, dedup_key, task_id, run_id, event_id, summary, data)"
             " VALUES (?,?,?,?,?,?,?,?)",
@@ -391,7 +400,13 @@ class Outbox:
                     channel.backoff,
                     channel.max_backoff,
                 )
-                await deliver(channel, payload, f"{payload['id']}-{row['channel']}", client)
+                await deliver(
+                    channel,
+                    payload,
+                    f"{payload['id']}-{row['channel']}",
+                    client,
+                    self.withheld_env,
+                )
         except (DeliveryError, OSError) as exc:
             self._failed(row, str(exc), retries, backoff, max_backoff)
             return

@@ -21,6 +21,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import pwd
 import shutil
@@ -35,6 +36,8 @@ from typing import Any, Literal
 from agentd import exitcodes
 from agentd.store import SCHEMA_VERSION
 from agentd.walcheck import WalReport, inspect_wal
+
+log = logging.getLogger("agentd.state")
 
 STATE_DB = "state.sqlite"
 JOBSTORE = "schedule.sqlite"
@@ -144,9 +147,18 @@ def prepare_state_dir(root: Path) -> None:
     """Create the state dir if it is missing and prove that a file can be made in it.
     Raises ``StateUnusable``."""
     try:
-        root.mkdir(parents=True, exist_ok=True)
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
         if not root.is_dir():  # a symlink to a file, or a file made meanwhile
             raise FileExistsError(errno.EEXIST, "not a directory", str(root))
+        mode = root.stat().st_mode & 0o777
+        if mode & 0o077:  # made by someone else, or before agentd made it 0700: say so
+            log.warning(
+                "state dir %s is mode %04o: other users may read the run history and "
+                "outputs; agentd leaves it as it is (chmod 700 %s to close it)",
+                root,
+                mode,
+                root,
+            )
         probe = root / f".agentd-probe-{os.getpid()}"
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
         probe.unlink()

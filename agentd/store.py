@@ -29,6 +29,7 @@ import sqlite_utils
 
 from agentd.clock import from_iso, to_iso
 from agentd.models import ACTIVE_STATUSES, Outcome, RunStatus
+from agentd.redact import NOTHING, Redactor
 
 log = logging.getLogger("agentd.store")
 
@@ -387,6 +388,10 @@ class Store:
         self.new_run_id: Callable[[datetime], str] = RunIds()
         """Makes the id of each new run (see ``RunIds``)."""
         self.event_sink = event_sink
+        self.redactor: Redactor = NOTHING
+        """Secret values scrubbed from every text written here: run and attempt errors,
+        event data (so the API, SSE, run.json, events.jsonl and alerts, all read from
+        here), progress messages. Set by the daemon for each config it applies."""
         self.fire_gate: FireGate | None = None
         """Asked inside ``fire()``'s transaction for scheduled fires: a reason to record
         the fire as skipped (budget window full), or None."""
@@ -779,6 +784,9 @@ class Store:
         four places, and formatting is a measurable share of a trivial run's cost."""
         ts = now if isinstance(now, str) else to_iso(now)
         payload = _encode(data)
+        if self.redactor and self.redactor.contains(payload):
+            payload = self.redactor.text(payload)
+            data = json.loads(payload)
         cur = self.conn.execute(
             "INSERT INTO events(ts, kind, task_id, run_id, data) VALUES (?,?,?,?,?)",
             (ts, kind, task_id, run_id, payload),
@@ -803,6 +811,11 @@ class Store:
         if not events:
             return
         conn = self.conn
+        if self.redactor:  # rare: a secret in an event's data is scrubbed in both copies
+            events = [
+                (ts, kind, task_id, run_id, self.redactor.value(data))
+                for ts, kind, task_id, run_id, data in events
+            ]
         conn.executemany(
             "INSERT INTO events(ts, kind, task_id, run_id, data) VALUES (?,?,?,?,?)",
             [
@@ -1381,6 +1394,7 @@ class Store:
         final = next_status != RunStatus.QUEUED
         ts = to_iso(now)
         due = to_iso(not_before) if not_before else ts
+        error = self.redactor.optional(error)
         with self.tx():
             # UPDATE, then SELECT the row: SQLite's RETURNING cost 12-16 us more than both
             # together (it goes through a temporary table), once per attempt, on the loop.
@@ -1481,11 +1495,13 @@ class Store:
         events: list[tuple[str, str, str | None, str | None, Row]] = []
         last: dict[str, tuple[str, Outcome]] = {}  # task -> (ts, outcome) of its last run
         succeeded: dict[str, str] = {}  # task -> ts of its last success
+        scrub = self.redactor.optional
         for f in items:
             ts = to_iso(f.at)
             counted = f.outcome in (Outcome.FAILURE, Outcome.TIMEOUT)
             due = to_iso(f.not_before) if f.not_before else ts
             final = f.next_status != RunStatus.QUEUED
+            error = scrub(f.error)
             runs.append(
                 (
                     f.next_status,
@@ -1493,7 +1509,7 @@ class Store:
                     due,
                     f.outcome,
                     f.exit_code,
-                    f.error,
+                    error,
                     f.duration_s,
                     ts if final else None,
                     f.run_id,
@@ -1505,7 +1521,7 @@ class Store:
                     f.outcome,
                     f.exit_code,
                     f.http_status,
-                    f.error,
+                    error,
                     f.duration_s,
                     f.run_id,
                     f.attempt,
@@ -1519,7 +1535,7 @@ class Store:
                     f.run_id,
                     {
                         "attempt": f.attempt,
-                        "error": f.error,
+                        "error": error,
                         "exit_code": f.exit_code,
                         "http_status": f.http_status,
                         "duration_s": f.duration_s,
@@ -1683,7 +1699,7 @@ class Store:
         with self.tx():
             self.conn.execute(
                 "UPDATE runs SET progress_done=?, progress_total=?, progress_message=? WHERE id=?",
-                (done, total, message[:500], run_id),
+                (done, total, self.redactor.text(message[:500]), run_id),
             )
             task = self._one("SELECT task_id FROM runs WHERE id=?", (run_id,))
             self._event(

@@ -30,6 +30,13 @@ class ExecEnv:
     again for ``Popen``, cost ~25 us of the event loop per trivial command. None: read
     the environment at each command. A snapshot also keeps a variable that one run's
     Python callable sets in the daemon out of every later command."""
+    withheld_env: frozenset[bytes] = frozenset()
+    """Variables never inherited by a command: those the config names as holding a
+    secret (``config.secret_refs``) and systemd's ``CREDENTIALS_DIRECTORY``. A task that
+    needs one names it in its own ``env`` (``OPENAI_API_KEY: ${OPENAI_API_KEY}``)."""
+    child_umask: int = -1
+    """The umask a command starts with: the one agentd was started with (the daemon
+    itself runs with 077). -1: the daemon's own."""
 
 
 Execute = Callable[[TaskConfig, RunContext, ExecEnv], Awaitable[Result]]

@@ -54,7 +54,11 @@ class _Sink:
         if room > 0 and data:
             part = data[:room]
             if self._fh is None:
-                self._fh = self._path.open("wb")
+                # 0600 whatever the umask: a task's output may hold what it read.
+                fd = os.open(
+                    self._path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600
+                )
+                self._fh = os.fdopen(fd, "wb")
             self._fh.write(part)
             self._fh.flush()  # so an operator can tail a long run
             self.written += len(part)
@@ -143,6 +147,8 @@ def _child_env(task: TaskConfig, ctx: RunContext, exec_env: ExecEnv) -> dict[byt
         base = inherited_env()
     if cfg.inherit_env:
         env = dict(base)
+        for name in exec_env.withheld_env:  # the daemon's secrets; cfg.env may re-add one
+            env.pop(name, None)
     else:
         env = {
             b"PATH": base.get(b"PATH", os.defpath.encode()),
@@ -193,6 +199,7 @@ async def execute(task: TaskConfig, ctx: RunContext, env: ExecEnv) -> Result:
             cwd=cfg.cwd,
             env=_child_env(task, ctx, env),
             start_new_session=True,
+            umask=env.child_umask,
         )
     )
     cancelled: asyncio.CancelledError | None = None
