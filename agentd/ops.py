@@ -36,7 +36,6 @@ from agentd.config import (
     task_index,
 )
 from agentd.control import Control
-from agentd.daemon import StateLock, state_paths
 from agentd.doorbell import ring
 from agentd.http import BindRefused, load_token
 from agentd.store import Row, Store, StoreError
@@ -45,9 +44,10 @@ from agentd.store import Row, Store, StoreError
 def open_store(config: Config) -> Store:
     """Open the state DB; if no daemon holds it, bring its task table up to the config
     so commands also work on a daemon that has never started."""
-    root, db_path, _ = state_paths(config)
+    root = config.daemon.state_dir
+    db_path = statecheck.paths(root)[0]
     statecheck.prepare_state_dir(root)
-    alone = StateLock(root).held_by_other() is None
+    alone = statecheck.lock_holder(root) is None
     if alone:
         statecheck.guard_open(root)  # what the daemon would refuse, this refuses too
     store = Store(db_path)
@@ -91,7 +91,7 @@ class Ops:
             assert self.config is not None, "no state DB access without a valid config"
             self._store = open_store(self.config)
             # A write rings a running daemon whose API we could not reach: it acts now.
-            root = state_paths(self.config)[0]
+            root = self.config.daemon.state_dir
             self._ctl = Control(
                 self._store, self.config, SystemClock(), on_change=lambda: ring(root)
             )

@@ -28,9 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 from agentd import tls
 from agentd.budget import Need, Scope, call_scopes, cost_usd, estimate_prompt_tokens, worst_case
-from agentd.clock import Clock
+from agentd.clock import Clock, parse_retry_after
 from agentd.config import Config, ProviderConfig, TaskConfig
-from agentd.executors.http import parse_retry_after
 from agentd.ledger import Refusal, commit, reserve
 from agentd.models import Result
 from agentd.store import Store

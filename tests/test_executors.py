@@ -28,12 +28,11 @@ import pytest
 from aiohttp import web
 
 import agentd
-from agentd.clock import SystemClock
+from agentd.clock import SystemClock, parse_retry_after
 from agentd.config import Config, TaskConfig, parse_config
 from agentd.context import RunContext
 from agentd.executors import ExecEnv, executor_for
 from agentd.executors.command import inherited_env, use_pidfd_child_watcher
-from agentd.executors.http import parse_retry_after
 from agentd.models import Result, StopRequested
 from agentd.providers import Gateway
 from agentd.store import Store

@@ -8,35 +8,15 @@ Request headers may hold credentials, so they never reach the result, the log or
 
 from __future__ import annotations
 
-import math
 import time
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 from agentd import tls
+from agentd.clock import parse_retry_after
 from agentd.config import TaskConfig
 from agentd.context import RunContext
 from agentd.executors import ExecEnv
 from agentd.models import Result
-
-
-def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
-    """Seconds to wait from a Retry-After header (delta-seconds or HTTP-date), never < 0."""
-    if not value or not value.strip():
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        seconds = (when - (now or datetime.now(UTC))).total_seconds()
-    return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
 def describe(exc: BaseException) -> str:
