@@ -119,10 +119,6 @@ class RunContext:
     def request_stop(self) -> None:
         self._stopping = True
 
-    def raise_if_stopping(self) -> None:
-        if self.stop_requested:
-            raise StopRequested("stop requested")
-
     # -- reporting
     def progress(self, done: int, total: int | None = None, message: str = "") -> None:
         self._on_loop(lambda: self._backend.progress(self.run_id, done, total, message))

@@ -23,6 +23,7 @@ from agentd.budget import (
     Need,
     Period,
     Scope,
+    fits,
     full,
     global_scopes,
     reached,
@@ -97,9 +98,7 @@ def reserve(
     with store.tx():
         for scope in scopes:
             usd, tokens = spent(store, scope, run_id)
-            over_usd = scope.usd is not None and usd + need.usd > scope.usd + EPS
-            over_tokens = scope.tokens is not None and tokens + need.tokens > scope.tokens
-            if over_usd or over_tokens:
+            if not fits(scope, usd, tokens, need):
                 refusal = Refusal(scope, usd, tokens, need)
                 store.emit(
                     now,

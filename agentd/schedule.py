@@ -521,7 +521,7 @@ class ScheduleSpec:
         if self.kind == "cron":
             if self.cron is None:
                 raise ValueError("cron schedule needs a cron expression")
-            _cached_cron(self.cron)
+            parse_cron(self.cron)
         if self.kind == "interval" and (
             self.every_s is None
             or not math.isfinite(self.every_s)
@@ -537,12 +537,6 @@ class ScheduleSpec:
             if value is not None:
                 _require_aware(value, name)
         _zone(self.timezone)
-
-
-@functools.lru_cache(maxsize=4096)
-def _cached_cron(expr: str) -> Cron:
-    # Parsing is pure and Cron is immutable, so sharing one instance per expression is safe.
-    return parse_cron(expr)
 
 
 def _zone(name: str) -> ZoneInfo:
@@ -572,7 +566,7 @@ def _nominal_after(spec: ScheduleSpec, after: datetime) -> datetime | None:
             if start > after:
                 after = start - _MICROSECOND
         try:
-            return next_cron_fire(_cached_cron(spec.cron), _zone(spec.timezone), after)
+            return next_cron_fire(parse_cron(spec.cron), _zone(spec.timezone), after)
         except _CalendarEnd:
             return None
     if spec.kind == "interval":

@@ -78,7 +78,6 @@ class Notifier:
         self.watchdog_s = watchdog_interval_s(environ, os.getpid() if pid is None else pid)
         self._sd: sdnotify.SystemdNotifier | None = None
         self._failed = False
-        self.sent = 0
         self.last_status: str | None = None
         if self.socket_path:
             try:
@@ -112,7 +111,6 @@ class Notifier:
         if self._failed:
             log.info("sd_notify to %s works again", self.socket_path)
             self._failed = False
-        self.sent += 1
         return True
 
     # The states agentd uses, one method each so call sites read like the protocol.
