@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from agentd.config import TaskConfig
 from agentd.context import RunContext
 from agentd.models import Result
+from agentd.procs import GroupRecord
 from agentd.threads import DaemonThreads
 
 
@@ -30,6 +31,12 @@ class ExecEnv:
     again for ``Popen``, cost ~25 us of the event loop per trivial command. None: read
     the environment at each command. A snapshot also keeps a variable that one run's
     Python callable sets in the daemon out of every later command."""
+    on_spawn: Callable[[RunContext, GroupRecord], None] | None = None
+    """Called on the loop right after a command's process group is spawned, to record
+    it durably with the attempt (the runner's; see ``agentd.procs``)."""
+    spawn_prefix: tuple[str, ...] = ()
+    """Exec'd in front of each command's argv: ``command.pdeathsig_prefix()``, which
+    ties the command's leader to the daemon's life, or nothing."""
 
 
 Execute = Callable[[TaskConfig, RunContext, ExecEnv], Awaitable[Result]]
