@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -45,6 +46,15 @@ def group_alive(pgid: int) -> bool:
     return False
 
 
+def recorded(d: Agentd, run_id: str) -> bool:
+    """The attempt's process group is in the DB (or this agentd records none)."""
+    try:
+        sql = "SELECT pgid FROM attempts WHERE run_id=? AND pgid IS NOT NULL"
+        return bool(d.query(sql, (run_id,)))
+    except sqlite3.OperationalError:  # no such column: nothing to wait for
+        return True
+
+
 def test_kill9_then_restart_ends_the_old_group_before_the_new_attempt(
     make_daemon: Callable[..., Agentd], tmp_path: Path
 ) -> None:
@@ -72,10 +82,7 @@ def test_kill9_then_restart_ends_the_old_group_before_the_new_attempt(
     run_id = d.trigger("once")
     wait_for(lambda: pidfile.exists(), what="first start")
     first = int(pidfile.read_text())
-    wait_for(
-        lambda: d.query("SELECT pgid FROM attempts WHERE run_id=? AND pgid IS NOT NULL", (run_id,)),
-        what="the group recorded",
-    )
+    wait_for(lambda: recorded(d, run_id), what="the group recorded")
     d.kill9()
     assert group_alive(first), "the old group runs on after kill -9 (its orphan)"
     pidfile.unlink()
@@ -109,10 +116,7 @@ def test_kill9_with_the_group_already_gone_records_no_orphan(
     ).start()
     run_id = d.trigger("once")
     wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), what="start")
-    wait_for(
-        lambda: d.query("SELECT pgid FROM attempts WHERE run_id=? AND pgid IS NOT NULL", (run_id,)),
-        what="the group recorded",
-    )
+    wait_for(lambda: recorded(d, run_id), what="the group recorded")
     pgid = int(pidfile.read_text())
     d.kill9()
     os.killpg(pgid, signal.SIGKILL)
@@ -142,9 +146,9 @@ def test_command_leader_gets_sigterm_when_the_daemon_dies(
     d.trigger("once")
     wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), what="start")
     leader = int(pidfile.read_text())
-    assert "setpriv --pdeathsig" in d.log()
     d.kill9()
     wait_for(lambda: not pid_alive(leader) or (_stat(leader) or ["Z"])[0] == "Z", 10, "death")
+    assert "setpriv --pdeathsig" in d.log()
 
 
 def test_subreaper_reaps_a_double_forked_grandchild(
