@@ -377,7 +377,7 @@ class Daemon:
             "commands: %s; subreaper=%s",
             "leader gets SIGTERM if agentd dies (setpriv --pdeathsig)"
             if self._spawn_prefix
-            else "no death signal (no setpriv --pdeathsig here)",
+            else "no death signal (AGENTD_PDEATHSIG=1 and setpriv --pdeathsig enable it)",
             procs.is_subreaper(),
         )
         self._seed_metrics(cfg)

@@ -142,7 +142,7 @@ def test_command_leader_gets_sigterm_when_the_daemon_dies(
           schedule: {{manual: true}}
           command: {{argv: ["sh", "-c", "echo $$$$ > {pidfile}; exec sleep 30"]}}
         """
-    ).start()
+    ).start(env={"AGENTD_PDEATHSIG": "1"})
     d.trigger("once")
     wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), what="start")
     leader = int(pidfile.read_text())

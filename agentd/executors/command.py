@@ -17,7 +17,10 @@ recovers the run after a crash ends the group before it runs the command again. 
 where util-linux's ``setpriv`` can do it, the command is exec'd through
 ``setpriv --pdeathsig TERM`` (``pdeathsig_prefix``), so its leader gets SIGTERM the
 moment the daemon's loop thread dies, also in the instant before the record is written,
-and also when no agentd ever starts again on that state. Only the leader: the kernel
+and also when no agentd ever starts again on that state: opt-in, with
+``AGENTD_PDEATHSIG=1`` in the daemon's environment, because the extra exec of setpriv
+(its dynamic loading) is about as much CPU as the rest of a trivial command's run. Only
+the leader: the kernel
 clears the death signal of its children, whom the recorded group covers. Why a wrapper:
 ``subprocess`` cannot set a death signal, ``preexec_fn`` is unsafe in a threaded
 process and forbids ``vfork``, and a Python wrapper costs an interpreter start; setpriv
@@ -146,9 +149,10 @@ def use_pidfd_child_watcher() -> bool:
 
 
 def pdeathsig_prefix() -> tuple[str, ...]:
-    """``setpriv --pdeathsig TERM --`` if this host's setpriv has that option (util-linux
-    2.33+) and it works here, else (). Runs it once: call it off the loop, at start."""
-    if not sys.platform.startswith("linux"):
+    """``setpriv --pdeathsig TERM --`` if asked for (``AGENTD_PDEATHSIG=1``) and this
+    host's setpriv has that option (util-linux 2.33+) and it works here, else (). Runs it
+    once: call it off the loop, at start."""
+    if os.environ.get("AGENTD_PDEATHSIG") != "1" or not sys.platform.startswith("linux"):
         return ()
     setpriv = shutil.which("setpriv")
     if setpriv is None:
