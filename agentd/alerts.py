@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from agentd import procs
 from agentd.config import ChannelConfig, Config, ExpectConfig, WebhookChannel
 
 if TYPE_CHECKING:
@@ -220,6 +221,7 @@ async def _run_command(
         )
     except OSError as exc:
         raise DeliveryError(f"command {argv[0]}: {exc.strerror}") from None
+    procs.own(proc.pid)  # asyncio's child watcher waits for it, not the reaper
     try:
         _, err = await asyncio.wait_for(proc.communicate(body), timeout)
     except TimeoutError:
@@ -227,6 +229,9 @@ async def _run_command(
             proc.kill()
         await proc.wait()
         raise DeliveryError(f"command {argv[0]} timed out after {timeout:g}s") from None
+    finally:
+        if proc.returncode is not None:
+            procs.disown(proc.pid)
     if proc.returncode != 0:
         tail = err.decode(errors="replace").strip().splitlines()[-1:] if err else []
         raise DeliveryError(f"command {argv[0]} exited {proc.returncode} {tail}")

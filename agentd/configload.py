@@ -40,6 +40,7 @@ import traceback
 from pathlib import Path
 from typing import Any, NoReturn
 
+from agentd import procs
 from agentd.config import Config, ConfigError, ConfigProblem, TaskIndex, load_config, task_index
 
 log = logging.getLogger("agentd.config")
@@ -106,6 +107,7 @@ class ConfigLoad:
             os.close(read_fd)
             _child(path, before, write_fd, parent if with_parent else None, memory_mib, cpu_s)
         os.close(write_fd)
+        procs.own(pid)  # waited for by ``_collect``, never by the daemon's reaper
         self.pid, self._fd = pid, read_fd
 
     def kill(self) -> None:
@@ -160,6 +162,7 @@ class ConfigLoad:
             os.close(self._fd)
             status = _reap(self.pid)
             self._reaped = True
+            procs.disown(self.pid)
         if late:
             raise ChildFailed(
                 f"config not parsed within {timeout_s:g} s: parsing stopped "

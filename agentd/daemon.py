@@ -28,7 +28,7 @@ from zoneinfo import ZoneInfo
 
 import prometheus_client
 
-from agentd import __version__, exitcodes, redact, statecheck, tls
+from agentd import __version__, exitcodes, procs, redact, statecheck, tls
 from agentd.clock import Backoff, Clock, SystemClock, from_iso
 from agentd.config import Config, ConfigError, TaskIndex, secret_refs, task_index
 from agentd.configload import ConfigLoad
@@ -70,6 +70,10 @@ class StateLocked(Exception):
         super().__init__(f"state dir is locked by another agentd (pid {holder}): {path}")
         self.path = path
         self.holder = holder
+
+
+class StartupStopped(Exception):
+    """SIGTERM or SIGINT arrived while starting, before the state was opened."""
 
 
 class ListenFailed(statecheck.Refusal):
@@ -180,6 +184,9 @@ class Daemon:
         self.redactor: Redactor = redact.NOTHING
         self.child_umask = -1  # the caller's umask, once ``serve`` has set the daemon's
         self.withheld_env: frozenset[str] = frozenset()
+        self.reaper = procs.Reaper()
+        """Waits for the orphans agentd adopts as a subreaper (see ``procs``)."""
+        self._spawn_prefix: tuple[str, ...] = ()  # see command.pdeathsig_prefix
 
     # ------------------------------------------------------------ phases
 
@@ -196,6 +203,11 @@ class Daemon:
     async def _serve(self) -> int:
         try:
             await self.startup()
+        except StartupStopped:
+            log.info("stopped during start-up, before the state was opened")
+            await self._abandon_startup()
+            log.info("agentd stopped exit=%d", exitcodes.OK)
+            return exitcodes.OK
         except StateLocked as exc:
             log.error("%s", exc)
             return exitcodes.LOCKED
@@ -219,7 +231,17 @@ class Daemon:
         that /healthz and /readyz keep answering while they take their time.
         """
         cfg = self.config
-        self._use_secrets(cfg)  # first: every line logged from here on is scrubbed
+        loop = asyncio.get_running_loop()
+        # First: the loop's handlers take over from ``procs.EARLY``'s (no gap between
+        # them), then what arrived before is replayed. A stop before the state is opened
+        # ends start-up here (``StartupStopped``); after, the main loop exits at once.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        for early in procs.EARLY.take():
+            self._on_signal(early)
+        self.reaper.attach(loop)
+        self._stop_if_asked()
+        self._use_secrets(cfg)  # next: every line logged from here on is scrubbed
         root, _, jobs_path = state_paths(cfg)
         token = load_token(cfg.daemon.http)
         check_bind(cfg.daemon.http, token)
@@ -236,10 +258,8 @@ class Daemon:
             level = logging.INFO if found.severity == "ok" else logging.WARNING
             log.log(level, "state: %s: %s", found.path, found.message)
         log.debug("state checked in %.1f ms", (self.clock.monotonic() - checked) * 1000)
-        loop = asyncio.get_running_loop()
+        self._stop_if_asked()
         self.doorbell.open(loop)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.add_signal_handler(sig, self._on_signal, sig)
         if self.notifier.watchdog_s:
             # Pinging starts now: migrations over a large history may outlast WatchdogSec.
             self._watchdog = asyncio.create_task(self._watchdog_loop(self.notifier.watchdog_s))
@@ -272,6 +292,7 @@ class Daemon:
             cfg.daemon.http.host,
             port,
         )
+        self._stop_if_asked()
         # Known before recovery, so its "recover" events are counted.
         self.metrics.set_tasks(cfg.tasks)
         # State, metrics' last times and the scheduler's objects (SQLAlchemy engine,
@@ -294,6 +315,7 @@ class Daemon:
                 inherited_env=command.inherited_env(),
                 withheld_env=frozenset(os.fsencode(name) for name in self.withheld_env),
                 child_umask=self.child_umask,
+                spawn_prefix=self._spawn_prefix,
             ),
             on_change=self._wake.set,
             llm=self.safety.gateway,
@@ -344,10 +366,18 @@ class Daemon:
         self.pruner.start()
         # --- end retention
 
+    def _stop_if_asked(self) -> None:
+        """During start-up, before the state is opened: stop now if told to."""
+        if self.should_exit:
+            raise StartupStopped
+
     def _open_state(self, store: Store) -> None:
         store.open()
         now = self.clock.now()
-        recovered = store.recover(now, self.owner)
+        # Under the lock every running row is a dead daemon's: a command group of one
+        # that still runs is ended before its run is queued again (procs.end_groups).
+        ended = procs.end_groups(store.lost_groups(now), self.config.daemon.kill_grace)
+        recovered = store.recover(self.clock.now(), self.owner, ended=ended)
         if recovered:
             log.warning(
                 "recovered %d run(s) left running by a previous process: %s",
@@ -362,6 +392,14 @@ class Daemon:
         """In a thread, before anything else uses the store (see ``startup``)."""
         assert self.store is not None
         self._open_state(self.store)
+        self._spawn_prefix = command.pdeathsig_prefix()
+        log.info(
+            "commands: %s; subreaper=%s",
+            "leader gets SIGTERM if agentd dies (setpriv --pdeathsig)"
+            if self._spawn_prefix
+            else "no death signal (AGENTD_PDEATHSIG=1 and setpriv --pdeathsig enable it)",
+            procs.is_subreaper(),
+        )
         self._seed_metrics(cfg)
         scheduler = Scheduler(
             self.store,
@@ -598,6 +636,7 @@ class Daemon:
         with contextlib.suppress(OSError):  # a read-only state dir keeps the socket file
             self.doorbell.close()  # before the lock: the socket file is the lock holder's
         self.lock.release()
+        self.reaper.detach()
         code = exitcodes.FORCED if self.force_exit else exitcodes.OK
         if (unrecorded or unwritten) and not self.force_exit:
             code = exitcodes.STATE_WRITE_FAILED
@@ -643,6 +682,7 @@ class Daemon:
 
     async def _abandon_startup(self) -> None:
         """After a refusal to start: undo what startup began, writing no state."""
+        self.reaper.detach()
         if self.http:
             await self.http.stop(timeout_s=1.0)
         if self._watchdog:
@@ -940,6 +980,10 @@ def run_daemon(
     # When systemd's watchdog kills a wedged daemon (SIGABRT), the journal then shows
     # every thread's Python stack: where it was stuck, not just that it was.
     faulthandler.enable()
+    procs.EARLY.install()  # (``cli`` did, for ``agentd run``; this is for other callers)
+    # Orphaned descendants of commands become ours to reap (``Daemon.reaper``), not
+    # init's, and not zombies for good when we are PID 1 ourselves.
+    subreaper = procs.set_subreaper()
     try:
         with _no_cyclic_gc():
             config, index = (load or ConfigLoad(config_path)).result()
@@ -947,6 +991,11 @@ def run_daemon(
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
         return exitcodes.CONFIG
+    if procs.EARLY.stop_requested:  # nothing taken yet: no lock, no state, no port
+        log.info("signal during start-up: stopping before the state dir is touched")
+        log.info("agentd stopped exit=%d", exitcodes.OK)
+        return exitcodes.OK
+    log.debug("subreaper=%s pid1=%s", subreaper, os.getpid() == 1)
     logging.getLogger().setLevel(config.daemon.log_level.upper())
     daemon = Daemon(config_path, config, index=index, accept_empty_state=accept_empty_state)
     command.use_pidfd_child_watcher()  # attached to the loop asyncio.run creates

@@ -15,12 +15,13 @@ import os
 import random
 import sqlite3
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+from agentd import procs
 from agentd.clock import Backoff, Clock, from_iso, to_iso
 from agentd.config import TaskConfig
 from agentd.context import RunContext
@@ -203,7 +204,7 @@ class Runner:
         self.state_dir = state_dir
         self.concurrency = concurrency
         self.lease_s = lease_s
-        self.exec_env = exec_env
+        self.exec_env = replace(exec_env, on_spawn=self._spawned)
         self.on_change = on_change
         self.rng = rng or random.Random()
         self.llm = llm
@@ -225,6 +226,10 @@ class Runner:
         self._queue_version: tuple[int, int] | None = None
         self._first_queued: datetime | None = None
         """When the earliest queued run falls due, if later than the last tick."""
+        self._ending: set[str] = set()
+        """Lost runs whose process groups are being ended (off the loop) before they
+        are re-queued (``recover_expired``)."""
+        self._side_jobs: set[asyncio.Task[None]] = set()
 
     def set_tasks(self, tasks: Mapping[str, TaskConfig]) -> None:
         """New config: runs in flight keep the task definition they started with."""
@@ -307,10 +312,18 @@ class Runner:
         """Re-queue runs left ``running`` whose lease has expired and that this runner no
         longer holds (an outcome lost to a crash of ours is recovered at start; this is
         for one that goes missing while the daemon runs). Every lease period."""
-        held = set(self.active) | {e.active.row["id"] for e in (*self.unrecorded, *self._finishing)}
-        recovered = self.store.recover(
-            self.clock.now(), self.owner, live_owners={self.owner}, keep=held
-        )
+        held = self._held() | self._ending
+        now = self.clock.now()
+        groups = self.store.lost_groups(now, {self.owner}, held)
+        if groups:
+            # Their recorded process groups are ended first, in a thread (up to twice
+            # kill_grace), then they are re-queued (``_end_then_recover``).
+            self._ending |= set(groups)
+            held |= set(groups)
+            job = asyncio.get_running_loop().create_task(self._end_then_recover(groups))
+            self._side_jobs.add(job)
+            job.add_done_callback(self._side_jobs.discard)
+        recovered = self.store.recover(now, self.owner, live_owners={self.owner}, keep=held)
         if recovered:
             log.warning(
                 "recovered %d run(s) whose lease expired while running: %s",
@@ -318,6 +331,65 @@ class Runner:
                 " ".join(recovered),
             )
         return recovered
+
+    def _held(self) -> set[str]:
+        """Runs this runner holds in memory (running, or ended and not yet recorded)."""
+        return set(self.active) | {e.active.row["id"] for e in (*self.unrecorded, *self._finishing)}
+
+    async def _end_then_recover(self, groups: dict[str, procs.GroupRecord]) -> None:
+        try:
+            ended = await asyncio.to_thread(procs.end_groups, groups, self.exec_env.kill_grace_s)
+            recovered = self.store.recover(
+                self.clock.now(),
+                self.owner,
+                live_owners={self.owner},
+                keep=self._held(),
+                only=set(groups),
+                ended=ended,
+            )
+        except Exception as exc:  # retried at the next sweep
+            log.warning("recovering runs %s failed, retried: %s", " ".join(groups), exc)
+            return
+        finally:
+            self._ending -= set(groups)
+        if recovered:
+            log.warning(
+                "recovered %d run(s) whose lease expired while running, after ending "
+                "their process groups: %s",
+                len(recovered),
+                " ".join(recovered),
+            )
+            if self.on_change:
+                self.on_change()
+
+    def _spawned(self, ctx: RunContext, group: procs.GroupRecord) -> None:
+        """A command of ``ctx``'s attempt just spawned ``group``: record it now (after
+        the commit in flight, if any: waiting for it would hold the loop for its
+        fsync)."""
+        if self.store.committing:
+            job = asyncio.get_running_loop().create_task(self._record_group_later(ctx, group))
+            self._side_jobs.add(job)
+            job.add_done_callback(self._side_jobs.discard)
+            return
+        self._record_group(ctx, group)
+
+    async def _record_group_later(self, ctx: RunContext, group: procs.GroupRecord) -> None:
+        await self.store.settled()
+        self._record_group(ctx, group)
+
+    def _record_group(self, ctx: RunContext, group: procs.GroupRecord) -> None:
+        try:
+            self.store.record_group(ctx.run_id, ctx.attempt, group)
+        except Exception as exc:
+            if not is_storage_fault(exc):
+                raise
+            log.warning(
+                "process group %d of run %s not recorded (%s): a crash now would leave it "
+                "to its death signal",
+                group.pgid,
+                ctx.run_id,
+                exc,
+            )
 
     def _void(self, runs: list[ActiveRun]) -> None:
         """The group that claimed ``runs`` did not commit: in the DB they are still

@@ -18,7 +18,7 @@ import logging
 import os
 import secrets
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -29,11 +29,12 @@ import sqlite_utils
 
 from agentd.clock import from_iso, to_iso
 from agentd.models import ACTIVE_STATUSES, Outcome, RunStatus
+from agentd.procs import GroupEnd, GroupRecord
 from agentd.redact import NOTHING, Redactor
 
 log = logging.getLogger("agentd.store")
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 CHECKPOINT_EVERY = 64
 """Commits between WAL checkpoints: a few hundred pages at a busy pool's group sizes,
 about SQLite's own 1,000-page default."""
@@ -306,12 +307,22 @@ def _migrate_5(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX idx_runs_running ON runs(lease_owner) WHERE status='running'")
 
 
+def _migrate_6(db: sqlite_utils.Database) -> None:
+    """Each attempt's process group, recorded right after its spawn (``record_group``):
+    the group id, its leader's start time in clock ticks since boot, and the boot id.
+    Recovery ends a group still alive before it re-queues the run (``agentd.procs``)."""
+    db.execute("ALTER TABLE attempts ADD COLUMN pgid INTEGER")
+    db.execute("ALTER TABLE attempts ADD COLUMN pgid_start INTEGER")
+    db.execute("ALTER TABLE attempts ADD COLUMN boot_id TEXT")
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migrate_1,
     _migrate_2,
     _migrate_3,
     _migrate_4,
     _migrate_5,
+    _migrate_6,
 ]
 
 
@@ -1310,31 +1321,94 @@ class Store:
         with self.tx():
             self._insert_events(events)
 
+    def record_group(self, run_id: str, attempt: int, group: GroupRecord) -> None:
+        """Record the process group an attempt just spawned, so that whoever recovers
+        the run can end it first (``recover``). Outside a group this commits with
+        ``synchronous=NORMAL``: the WAL write reaches the kernel, which is what survives
+        a ``kill -9`` of the daemon; a power loss, which the record would not survive,
+        ends the group too. (An fsync here was one more per command run.)"""
+        sql = "UPDATE attempts SET pgid=?, pgid_start=?, boot_id=? WHERE run_id=? AND attempt=?"
+        params = (group.pgid, group.start, group.boot, run_id, attempt)
+        if self._group_open:
+            with self.tx() as conn:
+                conn.execute(sql, params)
+            return
+        conn = self.conn
+        conn.execute("PRAGMA synchronous = NORMAL")
+        try:
+            with self.tx() as conn:
+                conn.execute(sql, params)
+        finally:
+            conn.execute("PRAGMA synchronous = FULL")
+
+    def _recoverable(
+        self, now: datetime, live: set[str], held: set[str], only: set[str] | None
+    ) -> list[Row]:
+        rows = self._all(
+            "SELECT r.id, r.task_id, r.attempt, r.lease_owner, r.lease_expires_at, a.pgid,"
+            " a.pgid_start, a.boot_id FROM runs r LEFT JOIN attempts a ON a.run_id = r.id"
+            " AND a.attempt = r.attempt WHERE r.status='running'"
+        )
+        found = []
+        for row in rows:
+            if row["id"] in held or (only is not None and row["id"] not in only):
+                continue
+            owner_live = row["lease_owner"] in live
+            expired = (row["lease_expires_at"] or "") < to_iso(now)
+            if owner_live and not expired:
+                continue
+            found.append(row)
+        return found
+
+    def lost_groups(
+        self,
+        now: datetime,
+        live_owners: set[str] | None = None,
+        keep: set[str] | None = None,
+    ) -> dict[str, GroupRecord]:
+        """The process groups recorded for the attempts ``recover`` would re-queue now
+        (same arguments), by run id: to be ended (``procs.end_groups``) before."""
+        return {
+            row["id"]: GroupRecord(row["pgid"], row["pgid_start"], row["boot_id"] or "")
+            for row in self._recoverable(now, live_owners or set(), keep or set(), None)
+            if row["pgid"] is not None and row["pgid_start"] is not None
+        }
+
     def recover(
         self,
         now: datetime,
         owner: str,
         live_owners: set[str] | None = None,
         keep: set[str] | None = None,
+        *,
+        only: set[str] | None = None,
+        ended: Mapping[str, GroupEnd] | None = None,
     ) -> list[str]:
         """Re-queue runs whose owner is gone or whose lease expired, except ``keep``
-        (runs the caller still holds in memory, whatever their lease says).
+        (runs the caller still holds in memory, whatever their lease says); with
+        ``only``, none but those.
 
         Called at start under the state-dir lock, every running row belongs to a dead
         process. The lost attempt costs nothing: the run did not fail, the daemon did.
+        The caller has ended the attempts' process groups first (``lost_groups``);
+        ``ended`` says what it found still alive, recorded as ``orphan_killed`` events.
         """
         live = live_owners or set()
         held = keep or set()
+        found = ended or {}
         recovered: list[str] = []
         with self.tx():
-            rows = self._all("SELECT * FROM runs WHERE status='running'")
-            for row in rows:
-                if row["id"] in held:
-                    continue
-                owner_live = row["lease_owner"] in live
-                expired = (row["lease_expires_at"] or "") < to_iso(now)
-                if owner_live and not expired:
-                    continue
+            for row in self._recoverable(now, live, held, only):
+                end = found.get(row["id"])
+                if end is not None:
+                    self._event(
+                        now,
+                        "orphan_killed",
+                        row["task_id"],
+                        row["id"],
+                        attempt=row["attempt"],
+                        **end.data(),
+                    )
                 self.conn.execute(
                     "UPDATE runs SET status='queued', not_before=?, lease_owner=NULL,"
                     " lease_expires_at=NULL, cancel_requested=0 WHERE id=?",
@@ -1353,6 +1427,7 @@ class Store:
                     attempt=row["attempt"],
                     previous_owner=row["lease_owner"],
                     by=owner,
+                    pgid=row["pgid"],
                 )
                 recovered.append(row["id"])
         return recovered

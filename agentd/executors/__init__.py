@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from agentd.config import TaskConfig
 from agentd.context import RunContext
 from agentd.models import Result
+from agentd.procs import GroupRecord
 from agentd.threads import DaemonThreads
 
 
@@ -37,6 +38,12 @@ class ExecEnv:
     child_umask: int = -1
     """The umask a command starts with: the one agentd was started with (the daemon
     itself runs with 077). -1: the daemon's own."""
+    on_spawn: Callable[[RunContext, GroupRecord], None] | None = None
+    """Called on the loop right after a command's process group is spawned, to record
+    it durably with the attempt (the runner's; see ``agentd.procs``)."""
+    spawn_prefix: tuple[str, ...] = ()
+    """Exec'd in front of each command's argv: ``command.pdeathsig_prefix()``, which
+    ties the command's leader to the daemon's life, or nothing."""
 
 
 Execute = Callable[[TaskConfig, RunContext, ExecEnv], Awaitable[Result]]

@@ -10,6 +10,23 @@ The child gets its own session (``start_new_session``) so one ``killpg`` reaches
 everything it started. On cancellation the group gets SIGTERM, then SIGKILL after
 ``kill_grace_s``. After a normal exit, leftovers still holding our pipes after the grace
 are killed too: the run is over when the command says so.
+
+A command's group must not outlive its daemon either. Right after the spawn the group
+is recorded with the attempt (``ExecEnv.on_spawn``, see ``agentd.procs``): whoever
+recovers the run after a crash ends the group before it runs the command again. And
+where util-linux's ``setpriv`` can do it, the command is exec'd through
+``setpriv --pdeathsig TERM`` (``pdeathsig_prefix``), so its leader gets SIGTERM the
+moment the daemon's loop thread dies, also in the instant before the record is written,
+and also when no agentd ever starts again on that state: opt-in, with
+``AGENTD_PDEATHSIG=1`` in the daemon's environment, because the extra exec of setpriv
+(its dynamic loading) is about as much CPU as the rest of a trivial command's run. Only
+the leader: the kernel
+clears the death signal of its children, whom the recorded group covers. Why a wrapper:
+``subprocess`` cannot set a death signal, ``preexec_fn`` is unsafe in a threaded
+process and forbids ``vfork``, and a Python wrapper costs an interpreter start; setpriv
+is a small C binary that calls ``prctl`` and execs, adding one exec per command. Where
+it is missing (or the command's executable cannot be found, so that ``Popen`` reports
+the error as before), commands start without it and the record alone is the guarantee.
 """
 
 from __future__ import annotations
@@ -17,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +42,7 @@ import warnings
 from pathlib import Path
 from typing import IO, Any
 
+from agentd import procs
 from agentd.config import TaskConfig
 from agentd.context import RunContext
 from agentd.executors import ExecEnv
@@ -133,6 +152,42 @@ def use_pidfd_child_watcher() -> bool:
     return True
 
 
+def pdeathsig_prefix() -> tuple[str, ...]:
+    """``setpriv --pdeathsig TERM --`` if asked for (``AGENTD_PDEATHSIG=1``) and this
+    host's setpriv has that option (util-linux 2.33+) and it works here, else (). Runs it
+    once: call it off the loop, at start."""
+    if os.environ.get("AGENTD_PDEATHSIG") != "1" or not sys.platform.startswith("linux"):
+        return ()
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        return ()
+    prefix = (setpriv, "--pdeathsig", "TERM", "--")
+    try:
+        done = subprocess.run(
+            [*prefix, "true"], capture_output=True, timeout=10, stdin=subprocess.DEVNULL
+        )
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    return prefix if done.returncode == 0 else ()
+
+
+def _spawn_argv(
+    argv: list[str], prefix: tuple[str, ...], env: dict[bytes, bytes], cwd: str | Path | None
+) -> list[str]:
+    """``argv`` behind ``prefix`` when its executable can be found as ``Popen`` would
+    find it; else ``argv`` alone, so that ``Popen`` raises the error it always did."""
+    if not prefix:
+        return argv
+    exe = argv[0]
+    if "/" in exe:
+        target = os.path.join(cwd or ".", exe)
+        found = os.path.isfile(target) and os.access(target, os.X_OK)
+    else:
+        path = env.get(b"PATH", os.defpath.encode()).decode(errors="replace")
+        found = shutil.which(exe, path=path) is not None
+    return [*prefix, *argv] if found else argv
+
+
 def inherited_env() -> dict[bytes, bytes]:
     """What a command inherits: this process's environment without systemd's variables.
     As bytes, which ``Popen`` passes to the child as they are."""
@@ -189,15 +244,16 @@ async def execute(task: TaskConfig, ctx: RunContext, env: ExecEnv) -> Result:
     cap = task.output_max_bytes or env.output_max_bytes
     loop = asyncio.get_running_loop()
     proto = _Capture(ctx.workspace, cap, loop)  # made here: AGENTD_WORKSPACE must exist
+    child_env = _child_env(task, ctx, env)
     spawn = asyncio.ensure_future(
         loop.subprocess_exec(
             lambda: proto,
-            *argv,
+            *_spawn_argv(argv, env.spawn_prefix, child_env, cfg.cwd),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             cwd=cfg.cwd,
-            env=_child_env(task, ctx, env),
+            env=child_env,
             start_new_session=True,
             umask=env.child_umask,
         )
@@ -226,6 +282,11 @@ async def execute(task: TaskConfig, ctx: RunContext, env: ExecEnv) -> Result:
             proto.close()
             raise
     pgid = transport.get_pid()
+    procs.own(pgid)  # asyncio's child watcher waits for it, not the daemon's reaper
+    if env.on_spawn is not None:
+        group = procs.record_group(pgid)
+        if group is not None:
+            env.on_spawn(ctx, group)
     pipes = list(proto.pipes.values())
     stragglers_killed = False
     try:
@@ -247,6 +308,8 @@ async def execute(task: TaskConfig, ctx: RunContext, env: ExecEnv) -> Result:
     finally:
         transport.close()
         proto.close()
+        if transport.get_returncode() is not None:
+            procs.disown(pgid)
 
     rc = transport.get_returncode()
     assert rc is not None
