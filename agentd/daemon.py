@@ -37,7 +37,7 @@ from agentd.events import EventBus
 from agentd.executors import ExecEnv, command
 from agentd.gauges import GaugeSchedule
 from agentd.health import Health
-from agentd.http import BindRefused, HttpServer, check_bind, load_token
+from agentd.http import BindRefused, HttpServer, check_bind, load_read_token, load_token
 from agentd.metrics import Metrics
 from agentd.retention import Pruner
 from agentd.runner import Runner
@@ -206,6 +206,7 @@ class Daemon:
         cfg = self.config
         root, _, jobs_path = state_paths(cfg)
         token = load_token(cfg.daemon.http)
+        read_token = load_read_token(cfg.daemon.http)
         check_bind(cfg.daemon.http, token)
         statecheck.prepare_state_dir(root)
         try:
@@ -245,6 +246,8 @@ class Daemon:
             status=self.status,
             clock=self.clock,
             token=token,
+            read_token=read_token,
+            settings=cfg.daemon.http,
         )
         try:
             port = await self.http.start(cfg.daemon.http.host, cfg.daemon.http.port)
