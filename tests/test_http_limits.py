@@ -229,7 +229,7 @@ def test_a_stream_client_that_stops_reading_is_cut_off(tmp_path: Path) -> None:
 
     async def main() -> None:
         async with serving(tmp_path, settings=settings) as env:
-            reader, writer = await raw(
+            _, writer = await raw(
                 env, b"GET /v1/events/stream HTTP/1.1\r\nHost: x\r\n\r\n", rcvbuf=4096
             )
             await wait_until(lambda: env.bus.subscribers == 1, "the stream to subscribe")
