@@ -126,11 +126,52 @@ def _shared(cls: type[_M]) -> Callable[[], _M]:
 
 
 class HttpServerConfig(_Model):
+    """The HTTP listener. ``token_*`` is the full-access token (reads and writes),
+    ``read_token_*`` one that may only read (GET/HEAD, the event streams); with a token
+    configured every request but the probes (and ``/metrics`` unless
+    ``metrics_require_token``) needs one of them. A read token alone is an error: it
+    would guard the reads and leave the writes open."""
+
     host: str = "127.0.0.1"
     port: int = Field(default=8787, ge=0, le=65535)
     token_env: str | None = None
     token_file: Path | None = None
+    read_token_env: str | None = None
+    read_token_file: Path | None = None
     allow_insecure_bind: bool = False
+    metrics_require_token: bool = False
+    """``/metrics`` needs a token (read or full) like the API; the probes never do."""
+    client_timeout: Duration = Field(default=10.0, gt=0, le=3600)
+    """A client has this long to send a request's line and headers (from connecting, or
+    from the end of its previous response: an idle keep-alive connection is closed then
+    too), this long more for a body, and this long for each write to an event stream it
+    has stopped reading."""
+    max_connections: int = Field(default=256, ge=2, le=65536)
+    """Open connections at most. Past it a new connection evicts the oldest one that is
+    waiting for a request (idle or half-sent), else it is answered 503 and closed."""
+    max_streams: int = Field(default=64, ge=1, le=65535)
+    """Open event streams at most (both kinds together); past it a stream request gets
+    503 ``too_many_streams`` with ``Retry-After``. Below ``max_connections``, so streams
+    never take every connection."""
+
+    @model_validator(mode="after")
+    def _tokens_and_limits(self) -> HttpServerConfig:
+        has_read = self.read_token_env is not None or self.read_token_file is not None
+        if has_read and self.token_env is None and self.token_file is None:
+            raise ValueError(
+                "read_token_env/read_token_file need token_env or token_file too: a read "
+                "token alone would guard the reads and leave every write open"
+            )
+        if self.metrics_require_token and self.token_env is None and self.token_file is None:
+            raise ValueError(
+                "metrics_require_token needs token_env or token_file: there is no token to require"
+            )
+        if self.max_streams >= self.max_connections:
+            raise ValueError(
+                f"max_streams ({self.max_streams}) must be below max_connections "
+                f"({self.max_connections}): streams may not take every connection"
+            )
+        return self
 
 
 class DaemonConfig(_Model):

@@ -38,7 +38,7 @@ from agentd.events import EventBus
 from agentd.executors import ExecEnv, command
 from agentd.gauges import GaugeSchedule
 from agentd.health import Health
-from agentd.http import BindRefused, HttpServer, check_bind, load_token
+from agentd.http import BindRefused, HttpServer, check_bind, load_read_token, load_token
 from agentd.metrics import Metrics
 from agentd.redact import Redactor, read_secrets
 from agentd.retention import Pruner
@@ -244,6 +244,7 @@ class Daemon:
         self._use_secrets(cfg)  # next: every line logged from here on is scrubbed
         root, _, jobs_path = state_paths(cfg)
         token = load_token(cfg.daemon.http)
+        read_token = load_read_token(cfg.daemon.http)
         check_bind(cfg.daemon.http, token)
         statecheck.prepare_state_dir(root)
         try:
@@ -282,6 +283,8 @@ class Daemon:
             status=self.status,
             clock=self.clock,
             token=token,
+            read_token=read_token,
+            settings=cfg.daemon.http,
         )
         try:
             port = await self.http.start(cfg.daemon.http.host, cfg.daemon.http.port)

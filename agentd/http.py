@@ -8,32 +8,54 @@ Every error is JSON ``{"error": <stable code>, "message": ...}``, whatever raise
 refusal from the store, bad input, aiohttp's own 404/405, or a bug (500, logged with
 its traceback, answered without it).
 
-Auth is a single bearer token for mutating requests (POST). The token is only compared
+Auth: with a token configured (``token_env``/``token_file``), every request but the
+probes, and ``/metrics`` unless ``metrics_require_token``, needs ``Authorization: Bearer``
+with either that token (full access) or the read token (``read_token_*``: GET and HEAD
+only, the event streams included; anything else with it is 403). No token or a wrong
+one is 401 with ``WWW-Authenticate: Bearer``. Tokens are only compared
 (``hmac.compare_digest``), never logged, and neither is the Authorization header: the
 access log line carries the request line, status, size, referer and user agent only.
+
+Connections are bounded (``HttpServerConfig``): agentd runs its own accept loop, so a
+connection past ``max_connections`` evicts the oldest one waiting for a request, then
+uses a small reserve that may only ask the probes, and past that is answered 503 and
+closed; running out of file descriptors (EMFILE) is one log line a minute, not one per
+attempt. A client gets ``client_timeout`` for its request head, again for a body, and
+again for each event-stream write it does not read. Parser-level refusals (a 64 KiB
+line, a malformed header) are JSON errors too, logged in one rate-limited line that
+never repeats the request's bytes (they may hold a token).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import gzip
 import hmac
 import ipaddress
 import json
 import logging
+import math
 import os
 import re
+import resource
+import socket
 import sqlite3
 import time
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from functools import partial
+from pathlib import Path
 from typing import Any, Final
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.typedefs import Handler, Middleware
 from aiohttp.web_log import AccessLogger
+from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
+from aiohttp.web_server import Server
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 
@@ -51,10 +73,25 @@ access_log = logging.getLogger("agentd.http.access")
 
 QUIET_PATHS: Final = frozenset({"/healthz", "/readyz", "/metrics"})
 """Polled every few seconds by kubelet and Prometheus: no access log line for them."""
+PROBE_PATHS: Final = frozenset({"/healthz", "/readyz"})
+"""Never need a token, and are what the connection reserve may still ask."""
 
-SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
+READ_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
 UNGATED_PATHS: Final = frozenset({"/v1/openapi.json"})
 RETRY_LATER: Final[Mapping[str, str]] = {"Retry-After": "1"}
+STREAMS_RETRY_S: Final = 5
+PROBE_RESERVE: Final = 8
+"""Connections past ``max_connections`` that may only ask ``/healthz`` and ``/readyz``
+(when no connection waiting for a request can be evicted for a new one)."""
+ACCEPT_RETRY_S: Final = 0.5
+"""After an accept failed for lack of resources (EMFILE) with nothing to evict."""
+NOTE_EVERY_S: Final = 60.0
+"""A spammable condition (refused connections, malformed requests, EMFILE) is logged
+at most once per this, with the count of the ones held back."""
+RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+FD_HEADROOM: Final = 64
+"""File descriptors the rest of the daemon wants beside ``max_connections`` (the DB,
+commands' pipes, providers' sockets): less than that under RLIMIT_NOFILE is warned of."""
 MAX_EVENT_ID: Final = 2**63 - 1
 BACKFILL_PAGE: Final = 500
 DEFAULT_PAUSE_REASON: Final = "paused via API"
@@ -74,11 +111,15 @@ HTTP_ERROR_CODES: Final[Mapping[int, str]] = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     409: "conflict",
     413: "payload_too_large",
     415: "unsupported_media_type",
+    414: "uri_too_long",
+    431: "header_too_large",
     500: "internal",
     503: "unavailable",
+    504: "timeout",
 }
 FINAL_EVENT_KINDS: Final = frozenset(
     {"success", "failure", "timeout", "cancel", "quarantine", "skip"}
@@ -113,32 +154,48 @@ class ApiError(Exception):
 # ---------------------------------------------------------------- token and bind
 
 
+def _load_secret(
+    env_name: str | None, path: Path | None, env: Mapping[str, str], what: str
+) -> str | None:
+    """A secret from the environment variable ``env_name`` (preferred) or the file
+    ``path``, stripped; None when neither is configured. A configured source that is
+    empty or unreadable is a ``TokenError`` whose message never holds the value."""
+    if env_name is None and path is None:
+        return None
+    problems: list[str] = []
+    if env_name is not None:
+        value = env.get(env_name, "").strip()
+        if value:
+            return value
+        problems.append(f"environment variable {env_name} is unset or empty")
+    if path is not None:
+        try:
+            value = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            problems.append(f"{what} file {path} cannot be read: {reason}")
+        else:
+            if value:
+                return value
+            problems.append(f"{what} file {path} is empty")
+    raise TokenError(f"no {what}: " + "; ".join(problems))
+
+
 def load_token(cfg: HttpServerConfig, environ: Mapping[str, str] | None = None) -> str | None:
-    """The API token from ``token_env`` (preferred) or ``token_file``, stripped.
+    """The full-access API token from ``token_env`` (preferred) or ``token_file``.
 
     None when neither is configured. A configured source that is empty or unreadable is
     a ``TokenError``: an operator who asked for a token must not get an open API.
     """
     env = os.environ if environ is None else environ
-    if cfg.token_env is None and cfg.token_file is None:
-        return None
-    problems: list[str] = []
-    if cfg.token_env is not None:
-        value = env.get(cfg.token_env, "").strip()
-        if value:
-            return value
-        problems.append(f"environment variable {cfg.token_env} is unset or empty")
-    if cfg.token_file is not None:
-        try:
-            value = cfg.token_file.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-            problems.append(f"token file {cfg.token_file} cannot be read: {reason}")
-        else:
-            if value:
-                return value
-            problems.append(f"token file {cfg.token_file} is empty")
-    raise TokenError("no API token: " + "; ".join(problems))
+    return _load_secret(cfg.token_env, cfg.token_file, env, "API token")
+
+
+def load_read_token(cfg: HttpServerConfig, environ: Mapping[str, str] | None = None) -> str | None:
+    """The read-only token from ``read_token_env`` (preferred) or ``read_token_file``;
+    None when neither is configured, a ``TokenError`` when a configured one yields none."""
+    env = os.environ if environ is None else environ
+    return _load_secret(cfg.read_token_env, cfg.read_token_file, env, "read token")
 
 
 def is_loopback(host: str) -> bool:
@@ -228,9 +285,20 @@ def _parse_time(value: str | None, name: str) -> str | None:
         raise _bad(f"{name} is out of range") from None
 
 
-async def _json_body(request: web.Request, fields: frozenset[str] = frozenset()) -> dict[str, Any]:
-    """An optional JSON object body with only ``fields``; no body is ``{}``."""
-    raw = await request.read()
+async def _json_body(
+    request: web.Request, fields: frozenset[str] = frozenset(), timeout_s: float = 10.0
+) -> dict[str, Any]:
+    """An optional JSON object body with only ``fields``; no body is ``{}``. A body not
+    in within ``timeout_s`` is a 408 (and the connection is closed)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            raw = await request.read()
+    except TimeoutError:
+        raise ApiError(
+            408,
+            "request_timeout",
+            f"the request body did not arrive within {timeout_s:g} s",
+        ) from None
     if not raw.strip():
         return {}
     try:
@@ -298,6 +366,313 @@ def _sse_frame(event: Event) -> bytes:
     return f"id: {event['id']}\nevent: {event['kind']}\ndata: {data}\n\n".encode()
 
 
+# ---------------------------------------------------------------- connections
+
+
+class _Notes:
+    """Rate-limited log lines for what a client can cause at will: the first of a kind
+    is logged at once, later ones at most once per ``every_s``, saying how many were
+    held back since the last line."""
+
+    def __init__(self, logger: logging.Logger, every_s: float = NOTE_EVERY_S) -> None:
+        self.logger = logger
+        self.every_s = every_s
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def note(self, level: int, kind: str, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last.get(kind, -math.inf) < self.every_s:
+            self._held[kind] = self._held.get(kind, 0) + 1
+            return
+        held = self._held.pop(kind, 0)
+        self._last[kind] = now
+        if held:
+            message += f" (and {held} more since the last such line)"
+        self.logger.log(level, message, *args)
+
+
+def _client_message(exc: BaseException | None) -> str:
+    """What a parser refusal tells the client: aiohttp's reason without the request
+    bytes it quotes (they may hold a token; the client has them anyway)."""
+    if isinstance(exc, LineTooLong):
+        return f"the request line or a header is longer than {exc.args[1]} bytes"
+    if isinstance(exc, HttpProcessingError):
+        first = (exc.message or "").split("\n", 1)[0].strip().rstrip(":").strip()
+        if first and "'" not in first and '"' not in first:
+            return f"malformed request: {first[:200]}"
+    return "malformed request"
+
+
+class _Connection(RequestHandler):
+    """aiohttp's connection handler, counted by ``_Connections`` and answering parser
+    refusals (and its own 500s) with the API's JSON error instead of plain text."""
+
+    def __init__(self, manager: Server, *, connections: _Connections, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self.connections = connections
+        self.reserve = False
+        """Admitted past ``max_connections``: may only ask the probes."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.connections.opened(self)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.connections.closed(self)
+        super().connection_lost(exc)
+
+    def waiting(self) -> bool:
+        """Waiting for a (complete) request: idle keep-alive, or a head half-sent. (The
+        two attributes are aiohttp's own, the state its keep-alive timer also reads.)"""
+        return not self._request_in_progress and not self._messages
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started; cannot send an error")
+        if status >= 500:
+            # Not a client's doing: a bug below the middleware, with its traceback.
+            log.error("error handling %s %s", request.method, request.path, exc_info=exc)
+            text = "internal error; see the agentd log" if status == 500 else f"error {status}"
+        else:
+            self.connections.notes.note(
+                logging.INFO,
+                "malformed",
+                "http: refused a malformed request from %s with %d (%s)",
+                request.remote or "?",
+                status,
+                type(exc).__name__ if exc is not None else "parser",
+            )
+            text = _client_message(exc)
+        code = HTTP_ERROR_CODES.get(status, f"http_{status}")
+        response = _error(status, code, text)
+        response.force_close()
+        return response
+
+
+class _Server(Server):
+    """aiohttp's low-level server, making ``_Connection``s."""
+
+    def __init__(self, inner: Server, connections: _Connections) -> None:
+        super().__init__(
+            inner.request_handler,
+            request_factory=inner.request_factory,
+            handler_cancellation=inner.handler_cancellation,
+            loop=inner._loop,
+            **inner._kwargs,
+        )
+        self.registry = connections
+
+    def __call__(self) -> RequestHandler:
+        return _Connection(self, loop=self._loop, connections=self.registry, **self._kwargs)
+
+
+class _Runner(web.AppRunner):
+    def __init__(self, app: web.Application, connections: _Connections, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.connections = connections
+
+    async def _make_server(self) -> Server:
+        return _Server(await super()._make_server(), self.connections)
+
+
+_REFUSED_BODY: Final = json.dumps(
+    {
+        "error": "too_many_connections",
+        "message": "agentd has as many connections open as it allows; retry later",
+    }
+).encode()
+REFUSED_RESPONSE: Final = (
+    b"HTTP/1.1 503 Service Unavailable\r\n"
+    b"Content-Type: application/json; charset=utf-8\r\n"
+    b"Retry-After: 1\r\nConnection: close\r\n"
+    b"Content-Length: " + str(len(_REFUSED_BODY)).encode() + b"\r\n\r\n" + _REFUSED_BODY
+)
+"""Written straight to a socket accepted past every limit, before reading from it."""
+
+
+class _Connections:
+    """The open connections, oldest first, and the accept loops that admit new ones.
+
+    Invariants: at most ``limit`` ordinary connections plus ``PROBE_RESERVE`` reserve
+    ones are open (an evicted one leaves the count at once, before its socket closes);
+    a new connection past ``limit`` first evicts the oldest connection waiting for a
+    request, and is a reserve one only when none waits.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open: dict[_Connection, None] = {}
+        self.notes = _Notes(log)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks_loop: asyncio.AbstractEventLoop | None = None
+        self._sockets: list[socket.socket] = []
+
+    def opened(self, conn: _Connection) -> None:
+        self.open[conn] = None
+
+    def closed(self, conn: _Connection) -> None:
+        self.open.pop(conn, None)
+
+    def evict_waiting(self) -> bool:
+        for conn in self.open:
+            if conn.waiting():
+                del self.open[conn]
+                conn.force_close()
+                return True
+        return False
+
+    def admit(self) -> bool | None:
+        """True: an ordinary connection; False: a reserve one; None: refuse it."""
+        if len(self.open) < self.limit:
+            return True
+        if self.evict_waiting():
+            self.notes.note(
+                logging.INFO,
+                "evict",
+                "http: %d connections open (daemon.http.max_connections): closed the oldest "
+                "one waiting for a request to admit a new one",
+                self.limit,
+            )
+            return True
+        if len(self.open) < self.limit + PROBE_RESERVE:
+            self.notes.note(
+                logging.WARNING,
+                "reserve",
+                "http: %d connections open and busy (daemon.http.max_connections): a new "
+                "one may only ask /healthz and /readyz",
+                self.limit,
+            )
+            return False
+        self.notes.note(
+            logging.WARNING,
+            "refuse",
+            "http: %d connections open and busy and the probes' reserve in use: refusing "
+            "new connections with 503",
+            len(self.open),
+        )
+        return None
+
+    async def listen(self, host: str, port: int, factory: Server) -> int:
+        """Bind every address ``host`` resolves to (all interfaces for an empty host) and
+        start accepting; returns the first socket's port."""
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        seen: set[tuple[int, Any]] = set()
+        try:
+            for family, kind, proto, _, address in infos:
+                if (family, address) in seen:
+                    continue
+                seen.add((family, address))
+                sock = socket.socket(family, kind, proto)
+                self._sockets.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(address)
+                sock.listen(128)
+                sock.setblocking(False)
+        except OSError:
+            self.close()
+            raise
+        self._tasks_loop = loop
+        self._tasks = [loop.create_task(self._accept(sock, factory)) for sock in self._sockets]
+        return int(self._sockets[0].getsockname()[1])
+
+    def close(self) -> None:
+        """Stop accepting (open connections are the runner's to end)."""
+        for task in self._tasks:
+            task.cancel()
+        self._tasks = []
+        for sock in self._sockets:
+            if self._tasks_loop is not None and sock.fileno() >= 0:
+                self._tasks_loop.remove_reader(sock.fileno())
+            sock.close()
+        self._sockets = []
+
+    async def _accept(self, sock: socket.socket, factory: Server) -> None:
+        """asyncio's own accept loop logs a traceback per failed ``accept()`` and, on
+        EMFILE, retries it up to its backlog times per wake-up (about 2,000 tracebacks a
+        second measured); this one logs a line a minute and frees a descriptor by
+        evicting a waiting connection, or waits ``ACCEPT_RETRY_S``."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                await _readable(loop, sock)
+                continue
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:
+                if exc.errno not in RESOURCE_ERRNOS:
+                    log.error("http: accept() failed: %s; retrying", exc)
+                    await asyncio.sleep(ACCEPT_RETRY_S)
+                    continue
+                evicted = self.evict_waiting()
+                self.notes.note(
+                    logging.WARNING,
+                    "accept",
+                    "http: cannot accept connections: %s (RLIMIT_NOFILE %d, %d connections open)%s",
+                    exc.strerror or exc,
+                    resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+                    len(self.open),
+                    "; closed the oldest waiting one" if evicted else "",
+                )
+                # An evicted socket closes on the loop's next turn.
+                await asyncio.sleep(0.01 if evicted else ACCEPT_RETRY_S)
+                continue
+            try:
+                admitted = self.admit()
+                if admitted is None:
+                    with contextlib.suppress(OSError):
+                        conn.send(REFUSED_RESPONSE)
+                    conn.close()
+                    continue
+                conn.setblocking(False)
+                _, protocol = await loop.connect_accepted_socket(factory, conn)
+                if not admitted and isinstance(protocol, _Connection):
+                    protocol.reserve = True
+            except OSError as exc:
+                log.debug("http: dropped a connection while admitting it: %s", exc)
+                conn.close()
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    fd = sock.fileno()
+    loop.add_reader(fd, wake)
+    try:
+        await ready
+    finally:
+        if sock.fileno() == fd:  # not closed meanwhile (``_Connections.close``)
+            loop.remove_reader(fd)
+
+
+def _fd_headroom_warning(max_connections: int) -> str | None:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= max_connections + FD_HEADROOM:
+        return None
+    return (
+        f"RLIMIT_NOFILE is {soft}, below daemon.http.max_connections ({max_connections}) "
+        f"plus {FD_HEADROOM} for the rest of agentd: accepts may fail with EMFILE before "
+        "the connection limit applies (raise LimitNOFILE= or lower max_connections)"
+    )
+
+
 # ---------------------------------------------------------------- the server
 
 
@@ -312,21 +687,32 @@ class HttpServer:
         status: Callable[[], dict[str, Any]],
         clock: Clock,
         token: str | None,
+        read_token: str | None = None,
+        settings: HttpServerConfig | None = None,
         sse_heartbeat_s: float = 15.0,
         sse_queue_max: int = 1000,
     ) -> None:
+        """``token``: full access; ``read_token``: GET/HEAD only (needs ``token``: a read
+        token alone is refused, it would leave the writes open). ``settings``: the limits
+        and ``metrics_require_token``; its host, port and token sources are not read."""
+        if read_token and not token:
+            raise BindRefused("a read token without a full-access token leaves writes open")
         self.control = control
         self.health = health
         self.registry = registry
         self.bus = bus
         self.status = status
         self.clock = clock
+        self.settings = settings or HttpServerConfig()
         self._token = token.encode("utf-8", "surrogatepass") if token else None
+        self._read_token = read_token.encode("utf-8", "surrogatepass") if read_token else None
         self.sse_heartbeat_s = sse_heartbeat_s
         self.sse_queue_max = sse_queue_max
         self._closing = asyncio.Event()
         self._streams: set[asyncio.Future[None]] = set()
         self._runner: web.AppRunner | None = None
+        self._connections = _Connections(self.settings.max_connections)
+        self._notes = self._connections.notes
         self._openapi = openapi_document()
         self.app = self._build_app()
 
@@ -334,28 +720,35 @@ class HttpServer:
 
     async def start(self, host: str, port: int) -> int:
         """Listen on ``host:port`` (0 picks a free port); returns the bound port."""
-        runner = web.AppRunner(
+        runner = _Runner(
             self.app,
+            self._connections,
             handle_signals=False,
             access_log_class=_QuietAccessLogger,
             access_log=access_log,
+            # aiohttp closes a connection still waiting for a complete request this
+            # long after it connected or after its last response: the header timeout.
+            keepalive_timeout=self.settings.client_timeout,
         )
         await runner.setup()
+        assert runner.server is not None
         try:
-            site = web.TCPSite(runner, host or None, port)
-            await site.start()
+            bound = await self._connections.listen(host, port, runner.server)
         except BaseException:
             await runner.cleanup()
             raise
         self._runner = runner
         self._closing.clear()
-        bound = int(runner.addresses[0][1])
+        warning = _fd_headroom_warning(self.settings.max_connections)
+        if warning:
+            log.warning("http: %s", warning)
         log.debug("HTTP API listening on %s:%d", host or "*", bound)
         return bound
 
     async def stop(self, timeout_s: float = 3.0) -> None:
         """End live streams, then stop listening and let in-flight requests finish."""
         self._closing.set()
+        self._connections.close()
         if self._streams:
             await asyncio.wait(set(self._streams), timeout=timeout_s)
         runner, self._runner = self._runner, None
@@ -371,8 +764,9 @@ class HttpServer:
         app = web.Application(
             middlewares=[
                 self._errors_middleware(),
-                self._startup_middleware(),
+                self._reserve_middleware(),
                 self._auth_middleware(),
+                self._startup_middleware(),
             ]
         )
         r = app.router
@@ -416,7 +810,10 @@ class HttpServer:
                     await self.control.store.settled()
                 return await handler(request)
             except ApiError as exc:
-                return _error(exc.status, exc.code, exc.message, exc.headers)
+                response = _error(exc.status, exc.code, exc.message, exc.headers)
+                if exc.status == 408:
+                    response.force_close()  # the rest of the body may still come
+                return response
             except StoreError as exc:
                 return _error(STORE_ERROR_STATUS.get(exc.code, 400), exc.code, str(exc))
             except sqlite3.OperationalError as exc:
@@ -427,6 +824,16 @@ class HttpServer:
                 if exc.status < 400:
                     raise
                 return self._http_exception(request, exc)
+            except (ConnectionError, RuntimeError) as exc:
+                transport = request.transport
+                if transport is not None and not transport.is_closing():
+                    log.exception("unhandled error in %s %s", request.method, request.path)
+                    return _error(500, "internal", "internal error; see the agentd log")
+                # The client went away (reset before the headers were written, or while
+                # its body was coming: aiohttp's RuntimeError "Connection closed."):
+                # nobody to answer, and nothing wrong here.
+                log.debug("client went away in %s %s: %s", request.method, request.path, exc)
+                return web.Response(status=499, reason="Client Closed Request")
             except Exception:
                 log.exception("unhandled error in %s %s", request.method, request.path)
                 return _error(500, "internal", "internal error; see the agentd log")
@@ -462,32 +869,60 @@ class HttpServer:
 
         return startup
 
+    def _reserve_middleware(self) -> Middleware:
+        @web.middleware
+        async def reserve(request: web.Request, handler: Handler) -> web.StreamResponse:
+            # A connection admitted past max_connections, from the probes' reserve.
+            if getattr(request.protocol, "reserve", False) and request.path not in PROBE_PATHS:
+                response = _error(
+                    503,
+                    "too_many_connections",
+                    "agentd has as many connections open as it allows; retry later",
+                    RETRY_LATER,
+                )
+                response.force_close()
+                return response
+            return await handler(request)
+
+        return reserve
+
     def _auth_middleware(self) -> Middleware:
         @web.middleware
         async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-            if (
-                self._token is not None
-                and request.method not in SAFE_METHODS
-                and request.match_info.http_exception is None
-                and not self._authorized(request)
-            ):
+            if self._token is None or request.path in PROBE_PATHS:
+                return await handler(request)
+            if request.path == "/metrics" and not self.settings.metrics_require_token:
+                return await handler(request)
+            granted = self._granted(request)
+            if granted is None:
                 raise ApiError(
                     401,
                     "unauthorized",
                     "this request needs the header 'Authorization: Bearer <token>'",
                     {"WWW-Authenticate": "Bearer"},
                 )
+            if granted == "read" and request.method not in READ_METHODS:
+                raise ApiError(
+                    403, "forbidden", f"the read token may not {request.method}; it only reads"
+                )
             return await handler(request)
 
         return auth
 
-    def _authorized(self, request: web.Request) -> bool:
+    def _granted(self, request: web.Request) -> str | None:
+        """``"write"``, ``"read"`` or None for the request's bearer token. Both tokens
+        are compared every time (``hmac.compare_digest``), so the time taken does not
+        say which one came close."""
         assert self._token is not None
         scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer":
-            return False
+            return None
         offered = credentials.strip().encode("utf-8", "surrogatepass")
-        return hmac.compare_digest(offered, self._token)
+        write = hmac.compare_digest(offered, self._token)
+        read = hmac.compare_digest(offered, self._read_token or self._token) and bool(
+            self._read_token
+        )
+        return "write" if write else "read" if read else None
 
     # ------------------------------------------------------------ probes and metadata
 
@@ -514,11 +949,11 @@ class HttpServer:
         return _json(self.control.get_task(request.match_info["task_id"]))
 
     async def trigger(self, request: web.Request) -> web.StreamResponse:
-        await _json_body(request)
+        await _json_body(request, timeout_s=self.settings.client_timeout)
         return _json(self.control.trigger(request.match_info["task_id"]), 202)
 
     async def pause(self, request: web.Request) -> web.StreamResponse:
-        body = await _json_body(request, frozenset({"reason"}))
+        body = await _json_body(request, frozenset({"reason"}), self.settings.client_timeout)
         reason = body.get("reason", DEFAULT_PAUSE_REASON)
         if not isinstance(reason, str) or not 1 <= len(reason) <= 500:
             raise _bad("reason must be a string of 1 to 500 characters")
@@ -529,7 +964,7 @@ class HttpServer:
         return _json(self.control.pause(request.match_info["task_id"], reason))
 
     async def resume(self, request: web.Request) -> web.StreamResponse:
-        await _json_body(request)
+        await _json_body(request, timeout_s=self.settings.client_timeout)
         return _json(self.control.resume(request.match_info["task_id"]))
 
     # ------------------------------------------------------------ runs
@@ -551,7 +986,7 @@ class HttpServer:
         return _json(self.control.get_run(request.match_info["run_id"]))
 
     async def cancel(self, request: web.Request) -> web.StreamResponse:
-        await _json_body(request)
+        await _json_body(request, timeout_s=self.settings.client_timeout)
         return _json(self.control.cancel(request.match_info["run_id"]), 202)
 
     # ------------------------------------------------------------ events
@@ -585,11 +1020,11 @@ class HttpServer:
         return _json(self.control.quarantine_show(request.match_info["run_id"]))
 
     async def quarantine_release(self, request: web.Request) -> web.StreamResponse:
-        await _json_body(request)
+        await _json_body(request, timeout_s=self.settings.client_timeout)
         return _json(self.control.quarantine_release(request.match_info["run_id"]))
 
     async def quarantine_drop(self, request: web.Request) -> web.StreamResponse:
-        await _json_body(request)
+        await _json_body(request, timeout_s=self.settings.client_timeout)
         return _json(self.control.quarantine_drop(request.match_info["run_id"]))
 
     # ------------------------------------------------------------ server-sent events
@@ -619,6 +1054,20 @@ class HttpServer:
         check drops the copy), all of it on the loop thread, so none is lost."""
         if self._closing.is_set():
             raise ApiError(503, "unavailable", "the server is shutting down", RETRY_LATER)
+        if len(self._streams) >= self.settings.max_streams:
+            self._notes.note(
+                logging.WARNING,
+                "streams",
+                "http: %d event streams open (daemon.http.max_streams): refusing another",
+                len(self._streams),
+            )
+            raise ApiError(
+                503,
+                "too_many_streams",
+                f"{len(self._streams)} event streams are open, as many as agentd allows "
+                "(daemon.http.max_streams); retry later",
+                {"Retry-After": str(STREAMS_RETRY_S)},
+            )
         resume = self._resume_point(request)
         if run_id is not None:
             self.control.get_run(run_id)  # unknown run: 404 before any streaming
@@ -647,6 +1096,14 @@ class HttpServer:
                 await self._pump(response, sub, run_id, resume)
             except ConnectionError:
                 pass  # the client went away
+            except TimeoutError:
+                self._notes.note(
+                    logging.INFO,
+                    "stalled",
+                    "http: closed an event stream whose client read nothing for %g s",
+                    self.settings.client_timeout,
+                )
+                request.protocol.force_close()
             except Exception:
                 # Too late for an error response: end the stream; the client reconnects.
                 log.exception("event stream failed run=%s; closing it", run_id or "-")
@@ -656,11 +1113,17 @@ class HttpServer:
             self._streams.discard(done)
             done.set_result(None)
 
+    async def _write(self, response: web.StreamResponse, data: bytes) -> None:
+        """One write to a stream; a client that reads nothing for ``client_timeout``
+        makes it a ``TimeoutError`` (a stalled reader would hold a stream forever)."""
+        async with asyncio.timeout(self.settings.client_timeout):
+            await response.write(data)
+
     async def _backfill(self, response: web.StreamResponse, run_id: str | None, last: int) -> int:
         while True:
             page = self.control.events(run_id, after=last, limit=BACKFILL_PAGE)
             for event in page:
-                await response.write(_sse_frame(event))
+                await self._write(response, _sse_frame(event))
                 last = event["id"]
             if len(page) < BACKFILL_PAGE:
                 return last
@@ -687,13 +1150,13 @@ class HttpServer:
                 if closing in finished:
                     return
                 if getter not in finished:
-                    await response.write(KEEPALIVE)
+                    await self._write(response, KEEPALIVE)
                     continue
                 event: Event = getter.result()
                 getter = None
                 if event["id"] <= last:
                     continue
-                await response.write(_sse_frame(event))
+                await self._write(response, _sse_frame(event))
                 last = event["id"]
                 if (
                     run_id is not None

@@ -54,15 +54,19 @@ ERRORS: dict[str, Schema] = {
     "400": _error("Bad request (`bad_request`): a parameter or the body is invalid."),
     "401": _error(
         "`unauthorized`: this server has a token and the request has no or a wrong "
-        "`Authorization: Bearer` header."
+        "`Authorization: Bearer` header (`WWW-Authenticate: Bearer`)."
     ),
+    "403": _error("`forbidden`: the read token may only read (GET and HEAD)."),
+    "408": _error("`request_timeout`: the body did not arrive within `client_timeout`."),
     "404": _error("`unknown_task`, `unknown_run`, `not_quarantined` or `not_found`."),
     "409": _error("`run_finished`: the run already ended."),
     "413": _error("`payload_too_large`: the request body is over 1 MiB."),
     "500": _error("`internal`: a bug; the traceback is in the agentd log, not here."),
     "503": _error(
         "`unavailable`: agentd is starting up (state not open yet) or shutting down; "
-        "`db_unavailable`: the state DB failed (disk full, locked too long). Retry later."
+        "`db_unavailable`: the state DB failed (disk full, locked too long); "
+        "`too_many_connections`: every connection is taken (`max_connections`); for a "
+        "stream, `too_many_streams` (`max_streams`). Retry after `Retry-After` seconds."
     ),
 }
 
@@ -119,6 +123,9 @@ def _optional_body(schema: Schema) -> Schema:
 
 NO_FIELDS = _optional_body(_ref("Empty"))
 POST_SECURITY: list[dict[str, list[str]]] = [{"bearerAuth": []}, {}]
+"""The token when the server has one (``{}``: none needed when it has none)."""
+READ_SECURITY: list[dict[str, list[str]]] = [{"bearerAuth": []}, {"readToken": []}, {}]
+"""Either token when the server has one."""
 
 
 def _post(
@@ -136,7 +143,7 @@ def _post(
         "requestBody": body,
         "responses": {
             status: _json(_ref(result), "Done."),
-            **_errors("400", "401", "404", "413", "503", *errors),
+            **_errors("400", "401", "403", "404", "408", "413", "503", *errors),
         },
     }
 
@@ -144,8 +151,9 @@ def _post(
 def _get(summary: str, params: list[Schema], result: Schema, *errors: str) -> Schema:
     return {
         "summary": summary,
+        "security": READ_SECURITY,
         "parameters": params,
-        "responses": {"200": _json(result, "OK."), **_errors("503", *errors)},
+        "responses": {"200": _json(result, "OK."), **_errors("401", "503", *errors)},
     }
 
 
@@ -158,14 +166,19 @@ def _sse(summary: str, params: list[Schema], *errors: str, ends: bool = False) -
             "with `Last-Event-ID`.",
             "content": {"text/event-stream": {"schema": _ref("SseEvent")}},
         },
-        **_errors("400", "503", *errors),
+        **_errors("400", "401", "503", *errors),
     }
     if ends:
         responses["204"] = {
             "description": "The run is final and nothing is newer than the resume point: "
             "stop reconnecting."
         }
-    return {"summary": summary, "parameters": params, "responses": responses}
+    return {
+        "summary": summary,
+        "security": READ_SECURITY,
+        "parameters": params,
+        "responses": responses,
+    }
 
 
 SCHEMAS: dict[str, Schema] = {
@@ -448,7 +461,9 @@ PATHS: dict[str, Schema] = {
     },
     "/metrics": {
         "get": {
-            "summary": "Prometheus metrics (text exposition format). No token.",
+            "summary": "Prometheus metrics (text exposition format). No token, unless "
+            "`daemon.http.metrics_require_token` (then either token).",
+            "security": READ_SECURITY,
             "responses": {
                 "200": {
                     "description": "Metrics.",
@@ -457,14 +472,16 @@ PATHS: dict[str, Schema] = {
                         "application/openmetrics-text": {"schema": {"type": "string"}},
                     },
                 },
-                **_errors(),
+                **_errors("401"),
             },
         }
     },
     "/v1/openapi.json": {
         "get": {
-            "summary": "This document (served while starting up, too).",
-            "responses": {"200": _json(_ref("OpenApi"), "OK."), **_errors()},
+            "summary": "This document (served while starting up, too; either token "
+            "when the server has one).",
+            "security": READ_SECURITY,
+            "responses": {"200": _json(_ref("OpenApi"), "OK."), **_errors("401")},
         }
     },
     "/v1/status": {"get": _get("Daemon status summary.", [], _ref("Status"))},
@@ -614,13 +631,27 @@ def openapi_document() -> dict[str, Any]:
                 "title": "agentd",
                 "version": "1",
                 "description": "Operate agentd: tasks, runs, events, quarantine. Errors are "
-                'always `{"error": <stable code>, "message": ...}`. POST requests need '
-                "`Authorization: Bearer <token>` when the daemon has a token.",
+                'always `{"error": <stable code>, "message": ...}`. When the daemon has a '
+                "token, every request but `/healthz` and `/readyz` (and `/metrics` unless "
+                "`metrics_require_token`) needs `Authorization: Bearer <token>`: the full "
+                "token for anything, or the read token for GET and HEAD.",
             },
             "paths": PATHS,
             "components": {
                 "schemas": SCHEMAS,
-                "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},
+                "securitySchemes": {
+                    "bearerAuth": {
+                        "type": "http",
+                        "scheme": "bearer",
+                        "description": "The full-access token (`token_env`/`token_file`).",
+                    },
+                    "readToken": {
+                        "type": "http",
+                        "scheme": "bearer",
+                        "description": "The read token (`read_token_env`/`read_token_file`): "
+                        "GET and HEAD only.",
+                    },
+                },
             },
         }
     )

@@ -8,7 +8,9 @@ While the config file is broken (``broken_config_command``) they go through the 
 only: the state DB is not touched without a valid config to bring its tasks up to.
 
 The API token is ``$AGENTD_TOKEN`` when set, else the one the config's ``daemon.http``
-names (``token_env``, ``token_file``).
+names (``token_env``, ``token_file``), else its read token (``read_token_env``,
+``read_token_file``: enough for every command that only reads). It is sent with every
+request, GETs and the event streams included.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from agentd.config import (
 )
 from agentd.control import Control
 from agentd.doorbell import ring
-from agentd.http import BindRefused, load_token
+from agentd.http import BindRefused, load_read_token, load_token
 from agentd.store import Row, Store, StoreError
 
 
@@ -69,11 +71,13 @@ class Ops:
         if daemon is None:
             daemon = config.daemon if config is not None else DaemonConfig()
         token = os.environ.get("AGENTD_TOKEN", "").strip() or None
-        if token is None:
+        for load in (load_token, load_read_token):
+            if token is not None:
+                break
             try:
-                token = load_token(daemon.http)
+                token = load(daemon.http)
             except BindRefused as exc:
-                # Reads still work without it; a POST will get the daemon's own 401.
+                # Without it the daemon's own 401 (or 403) says what was refused.
                 print(f"agentd: warning: {exc}", file=sys.stderr)
         self.api: ApiClient | None = ApiClient(url or default_url(daemon.http), token)
         self._store: Store | None = None

@@ -745,7 +745,9 @@ def test_state_db_errors_are_503_not_500(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- auth
 
 
-def test_token_guards_posts_only(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_token_guards_posts(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """(GETs need it too: tests/test_http_auth.py has the whole matrix.)"""
+
     async def main() -> None:
         async with serving(tmp_path, token=TOKEN) as env:
             c = env.client
@@ -774,9 +776,11 @@ def test_token_guards_posts_only(tmp_path: Path, caplog: pytest.LogCaptureFixtur
             )
             assert response.status_code == 200
 
-            for path in ("/v1/tasks", "/v1/runs", "/v1/status", "/healthz", "/metrics"):
+            for path in ("/v1/tasks", "/v1/runs", "/v1/status"):
+                assert_error(await c.get(path), 401, "unauthorized")
+                assert (await c.get(path, headers=good)).status_code == 200, path
+            for path in ("/healthz", "/readyz", "/metrics"):
                 assert (await c.get(path)).status_code == 200, path
-            assert (await c.get("/readyz")).status_code == 200
 
     with caplog.at_level(logging.DEBUG):
         run(main)
