@@ -21,6 +21,7 @@ lint: $(BIN)/agentd
 	$(BIN)/ruff check agentd tests $(wildcard benchmarks)
 	$(BIN)/ruff format --check agentd tests $(wildcard benchmarks)
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 test: lint
 	$(BIN)/pytest -q

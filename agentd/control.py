@@ -16,18 +16,9 @@ from zoneinfo import ZoneInfo
 from agentd.clock import Clock
 from agentd.config import Config, inactive_reason
 from agentd.ledger import run_usage, spend_report
+from agentd.models import RUN_STATUSES
 from agentd.schedule import next_fires
 from agentd.store import Row, Store, StoreError
-
-RUN_STATUSES = (
-    "queued",
-    "running",
-    "succeeded",
-    "quarantined",
-    "cancelled",
-    "skipped",
-    "budget_exhausted",
-)
 
 
 class Control:

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import dataclasses
 import faulthandler
-import fcntl
 import gc
 import json
 import logging
@@ -45,6 +44,7 @@ from agentd.retention import Pruner
 from agentd.runner import Runner
 from agentd.safety import Safety
 from agentd.scheduler import HEARTBEAT_S, Scheduler, SyncReport
+from agentd.statecheck import StateLock, StateLocked, state_paths
 from agentd.store import Row, Store, is_storage_fault
 from agentd.systemd import Notifier
 
@@ -65,13 +65,6 @@ WRITE_PROBE_S = 30.0
 WEDGE_ENV = "AGENTD_TEST_WEDGE_FILE"
 
 
-class StateLocked(Exception):
-    def __init__(self, path: Path, holder: str) -> None:
-        super().__init__(f"state dir is locked by another agentd (pid {holder}): {path}")
-        self.path = path
-        self.holder = holder
-
-
 class StartupStopped(Exception):
     """SIGTERM or SIGINT arrived while starting, before the state was opened."""
 
@@ -86,47 +79,6 @@ class ListenFailed(statecheck.Refusal):
             f"cannot listen on {host or '*'}:{port}: {exc.strerror or exc}. Stop what "
             "listens there (another agentd?) or set daemon.http.host/port to a free address"
         )
-
-
-class StateLock:
-    """An exclusive ``flock`` on ``<state_dir>/agentd.lock``; the kernel drops it on death,
-    so a ``kill -9`` never leaves a stale lock behind."""
-
-    def __init__(self, state_dir: Path) -> None:
-        self.path = state_dir / "agentd.lock"
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise StateLocked(self.path, holder) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd = fd
-
-    def held_by_other(self) -> str | None:
-        """The holder's PID text if another process holds the lock, else None."""
-        try:
-            self.acquire()
-        except StateLocked as exc:
-            return exc.holder
-        self.release()
-        return None
-
-    def release(self) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
-
-
-def state_paths(config: Config) -> tuple[Path, Path, Path]:
-    root = config.daemon.state_dir
-    return root, root / "state.sqlite", root / "schedule.sqlite"
 
 
 class Daemon:

@@ -64,7 +64,7 @@ from agentd.config import HttpServerConfig
 from agentd.control import Control
 from agentd.events import Event, EventBus, Subscription
 from agentd.health import Health
-from agentd.models import FINAL_STATUSES
+from agentd.models import FINAL_STATUSES, MAX_EVENT_ID
 from agentd.openapi import openapi_document
 from agentd.store import StoreError
 
@@ -92,7 +92,6 @@ RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, e
 FD_HEADROOM: Final = 64
 """File descriptors the rest of the daemon wants beside ``max_connections`` (the DB,
 commands' pipes, providers' sockets): less than that under RLIMIT_NOFILE is warned of."""
-MAX_EVENT_ID: Final = 2**63 - 1
 BACKFILL_PAGE: Final = 500
 DEFAULT_PAUSE_REASON: Final = "paused via API"
 KEEPALIVE: Final = b": keep-alive\n\n"

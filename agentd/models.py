@@ -23,6 +23,12 @@ class RunStatus(StrEnum):
     quarantined (a retry would hit the same limit)."""
 
 
+MAX_EVENT_ID = 2**63 - 1
+"""Event ids are SQLite/PostgreSQL signed 64-bit integers: the largest a cursor may be."""
+
+RUN_STATUSES: tuple[str, ...] = tuple(status.value for status in RunStatus)
+"""Every run status, in lifecycle order: the API's filter and schema list these."""
+
 FINAL_STATUSES = frozenset(
     {
         RunStatus.SUCCEEDED,

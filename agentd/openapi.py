@@ -12,11 +12,9 @@ import copy
 from typing import Any
 
 from agentd.config import ALERT_KINDS
-from agentd.control import RUN_STATUSES
+from agentd.models import MAX_EVENT_ID, RUN_STATUSES
 
 Schema = dict[str, Any]
-
-MAX_EVENT_ID = 2**63 - 1
 
 
 def _ref(name: str) -> Schema:

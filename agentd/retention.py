@@ -56,7 +56,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from agentd import exitcodes
+from agentd import exitcodes, statecheck
 from agentd.clock import Clock, SystemClock, to_iso
 from agentd.config import LEDGER_FLOOR_S, Config, HistoryConfig
 from agentd.metrics import PRUNE_KINDS
@@ -894,9 +894,7 @@ def prune_command(config: Config, args: argparse.Namespace) -> int:
     """``agentd prune [--dry-run]``, directly on the state DB in the daemon's batches:
     SQLite serialises it with a running daemon's writes, and it pauses between batches
     as the daemon's pruner does. ``--dry-run`` opens the DB read-only."""
-    from agentd.daemon import state_paths  # the daemon's modules: only for this command
-
-    root, db_path, _ = state_paths(config)
+    root, db_path, _ = statecheck.state_paths(config)
     if not db_path.exists():
         print(f"agentd: no state DB at {db_path}: nothing to prune", file=sys.stderr)
         return 1

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from agentd import exitcodes
+from agentd.config import Config
 from agentd.store import SCHEMA_VERSION
 from agentd.walcheck import WalReport, inspect_wal
 
@@ -89,6 +90,55 @@ class Finding:
 def paths(root: Path) -> tuple[Path, Path, Path]:
     """The state DB, its WAL, the jobstore."""
     return root / STATE_DB, root / f"{STATE_DB}-wal", root / JOBSTORE
+
+
+class StateLocked(Exception):
+    def __init__(self, path: Path, holder: str) -> None:
+        super().__init__(f"state dir is locked by another agentd (pid {holder}): {path}")
+        self.path = path
+        self.holder = holder
+
+
+class StateLock:
+    """An exclusive ``flock`` on ``<state_dir>/agentd.lock``; the kernel drops it on death,
+    so a ``kill -9`` never leaves a stale lock behind."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / "agentd.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise StateLocked(self.path, holder) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def held_by_other(self) -> str | None:
+        """The holder's PID text if another process holds the lock, else None."""
+        try:
+            self.acquire()
+        except StateLocked as exc:
+            return exc.holder
+        self.release()
+        return None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def state_paths(config: Config) -> tuple[Path, Path, Path]:
+    """The state dir, the state DB and the jobstore of ``config``."""
+    root = config.daemon.state_dir
+    return root, root / STATE_DB, root / JOBSTORE
 
 
 def utc_stamp(now: datetime | None = None) -> str:
@@ -640,8 +690,6 @@ def _code(findings: list[Finding]) -> int:
 def doctor(root: Path, args: argparse.Namespace) -> int:
     """``agentd doctor [--repair]``: one line per finding; exit 0 (ok), 65 (damaged),
     73 (state dir unusable); with ``--repair``, 75 while a daemon holds the lock."""
-    from agentd.daemon import StateLock, StateLocked  # first: later, imports may be barred
-
     _become_owner(root)
     findings, holder = diagnose(root)
     if args.repair:
