@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from agentd import procs
 from agentd.config import ChannelConfig, Config, ExpectConfig, WebhookChannel
+from agentd.redact import SecretUnavailable, read_secret
 
 if TYPE_CHECKING:
     import httpx
@@ -150,22 +151,10 @@ class DeliveryError(Exception):
 
 
 def _secret(hook: WebhookChannel) -> str | None:
-    if hook.secret_env:
-        value = os.environ.get(hook.secret_env, "").strip()
-        if not value:
-            raise DeliveryError(f"secret variable {hook.secret_env} is not set")
-        return value
-    if hook.secret_file:
-        try:
-            value = hook.secret_file.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise DeliveryError(
-                f"cannot read secret file {hook.secret_file}: {exc.strerror}"
-            ) from None
-        if not value:
-            raise DeliveryError(f"secret file {hook.secret_file} is empty")
-        return value
-    return None
+    try:
+        return read_secret(hook.secret_env, hook.secret_file, "webhook secret")
+    except SecretUnavailable as exc:
+        raise DeliveryError(str(exc)) from None
 
 
 async def deliver(

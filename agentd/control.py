@@ -16,9 +16,9 @@ from zoneinfo import ZoneInfo
 from agentd.clock import Clock
 from agentd.config import Config, inactive_reason
 from agentd.ledger import run_usage, spend_report
-from agentd.models import RUN_STATUSES
+from agentd.models import RUN_STATUSES, Row, StoreError
 from agentd.schedule import next_fires
-from agentd.store import Row, Store, StoreError
+from agentd.store import Store
 
 
 class Control:

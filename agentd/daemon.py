@@ -39,13 +39,14 @@ from agentd.gauges import GaugeSchedule
 from agentd.health import Health
 from agentd.http import BindRefused, HttpServer, check_bind, load_read_token, load_token
 from agentd.metrics import Metrics
+from agentd.models import Row
 from agentd.redact import Redactor, read_secrets
 from agentd.retention import Pruner
 from agentd.runner import Runner
 from agentd.safety import Safety
 from agentd.scheduler import HEARTBEAT_S, Scheduler, SyncReport
 from agentd.statecheck import StateLock, StateLocked, state_paths
-from agentd.store import Row, Store, is_storage_fault
+from agentd.store import Store, is_storage_fault
 from agentd.systemd import Notifier
 
 log = logging.getLogger("agentd")

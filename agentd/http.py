@@ -64,9 +64,9 @@ from agentd.config import HttpServerConfig
 from agentd.control import Control
 from agentd.events import Event, EventBus, Subscription
 from agentd.health import Health
-from agentd.models import FINAL_STATUSES, MAX_EVENT_ID
+from agentd.models import FINAL_STATUSES, MAX_EVENT_ID, StoreError
 from agentd.openapi import openapi_document
-from agentd.store import StoreError
+from agentd.redact import SecretUnavailable, read_secret
 
 log = logging.getLogger("agentd.http")
 access_log = logging.getLogger("agentd.http.access")
@@ -156,28 +156,12 @@ class ApiError(Exception):
 def _load_secret(
     env_name: str | None, path: Path | None, env: Mapping[str, str], what: str
 ) -> str | None:
-    """A secret from the environment variable ``env_name`` (preferred) or the file
-    ``path``, stripped; None when neither is configured. A configured source that is
-    empty or unreadable is a ``TokenError`` whose message never holds the value."""
-    if env_name is None and path is None:
-        return None
-    problems: list[str] = []
-    if env_name is not None:
-        value = env.get(env_name, "").strip()
-        if value:
-            return value
-        problems.append(f"environment variable {env_name} is unset or empty")
-    if path is not None:
-        try:
-            value = path.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-            problems.append(f"{what} file {path} cannot be read: {reason}")
-        else:
-            if value:
-                return value
-            problems.append(f"{what} file {path} is empty")
-    raise TokenError(f"no {what}: " + "; ".join(problems))
+    """``redact.read_secret``, its refusal a ``TokenError``: an operator who asked for a
+    token must not get an open API."""
+    try:
+        return read_secret(env_name, path, what, env)
+    except SecretUnavailable as exc:
+        raise TokenError(str(exc)) from None
 
 
 def load_token(cfg: HttpServerConfig, environ: Mapping[str, str] | None = None) -> str | None:

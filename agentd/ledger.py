@@ -32,7 +32,8 @@ from agentd.budget import (
 )
 from agentd.clock import to_iso
 from agentd.config import Config
-from agentd.store import Row, Store
+from agentd.models import Row
+from agentd.store import Store
 
 _SPENT_USD = "COALESCE(SUM(CASE WHEN state='reserved' THEN reserved_usd ELSE cost_usd END), 0)"
 _SPENT_TOKENS = (

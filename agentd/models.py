@@ -10,6 +10,18 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+Row = dict[str, Any]
+"""A record as the state layer hands it out: column name to value."""
+
+
+class StoreError(Exception):
+    """A request that the state does not allow; ``code`` is stable for APIs and the CLI.
+    Storage-neutral: engines raise it, views map ``code`` to their answer."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
 
 class RunStatus(StrEnum):
     QUEUED = "queued"

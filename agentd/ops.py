@@ -24,7 +24,7 @@ import urllib.parse
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 from agentd import exitcodes, statecheck
@@ -37,10 +37,13 @@ from agentd.config import (
     lenient_daemon,
     task_index,
 )
-from agentd.control import Control
 from agentd.doorbell import ring
-from agentd.http import BindRefused, load_read_token, load_token
-from agentd.store import Row, Store, StoreError
+from agentd.models import Row, StoreError
+from agentd.redact import SecretUnavailable, read_secret
+
+if TYPE_CHECKING:  # at run time only the direct path (no daemon answering) loads them
+    from agentd.control import Control
+    from agentd.store import Store
 
 
 def open_store(config: Config) -> Store:
@@ -52,6 +55,8 @@ def open_store(config: Config) -> Store:
     alone = statecheck.lock_holder(root) is None
     if alone:
         statecheck.guard_open(root)  # what the daemon would refuse, this refuses too
+    from agentd.store import Store
+
     store = Store(db_path)
     if alone:
         store.sync_tasks(task_index(config), SystemClock().now())
@@ -71,12 +76,16 @@ class Ops:
         if daemon is None:
             daemon = config.daemon if config is not None else DaemonConfig()
         token = os.environ.get("AGENTD_TOKEN", "").strip() or None
-        for load in (load_token, load_read_token):
+        http = daemon.http
+        for env_name, path, what in (
+            (http.token_env, http.token_file, "API token"),
+            (http.read_token_env, http.read_token_file, "read token"),
+        ):
             if token is not None:
                 break
             try:
-                token = load(daemon.http)
-            except BindRefused as exc:
+                token = read_secret(env_name, path, what)
+            except SecretUnavailable as exc:
                 # Without it the daemon's own 401 (or 403) says what was refused.
                 print(f"agentd: warning: {exc}", file=sys.stderr)
         self.api: ApiClient | None = ApiClient(url or default_url(daemon.http), token)
@@ -96,6 +105,8 @@ class Ops:
             self._store = open_store(self.config)
             # A write rings a running daemon whose API we could not reach: it acts now.
             root = self.config.daemon.state_dir
+            from agentd.control import Control
+
             self._ctl = Control(
                 self._store, self.config, SystemClock(), on_change=lambda: ring(root)
             )
@@ -301,6 +312,8 @@ def _dispatch(ops: Ops, args: argparse.Namespace, parser: argparse.ArgumentParse
                     lambda ctl: ctl.quarantine_show(args.run_id),
                 ),
             )
+        from agentd.control import Control
+
         local = {"release": Control.quarantine_release, "drop": Control.quarantine_drop}
         return _print_detail(
             args,

@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING
 from agentd.alerts import Alert, DeliveryError, alert_for_event, deadman_late, deliver, routes
 from agentd.clock import Clock, from_iso, to_iso
 from agentd.config import Config, inactive_reason
-from agentd.store import Row, Store
+from agentd.models import Row
+from agentd.store import Store
 
 log = logging.getLogger("agentd.alerts")
 

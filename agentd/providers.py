@@ -19,7 +19,6 @@ and it is in no ledger row, event or log line.
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import threading
 import time
@@ -32,6 +31,7 @@ from agentd.clock import Clock, parse_retry_after
 from agentd.config import Config, ProviderConfig, TaskConfig
 from agentd.ledger import Refusal, commit, reserve
 from agentd.models import Result
+from agentd.redact import SecretUnavailable, read_secret
 from agentd.store import Store
 
 if TYPE_CHECKING:
@@ -128,26 +128,10 @@ def classify(status: int, message: str) -> tuple[bool, str]:
 
 
 def api_key(provider: ProviderConfig) -> str | None:
-    if provider.api_key_env:
-        key = os.environ.get(provider.api_key_env, "").strip()
-        if not key:
-            raise LLMError(
-                f"API key variable {provider.api_key_env} is not set",
-                retryable=False,
-                category="auth",
-            )
-        return key
-    if provider.api_key_file:
-        try:
-            key = provider.api_key_file.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            message = f"cannot read API key file {provider.api_key_file}: {exc.strerror}"
-            raise LLMError(message, retryable=False, category="auth") from None
-        if not key:
-            message = f"API key file {provider.api_key_file} is empty"
-            raise LLMError(message, retryable=False, category="auth")
-        return key
-    return None
+    try:
+        return read_secret(provider.api_key_env, provider.api_key_file, "API key")
+    except SecretUnavailable as exc:
+        raise LLMError(str(exc), retryable=False, category="auth") from None
 
 
 def _scrub(text: str, key: str | None) -> str:

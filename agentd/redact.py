@@ -46,6 +46,43 @@ class SecretRef:
     file: Path | None = None
 
 
+class SecretUnavailable(Exception):
+    """A configured secret source yields nothing (unset, empty, unreadable). The message
+    names the source, never a value."""
+
+
+def read_secret(
+    env_name: str | None,
+    path: Path | None,
+    what: str,
+    environ: Mapping[str, str] | None = None,
+) -> str | None:
+    """The one reader of a secret: the variable ``env_name`` (preferred) or the file
+    ``path``, stripped. None when neither is configured; ``SecretUnavailable`` when a
+    configured source yields nothing (each caller turns it into its own refusal: a bind
+    refused, a delivery failed, a provider call not made)."""
+    if env_name is None and path is None:
+        return None
+    env = os.environ if environ is None else environ
+    problems: list[str] = []
+    if env_name is not None:
+        value = env.get(env_name, "").strip()
+        if value:
+            return value
+        problems.append(f"environment variable {env_name} is unset or empty")
+    if path is not None:
+        try:
+            value = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            problems.append(f"{what} file {path} cannot be read: {reason}")
+        else:
+            if value:
+                return value
+            problems.append(f"{what} file {path} is empty")
+    raise SecretUnavailable(f"no {what}: " + "; ".join(problems))
+
+
 class Redactor:
     """Replaces every known secret value in a text with ``[redacted]``."""
 

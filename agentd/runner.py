@@ -26,9 +26,9 @@ from agentd.clock import Backoff, Clock, from_iso, to_iso
 from agentd.config import TaskConfig
 from agentd.context import RunContext
 from agentd.executors import ExecEnv, executor_for
-from agentd.models import CheckpointNotSaved, Outcome, Result, RunStatus, StopRequested
+from agentd.models import CheckpointNotSaved, Outcome, Result, Row, RunStatus, StopRequested
 from agentd.providers import Gateway
-from agentd.store import Finish, Row, Store, WriteLost, is_storage_fault, wait_commit
+from agentd.store import Finish, Store, WriteLost, is_storage_fault, wait_commit
 
 log = logging.getLogger("agentd.runner")
 

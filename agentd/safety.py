@@ -20,9 +20,10 @@ from agentd.clock import Clock
 from agentd.config import Config, TaskConfig
 from agentd.ledger import settle_stale, window_blocked, window_report
 from agentd.metrics import Metrics
+from agentd.models import Row
 from agentd.outbox import ALERT_EVENTS, Outbox
 from agentd.providers import Gateway
-from agentd.store import Row, Store
+from agentd.store import Store
 
 if TYPE_CHECKING:
     import httpx

@@ -35,7 +35,6 @@ from typing import Any, Literal
 
 from agentd import exitcodes
 from agentd.config import Config
-from agentd.store import SCHEMA_VERSION
 from agentd.walcheck import WalReport, inspect_wal
 
 log = logging.getLogger("agentd.state")
@@ -589,6 +588,8 @@ def _check_db(db: Path) -> Finding:
         refusal = classify(exc, db.parent)
         severity: Severity = "unusable" if isinstance(refusal, StateUnusable) else "damaged"
         return Finding(severity, db, f"{stage}: {exc}. {recover_hint(db)}")
+    from agentd.store import SCHEMA_VERSION  # here: the CLI's API path never loads the store
+
     if version > SCHEMA_VERSION:
         return Finding(
             "damaged",
@@ -690,6 +691,10 @@ def _code(findings: list[Finding]) -> int:
 def doctor(root: Path, args: argparse.Namespace) -> int:
     """``agentd doctor [--repair]``: one line per finding; exit 0 (ok), 65 (damaged),
     73 (state dir unusable); with ``--repair``, 75 while a daemon holds the lock."""
+    # First, as the caller: once ``_become_owner`` has switched users, this checkout's
+    # files may be unreadable, and ``_check_db`` needs the store's schema version.
+    import agentd.store  # noqa: F401
+
     _become_owner(root)
     findings, holder = diagnose(root)
     if args.repair:

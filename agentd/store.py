@@ -28,7 +28,7 @@ from typing import Any
 import sqlite_utils
 
 from agentd.clock import from_iso, to_iso
-from agentd.models import ACTIVE_STATUSES, Outcome, RunStatus
+from agentd.models import ACTIVE_STATUSES, Outcome, Row, RunStatus, StoreError
 from agentd.procs import GroupEnd, GroupRecord
 from agentd.redact import NOTHING, Redactor
 
@@ -44,20 +44,11 @@ WAL_LIMIT_BYTES = 64 * 1024 * 1024
 RESTART_WAIT_MS = 2000
 """How long a restarting checkpoint may wait for readers (a CLI, the checkpoint thread)
 before it gives up, to try again after the next checkpoint."""
-Row = dict[str, Any]
 EventSink = Callable[[Row], None]
 FireGate = Callable[[str, datetime], "dict[str, Any] | None"]
 WriteListener = Callable[[BaseException | None], None]
 """Told of the state DB's write health when it changes: the error that made a write
 fail (disk full, read-only, I/O error, a lock held too long), or None once one works."""
-
-
-class StoreError(Exception):
-    """A request that the state does not allow; ``code`` is stable for APIs and the CLI."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 class WriteLost(sqlite3.OperationalError):

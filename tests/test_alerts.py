@@ -252,7 +252,10 @@ def test_missing_webhook_secret_is_a_delivery_failure_not_an_unsigned_post(
 
     [row] = run(main)
     assert receiver.requests == []
-    assert row["status"] == "pending" and "AGENTD_TEST_HOOK_SECRET is not set" in row["last_error"]
+    assert (
+        row["status"] == "pending"
+        and "AGENTD_TEST_HOOK_SECRET is unset or empty" in row["last_error"]
+    )
 
 
 def test_command_channel_gets_the_alert_as_json_on_stdin(store: Store, tmp_path: Path) -> None:
