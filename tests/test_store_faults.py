@@ -70,8 +70,11 @@ def test_the_wal_stays_bounded_under_a_writer_that_never_pauses(tmp_path: Path) 
         sampler.join()
     store.close()
     assert written > 200, "the writer did not get going"
-    # Bounded: the limit plus what a writer adds while one TRUNCATE checkpoint waits.
-    assert max(sizes) < 4 * limit, (max(sizes), limit, written)
+    # Bounded: the limit plus what the writer adds while a checkpoint waits for its
+    # turn, which on a loaded 2-core machine is several limits' worth (1 MiB seen with a
+    # second suite running). Unbounded, the same 4 s grew it to ~44 MB.
+    assert max(sizes) < 16 * limit, (max(sizes), limit, written)
+    assert sorted(sizes)[len(sizes) // 2] < 4 * limit, "the WAL is not reset as it should"
 
 
 # ---------------------------------------------------------------- run ids
