@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from agentd import procs
 from agentd.config import ChannelConfig, Config, ExpectConfig, WebhookChannel
+from agentd.models import EventKind
 from agentd.redact import SecretUnavailable, read_secret
 
 if TYPE_CHECKING:
@@ -54,14 +55,14 @@ def alert_for_event(event: dict[str, Any]) -> Alert | None:
     """The alert an audit event raises, if any."""
     kind, task, run = event["kind"], event.get("task_id"), event.get("run_id")
     data: dict[str, Any] = event.get("data") or {}
-    if kind == "quarantine":
+    if kind == EventKind.QUARANTINE:
         error = data.get("error") or "no error text"
         summary = f"{task}: run {run} quarantined after {data.get('attempts')} attempt(s): {error}"
         return Alert("run_quarantined", f"run_quarantined:{task}", summary, task, run, data)
-    if kind == "pause" and data.get("by") == "agentd":
+    if kind == EventKind.PAUSE and data.get("by") == "agentd":
         summary = f"{task}: paused automatically ({data.get('reason')})"
         return Alert("task_paused", f"task_paused:{task}", summary, task, None, data)
-    if kind == "budget_alarm":
+    if kind == EventKind.BUDGET_ALARM:
         pct, scope = data.get("threshold_pct"), data.get("scope")
         summary = (
             f"budget {scope}: {pct}% reached ({data.get('spent_usd')} of"
@@ -69,30 +70,30 @@ def alert_for_event(event: dict[str, Any]) -> Alert | None:
         )
         key = f"budget_alarm:{scope}:{data.get('window_start')}:{pct}"
         return Alert("budget_alarm", key, summary, task, None, data)
-    if kind == "budget_exhausted":
+    if kind == EventKind.BUDGET_EXHAUSTED:
         summary = f"{task}: run {run} stopped, {data.get('error')}"
         return Alert("budget_exhausted", f"budget_exhausted:{task}", summary, task, run, data)
-    if kind == "deadman":
+    if kind == EventKind.DEADMAN:
         summary = (
             f"{task}: no success since {data.get('last_success') or 'monitoring began'}"
             f" (expected every {data.get('every_s')}s, grace {data.get('grace_s')}s)"
         )
         return Alert("deadman", f"deadman:{task}", summary, task, None, data)
-    if kind == "run_too_long":
+    if kind == EventKind.RUN_TOO_LONG:
         summary = (
             f"{task}: run {run} attempt {data.get('attempt')} still running after"
             f" {data.get('running_s')}s (max_duration {data.get('max_duration_s')}s)"
         )
         key = f"run_too_long:{run}:{data.get('attempt')}"
         return Alert("run_too_long", key, summary, task, run, data)
-    if kind == "config_reload_failed":
+    if kind == EventKind.CONFIG_RELOAD_FAILED:
         error = str(data.get("error") or "")
         digest = hashlib.sha256(error.encode()).hexdigest()[:12]
         summary = f"config reload failed, the running config stays: {error.splitlines()[-1:]}"
         return Alert(
             "config_reload_failed", f"config_reload_failed:{digest}", summary, None, None, data
         )
-    if kind == "recovered":
+    if kind == EventKind.RECOVERED:
         what = data.get("what")
         summary = f"{task}: recovered ({what}), run {run} succeeded"
         key = f"recovered:{what}:{task}:{data.get('since')}"

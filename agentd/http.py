@@ -64,7 +64,7 @@ from agentd.config import HttpServerConfig
 from agentd.control import Control
 from agentd.events import Event, EventBus, Subscription
 from agentd.health import Health
-from agentd.models import FINAL_STATUSES, MAX_EVENT_ID, StoreError
+from agentd.models import FINAL_STATUSES, MAX_EVENT_ID, EventKind, StoreError
 from agentd.openapi import openapi_document
 from agentd.redact import SecretUnavailable, read_secret
 
@@ -121,7 +121,15 @@ HTTP_ERROR_CODES: Final[Mapping[int, str]] = {
     504: "timeout",
 }
 FINAL_EVENT_KINDS: Final = frozenset(
-    {"success", "failure", "timeout", "cancel", "quarantine", "skip"}
+    {
+        EventKind.SUCCESS,
+        EventKind.FAILURE,
+        EventKind.TIMEOUT,
+        EventKind.CANCEL,
+        EventKind.QUARANTINE,
+        EventKind.SKIP,
+        EventKind.BUDGET_EXHAUSTED,
+    }
 )
 """Event kinds after which a run may have reached a final status (checked in the DB)."""
 

@@ -32,7 +32,7 @@ from agentd.budget import (
 )
 from agentd.clock import to_iso
 from agentd.config import Config
-from agentd.models import Row
+from agentd.models import EventKind, Row
 from agentd.store import Store
 
 _SPENT_USD = "COALESCE(SUM(CASE WHEN state='reserved' THEN reserved_usd ELSE cost_usd END), 0)"
@@ -103,7 +103,7 @@ def reserve(
                 refusal = Refusal(scope, usd, tokens, need)
                 store.emit(
                     now,
-                    "budget_refused",
+                    EventKind.BUDGET_REFUSED,
                     task_id,
                     run_id,
                     scope=scope.label,
@@ -163,7 +163,7 @@ def commit(
         }
         if usage_missing:
             data["usage_missing"] = True
-        store.emit(now, "llm_call", row["task_id"], row["run_id"], **data)
+        store.emit(now, EventKind.LLM_CALL, row["task_id"], row["run_id"], **data)
         for scope in scopes:
             if scope.is_window and scope.usd is not None:
                 usd, _ = spent(store, scope)
@@ -182,7 +182,7 @@ def _alarm(store: Store, now: datetime, scope: Scope, threshold: float, usd: flo
     if cur.rowcount:
         store.emit(
             now,
-            "budget_alarm",
+            EventKind.BUDGET_ALARM,
             scope.task_id,
             scope=scope.label,
             threshold_pct=round(threshold * 100),
@@ -203,7 +203,7 @@ def settle_stale(store: Store, now: datetime) -> int:
             " WHERE state='reserved'"
         )
         if cur.rowcount:
-            store.emit(now, "ledger_settled", reservations=cur.rowcount)
+            store.emit(now, EventKind.LEDGER_SETTLED, reservations=cur.rowcount)
         return int(cur.rowcount)
 
 

@@ -39,20 +39,22 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
+from agentd.models import EventKind
+
 # Event kind -> agentd_runs_total outcome. Finished attempts count once each (a run that
 # fails twice then succeeds adds failure=2, success=1); a quarantine is counted in
 # addition to the failure that caused it. "recover" (an attempt lost with its daemon and
 # re-queued) is counted as interrupted: like an interrupt, it was not the task's fault.
 OUTCOMES = {
-    "success": "success",
-    "failure": "failure",
-    "timeout": "timeout",
-    "cancel": "cancelled",
-    "interrupt": "interrupted",
-    "recover": "interrupted",
-    "skip": "skipped",
-    "quarantine": "quarantined",
-    "budget_exhausted": "budget_exhausted",
+    EventKind.SUCCESS: "success",
+    EventKind.FAILURE: "failure",
+    EventKind.TIMEOUT: "timeout",
+    EventKind.CANCEL: "cancelled",
+    EventKind.INTERRUPT: "interrupted",
+    EventKind.RECOVER: "interrupted",
+    EventKind.SKIP: "skipped",
+    EventKind.QUARANTINE: "quarantined",
+    EventKind.BUDGET_EXHAUSTED: "budget_exhausted",
 }
 SKIP_REASONS = ("overlap", "queue_full", "paused", "budget")
 # What retention prunes (agentd.retention), each an agentd_pruned_total series from start.
@@ -69,7 +71,7 @@ PRUNE_KINDS = (
     "outbox",
 )
 # Audit events about the config, not the task's activity: they bring no series.
-CONFIG_KINDS = frozenset({"task_added", "task_changed", "task_removed"})
+CONFIG_KINDS = frozenset({EventKind.TASK_ADDED, EventKind.TASK_CHANGED, EventKind.TASK_REMOVED})
 
 # Runs range from a quick HTTP call to an hour-long agent session.
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -315,13 +317,13 @@ class Metrics:
         task, kind = event.get("task_id"), event.get("kind")
         data: dict[str, Any] = event.get("data") or {}
         with self._lock:
-            if kind == "llm_call" and data.get("provider"):
+            if kind == EventKind.LLM_CALL and data.get("provider"):
                 # Providers come from the config: a bounded label set, like tasks.
                 self.llm_requests.labels(data["provider"], str(data.get("status"))).inc()
             if task is None or task not in self._tasks or kind in CONFIG_KINDS:
                 return
             self._ensure(task)
-            if kind == "llm_call":
+            if kind == EventKind.LLM_CALL:
                 self.llm_cost.touch(task)  # both directions and the cost together
                 self.llm_tokens.inc(task, "input", by=int(data.get("input_tokens") or 0))
                 self.llm_tokens.inc(task, "output", by=int(data.get("output_tokens") or 0))
@@ -329,22 +331,22 @@ class Metrics:
                 return
             if kind in OUTCOMES:
                 self.runs.inc(task, OUTCOMES[kind])
-            if kind == "skip":
+            if kind == EventKind.SKIP:
                 for reason in SKIP_REASONS:  # all reasons at 0 from the task's first skip
                     self.skipped.touch(task, reason)
                 if data.get("reason") in SKIP_REASONS:  # anything else would be a new series
                     self.skipped.inc(task, data["reason"])
-            elif kind == "misfire":
+            elif kind == EventKind.MISFIRE:
                 self.misfires.inc(task, by=int(data.get("count") or 0))
-            elif kind == "retry":
+            elif kind == EventKind.RETRY:
                 self.retries.inc(task)
-            elif kind == "claim" and data.get("lateness_s") is not None:
+            elif kind == EventKind.CLAIM and data.get("lateness_s") is not None:
                 self.lateness.observe(task, max(0.0, float(data["lateness_s"])))
             elif kind in OUTCOMES and "duration_s" in data:
                 # Only finished attempts carry duration_s; a queued run cancelled before it
                 # started, or a startup recovery, did not run and has none.
                 self.last_run.set(task, value=_unix(event["ts"]))
-                if kind == "success":
+                if kind == EventKind.SUCCESS:
                     self.last_success.set(task, value=_unix(event["ts"]))
                 if data["duration_s"] is not None:
                     self.duration.observe(task, float(data["duration_s"]))

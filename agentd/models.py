@@ -23,6 +23,53 @@ class StoreError(Exception):
         self.code = code
 
 
+class EventKind(StrEnum):
+    """The one list of audit event kinds (the ``events`` table's ``kind``). Every other
+    list of kinds (alerting, metrics, the API's schema) is derived from this one."""
+
+    # a run's life
+    ENQUEUE = "enqueue"
+    SKIP = "skip"
+    """A fire that made no run (overlap, full queue, paused, budget): ``reason``."""
+    MISFIRE = "misfire"
+    CLAIM = "claim"
+    START = "start"
+    HEARTBEAT = "heartbeat"
+    PROGRESS = "progress"
+    CHECKPOINT = "checkpoint"
+    SUCCESS = "success"
+    FAILURE = "failure"
+    TIMEOUT = "timeout"
+    INTERRUPT = "interrupt"
+    CANCEL = "cancel"
+    CANCEL_REQUESTED = "cancel_requested"
+    RETRY = "retry"
+    RECOVER = "recover"
+    """A run lost with its process (or lease) re-queued."""
+    ORPHAN_KILLED = "orphan_killed"
+    """A lost run's process group still ran and was ended before the run was re-queued."""
+    QUARANTINE = "quarantine"
+    RELEASE = "release"
+    DROP = "drop"
+    # budgets and LLM calls
+    BUDGET_EXHAUSTED = "budget_exhausted"
+    BUDGET_REFUSED = "budget_refused"
+    BUDGET_ALARM = "budget_alarm"
+    LLM_CALL = "llm_call"
+    LEDGER_SETTLED = "ledger_settled"
+    # tasks and config
+    PAUSE = "pause"
+    RESUME = "resume"
+    TASK_ADDED = "task_added"
+    TASK_CHANGED = "task_changed"
+    TASK_REMOVED = "task_removed"
+    CONFIG_RELOAD_FAILED = "config_reload_failed"
+    # conditions watched by the outbox
+    DEADMAN = "deadman"
+    RUN_TOO_LONG = "run_too_long"
+    RECOVERED = "recovered"
+
+
 class RunStatus(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"

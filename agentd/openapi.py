@@ -12,7 +12,7 @@ import copy
 from typing import Any
 
 from agentd.config import ALERT_KINDS
-from agentd.models import MAX_EVENT_ID, RUN_STATUSES
+from agentd.models import MAX_EVENT_ID, RUN_STATUSES, EventKind
 
 Schema = dict[str, Any]
 
@@ -381,7 +381,7 @@ SCHEMAS: dict[str, Schema] = {
         {
             "id": _int(minimum=1),
             "ts": _str(),
-            "kind": _str(),
+            "kind": _str(enum=[kind.value for kind in EventKind]),
             "task_id": _str(nullable=True),
             "run_id": _str(nullable=True),
             "data": {"type": "object", "additionalProperties": True},

@@ -38,7 +38,7 @@ from agentd.config import (
     task_index,
 )
 from agentd.doorbell import ring
-from agentd.models import Row, StoreError
+from agentd.models import EventKind, Row, StoreError
 from agentd.redact import SecretUnavailable, read_secret
 
 if TYPE_CHECKING:  # at run time only the direct path (no daemon answering) loads them
@@ -355,7 +355,7 @@ def _follow(ops: Ops, args: argparse.Namespace, path: str) -> int:
 def _event_line(event: Row) -> str:
     data = event.get("data") or {}
     extras = " ".join(f"{k}={v}" for k, v in sorted(data.items()) if v is not None)
-    if event.get("kind") == "progress" and data.get("total"):
+    if event.get("kind") == EventKind.PROGRESS and data.get("total"):
         extras = f"{data.get('done')}/{data.get('total')} {data.get('message') or ''}".strip()
     ts = _cell(event.get("ts"))
     return (

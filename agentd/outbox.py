@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 from agentd.alerts import Alert, DeliveryError, alert_for_event, deadman_late, deliver, routes
 from agentd.clock import Clock, from_iso, to_iso
 from agentd.config import Config, inactive_reason
-from agentd.models import Row
+from agentd.models import EventKind, Row
 from agentd.store import Store
 
 log = logging.getLogger("agentd.alerts")
@@ -42,18 +42,18 @@ BATCH = 500
 # Event kinds that can raise an alert, fire a ping or clear a condition.
 ALERT_EVENTS = frozenset(
     {
-        "quarantine",
-        "pause",
-        "success",
-        "budget_alarm",
-        "budget_exhausted",
-        "deadman",
-        "run_too_long",
-        "config_reload_failed",
-        "recovered",
-        "start",
-        "failure",
-        "timeout",
+        EventKind.QUARANTINE,
+        EventKind.PAUSE,
+        EventKind.SUCCESS,
+        EventKind.BUDGET_ALARM,
+        EventKind.BUDGET_EXHAUSTED,
+        EventKind.DEADMAN,
+        EventKind.RUN_TOO_LONG,
+        EventKind.CONFIG_RELOAD_FAILED,
+        EventKind.RECOVERED,
+        EventKind.START,
+        EventKind.FAILURE,
+        EventKind.TIMEOUT,
     }
 )
 
@@ -63,7 +63,7 @@ if TYPE_CHECKING:
 # task with a ``ping`` or (success) one that owes a recovery notice: when neither exists
 # they are not read. Reading and decoding them for nothing, with two state lookups per
 # success, held a busy loop for 10-17 ms every pass (B10 during B3).
-_RUN_KINDS = frozenset({"start", "success"})
+_RUN_KINDS = frozenset({EventKind.START, EventKind.SUCCESS})
 _KINDS_JSON = {
     "all": json.dumps(sorted(ALERT_EVENTS)),
     "success": json.dumps(sorted(ALERT_EVENTS - {"start"})),
@@ -171,13 +171,13 @@ class Outbox:
         """A success clears a task's ``deadman:`` and ``paused:`` state (see ``_kinds``:
         what sets either must be known there too)."""
         kind, task_id = event["kind"], event["task_id"]
-        if kind == "success" and task_id:
+        if kind == EventKind.SUCCESS and task_id:
             for what in ("deadman", "paused"):
                 since = self._state(f"{what}:{task_id}")
                 if since is not None:
                     self._clear_state(f"{what}:{task_id}")
                     self.store.emit(
-                        now, "recovered", task_id, event["run_id"], what=what, since=since
+                        now, EventKind.RECOVERED, task_id, event["run_id"], what=what, since=since
                     )
         elif _owes_recovery(event):
             self._set_state(f"paused:{task_id}", event["ts"], now)
@@ -314,7 +314,7 @@ class Outbox:
                 self._set_state(f"deadman:{task_id}", to_iso(late), now)
                 self.store.emit(
                     now,
-                    "deadman",
+                    EventKind.DEADMAN,
                     task_id,
                     deadline=to_iso(late),
                     last_success=row.get("last_success_at"),
@@ -334,7 +334,7 @@ class Outbox:
                 self._too_long_may_exist = True
                 self.store.emit(
                     now,
-                    "run_too_long",
+                    EventKind.RUN_TOO_LONG,
                     run["task_id"],
                     run["id"],
                     attempt=run["attempt"],
@@ -469,5 +469,7 @@ class Outbox:
 def _owes_recovery(event: Row) -> bool:
     """An automatic pause: the task's next success sends a recovery notice."""
     return bool(
-        event["kind"] == "pause" and event["task_id"] and event["data"].get("by") == "agentd"
+        event["kind"] == EventKind.PAUSE
+        and event["task_id"]
+        and event["data"].get("by") == "agentd"
     )

@@ -60,7 +60,7 @@ from agentd import exitcodes, statecheck
 from agentd.clock import Clock, SystemClock, to_iso
 from agentd.config import LEDGER_FLOOR_S, Config, HistoryConfig
 from agentd.metrics import PRUNE_KINDS
-from agentd.models import FINAL_STATUSES
+from agentd.models import FINAL_STATUSES, EventKind
 from agentd.outbox import ALERT_EVENTS, CURSOR_KEY
 from agentd.store import SCHEMA_VERSION
 
@@ -465,8 +465,8 @@ def _drop_quarantine(
     ts = to_iso(cut.now)
     data = json.dumps({"by": "retention", "reason": "keep_quarantine"}, sort_keys=True)
     conn.executemany(
-        "INSERT INTO events(ts, kind, task_id, run_id, data) VALUES (?, 'drop', ?, ?, ?)",
-        [(ts, task_id, run_id, data) for task_id, run_id in sel.runs],
+        "INSERT INTO events(ts, kind, task_id, run_id, data) VALUES (?, ?, ?, ?, ?)",
+        [(ts, EventKind.DROP, task_id, run_id, data) for task_id, run_id in sel.runs],
     )
     for task_id, run_id in sel.runs:
         log.info("retention: quarantine entry expired, dropped run=%s task=%s", run_id, task_id)

@@ -20,7 +20,7 @@ from agentd.clock import Clock
 from agentd.config import Config, TaskConfig
 from agentd.ledger import settle_stale, window_blocked, window_report
 from agentd.metrics import Metrics
-from agentd.models import Row
+from agentd.models import EventKind, Row
 from agentd.outbox import ALERT_EVENTS, Outbox
 from agentd.providers import Gateway
 from agentd.store import Store
@@ -117,7 +117,7 @@ class Safety:
 
     def reload_failed(self, error: str) -> None:
         with self.store.tx():
-            self.store.emit(self.clock.now(), "config_reload_failed", error=error[-4000:])
+            self.store.emit(self.clock.now(), EventKind.CONFIG_RELOAD_FAILED, error=error[-4000:])
         self._dirty = True
 
     async def aclose(self) -> None:

@@ -28,7 +28,7 @@ from typing import Any
 import sqlite_utils
 
 from agentd.clock import from_iso, to_iso
-from agentd.models import ACTIVE_STATUSES, Outcome, Row, RunStatus, StoreError
+from agentd.models import ACTIVE_STATUSES, EventKind, Outcome, Row, RunStatus, StoreError
 from agentd.procs import GroupEnd, GroupRecord
 from agentd.redact import NOTHING, Redactor
 
@@ -318,6 +318,8 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
 
 
 # One encoder for every event: ``json.dumps`` with options builds a new one per call.
+_NewEvent = tuple[str, EventKind, str | None, str | None, Row]
+"""An event to insert: (ts, kind, task_id, run_id, data)."""
 _encode = json.JSONEncoder(default=str, sort_keys=True).encode
 
 CLAIM_COLUMNS = (
@@ -777,7 +779,7 @@ class Store:
     def _event(
         self,
         now: datetime | str,
-        kind: str,
+        kind: EventKind,
         task_id: str | None = None,
         run_id: str | None = None,
         **data: Any,
@@ -804,9 +806,7 @@ class Store:
             }
         )
 
-    def _insert_events(
-        self, events: Sequence[tuple[str, str, str | None, str | None, Row]]
-    ) -> None:
+    def _insert_events(self, events: Sequence[_NewEvent]) -> None:
         """``_event`` for many (ts, kind, task_id, run_id, data): one executemany. Their ids
         are the consecutive run ending at ``last_insert_rowid()``: inside the write
         transaction nothing else inserts, and AUTOINCREMENT hands out max + 1 each time."""
@@ -841,7 +841,7 @@ class Store:
     def emit(
         self,
         now: datetime,
-        kind: str,
+        kind: EventKind,
         task_id: str | None = None,
         run_id: str | None = None,
         **data: Any,
@@ -892,19 +892,23 @@ class Store:
             added: list[tuple[str, str, str, str]] = []
             changed: list[tuple[str, str, str, str]] = []
             gone: list[tuple[str, str]] = []
-            events: list[tuple[str, str, str | None, str | None, Row]] = []
+            events: list[_NewEvent] = []
             for task_id, (fingerprint, kind) in tasks.items():
                 old = known.get(task_id)
                 if old is None:
                     added.append((task_id, fingerprint, kind, ts))
-                    events.append((ts, "task_added", task_id, None, {"fingerprint": fingerprint}))
+                    events.append(
+                        (ts, EventKind.TASK_ADDED, task_id, None, {"fingerprint": fingerprint})
+                    )
                 elif old["fingerprint"] != fingerprint or not old["present"]:
                     changed.append((fingerprint, kind, ts, task_id))
-                    events.append((ts, "task_changed", task_id, None, {"fingerprint": fingerprint}))
+                    events.append(
+                        (ts, EventKind.TASK_CHANGED, task_id, None, {"fingerprint": fingerprint})
+                    )
             for task_id, old in known.items():
                 if task_id not in tasks and old["present"]:
                     gone.append((ts, task_id))
-                    events.append((ts, "task_removed", task_id, None, {}))
+                    events.append((ts, EventKind.TASK_REMOVED, task_id, None, {}))
             conn = self.conn
             conn.executemany(
                 "INSERT INTO tasks(id, fingerprint, kind, present, paused,"
@@ -920,7 +924,7 @@ class Store:
                 events += self._cancel_orphans(ts)
             self._insert_events(events)
 
-    def _cancel_orphans(self, ts: str) -> list[tuple[str, str, str | None, str | None, Row]]:
+    def _cancel_orphans(self, ts: str) -> list[_NewEvent]:
         """Queued runs of tasks that are no longer in the config end ``cancelled``: nothing
         would ever claim them (a retry waiting for a task removed by a reload, or by a
         restart with another config). A task that comes back later starts afresh. Their
@@ -942,7 +946,8 @@ class Store:
             " ".join(run_id for run_id, _ in rows),
         )
         return [
-            (ts, "cancel", task_id, run_id, {"reason": "task_removed"}) for run_id, task_id in rows
+            (ts, EventKind.CANCEL, task_id, run_id, {"reason": "task_removed"})
+            for run_id, task_id in rows
         ]
 
     def task_rows(self, ids: Sequence[str] | None = None) -> list[Row]:
@@ -971,7 +976,7 @@ class Store:
                 "UPDATE tasks SET paused=1, paused_reason=?, paused_at=? WHERE id=?",
                 (reason, to_iso(now), task_id),
             )
-            self._event(now, "pause", task_id, reason=reason, by=actor)
+            self._event(now, EventKind.PAUSE, task_id, reason=reason, by=actor)
             return True
 
     def resume(self, task_id: str, now: datetime) -> bool:
@@ -984,7 +989,7 @@ class Store:
                 " consecutive_quarantines=0 WHERE id=?",
                 (task_id,),
             )
-            self._event(now, "resume", task_id)
+            self._event(now, EventKind.RESUME, task_id)
             return True
 
     def _require_task(self, task_id: str) -> Row:
@@ -1062,7 +1067,7 @@ class Store:
                 ):
                     active.setdefault(run["task_id"], []).append(run)
             inserts: list[tuple[Any, ...]] = []
-            events: list[tuple[str, str, str | None, str | None, Row]] = []
+            events: list[_NewEvent] = []
             fresh_ids = self._fresh_run_ids(now, len(fires))
             for f, key, scheduled in zip(fires, keys, whens, strict=True):
                 if key in seen:
@@ -1092,13 +1097,13 @@ class Store:
                 if skip:
                     extra = {k: v for k, v in (gate or {}).items() if k != "reason"}
                     data = {"reason": skip, "scheduled_for": when, **extra}
-                    events.append((ts, "skip", f.task_id, run_id, data))
+                    events.append((ts, EventKind.SKIP, f.task_id, run_id, data))
                 else:
                     active.setdefault(f.task_id, []).append(
                         {"id": run_id, "task_id": f.task_id, "status": RunStatus.QUEUED}
                     )
                     data = {"trigger": f.trigger, "scheduled_for": when}
-                    events.append((ts, "enqueue", f.task_id, run_id, data))
+                    events.append((ts, EventKind.ENQUEUE, f.task_id, run_id, data))
                 results.append(FireResult(run_id, True, status, skip))
             self._insert_runs(inserts)
             self._insert_events(events)
@@ -1174,7 +1179,7 @@ class Store:
         with self.tx():
             self._event(
                 now,
-                "misfire",
+                EventKind.MISFIRE,
                 task_id,
                 count=len(missed),
                 reason=reason,
@@ -1266,7 +1271,7 @@ class Store:
             [
                 (
                     ts,
-                    "claim",
+                    EventKind.CLAIM,
                     row["task_id"],
                     row["id"],
                     {
@@ -1294,7 +1299,9 @@ class Store:
                 (expires, owner, *run_ids),
             )
             for row in rows:
-                self._event(now, "heartbeat", row["task_id"], row["id"], lease_expires_at=expires)
+                self._event(
+                    now, EventKind.HEARTBEAT, row["task_id"], row["id"], lease_expires_at=expires
+                )
 
     def mark_started(self, run_id: str, task_id: str, now: datetime, workspace: str) -> None:
         """The executor is about to begin: separate from ``claim`` so the audit shows a run
@@ -1304,7 +1311,10 @@ class Store:
     def mark_started_many(self, runs: Sequence[tuple[str, str, str]], now: datetime) -> None:
         """``mark_started`` for (run_id, task_id, workspace) of each run a tick starts."""
         ts = to_iso(now)
-        events = [(ts, "start", task_id, run_id, {"workspace": ws}) for run_id, task_id, ws in runs]
+        events = [
+            (ts, EventKind.START, task_id, run_id, {"workspace": ws})
+            for run_id, task_id, ws in runs
+        ]
         if self._group_open:
             # One statement is atomic by itself: no savepoint around it.
             self._insert_events(events)
@@ -1394,7 +1404,7 @@ class Store:
                 if end is not None:
                     self._event(
                         now,
-                        "orphan_killed",
+                        EventKind.ORPHAN_KILLED,
                         row["task_id"],
                         row["id"],
                         attempt=row["attempt"],
@@ -1412,7 +1422,7 @@ class Store:
                 )
                 self._event(
                     now,
-                    "recover",
+                    EventKind.RECOVER,
                     row["task_id"],
                     row["id"],
                     attempt=row["attempt"],
@@ -1514,7 +1524,7 @@ class Store:
             if next_status == RunStatus.QUEUED and counted:
                 self._event(
                     ts,
-                    "retry",
+                    EventKind.RETRY,
                     task_id,
                     run_id,
                     attempt=run["attempt"],
@@ -1524,7 +1534,7 @@ class Store:
             elif next_status == RunStatus.QUARANTINED:
                 self._quarantine_locked(run, now, error, pause_after_failures)
             elif next_status == RunStatus.CANCELLED and cancel_reason:
-                self._event(ts, "cancel", task_id, run_id, reason=cancel_reason)
+                self._event(ts, EventKind.CANCEL, task_id, run_id, reason=cancel_reason)
             return run
 
     def finish_many(self, items: Sequence[Finish]) -> None:
@@ -1558,7 +1568,7 @@ class Store:
             return
         runs: list[tuple[Any, ...]] = []
         attempts: list[tuple[Any, ...]] = []
-        events: list[tuple[str, str, str | None, str | None, Row]] = []
+        events: list[_NewEvent] = []
         last: dict[str, tuple[str, Outcome]] = {}  # task -> (ts, outcome) of its last run
         succeeded: dict[str, str] = {}  # task -> ts of its last success
         scrub = self.redactor.optional
@@ -1612,14 +1622,16 @@ class Store:
                 events.append(
                     (
                         ts,
-                        "retry",
+                        EventKind.RETRY,
                         f.task_id,
                         f.run_id,
                         {"attempt": f.attempt, "not_before": due, "failures": f.failures + 1},
                     )
                 )
             if f.cancel_reason and f.next_status == RunStatus.CANCELLED:
-                events.append((ts, "cancel", f.task_id, f.run_id, {"reason": f.cancel_reason}))
+                events.append(
+                    (ts, EventKind.CANCEL, f.task_id, f.run_id, {"reason": f.cancel_reason})
+                )
             last[f.task_id] = (ts, f.outcome)
             if f.next_status == RunStatus.SUCCEEDED:
                 succeeded[f.task_id] = ts
@@ -1660,7 +1672,9 @@ class Store:
             " attempts) VALUES (?,?,?,?,?)",
             (run["id"], task_id, to_iso(now), error, run["attempt"]),
         )
-        self._event(now, "quarantine", task_id, run["id"], error=error, attempts=run["attempt"])
+        self._event(
+            now, EventKind.QUARANTINE, task_id, run["id"], error=error, attempts=run["attempt"]
+        )
         self.conn.execute(
             "UPDATE tasks SET consecutive_quarantines = consecutive_quarantines + 1 WHERE id=?",
             (task_id,),
@@ -1673,7 +1687,7 @@ class Store:
                 "UPDATE tasks SET paused=1, paused_reason=?, paused_at=? WHERE id=?",
                 (reason, to_iso(now), task_id),
             )
-            self._event(now, "pause", task_id, reason=reason, by="agentd")
+            self._event(now, EventKind.PAUSE, task_id, reason=reason, by="agentd")
 
     def request_cancel(self, run_id: str, now: datetime) -> str:
         """Queued runs are cancelled at once; running ones are flagged for their runner.
@@ -1697,10 +1711,10 @@ class Store:
                 "UPDATE runs SET status='cancelled', outcome='cancelled', finished_at=? WHERE id=?",
                 (to_iso(now), run["id"]),
             )
-            self._event(now, "cancel", run.get("task_id"), run["id"], reason=reason)
+            self._event(now, EventKind.CANCEL, run.get("task_id"), run["id"], reason=reason)
             return RunStatus.CANCELLED
         self.conn.execute("UPDATE runs SET cancel_requested=1 WHERE id=?", (run["id"],))
-        self._event(now, "cancel_requested", run.get("task_id"), run["id"], reason=reason)
+        self._event(now, EventKind.CANCEL_REQUESTED, run.get("task_id"), run["id"], reason=reason)
         return RunStatus.RUNNING
 
     # ------------------------------------------------------------ quarantine
@@ -1729,7 +1743,7 @@ class Store:
                 " trigger='release' WHERE id=?",
                 (to_iso(now), run_id),
             )
-            self._event(now, "release", row["task_id"], run_id)
+            self._event(now, EventKind.RELEASE, row["task_id"], run_id)
 
     def quarantine_drop(self, run_id: str, now: datetime) -> None:
         """Acknowledge and forget; the run keeps its quarantined status as history."""
@@ -1738,7 +1752,7 @@ class Store:
             if row is None:
                 raise StoreError("not_quarantined", f"run {run_id!r} is not in quarantine")
             self.conn.execute("DELETE FROM quarantine WHERE run_id=?", (run_id,))
-            self._event(now, "drop", row["task_id"], run_id)
+            self._event(now, EventKind.DROP, row["task_id"], run_id)
 
     # ------------------------------------------------------------ checkpoints, progress
 
@@ -1756,7 +1770,9 @@ class Store:
                 (run_id, blob, seq, to_iso(now)),
             )
             task = self._one("SELECT task_id FROM runs WHERE id=?", (run_id,))
-            self._event(now, "checkpoint", task["task_id"] if task else None, run_id, seq=seq)
+            self._event(
+                now, EventKind.CHECKPOINT, task["task_id"] if task else None, run_id, seq=seq
+            )
             return seq
 
     def progress(
@@ -1770,7 +1786,7 @@ class Store:
             task = self._one("SELECT task_id FROM runs WHERE id=?", (run_id,))
             self._event(
                 now,
-                "progress",
+                EventKind.PROGRESS,
                 task["task_id"] if task else None,
                 run_id,
                 done=done,
@@ -1873,13 +1889,13 @@ class Store:
 
 
 _FINISH_EVENT = {
-    Outcome.SUCCESS: "success",
-    Outcome.FAILURE: "failure",
-    Outcome.TIMEOUT: "timeout",
-    Outcome.CANCELLED: "cancel",
-    Outcome.INTERRUPTED: "interrupt",
-    Outcome.LOST: "recover",
-    Outcome.BUDGET_EXHAUSTED: "budget_exhausted",
+    Outcome.SUCCESS: EventKind.SUCCESS,
+    Outcome.FAILURE: EventKind.FAILURE,
+    Outcome.TIMEOUT: EventKind.TIMEOUT,
+    Outcome.CANCELLED: EventKind.CANCEL,
+    Outcome.INTERRUPTED: EventKind.INTERRUPT,
+    Outcome.LOST: EventKind.RECOVER,
+    Outcome.BUDGET_EXHAUSTED: EventKind.BUDGET_EXHAUSTED,
 }
 
 
