@@ -1011,6 +1011,28 @@ def test_run_stream_gets_every_event_of_the_final_transaction(tmp_path: Path) ->
     run(main)
 
 
+def test_run_stream_ends_when_the_run_ends_budget_exhausted(tmp_path: Path) -> None:
+    """budget_exhausted is final too: the stream ends on it, as on a success."""
+
+    async def main() -> None:
+        async with serving(tmp_path) as env:
+            run_id = env.fire()
+            env.claim(run_id)
+            async with env.client.stream(
+                "GET", f"/v1/runs/{run_id}/events/stream", params={"after": "0"}
+            ) as response:
+                sse = Sse(response)
+                assert [(await sse.next_event())["event"] for _ in range(2)] == [
+                    "enqueue",
+                    "claim",
+                ]
+                env.finish(run_id, RunStatus.BUDGET_EXHAUSTED, Outcome.BUDGET_EXHAUSTED)
+                rest = await sse.events_until_end(timeout=10.0)
+            assert [e["event"] for e in rest] == ["budget_exhausted"]
+
+    run(main)
+
+
 def test_slow_subscriber_overflow_ends_the_stream(tmp_path: Path) -> None:
     async def main() -> None:
         async with serving(tmp_path, sse_queue_max=2) as env:
