@@ -46,17 +46,33 @@ if TYPE_CHECKING:  # at run time only the direct path (no daemon answering) load
     from agentd.store import Store
 
 
-def open_store(config: Config) -> Store:
-    """Open the state DB; if no daemon holds it, bring its task table up to the config
-    so commands also work on a daemon that has never started."""
+def open_store(config: Config, *, read_only: bool = False) -> Store:
+    """Open the state DB. For a write: if no daemon holds it, bring its task table up to
+    the config so commands also work on a daemon that has never started. For a read
+    (``read_only``): as it is, creating and writing nothing; a ``StoreError`` when there
+    is no state DB yet or it is not at this agentd's schema."""
     root = config.daemon.state_dir
     db_path = statecheck.paths(root)[0]
+    from agentd.store import Store
+
+    if read_only:
+        alone = statecheck.lock_holder(root) is None
+        if alone:
+            statecheck.guard_open(root)  # what the daemon would refuse, this refuses too
+        try:
+            return Store(db_path, read_only=True, immutable=alone)
+        except StoreError as exc:
+            if exc.code == "no_state":
+                raise StoreError(
+                    "no_state",
+                    f"no daemon answers and there is no state DB at {db_path} yet: "
+                    "nothing has run with this config",
+                ) from None
+            raise
     statecheck.prepare_state_dir(root)
     alone = statecheck.lock_holder(root) is None
     if alone:
         statecheck.guard_open(root)  # what the daemon would refuse, this refuses too
-    from agentd.store import Store
-
     store = Store(db_path)
     if alone:
         store.sync_tasks(task_index(config), SystemClock().now())
@@ -91,12 +107,16 @@ class Ops:
         self.api: ApiClient | None = ApiClient(url or default_url(daemon.http), token)
         self._store: Store | None = None
         self._ctl: Control | None = None
+        self._reader_store: Store | None = None
+        self._reader: Control | None = None
 
     def close(self) -> None:
         if self.api:
             self.api.close()
         if self._store:
             self._store.close()
+        if self._reader_store:
+            self._reader_store.close()
 
     @property
     def ctl(self) -> Control:
@@ -112,9 +132,27 @@ class Ops:
             )
         return self._ctl
 
-    def call(self, api: Callable[[ApiClient], Any], direct: Callable[[Control], Any]) -> Any:
+    @property
+    def reader(self) -> Control:
+        """``Control`` over the state DB opened read-only: what reads use."""
+        if self._reader is None:
+            assert self.config is not None, "no state DB access without a valid config"
+            from agentd.control import Control
+
+            self._reader_store = open_store(self.config, read_only=True)
+            self._reader = Control(self._reader_store, self.config, SystemClock())
+        return self._reader
+
+    def call(
+        self,
+        api: Callable[[ApiClient], Any],
+        direct: Callable[[Control], Any],
+        *,
+        writes: bool = False,
+    ) -> Any:
         """``api`` on the daemon; ``direct`` on the state DB when no daemon answers (with
-        a valid config: else ``Unreachable`` goes to the caller)."""
+        a valid config: else ``Unreachable`` goes to the caller): read-only unless the
+        command ``writes``, so reading never creates or changes the state DB."""
         if self.api is not None:
             try:
                 return api(self.api)
@@ -122,7 +160,7 @@ class Ops:
                 if self.config is None:
                     raise
                 self.api = None  # no daemon: work on the DB from here on
-        return direct(self.ctl)
+        return direct(self.ctl if writes else self.reader)
 
     def status(self) -> Row:
         def via_api(c: ApiClient) -> Row:
@@ -139,7 +177,12 @@ class Ops:
                 "tasks": len(ctl.config.tasks),
             }
 
-        result: Row = self.call(via_api, direct)
+        try:
+            result: Row = self.call(via_api, direct)
+        except StoreError as exc:
+            if exc.code != "no_state" or self.config is None:
+                raise
+            return {"daemon": "not running", "state_db": str(exc), "tasks": len(self.config.tasks)}
         return result
 
 
@@ -283,14 +326,17 @@ def _dispatch(ops: Ops, args: argparse.Namespace, parser: argparse.ArgumentParse
             "resume": lambda ctl: ctl.resume(args.task),
         }
         return _print_detail(
-            args, ops.call(lambda c: c.post(f"/v1/tasks/{tid}/{cmd}", body), direct[cmd])
+            args,
+            ops.call(lambda c: c.post(f"/v1/tasks/{tid}/{cmd}", body), direct[cmd], writes=True),
         )
     if cmd == "cancel":
         rid = q(args.run_id, safe="")
         return _print_detail(
             args,
             ops.call(
-                lambda c: c.post(f"/v1/runs/{rid}/cancel"), lambda ctl: ctl.cancel(args.run_id)
+                lambda c: c.post(f"/v1/runs/{rid}/cancel"),
+                lambda ctl: ctl.cancel(args.run_id),
+                writes=True,
             ),
         )
     if cmd == "quarantine":
@@ -320,6 +366,7 @@ def _dispatch(ops: Ops, args: argparse.Namespace, parser: argparse.ArgumentParse
             ops.call(
                 lambda c: c.post(f"/v1/quarantine/{rid}/{args.action}"),
                 lambda ctl: local[args.action](ctl, args.run_id),
+                writes=True,
             ),
         )
     parser.error(f"unknown command {cmd}")

@@ -384,10 +384,20 @@ class Store:
         *,
         defer_open: bool = False,
         wal_limit_bytes: int = WAL_LIMIT_BYTES,
+        read_only: bool = False,
+        immutable: bool = False,
     ) -> None:
         """``defer_open`` leaves the pragmas and migrations to ``open()``, which may block
-        on another process's lock: the daemon runs it in a thread while probes answer."""
+        on another process's lock: the daemon runs it in a thread while probes answer.
+
+        ``read_only``: for the CLI's reads while no daemon runs. The file must exist and
+        be at this agentd's schema version (a ``StoreError`` says what to do otherwise);
+        nothing is migrated, written or folded, and any write fails. ``immutable`` too
+        when no process holds the state dir's lock: SQLite then reads the files as they
+        are and creates no ``-wal``/``-shm`` beside them (which, made by another user,
+        root say, the daemon could not open)."""
         self.path = path
+        self.read_only = read_only
         self.wal_limit_bytes = wal_limit_bytes
         self.new_run_id: Callable[[datetime], str] = RunIds()
         """Makes the id of each new run (see ``RunIds``)."""
@@ -418,11 +428,23 @@ class Store:
         self._checkpointing: Future[None] | None = None
         self._checkpoint_conn: sqlite3.Connection | None = None
         self._restart_due = False
-        self._conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        if read_only:
+            if not path.exists():
+                raise StoreError("no_state", f"there is no state DB at {path} yet")
+            self._conn = sqlite3.connect(
+                f"{path.absolute().as_uri()}?mode=ro" + ("&immutable=1" if immutable else ""),
+                uri=True,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+        else:
+            self._conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self.conn.row_factory = sqlite3.Row
         self.conn.execute("PRAGMA busy_timeout = 10000")
         self.db = sqlite_utils.Database(self.conn)
-        if not defer_open:
+        if read_only:
+            self._check_version()
+        elif not defer_open:
             self.open()
 
     def open(self) -> None:
@@ -442,6 +464,23 @@ class Store:
             raise
 
     # ------------------------------------------------------------ plumbing
+
+    def _check_version(self) -> None:
+        """A read-only store reads only a DB at this agentd's schema version."""
+        try:
+            found = self.conn.execute(
+                "SELECT value FROM meta WHERE key='schema_version'"
+            ).fetchone()
+        except sqlite3.OperationalError:
+            found = None
+        version = int(found[0]) if found else 0
+        if version != SCHEMA_VERSION:
+            self.conn.close()
+            raise StoreError(
+                "state_version",
+                f"{self.path} has schema version {version}, this agentd {SCHEMA_VERSION}: "
+                "start the daemon once (it migrates the DB), then ask again",
+            )
 
     def _migrate(self) -> None:
         with self.tx():
@@ -761,6 +800,9 @@ class Store:
 
     def close(self) -> None:
         """Fold the WAL back into the main file so a copy of the DB alone is complete."""
+        if self.read_only:
+            self._conn.close()
+            return
         try:
             self.commit_group()
             if self._checkpointing is not None:
