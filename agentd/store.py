@@ -29,6 +29,7 @@ import sqlite_utils
 
 from agentd.clock import from_iso, to_iso
 from agentd.models import ACTIVE_STATUSES, EventKind, Outcome, Row, RunStatus, StoreError
+from agentd.policy import auto_pause_reason, overlap_decision
 from agentd.procs import GroupEnd, GroupRecord
 from agentd.redact import NOTHING, Redactor
 
@@ -1196,17 +1197,12 @@ class Store:
             return "paused", None
         if f.honour_pause and self.fire_gate and (gate := self.fire_gate(f.task_id, now)):
             return str(gate.get("reason", "budget")), gate
-        if f.overlap == "allow":
-            return None, None
-        runs = active.get(f.task_id, [])
-        queued = [r for r in runs if r["status"] == RunStatus.QUEUED]
-        if (f.overlap == "skip" and runs) or (f.overlap == "queue_one" and queued):
-            return "overlap", None
-        if f.overlap == "queue_all" and len(queued) >= f.max_queued:
-            return "queue_full", None
-        if f.overlap == "cancel_previous":
+        decision = overlap_decision(f.overlap, active.get(f.task_id, []), f.max_queued)
+        if decision.skip:
+            return decision.skip, None
+        if decision.cancel:
             still = []
-            for run in runs:
+            for run in decision.cancel:
                 if self._request_cancel_locked(run, now, reason="cancel_previous") == "running":
                     still.append(run)
             active[f.task_id] = still
@@ -1722,9 +1718,12 @@ class Store:
             (task_id,),
         )
         task = self._one("SELECT * FROM tasks WHERE id=?", (task_id,))
-        count = task["consecutive_quarantines"] if task else 0
-        if pause_after and count >= pause_after and task and not task["paused"]:
-            reason = f"{count} consecutive runs quarantined"
+        reason = (
+            auto_pause_reason(task["consecutive_quarantines"], pause_after, bool(task["paused"]))
+            if task
+            else None
+        )
+        if reason:
             self.conn.execute(
                 "UPDATE tasks SET paused=1, paused_reason=?, paused_at=? WHERE id=?",
                 (reason, to_iso(now), task_id),

@@ -1,4 +1,5 @@
-"""Tests for the pure policies: retry decisions (runner.decide) and catch-up (catchup_split)."""
+"""Tests for the pure policies: retry decisions (runner.decide), catch-up (catchup_split),
+overlap and auto-pause (agentd.policy)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 
 from agentd.config import TaskConfig, parse_config
 from agentd.models import Outcome, Result, RunStatus
+from agentd.policy import auto_pause_reason, overlap_decision
 from agentd.runner import MAX_RETRY_AFTER_S, decide
 from agentd.scheduler import catchup_split
 
@@ -292,3 +294,42 @@ def test_catchup_all_under_the_limit_keeps_everything() -> None:
     due, missed, _ = catchup_split(t, times, NOW)
     assert due == times
     assert missed == []
+
+
+# ---------------------------------------------------------------- overlap and auto-pause
+# (agentd.policy: what the state layer asks inside a fire's or a quarantine's transaction)
+
+
+def _runs(*statuses: str) -> list[dict[str, Any]]:
+    return [{"id": f"r{i}", "status": s} for i, s in enumerate(statuses)]
+
+
+@pytest.mark.parametrize(
+    ("overlap", "active", "skip", "cancelled"),
+    [
+        ("allow", ("running", "queued", "queued"), None, 0),
+        ("skip", (), None, 0),
+        ("skip", ("running",), "overlap", 0),
+        ("skip", ("queued",), "overlap", 0),
+        ("queue_one", ("running",), None, 0),  # one successor may wait
+        ("queue_one", ("running", "queued"), "overlap", 0),
+        ("queue_all", ("running", "queued"), None, 0),
+        ("queue_all", ("queued", "queued"), "queue_full", 0),
+        ("cancel_previous", (), None, 0),
+        ("cancel_previous", ("running", "queued"), None, 2),
+    ],
+)
+def test_overlap_decision(
+    overlap: str, active: tuple[str, ...], skip: str | None, cancelled: int
+) -> None:
+    decision = overlap_decision(overlap, _runs(*active), max_queued=2)
+    assert decision.skip == skip
+    assert len(decision.cancel) == cancelled
+
+
+def test_auto_pause_reason() -> None:
+    assert auto_pause_reason(3, 3, paused=False) == "3 consecutive runs quarantined"
+    assert auto_pause_reason(4, 3, paused=False) == "4 consecutive runs quarantined"
+    assert auto_pause_reason(2, 3, paused=False) is None
+    assert auto_pause_reason(9, 3, paused=True) is None  # already paused: no second pause
+    assert auto_pause_reason(9, 0, paused=False) is None  # 0: never
