@@ -37,7 +37,7 @@ def default_url(http: HttpServerConfig) -> str:
 class ApiClient:
     def __init__(self, url: str, token: str | None = None, timeout_s: float = 10.0) -> None:
         # Imported here, not at the top: the daemon imports this module (through the
-        # CLI) and never uses it, and httpx is ~50 ms and ~4 MiB of its start.
+        # CLI) and never uses it, and httpx is a large share of its start.
         import httpx
 
         headers = {"Authorization": f"Bearer {token}"} if token else {}

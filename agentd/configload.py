@@ -4,8 +4,8 @@ Parsing 10,000 tasks allocates about a million short-lived objects (YAML nodes, 
 dicts). Parsed in the daemon, they left its heap fragmented: 27 MiB of RSS at 10,000
 tasks that was never given back. On a reload, the parsing thread also took the GIL
 from the event loop at every switch interval. In a child, both stay in the child: the
-daemon only unpickles the validated config (70 ms at 10,000 tasks, where parsing,
-validating and fingerprinting take 620 ms), and at cold start the child parses while
+daemon only unpickles the validated config (a small share of parsing, validating and
+fingerprinting it), and at cold start the child parses while
 the daemon imports its other modules, on the other core.
 
 The child is bounded, so that no file can cost the daemon more than a refusal:
@@ -276,7 +276,7 @@ def _parse(path: Path, before: tuple[Config, TaskIndex] | None) -> tuple[object,
     index = task_index(config, before)
     if before:
         # An unchanged task kept its index entry (the same object): the parent has that
-        # task already, so it is not pickled (10,000 tasks: 118 ms).
+        # task already, so it is not pickled.
         kept = before[1]
         slim = {t: None if kept.get(t) is index[t] else c for t, c in config.tasks.items()}
         config = config.model_copy(update={"tasks": slim})

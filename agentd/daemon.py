@@ -57,7 +57,7 @@ IDLE_GAUGE_REFRESH_S = 5.0  # nothing running: only queued/quarantined/paused ca
 # doorbell, fires and API calls wake it. Each wake-up is most of an idle daemon's CPU.
 IDLE_POLL_S = 5.0
 LOOP_FIRST_SWITCH_S = 0.001  # see _loop_first
-# An idle daemon's only write: an fsync (~4 ms of CPU here). A busy daemon's real
+# An idle daemon's only write: an fsync. A busy daemon's real
 # writes fail first and turn readiness off at once; idle, a full disk harms nothing
 # until work arrives, and readiness still sees it within this.
 WRITE_PROBE_S = 30.0
@@ -252,8 +252,7 @@ class Daemon:
         # Known before recovery, so its "recover" events are counted.
         self.metrics.set_tasks(cfg.tasks)
         # State, metrics' last times and the scheduler's objects (SQLAlchemy engine,
-        # jobstore table) off the loop: with 1,000 tasks the last two were 20 ms of the
-        # loop that probes waited for (B5's cold-start stall).
+        # jobstore table) are made off the loop, so probes are answered meanwhile.
         with _loop_first(), _refusing(root):
             self.scheduler = await asyncio.to_thread(self._prepare, cfg, jobs_path)
         self.safety = Safety(self.store, cfg, self.clock, self.metrics)
@@ -887,9 +886,9 @@ def _refusing(root: Path) -> Iterator[None]:
 def _loop_first() -> Iterator[None]:
     """While a thread does long pure-Python work (unpickling a reloaded config, or
     parsing it when its child failed; startup's state), the loop gets the GIL back at
-    each switch interval, after each of its DB calls: at CPython's 5 ms, one /v1/status
-    during a reload took 27 ms. 1 ms meanwhile (B5's reload stall, 4 reps: 43.6 -> 33.7
-    ms); not for good, it cost B3 ~7 %."""
+    each switch interval, after each of its DB calls: a shorter interval meanwhile, so
+    requests answered during a reload wait less; only meanwhile, because a short
+    interval costs throughput for good."""
     interval = sys.getswitchinterval()
     sys.setswitchinterval(min(interval, LOOP_FIRST_SWITCH_S))
     try:
@@ -902,9 +901,8 @@ def _loop_first() -> Iterator[None]:
 @contextlib.contextmanager
 def _no_cyclic_gc() -> Iterator[None]:
     """No cyclic GC while a config is parsed or unpickled: with 10,000 tasks a parse
-    allocates a million objects, which set off full collections of 50-240 ms each (every
-    one holding the GIL), and found nothing to free: ``load_config`` of 10,000 tasks took
-    1.1-1.2 s with collection on, 0.43 s off. A parsed config holds no reference cycles."""
+    allocates a million objects, which set off full collections (every one holding the
+    GIL) that find nothing to free: a parsed config holds no reference cycles."""
     collecting = gc.isenabled()
     gc.disable()
     try:

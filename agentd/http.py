@@ -313,10 +313,10 @@ costs more than it saves when the loop is busy and the text small."""
 def _metrics_handler(registry: CollectorRegistry) -> Handler:
     """The exposition, rendered (and compressed) in a thread once it is big.
 
-    Every task that has run has ~40 lines (two histograms): with 200 active tasks the
-    text is ~500 KB and ~60 ms of Python, which on the loop stalled probes, fires and
-    runs for each scrape. In a thread the loop gets the GIL back every switch interval
-    (5 ms). prometheus-client's registry is safe to read from a thread while the loop
+    Every task that has run has ~40 lines (two histograms): with hundreds of active
+    tasks the text is large, and rendering it on the loop stalled probes, fires and runs
+    for each scrape. In a thread the loop gets the GIL back every switch interval.
+    prometheus-client's registry is safe to read from a thread while the loop
     counts. Content negotiation (OpenMetrics), ``name[]`` filtering and gzip are as
     with prometheus-client's own handlers.
     """
@@ -796,8 +796,7 @@ class HttpServer:
             try:
                 if request.path.startswith("/v1/"):
                     # The API reads the state DB on the loop: not while the runner's
-                    # commit is on the writer thread, or the loop waits for its fsync
-                    # (15-19 ms for /v1/status during B5's reload).
+                    # commit is on the writer thread, or the loop waits for its fsync.
                     await self.control.store.settled()
                 return await handler(request)
             except ApiError as exc:

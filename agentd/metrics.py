@@ -88,10 +88,10 @@ class TaskSeries:
     """One per-task metric family as plain numbers: ``{task: {other labels: value}}``.
 
     prometheus-client's labelled children carry a lock per value (per bucket, for a
-    histogram): a task's first run created ~10 of them, 120 us of the event loop per
-    task, so a burst of 1,000 tasks firing for the first time since start spent most
-    of its claiming time there. Here a new series is a dict entry or a list. The caller
-    (``Metrics``) holds its lock for every change and for ``family``."""
+    histogram): a task's first run created ~10 of them on the event loop, so a burst of
+    tasks firing for the first time since start spent most of its claiming time there.
+    Here a new series is a dict entry or a list. The caller (``Metrics``) holds its lock
+    for every change and for ``family``."""
 
     def __init__(
         self,

@@ -61,8 +61,7 @@ if TYPE_CHECKING:
     import httpx
 # A run's start and success are two of its few audit events, and they matter only to a
 # task with a ``ping`` or (success) one that owes a recovery notice: when neither exists
-# they are not read. Reading and decoding them for nothing, with two state lookups per
-# success, held a busy loop for 10-17 ms every pass (B10 during B3).
+# they are not read (that would be two state lookups per success, on the loop).
 _RUN_KINDS = frozenset({EventKind.START, EventKind.SUCCESS})
 _KINDS_JSON = {
     "all": json.dumps(sorted(ALERT_EVENTS)),

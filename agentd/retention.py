@@ -751,7 +751,7 @@ def connect(db_path: Path, *, read_only: bool = False) -> sqlite3.Connection:
     before any is removed: the guarantee FULL gives at commit (in WAL mode FULL is
     NORMAL plus an fsync of the WAL after each commit), a moment later. And no
     automatic checkpoint: a commit that crosses 1,000 WAL pages would fold the WAL into
-    the DB file inside the COMMIT call (10-30 ms under load); ``fold`` does it between
+    the DB file inside the COMMIT call; ``fold`` does it between
     batches instead, as the daemon's checkpoint thread does for its own commits."""
     if read_only:
         conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, isolation_level=None)

@@ -50,7 +50,7 @@ JOB_FUNC = "agentd.scheduler:fire"
 # with 10,000 jobs); liveness allows 30 s by default, i.e. two missed ticks and margin.
 HEARTBEAT_S = 10.0
 SYNC_SLICE_S = 0.005
-"""``Scheduler.sync_async`` lets the loop run after this much work (B5: stalls <= 50 ms)."""
+"""``Scheduler.sync_async`` lets the loop run after this much work."""
 
 
 def fire(task_id: str) -> None:
@@ -126,8 +126,8 @@ class SpecTrigger(BaseTrigger):  # type: ignore[misc]
 class PreciseAsyncIOScheduler(AsyncIOScheduler):  # type: ignore[misc]
     """Wakes ``EARLY_S`` before the next fire time, then sleeps the rest on the loop
     thread. asyncio rounds its timers up to whole milliseconds and the wake-up from an
-    idle epoll comes late on top: a per-second task's pass began 1.6-2.1 ms after its
-    second, where ``time.sleep`` lands within ~0.2 ms. The loop is held at most
+    idle epoll comes late on top, where ``time.sleep`` lands close to the instant. The
+    loop is held at most
     ``EARLY_S`` per fire time, and only when the timer was early.
 
     A pass that raises still arms the next wake-up (after ``RETRY_S``): stock, an
@@ -393,7 +393,8 @@ class GroupCommitJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
 
     def get_due_jobs(self, now: datetime) -> Any:
         """The due jobs, earliest first and at most ``due_batch``, through plain sqlite3
-        (SQLAlchemy's layer was ~0.5 ms of a per-second task's start lateness); none
+        (SQLAlchemy's layer was a measurable share of a per-second task's start
+        lateness); none
         while fires wait out a failure's backoff. A job that cannot be unpickled is
         logged and removed, as upstream does, with the pass's other writes."""
         self.flush()
@@ -560,8 +561,7 @@ class Scheduler:
         self.before_commit: Callable[[], object] | None = None
         """Called inside a processing pass's group, just before its commit: the daemon
         claims the fired runs there, so they start with their fires' one fsync instead
-        of after it, a main-loop wake-up and a second fsync (B2: most of a per-second
-        task's start lateness)."""
+        of after it, a main-loop wake-up and a second fsync."""
         self.tasks: Mapping[str, TaskConfig] = {}
         self.config: Config | None = None
         self._synced: dict[str, ScheduleSpec | None] = {}  # each job's spec, last sync
@@ -646,8 +646,7 @@ class Scheduler:
 
     async def sync_async(self, config: Config, slice_s: float = SYNC_SLICE_S) -> SyncReport:
         """``sync`` in slices of ``slice_s``, the loop answering probes and running
-        fires in between: in one piece, registering 1,000 tasks held it 80 ms and a
-        reload with 100 changed 46 ms (B5's stalls)."""
+        fires in between: registering thousands of tasks in one piece would hold it."""
         steps = self._sync(config, slice_s)
         while True:
             try:
@@ -671,7 +670,7 @@ class Scheduler:
                 log.info("task inactive task=%s reason=%r", task_id, reason)
             elif task.schedule.kind != "manual":
                 wanted[task_id] = config.schedule_spec(task_id)
-            if time.monotonic() >= slice_end:  # 10,000 specs: ~50 ms
+            if time.monotonic() >= slice_end:
                 yield
                 slice_end = time.monotonic() + slice_s
         # Job ids from the table; a job is unpickled only when its stored spec is not

@@ -454,8 +454,8 @@ class Store:
             self.conn.execute("PRAGMA synchronous = FULL")
             self.conn.execute("PRAGMA foreign_keys = ON")
             # Checkpoints run on their own thread and connection (``_committed``): done
-            # by the commit that crosses 1,000 pages, one took 40-60 ms, and whoever
-            # waited on that commit (the event loop) waited for it too.
+            # by the commit that crosses 1,000 pages, whoever waited on that commit (the
+            # event loop) would wait for the checkpoint too.
             self.conn.execute("PRAGMA wal_autocheckpoint = 0")
             # When a checkpoint lets the WAL start over, its file is cut back to this.
             self.conn.execute(f"PRAGMA journal_size_limit = {int(self.wal_limit_bytes)}")
@@ -911,8 +911,8 @@ class Store:
         """Record which tasks the config has (id -> (fingerprint, kind)); paused state survives.
 
         ``synced`` is what the last call recorded: then only the rows of tasks that
-        differ from it are read and written. A reload of 10,000 tasks with 100 changed
-        read all 10,000 rows on the loop (38 ms); it now reads 100."""
+        differ from it are read and written: a reload that changes 100 of 10,000 tasks
+        reads 100 rows, not 10,000."""
         ts = to_iso(now)
         with self.tx():
             if synced is None:
@@ -930,8 +930,8 @@ class Store:
                 tasks = {t: tasks[t] for t in ids if t in tasks}
             known = {r["id"]: r for r in rows}
             # Each statement once over all the rows it touches, events in one insert, in
-            # the order one-by-one writing gave: a cold start with 10,000 tasks executed
-            # 20,000 statements one at a time (~180 ms of the start).
+            # the order one-by-one writing gave (one at a time, a cold start with 10,000
+            # tasks executed 20,000 statements).
             added: list[tuple[str, str, str, str]] = []
             changed: list[tuple[str, str, str, str]] = []
             gone: list[tuple[str, str]] = []
@@ -1070,8 +1070,7 @@ class Store:
         """``fire`` for many, in order, as if one after the other, in one transaction.
 
         What each fire must look at (its key, its task, the task's active runs) is read
-        for all of them at once: one by one, 1,000 runs due at the same instant spent
-        ~70 us each here, most of a B1 burst's time before its first run could start.
+        for all of them at once, not one by one.
         A fire of a task not in the tasks table gets ``reason="unknown_task"``.
         """
         ts = to_iso(now)
@@ -1510,8 +1509,8 @@ class Store:
         due = to_iso(not_before) if not_before else ts
         error = self.redactor.optional(error)
         with self.tx():
-            # UPDATE, then SELECT the row: SQLite's RETURNING cost 12-16 us more than both
-            # together (it goes through a temporary table), once per attempt, on the loop.
+            # UPDATE, then SELECT the row: SQLite's RETURNING costs more than both together
+            # (it goes through a temporary table), once per attempt, on the loop.
             self.conn.execute(
                 "UPDATE runs SET status=?, failures=failures+?, not_before=?, lease_owner=NULL,"
                 " lease_expires_at=NULL, cancel_requested=0, outcome=?, exit_code=?, error=?,"
@@ -1577,9 +1576,8 @@ class Store:
 
     def finish_many(self, items: Sequence[Finish]) -> None:
         """``finish`` for the attempts a runner saw end since its last flush, in one
-        transaction, each statement once over all of them (executemany). One by one, a
-        trivial run's finish was ~60 us of the loop; batched, 20-40 us at the group
-        sizes of a busy pool (figures in the commit that brought this).
+        transaction, each statement once over all of them (executemany), which costs the
+        loop a fraction of finishing them one by one.
 
         All or nothing: a run that is not there undoes the batch (StoreError), and the
         caller finishes them one by one to isolate it. A batch with a quarantine goes

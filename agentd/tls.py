@@ -1,10 +1,10 @@
 """httpx and its TLS context, made once per process and off the event loop.
 
-Importing httpx costs ~50 ms and reading the CA bundle into a verifying ``SSLContext``
-~30 ms more. A daemon whose tasks send no HTTP should pay neither; one that does should
-not pay them on the event loop, where they stall every probe and every run. Each
+Importing httpx and reading the CA bundle into a verifying ``SSLContext`` are both slow.
+A daemon whose tasks send no HTTP should pay neither; one that does should not pay them
+on the event loop, where they stall every probe and every run. Each
 ``httpx.AsyncClient()`` built without ``verify=`` reads the bundle again: an http task
-made one per run, so every run stalled the loop ~30 ms.
+made one per run, so every run stalled the loop.
 
 The context follows httpx's own rules (``SSL_CERT_FILE``, then ``SSL_CERT_DIR``, then
 certifi's bundle), is shared by every client (an ``SSLContext`` is safe to share), and

@@ -28,7 +28,7 @@ class ExecEnv:
     inherited_env: Mapping[bytes, bytes] | None = None
     """What commands inherit (``command.inherited_env()``), taken once by the daemon:
     copying ``os.environ`` for every command, decoding each variable and encoding it
-    again for ``Popen``, cost ~25 us of the event loop per trivial command. None: read
+    again for ``Popen``, is event-loop time per command. None: read
     the environment at each command. A snapshot also keeps a variable that one run's
     Python callable sets in the daemon out of every later command."""
     withheld_env: frozenset[bytes] = frozenset()

@@ -135,9 +135,9 @@ def use_pidfd_child_watcher() -> bool:
     """Reap children through pidfds on the event loop instead of one thread per child.
 
     Python 3.11's default ``ThreadedChildWatcher`` starts a thread for every command and
-    waits for it to come up on the loop: a fifth of the loop's time per trivial command
-    (py-spy, B4). 3.12 picks pidfds by itself, so this only acts on 3.11, and only where
-    the kernel has ``pidfd_open`` (Linux 5.3+; a seccomp filter may still refuse it).
+    waits for it to come up on the loop. 3.12 picks pidfds by itself, so this only acts
+    on 3.11, and only where the kernel has ``pidfd_open`` (Linux 5.3+; a seccomp filter
+    may still refuse it).
     Process-wide, like the policy it changes: the daemon calls it once, before its loop.
     """
     if sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open"):
