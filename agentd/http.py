@@ -147,7 +147,11 @@ class TokenError(BindRefused):
     A ``BindRefused``: an operator who asked for a token must not get an open API."""
 
 
-class ApiError(Exception):
+class RequestRefused(Exception):
+    """A request this API refuses: answered as JSON ``{"error": code, "message"}`` with
+    ``status`` (and ``headers``). Not ``client.ApiError``, which is the CLI's view of
+    such an answer."""
+
     def __init__(
         self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None
     ) -> None:
@@ -239,8 +243,8 @@ def _error(
     return _json({"error": code, "message": message}, status, headers)
 
 
-def _bad(message: str) -> ApiError:
-    return ApiError(400, "bad_request", message)
+def _bad(message: str) -> RequestRefused:
+    return RequestRefused(400, "bad_request", message)
 
 
 def _query(request: web.Request, name: str) -> str | None:
@@ -285,7 +289,7 @@ async def _json_body(
         async with asyncio.timeout(timeout_s):
             raw = await request.read()
     except TimeoutError:
-        raise ApiError(
+        raise RequestRefused(
             408,
             "request_timeout",
             f"the request body did not arrive within {timeout_s:g} s",
@@ -799,7 +803,7 @@ class HttpServer:
                     # commit is on the writer thread, or the loop waits for its fsync.
                     await self.control.store.settled()
                 return await handler(request)
-            except ApiError as exc:
+            except RequestRefused as exc:
                 response = _error(exc.status, exc.code, exc.message, exc.headers)
                 if exc.status == 408:
                     response.force_close()  # the rest of the body may still come
@@ -854,7 +858,7 @@ class HttpServer:
                 and request.path not in UNGATED_PATHS
                 and request.match_info.http_exception is None
             ):
-                raise ApiError(503, "unavailable", "agentd is starting up", RETRY_LATER)
+                raise RequestRefused(503, "unavailable", "agentd is starting up", RETRY_LATER)
             return await handler(request)
 
         return startup
@@ -885,14 +889,14 @@ class HttpServer:
                 return await handler(request)
             granted = self._granted(request)
             if granted is None:
-                raise ApiError(
+                raise RequestRefused(
                     401,
                     "unauthorized",
                     "this request needs the header 'Authorization: Bearer <token>'",
                     {"WWW-Authenticate": "Bearer"},
                 )
             if granted == "read" and request.method not in READ_METHODS:
-                raise ApiError(
+                raise RequestRefused(
                     403, "forbidden", f"the read token may not {request.method}; it only reads"
                 )
             return await handler(request)
@@ -1043,7 +1047,7 @@ class HttpServer:
         committed at any point lands in the DB page or the queue (or both, and the id
         check drops the copy), all of it on the loop thread, so none is lost."""
         if self._closing.is_set():
-            raise ApiError(503, "unavailable", "the server is shutting down", RETRY_LATER)
+            raise RequestRefused(503, "unavailable", "the server is shutting down", RETRY_LATER)
         if len(self._streams) >= self.settings.max_streams:
             self._notes.note(
                 logging.WARNING,
@@ -1051,7 +1055,7 @@ class HttpServer:
                 "http: %d event streams open (daemon.http.max_streams): refusing another",
                 len(self._streams),
             )
-            raise ApiError(
+            raise RequestRefused(
                 503,
                 "too_many_streams",
                 f"{len(self._streams)} event streams are open, as many as agentd allows "
