@@ -16,6 +16,8 @@ import pytest
 from harness import Agentd, free_port, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
+from agentd.store import Store
+
 pytestmark = pytest.mark.e2e
 
 
@@ -74,7 +76,8 @@ def test_readiness_follows_startup_and_sigterm_while_liveness_holds(  # type: ig
           command: {{shell: "while [ ! -f {go} ]; do sleep 0.05; done"}}
         """
     )
-    d.cli("runs")  # creates the state DB
+    d.state_dir.mkdir(parents=True)
+    Store(d.state_dir / "state.sqlite").close()  # the state DB, at this agentd's schema
     # Hold the state DB's write lock: startup cannot finish while we do.
     holder = sqlite3.connect(d.state_dir / "state.sqlite", isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")
