@@ -17,7 +17,6 @@ import logging
 import math
 import os
 import signal
-import sqlite3
 import sys
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -46,7 +45,7 @@ from agentd.runner import Runner
 from agentd.safety import Safety
 from agentd.scheduler import HEARTBEAT_S, Scheduler, SyncReport
 from agentd.statecheck import StateLock, StateLocked, state_paths
-from agentd.store import Store, is_storage_fault
+from agentd.store import STORAGE_ERRORS, Store, is_storage_fault
 from agentd.systemd import Notifier
 
 log = logging.getLogger("agentd")
@@ -615,11 +614,11 @@ class Daemon:
             left = {row[0] for row in rows} - set(self.runner.active if self.runner else ())
             if left:
                 unwritten = f"{len(left)} run(s) still recorded as running ({' '.join(left)})"
-        except sqlite3.Error as exc:
+        except STORAGE_ERRORS as exc:
             unwritten = f"its last commit failed ({exc})"
         try:
             store.close()
-        except sqlite3.Error as exc:
+        except STORAGE_ERRORS as exc:
             if not unwritten:
                 log.warning(
                     "state DB: could not fold the WAL into %s at stop (%s); nothing is lost, "

@@ -41,7 +41,6 @@ import os
 import re
 import resource
 import socket
-import sqlite3
 import time
 from collections.abc import Callable, Mapping
 from datetime import datetime
@@ -67,6 +66,7 @@ from agentd.health import Health
 from agentd.models import FINAL_STATUSES, MAX_EVENT_ID, EventKind, StoreError
 from agentd.openapi import openapi_document
 from agentd.redact import SecretUnavailable, read_secret
+from agentd.store import STORAGE_FAULTS
 
 log = logging.getLogger("agentd.http")
 access_log = logging.getLogger("agentd.http.access")
@@ -810,7 +810,7 @@ class HttpServer:
                 return response
             except StoreError as exc:
                 return _error(STORE_ERROR_STATUS.get(exc.code, 400), exc.code, str(exc))
-            except sqlite3.OperationalError as exc:
+            except STORAGE_FAULTS as exc:
                 # Disk full, I/O error, a lock held past busy_timeout: not a bug, retryable.
                 log.warning("state DB error in %s %s: %s", request.method, request.path, exc)
                 return _error(503, "db_unavailable", f"state DB error: {exc}", RETRY_LATER)

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import random
-import sqlite3
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -28,7 +27,7 @@ from agentd.context import RunContext
 from agentd.executors import ExecEnv, executor_for
 from agentd.models import CheckpointNotSaved, Outcome, Result, Row, RunStatus, StopRequested
 from agentd.providers import Gateway
-from agentd.store import Finish, Store, WriteLost, is_storage_fault, wait_commit
+from agentd.store import STORAGE_ERRORS, Finish, Store, WriteLost, is_storage_fault, wait_commit
 
 log = logging.getLogger("agentd.runner")
 
@@ -538,7 +537,7 @@ class Runner:
         own_group = not self.store.in_group
         try:
             self.store.begin_group()
-        except sqlite3.Error:
+        except STORAGE_ERRORS:
             self._keep_unrecorded(pending)
             return
         self.store.after_rollback(lambda: self._keep_unrecorded(pending))
@@ -550,7 +549,7 @@ class Runner:
                 # main loop's to retry; it must not cost these outcomes.
                 try:
                     self.tick()
-                except sqlite3.Error as exc:
+                except STORAGE_ERRORS as exc:
                     log.warning("claim after finishing runs failed, retried next tick: %s", exc)
         except Exception:
             if own_group:

@@ -59,6 +59,14 @@ class WriteLost(sqlite3.OperationalError):
     the group can commit without the earlier ones."""
 
 
+STORAGE_ERRORS: tuple[type[BaseException], ...] = (sqlite3.Error,)
+"""What this engine raises when the state cannot be read or written (the engine's own
+exception types): callers above the state layer catch these, never ``sqlite3``'s."""
+STORAGE_FAULTS: tuple[type[BaseException], ...] = (sqlite3.OperationalError,)
+"""Of those, the faults of the storage itself (disk full, I/O, a lock held too long):
+retryable, where an API answers 503."""
+
+
 def is_storage_fault(exc: BaseException) -> bool:
     """An error of the storage (disk full, read-only, I/O, locked, damaged), as opposed to
     a refused request or a constraint: what turns readiness off."""
