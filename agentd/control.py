@@ -7,7 +7,6 @@ a stable code that the API maps to an HTTP status.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -16,7 +15,7 @@ from zoneinfo import ZoneInfo
 from agentd.clock import Clock
 from agentd.config import Config, inactive_reason
 from agentd.ledger import run_usage, spend_report
-from agentd.models import RUN_STATUSES, Row, StoreError
+from agentd.models import FINAL_STATUSES, RUN_STATUSES, Row, StoreError
 from agentd.schedule import next_fires
 from agentd.store import Store
 
@@ -154,6 +153,13 @@ class Control:
             raise StoreError("bad_request", "limit must be between 1 and 5000")
         return self.store.events(run_id, after, limit)
 
+    def recent_events(self, limit: int = 50) -> list[Row]:
+        """The newest ``limit`` events, oldest first."""
+        return self.store.recent_events(limit)
+
+    def counts(self) -> dict[str, int]:
+        return self.store.counts()
+
     def latest_event_id(self) -> int:
         return self.store.latest_event_id()
 
@@ -186,16 +192,16 @@ class Control:
             report["tasks"] = [t for t in report["tasks"] if t["task"] == task]
         return report
 
+    async def settled(self) -> None:
+        """Until no commit of the state is in flight: reads on the loop then never wait
+        for another thread's fsync (the API calls it before each request)."""
+        await self.store.settled()
+
+    def run_is_final(self, run_id: str) -> bool:
+        return self.store.get_run(run_id)["status"] in FINAL_STATUSES
+
     def alerts(self, limit: int = 50) -> list[Row]:
         """The newest alerts, newest first, each with its deliveries."""
         if not 1 <= limit <= 1000:
             raise StoreError("bad_request", "limit must be between 1 and 1000")
-        rows = self.store._all("SELECT * FROM alerts ORDER BY id DESC LIMIT ?", (limit,))
-        for row in rows:
-            row["data"] = json.loads(row["data"])
-            row["deliveries"] = self.store._all(
-                "SELECT channel, status, attempts, last_error, delivered_at FROM outbox"
-                " WHERE alert_id=? ORDER BY id",
-                (row["id"],),
-            )
-        return rows
+        return self.store.recent_alerts(limit)

@@ -608,10 +608,7 @@ class Daemon:
         store, unwritten = self.store, None
         try:
             store.commit_group()
-            rows = store.conn.execute(
-                "SELECT id FROM runs WHERE status='running' AND lease_owner=?", (self.owner,)
-            ).fetchall()
-            left = {row[0] for row in rows} - set(self.runner.active if self.runner else ())
+            left = store.running_ids(self.owner) - set(self.runner.active if self.runner else ())
             if left:
                 unwritten = f"{len(left)} run(s) still recorded as running ({' '.join(left)})"
         except STORAGE_ERRORS as exc:

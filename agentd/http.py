@@ -63,7 +63,7 @@ from agentd.config import HttpServerConfig
 from agentd.control import Control
 from agentd.events import Event, EventBus, Subscription
 from agentd.health import Health
-from agentd.models import FINAL_STATUSES, MAX_EVENT_ID, EventKind, StoreError
+from agentd.models import MAX_EVENT_ID, EventKind, StoreError
 from agentd.openapi import openapi_document
 from agentd.redact import SecretUnavailable, read_secret
 from agentd.store import STORAGE_FAULTS
@@ -801,7 +801,7 @@ class HttpServer:
                 if request.path.startswith("/v1/"):
                     # The API reads the state DB on the loop: not while the runner's
                     # commit is on the writer thread, or the loop waits for its fsync.
-                    await self.control.store.settled()
+                    await self.control.settled()
                 return await handler(request)
             except RequestRefused as exc:
                 response = _error(exc.status, exc.code, exc.message, exc.headers)
@@ -1040,7 +1040,7 @@ class HttpServer:
         return self.control.latest_event_id()
 
     def _run_final(self, run_id: str) -> bool:
-        return self.control.store.get_run(run_id)["status"] in FINAL_STATUSES
+        return self.control.run_is_final(run_id)
 
     async def _sse(self, request: web.Request, run_id: str | None) -> web.StreamResponse:
         """Subscribe first, then backfill from the DB, then follow the bus: an event

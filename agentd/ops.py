@@ -173,7 +173,7 @@ class Ops:
         def direct(ctl: Control) -> Row:
             return {
                 "daemon": "not running",
-                "counts": ctl.store.counts(),
+                "counts": ctl.counts(),
                 "tasks": len(ctl.config.tasks),
             }
 
@@ -312,7 +312,7 @@ def _dispatch(ops: Ops, args: argparse.Namespace, parser: argparse.ArgumentParse
             return _follow(ops, args, "/v1/events/stream")
         rows = ops.call(
             lambda c: c.get("/v1/events", limit=args.limit)["events"],
-            lambda ctl: ctl.store.recent_events(args.limit),
+            lambda ctl: ctl.recent_events(args.limit),
         )
         for event in rows:
             print(json.dumps(event, default=str) if args.json else _event_line(event))

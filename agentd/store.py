@@ -1843,6 +1843,25 @@ class Store:
 
     # ------------------------------------------------------------ reads
 
+    def recent_alerts(self, limit: int) -> list[Row]:
+        """The newest ``limit`` alerts, newest first, each with its ``deliveries``."""
+        rows = self._all("SELECT * FROM alerts ORDER BY id DESC LIMIT ?", (limit,))
+        for row in rows:
+            row["data"] = json.loads(row["data"])
+            row["deliveries"] = self._all(
+                "SELECT channel, status, attempts, last_error, delivered_at FROM outbox"
+                " WHERE alert_id=? ORDER BY id",
+                (row["id"],),
+            )
+        return rows
+
+    def running_ids(self, owner: str) -> set[str]:
+        """The runs the state records as ``running`` under ``owner``."""
+        rows = self.conn.execute(
+            "SELECT id FROM runs WHERE status='running' AND lease_owner=?", (owner,)
+        ).fetchall()
+        return {row[0] for row in rows}
+
     def get_run(self, run_id: str) -> Row:
         row = self._one("SELECT * FROM runs WHERE id=?", (run_id,))
         if row is None:
