@@ -224,3 +224,59 @@ def test_a_run_left_running_that_the_runner_does_not_hold_is_recovered_after_its
 
     asyncio.run(scenario())
     store.conn.close()
+
+
+def test_the_lease_sweep_ends_a_lost_runs_process_group_before_it_re_queues_it(
+    tmp_path: Path,
+) -> None:
+    """While the daemon runs, a run left ``running`` past its lease whose recorded
+    process group still runs: the sweep ends the group (in a thread, not on the loop)
+    and only then re-queues the run, with an ``orphan_killed`` event before ``recover``."""
+    import subprocess
+    from datetime import UTC, datetime
+
+    from agentd import procs
+    from agentd.clock import ManualClock
+
+    config = parse_config(
+        f"daemon:\n  state_dir: {tmp_path}\ntasks:\n"
+        "  lost:\n    schedule: {manual: true}\n"
+        '    command: {argv: ["true"]}\n'
+    )
+    clock = ManualClock(datetime(2026, 3, 1, 12, 0, tzinfo=UTC))
+    store = Store(tmp_path / "state.sqlite")
+    store.sync_tasks({t: (c.fingerprint(), c.kind) for t, c in config.tasks.items()}, clock.now())
+    lost = store.fire("lost", clock.now(), trigger="manual").run_id
+    store.claim(clock.now(), "gone", 30, 1, set(), set())
+    # The lost attempt's command, still running in its own session, recorded with it.
+    orphan = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        group = procs.record_group(orphan.pid)
+        assert group is not None
+        store.record_group(lost, 1, group)
+        store.conn.execute("UPDATE runs SET lease_expires_at='2000-01-01T00:00:00Z'")
+
+        async def scenario() -> None:
+            runner = make_runner(store, clock, tmp_path, 4, config)  # type: ignore[arg-type]
+            clock.advance(31)  # the sweep runs once a lease period
+            runner.tick()
+            deadline = time.monotonic() + 30
+            while store.get_run(lost)["attempt"] < 2 and runner.active == {}:
+                assert time.monotonic() < deadline, "the lost run was not recovered"
+                await asyncio.sleep(0.02)
+                runner.tick()
+            while runner.active:
+                assert time.monotonic() < deadline, "the recovered run did not finish"
+                await asyncio.sleep(0.02)
+
+        asyncio.run(scenario())
+        assert orphan.wait(timeout=10) == -15  # SIGTERM was enough for sleep
+        kinds = [e["kind"] for e in store.events(lost)]
+        assert kinds.index("orphan_killed") < kinds.index("recover") < kinds.index("start")
+        [killed] = [e for e in store.events(lost) if e["kind"] == "orphan_killed"]
+        assert killed["data"]["pgid"] == orphan.pid
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+            orphan.wait()
+        store.conn.close()
