@@ -495,14 +495,15 @@ REFUSED_RESPONSE: Final = (
 class _Connections:
     """The open connections, oldest first, and the accept loops that admit new ones.
 
-    Invariants: at most ``limit`` ordinary connections plus ``PROBE_RESERVE`` reserve
+    Invariants: at most ``limit`` ordinary connections plus ``reserve`` reserve
     ones are open (an evicted one leaves the count at once, before its socket closes);
     a new connection past ``limit`` first evicts the oldest connection waiting for a
     request, and is a reserve one only when none waits.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, reserve: int = PROBE_RESERVE) -> None:
         self.limit = limit
+        self.reserve = reserve
         self.open: dict[_Connection, None] = {}
         self.notes = _Notes(log)
         self._tasks: list[asyncio.Task[None]] = []
@@ -536,7 +537,7 @@ class _Connections:
                 self.limit,
             )
             return True
-        if len(self.open) < self.limit + PROBE_RESERVE:
+        if len(self.open) < self.limit + self.reserve:
             self.notes.note(
                 logging.WARNING,
                 "reserve",
@@ -686,6 +687,7 @@ class HttpServer:
         settings: HttpServerConfig | None = None,
         sse_heartbeat_s: float = 15.0,
         sse_queue_max: int = 1000,
+        probe_reserve: int = PROBE_RESERVE,
     ) -> None:
         """``token``: full access; ``read_token``: GET/HEAD only (needs ``token``: a read
         token alone is refused, it would leave the writes open). ``settings``: the limits
@@ -706,7 +708,7 @@ class HttpServer:
         self._closing = asyncio.Event()
         self._streams: set[asyncio.Future[None]] = set()
         self._runner: web.AppRunner | None = None
-        self._connections = _Connections(self.settings.max_connections)
+        self._connections = _Connections(self.settings.max_connections, probe_reserve)
         self._notes = self._connections.notes
         self._openapi = openapi_document()
         self.app = self._build_app()

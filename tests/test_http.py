@@ -988,10 +988,19 @@ def test_run_stream_replays_history_and_ends_when_the_run_is_final(tmp_path: Pat
     run(main)
 
 
-def test_run_stream_gets_every_event_of_the_final_transaction(tmp_path: Path) -> None:
-    """A quarantine commits 'failure' then 'quarantine' together; the run is final after
-    the first, and the stream must still deliver the second."""
-
+@pytest.mark.parametrize(
+    ("status", "outcome", "final_events"),
+    [
+        # A quarantine commits 'failure' then 'quarantine' together; the run is final
+        # after the first, and the stream must still deliver the second.
+        (RunStatus.QUARANTINED, Outcome.FAILURE, ["failure", "quarantine"]),
+        # budget_exhausted is final too: the stream ends on it, as on a success.
+        (RunStatus.BUDGET_EXHAUSTED, Outcome.BUDGET_EXHAUSTED, ["budget_exhausted"]),
+    ],
+)
+def test_run_stream_gets_every_event_of_the_final_transaction(
+    tmp_path: Path, status: RunStatus, outcome: Outcome, final_events: list[str]
+) -> None:
     async def main() -> None:
         async with serving(tmp_path) as env:
             run_id = env.fire()
@@ -1004,31 +1013,9 @@ def test_run_stream_gets_every_event_of_the_final_transaction(tmp_path: Path) ->
                     "enqueue",
                     "claim",
                 ]
-                env.finish(run_id, RunStatus.QUARANTINED, Outcome.FAILURE)
-                rest = await sse.events_until_end()
-            assert [e["event"] for e in rest] == ["failure", "quarantine"]
-
-    run(main)
-
-
-def test_run_stream_ends_when_the_run_ends_budget_exhausted(tmp_path: Path) -> None:
-    """budget_exhausted is final too: the stream ends on it, as on a success."""
-
-    async def main() -> None:
-        async with serving(tmp_path) as env:
-            run_id = env.fire()
-            env.claim(run_id)
-            async with env.client.stream(
-                "GET", f"/v1/runs/{run_id}/events/stream", params={"after": "0"}
-            ) as response:
-                sse = Sse(response)
-                assert [(await sse.next_event())["event"] for _ in range(2)] == [
-                    "enqueue",
-                    "claim",
-                ]
-                env.finish(run_id, RunStatus.BUDGET_EXHAUSTED, Outcome.BUDGET_EXHAUSTED)
+                env.finish(run_id, status, outcome)
                 rest = await sse.events_until_end(timeout=10.0)
-            assert [e["event"] for e in rest] == ["budget_exhausted"]
+            assert [e["event"] for e in rest] == final_events
 
     run(main)
 

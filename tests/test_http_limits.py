@@ -28,7 +28,6 @@ import pytest
 from harness import Agentd, wait_for
 from test_http import TOKEN, Env, assert_error, run, serving, wait_until
 
-import agentd.http
 from agentd.config import HttpServerConfig
 
 JOB = """
@@ -199,14 +198,11 @@ def test_probes_answer_when_every_connection_is_taken(tmp_path: Path) -> None:
     run(main)
 
 
-def test_past_the_reserve_a_connection_gets_a_503_json_and_is_closed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(agentd.http, "PROBE_RESERVE", 0)
+def test_past_the_reserve_a_connection_gets_a_503_json_and_is_closed(tmp_path: Path) -> None:
     settings = HttpServerConfig(max_connections=2, max_streams=1, client_timeout=60)
 
     async def main() -> None:
-        async with serving(tmp_path, settings=settings) as env, streams(env, 1):
+        async with serving(tmp_path, settings=settings, probe_reserve=0) as env, streams(env, 1):
             body = await raw(
                 env, b"POST /v1/tasks/beta/trigger HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\n\r\n"
             )
