@@ -267,7 +267,7 @@ class Daemon:
                 kill_grace_s=cfg.daemon.kill_grace,
                 output_max_bytes=cfg.daemon.output_max_bytes,
                 inherited_env=command.inherited_env(),
-                withheld_env=frozenset(os.fsencode(name) for name in self.withheld_env),
+                withheld_env=self._withheld_env_bytes(),
                 child_umask=self.child_umask,
                 spawn_prefix=self._spawn_prefix,
             ),
@@ -780,6 +780,10 @@ class Daemon:
         self._use_secrets(new)
         return report
 
+    def _withheld_env_bytes(self) -> frozenset[bytes]:
+        """``withheld_env`` as commands' environments are keyed (bytes)."""
+        return frozenset(os.fsencode(name) for name in self.withheld_env)
+
     def _use_secrets(self, cfg: Config) -> None:
         """Read what ``cfg``'s secret variables and files hold (``config.secret_refs``):
         from now on those values are scrubbed from the state DB's texts and the log,
@@ -793,8 +797,7 @@ class Daemon:
             self.store.redactor = self.redactor
         if self.runner:
             self.runner.exec_env = dataclasses.replace(
-                self.runner.exec_env,
-                withheld_env=frozenset(os.fsencode(name) for name in self.withheld_env),
+                self.runner.exec_env, withheld_env=self._withheld_env_bytes()
             )
         if self.safety:
             self.safety.outbox.withheld_env = self.withheld_env
