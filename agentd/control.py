@@ -1,7 +1,7 @@
 """Operator operations, shared by the JSON API and the CLI's direct (no daemon) mode.
 
 One implementation of "trigger", "pause", "quarantine release"... so the API and the CLI
-cannot drift apart. Results are plain JSON-ready dicts; refusals are ``StoreError`` with
+cannot drift apart. Results are plain JSON-ready dicts; refusals are ``StateRefused`` with
 a stable code that the API maps to an HTTP status.
 """
 
@@ -15,9 +15,9 @@ from zoneinfo import ZoneInfo
 from agentd.clock import Clock
 from agentd.config import Config, inactive_reason
 from agentd.ledger import run_usage, spend_report
-from agentd.models import FINAL_STATUSES, RUN_STATUSES, Row, StoreError
+from agentd.models import FINAL_STATUSES, RUN_STATUSES, Row, StateRefused
 from agentd.schedule import next_fires
-from agentd.store import Store
+from agentd.state.sqlite import SqliteStore as Store  # until ledger's SQL moves behind the port
 
 
 class Control:
@@ -85,7 +85,7 @@ class Control:
         task = self._require_task(task_id)
         inactive = inactive_reason(task)
         if inactive:
-            raise StoreError("task_inactive", f"task {task_id!r} is inactive: {inactive}")
+            raise StateRefused("task_inactive", f"task {task_id!r} is inactive: {inactive}")
         result = self.store.fire(
             task_id,
             self.clock.now(),
@@ -112,7 +112,7 @@ class Control:
     def _require_task(self, task_id: str) -> Any:
         task = self.config.tasks.get(task_id)
         if task is None:
-            raise StoreError("unknown_task", f"no task named {task_id!r}")
+            raise StateRefused("unknown_task", f"no task named {task_id!r}")
         return task
 
     # ------------------------------------------------------------ runs
@@ -127,9 +127,9 @@ class Control:
         until: str | None = None,
     ) -> list[Row]:
         if status is not None and status not in RUN_STATUSES:
-            raise StoreError("bad_request", f"status must be one of {', '.join(RUN_STATUSES)}")
+            raise StateRefused("bad_request", f"status must be one of {', '.join(RUN_STATUSES)}")
         if not 1 <= limit <= 1000:
-            raise StoreError("bad_request", "limit must be between 1 and 1000")
+            raise StateRefused("bad_request", "limit must be between 1 and 1000")
         return self.store.list_runs(task, status, limit, before, since, until)
 
     def get_run(self, run_id: str) -> Row:
@@ -150,7 +150,7 @@ class Control:
         if run_id is not None:
             self.store.get_run(run_id)
         if not 1 <= limit <= 5000:
-            raise StoreError("bad_request", "limit must be between 1 and 5000")
+            raise StateRefused("bad_request", "limit must be between 1 and 5000")
         return self.store.events(run_id, after, limit)
 
     def recent_events(self, limit: int = 50) -> list[Row]:
@@ -195,7 +195,7 @@ class Control:
     async def settled(self) -> None:
         """Until no commit of the state is in flight: reads on the loop then never wait
         for another thread's fsync (the API calls it before each request)."""
-        await self.store.settled()
+        await self.store.commit_done()
 
     def run_is_final(self, run_id: str) -> bool:
         return self.store.get_run(run_id)["status"] in FINAL_STATUSES
@@ -203,5 +203,5 @@ class Control:
     def alerts(self, limit: int = 50) -> list[Row]:
         """The newest alerts, newest first, each with its deliveries."""
         if not 1 <= limit <= 1000:
-            raise StoreError("bad_request", "limit must be between 1 and 1000")
+            raise StateRefused("bad_request", "limit must be between 1 and 1000")
         return self.store.recent_alerts(limit)

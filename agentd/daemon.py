@@ -44,8 +44,8 @@ from agentd.retention import Pruner
 from agentd.runner import Runner
 from agentd.safety import Safety
 from agentd.scheduler import HEARTBEAT_S, Scheduler, SyncReport
+from agentd.state.sqlite import STORAGE_ERRORS, SqliteStore, is_storage_fault
 from agentd.statecheck import StateLock, StateLocked, state_paths
-from agentd.store import STORAGE_ERRORS, Store, is_storage_fault
 from agentd.systemd import Notifier
 
 log = logging.getLogger("agentd")
@@ -111,7 +111,7 @@ class Daemon:
         self._wake = asyncio.Event()
         self._force = asyncio.Event()
         self.lock = StateLock(config.daemon.state_dir)
-        self.store: Store | None = None
+        self.store: SqliteStore | None = None
         self.scheduler: Scheduler | None = None
         self.runner: Runner | None = None
         self.control: Control | None = None
@@ -221,7 +221,7 @@ class Daemon:
                 sys.path.insert(0, str(extra))
         _, db_path, _ = state_paths(cfg)
         with _refusing(root):
-            self.store = Store(db_path, event_sink=self._on_event, defer_open=True)
+            self.store = SqliteStore(db_path, event_sink=self._on_event, defer_open=True)
         self.store.redactor = self.redactor
         self.store.on_write = lambda exc: self.health.fault(
             "state DB", None if exc is None else str(exc)
@@ -325,7 +325,7 @@ class Daemon:
         if self.should_exit:
             raise StartupStopped
 
-    def _open_state(self, store: Store) -> None:
+    def _open_state(self, store: SqliteStore) -> None:
         store.open()
         now = self.clock.now()
         # Under the lock every running row is a dead daemon's: a command group of one
@@ -607,7 +607,7 @@ class Daemon:
         assert self.store is not None
         store, unwritten = self.store, None
         try:
-            store.commit_group()
+            store.flush()
             left = store.running_ids(self.owner) - set(self.runner.active if self.runner else ())
             if left:
                 unwritten = f"{len(left)} run(s) still recorded as running ({' '.join(left)})"

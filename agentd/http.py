@@ -63,10 +63,10 @@ from agentd.config import HttpServerConfig
 from agentd.control import Control
 from agentd.events import Event, EventBus, Subscription
 from agentd.health import Health
-from agentd.models import MAX_EVENT_ID, EventKind, StoreError
+from agentd.models import MAX_EVENT_ID, EventKind, StateRefused
 from agentd.openapi import openapi_document
 from agentd.redact import SecretUnavailable, read_secret
-from agentd.store import STORAGE_FAULTS
+from agentd.state.sqlite import STORAGE_FAULTS
 
 log = logging.getLogger("agentd.http")
 access_log = logging.getLogger("agentd.http.access")
@@ -810,7 +810,7 @@ class HttpServer:
                 if exc.status == 408:
                     response.force_close()  # the rest of the body may still come
                 return response
-            except StoreError as exc:
+            except StateRefused as exc:
                 return _error(STORE_ERROR_STATUS.get(exc.code, 400), exc.code, str(exc))
             except STORAGE_FAULTS as exc:
                 # Disk full, I/O error, a lock held past busy_timeout: not a bug, retryable.

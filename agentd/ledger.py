@@ -33,7 +33,7 @@ from agentd.budget import (
 from agentd.clock import to_iso
 from agentd.config import Config
 from agentd.models import EventKind, Row
-from agentd.store import Store
+from agentd.state.sqlite import SqliteStore as Store  # until its SQL moves behind the port
 
 _SPENT_USD = "COALESCE(SUM(CASE WHEN state='reserved' THEN reserved_usd ELSE cost_usd END), 0)"
 _SPENT_TOKENS = (

@@ -14,7 +14,7 @@ Row = dict[str, Any]
 """A record as the state layer hands it out: column name to value."""
 
 
-class StoreError(Exception):
+class StateRefused(Exception):
     """A request that the state does not allow; ``code`` is stable for APIs and the CLI.
     Storage-neutral: engines raise it, views map ``code`` to their answer."""
 

@@ -38,32 +38,32 @@ from agentd.config import (
     task_index,
 )
 from agentd.doorbell import ring
-from agentd.models import EventKind, Row, StoreError
+from agentd.models import EventKind, Row, StateRefused
 from agentd.redact import SecretUnavailable, read_secret
 
 if TYPE_CHECKING:  # at run time only the direct path (no daemon answering) loads them
     from agentd.control import Control
-    from agentd.store import Store
+    from agentd.state.sqlite import SqliteStore as Store  # until Control takes the port
 
 
 def open_store(config: Config, *, read_only: bool = False) -> Store:
     """Open the state DB. For a write: if no daemon holds it, bring its task table up to
     the config so commands also work on a daemon that has never started. For a read
-    (``read_only``): as it is, creating and writing nothing; a ``StoreError`` when there
+    (``read_only``): as it is, creating and writing nothing; a ``StateRefused`` when there
     is no state DB yet or it is not at this agentd's schema."""
     root = config.daemon.state_dir
     db_path = statecheck.paths(root)[0]
-    from agentd.store import Store
+    from agentd.state.sqlite import SqliteStore
 
     if read_only:
         alone = statecheck.lock_holder(root) is None
         if alone:
             statecheck.guard_open(root)  # what the daemon would refuse, this refuses too
         try:
-            return Store(db_path, read_only=True, immutable=alone)
-        except StoreError as exc:
+            return SqliteStore(db_path, read_only=True, immutable=alone)
+        except StateRefused as exc:
             if exc.code == "no_state":
-                raise StoreError(
+                raise StateRefused(
                     "no_state",
                     f"no daemon answers and there is no state DB at {db_path} yet: "
                     "nothing has run with this config",
@@ -73,7 +73,7 @@ def open_store(config: Config, *, read_only: bool = False) -> Store:
     alone = statecheck.lock_holder(root) is None
     if alone:
         statecheck.guard_open(root)  # what the daemon would refuse, this refuses too
-    store = Store(db_path)
+    store = SqliteStore(db_path)
     if alone:
         store.sync_tasks(task_index(config), SystemClock().now())
     return store
@@ -179,7 +179,7 @@ class Ops:
 
         try:
             result: Row = self.call(via_api, direct)
-        except StoreError as exc:
+        except StateRefused as exc:
             if exc.code != "no_state" or self.config is None:
                 raise
             return {"daemon": "not running", "state_db": str(exc), "tasks": len(self.config.tasks)}
@@ -194,7 +194,7 @@ def state_command(config: Config, args: argparse.Namespace, parser: argparse.Arg
             return _dispatch(ops, args, parser)
         finally:
             ops.close()
-    except (ApiError, StoreError) as exc:
+    except (ApiError, StateRefused) as exc:
         _emit_error(args, exc.code, str(exc))
         return 1
     except statecheck.Refusal as exc:
@@ -229,8 +229,8 @@ def broken_config_command(
             return _dispatch(ops, args, parser)
         finally:
             ops.close()
-    except (Unreachable, StoreError) as exc:
-        if isinstance(exc, StoreError) and exc.code != "no_daemon":
+    except (Unreachable, StateRefused) as exc:
+        if isinstance(exc, StateRefused) and exc.code != "no_daemon":
             _emit_error(args, exc.code, str(exc))
             return 1
         print(broken.render(), file=sys.stderr)
@@ -377,7 +377,7 @@ def _follow(ops: Ops, args: argparse.Namespace, path: str) -> int:
     """Print one line per event until the stream ends (a watched run finished) or Ctrl-C;
     reconnects with Last-Event-ID so a daemon restart loses nothing."""
     if ops.api is None:
-        raise StoreError("no_daemon", "following events needs a running daemon")
+        raise StateRefused("no_daemon", "following events needs a running daemon")
     last_id: int | None = None
     retries = 0
     while True:
@@ -391,7 +391,7 @@ def _follow(ops: Ops, args: argparse.Namespace, path: str) -> int:
             return 0
         except Unreachable:
             if last_id is None or retries >= 30:
-                raise StoreError("no_daemon", f"no agentd answers at {ops.api.url}") from None
+                raise StateRefused("no_daemon", f"no agentd answers at {ops.api.url}") from None
             retries += 1
             print(f"(daemon unreachable, reconnecting {retries}/30)", file=sys.stderr)
             time.sleep(1)

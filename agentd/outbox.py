@@ -30,7 +30,7 @@ from agentd.alerts import Alert, DeliveryError, alert_for_event, deadman_late, d
 from agentd.clock import Clock, from_iso, to_iso
 from agentd.config import Config, inactive_reason
 from agentd.models import EventKind, Row
-from agentd.store import Store
+from agentd.state.sqlite import SqliteStore as Store  # until its SQL moves behind the port
 
 log = logging.getLogger("agentd.alerts")
 
@@ -107,11 +107,10 @@ class Outbox:
 
     def process(self, now: datetime) -> int:
         """Turn new events into alerts and outbox rows; returns how many events were read."""
-        if not self.store.in_group:
-            # The usual answer, "nothing new", without a write transaction.
-            cursor, top = self._cursor_and_top()
-            if cursor is not None and top <= cursor:
-                return 0
+        # The usual answer, "nothing new", without a write transaction.
+        cursor, top = self._cursor_and_top()
+        if cursor is not None and top <= cursor:
+            return 0
         with self.store.tx():
             cursor, top = self._cursor_and_top()
             if cursor is None:

@@ -62,7 +62,7 @@ from agentd.config import LEDGER_FLOOR_S, Config, HistoryConfig
 from agentd.metrics import PRUNE_KINDS
 from agentd.models import FINAL_STATUSES, EventKind
 from agentd.outbox import ALERT_EVENTS, CURSOR_KEY
-from agentd.store import SCHEMA_VERSION
+from agentd.state.sqlite.migrations import SCHEMA_VERSION
 
 log = logging.getLogger("agentd.retention")
 

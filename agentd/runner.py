@@ -27,7 +27,8 @@ from agentd.context import RunContext
 from agentd.executors import ExecEnv, executor_for
 from agentd.models import CheckpointNotSaved, Outcome, Result, Row, RunStatus, StopRequested
 from agentd.providers import Gateway
-from agentd.store import STORAGE_ERRORS, Finish, Store, WriteLost, is_storage_fault, wait_commit
+from agentd.state.port import Finish, Store, WriteLost, wait_commit
+from agentd.state.sqlite import STORAGE_ERRORS, is_storage_fault
 
 log = logging.getLogger("agentd.runner")
 
@@ -282,8 +283,7 @@ class Runner:
         # The claim and every start of this tick share one commit: with 256 free slots
         # that is one fsync, not 257. Synchronous from begin to commit, so no other
         # writer's transaction can slip into the group.
-        own_group = not self.store.in_group
-        self.store.begin_group()
+        unit = self.store.unit()
         try:
             rows = self.store.claim(now, self.owner, self.lease_s, free, busy, allow)
             runs = [run for run in map(self._prepare, rows) if run is not None]
@@ -298,11 +298,10 @@ class Runner:
                 active.job.add_done_callback(partial(self._job_done, active))
             # They start only after this group commits (their first step comes later on
             # the loop); should it not commit, they are stopped before they run.
-            self.store.after_rollback(lambda: self._void(runs))
+            unit.on_rollback(lambda: self._void(runs))
             started = [row["id"] for row in rows]
         finally:
-            if own_group:
-                self.store.commit_group()
+            unit.commit()
         if rows:
             self._last_heartbeat = self.clock.monotonic()
         return started
@@ -373,7 +372,7 @@ class Runner:
         self._record_group(ctx, group)
 
     async def _record_group_later(self, ctx: RunContext, group: procs.GroupRecord) -> None:
-        await self.store.settled()
+        await self.store.commit_done()
         self._record_group(ctx, group)
 
     def _record_group(self, ctx: RunContext, group: procs.GroupRecord) -> None:
@@ -534,16 +533,15 @@ class Runner:
         pending, self._finishing = self._finishing, []
         for ended in pending:
             self.active.pop(ended.active.row["id"], None)
-        own_group = not self.store.in_group
         try:
-            self.store.begin_group()
+            unit = self.store.unit()
         except STORAGE_ERRORS:
             self._keep_unrecorded(pending)
             return
-        self.store.after_rollback(lambda: self._keep_unrecorded(pending))
+        unit.on_rollback(lambda: self._keep_unrecorded(pending))
         try:
             self._finish(pending)
-            if own_group:
+            if unit.owner:
                 # The freed slots are claimed in the same commit: one fsync per cycle
                 # of "some runs end, as many start", not two. A failed claim is the
                 # main loop's to retry; it must not cost these outcomes.
@@ -552,11 +550,11 @@ class Runner:
                 except STORAGE_ERRORS as exc:
                     log.warning("claim after finishing runs failed, retried next tick: %s", exc)
         except Exception:
-            if own_group:
-                self.store.abort_group()  # the outcomes wait in ``unrecorded``
+            if unit.owner:
+                unit.abort()  # the outcomes wait in ``unrecorded``
                 return
             raise
-        commit = self.store.commit_group_off_loop() if own_group else None
+        commit = unit.commit_off_loop()
         if commit is None:
             # Inside someone else's group (or nothing to commit): their commit makes
             # these durable.
@@ -591,7 +589,7 @@ class Runner:
             error = await wait_commit(commit)
             # The group's events (or, had it failed, its rollback hooks: the outcomes go
             # to ``unrecorded``), unless a reader settled it already.
-            self.store.settle()
+            self.store.complete_commit()
         finally:
             self._committing = None
             if error is None:

@@ -23,7 +23,7 @@ from agentd.metrics import Metrics
 from agentd.models import EventKind, Row
 from agentd.outbox import ALERT_EVENTS, Outbox
 from agentd.providers import Gateway
-from agentd.store import Store
+from agentd.state.sqlite import SqliteStore as Store  # until its SQL moves behind the port
 
 if TYPE_CHECKING:
     import httpx

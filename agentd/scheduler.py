@@ -41,7 +41,7 @@ from apscheduler.util import datetime_to_utc_timestamp, utc_timestamp_to_datetim
 from agentd.clock import Backoff, Clock, to_iso
 from agentd.config import Config, TaskConfig, inactive_reason
 from agentd.schedule import ScheduleSpec, next_fire
-from agentd.store import Fire, FireResult, Store
+from agentd.state.port import Fire, FireResult, Store, UnitOfWork
 
 log = logging.getLogger("agentd.scheduler")
 
@@ -581,8 +581,10 @@ class Scheduler:
         )
         self.on_tick: Callable[[], None] | None = None
         self._fires: list[Fire] = []
-        self._pass_open = False
         """Fires of the processing pass under way, enqueued together at its end."""
+        self._pass: UnitOfWork | None = None
+        """The unit of work of APScheduler's processing pass under way, if any: all its
+        fires and the claims they make possible commit together."""
         self._pass_jobs: set[str] = set()
         """Jobs that fired in the pass under way: they move on only if its fires commit."""
         self._pass_failed: BaseException | None = None
@@ -774,11 +776,11 @@ class Scheduler:
         True when a pass's fires were committed, False when there was no pass; raises
         ``FiresNotStored`` naming the pass's jobs when anything of it failed, so that the
         jobstore keeps them where they were and they fire again."""
-        self._pass_open = False
+        unit, self._pass = self._pass, None
         fires, self._fires = self._fires, []
         jobs, self._pass_jobs = self._pass_jobs, set()
         failed, self._pass_failed = self._pass_failed, None
-        if failed is None and not self.store.in_group:
+        if unit is None and failed is None:
             return False
         try:
             if failed is not None:
@@ -791,9 +793,11 @@ class Scheduler:
                 except Exception:
                     # The fires must still be committed; the main loop claims them.
                     log.exception("claim before committing fires failed")
-            self.store.commit_group()
+            if unit is not None:
+                unit.commit()
         except Exception as exc:
-            self.store.abort_group()
+            if unit is not None:
+                unit.abort()
             log.log(
                 logging.DEBUG if self._fires_failing else logging.WARNING,
                 "fires not stored task(s)=%s, fired again after a backoff: %s",
@@ -816,7 +820,7 @@ class Scheduler:
     def _end_pass(self) -> None:
         """Backstop for a pass that did not end with the jobstore's read: flush it, which
         commits its fires first (or keeps its jobs where they were)."""
-        if self._pass_open:
+        if self._pass is not None:
             self._jobstore.flush()
 
     def _on_due(self, task_id: str, run_times: list[datetime]) -> None:
@@ -825,17 +829,16 @@ class Scheduler:
         task = self.tasks.get(task_id)
         if task is None or not run_times:
             return
-        if not self._pass_open and not self.store.in_group:
+        if self._pass is None:
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:
                 loop = None  # called directly, not from APScheduler's pass: no grouping
             if loop is not None:
-                self._pass_open = True
+                self._pass = self.store.unit()
                 # The pass ends with a jobstore read that commits; this is the backstop.
                 loop.call_soon(self._end_pass)
-                self.store.begin_group()
-        if self._pass_open:
+        if self._pass is not None:
             self._pass_jobs.add(task_id)
             if self._pass_failed is not None:
                 return  # the pass is lost already: this job fires again with it
@@ -864,7 +867,7 @@ class Scheduler:
             )
             for when in due
         ]
-        if self._pass_open:
+        if self._pass is not None:
             self._fires += fires
         else:
             self._enqueue(fires)  # inside a caller's group, or none

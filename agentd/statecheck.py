@@ -494,7 +494,7 @@ def classify(exc: BaseException, root: Path) -> Refusal | None:
     when it is not about the files."""
     db, _, jobs = paths(root)
     code = getattr(exc, "code", None)
-    if code == "schema_too_new":  # agentd.store.StoreError
+    if code == "schema_too_new":  # agentd.state.sqlite.StateRefused
         return StateDamaged(str(exc))
     orig = getattr(exc, "orig", None)
     path, error = (jobs, orig) if isinstance(orig, sqlite3.Error) else (db, exc)
@@ -588,7 +588,9 @@ def _check_db(db: Path) -> Finding:
         refusal = classify(exc, db.parent)
         severity: Severity = "unusable" if isinstance(refusal, StateUnusable) else "damaged"
         return Finding(severity, db, f"{stage}: {exc}. {recover_hint(db)}")
-    from agentd.store import SCHEMA_VERSION  # here: the CLI's API path never loads the store
+    from agentd.state.sqlite.migrations import (
+        SCHEMA_VERSION,  # here: the CLI's API path never loads the store
+    )
 
     if version > SCHEMA_VERSION:
         return Finding(
@@ -693,7 +695,7 @@ def doctor(root: Path, args: argparse.Namespace) -> int:
     73 (state dir unusable); with ``--repair``, 75 while a daemon holds the lock."""
     # First, as the caller: once ``_become_owner`` has switched users, this checkout's
     # files may be unreadable, and ``_check_db`` needs the store's schema version.
-    import agentd.store  # noqa: F401
+    import agentd.state.sqlite  # noqa: F401
 
     _become_owner(root)
     findings, holder = diagnose(root)

@@ -3,7 +3,7 @@
 Throughput benchmarks (B3, B4, B6) time how fast agentd *works off* a queue, like the
 huey benchmark times its consumer on a filled queue; crash recovery (B8) needs a long
 history. Writing those rows through the daemon would take minutes and measure the API
-instead. So one run is created through agentd's own ``Store.fire`` (its real row
+instead. So one run is created through agentd's own ``SqliteStore.fire`` (its real row
 shape) and cloned in one transaction. Column lists come from that row, so the clones
 follow agentd's schema as it changes.
 """
@@ -16,13 +16,13 @@ from typing import Any
 
 from agentd.clock import to_iso
 from agentd.config import load_config
-from agentd.store import Store
+from agentd.state.sqlite import SqliteStore
 from benchmarks.agentd_proc import AgentdProc
 
 
-def _store(proc: AgentdProc) -> Store:
+def _store(proc: AgentdProc) -> SqliteStore:
     proc.state_dir.mkdir(parents=True, exist_ok=True)
-    store = Store(proc.db_path)
+    store = SqliteStore(proc.db_path)
     tasks = load_config(proc.config).tasks
     store.sync_tasks(
         {tid: (t.fingerprint(), t.kind) for tid, t in tasks.items()}, datetime.now(UTC)
@@ -30,7 +30,7 @@ def _store(proc: AgentdProc) -> Store:
     return store
 
 
-def _insert(store: Store, table: str, rows: list[dict[str, Any]]) -> None:
+def _insert(store: SqliteStore, table: str, rows: list[dict[str, Any]]) -> None:
     if not rows:
         return
     cols = list(rows[0])

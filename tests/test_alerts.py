@@ -27,7 +27,7 @@ from agentd.metrics import Metrics
 from agentd.models import Outcome, RunStatus
 from agentd.outbox import Outbox
 from agentd.safety import CHECK_EVERY_S, PROCESS_EVERY_S, Safety
-from agentd.store import Store
+from agentd.state.sqlite import SqliteStore
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
 from fake_llm import serve
@@ -106,13 +106,13 @@ def config_for(url: str, extra_tasks: str = "", rules: str = "") -> Config:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(tmp_path / "state.sqlite")
+def store(tmp_path: Path) -> Iterator[SqliteStore]:
+    s = SqliteStore(tmp_path / "state.sqlite")
     yield s
     s.close()
 
 
-def quarantine(store: Store, clock: ManualClock, task: str = "t") -> str:
+def quarantine(store: SqliteStore, clock: ManualClock, task: str = "t") -> str:
     run = store.fire(task, clock.now(), trigger="manual", overlap="allow", honour_pause=False)
     store.claim(clock.now(), "me", 30, 1, set(), {task})
     store.finish(
@@ -126,7 +126,7 @@ def quarantine(store: Store, clock: ManualClock, task: str = "t") -> str:
     return run.run_id
 
 
-def succeed(store: Store, clock: ManualClock, task: str = "t") -> str:
+def succeed(store: SqliteStore, clock: ManualClock, task: str = "t") -> str:
     run = store.fire(task, clock.now(), trigger="manual", overlap="allow", honour_pause=False)
     store.claim(clock.now(), "me", 30, 1, set(), {task})
     store.finish(
@@ -136,7 +136,7 @@ def succeed(store: Store, clock: ManualClock, task: str = "t") -> str:
     return run.run_id
 
 
-def outbox_rows(store: Store) -> list[dict[str, Any]]:
+def outbox_rows(store: SqliteStore) -> list[dict[str, Any]]:
     return [dict(r) for r in store.conn.execute("SELECT * FROM outbox ORDER BY id")]
 
 
@@ -146,7 +146,7 @@ async def deliver(box: Outbox) -> None:
 
 
 def test_quarantine_alert_is_signed_delivered_once_and_respects_cooldown(
-    store: Store, monkeypatch: pytest.MonkeyPatch
+    store: SqliteStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("AGENTD_TEST_HOOK_SECRET", SECRET)
     receiver = Receiver()
@@ -196,7 +196,7 @@ def test_quarantine_alert_is_signed_delivered_once_and_respects_cooldown(
 
 
 def test_failed_deliveries_retry_with_backoff_then_give_up(
-    store: Store, monkeypatch: pytest.MonkeyPatch
+    store: SqliteStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("AGENTD_TEST_HOOK_SECRET", SECRET)
     receiver = Receiver()
@@ -232,7 +232,7 @@ def test_failed_deliveries_retry_with_backoff_then_give_up(
 
 
 def test_missing_webhook_secret_is_a_delivery_failure_not_an_unsigned_post(
-    store: Store, monkeypatch: pytest.MonkeyPatch
+    store: SqliteStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("AGENTD_TEST_HOOK_SECRET", raising=False)
     receiver = Receiver()
@@ -258,7 +258,9 @@ def test_missing_webhook_secret_is_a_delivery_failure_not_an_unsigned_post(
     )
 
 
-def test_command_channel_gets_the_alert_as_json_on_stdin(store: Store, tmp_path: Path) -> None:
+def test_command_channel_gets_the_alert_as_json_on_stdin(
+    store: SqliteStore, tmp_path: Path
+) -> None:
     out = tmp_path / "alert.json"
     script = f"import sys; open({str(out)!r}, 'w').write(sys.stdin.read())"
     config = parse_config(
@@ -305,7 +307,7 @@ daily:
 """
 
 
-def test_dead_man_fires_once_when_late_and_recovers_on_the_next_success(store: Store) -> None:
+def test_dead_man_fires_once_when_late_and_recovers_on_the_next_success(store: SqliteStore) -> None:
     config = config_for("http://127.0.0.1:9", DAILY_WATCHED)
     clock = ManualClock(T0)
     store.sync_tasks({"t": ("f", "command"), "daily": ("g", "command")}, clock.now())
@@ -332,7 +334,7 @@ def test_dead_man_fires_once_when_late_and_recovers_on_the_next_success(store: S
     assert step(1) == ["deadman", "recovered", "deadman"]
 
 
-def test_run_too_long_alerts_once_per_attempt(store: Store) -> None:
+def test_run_too_long_alerts_once_per_attempt(store: SqliteStore) -> None:
     config = config_for(
         "http://127.0.0.1:9",
         """
@@ -357,7 +359,7 @@ def test_run_too_long_alerts_once_per_attempt(store: Store) -> None:
     assert json.loads(alerts[0]["data"])["max_duration_s"] == 600
 
 
-def test_pings_follow_start_success_and_failure(store: Store) -> None:
+def test_pings_follow_start_success_and_failure(store: SqliteStore) -> None:
     receiver = Receiver()
 
     async def main() -> list[str]:
@@ -400,7 +402,7 @@ def test_pings_follow_start_success_and_failure(store: Store) -> None:
     )
 
 
-def test_alerts_about_history_are_not_raised_on_the_first_start(store: Store) -> None:
+def test_alerts_about_history_are_not_raised_on_the_first_start(store: SqliteStore) -> None:
     clock = ManualClock(T0)
     store.sync_tasks({"t": ("f", "command")}, clock.now())
     quarantine(store, clock)  # before the alerts cursor exists
@@ -414,7 +416,7 @@ def run(main: Any) -> Any:
     return asyncio.run(main())
 
 
-def test_reload_failure_alert_is_deduplicated_by_message(store: Store) -> None:
+def test_reload_failure_alert_is_deduplicated_by_message(store: SqliteStore) -> None:
     clock = ManualClock(T0)
     store.sync_tasks({"t": ("f", "command")}, clock.now())
     box = Outbox(store, config_for("http://127.0.0.1:9"), clock)
@@ -429,7 +431,7 @@ def test_reload_failure_alert_is_deduplicated_by_message(store: Store) -> None:
 
 
 def test_run_events_are_not_read_when_no_ping_or_recovery_can_come_of_them(
-    store: Store,
+    store: SqliteStore,
 ) -> None:
     clock = ManualClock(T0)
     store.sync_tasks({"t": ("f", "command")}, clock.now())
@@ -443,7 +445,7 @@ def test_run_events_are_not_read_when_no_ping_or_recovery_can_come_of_them(
     assert box.process(clock.now()) == 0  # and the cursor moved past all of it
 
 
-def test_auto_paused_task_gets_a_recovery_notice_at_its_next_success(store: Store) -> None:
+def test_auto_paused_task_gets_a_recovery_notice_at_its_next_success(store: SqliteStore) -> None:
     clock = ManualClock(T0)
     store.sync_tasks({"t": ("f", "command")}, clock.now())
     box = Outbox(store, config_for("http://127.0.0.1:9"), clock)
@@ -464,7 +466,7 @@ def test_auto_paused_task_gets_a_recovery_notice_at_its_next_success(store: Stor
 
 
 def test_safety_brings_the_idle_loop_back_only_for_its_own_work(
-    store: Store, monkeypatch: pytest.MonkeyPatch
+    store: SqliteStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The daemon's idle main loop sleeps until ``Safety.wait_s``: events waiting to
     become alerts and a watched dead man's switch keep their cadence; with neither,

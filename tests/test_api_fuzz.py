@@ -1,6 +1,6 @@
 """Fuzz the live HTTP API from its own ``/v1/openapi.json`` with schemathesis.
 
-The server runs for real (aiohttp on a loopback port, a Store on a SQLite file seeded
+The server runs for real (aiohttp on a loopback port, a SqliteStore on a SQLite file seeded
 with runs in every state) in a background thread with its own event loop. For every
 documented operation, Hypothesis generates valid and invalid requests, and each
 response must: not be a 5xx, have a documented status code and content type, and have
@@ -50,7 +50,7 @@ from agentd.http import HttpServer
 from agentd.ledger import commit, reserve
 from agentd.models import Outcome, RunStatus
 from agentd.outbox import Outbox
-from agentd.store import Store
+from agentd.state.sqlite import SqliteStore
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 CHECKS = [
@@ -106,7 +106,7 @@ class Seeded:
     run_ids: dict[str, str] = field(default_factory=dict)
 
 
-def seed(store: Store, control: Control, clock: ManualClock) -> Seeded:
+def seed(store: SqliteStore, control: Control, clock: ManualClock) -> Seeded:
     """Runs in every status, with attempts, a checkpoint, progress and quarantine rows."""
     out = Seeded()
 
@@ -198,7 +198,7 @@ class ServerThread(threading.Thread):
         config = parse_config(CONFIG, environ={})
         clock = ManualClock(T0 + timedelta(days=30))
         bus = EventBus()
-        store = Store(self.tmp_path / "state.sqlite", event_sink=bus.publish)
+        store = SqliteStore(self.tmp_path / "state.sqlite", event_sink=bus.publish)
         try:
             tasks: dict[str, tuple[str, str]] = {
                 tid: (t.fingerprint(), t.kind) for tid, t in config.tasks.items()

@@ -24,7 +24,7 @@ from agentd.budget import (
 from agentd.clock import to_iso
 from agentd.config import Config, ConfigError, PriceConfig, parse_config, redacted
 from agentd.ledger import Refusal, commit, reserve, settle_stale, spent, window_blocked
-from agentd.store import Store
+from agentd.state.sqlite import SqliteStore
 
 T0 = datetime(2026, 3, 28, 22, 30, tzinfo=UTC)  # 23:30 in Berlin, the eve of spring forward
 
@@ -215,8 +215,8 @@ alerts:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
-    s = Store(tmp_path / "state.sqlite")
+def store(tmp_path: Path) -> SqliteStore:
+    s = SqliteStore(tmp_path / "state.sqlite")
     yield s
     s.close()
 
@@ -239,7 +239,7 @@ tasks:
 
 
 def spend(
-    store: Store, config: Config, now: datetime, usd: float, run: str = "r1"
+    store: SqliteStore, config: Config, now: datetime, usd: float, run: str = "r1"
 ) -> int | Refusal:
     """Reserve a call of ``usd`` worst case and commit it at that cost."""
     task = config.tasks["t"]
@@ -258,7 +258,7 @@ def spend(
     return entry
 
 
-def alarms(store: Store) -> list[tuple[str, int]]:
+def alarms(store: SqliteStore) -> list[tuple[str, int]]:
     return [
         (e["data"]["scope"], e["data"]["threshold_pct"])
         for e in store.events()
@@ -266,7 +266,7 @@ def alarms(store: Store) -> list[tuple[str, int]]:
     ]
 
 
-def test_alarms_fire_once_per_threshold_per_window(store: Store) -> None:
+def test_alarms_fire_once_per_threshold_per_window(store: SqliteStore) -> None:
     config = parse(WINDOWED)
     assert not isinstance(spend(store, config, T0, 0.3), Refusal)
     assert alarms(store) == []
@@ -284,7 +284,7 @@ def test_alarms_fire_once_per_threshold_per_window(store: Store) -> None:
     assert usd == pytest.approx(0.85)  # refusals reserve nothing
 
 
-def test_the_next_day_is_a_new_window(store: Store) -> None:
+def test_the_next_day_is_a_new_window(store: SqliteStore) -> None:
     config = parse(WINDOWED)
     spend(store, config, T0, 0.9)
     assert isinstance(spend(store, config, T0, 0.2), Refusal)
@@ -296,7 +296,7 @@ def test_the_next_day_is_a_new_window(store: Store) -> None:
     assert first_50["data"]["window_start"] == to_iso(datetime(2026, 3, 27, 23, tzinfo=UTC))
 
 
-def test_window_gate_blocks_scheduled_fires_until_the_window_ends(store: Store) -> None:
+def test_window_gate_blocks_scheduled_fires_until_the_window_ends(store: SqliteStore) -> None:
     config = parse(WINDOWED)
     store.sync_tasks({"t": ("f", "agent"), "other": ("g", "command")}, T0)
     store.fire_gate = lambda task_id, now: window_blocked(store, config, task_id, now)
@@ -317,7 +317,7 @@ def test_window_gate_blocks_scheduled_fires_until_the_window_ends(store: Store) 
     assert store.fire("t", later, scheduled_for=later, overlap="allow").status == "queued"
 
 
-def test_a_raised_limit_reopens_a_full_window(store: Store) -> None:
+def test_a_raised_limit_reopens_a_full_window(store: SqliteStore) -> None:
     config = parse(WINDOWED)
     spend(store, config, T0, 0.9)
     spend(store, config, T0, 0.3)  # refused
@@ -326,7 +326,7 @@ def test_a_raised_limit_reopens_a_full_window(store: Store) -> None:
     assert window_blocked(store, raised, "t", T0) is None
 
 
-def test_concurrent_reservations_cannot_both_take_the_last_dollar(store: Store) -> None:
+def test_concurrent_reservations_cannot_both_take_the_last_dollar(store: SqliteStore) -> None:
     config = parse(WINDOWED)
     task = config.tasks["t"]
     scopes = call_scopes(config, task, T0)
@@ -337,7 +337,7 @@ def test_concurrent_reservations_cannot_both_take_the_last_dollar(store: Store) 
     assert isinstance(first, int) and isinstance(second, Refusal)
 
 
-def test_stale_reservations_are_settled_at_worst_case(store: Store) -> None:
+def test_stale_reservations_are_settled_at_worst_case(store: SqliteStore) -> None:
     config = parse(WINDOWED)
     scopes = call_scopes(config, config.tasks["t"], T0)
     entry = reserve(
@@ -368,7 +368,7 @@ def test_schema_1_llm_calls_are_folded_into_the_ledger(tmp_path: Path) -> None:
 
     import sqlite_utils
 
-    from agentd.store import MIGRATIONS
+    from agentd.state.sqlite.migrations import MIGRATIONS
 
     path = tmp_path / "old.sqlite"
     conn = sqlite3.connect(path, isolation_level=None)
@@ -381,7 +381,7 @@ def test_schema_1_llm_calls_are_folded_into_the_ledger(tmp_path: Path) -> None:
         (to_iso(T0),),
     )
     conn.close()
-    store = Store(path)
+    store = SqliteStore(path)
     try:
         [row] = store.conn.execute("SELECT * FROM ledger").fetchall()
         assert (row["run_id"], row["input_tokens"], row["output_tokens"]) == ("r", 11, 4)
@@ -409,7 +409,7 @@ tasks:
 """
 
 
-def test_global_cap_counts_every_task_alarms_and_gates_agent_tasks_only(store: Store) -> None:
+def test_global_cap_counts_every_task_alarms_and_gates_agent_tasks_only(store: SqliteStore) -> None:
     config = parse(GLOBAL)
     store.sync_tasks({"t": ("f", "agent"), "py": ("g", "python")}, T0)
     store.fire_gate = lambda task_id, now: window_blocked(store, config, task_id, now)

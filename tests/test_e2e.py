@@ -16,7 +16,7 @@ from harness import Agentd, agentd_cli, blocked, pid_alive, wait_for
 from agentd.clock import to_iso
 from agentd.config import load_config
 from agentd.schedule import next_fire
-from agentd.store import Store
+from agentd.state.sqlite import SqliteStore
 
 pytestmark = pytest.mark.e2e
 
@@ -164,7 +164,7 @@ def test_double_fire_enqueues_one_run(make_daemon) -> None:  # type: ignore[no-u
     config = load_config(d.config)
     spec = config.schedule_spec("tick")
     d.start()
-    store = Store(d.state_dir / "state.sqlite")
+    store = SqliteStore(d.state_dir / "state.sqlite")
     try:
         # A fire time the running daemon will hit, a few seconds ahead even on a loaded
         # machine (picked before the start, it could pass while the daemon starts up and

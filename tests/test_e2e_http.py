@@ -16,7 +16,7 @@ import pytest
 from harness import Agentd, free_port, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
-from agentd.store import Store
+from agentd.state.sqlite import SqliteStore
 
 pytestmark = pytest.mark.e2e
 
@@ -77,7 +77,7 @@ def test_readiness_follows_startup_and_sigterm_while_liveness_holds(  # type: ig
         """
     )
     d.state_dir.mkdir(parents=True)
-    Store(d.state_dir / "state.sqlite").close()  # the state DB, at this agentd's schema
+    SqliteStore(d.state_dir / "state.sqlite").close()  # the state DB, at this agentd's schema
     # Hold the state DB's write lock: startup cannot finish while we do.
     holder = sqlite3.connect(d.state_dir / "state.sqlite", isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")

@@ -38,22 +38,22 @@ t:
   command: {argv: ["true"]}
 """
 
-# A real Store writes runs, one transaction each, and the process ends without closing
+# A real SqliteStore writes runs, one transaction each, and the process ends without closing
 # its connection (as after kill -9): the WAL keeps every frame. With a second count, a
-# checkpoint by another connection lets the Store start the WAL again from the top, so
+# checkpoint by another connection lets the SqliteStore start the WAL again from the top, so
 # the file ends with frames of the earlier generation (other salts) behind the new ones.
 WRITER = textwrap.dedent(
     """
     import os, sqlite3, sys
     from agentd.clock import SystemClock
     from agentd.config import load_config, task_index
-    from agentd.store import Store
+    from agentd.state.sqlite import SqliteStore
 
     cfg = load_config(sys.argv[1])
     first, then = int(sys.argv[2]), int(sys.argv[3])
     db = cfg.daemon.state_dir / "state.sqlite"
     cfg.daemon.state_dir.mkdir(parents=True, exist_ok=True)
-    store = Store(db)
+    store = SqliteStore(db)
     now = SystemClock().now()
     store.sync_tasks(task_index(cfg), now)
     for i in range(first + then):
@@ -204,7 +204,7 @@ def test_missing_state_beside_stored_jobs_refuses_until_accepted(
 
 
 def damaged_wal(d: Agentd, runs: int = 30) -> tuple[Path, bytes, str, int]:
-    """Runs written by a real Store that stopped without closing, then bytes flipped in a
+    """Runs written by a real SqliteStore that stopped without closing, then bytes flipped in a
     page in the middle of the WAL; and the refusal that follows, checked. Returns the
     WAL, its damaged bytes, the refusal line and the transactions lost at the break."""
     write_runs(d, runs)

@@ -35,7 +35,7 @@ from agentd.executors import ExecEnv, executor_for
 from agentd.executors.command import inherited_env, use_pidfd_child_watcher
 from agentd.models import Result, StopRequested
 from agentd.providers import Gateway
-from agentd.store import Store
+from agentd.state.sqlite import SqliteStore
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
 import fake_llm
@@ -693,7 +693,7 @@ class LLMSide:
 
     def __init__(self, root: Path, config: Config | None = None) -> None:
         root.mkdir(parents=True, exist_ok=True)
-        self.store = Store(root / "state.sqlite")
+        self.store = SqliteStore(root / "state.sqlite")
         self.config = config or Config()
         self.gateway = Gateway(self.store, self.config, SystemClock())
 

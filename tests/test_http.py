@@ -1,4 +1,4 @@
-"""Tests for agentd.http: the real aiohttp app on a loopback port, a real Store on a
+"""Tests for agentd.http: the real aiohttp app on a loopback port, a real SqliteStore on a
 SQLite file, real Control/Health/EventBus, and httpx as the client.
 
 Each test runs its own event loop (``asyncio.run``); waits are awaits or polls with
@@ -31,7 +31,7 @@ from agentd.events import EventBus
 from agentd.health import Health
 from agentd.http import BindRefused, HttpServer, TokenError, check_bind, load_token
 from agentd.models import Outcome, RunStatus
-from agentd.store import Store
+from agentd.state.sqlite import SqliteStore
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 TOKEN = "s3cret-t0ken-value"
@@ -58,7 +58,7 @@ def run(test: Callable[[], Awaitable[None]], timeout: float = 60.0) -> None:
 
 @dataclass
 class Env:
-    store: Store
+    store: SqliteStore
     control: Control
     health: Health
     bus: EventBus
@@ -103,7 +103,7 @@ async def serving(
     config = parse_config(CONFIG, environ={})
     clock = ManualClock(T0)
     bus = EventBus()
-    store = Store(tmp_path / "state.sqlite", event_sink=bus.publish)
+    store = SqliteStore(tmp_path / "state.sqlite", event_sink=bus.publish)
     store.sync_tasks({tid: (t.fingerprint(), t.kind) for tid, t in config.tasks.items()}, T0)
     control = Control(store, config, clock)
     health = Health(started=True)

@@ -1,5 +1,5 @@
 """Retention (agentd.retention): which history goes, given the settings and a time, on
-real state DBs filled through ``Store``; the batch executor; the pruner thread; and
+real state DBs filled through ``SqliteStore``; the batch executor; the pruner thread; and
 ``agentd prune`` as a real subprocess."""
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ from agentd.metrics import PRUNE_KINDS, Metrics
 from agentd.models import Outcome, RunStatus
 from agentd.outbox import Outbox
 from agentd.runner import workspace_path
-from agentd.store import Finish, Fire, Store
+from agentd.state.port import Finish, Fire
+from agentd.state.sqlite import SqliteStore
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
 TASKS = {"a": ("fa", "python"), "b": ("fb", "python")}
@@ -57,8 +58,8 @@ def history(**settings: Any) -> HistoryConfig:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(tmp_path / "state.sqlite")
+def store(tmp_path: Path) -> Iterator[SqliteStore]:
+    s = SqliteStore(tmp_path / "state.sqlite")
     s.sync_tasks(TASKS, T0)
     yield s
     s.close()
@@ -72,7 +73,7 @@ _OUTCOME = {
 
 
 def finished(
-    store: Store,
+    store: SqliteStore,
     task: str,
     created: datetime,
     ended: datetime,
@@ -108,11 +109,11 @@ def finished(
     return row["id"]
 
 
-def queued(store: Store, task: str, created: datetime) -> str:
+def queued(store: SqliteStore, task: str, created: datetime) -> str:
     return store.fire(task, created, scheduled_for=created, overlap="allow").run_id
 
 
-def running(store: Store, task: str, created: datetime) -> str:
+def running(store: SqliteStore, task: str, created: datetime) -> str:
     run_id = queued(store, task, created)
     others = set(TASKS) - {task}
     [row] = store.claim(created, "test-worker", 3600, 1, others, set())
@@ -121,12 +122,12 @@ def running(store: Store, task: str, created: datetime) -> str:
     return run_id
 
 
-def read_all(store: Store) -> None:
+def read_all(store: SqliteStore) -> None:
     """The alert outbox reads every event there is (its first pass: all is old news)."""
     Outbox(store, Config(), ManualClock(T0)).process(T0)
 
 
-def selected(store: Store, select: retention.Selector, cut: retention.Cutoffs) -> list[Any]:
+def selected(store: SqliteStore, select: retention.Selector, cut: retention.Cutoffs) -> list[Any]:
     """Every key a selector picks, batch after batch from the start (nothing deleted)."""
     conn = retention.connect(store.path, read_only=True)
     keys: list[Any] = []
@@ -142,11 +143,11 @@ def selected(store: Store, select: retention.Selector, cut: retention.Cutoffs) -
         conn.close()
 
 
-def count(store: Store, sql: str, params: tuple[Any, ...] = ()) -> int:
+def count(store: SqliteStore, sql: str, params: tuple[Any, ...] = ()) -> int:
     return int(store.conn.execute(sql, params).fetchone()[0])
 
 
-def run_ids(store: Store) -> set[str]:
+def run_ids(store: SqliteStore) -> set[str]:
     return {r[0] for r in store.conn.execute("SELECT id FROM runs")}
 
 
@@ -213,7 +214,7 @@ def test_cutoffs_are_the_settings_before_now_with_a_floor_under_the_ledger() -> 
 # ---------------------------------------------------------------- which runs go
 
 
-def test_old_finished_runs_go_and_queued_running_and_quarantined_stay(store: Store) -> None:
+def test_old_finished_runs_go_and_queued_running_and_quarantined_stay(store: SqliteStore) -> None:
     goes = [
         finished(store, "a", at(0), at(0.1)),
         finished(store, "a", at(1), at(1.1), RunStatus.CANCELLED),
@@ -237,7 +238,7 @@ def test_old_finished_runs_go_and_queued_running_and_quarantined_stay(store: Sto
         assert kept not in selected(store, retention.select_old_runs, later)
 
 
-def test_a_run_is_judged_by_when_it_finished_not_when_it_was_created(store: Store) -> None:
+def test_a_run_is_judged_by_when_it_finished_not_when_it_was_created(store: SqliteStore) -> None:
     run_id = finished(store, "a", at(0), at(0.1), RunStatus.QUARANTINED)
     store.quarantine_release(run_id, at(40))  # queued again, a new attempt
     [row] = store.claim(at(40), "test-worker", 3600, 1, {"b"}, set())
@@ -250,7 +251,7 @@ def test_a_run_is_judged_by_when_it_finished_not_when_it_was_created(store: Stor
     assert selected(store, retention.select_old_runs, cut) == [run_id]
 
 
-def test_a_run_waits_until_the_alert_outbox_has_read_its_events(store: Store) -> None:
+def test_a_run_waits_until_the_alert_outbox_has_read_its_events(store: SqliteStore) -> None:
     early = finished(store, "a", at(0), at(0.1))
     read_all(store)
     late = finished(store, "a", at(1), at(1.1))  # its events are after the outbox's cursor
@@ -260,7 +261,7 @@ def test_a_run_waits_until_the_alert_outbox_has_read_its_events(store: Store) ->
     assert sorted(selected(store, retention.select_old_runs, cut)) == sorted([early, late])
 
 
-def test_max_runs_per_task_keeps_the_newest_and_never_an_active_run(store: Store) -> None:
+def test_max_runs_per_task_keeps_the_newest_and_never_an_active_run(store: SqliteStore) -> None:
     a_runs = [finished(store, "a", at(i), at(i + 0.1)) for i in range(8)]
     b_runs = [finished(store, "b", at(i), at(i + 0.1)) for i in range(3)]
     old_running = running(store, "a", at(8))
@@ -280,7 +281,7 @@ def test_max_runs_per_task_keeps_the_newest_and_never_an_active_run(store: Store
     assert not set(by_age) & set(by_cap)
 
 
-def test_events_not_tied_to_a_run_go_after_keep_events(store: Store) -> None:
+def test_events_not_tied_to_a_run_go_after_keep_events(store: SqliteStore) -> None:
     store.pause("a", "one", at(1))
     store.resume("a", at(2))
     store.record_misfire("b", at(20), [at(19)], "catchup")
@@ -299,7 +300,9 @@ def test_events_not_tied_to_a_run_go_after_keep_events(store: Store) -> None:
     assert not {i for i in picked if kinds[i] == "misfire"}
 
 
-def test_quarantine_entries_expire_after_keep_quarantine(store: Store, tmp_path: Path) -> None:
+def test_quarantine_entries_expire_after_keep_quarantine(
+    store: SqliteStore, tmp_path: Path
+) -> None:
     old = finished(store, "a", at(0), at(0.1), RunStatus.QUARANTINED)
     recent = finished(store, "b", at(20), at(20.1), RunStatus.QUARANTINED)
     read_all(store)
@@ -318,7 +321,7 @@ def test_quarantine_entries_expire_after_keep_quarantine(store: Store, tmp_path:
     assert selected(store, retention.select_old_runs, cut) == []
 
 
-def _spend(store: Store, task: str, run_id: str, when: datetime, commit: bool = True) -> int:
+def _spend(store: SqliteStore, task: str, run_id: str, when: datetime, commit: bool = True) -> int:
     end = when + timedelta(days=1)
     day = Scope(f"task:{task}:day", f"{task}:day", task, "day", 1.0, None, when, end)
     entry = ledger.reserve(
@@ -350,7 +353,7 @@ def _spend(store: Store, task: str, run_id: str, when: datetime, commit: bool = 
 
 
 def test_ledger_and_alarms_go_after_keep_ledger_but_not_what_a_budget_counts(
-    store: Store,
+    store: SqliteStore,
 ) -> None:
     done = finished(store, "a", at(0), at(0.1))
     old = _spend(store, "a", done, at(0))
@@ -376,7 +379,7 @@ def test_ledger_and_alarms_go_after_keep_ledger_but_not_what_a_budget_counts(
 
 
 def test_alerts_and_ended_deliveries_go_after_keep_alerts_never_a_pending_one(
-    store: Store,
+    store: SqliteStore,
 ) -> None:
     config = parse_config(
         "alerts: {channels: {journal: {log: {}}, broken: {command: {argv: ['false']},"
@@ -418,7 +421,7 @@ def _plan(conn: sqlite3.Connection, sql: str) -> list[str]:
     return [str(r[3]) for r in conn.execute("EXPLAIN QUERY PLAN " + sql, args)]
 
 
-def test_every_retention_query_is_served_by_an_index(store: Store) -> None:
+def test_every_retention_query_is_served_by_an_index(store: SqliteStore) -> None:
     for name, sql in retention.QUERIES.items():
         plan = _plan(store.conn, sql)
         scans = [line for line in plan if re.match(r"SCAN (?!json_each)", line)]
@@ -434,7 +437,7 @@ def test_every_retention_query_is_served_by_an_index(store: Store) -> None:
 # ---------------------------------------------------------------- the executor
 
 
-def _snapshot(store: Store, ids: list[str]) -> dict[str, Any]:
+def _snapshot(store: SqliteStore, ids: list[str]) -> dict[str, Any]:
     """Everything stored about these runs."""
     marks = json.dumps(ids)
     out: dict[str, Any] = {}
@@ -456,7 +459,7 @@ def _snapshot(store: Store, ids: list[str]) -> dict[str, Any]:
 
 
 def test_prune_works_in_small_batches_and_leaves_active_runs_alone(
-    store: Store, tmp_path: Path
+    store: SqliteStore, tmp_path: Path
 ) -> None:
     old = [finished(store, "a", at(i / 10), at(i / 10 + 0.01), checkpoint=True) for i in range(10)]
     old += [finished(store, "b", at(i / 10), at(i / 10 + 0.01)) for i in range(4)]
@@ -499,7 +502,7 @@ def test_prune_works_in_small_batches_and_leaves_active_runs_alone(
     )
 
 
-def test_prune_stops_when_pace_says_so(store: Store, tmp_path: Path) -> None:
+def test_prune_stops_when_pace_says_so(store: SqliteStore, tmp_path: Path) -> None:
     for i in range(10):
         finished(store, "a", at(i / 10), at(i / 10 + 0.01))
     read_all(store)
@@ -512,7 +515,7 @@ def test_prune_stops_when_pace_says_so(store: Store, tmp_path: Path) -> None:
     assert report.stopped and report.counts["runs"] == 4 and len(run_ids(store)) == 6
 
 
-def test_workspaces_go_with_their_runs(store: Store, tmp_path: Path) -> None:
+def test_workspaces_go_with_their_runs(store: SqliteStore, tmp_path: Path) -> None:
     gone = finished(store, "a", at(0), at(0.1))
     nothing_written = finished(store, "a", at(0.5), at(0.6))
     kept = finished(store, "b", at(0), at(0.1), RunStatus.QUARANTINED)
@@ -539,7 +542,7 @@ def test_workspaces_go_with_their_runs(store: Store, tmp_path: Path) -> None:
     assert nothing_written not in run_ids(store)
 
 
-def test_a_dry_run_counts_what_prune_then_deletes(store: Store, tmp_path: Path) -> None:
+def test_a_dry_run_counts_what_prune_then_deletes(store: SqliteStore, tmp_path: Path) -> None:
     for i in range(7):
         finished(store, "a", at(i), at(i + 0.1), checkpoint=i % 2 == 0)
         finished(store, "b", at(i), at(i + 0.2), RunStatus.SKIPPED)
@@ -565,7 +568,9 @@ def test_a_dry_run_counts_what_prune_then_deletes(store: Store, tmp_path: Path) 
     assert dry.oldest == real.oldest and dry.newest == real.newest
 
 
-def test_the_pruner_thread_prunes_counts_and_stops_promptly(store: Store, tmp_path: Path) -> None:
+def test_the_pruner_thread_prunes_counts_and_stops_promptly(
+    store: SqliteStore, tmp_path: Path
+) -> None:
     for i in range(300):
         finished(store, "a", at(i / 1000), at(i / 1000 + 0.0001))
     read_all(store)
@@ -613,7 +618,7 @@ def test_the_pruner_thread_prunes_counts_and_stops_promptly(store: Store, tmp_pa
     assert not [t for t in threading.enumerate() if t.name == "agentd-retention"]
 
 
-def test_a_stop_ends_a_long_pass_between_batches(store: Store, tmp_path: Path) -> None:
+def test_a_stop_ends_a_long_pass_between_batches(store: SqliteStore, tmp_path: Path) -> None:
     for i in range(400):
         finished(store, "a", at(i / 1000), at(i / 1000 + 0.0001))
     read_all(store)
@@ -650,7 +655,7 @@ def test_cli_prune_dry_run_writes_nothing_and_prune_prunes(tmp_path: Path) -> No
     state_dir = tmp_path / "state"
     state_dir.mkdir()
     now = datetime.now(UTC)
-    store = Store(state_dir / "state.sqlite")
+    store = SqliteStore(state_dir / "state.sqlite")
     store.sync_tasks(TASKS, now - timedelta(days=30))
     old = []
     for i in range(6):
@@ -709,7 +714,7 @@ def test_cli_prune_without_a_state_db_says_so(tmp_path: Path) -> None:
 def test_cli_prune_refuses_a_db_of_another_schema(tmp_path: Path) -> None:
     state_dir = tmp_path / "state"
     state_dir.mkdir()
-    Store(state_dir / "state.sqlite").close()
+    SqliteStore(state_dir / "state.sqlite").close()
     conn = sqlite3.connect(state_dir / "state.sqlite")
     conn.execute("UPDATE meta SET value='999' WHERE key='schema_version'")
     conn.commit()
@@ -723,7 +728,7 @@ def test_ctrl_c_ends_cli_prune_between_batches_and_reports_what_went(tmp_path: P
     state_dir = tmp_path / "state"
     state_dir.mkdir()
     now = datetime.now(UTC)
-    store = Store(state_dir / "state.sqlite")
+    store = SqliteStore(state_dir / "state.sqlite")
     store.sync_tasks(TASKS, now - timedelta(days=30))
     created = now - timedelta(days=20)
     fires = [Fire("a", created + timedelta(seconds=i), overlap="allow") for i in range(2000)]

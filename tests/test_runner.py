@@ -13,13 +13,13 @@ from agentd.clock import SystemClock
 from agentd.config import Config, parse_config
 from agentd.executors import ExecEnv
 from agentd.runner import Runner
-from agentd.store import Store
+from agentd.state.sqlite import SqliteStore
 
 N_RUNS = 40
 
 
 def make_runner(
-    store: Store, clock: SystemClock, tmp_path: Path, concurrency: int, config: Config
+    store: SqliteStore, clock: SystemClock, tmp_path: Path, concurrency: int, config: Config
 ) -> Runner:
     runner = Runner(
         store,
@@ -43,7 +43,7 @@ def test_a_tick_claims_and_starts_forty_runs_with_one_commit(
         '    command: {argv: ["true"]}\n'
     )
     clock = SystemClock()
-    store = Store(tmp_path / "state.sqlite")
+    store = SqliteStore(tmp_path / "state.sqlite")
     store.sync_tasks({"quick": (config.tasks["quick"].fingerprint(), "command")}, clock.now())
     for _ in range(N_RUNS):
         store.fire("quick", clock.now(), trigger="manual", overlap="allow")
@@ -79,7 +79,7 @@ def test_a_command_that_writes_nothing_leaves_no_workspace(tmp_path: Path) -> No
         '    command: {shell: "echo x > $AGENTD_WORKSPACE/out"}\n'
     )
     clock = SystemClock()
-    store = Store(tmp_path / "state.sqlite")
+    store = SqliteStore(tmp_path / "state.sqlite")
     store.sync_tasks(
         {t: (config.tasks[t].fingerprint(), "command") for t in ("silent", "writer")}, clock.now()
     )
@@ -109,11 +109,11 @@ def test_idle_tick_reads_the_queue_only_after_a_write(tmp_path: Path) -> None:
         '  quick:\n    schedule: {manual: true}\n    command: {argv: ["true"]}\n'
     )
     clock = SystemClock()
-    store = Store(tmp_path / "state.sqlite")
+    store = SqliteStore(tmp_path / "state.sqlite")
     store.sync_tasks({"quick": (config.tasks["quick"].fingerprint(), "command")}, clock.now())
     statements: list[str] = []
     store.conn.set_trace_callback(statements.append)
-    cli = Store(tmp_path / "state.sqlite")  # a second connection, as the CLI has
+    cli = SqliteStore(tmp_path / "state.sqlite")  # a second connection, as the CLI has
 
     async def scenario() -> None:
         runner = make_runner(store, clock, tmp_path, 1, config)
@@ -148,7 +148,7 @@ def test_one_outcome_that_cannot_be_recorded_costs_only_its_own_run(
         '    python: {callable: "ends_at_once:write"}\n'
     )
     clock = SystemClock()
-    store = Store(tmp_path / "state.sqlite")
+    store = SqliteStore(tmp_path / "state.sqlite")
     store.sync_tasks(
         {t: (config.tasks[t].fingerprint(), "python") for t in ("kept", "vanished")}, clock.now()
     )
@@ -196,7 +196,7 @@ def test_a_run_left_running_that_the_runner_does_not_hold_is_recovered_after_its
         '    command: {shell: "sleep 30"}\n'
     )
     clock = ManualClock(datetime(2026, 3, 1, 12, 0, tzinfo=UTC))
-    store = Store(tmp_path / "state.sqlite")
+    store = SqliteStore(tmp_path / "state.sqlite")
     store.sync_tasks({t: (c.fingerprint(), c.kind) for t, c in config.tasks.items()}, clock.now())
     lost = store.fire("lost", clock.now(), trigger="manual").run_id
     store.claim(clock.now(), "test", 30, 1, set(), set())  # claimed, then forgotten
@@ -244,7 +244,7 @@ def test_the_lease_sweep_ends_a_lost_runs_process_group_before_it_re_queues_it(
         '    command: {argv: ["true"]}\n'
     )
     clock = ManualClock(datetime(2026, 3, 1, 12, 0, tzinfo=UTC))
-    store = Store(tmp_path / "state.sqlite")
+    store = SqliteStore(tmp_path / "state.sqlite")
     store.sync_tasks({t: (c.fingerprint(), c.kind) for t, c in config.tasks.items()}, clock.now())
     lost = store.fire("lost", clock.now(), trigger="manual").run_id
     store.claim(clock.now(), "gone", 30, 1, set(), set())

@@ -16,7 +16,7 @@ import sqlalchemy
 from agentd.clock import SystemClock, from_iso
 from agentd.config import parse_config
 from agentd.scheduler import Scheduler
-from agentd.store import Store
+from agentd.state.sqlite import SqliteStore
 
 N_TASKS = 60
 
@@ -36,7 +36,7 @@ def test_fires_due_at_one_instant_are_one_commit_and_one_jobstore_write(tmp_path
         for i in range(N_TASKS)
     )
     config = parse_config(f"daemon:\n  state_dir: {tmp_path}\ntasks:\n{tasks}")
-    store = Store(tmp_path / "state.sqlite")
+    store = SqliteStore(tmp_path / "state.sqlite")
     index = {t: (c.fingerprint(), c.kind) for t, c in config.tasks.items()}
     store.sync_tasks(index, SystemClock().now())
     commits: list[str] = []
@@ -85,7 +85,7 @@ def test_before_commit_runs_inside_the_pass_group_before_its_fires_are_durable(
         f'  t{i}:\n    schedule: {{every: 1s}}\n    command: {{argv: ["true"]}}\n' for i in range(n)
     )
     config = parse_config(f"daemon:\n  state_dir: {tmp_path}\ntasks:\n{tasks}")
-    store = Store(tmp_path / "state.sqlite")
+    store = SqliteStore(tmp_path / "state.sqlite")
     index = {t: (c.fingerprint(), c.kind) for t, c in config.tasks.items()}
     store.sync_tasks(index, SystemClock().now())
     other = sqlite3.connect(tmp_path / "state.sqlite")
@@ -97,7 +97,7 @@ def test_before_commit_runs_inside_the_pass_group_before_its_fires_are_durable(
         def before_commit() -> None:
             mine = store.conn.execute("SELECT count(*) FROM runs").fetchone()[0]
             theirs = other.execute("SELECT count(*) FROM runs").fetchone()[0]
-            seen.append((store.in_group, mine, theirs))
+            seen.append((store._group_open, mine, theirs))
             called.set()
 
         scheduler = Scheduler(store, SystemClock(), tmp_path / "schedule.sqlite")
@@ -118,14 +118,14 @@ def test_before_commit_runs_inside_the_pass_group_before_its_fires_are_durable(
     assert committed >= mine
 
 
-def _every_second(tmp_path: Path, n: int) -> tuple[Any, Store]:
+def _every_second(tmp_path: Path, n: int) -> tuple[Any, SqliteStore]:
     tasks = "".join(
         f"  t{i}:\n    schedule: {{every: 1s}}\n    overlap: allow\n"
         '    command: {argv: ["true"]}\n'
         for i in range(n)
     )
     config = parse_config(f"daemon:\n  state_dir: {tmp_path}\ntasks:\n{tasks}")
-    store = Store(tmp_path / "state.sqlite")
+    store = SqliteStore(tmp_path / "state.sqlite")
     index = {t: (c.fingerprint(), c.kind) for t, c in config.tasks.items()}
     store.sync_tasks(index, SystemClock().now())
     return config, store
@@ -186,7 +186,7 @@ def test_a_burst_is_fired_in_passes_of_due_batch_with_the_loop_running_between(
         for i in range(n)
     )
     config = parse_config(f"daemon:\n  state_dir: {tmp_path}\ntasks:\n{tasks}")
-    store = Store(tmp_path / "state.sqlite")
+    store = SqliteStore(tmp_path / "state.sqlite")
     store.sync_tasks(
         {t: (c.fingerprint(), c.kind) for t, c in config.tasks.items()}, SystemClock().now()
     )
@@ -285,7 +285,7 @@ def test_apscheduler_per_job_lines_are_dropped_its_own_state_lines_kept(
         f'  t{i}:\n    schedule: {{every: 1h}}\n    command: {{argv: ["true"]}}\n' for i in range(3)
     )
     config = parse_config(f"daemon:\n  state_dir: {tmp_path}\ntasks:\n{tasks}")
-    store = Store(tmp_path / "state.sqlite")
+    store = SqliteStore(tmp_path / "state.sqlite")
     store.sync_tasks(
         {t: (c.fingerprint(), c.kind) for t, c in config.tasks.items()}, SystemClock().now()
     )
@@ -322,7 +322,7 @@ def test_sync_async_lets_the_loop_run_between_slices_and_syncs_the_same(
         return f"daemon:\n  state_dir: {tmp_path}\ntasks:\n{tasks}"
 
     first, second = parse_config(config_text(0)), parse_config(config_text(5))
-    store = Store(tmp_path / "state.sqlite")
+    store = SqliteStore(tmp_path / "state.sqlite")
     store.sync_tasks(
         {t: (c.fingerprint(), c.kind) for t, c in first.tasks.items()}, SystemClock().now()
     )
@@ -367,7 +367,7 @@ def test_a_schedule_with_no_fire_time_left_gets_no_job_and_a_fired_once_task_no_
         '  nightly:\n    schedule: {cron: "0 3 * * *"}\n    command: {argv: ["true"]}\n'
     )
     config = parse_config(text)
-    store = Store(tmp_path / "state.sqlite")
+    store = SqliteStore(tmp_path / "state.sqlite")
     store.sync_tasks(
         {t: (c.fingerprint(), c.kind) for t, c in config.tasks.items()}, SystemClock().now()
     )

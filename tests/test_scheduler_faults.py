@@ -17,15 +17,16 @@ from smallfs import small_fs
 from agentd.clock import SystemClock, from_iso, to_iso
 from agentd.config import Config, parse_config
 from agentd.scheduler import Scheduler
-from agentd.store import RunIds, Store
+from agentd.state.port import RunIds
+from agentd.state.sqlite import SqliteStore
 
 
 def _config(tmp_path: Path, tasks: str) -> Config:
     return parse_config(f"daemon:\n  state_dir: {tmp_path}\ntasks:\n{tasks}")
 
 
-def _store(path: Path, config: Config) -> Store:
-    store = Store(path)
+def _store(path: Path, config: Config) -> SqliteStore:
+    store = SqliteStore(path)
     store.sync_tasks(
         {t: (c.fingerprint(), c.kind) for t, c in config.tasks.items()}, SystemClock().now()
     )

@@ -1,4 +1,4 @@
-"""Tests for agentd.store: the durable state on a real SQLite file."""
+"""Tests for agentd.state.sqlite: the durable state on a real SQLite file."""
 
 from __future__ import annotations
 
@@ -14,18 +14,10 @@ from typing import Any
 import pytest
 
 from agentd.clock import to_iso
-from agentd.models import Outcome, RunStatus
-from agentd.store import (
-    CHECKPOINT_EVERY,
-    MIGRATIONS,
-    SCHEMA_VERSION,
-    EventSink,
-    Finish,
-    Fire,
-    Row,
-    Store,
-    StoreError,
-)
+from agentd.models import Outcome, Row, RunStatus, StateRefused
+from agentd.state.port import EventSink, Finish, Fire
+from agentd.state.sqlite import MIGRATIONS, SCHEMA_VERSION, SqliteStore
+from agentd.state.sqlite.engine import CHECKPOINT_EVERY
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 N_ROUNDS = 12
@@ -44,7 +36,7 @@ def _migrated_db(tmp_path: Path) -> bytes:
     if not _template:
         where = tmp_path / "template"
         where.mkdir()
-        Store(where / "state.sqlite").close()  # close() folds the WAL into the file
+        SqliteStore(where / "state.sqlite").close()  # close() folds the WAL into the file
         _template.append((where / "state.sqlite").read_bytes())
     return _template[0]
 
@@ -55,56 +47,56 @@ def make_store(
     tasks: dict[str, tuple[str, str]] | None = None,
     *,
     fresh: bool = False,
-) -> Store:
-    """A Store on ``tmp_path/state.sqlite`` with tasks synced at ``T0``.
+) -> SqliteStore:
+    """A SqliteStore on ``tmp_path/state.sqlite`` with tasks synced at ``T0``.
 
     Unless ``fresh``, the file starts as a copy of an already migrated DB.
     """
     path = tmp_path / "state.sqlite"
     if not fresh:
         path.write_bytes(_migrated_db(tmp_path))
-    store = Store(path, event_sink=event_sink)
+    store = SqliteStore(path, event_sink=event_sink)
     store.sync_tasks(tasks or TASKS, T0)
     return store
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
+def store(tmp_path: Path) -> Iterator[SqliteStore]:
     s = make_store(tmp_path)
     yield s
     s.conn.close()  # the file is thrown away: no need for close()'s WAL checkpoint
 
 
 @pytest.fixture
-def fresh_store(tmp_path: Path) -> Iterator[Store]:
+def fresh_store(tmp_path: Path) -> Iterator[SqliteStore]:
     s = make_store(tmp_path, fresh=True)
     yield s
     s.conn.close()
 
 
-def fire_at(store: Store, task_id: str, seconds: float, **kwargs: Any) -> str:
+def fire_at(store: SqliteStore, task_id: str, seconds: float, **kwargs: Any) -> str:
     """A scheduled fire for ``T0 + seconds`` at that same moment; returns the run id."""
     result = store.fire(task_id, at(seconds), scheduled_for=at(seconds), **kwargs)
     assert result.created
     return result.run_id
 
 
-def claim_one(store: Store, now: datetime, owner: str = "w1", lease_s: float = 30) -> Row:
+def claim_one(store: SqliteStore, now: datetime, owner: str = "w1", lease_s: float = 30) -> Row:
     rows = store.claim(now, owner, lease_s, 1, set(), set())
     assert len(rows) == 1, rows
     return rows[0]
 
 
-def kinds(store: Store, run_id: str | None = None) -> list[str]:
+def kinds(store: SqliteStore, run_id: str | None = None) -> list[str]:
     return [e["kind"] for e in store.events(run_id=run_id)]
 
 
-def events_of_kind(store: Store, kind: str) -> list[Row]:
+def events_of_kind(store: SqliteStore, kind: str) -> list[Row]:
     return [e for e in store.events() if e["kind"] == kind]
 
 
 def run_and_finish(
-    store: Store,
+    store: SqliteStore,
     task_id: str,
     seconds: float,
     outcome: Outcome,
@@ -122,7 +114,7 @@ def run_and_finish(
 # ---------------------------------------------------------------- opening, schema
 
 
-def test_pragmas_and_schema_version(fresh_store: Store) -> None:
+def test_pragmas_and_schema_version(fresh_store: SqliteStore) -> None:
     store = fresh_store
     assert store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert store.conn.execute("PRAGMA synchronous").fetchone()[0] == 2
@@ -149,7 +141,7 @@ def test_reopen_keeps_data_and_does_not_remigrate(tmp_path: Path) -> None:
     n_events = len(store.events())
     store.close()
 
-    again = Store(tmp_path / "state.sqlite")
+    again = SqliteStore(tmp_path / "state.sqlite")
     try:
         assert again.get_run(run_id)["status"] == RunStatus.QUEUED
         assert [r["id"] for r in again.task_rows()] == ["a", "b"]
@@ -174,7 +166,7 @@ def test_v3_file_migrates_to_v4_indexes_and_the_overlap_check_uses_them(
     (status, not_before) index for a partial index of active runs, which is what a
     fire's overlap check must read instead of the task's whole history."""
     path = tmp_path / "state.sqlite"
-    old = Store(path, defer_open=True)
+    old = SqliteStore(path, defer_open=True)
     old.conn.execute("PRAGMA journal_mode = WAL")
     with old.tx():
         for migrate in MIGRATIONS[:3]:
@@ -184,7 +176,7 @@ def test_v3_file_migrates_to_v4_indexes_and_the_overlap_check_uses_them(
     run_id = fire_at(old, "a", 0)
     old.close()
 
-    store = Store(path)
+    store = SqliteStore(path)
     try:
         names = {r[0] for r in store.conn.execute("SELECT name FROM sqlite_master")}
         assert "idx_runs_active" in names
@@ -206,7 +198,7 @@ def test_v3_file_migrates_to_v4_indexes_and_the_overlap_check_uses_them(
         store.close()
 
 
-def _plan(store: Store, sql: str, params: tuple[Any, ...] = ()) -> str:
+def _plan(store: SqliteStore, sql: str, params: tuple[Any, ...] = ()) -> str:
     return " ".join(str(r[3]) for r in store.conn.execute("EXPLAIN QUERY PLAN " + sql, params))
 
 
@@ -217,7 +209,7 @@ def test_v4_file_migrates_to_partial_indexes_and_the_hot_queries_use_them(
     a queued run written by v4 is still claimed in due order, and none of the queries
     the loop runs per tick falls back to a scan of the whole history."""
     path = tmp_path / "state.sqlite"
-    old = Store(path, defer_open=True)
+    old = SqliteStore(path, defer_open=True)
     old.conn.execute("PRAGMA journal_mode = WAL")
     with old.tx():
         for migrate in MIGRATIONS[:4]:
@@ -228,7 +220,7 @@ def test_v4_file_migrates_to_partial_indexes_and_the_hot_queries_use_them(
     sooner = fire_at(old, "b", 1)
     old.close()
 
-    store = Store(path)
+    store = SqliteStore(path)
     try:
         sql = {r[0]: r[1] for r in store.conn.execute("SELECT name, sql FROM sqlite_master")}
         assert "WHERE status='queued'" in sql["idx_runs_due"]
@@ -261,8 +253,8 @@ def test_newer_schema_version_is_refused(tmp_path: Path) -> None:
             "UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION + 1),)
         )
     conn.close()
-    with pytest.raises(StoreError) as info:
-        Store(tmp_path / "state.sqlite")
+    with pytest.raises(StateRefused) as info:
+        SqliteStore(tmp_path / "state.sqlite")
     assert info.value.code == "schema_too_new"
     assert str(SCHEMA_VERSION + 1) in str(info.value)
 
@@ -281,9 +273,9 @@ def test_off_loop_commit_events_come_once_after_it_and_before_later_ones(
     store = make_store(tmp_path, event_sink=seen.append)
     try:
         del seen[:]
-        store.begin_group()
+        store_unit = store.unit()
         first = fire_at(store, "a", 0)
-        commit = store.commit_group_off_loop()
+        commit = store_unit.commit_off_loop()
         assert commit is not None
         # Done or not, nothing reaches the sink before someone settles the commit.
         assert seen == []
@@ -294,7 +286,7 @@ def test_off_loop_commit_events_come_once_after_it_and_before_later_ones(
             ("enqueue", second),
         ]
         assert commit.result() is None
-        assert store.settle() is None and len(seen) == 2  # never twice
+        assert store.complete_commit() is None and len(seen) == 2  # never twice
         reader = _other_reader(tmp_path)
         ids = {r[0] for r in reader.execute("SELECT id FROM runs")}
         reader.close()
@@ -308,21 +300,21 @@ def test_failed_off_loop_commit_undoes_its_group_and_drops_its_events(tmp_path: 
     store = make_store(tmp_path, event_sink=seen.append)
     try:
         del seen[:]
-        store.begin_group()
+        store_unit = store.unit()
         lost = fire_at(store, "a", 0)
         # A real failure at COMMIT: a foreign key checked only then.
         store.conn.execute("PRAGMA defer_foreign_keys = ON")
         store.conn.execute(
             "INSERT INTO checkpoints(run_id, data, seq, saved_at) VALUES ('nope', '{}', 1, 'x')"
         )
-        commit = store.commit_group_off_loop()
+        commit = store_unit.commit_off_loop()
         assert commit is not None
         error = commit.result()
         assert isinstance(error, sqlite3.IntegrityError)
-        assert isinstance(store.settle(), sqlite3.IntegrityError)
-        assert store.settle() is None  # settled once
+        assert isinstance(store.complete_commit(), sqlite3.IntegrityError)
+        assert store.complete_commit() is None  # settled once
         assert seen == []
-        with pytest.raises(StoreError):
+        with pytest.raises(StateRefused):
             store.get_run(lost)
         # The connection is usable, outside any transaction.
         kept = fire_at(store, "a", 5)
@@ -353,7 +345,7 @@ def test_wal_is_checkpointed_off_the_committing_connection(tmp_path: Path) -> No
         store.close()
 
 
-def test_sync_tasks_adds_changes_removes_and_keeps_pause(store: Store) -> None:
+def test_sync_tasks_adds_changes_removes_and_keeps_pause(store: SqliteStore) -> None:
     store.pause("a", "maintenance", at(1))
     store.sync_tasks({"a": ("fp1-changed", "command"), "c": ("fp3", "http")}, at(2))
     rows = {r["id"]: r for r in store.task_rows()}
@@ -365,7 +357,7 @@ def test_sync_tasks_adds_changes_removes_and_keeps_pause(store: Store) -> None:
     assert b is not None
     assert b["present"] == 0
     assert {"task_added", "task_changed", "task_removed"} <= set(kinds(store))
-    with pytest.raises(StoreError) as info:
+    with pytest.raises(StateRefused) as info:
         store.fire("b", at(3))
     assert info.value.code == "unknown_task"
 
@@ -440,7 +432,7 @@ def test_sync_tasks_against_the_last_sync_writes_what_a_full_sync_writes(
 # ---------------------------------------------------------------- fire
 
 
-def test_fire_with_scheduled_for_is_idempotent(store: Store) -> None:
+def test_fire_with_scheduled_for_is_idempotent(store: SqliteStore) -> None:
     first = store.fire("a", at(0), scheduled_for=at(0))
     second = store.fire("a", at(5), scheduled_for=at(0))
     assert first.created
@@ -452,7 +444,7 @@ def test_fire_with_scheduled_for_is_idempotent(store: Store) -> None:
     assert kinds(store).count("enqueue") == 1
 
 
-def test_manual_fires_are_distinct_runs(store: Store) -> None:
+def test_manual_fires_are_distinct_runs(store: SqliteStore) -> None:
     one = store.fire("a", at(0), trigger="manual", overlap="allow")
     two = store.fire("a", at(0), trigger="manual", overlap="allow")
     assert one.created and two.created
@@ -460,7 +452,7 @@ def test_manual_fires_are_distinct_runs(store: Store) -> None:
     assert store.get_run(one.run_id)["trigger"] == "manual"
 
 
-def test_overlap_skip(store: Store) -> None:
+def test_overlap_skip(store: SqliteStore) -> None:
     first = fire_at(store, "a", 0)
     result = store.fire("a", at(60), scheduled_for=at(60), overlap="skip")
     assert result.created
@@ -480,7 +472,7 @@ def test_overlap_skip(store: Store) -> None:
     assert store.get_run(first)["status"] == RunStatus.RUNNING
 
 
-def test_overlap_queue_one(store: Store) -> None:
+def test_overlap_queue_one(store: SqliteStore) -> None:
     first = fire_at(store, "a", 0, overlap="queue_one")
     claim_one(store, at(1))
     second = store.fire("a", at(60), scheduled_for=at(60), overlap="queue_one")
@@ -491,7 +483,7 @@ def test_overlap_queue_one(store: Store) -> None:
     assert third.reason == "overlap"
 
 
-def test_overlap_queue_all_bounded_by_max_queued(store: Store) -> None:
+def test_overlap_queue_all_bounded_by_max_queued(store: SqliteStore) -> None:
     statuses = [
         store.fire("a", at(i), scheduled_for=at(i), overlap="queue_all", max_queued=3)
         for i in range(5)
@@ -501,7 +493,7 @@ def test_overlap_queue_all_bounded_by_max_queued(store: Store) -> None:
     assert len(store.active_runs("a")) == 3
 
 
-def test_overlap_cancel_previous(store: Store) -> None:
+def test_overlap_cancel_previous(store: SqliteStore) -> None:
     running = fire_at(store, "a", 0)
     claim_one(store, at(1))
     queued = fire_at(store, "a", 30, overlap="allow")
@@ -517,7 +509,7 @@ def test_overlap_cancel_previous(store: Store) -> None:
     assert reasons == {running: "cancel_previous", queued: "cancel_previous"}
 
 
-def test_overlap_allow(store: Store) -> None:
+def test_overlap_allow(store: SqliteStore) -> None:
     fire_at(store, "a", 0)
     claim_one(store, at(1))
     results = [store.fire("a", at(i), scheduled_for=at(i), overlap="allow") for i in range(10, 13)]
@@ -577,7 +569,7 @@ def test_finish_many_is_the_same_finishes_one_after_the_other(
         (tmp_path / name).mkdir()
         (tmp_path / name / "state.sqlite").write_bytes((tmp_path / "state.sqlite").read_bytes())
 
-    def state(store: Store, seen: list[Row]) -> list[Any]:
+    def state(store: SqliteStore, seen: list[Row]) -> list[Any]:
         events = store.events()
         assert [(e["id"], e["kind"], e["data"]) for e in events[-len(seen) :]] == [
             (e["id"], e["kind"], e["data"]) for e in seen
@@ -591,8 +583,8 @@ def test_finish_many_is_the_same_finishes_one_after_the_other(
 
     items = _finishes(rows, plan)
     seen_one: list[Row] = []
-    one = Store(tmp_path / "one" / "state.sqlite", event_sink=seen_one.append)
-    one.begin_group()
+    one = SqliteStore(tmp_path / "one" / "state.sqlite", event_sink=seen_one.append)
+    one_unit = one.unit()
     for f in items:
         one.finish(
             f.run_id,
@@ -605,12 +597,12 @@ def test_finish_many_is_the_same_finishes_one_after_the_other(
             duration_s=f.duration_s,
             pause_after_failures=f.pause_after_failures,
         )
-    one.commit_group()
+    one_unit.commit()
     seen_many: list[Row] = []
-    many = Store(tmp_path / "many" / "state.sqlite", event_sink=seen_many.append)
-    many.begin_group()
+    many = SqliteStore(tmp_path / "many" / "state.sqlite", event_sink=seen_many.append)
+    many_unit = many.unit()
     many.finish_many(items)
-    many.commit_group()
+    many_unit.commit()
     try:
         assert len(seen_many) == len(seen_one) >= len(items)
         assert state(many, seen_many) == state(one, seen_one)
@@ -623,7 +615,7 @@ def test_finish_many_is_the_same_finishes_one_after_the_other(
         many.close()
 
 
-def test_finish_many_is_all_or_nothing(store: Store) -> None:
+def test_finish_many_is_all_or_nothing(store: SqliteStore) -> None:
     """A run that is gone undoes the whole batch: its caller then records them one by
     one, and must not find half of them already done."""
     fire_at(store, "a", 0)
@@ -634,7 +626,7 @@ def test_finish_many_is_all_or_nothing(store: Store) -> None:
     )  # fmt: skip
     real = _finishes([row], [(Outcome.SUCCESS, RunStatus.SUCCEEDED)])[0]
     before = len(store.events())
-    with pytest.raises(StoreError) as caught:
+    with pytest.raises(StateRefused) as caught:
         store.finish_many([real, gone])
     assert caught.value.code == "unknown_run"
     assert store.get_run(row["id"])["status"] == RunStatus.RUNNING
@@ -663,7 +655,7 @@ def test_fire_many_is_the_same_fires_one_after_the_other(tmp_path: Path) -> None
         Fire("nope", at(0)),
     ]
 
-    def outcome(store: Store, results: list[Any], setup: int) -> list[Any]:
+    def outcome(store: SqliteStore, results: list[Any], setup: int) -> list[Any]:
         runs = [
             (r.created, r.status, r.reason, store.get_run(r.run_id) if r.run_id else None)
             for r in results
@@ -701,7 +693,7 @@ def test_fire_many_is_the_same_fires_one_after_the_other(tmp_path: Path) -> None
                         honour_pause=f.honour_pause,
                     )
                 )
-            except StoreError as exc:
+            except StateRefused as exc:
                 assert exc.code == "unknown_task"
                 singly.append(None)
         batch = many.fire_many(fires, at(10))
@@ -725,7 +717,7 @@ def test_fire_many_is_the_same_fires_one_after_the_other(tmp_path: Path) -> None
 # ---------------------------------------------------------------- pause
 
 
-def test_paused_task_skips_scheduled_fires_but_not_manual_ones(store: Store) -> None:
+def test_paused_task_skips_scheduled_fires_but_not_manual_ones(store: SqliteStore) -> None:
     assert store.pause("a", "maintenance", at(0)) is True
     assert store.pause("a", "again", at(0)) is False  # idempotent
     assert store.paused_tasks() == {"a"}
@@ -739,7 +731,9 @@ def test_paused_task_skips_scheduled_fires_but_not_manual_ones(store: Store) -> 
     assert pause_events[0]["data"] == {"reason": "maintenance", "by": "operator"}
 
 
-def test_claim_skips_scheduled_runs_of_a_paused_task_but_takes_manual_ones(store: Store) -> None:
+def test_claim_skips_scheduled_runs_of_a_paused_task_but_takes_manual_ones(
+    store: SqliteStore,
+) -> None:
     scheduled = fire_at(store, "a", 0)
     store.pause("a", "maintenance", at(1))
     assert store.claim(at(2), "w1", 30, 5, set(), set()) == []
@@ -756,13 +750,13 @@ def test_claim_skips_scheduled_runs_of_a_paused_task_but_takes_manual_ones(store
 # ---------------------------------------------------------------- claim
 
 
-def test_claim_respects_not_before(store: Store) -> None:
+def test_claim_respects_not_before(store: SqliteStore) -> None:
     run_id = fire_at(store, "a", 10)
     assert store.claim(at(9), "w1", 30, 5, set(), set()) == []
     assert [r["id"] for r in store.claim(at(10), "w1", 30, 5, set(), set())] == [run_id]
 
 
-def test_claim_sets_running_attempt_lease_and_records_it(store: Store) -> None:
+def test_claim_sets_running_attempt_lease_and_records_it(store: SqliteStore) -> None:
     run_id = fire_at(store, "a", 0)
     row = claim_one(store, at(2.5), owner="host:1", lease_s=30)
     assert row["id"] == run_id
@@ -799,7 +793,7 @@ def test_claim_respects_limit(tmp_path: Path) -> None:
     store.close()
 
 
-def test_claim_one_per_task_unless_overlap_allowed(store: Store) -> None:
+def test_claim_one_per_task_unless_overlap_allowed(store: SqliteStore) -> None:
     ids = [fire_at(store, "a", i, overlap="allow") for i in range(3)]
     claimed = store.claim(at(5), "w1", 30, 5, set(), set())
     assert [r["id"] for r in claimed] == [ids[0]]
@@ -807,14 +801,14 @@ def test_claim_one_per_task_unless_overlap_allowed(store: Store) -> None:
     assert sorted(r["id"] for r in claimed) == sorted(ids[1:])
 
 
-def test_claim_skips_busy_tasks(store: Store) -> None:
+def test_claim_skips_busy_tasks(store: SqliteStore) -> None:
     fire_at(store, "a", 0)
     b = fire_at(store, "b", 0)
     claimed = store.claim(at(1), "w1", 30, 5, {"a"}, set())
     assert [r["id"] for r in claimed] == [b]
 
 
-def test_claim_takes_runs_of_one_task_in_fire_order(store: Store) -> None:
+def test_claim_takes_runs_of_one_task_in_fire_order(store: SqliteStore) -> None:
     """Catch-up fires many due times at one ``now``; they must run in their own order."""
     ids = [
         store.fire(
@@ -826,7 +820,7 @@ def test_claim_takes_runs_of_one_task_in_fire_order(store: Store) -> None:
     assert [r["id"] for r in claimed] == ids
 
 
-def test_claim_is_not_starved_by_a_backlog_of_a_busy_task(store: Store) -> None:
+def test_claim_is_not_starved_by_a_backlog_of_a_busy_task(store: SqliteStore) -> None:
     """A long queue of one busy task must not hide another task's due run."""
     # claim(limit=2, busy={"a"}) looks at 2 * 4 + 1 = 9 rows; give "a" more than that.
     for i in range(12):
@@ -837,7 +831,7 @@ def test_claim_is_not_starved_by_a_backlog_of_a_busy_task(store: Store) -> None:
     assert [r["id"] for r in claimed] == [b]
 
 
-def test_heartbeat_extends_only_own_leases(store: Store) -> None:
+def test_heartbeat_extends_only_own_leases(store: SqliteStore) -> None:
     run_id = fire_at(store, "a", 0)
     claim_one(store, at(0), owner="w1", lease_s=30)
     store.heartbeat([run_id], "someone-else", at(20), 30)
@@ -849,7 +843,7 @@ def test_heartbeat_extends_only_own_leases(store: Store) -> None:
 # ---------------------------------------------------------------- finish
 
 
-def test_finish_success(store: Store) -> None:
+def test_finish_success(store: SqliteStore) -> None:
     run_id = run_and_finish(
         store, "a", 0, Outcome.SUCCESS, RunStatus.SUCCEEDED, exit_code=0, duration_s=0.5
     )
@@ -870,7 +864,7 @@ def test_finish_success(store: Store) -> None:
     assert kinds(store, run_id) == ["enqueue", "claim", "success"]
 
 
-def test_finish_failure_retry_waits_in_the_queue(store: Store) -> None:
+def test_finish_failure_retry_waits_in_the_queue(store: SqliteStore) -> None:
     run_id = fire_at(store, "a", 0)
     claim_one(store, at(0))
     store.finish(
@@ -902,7 +896,7 @@ def test_finish_failure_retry_waits_in_the_queue(store: Store) -> None:
     assert [a["outcome"] for a in store.attempts(run_id)] == [Outcome.FAILURE, None]
 
 
-def test_finish_quarantined(store: Store) -> None:
+def test_finish_quarantined(store: SqliteStore) -> None:
     run_id = run_and_finish(
         store, "a", 0, Outcome.FAILURE, RunStatus.QUARANTINED, error="boom", exit_code=2
     )
@@ -920,7 +914,7 @@ def test_finish_quarantined(store: Store) -> None:
     assert store.counts()["in_quarantine"] == 1
 
 
-def test_finish_interrupted_costs_no_failure(store: Store) -> None:
+def test_finish_interrupted_costs_no_failure(store: SqliteStore) -> None:
     run_id = fire_at(store, "a", 0)
     claim_one(store, at(0))
     store.finish(run_id, at(1), outcome=Outcome.FAILURE, next_status=RunStatus.QUEUED)
@@ -934,13 +928,13 @@ def test_finish_interrupted_costs_no_failure(store: Store) -> None:
     assert "interrupt" in kinds(store, run_id)
 
 
-def test_finish_unknown_run(store: Store) -> None:
-    with pytest.raises(StoreError) as info:
+def test_finish_unknown_run(store: SqliteStore) -> None:
+    with pytest.raises(StateRefused) as info:
         store.finish("nope", at(0), outcome=Outcome.SUCCESS, next_status=RunStatus.SUCCEEDED)
     assert info.value.code == "unknown_run"
 
 
-def _quarantine(store: Store, seconds: float, pause_after: int = 2) -> str:
+def _quarantine(store: SqliteStore, seconds: float, pause_after: int = 2) -> str:
     return run_and_finish(
         store,
         "a",
@@ -952,7 +946,7 @@ def _quarantine(store: Store, seconds: float, pause_after: int = 2) -> str:
     )
 
 
-def test_consecutive_quarantines_pause_the_task(store: Store) -> None:
+def test_consecutive_quarantines_pause_the_task(store: SqliteStore) -> None:
     _quarantine(store, 0)
     task = store.task_row("a")
     assert task is not None
@@ -972,7 +966,7 @@ def test_consecutive_quarantines_pause_the_task(store: Store) -> None:
     assert store.fire("a", at(200), scheduled_for=at(200)).reason == "paused"
 
 
-def test_a_success_resets_the_quarantine_count(store: Store) -> None:
+def test_a_success_resets_the_quarantine_count(store: SqliteStore) -> None:
     _quarantine(store, 0)
     run_and_finish(store, "a", 100, Outcome.SUCCESS, RunStatus.SUCCEEDED)
     task = store.task_row("a")
@@ -986,7 +980,7 @@ def test_a_success_resets_the_quarantine_count(store: Store) -> None:
     assert events_of_kind(store, "pause") == []
 
 
-def test_resume_clears_the_quarantine_count(store: Store) -> None:
+def test_resume_clears_the_quarantine_count(store: SqliteStore) -> None:
     _quarantine(store, 0)
     _quarantine(store, 100)
     assert store.paused_tasks() == {"a"}
@@ -1000,7 +994,7 @@ def test_resume_clears_the_quarantine_count(store: Store) -> None:
     assert store.paused_tasks() == set()
 
 
-def test_pause_after_zero_never_pauses(store: Store) -> None:
+def test_pause_after_zero_never_pauses(store: SqliteStore) -> None:
     for i in range(4):
         _quarantine(store, i * 100, pause_after=0)
     assert store.paused_tasks() == set()
@@ -1017,7 +1011,7 @@ def test_recover_requeues_runs_of_a_dead_owner(tmp_path: Path) -> None:
     claim_one(old, at(2), owner="host:111")
     old.conn.close()  # the old process dies without cleaning up
 
-    new = Store(tmp_path / "state.sqlite")
+    new = SqliteStore(tmp_path / "state.sqlite")
     try:
         assert new.recover(at(5), owner="host:222") == [run_id]
         run = new.get_run(run_id)
@@ -1038,7 +1032,7 @@ def test_recover_requeues_runs_of_a_dead_owner(tmp_path: Path) -> None:
         new.close()
 
 
-def test_recover_leaves_live_owners_with_valid_leases(store: Store) -> None:
+def test_recover_leaves_live_owners_with_valid_leases(store: SqliteStore) -> None:
     live = fire_at(store, "a", 0)
     claim_one(store, at(0), owner="alive", lease_s=30)
     expired = fire_at(store, "b", 0)
@@ -1052,7 +1046,7 @@ def test_recover_leaves_live_owners_with_valid_leases(store: Store) -> None:
 # ---------------------------------------------------------------- cancel
 
 
-def test_cancel_queued_run_is_immediate(store: Store) -> None:
+def test_cancel_queued_run_is_immediate(store: SqliteStore) -> None:
     run_id = fire_at(store, "a", 0)
     assert store.request_cancel(run_id, at(1)) == RunStatus.CANCELLED
     run = store.get_run(run_id)
@@ -1061,7 +1055,7 @@ def test_cancel_queued_run_is_immediate(store: Store) -> None:
     assert store.claim(at(2), "w1", 30, 5, set(), set()) == []
 
 
-def test_cancel_running_run_is_flagged_for_its_owner(store: Store) -> None:
+def test_cancel_running_run_is_flagged_for_its_owner(store: SqliteStore) -> None:
     run_id = fire_at(store, "a", 0)
     claim_one(store, at(0), owner="w1")
     assert store.cancel_requests("w1") == []
@@ -1074,13 +1068,13 @@ def test_cancel_running_run_is_flagged_for_its_owner(store: Store) -> None:
     assert "cancel_requested" in kinds(store, run_id)
 
 
-def test_cancel_finished_or_unknown_run_is_an_error(store: Store) -> None:
+def test_cancel_finished_or_unknown_run_is_an_error(store: SqliteStore) -> None:
     run_id = run_and_finish(store, "a", 0, Outcome.SUCCESS, RunStatus.SUCCEEDED)
-    with pytest.raises(StoreError) as info:
+    with pytest.raises(StateRefused) as info:
         store.request_cancel(run_id, at(5))
     assert info.value.code == "run_finished"
     assert store.get_run(run_id)["status"] == RunStatus.SUCCEEDED
-    with pytest.raises(StoreError) as info:
+    with pytest.raises(StateRefused) as info:
         store.request_cancel("20260301T120000-deadbeef", at(5))
     assert info.value.code == "unknown_run"
 
@@ -1088,7 +1082,7 @@ def test_cancel_finished_or_unknown_run_is_an_error(store: Store) -> None:
 # ---------------------------------------------------------------- quarantine
 
 
-def test_quarantine_release(store: Store) -> None:
+def test_quarantine_release(store: SqliteStore) -> None:
     run_id = _quarantine(store, 0, pause_after=0)
     store.quarantine_release(run_id, at(50))
     run = store.get_run(run_id)
@@ -1097,14 +1091,14 @@ def test_quarantine_release(store: Store) -> None:
     assert run["trigger"] == "release"
     assert run["finished_at"] is None
     assert store.quarantine_list() == []
-    with pytest.raises(StoreError) as info:
+    with pytest.raises(StateRefused) as info:
         store.quarantine_get(run_id)
     assert info.value.code == "not_quarantined"
     assert "release" in kinds(store, run_id)
     assert claim_one(store, at(51))["id"] == run_id
 
 
-def test_released_run_of_a_paused_task_is_claimed(store: Store) -> None:
+def test_released_run_of_a_paused_task_is_claimed(store: SqliteStore) -> None:
     first = _quarantine(store, 0)
     _quarantine(store, 100)
     assert store.paused_tasks() == {"a"}
@@ -1112,20 +1106,20 @@ def test_released_run_of_a_paused_task_is_claimed(store: Store) -> None:
     assert claim_one(store, at(151))["id"] == first
 
 
-def test_quarantine_drop(store: Store) -> None:
+def test_quarantine_drop(store: SqliteStore) -> None:
     run_id = _quarantine(store, 0, pause_after=0)
     store.quarantine_drop(run_id, at(50))
     assert store.quarantine_list() == []
     assert store.get_run(run_id)["status"] == RunStatus.QUARANTINED
     assert "drop" in kinds(store, run_id)
-    with pytest.raises(StoreError) as info:
+    with pytest.raises(StateRefused) as info:
         store.quarantine_drop(run_id, at(51))
     assert info.value.code == "not_quarantined"
 
 
-def test_release_of_a_run_not_in_quarantine(store: Store) -> None:
+def test_release_of_a_run_not_in_quarantine(store: SqliteStore) -> None:
     run_id = fire_at(store, "a", 0)
-    with pytest.raises(StoreError) as info:
+    with pytest.raises(StateRefused) as info:
         store.quarantine_release(run_id, at(1))
     assert info.value.code == "not_quarantined"
     assert store.get_run(run_id)["status"] == RunStatus.QUEUED
@@ -1144,7 +1138,7 @@ def test_checkpoints_keep_the_last_and_survive_reopening(tmp_path: Path) -> None
     assert [e["data"]["seq"] for e in events_of_kind(store, "checkpoint")] == [1, 2]
     store.close()
 
-    again = Store(tmp_path / "state.sqlite")
+    again = SqliteStore(tmp_path / "state.sqlite")
     try:
         assert again.load_checkpoint(run_id) == {"done": ["x", "y"], "n": 2}
         assert again.save_checkpoint(run_id, [3], at(3)) == 3
@@ -1218,15 +1212,15 @@ def test_failed_operation_emits_nothing(tmp_path: Path) -> None:
     seen: list[Row] = []
     store = make_store(tmp_path, event_sink=seen.append)
     seen.clear()
-    with pytest.raises(StoreError):
+    with pytest.raises(StateRefused):
         store.pause("missing", "x", at(0))
-    with pytest.raises(StoreError):
+    with pytest.raises(StateRefused):
         store.request_cancel("missing", at(0))
     assert seen == []
     store.close()
 
 
-def test_misfire_is_recorded(store: Store) -> None:
+def test_misfire_is_recorded(store: SqliteStore) -> None:
     store.record_misfire("a", at(100), [at(0), at(60)], "catchup=latest")
     (event,) = events_of_kind(store, "misfire")
     assert event["data"] == {
@@ -1242,7 +1236,7 @@ def test_misfire_is_recorded(store: Store) -> None:
 
 def test_two_stores_on_one_file_interleave(tmp_path: Path) -> None:
     daemon = make_store(tmp_path)
-    cli = Store(tmp_path / "state.sqlite")
+    cli = SqliteStore(tmp_path / "state.sqlite")
     try:
         run_id = fire_at(daemon, "a", 0)
         cli.pause("b", "maintenance", at(1))
@@ -1265,7 +1259,7 @@ def test_two_stores_writing_from_two_threads(tmp_path: Path) -> None:
     """The daemon and the CLI write at the same time; BEGIN IMMEDIATE + busy_timeout
     serialise them without "database is locked"."""
     daemon = make_store(tmp_path)
-    cli = Store(tmp_path / "state.sqlite")
+    cli = SqliteStore(tmp_path / "state.sqlite")
     errors: list[BaseException] = []
     start = threading.Barrier(2)
 
@@ -1322,16 +1316,16 @@ def test_group_commit_shares_one_commit_and_a_failed_part_undoes_only_itself(
     published.clear()
     statements: list[str] = []
     store.conn.set_trace_callback(statements.append)
-    store.begin_group()
+    store_unit = store.unit()
     first = fire_at(store, "a", 1)
-    with pytest.raises(StoreError), store.tx():
+    with pytest.raises(StateRefused), store.tx():
         store.conn.execute("UPDATE tasks SET paused=1 WHERE id='b'")
-        raise StoreError("boom", "a part that fails")
+        raise StateRefused("boom", "a part that fails")
     second = fire_at(store, "b", 1)
     assert published == []  # nothing announced before it is durable
     other = sqlite3.connect(tmp_path / "state.sqlite")
     assert other.execute("SELECT count(*) FROM runs").fetchone()[0] == 0  # not yet visible
-    store.commit_group()
+    store_unit.commit()
     assert [s for s in statements if s == "COMMIT"] == ["COMMIT"]  # one commit, one fsync
     assert published == ["enqueue", "enqueue"]
     ids = {r[0] for r in other.execute("SELECT id FROM runs")}
@@ -1365,9 +1359,9 @@ def test_committing_says_a_commit_is_in_flight_without_waiting_for_it(tmp_path: 
         assert not store.committing
         store._writer = ThreadPoolExecutor(1)
         store._writer.submit(gate.wait, 60)
-        store.begin_group()
+        store_unit = store.unit()
         fire_at(store, "a", 0)
-        commit = store.commit_group_off_loop()
+        commit = store_unit.commit_off_loop()
         assert commit is not None
         assert store.committing
         assert seen == []  # asking settled nothing
@@ -1391,12 +1385,12 @@ def test_settled_waits_for_the_commit_in_flight_off_the_loop(tmp_path: Path) -> 
         order: list[str] = []
         store._writer = ThreadPoolExecutor(1)
         store._writer.submit(gate.wait, 60)  # the commit below waits behind this
-        store.begin_group()
+        store_unit = store.unit()
         fire_at(store, "a", 0)
-        assert store.commit_group_off_loop() is not None
+        assert store_unit.commit_off_loop() is not None
 
         async def reader() -> None:
-            await store.settled()
+            await store.commit_done()
             order.append("settled")
             assert not store.committing
 
@@ -1405,7 +1399,7 @@ def test_settled_waits_for_the_commit_in_flight_off_the_loop(tmp_path: Path) -> 
         order.append("loop ran")  # while the reader waited
         gate.set()
         await asyncio.wait_for(task, 60)
-        await store.settled()  # nothing in flight: returns at once
+        await store.commit_done()  # nothing in flight: returns at once
         return order
 
     try:
@@ -1437,28 +1431,28 @@ def test_version_moves_on_any_write_and_only_then(tmp_path: Path) -> None:
 
 
 def test_a_cancelled_waiter_does_not_cancel_a_queued_commit(tmp_path: Path) -> None:
-    """An API request waiting in ``settled()`` may be cancelled (the client went away).
+    """An API request waiting in ``commit_done()`` may be cancelled (the client went away).
     The commit it waited on, still queued on the writer thread, must run anyway: its
     group holds run outcomes and events that ``settle`` then makes durable."""
-    store = Store(tmp_path / "state.sqlite")
+    store = SqliteStore(tmp_path / "state.sqlite")
     now = datetime(2026, 1, 1, tzinfo=UTC)
-    store.begin_group()
+    store_unit = store.unit()
     store.emit(now, "first")
-    first = store.commit_group_off_loop()
+    first = store_unit.commit_off_loop()
     assert first is not None
     first.result()
-    store.settle()
+    store.complete_commit()
     writer = store._writer  # white box: hold the writer thread so the next commit queues
     assert writer is not None
     release = threading.Event()
     writer.submit(release.wait)
-    store.begin_group()
+    store_unit = store.unit()
     store.emit(now, "second")
-    queued = store.commit_group_off_loop()
+    queued = store_unit.commit_off_loop()
     assert queued is not None and not queued.running()
 
     async def waiter_cancelled() -> bool:
-        waiting = asyncio.ensure_future(store.settled())
+        waiting = asyncio.ensure_future(store.commit_done())
         await asyncio.wait({waiting}, timeout=0.05)  # it is now awaiting the commit
         waiting.cancel()
         await asyncio.gather(waiting, return_exceptions=True)
@@ -1466,7 +1460,7 @@ def test_a_cancelled_waiter_does_not_cancel_a_queued_commit(tmp_path: Path) -> N
 
     assert asyncio.run(waiter_cancelled())
     release.set()
-    assert store.settle() is None  # the commit ran: no CancelledError
+    assert store.complete_commit() is None  # the commit ran: no CancelledError
     kinds = [r[0] for r in store.conn.execute("SELECT kind FROM events ORDER BY id")]
     store.close()
     assert kinds[-2:] == ["first", "second"]

@@ -17,7 +17,8 @@ from smallfs import SmallFs, small_fs
 
 from agentd.clock import to_iso
 from agentd.models import Outcome, RunStatus
-from agentd.store import Fire, RunIds, Store, WriteLost
+from agentd.state.port import Fire, RunIds, WriteLost
+from agentd.state.sqlite import SqliteStore
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 TASKS = {"a": ("fp1", "command"), "b": ("fp2", "command")}
@@ -42,7 +43,7 @@ def test_the_wal_stays_bounded_under_a_writer_that_never_pauses(tmp_path: Path) 
     the WAL is never reset and grows with every commit; past its limit the checkpoint
     thread truncates it."""
     limit = 256 * 1024
-    store = Store(tmp_path / "state.sqlite", wal_limit_bytes=limit)
+    store = SqliteStore(tmp_path / "state.sqlite", wal_limit_bytes=limit)
     store.sync_tasks(TASKS, T0)
     payload = "x" * 2000
     sizes: list[int] = []
@@ -98,7 +99,7 @@ def test_run_ids_sort_by_time_and_carry_80_random_bits() -> None:
 def test_a_run_id_that_is_taken_is_drawn_again_and_no_fire_of_the_batch_is_lost(
     tmp_path: Path,
 ) -> None:
-    store = Store(tmp_path / "state.sqlite")
+    store = SqliteStore(tmp_path / "state.sqlite")
     store.sync_tasks(TASKS, T0)
     [taken] = store.fire_many([Fire("a", at(0))], at(0))
     fresh = RunIds()
@@ -129,8 +130,8 @@ def full_disk(tmp_path: Path) -> Iterator[SmallFs]:
         yield fs
 
 
-def _filled_store(fs: SmallFs) -> tuple[Store, list[BaseException | None]]:
-    store = Store(fs.root / "state.sqlite")
+def _filled_store(fs: SmallFs) -> tuple[SqliteStore, list[BaseException | None]]:
+    store = SqliteStore(fs.root / "state.sqlite")
     store.sync_tasks(TASKS, T0)
     heard: list[BaseException | None] = []
     store.on_write = heard.append
@@ -138,7 +139,7 @@ def _filled_store(fs: SmallFs) -> tuple[Store, list[BaseException | None]]:
     return store, heard
 
 
-def _fill_until_a_write_fails(store: Store, start: int) -> int:
+def _fill_until_a_write_fails(store: SqliteStore, start: int) -> int:
     """Write runs until the disk refuses one; the seconds used."""
     for i in range(start, start + 100_000):
         try:
@@ -174,8 +175,8 @@ def test_a_group_whose_transaction_the_disk_ended_commits_nothing_of_itself(
     # A group in which one write fails for a full disk: SQLite may end the whole
     # transaction; then nothing of the group commits, not even the parts after it.
     undone: list[str] = []
-    store.begin_group()
-    store.after_rollback(lambda: undone.append("claims"))
+    store_unit = store.unit()
+    store_unit.on_rollback(lambda: undone.append("claims"))
     [run] = store.fire_many([Fire("a", at(i + 1), overlap="allow")], at(i + 1))
     full_disk.fill()
     failed = None
@@ -193,11 +194,11 @@ def test_a_group_whose_transaction_the_disk_ended_commits_nothing_of_itself(
     with pytest.raises(WriteLost):
         store.fire_many([Fire("b", at(j), overlap="allow")], at(j))
     full_disk.free()
-    with pytest.raises(sqlite3.OperationalError):
-        store.commit_group()
+    with pytest.raises(WriteLost):
+        store_unit.commit()
     assert undone == ["claims"]
     assert store.counts() == before
-    assert not store.in_group and not store.conn.in_transaction
+    assert not store._group_open and not store.conn.in_transaction
     store.close()
 
 
@@ -205,7 +206,7 @@ def test_a_group_whose_transaction_the_disk_ended_commits_nothing_of_itself(
 
 
 def test_queued_runs_of_a_removed_task_are_cancelled_when_it_goes(tmp_path: Path) -> None:
-    store = Store(tmp_path / "state.sqlite")
+    store = SqliteStore(tmp_path / "state.sqlite")
     store.sync_tasks(TASKS, T0)
     [retry] = store.fire_many([Fire("b", at(0))], at(0))
     store.claim(at(0), "w1", 30, 10, set(), set())
@@ -232,11 +233,11 @@ def test_queued_runs_of_a_removed_task_are_cancelled_when_it_goes(tmp_path: Path
 def test_queued_runs_of_a_task_gone_while_the_daemon_was_down_are_cancelled_at_start(
     tmp_path: Path,
 ) -> None:
-    store = Store(tmp_path / "state.sqlite")
+    store = SqliteStore(tmp_path / "state.sqlite")
     store.sync_tasks(TASKS, T0)
     [queued] = store.fire_many([Fire("b", at(5))], at(0))
     store.close()
-    store = Store(tmp_path / "state.sqlite")
+    store = SqliteStore(tmp_path / "state.sqlite")
     store.sync_tasks({"a": TASKS["a"]}, at(10))  # a start with a config without b
     assert store.get_run(queued.run_id)["status"] == RunStatus.CANCELLED
     store.close()

@@ -11,7 +11,6 @@ to ``event_sink`` only after the commit, so nobody ever sees an event that rolle
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -20,49 +19,48 @@ import secrets
 import sqlite3
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import sqlite_utils
 
 from agentd.clock import from_iso, to_iso
-from agentd.models import ACTIVE_STATUSES, EventKind, Outcome, Row, RunStatus, StoreError
+from agentd.models import ACTIVE_STATUSES, EventKind, Outcome, Row, RunStatus, StateRefused
 from agentd.policy import auto_pause_reason, overlap_decision
 from agentd.procs import GroupEnd, GroupRecord
 from agentd.redact import NOTHING, Redactor
+from agentd.state.port import (
+    EventSink,
+    Finish,
+    Fire,
+    FireGate,
+    FireResult,
+    RunIds,
+    StorageError,
+    StorageFault,
+    UnitOfWork,
+    WriteListener,
+    WriteLost,
+    wait_commit,
+)
+from agentd.state.sqlite.migrations import MIGRATIONS, SCHEMA_VERSION
 
-log = logging.getLogger("agentd.store")
+log = logging.getLogger("agentd.state.sqlite")
 
-SCHEMA_VERSION = 6
 CHECKPOINT_EVERY = 64
 """Commits between WAL checkpoints: a few hundred pages at a busy pool's group sizes,
 about SQLite's own 1,000-page default."""
 WAL_LIMIT_BYTES = 64 * 1024 * 1024
 """The WAL's size past which it is made to start over and cut back to this size (see
-``Store._restart_wal``)."""
+``SqliteStore._restart_wal``)."""
 RESTART_WAIT_MS = 2000
 """How long a restarting checkpoint may wait for readers (a CLI, the checkpoint thread)
 before it gives up, to try again after the next checkpoint."""
-EventSink = Callable[[Row], None]
-FireGate = Callable[[str, datetime], "dict[str, Any] | None"]
-WriteListener = Callable[[BaseException | None], None]
-"""Told of the state DB's write health when it changes: the error that made a write
-fail (disk full, read-only, I/O error, a lock held too long), or None once one works."""
-
-
-class WriteLost(sqlite3.OperationalError):
-    """A write inside a group whose transaction an earlier failure already rolled back
-    (SQLite ends the whole transaction on some errors: a full disk, an I/O error). Every
-    write after that fails too, until the group's owner ends it, so that no later part of
-    the group can commit without the earlier ones."""
-
-
-STORAGE_ERRORS: tuple[type[BaseException], ...] = (sqlite3.Error,)
+STORAGE_ERRORS: tuple[type[BaseException], ...] = (sqlite3.Error, StorageError)
 """What this engine raises when the state cannot be read or written (the engine's own
 exception types): callers above the state layer catch these, never ``sqlite3``'s."""
-STORAGE_FAULTS: tuple[type[BaseException], ...] = (sqlite3.OperationalError,)
+STORAGE_FAULTS: tuple[type[BaseException], ...] = (sqlite3.OperationalError, StorageFault)
 """Of those, the faults of the storage itself (disk full, I/O, a lock held too long):
 retryable, where an API answers 503."""
 
@@ -70,266 +68,21 @@ retryable, where an API answers 503."""
 def is_storage_fault(exc: BaseException) -> bool:
     """An error of the storage (disk full, read-only, I/O, locked, damaged), as opposed to
     a refused request or a constraint: what turns readiness off."""
-    return isinstance(exc, sqlite3.OperationalError) or type(exc) is sqlite3.DatabaseError
-
-
-async def wait_commit(commit: Future[BaseException | None]) -> BaseException | None:
-    """Await a commit on the writer thread without letting the waiter's cancellation
-    reach it. ``wrap_future`` alone cancels the thread's future when its waiter is
-    cancelled (an API request dropped, the loop shutting down): a commit still queued
-    behind another would then never run, and ``settle`` would raise instead of making
-    its group (run outcomes, events) durable."""
-    return await asyncio.shield(asyncio.wrap_future(commit))
-
-
-RUN_ID_RANDOM_BITS = 80
-_RUN_ID_TOP = 1 << RUN_ID_RANDOM_BITS
-
-
-class RunIds:
-    """Run ids: ``YYYYMMDDTHHMMSS-`` (the creation second, UTC) then 80 random bits as 20
-    hex digits, e.g. ``20260301T120000-9f2c4e0b7a1d3c5e8f60``. They sort by creation
-    time to the second; within a second, the ids of one generator increase (the
-    second's first id draws its random part, each later one adds 1, as ULID's monotonic
-    rule does), so one process's ids sort in the order they were made. Two processes'
-    ids of the same second are unordered against each other and collide with a chance
-    of about n**2 / 2**81 (``Store.fire_many`` draws again on a collision anyway)."""
-
-    def __init__(self) -> None:
-        self._second = -1
-        self._prefix = ""
-        self._last = 0
-
-    def __call__(self, now: datetime) -> str:
-        second = int(now.timestamp())
-        if second != self._second:
-            self._second = second
-            self._prefix = now.astimezone(UTC).strftime("%Y%m%dT%H%M%S-")
-            self._last = secrets.randbits(RUN_ID_RANDOM_BITS)
-        else:
-            self._last += 1
-            if self._last >= _RUN_ID_TOP:  # out of room above this second's draw
-                self._last = secrets.randbits(RUN_ID_RANDOM_BITS - 1)
-        return f"{self._prefix}{self._last:020x}"
+    return (
+        isinstance(exc, (sqlite3.OperationalError, StorageFault))
+        or type(exc) is sqlite3.DatabaseError
+    )
 
 
 MAX_ID_DRAWS = 5
 """Draws of fresh ids for a batch whose ids collide before ``fire_many`` gives up."""
 
 
-def _migrate_1(db: sqlite_utils.Database) -> None:
-    db.table("meta").create({"key": str, "value": str}, pk="key")
-    db.table("tasks").create(
-        {
-            "id": str,
-            "fingerprint": str,
-            "kind": str,
-            "present": int,
-            "paused": int,
-            "paused_reason": str,
-            "paused_at": str,
-            "consecutive_quarantines": int,
-            "last_run_at": str,
-            "last_outcome": str,
-            "last_success_at": str,
-            "updated_at": str,
-        },
-        pk="id",
-        defaults={"present": 1, "paused": 0, "consecutive_quarantines": 0},
-        not_null={"fingerprint", "kind"},
-    )
-    db.table("runs").create(
-        {
-            "id": str,
-            "task_id": str,
-            "trigger": str,
-            "scheduled_for": str,
-            "idempotency_key": str,
-            "status": str,
-            "attempt": int,
-            "failures": int,
-            "not_before": str,
-            "lease_owner": str,
-            "lease_expires_at": str,
-            "cancel_requested": int,
-            "created_at": str,
-            "started_at": str,
-            "finished_at": str,
-            "outcome": str,
-            "exit_code": int,
-            "error": str,
-            "duration_s": float,
-            "skip_reason": str,
-            "progress_done": int,
-            "progress_total": int,
-            "progress_message": str,
-        },
-        pk="id",
-        defaults={"attempt": 0, "failures": 0, "cancel_requested": 0},
-        not_null={"task_id", "status", "idempotency_key", "created_at"},
-    )
-    db.table("runs").create_index(["idempotency_key"], unique=True)
-    db.table("runs").create_index(["status", "not_before"])
-    db.table("runs").create_index(["task_id", "created_at"])
-    db.table("attempts").create(
-        {
-            "id": int,
-            "run_id": str,
-            "attempt": int,
-            "worker": str,
-            "started_at": str,
-            "finished_at": str,
-            "outcome": str,
-            "exit_code": int,
-            "http_status": int,
-            "error": str,
-            "duration_s": float,
-        },
-        pk="id",
-        foreign_keys=[("run_id", "runs", "id")],
-    )
-    db.table("attempts").create_index(["run_id", "attempt"])
-    db.execute(
-        "CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, ts TEXT NOT NULL,"
-        " kind TEXT NOT NULL, task_id TEXT, run_id TEXT, data TEXT NOT NULL DEFAULT '{}')"
-    )
-    db.table("events").create_index(["run_id", "id"])
-    db.table("events").create_index(["task_id", "id"])
-    db.table("checkpoints").create(
-        {"run_id": str, "data": str, "seq": int, "saved_at": str},
-        pk="run_id",
-        foreign_keys=[("run_id", "runs", "id")],
-    )
-    db.table("quarantine").create(
-        {
-            "run_id": str,
-            "task_id": str,
-            "quarantined_at": str,
-            "last_error": str,
-            "attempts": int,
-        },
-        pk="run_id",
-        foreign_keys=[("run_id", "runs", "id")],
-    )
-    db.table("llm_calls").create(
-        {
-            "id": int,
-            "run_id": str,
-            "task_id": str,
-            "ts": str,
-            "provider": str,
-            "model": str,
-            "input_tokens": int,
-            "output_tokens": int,
-            "duration_s": float,
-            "status": int,
-            "item": int,
-        },
-        pk="id",
-    )
-    db.table("llm_calls").create_index(["task_id", "ts"])
-
-
-def _migrate_2(db: sqlite_utils.Database) -> None:
-    """Unattended safety: the spend ledger (which absorbs ``llm_calls``), budget alarms
-    once per window, alert state, raised alerts and their delivery outbox."""
-    db.execute(
-        "CREATE TABLE ledger (id INTEGER PRIMARY KEY AUTOINCREMENT, ts TEXT NOT NULL,"
-        " run_id TEXT, task_id TEXT, provider TEXT, model TEXT, item INTEGER,"
-        " state TEXT NOT NULL DEFAULT 'committed',"  # reserved | committed
-        " input_tokens INTEGER NOT NULL DEFAULT 0, output_tokens INTEGER NOT NULL DEFAULT 0,"
-        " cost_usd REAL NOT NULL DEFAULT 0, reserved_tokens INTEGER NOT NULL DEFAULT 0,"
-        " reserved_usd REAL NOT NULL DEFAULT 0, status TEXT, duration_s REAL,"
-        " usage_missing INTEGER NOT NULL DEFAULT 0)"
-    )
-    db.execute(
-        "INSERT INTO ledger(ts, run_id, task_id, provider, model, item, state, input_tokens,"
-        " output_tokens, cost_usd, status, duration_s) SELECT ts, run_id, task_id, provider,"
-        " model, item, 'committed', input_tokens, output_tokens, 0, CAST(status AS TEXT),"
-        " duration_s FROM llm_calls ORDER BY id"
-    )
-    db.execute("DROP TABLE llm_calls")
-    db.table("ledger").create_index(["task_id", "ts"])
-    db.table("ledger").create_index(["run_id"])
-    db.table("ledger").create_index(["ts"])
-    db.execute(
-        "CREATE TABLE budget_alarms (scope TEXT NOT NULL, window_start TEXT NOT NULL,"
-        " threshold REAL NOT NULL, ts TEXT NOT NULL, limit_usd REAL, spent_usd REAL,"
-        " PRIMARY KEY (scope, window_start, threshold))"
-    )
-    db.execute("CREATE TABLE alert_state (key TEXT PRIMARY KEY, value TEXT, ts TEXT NOT NULL)")
-    db.execute(
-        "CREATE TABLE alerts (id INTEGER PRIMARY KEY AUTOINCREMENT, ts TEXT NOT NULL,"
-        " kind TEXT NOT NULL, dedup_key TEXT NOT NULL, task_id TEXT, run_id TEXT,"
-        " event_id INTEGER, summary TEXT NOT NULL, data TEXT NOT NULL DEFAULT '{}')"
-    )
-    db.execute(
-        "CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, alert_id INTEGER,"
-        " channel TEXT NOT NULL, dedup_key TEXT NOT NULL, created_at TEXT NOT NULL,"
-        " status TEXT NOT NULL DEFAULT 'pending', attempts INTEGER NOT NULL DEFAULT 0,"
-        " next_attempt_at TEXT NOT NULL, last_error TEXT, delivered_at TEXT,"
-        " payload TEXT NOT NULL DEFAULT '{}')"  # pending | delivered | failed
-    )
-    db.table("outbox").create_index(["status", "next_attempt_at"])
-    db.table("outbox").create_index(["channel", "dedup_key", "created_at"])
-
-
-def _migrate_3(db: sqlite_utils.Database) -> None:
-    """The paused set is read every second for gauges: index the few paused rows
-    instead of scanning 10,000 tasks. Claims walk an index in due order."""
-    db.execute("CREATE INDEX idx_tasks_paused ON tasks(id) WHERE paused=1")
-    # claim() reads due runs in (not_before, scheduled_for, rowid) order and stops early.
-    db.execute("CREATE INDEX idx_runs_due ON runs(status, not_before, scheduled_for)")
-
-
-def _migrate_4(db: sqlite_utils.Database) -> None:
-    """Every status change rewrites each index on ``status``: (status, not_before) is a
-    prefix of idx_runs_due and only cost writes. A fire's overlap check reads the task's
-    *active* runs, which the (task_id, created_at) index found by walking the task's
-    whole history: O(history) per fire for a task that runs every minute for a year.
-    The partial index holds only queued and running rows."""
-    db.execute("DROP INDEX IF EXISTS idx_runs_status_not_before")
-    db.execute(
-        "CREATE INDEX idx_runs_active ON runs(task_id, status) WHERE status IN ('queued','running')"
-    )
-
-
-def _migrate_5(db: sqlite_utils.Database) -> None:
-    """Index only the runs a hot query looks for: queued runs by due time, running
-    runs by lease owner. The full (status, not_before, scheduled_for) index held every
-    finished run too, and each claim and finish deleted and re-inserted the run's entry
-    in it. Now a claim moves the entry from one small index to the other, and a finish
-    drops it.
-    (Queries must spell ``status='queued'`` or ``status='running'`` literally: SQLite
-    uses a partial index only when it can see the query implies its WHERE.)"""
-    db.execute("DROP INDEX IF EXISTS idx_runs_due")
-    db.execute("CREATE INDEX idx_runs_due ON runs(not_before, scheduled_for) WHERE status='queued'")
-    db.execute("CREATE INDEX idx_runs_running ON runs(lease_owner) WHERE status='running'")
-
-
-def _migrate_6(db: sqlite_utils.Database) -> None:
-    """Each attempt's process group, recorded right after its spawn (``record_group``):
-    the group id, its leader's start time in clock ticks since boot, and the boot id.
-    Recovery ends a group still alive before it re-queues the run (``agentd.procs``)."""
-    db.execute("ALTER TABLE attempts ADD COLUMN pgid INTEGER")
-    db.execute("ALTER TABLE attempts ADD COLUMN pgid_start INTEGER")
-    db.execute("ALTER TABLE attempts ADD COLUMN boot_id TEXT")
-
-
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
-    _migrate_1,
-    _migrate_2,
-    _migrate_3,
-    _migrate_4,
-    _migrate_5,
-    _migrate_6,
-]
-
-
 # One encoder for every event: ``json.dumps`` with options builds a new one per call.
 _NewEvent = tuple[str, EventKind, str | None, str | None, Row]
 """An event to insert: (ts, kind, task_id, run_id, data)."""
 _encode = json.JSONEncoder(default=str, sort_keys=True).encode
+
 
 CLAIM_COLUMNS = (
     "r.id, r.task_id, r.trigger, r.scheduled_for, r.idempotency_key, r.status, r.attempt,"
@@ -339,53 +92,9 @@ CLAIM_COLUMNS = (
 of each row to a dict was a tenth of claiming."""
 
 
-@dataclass(frozen=True)
-class Fire:
-    """One enqueue request for ``Store.fire_many`` (see ``Store.fire`` for each field)."""
+class SqliteStore:
+    """The SQLite engine behind ``agentd.state.port.Store``."""
 
-    task_id: str
-    scheduled_for: datetime | None = None
-    trigger: str = "schedule"
-    overlap: str = "skip"
-    max_queued: int = 10
-    key: str | None = None
-    honour_pause: bool = True
-
-
-@dataclass(frozen=True)
-class FireResult:
-    run_id: str
-    created: bool
-    status: str
-    reason: str | None = None
-
-
-@dataclass(frozen=True)
-class Finish:
-    """One attempt's end for ``Store.finish_many`` (see ``Store.finish`` for the fields).
-    ``attempt`` and ``failures`` are the run's as claimed: its runner holds them, so the
-    batch need not read them back."""
-
-    run_id: str
-    task_id: str
-    attempt: int
-    failures: int
-    outcome: Outcome
-    next_status: RunStatus
-    at: datetime
-    """When the attempt ended (``finish``'s ``now``)."""
-    not_before: datetime | None = None
-    error: str | None = None
-    exit_code: int | None = None
-    http_status: int | None = None
-    duration_s: float | None = None
-    pause_after_failures: int = 0
-    cancel_reason: str | None = None
-    """Why a run that would have been re-queued ends cancelled instead (its task left
-    the config: ``task_removed``); recorded as a ``cancel`` event."""
-
-
-class Store:
     def __init__(
         self,
         path: Path,
@@ -400,7 +109,7 @@ class Store:
         on another process's lock: the daemon runs it in a thread while probes answer.
 
         ``read_only``: for the CLI's reads while no daemon runs. The file must exist and
-        be at this agentd's schema version (a ``StoreError`` says what to do otherwise);
+        be at this agentd's schema version (a ``StateRefused`` says what to do otherwise);
         nothing is migrated, written or folded, and any write fails. ``immutable`` too
         when no process holds the state dir's lock: SQLite then reads the files as they
         are and creates no ``-wal``/``-shm`` beside them (which, made by another user,
@@ -427,7 +136,7 @@ class Store:
         self.on_write: WriteListener | None = None
         self.write_error: str | None = None
         """Why the last write failed, until a commit succeeds again."""
-        # A group's COMMIT may run on the writer thread (``commit_group_off_loop``);
+        # A group's COMMIT may run on the writer thread (``_commit_group_off_loop``);
         # until it is settled, nobody else may touch the connection (``conn``).
         self._inflight: Future[BaseException | None] | None = None
         self._inflight_events: list[Row] = []
@@ -439,7 +148,7 @@ class Store:
         self._restart_due = False
         if read_only:
             if not path.exists():
-                raise StoreError("no_state", f"there is no state DB at {path} yet")
+                raise StateRefused("no_state", f"there is no state DB at {path} yet")
             self._conn = sqlite3.connect(
                 f"{path.absolute().as_uri()}?mode=ro" + ("&immutable=1" if immutable else ""),
                 uri=True,
@@ -485,7 +194,7 @@ class Store:
         version = int(found[0]) if found else 0
         if version != SCHEMA_VERSION:
             self.conn.close()
-            raise StoreError(
+            raise StateRefused(
                 "state_version",
                 f"{self.path} has schema version {version}, this agentd {SCHEMA_VERSION}: "
                 "start the daemon once (it migrates the DB), then ask again",
@@ -500,7 +209,7 @@ class Store:
                 found = row.fetchone()
                 version = int(found[0]) if found else 0
             if version > SCHEMA_VERSION:
-                raise StoreError(
+                raise StateRefused(
                     "schema_too_new",
                     f"{self.path} has schema version {version}; this agentd knows up to "
                     f"{SCHEMA_VERSION}. Upgrade agentd or use another state_dir.",
@@ -516,7 +225,7 @@ class Store:
     def tx(self) -> Iterator[sqlite3.Connection]:
         """One write transaction, taken up front so read-then-write cannot race.
 
-        Inside a group (``begin_group``) it is a savepoint instead: its writes become
+        Inside a group (``_begin_group``) it is a savepoint instead: its writes become
         durable with the group's one commit, and a failure undoes only its own part --
         unless SQLite ended the whole transaction (a full disk), in which case the group
         is lost and every later write in it raises ``WriteLost``. A storage fault in
@@ -566,12 +275,25 @@ class Store:
             for event in events:
                 self.event_sink(event)
 
-    @property
-    def in_group(self) -> bool:
-        return self._group_open
+    def unit(self) -> UnitOfWork:
+        """Open a unit of work (see ``agentd.state.port``): the owner when no unit is
+        open, which takes the write lock now (``BEGIN IMMEDIATE``: one fsync for all it
+        holds), else a handle that joins the open one."""
+        if self._group_open:
+            return _Unit(self, owner=False)
+        self._begin_group()
+        return _Unit(self, owner=True)
 
-    def begin_group(self) -> None:
-        """Group commit: the transactions that follow, up to ``commit_group``, share one
+    def flush(self) -> None:
+        """At stop: commit a unit its owner left open, and complete a commit running
+        off the loop; raises what undid either."""
+        self._commit_group()
+        error = self.complete_commit()
+        if error is not None:
+            raise error
+
+    def _begin_group(self) -> None:
+        """Group commit: the transactions that follow, up to ``_commit_group``, share one
         commit and so one fsync. The scheduler uses it for all fires of one due instant,
         where a commit each would make the thousandth run wait for 999 fsyncs."""
         if not self._group_open:
@@ -586,7 +308,7 @@ class Store:
             self._group_open = True
             self._group_lost = None
 
-    def after_rollback(self, undo: Callable[[], None]) -> None:
+    def _after_rollback(self, undo: Callable[[], None]) -> None:
         """Inside a group: call ``undo`` if the group does not commit (its COMMIT fails,
         an earlier failure lost it, or it is aborted). For work done in memory on the
         strength of the group's writes, such as runs started on a claim the group holds;
@@ -595,7 +317,7 @@ class Store:
         if self._group_open:
             self._rollback_hooks.append(undo)
 
-    def commit_group(self) -> None:
+    def _commit_group(self) -> None:
         """Commit the open group; on failure everything in it is undone (the rollback
         hooks run) and the error is raised."""
         if not self._group_open:
@@ -622,7 +344,7 @@ class Store:
             for event in events:
                 self.event_sink(event)
 
-    def abort_group(self) -> None:
+    def _abort_group(self) -> None:
         """Roll the open group back (its rollback hooks run); nothing of it is kept."""
         if not self._group_open:
             return
@@ -635,13 +357,13 @@ class Store:
         self._pending_events.clear()
         _run_hooks(hooks)
 
-    def commit_group_off_loop(self) -> Future[BaseException | None] | None:
-        """``commit_group`` with the COMMIT and its fsync on the writer thread, so the
+    def _commit_group_off_loop(self) -> Future[BaseException | None] | None:
+        """``_commit_group`` with the COMMIT and its fsync on the writer thread, so the
         event loop answers probes and gathers the next group meanwhile (the fsync was a
         fifth of the loop's time draining a queue).
 
         The future gives the exception that undid the group, or None. Any use of
-        ``conn`` before it is done waits for it (``settle``); the group's events reach
+        ``conn`` before it is done waits for it (``complete_commit``); the group's events reach
         the sink at that point, in order, never before the commit and never twice, and
         its rollback hooks run there if it failed.
         """
@@ -766,7 +488,7 @@ class Store:
                     self._conn.execute("ROLLBACK")
             return exc
 
-    async def settled(self) -> None:
+    async def commit_done(self) -> None:
         """Returns once the commit on the writer thread (if any) is done, without holding
         the event loop meanwhile: for readers on the loop that can wait (API requests).
         Only that one commit: under a steady stream of commits, waiting for a gap could
@@ -785,10 +507,10 @@ class Store:
     def conn(self) -> sqlite3.Connection:
         """The connection, once any commit on the writer thread has finished."""
         if self._inflight is not None:
-            self.settle()
+            self.complete_commit()
         return self._conn
 
-    def settle(self) -> BaseException | None:
+    def complete_commit(self) -> BaseException | None:
         """Wait for the in-flight commit (if any), then hand its events to the sink.
         Returns what undid it, or None."""
         fut, self._inflight = self._inflight, None
@@ -813,12 +535,12 @@ class Store:
             self._conn.close()
             return
         try:
-            self.commit_group()
+            self._commit_group()
             if self._checkpointing is not None:
                 self._checkpointing.result()  # TRUNCATE below would wait for it anyway
             self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         finally:
-            self.settle()
+            self.complete_commit()
             self._conn.close()
             if self._writer is not None:
                 self._writer.shutdown(wait=True)
@@ -1046,7 +768,7 @@ class Store:
     def _require_task(self, task_id: str) -> Row:
         row = self._one("SELECT * FROM tasks WHERE id=? AND present=1", (task_id,))
         if row is None:
-            raise StoreError("unknown_task", f"no task named {task_id!r}")
+            raise StateRefused("unknown_task", f"no task named {task_id!r}")
         return row
 
     # ------------------------------------------------------------ enqueue
@@ -1071,7 +793,7 @@ class Store:
         fire = Fire(task_id, scheduled_for, trigger, overlap, max_queued, key, honour_pause)
         [result] = self.fire_many([fire], now)
         if result.reason == "unknown_task":
-            raise StoreError("unknown_task", f"no task named {task_id!r}")
+            raise StateRefused("unknown_task", f"no task named {task_id!r}")
         return result
 
     def fire_many(self, fires: Sequence[Fire], now: datetime) -> list[FireResult]:
@@ -1183,7 +905,7 @@ class Store:
                 ids.reverse()
                 return ids
             log.warning("%d new run id(s) were taken already; drew them again", clashes)
-        raise StoreError("run_id_collision", f"new run ids kept colliding ({MAX_ID_DRAWS} draws)")
+        raise StateRefused("run_id_collision", f"new run ids kept colliding ({MAX_ID_DRAWS} draws)")
 
     def _insert_runs(self, rows: list[tuple[Any, ...]]) -> None:
         """New runs from ``fire_many``, in one statement; empties ``rows``."""
@@ -1537,7 +1259,7 @@ class Store:
             )
             run = self._one("SELECT id, task_id, attempt, failures FROM runs WHERE id=?", (run_id,))
             if run is None:
-                raise StoreError("unknown_run", f"no run {run_id!r}")
+                raise StateRefused("unknown_run", f"no run {run_id!r}")
             self.conn.execute(
                 "UPDATE attempts SET finished_at=?, outcome=?, exit_code=?, http_status=?,"
                 " error=?, duration_s=? WHERE run_id=? AND attempt=? AND finished_at IS NULL",
@@ -1587,7 +1309,7 @@ class Store:
         transaction, each statement once over all of them (executemany), which costs the
         loop a fraction of finishing them one by one.
 
-        All or nothing: a run that is not there undoes the batch (StoreError), and the
+        All or nothing: a run that is not there undoes the batch (StateRefused), and the
         caller finishes them one by one to isolate it. A batch with a quarantine goes
         one by one too: a quarantine reads and counts the task's row, so its order
         against the others' success matters, and it is rare.
@@ -1688,7 +1410,7 @@ class Store:
                 runs,
             ).rowcount
             if updated != len(items):
-                raise StoreError("unknown_run", f"{len(items) - updated} of the runs are gone")
+                raise StateRefused("unknown_run", f"{len(items) - updated} of the runs are gone")
             conn.executemany(
                 "UPDATE attempts SET finished_at=?, outcome=?, exit_code=?, http_status=?,"
                 " error=?, duration_s=? WHERE run_id=? AND attempt=? AND finished_at IS NULL",
@@ -1745,9 +1467,9 @@ class Store:
         with self.tx():
             run = self._one("SELECT * FROM runs WHERE id=?", (run_id,))
             if run is None:
-                raise StoreError("unknown_run", f"no run {run_id!r}")
+                raise StateRefused("unknown_run", f"no run {run_id!r}")
             if run["status"] not in ACTIVE_STATUSES:
-                raise StoreError(
+                raise StateRefused(
                     "run_finished", f"run {run_id} already ended with status {run['status']}"
                 )
             return self._request_cancel_locked(run, now, reason="operator")
@@ -1775,7 +1497,7 @@ class Store:
     def quarantine_get(self, run_id: str) -> Row:
         row = self._one("SELECT * FROM quarantine WHERE run_id=?", (run_id,))
         if row is None:
-            raise StoreError("not_quarantined", f"run {run_id!r} is not in quarantine")
+            raise StateRefused("not_quarantined", f"run {run_id!r} is not in quarantine")
         return row
 
     def quarantine_release(self, run_id: str, now: datetime) -> None:
@@ -1783,7 +1505,7 @@ class Store:
         with self.tx():
             row = self._one("SELECT * FROM quarantine WHERE run_id=?", (run_id,))
             if row is None:
-                raise StoreError("not_quarantined", f"run {run_id!r} is not in quarantine")
+                raise StateRefused("not_quarantined", f"run {run_id!r} is not in quarantine")
             self.conn.execute("DELETE FROM quarantine WHERE run_id=?", (run_id,))
             self.conn.execute(
                 "UPDATE runs SET status='queued', failures=0, not_before=?, finished_at=NULL,"
@@ -1797,7 +1519,7 @@ class Store:
         with self.tx():
             row = self._one("SELECT * FROM quarantine WHERE run_id=?", (run_id,))
             if row is None:
-                raise StoreError("not_quarantined", f"run {run_id!r} is not in quarantine")
+                raise StateRefused("not_quarantined", f"run {run_id!r} is not in quarantine")
             self.conn.execute("DELETE FROM quarantine WHERE run_id=?", (run_id,))
             self._event(now, EventKind.DROP, row["task_id"], run_id)
 
@@ -1865,7 +1587,7 @@ class Store:
     def get_run(self, run_id: str) -> Row:
         row = self._one("SELECT * FROM runs WHERE id=?", (run_id,))
         if row is None:
-            raise StoreError("unknown_run", f"no run {run_id!r}")
+            raise StateRefused("unknown_run", f"no run {run_id!r}")
         return row
 
     def list_runs(
@@ -1975,3 +1697,28 @@ def _run_hooks(hooks: list[Callable[[], None]]) -> None:
 
 def _plus(now: datetime, seconds: float) -> datetime:
     return now + timedelta(seconds=seconds)
+
+
+class _Unit:
+    """A handle on ``SqliteStore``'s open group: the owner's ends it, a joined one's
+    ``commit``/``abort`` do nothing (``agentd.state.port.UnitOfWork``)."""
+
+    __slots__ = ("_store", "owner")
+
+    def __init__(self, store: SqliteStore, *, owner: bool) -> None:
+        self._store = store
+        self.owner = owner
+
+    def on_rollback(self, undo: Callable[[], None]) -> None:
+        self._store._after_rollback(undo)
+
+    def commit(self) -> None:
+        if self.owner:
+            self._store._commit_group()
+
+    def commit_off_loop(self) -> Future[BaseException | None] | None:
+        return self._store._commit_group_off_loop() if self.owner else None
+
+    def abort(self) -> None:
+        if self.owner:
+            self._store._abort_group()

@@ -1,0 +1,498 @@
+"""The state layer's port: what every module above it may ask of agentd's state, and
+nothing of how an engine keeps it.
+
+An engine (``agentd.state.sqlite`` today, PostgreSQL next) implements ``Store``; the
+contract suite (``tests/contract``) runs one set of tests against each. Above this
+line nobody sees a connection, a cursor, SQL or a driver's exception.
+
+Invariants every engine keeps:
+
+- **One owner per commit.** Writes happen inside a unit of work (``Store.unit``). The
+  first unit opened is the *owner*; units opened while it is open *join* it, and their
+  ``commit``/``abort`` do nothing. Only the owner's ``commit`` makes the work durable,
+  and only then are its events published (to ``event_sink``), in order, exactly once.
+  A verb called outside any unit is its own unit.
+- **Events never precede their change.** An event is appended in the transaction of
+  the change it describes and nobody sees it before that transaction commits.
+- **Errors are storage-neutral.** A refused request raises ``StateRefused`` (stable
+  ``code``); a failure of the storage itself (disk full, I/O, a lock held too long, a
+  lost connection) raises ``StorageFault``; anything else the engine cannot do raises
+  ``StorageError``. A driver's own exceptions never leave the engine.
+- **Idempotent enqueue.** A fire with an idempotency key already used returns the
+  existing run (``created=False``, ``reason="duplicate"``), never a second one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol, TypedDict
+
+from agentd.models import EventKind, Outcome, Row, RunStatus, StateRefused
+from agentd.procs import GroupEnd, GroupRecord
+from agentd.redact import Redactor
+
+__all__ = [
+    "AttemptRecord",
+    "ClaimedRun",
+    "EventRecord",
+    "EventSink",
+    "Finish",
+    "Fire",
+    "FireGate",
+    "FireResult",
+    "QuarantineRecord",
+    "RunIds",
+    "RunRecord",
+    "StateRefused",
+    "StorageError",
+    "StorageFault",
+    "Store",
+    "TaskRecord",
+    "UnitOfWork",
+    "WriteListener",
+    "WriteLost",
+    "wait_commit",
+]
+
+
+# ---------------------------------------------------------------- errors
+
+
+class StorageError(Exception):
+    """The state could not be read or written for a reason of the engine (a constraint,
+    a damaged file, a bug): what callers above the port catch instead of a driver's
+    exceptions. The driver's exception is the ``__cause__``."""
+
+
+class StorageFault(StorageError):
+    """A failure of the storage itself (disk full, read-only, I/O error, a lock held too
+    long, damage): retryable once the cause is gone; what turns readiness off and makes
+    an API answer 503."""
+
+
+class WriteLost(StorageFault):
+    """A write inside a unit of work whose transaction an earlier failure already rolled
+    back (SQLite ends the whole transaction on some errors: a full disk, an I/O error).
+    Every write after that fails too, until the unit's owner ends it, so that no later
+    part of the unit can commit without the earlier ones."""
+
+
+# ---------------------------------------------------------------- records
+
+
+class RunRecord(TypedDict):
+    """A run as the state keeps it (``runs``): one per enqueue, whatever its attempts."""
+
+    id: str
+    task_id: str
+    trigger: str
+    scheduled_for: str | None
+    idempotency_key: str
+    status: str
+    attempt: int
+    failures: int
+    not_before: str | None
+    lease_owner: str | None
+    lease_expires_at: str | None
+    cancel_requested: int
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    outcome: str | None
+    exit_code: int | None
+    error: str | None
+    duration_s: float | None
+    skip_reason: str | None
+    progress_done: int | None
+    progress_total: int | None
+    progress_message: str | None
+
+
+class ClaimedRun(TypedDict):
+    """What a claim hands its runner: the columns a run needs to start, no more."""
+
+    id: str
+    task_id: str
+    trigger: str
+    scheduled_for: str | None
+    idempotency_key: str
+    status: str
+    attempt: int
+    failures: int
+    not_before: str | None
+    created_at: str
+
+
+class AttemptRecord(TypedDict):
+    """One attempt of a run (``attempts``): who ran it, how it ended."""
+
+    id: int
+    run_id: str
+    attempt: int
+    worker: str | None
+    started_at: str | None
+    finished_at: str | None
+    outcome: str | None
+    exit_code: int | None
+    http_status: int | None
+    error: str | None
+    duration_s: float | None
+    pgid: int | None
+    pgid_start: int | None
+    boot_id: str | None
+
+
+class TaskRecord(TypedDict):
+    """A task as the state knows it (``tasks``): the config's fingerprint and the
+    operator-visible state the config does not hold (paused, last outcome)."""
+
+    id: str
+    fingerprint: str
+    kind: str
+    present: int
+    paused: int
+    paused_reason: str | None
+    paused_at: str | None
+    consecutive_quarantines: int
+    last_run_at: str | None
+    last_outcome: str | None
+    last_success_at: str | None
+    updated_at: str | None
+
+
+class EventRecord(TypedDict):
+    """One audit event: ``id`` increases with commit order within one engine."""
+
+    id: int
+    ts: str
+    kind: str
+    task_id: str | None
+    run_id: str | None
+    data: Row
+
+
+class QuarantineRecord(TypedDict):
+    """A run that used up its retries, kept for an operator to release or drop."""
+
+    run_id: str
+    task_id: str
+    quarantined_at: str
+    last_error: str | None
+    attempts: int
+
+
+# ---------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True)
+class Fire:
+    """One enqueue request for ``Store.fire_many`` (see ``Store.fire`` for each field)."""
+
+    task_id: str
+    scheduled_for: datetime | None = None
+    trigger: str = "schedule"
+    overlap: str = "skip"
+    max_queued: int = 10
+    key: str | None = None
+    honour_pause: bool = True
+
+
+@dataclass(frozen=True)
+class FireResult:
+    run_id: str
+    created: bool
+    status: str
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Finish:
+    """One attempt's end for ``Store.finish_many`` (see ``Store.finish`` for the fields).
+    ``attempt`` and ``failures`` are the run's as claimed: its runner holds them, so the
+    batch need not read them back."""
+
+    run_id: str
+    task_id: str
+    attempt: int
+    failures: int
+    outcome: Outcome
+    next_status: RunStatus
+    at: datetime
+    """When the attempt ended (``finish``'s ``now``)."""
+    not_before: datetime | None = None
+    error: str | None = None
+    exit_code: int | None = None
+    http_status: int | None = None
+    duration_s: float | None = None
+    pause_after_failures: int = 0
+    cancel_reason: str | None = None
+    """Why a run that would have been re-queued ends cancelled instead (its task left
+    the config: ``task_removed``); recorded as a ``cancel`` event."""
+
+
+EventSink = Callable[[Row], None]
+"""Given each event once its transaction has committed, in commit order."""
+FireGate = Callable[[str, datetime], "dict[str, Any] | None"]
+"""Budget admission, asked inside a scheduled fire's transaction: a reason to record the
+fire as skipped (a budget window full), or None. Policy above the port, handed in."""
+WriteListener = Callable[[BaseException | None], None]
+"""Told of the state's write health when it changes: the error that made a write fail
+(disk full, read-only, I/O error, a lock held too long), or None once one works."""
+
+
+RUN_ID_RANDOM_BITS = 80
+_RUN_ID_TOP = 1 << RUN_ID_RANDOM_BITS
+
+
+class RunIds:
+    """Run ids: ``YYYYMMDDTHHMMSS-`` (the creation second, UTC) then 80 random bits as 20
+    hex digits, e.g. ``20260301T120000-9f2c4e0b7a1d3c5e8f60``. They sort by creation
+    time to the second; within a second, the ids of one generator increase (the
+    second's first id draws its random part, each later one adds 1, as ULID's monotonic
+    rule does), so one process's ids sort in the order they were made. Two processes'
+    ids of the same second are unordered against each other and collide with a chance
+    of about n**2 / 2**81 (engines draw again on a collision anyway)."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+        self._last = 0
+
+    def __call__(self, now: datetime) -> str:
+        second = int(now.timestamp())
+        if second != self._second:
+            self._second = second
+            self._prefix = now.astimezone(UTC).strftime("%Y%m%dT%H%M%S-")
+            self._last = secrets.randbits(RUN_ID_RANDOM_BITS)
+        else:
+            self._last += 1
+            if self._last >= _RUN_ID_TOP:  # out of room above this second's draw
+                self._last = secrets.randbits(RUN_ID_RANDOM_BITS - 1)
+        return f"{self._prefix}{self._last:020x}"
+
+
+async def wait_commit(commit: Future[BaseException | None]) -> BaseException | None:
+    """Await a commit running off the event loop without letting the waiter's
+    cancellation reach it. ``wrap_future`` alone cancels the thread's future when its
+    waiter is cancelled (an API request dropped, the loop shutting down): a commit still
+    queued behind another would then never run, and its unit (run outcomes, events)
+    would never become durable."""
+    return await asyncio.shield(asyncio.wrap_future(commit))
+
+
+# ---------------------------------------------------------------- the port
+
+
+class UnitOfWork(Protocol):
+    """One commit's worth of writes (see the module's "one owner per commit").
+
+    Opened by ``Store.unit``; ``owner`` says whether this handle's ``commit`` is the one
+    that makes the work durable. Every verb called while a unit is open writes into it."""
+
+    @property
+    def owner(self) -> bool: ...
+
+    def on_rollback(self, undo: Callable[[], None]) -> None:
+        """Call ``undo`` if the unit does not commit (its commit fails, an earlier failure
+        lost it, or it is aborted): for work done in memory on the strength of the
+        unit's writes, such as runs started on a claim it holds."""
+        ...
+
+    def commit(self) -> None:
+        """The owner: commit, then publish the unit's events; on failure everything in it
+        is undone (the rollback hooks run) and the error raised. A joined handle: no-op."""
+        ...
+
+    def commit_off_loop(self) -> Future[BaseException | None] | None:
+        """``commit`` with the durable write off the calling thread, so an event loop
+        goes on meanwhile. The future gives what undid the unit, or None; the events
+        are published (or rollback hooks run) when the commit is completed
+        (``Store.complete_commit``), which every later use of the state does first.
+        None from a joined handle."""
+        ...
+
+    def abort(self) -> None:
+        """The owner: roll the unit back (its rollback hooks run). A joined handle: no-op."""
+        ...
+
+
+class Store(Protocol):
+    """agentd's state, as every module above the state layer sees it."""
+
+    event_sink: EventSink | None
+    redactor: Redactor
+    """Secret values scrubbed from every text written: run and attempt errors, event
+    data, progress messages. Set by the daemon for each config it applies."""
+    fire_gate: FireGate | None
+    on_write: WriteListener | None
+    write_error: str | None
+    """Why the last write failed, until a commit succeeds again."""
+    read_only: bool
+
+    # unit of work ------------------------------------------------------------
+    def unit(self) -> UnitOfWork: ...
+    @property
+    def committing(self) -> bool:
+        """A commit is running off the loop right now: a use of the state would wait."""
+        ...
+
+    def complete_commit(self) -> BaseException | None:
+        """Wait for the commit running off the loop (if any), then publish its events or
+        run its rollback hooks. Returns what undid it, or None."""
+        ...
+
+    async def commit_done(self) -> None:
+        """Returns once the commit running off the loop (if any) is done, without holding
+        the event loop: for readers on the loop that can wait (API requests)."""
+        ...
+
+    def close(self) -> None: ...
+
+    # tasks -------------------------------------------------------------------
+    def sync_tasks(
+        self,
+        tasks: dict[str, tuple[str, str]],
+        now: datetime,
+        synced: dict[str, tuple[str, str]] | None = None,
+    ) -> None: ...
+    def task_rows(self, ids: Sequence[str] | None = None) -> list[Row]: ...
+    def task_row(self, task_id: str) -> Row | None: ...
+    def paused_tasks(self) -> set[str]: ...
+    def pause(self, task_id: str, reason: str, now: datetime, actor: str = "operator") -> bool: ...
+    def resume(self, task_id: str, now: datetime) -> bool: ...
+
+    # fires -------------------------------------------------------------------
+    def fire(
+        self,
+        task_id: str,
+        now: datetime,
+        *,
+        scheduled_for: datetime | None = None,
+        trigger: str = "schedule",
+        overlap: str = "skip",
+        max_queued: int = 10,
+        key: str | None = None,
+        honour_pause: bool = True,
+    ) -> FireResult: ...
+    def fire_many(self, fires: Sequence[Fire], now: datetime) -> list[FireResult]: ...
+    def record_misfire(
+        self, task_id: str, now: datetime, missed: list[datetime], reason: str
+    ) -> None: ...
+
+    # claims and leases ---------------------------------------------------------
+    def version(self) -> tuple[int, int]:
+        """Compares unequal after any change to the state, by anyone (change detection:
+        a cheap check before an idle loop's reads)."""
+        ...
+
+    def first_queued_at(self) -> datetime | None: ...
+    def claim(
+        self,
+        now: datetime,
+        owner: str,
+        lease_s: float,
+        limit: int,
+        busy_tasks: set[str],
+        allow_overlap: set[str],
+    ) -> list[Row]: ...
+    def heartbeat(
+        self, run_ids: Sequence[str], owner: str, now: datetime, lease_s: float
+    ) -> None: ...
+    def mark_started(self, run_id: str, task_id: str, now: datetime, workspace: str) -> None: ...
+    def mark_started_many(self, runs: Sequence[tuple[str, str, str]], now: datetime) -> None: ...
+    def record_group(self, run_id: str, attempt: int, group: GroupRecord) -> None: ...
+    def lost_groups(
+        self,
+        now: datetime,
+        live_owners: set[str] | None = None,
+        keep: set[str] | None = None,
+    ) -> dict[str, GroupRecord]: ...
+    def recover(
+        self,
+        now: datetime,
+        owner: str,
+        live_owners: set[str] | None = None,
+        keep: set[str] | None = None,
+        *,
+        only: set[str] | None = None,
+        ended: Mapping[str, GroupEnd] | None = None,
+    ) -> list[str]: ...
+    def cancel_requests(self, owner: str) -> list[str]: ...
+
+    # outcomes ------------------------------------------------------------------
+    def finish(
+        self,
+        run_id: str,
+        now: datetime,
+        *,
+        outcome: Outcome,
+        next_status: RunStatus,
+        not_before: datetime | None = None,
+        error: str | None = None,
+        exit_code: int | None = None,
+        http_status: int | None = None,
+        duration_s: float | None = None,
+        pause_after_failures: int = 0,
+        cancel_reason: str | None = None,
+    ) -> Row: ...
+    def finish_many(self, items: Sequence[Finish]) -> None: ...
+    def request_cancel(self, run_id: str, now: datetime) -> str: ...
+
+    # quarantine ------------------------------------------------------------------
+    def quarantine_list(self) -> list[Row]: ...
+    def quarantine_get(self, run_id: str) -> Row: ...
+    def quarantine_release(self, run_id: str, now: datetime) -> None: ...
+    def quarantine_drop(self, run_id: str, now: datetime) -> None: ...
+
+    # checkpoints and progress ------------------------------------------------------
+    def load_checkpoint(self, run_id: str) -> Any | None: ...
+    def save_checkpoint(self, run_id: str, data: Any, now: datetime) -> int: ...
+    def progress(
+        self, run_id: str, done: int, total: int | None, message: str, now: datetime
+    ) -> None: ...
+
+    # events ------------------------------------------------------------------------
+    def emit(
+        self,
+        now: datetime,
+        kind: EventKind,
+        task_id: str | None = None,
+        run_id: str | None = None,
+        **data: Any,
+    ) -> None:
+        """Append an audit event inside the open unit of work (or as its own)."""
+        ...
+
+    def events(
+        self, run_id: str | None = None, after_id: int = 0, limit: int = 1000
+    ) -> list[Row]: ...
+    def recent_events(self, limit: int = 50) -> list[Row]: ...
+    def latest_event_id(self) -> int: ...
+
+    # reads for views -----------------------------------------------------------------
+    def get_run(self, run_id: str) -> Row: ...
+    def list_runs(
+        self,
+        task_id: str | None = None,
+        status: str | None = None,
+        limit: int = 50,
+        before_id: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+    ) -> list[Row]: ...
+    def attempts(self, run_id: str) -> list[Row]: ...
+    def active_runs(self, task_id: str) -> list[Row]: ...
+    def counts(self) -> dict[str, int]: ...
+    def gauge_counts(self) -> tuple[int, int]: ...
+    def recent_alerts(self, limit: int) -> list[Row]: ...
+    def running_ids(self, owner: str) -> set[str]: ...
+
+    # health ----------------------------------------------------------------------------
+    def probe_write(self, now: datetime) -> None:
+        """One small durable write: does the state accept writes right now?"""
+        ...
