@@ -192,7 +192,7 @@ class Control:
             report["tasks"] = [t for t in report["tasks"] if t["task"] == task]
         return report
 
-    async def settled(self) -> None:
+    async def commit_done(self) -> None:
         """Until no commit of the state is in flight: reads on the loop then never wait
         for another thread's fsync (the API calls it before each request)."""
         await self.store.commit_done()

@@ -44,7 +44,8 @@ from agentd.retention import Pruner
 from agentd.runner import Runner
 from agentd.safety import Safety
 from agentd.scheduler import HEARTBEAT_S, Scheduler, SyncReport
-from agentd.state.sqlite import STORAGE_ERRORS, SqliteStore, is_storage_fault
+from agentd.state.port import StorageError, StorageFault
+from agentd.state.sqlite import SqliteStore
 from agentd.statecheck import StateLock, StateLocked, state_paths
 from agentd.systemd import Notifier
 
@@ -414,7 +415,7 @@ class Daemon:
         try:
             step()
         except Exception as exc:
-            if not is_storage_fault(exc):
+            if not isinstance(exc, StorageFault):
                 self._log_loop_error(exc)
 
     def _gauges_step(self, now_mono: float) -> None:
@@ -611,11 +612,11 @@ class Daemon:
             left = store.running_ids(self.owner) - set(self.runner.active if self.runner else ())
             if left:
                 unwritten = f"{len(left)} run(s) still recorded as running ({' '.join(left)})"
-        except STORAGE_ERRORS as exc:
+        except StorageError as exc:
             unwritten = f"its last commit failed ({exc})"
         try:
             store.close()
-        except STORAGE_ERRORS as exc:
+        except StorageError as exc:
             if not unwritten:
                 log.warning(
                     "state DB: could not fold the WAL into %s at stop (%s); nothing is lost, "

@@ -66,7 +66,7 @@ from agentd.health import Health
 from agentd.models import MAX_EVENT_ID, EventKind, StateRefused
 from agentd.openapi import openapi_document
 from agentd.redact import SecretUnavailable, read_secret
-from agentd.state.sqlite import STORAGE_FAULTS
+from agentd.state.port import StorageFault
 
 log = logging.getLogger("agentd.http")
 access_log = logging.getLogger("agentd.http.access")
@@ -803,7 +803,7 @@ class HttpServer:
                 if request.path.startswith("/v1/"):
                     # The API reads the state DB on the loop: not while the runner's
                     # commit is on the writer thread, or the loop waits for its fsync.
-                    await self.control.settled()
+                    await self.control.commit_done()
                 return await handler(request)
             except RequestRefused as exc:
                 response = _error(exc.status, exc.code, exc.message, exc.headers)
@@ -812,7 +812,7 @@ class HttpServer:
                 return response
             except StateRefused as exc:
                 return _error(STORE_ERROR_STATUS.get(exc.code, 400), exc.code, str(exc))
-            except STORAGE_FAULTS as exc:
+            except StorageFault as exc:
                 # Disk full, I/O error, a lock held past busy_timeout: not a bug, retryable.
                 log.warning("state DB error in %s %s: %s", request.method, request.path, exc)
                 return _error(503, "db_unavailable", f"state DB error: {exc}", RETRY_LATER)

@@ -79,9 +79,10 @@ def open_store(config: Config, *, read_only: bool = False) -> Store:
     return store
 
 
-class Ops:
-    """Each operator command once: through the daemon's API when one answers, else on
-    the state DB directly (the same ``Control`` code the API runs)."""
+class CliCommands:
+    """The CLI's side of each operator command: it routes the command to the daemon's
+    API when one answers, else runs it on the state directly with ``Control`` (the one
+    implementation of the operator verbs, which the API runs too)."""
 
     def __init__(
         self, config: Config | None, url: str | None, daemon: DaemonConfig | None = None
@@ -189,7 +190,7 @@ class Ops:
 def state_command(config: Config, args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """One operator command; an API or state error is printed and exits 1."""
     try:
-        ops = Ops(config, args.url)
+        ops = CliCommands(config, args.url)
         try:
             return _dispatch(ops, args, parser)
         finally:
@@ -224,7 +225,7 @@ def broken_config_command(
             file=sys.stderr,
         )
     try:
-        ops = Ops(None, args.url, daemon)
+        ops = CliCommands(None, args.url, daemon)
         try:
             return _dispatch(ops, args, parser)
         finally:
@@ -241,7 +242,7 @@ def broken_config_command(
         return 1
 
 
-def _dispatch(ops: Ops, args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def _dispatch(ops: CliCommands, args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     cmd = args.command
     q = urllib.parse.quote
     if cmd == "status":
@@ -373,7 +374,7 @@ def _dispatch(ops: Ops, args: argparse.Namespace, parser: argparse.ArgumentParse
     return exitcodes.USAGE
 
 
-def _follow(ops: Ops, args: argparse.Namespace, path: str) -> int:
+def _follow(ops: CliCommands, args: argparse.Namespace, path: str) -> int:
     """Print one line per event until the stream ends (a watched run finished) or Ctrl-C;
     reconnects with Last-Event-ID so a daemon restart loses nothing."""
     if ops.api is None:

@@ -27,8 +27,7 @@ from agentd.context import RunContext
 from agentd.executors import ExecEnv, executor_for
 from agentd.models import CheckpointNotSaved, Outcome, Result, Row, RunStatus, StopRequested
 from agentd.providers import Gateway
-from agentd.state.port import Finish, Store, WriteLost, wait_commit
-from agentd.state.sqlite import STORAGE_ERRORS, is_storage_fault
+from agentd.state.port import Finish, StorageError, StorageFault, Store, wait_commit
 
 log = logging.getLogger("agentd.runner")
 
@@ -162,7 +161,7 @@ class _Backend:
         try:
             self._runner.store.save_checkpoint(run_id, data, self._runner.clock.now())
         except Exception as exc:
-            if is_storage_fault(exc):
+            if isinstance(exc, StorageFault):
                 raise CheckpointNotSaved(f"checkpoint not saved: {exc}") from None
             raise
 
@@ -171,7 +170,7 @@ class _Backend:
         try:
             self._runner.store.progress(run_id, done, total, message, self._runner.clock.now())
         except Exception as exc:
-            if not is_storage_fault(exc):
+            if not isinstance(exc, StorageFault):
                 raise
 
     def heartbeat(self, run_id: str) -> None:
@@ -179,7 +178,7 @@ class _Backend:
         try:
             r.store.heartbeat([run_id], r.owner, r.clock.now(), r.lease_s)
         except Exception as exc:
-            if not is_storage_fault(exc):
+            if not isinstance(exc, StorageFault):
                 raise
 
 
@@ -379,7 +378,7 @@ class Runner:
         try:
             self.store.record_group(ctx.run_id, ctx.attempt, group)
         except Exception as exc:
-            if not is_storage_fault(exc):
+            if not isinstance(exc, StorageFault):
                 raise
             log.warning(
                 "process group %d of run %s not recorded (%s): a crash now would leave it "
@@ -535,7 +534,7 @@ class Runner:
             self.active.pop(ended.active.row["id"], None)
         try:
             unit = self.store.unit()
-        except STORAGE_ERRORS:
+        except StorageError:
             self._keep_unrecorded(pending)
             return
         unit.on_rollback(lambda: self._keep_unrecorded(pending))
@@ -547,7 +546,7 @@ class Runner:
                 # main loop's to retry; it must not cost these outcomes.
                 try:
                     self.tick()
-                except STORAGE_ERRORS as exc:
+                except StorageError as exc:
                     log.warning("claim after finishing runs failed, retried next tick: %s", exc)
         except Exception:
             if unit.owner:
@@ -615,14 +614,14 @@ class Runner:
         try:
             self.store.finish_many([ended.record() for ended in pending])
         except Exception as exc:
-            if isinstance(exc, WriteLost) or is_storage_fault(exc):
+            if isinstance(exc, StorageFault):
                 raise
             log.warning("recording %d outcomes together failed, one by one: %s", len(pending), exc)
             for ended in pending:
                 try:
                     self.store.finish_many([ended.record()])
                 except Exception as one:
-                    if isinstance(one, WriteLost) or is_storage_fault(one):
+                    if isinstance(one, StorageFault):
                         raise
                     log.exception(
                         "could not record outcome run=%s task=%s",

@@ -41,7 +41,7 @@ from apscheduler.util import datetime_to_utc_timestamp, utc_timestamp_to_datetim
 from agentd.clock import Backoff, Clock, to_iso
 from agentd.config import Config, TaskConfig, inactive_reason
 from agentd.schedule import ScheduleSpec, next_fire
-from agentd.state.port import Fire, FireResult, Store, UnitOfWork
+from agentd.state.port import Fire, Store, UnitOfWork
 
 log = logging.getLogger("agentd.scheduler")
 
@@ -887,30 +887,6 @@ class Scheduler:
                 log.error("fire of a task the state DB does not know task=%s", fire.task_id)
         if created and self.on_enqueue:
             self.on_enqueue()
-
-    def fire(
-        self, task_id: str, *, scheduled_for: datetime | None = None, trigger: str = "schedule"
-    ) -> FireResult:
-        task = self.tasks[task_id]
-        result = self.store.fire(
-            task_id,
-            self.clock.now(),
-            scheduled_for=scheduled_for,
-            trigger=trigger,
-            overlap=task.overlap,
-            max_queued=task.max_queued,
-            honour_pause=trigger != "manual",
-        )
-        if result.created and self.on_enqueue:
-            self.on_enqueue()
-        elif result.reason == "duplicate" and scheduled_for is not None:
-            log.info(
-                "fire deduplicated task=%s scheduled_for=%s run=%s",
-                task_id,
-                to_iso(scheduled_for),
-                result.run_id,
-            )
-        return result
 
 
 def catchup_split(

@@ -494,8 +494,10 @@ def classify(exc: BaseException, root: Path) -> Refusal | None:
     when it is not about the files."""
     db, _, jobs = paths(root)
     code = getattr(exc, "code", None)
-    if code == "schema_too_new":  # agentd.state.sqlite.StateRefused
+    if code == "schema_too_new":  # a StateRefused of the SQLite engine
         return StateDamaged(str(exc))
+    if isinstance(exc.__cause__, sqlite3.Error):  # the engine's port error, of SQLite's
+        exc = exc.__cause__
     orig = getattr(exc, "orig", None)
     path, error = (jobs, orig) if isinstance(orig, sqlite3.Error) else (db, exc)
     if not isinstance(error, sqlite3.Error):

@@ -15,7 +15,7 @@ import pytest
 
 from agentd.clock import to_iso
 from agentd.models import Outcome, Row, RunStatus, StateRefused
-from agentd.state.port import EventSink, Finish, Fire
+from agentd.state.port import EventSink, Finish, Fire, StorageError
 from agentd.state.sqlite import MIGRATIONS, SCHEMA_VERSION, SqliteStore
 from agentd.state.sqlite.engine import CHECKPOINT_EVERY
 
@@ -310,8 +310,9 @@ def test_failed_off_loop_commit_undoes_its_group_and_drops_its_events(tmp_path: 
         commit = store_unit.commit_off_loop()
         assert commit is not None
         error = commit.result()
-        assert isinstance(error, sqlite3.IntegrityError)
-        assert isinstance(store.complete_commit(), sqlite3.IntegrityError)
+        assert isinstance(error, StorageError)
+        assert isinstance(error.__cause__, sqlite3.IntegrityError)
+        assert isinstance(store.complete_commit(), StorageError)
         assert store.complete_commit() is None  # settled once
         assert seen == []
         with pytest.raises(StateRefused):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ from smallfs import SmallFs, small_fs
 
 from agentd.clock import to_iso
 from agentd.models import Outcome, RunStatus
-from agentd.state.port import Fire, RunIds, WriteLost
+from agentd.state.port import Fire, RunIds, StorageFault, WriteLost
 from agentd.state.sqlite import SqliteStore
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -144,7 +143,7 @@ def _fill_until_a_write_fails(store: SqliteStore, start: int) -> int:
     for i in range(start, start + 100_000):
         try:
             store.fire_many([Fire("a", at(i), overlap="allow")], at(i))
-        except sqlite3.OperationalError:
+        except StorageFault:
             return i
     raise AssertionError("the disk never filled")
 
@@ -155,8 +154,8 @@ def test_a_failed_write_is_reported_once_and_the_next_commit_clears_it(
     store, heard = _filled_store(full_disk)
     i = _fill_until_a_write_fails(store, 0)
     assert store.write_error is not None and "full" in store.write_error
-    assert len(heard) == 1 and isinstance(heard[0], sqlite3.OperationalError)
-    with pytest.raises(sqlite3.OperationalError):
+    assert len(heard) == 1 and isinstance(heard[0], StorageFault)
+    with pytest.raises(StorageFault):
         store.fire_many([Fire("a", at(i + 1), overlap="allow")], at(i + 1))
     assert len(heard) == 1  # the same cause again: no second report, no second log line
     full_disk.free()
@@ -183,7 +182,7 @@ def test_a_group_whose_transaction_the_disk_ended_commits_nothing_of_itself(
     for j in range(i + 2, i + 100_000):
         try:
             store.save_checkpoint(run.run_id, {"blob": "x" * 50_000, "j": j}, at(j))
-        except sqlite3.OperationalError as exc:
+        except StorageFault as exc:
             failed = exc
             break
     assert failed is not None

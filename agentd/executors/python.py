@@ -64,7 +64,7 @@ async def _in_thread(func: Callable[..., Any], ctx: RunContext, threads: DaemonT
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[Any] = loop.create_future()
 
-    def settle(value: Any, exc: BaseException | None) -> None:
+    def hand_over(value: Any, exc: BaseException | None) -> None:
         if fut.done():  # the run was cancelled meanwhile
             return
         if exc is None:
@@ -82,7 +82,7 @@ async def _in_thread(func: Callable[..., Any], ctx: RunContext, threads: DaemonT
         except BaseException as exc:  # re-raised on the loop by ``await fut``
             error = exc
         with contextlib.suppress(RuntimeError):  # loop closed: nobody is waiting any more
-            loop.call_soon_threadsafe(settle, value, error)
+            loop.call_soon_threadsafe(hand_over, value, error)
 
     threads.submit(run)
     return await fut

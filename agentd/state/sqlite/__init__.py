@@ -3,20 +3,18 @@ WAL mode, ``synchronous=FULL``)."""
 
 from agentd.state.port import Store
 from agentd.state.sqlite.engine import (
-    STORAGE_ERRORS,
-    STORAGE_FAULTS,
     SqliteStore,
     is_storage_fault,
+    neutral,
 )
 from agentd.state.sqlite.migrations import MIGRATIONS, SCHEMA_VERSION
 
 __all__ = [
     "MIGRATIONS",
     "SCHEMA_VERSION",
-    "STORAGE_ERRORS",
-    "STORAGE_FAULTS",
     "SqliteStore",
     "is_storage_fault",
+    "neutral",
 ]
 
 

@@ -12,6 +12,8 @@ to ``event_sink`` only after the commit, so nobody ever sees an event that rolle
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import json
 import logging
 import os
@@ -57,21 +59,50 @@ WAL_LIMIT_BYTES = 64 * 1024 * 1024
 RESTART_WAIT_MS = 2000
 """How long a restarting checkpoint may wait for readers (a CLI, the checkpoint thread)
 before it gives up, to try again after the next checkpoint."""
-STORAGE_ERRORS: tuple[type[BaseException], ...] = (sqlite3.Error, StorageError)
-"""What this engine raises when the state cannot be read or written (the engine's own
-exception types): callers above the state layer catch these, never ``sqlite3``'s."""
-STORAGE_FAULTS: tuple[type[BaseException], ...] = (sqlite3.OperationalError, StorageFault)
-"""Of those, the faults of the storage itself (disk full, I/O, a lock held too long):
-retryable, where an API answers 503."""
 
 
 def is_storage_fault(exc: BaseException) -> bool:
     """An error of the storage (disk full, read-only, I/O, locked, damaged), as opposed to
     a refused request or a constraint: what turns readiness off."""
-    return (
-        isinstance(exc, (sqlite3.OperationalError, StorageFault))
-        or type(exc) is sqlite3.DatabaseError
+    return isinstance(exc, (sqlite3.OperationalError, StorageFault)) or (
+        type(exc) is sqlite3.DatabaseError
     )
+
+
+def neutral(exc: BaseException) -> BaseException:
+    """The port's exception for one of SQLite's (``agentd.state.port``): a storage fault
+    is a ``StorageFault``, any other ``sqlite3.Error`` a ``StorageError``, each with the
+    same message; anything else is returned as it is."""
+    if not isinstance(exc, sqlite3.Error):
+        return exc
+    kind = StorageFault if is_storage_fault(exc) else StorageError
+    out = kind(str(exc))
+    out.__cause__ = exc
+    return out
+
+
+def _translated(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def verb(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except sqlite3.Error as exc:
+            raise neutral(exc) from exc
+
+    return verb
+
+
+def _speak_the_port(cls: type) -> type:
+    """Class decorator: every public method of ``cls`` (and of its mixins) raises the
+    port's exceptions, never ``sqlite3``'s. Inside, the engine works with SQLite's own."""
+    for klass in reversed(cls.__mro__[:-1]):
+        for name, member in vars(klass).items():
+            if name.startswith("_") or not inspect.isfunction(member):
+                continue
+            if inspect.iscoroutinefunction(member) or inspect.isgeneratorfunction(member):
+                continue
+            setattr(cls, name, _translated(member))
+    return cls
 
 
 MAX_ID_DRAWS = 5
@@ -92,6 +123,7 @@ CLAIM_COLUMNS = (
 of each row to a dict was a tenth of claiming."""
 
 
+@_speak_the_port
 class SqliteStore:
     """The SQLite engine behind ``agentd.state.port.Store``."""
 
@@ -405,7 +437,7 @@ class SqliteStore:
         log.error("state DB write failed: %s: %s", self.path, message)
         self.write_error = message
         if self.on_write:
-            self.on_write(exc)
+            self.on_write(neutral(exc))
 
     def _committed(self) -> None:
         """Every CHECKPOINT_EVERY commits, fold the WAL into the file on the checkpoint
@@ -486,7 +518,7 @@ class SqliteStore:
             if self._conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     self._conn.execute("ROLLBACK")
-            return exc
+            return neutral(exc)
 
     async def commit_done(self) -> None:
         """Returns once the commit on the writer thread (if any) is done, without holding
@@ -1699,6 +1731,7 @@ def _plus(now: datetime, seconds: float) -> datetime:
     return now + timedelta(seconds=seconds)
 
 
+@_speak_the_port
 class _Unit:
     """A handle on ``SqliteStore``'s open group: the owner's ends it, a joined one's
     ``commit``/``abort`` do nothing (``agentd.state.port.UnitOfWork``)."""
