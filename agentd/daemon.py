@@ -31,7 +31,6 @@ from agentd.clock import Backoff, Clock, SystemClock, from_iso
 from agentd.config import Config, ConfigError, TaskIndex, secret_refs, task_index
 from agentd.configload import ConfigLoad
 from agentd.control import Control
-from agentd.doorbell import Doorbell
 from agentd.events import EventBus
 from agentd.executors import ExecEnv, command
 from agentd.gauges import GaugeSchedule
@@ -119,7 +118,6 @@ class Daemon:
         self.http: HttpServer | None = None
         self.safety: Safety | None = None
         self.pruner: Pruner | None = None  # retention (agentd.retention)
-        self.doorbell = Doorbell(config.daemon.state_dir, self._on_ring)
         self.health = Health(stale_after_s=config.daemon.liveness_stale_after)
         self.bus = EventBus()
         self.metrics = Metrics(__version__)
@@ -213,7 +211,6 @@ class Daemon:
             log.log(level, "state: %s: %s", found.path, found.message)
         log.debug("state checked in %.1f ms", (self.clock.monotonic() - checked) * 1000)
         self._stop_if_asked()
-        self.doorbell.open(loop)
         if self.notifier.watchdog_s:
             # Pinging starts now: migrations over a large history may outlast WatchdogSec.
             self._watchdog = asyncio.create_task(self._watchdog_loop(self.notifier.watchdog_s))
@@ -223,6 +220,7 @@ class Daemon:
         _, db_path, _ = state_paths(cfg)
         with _refusing(root):
             self.store = SqliteStore(db_path, event_sink=self._on_event, defer_open=True)
+        self.store.watch(loop, self._on_ring)
         self.store.redactor = self.redactor
         self.store.on_write = lambda exc: self.health.fault(
             "state DB", None if exc is None else str(exc)
@@ -588,8 +586,8 @@ class Daemon:
         unwritten = self._close_store() if self.store else None
         if self._watchdog:
             self._watchdog.cancel()
-        with contextlib.suppress(OSError):  # a read-only state dir keeps the socket file
-            self.doorbell.close()  # before the lock: the socket file is the lock holder's
+        if self.store:
+            self.store.unwatch()  # before the lock: only the lock holder watches
         self.lock.release()
         self.reaper.detach()
         code = exitcodes.FORCED if self.force_exit else exitcodes.OK
@@ -639,8 +637,8 @@ class Daemon:
             await self.http.stop(timeout_s=1.0)
         if self._watchdog:
             self._watchdog.cancel()
-        with contextlib.suppress(OSError):
-            self.doorbell.close()
+        if self.store:
+            self.store.unwatch()
         self.lock.release()
 
     def _drain_budget_s(self, grace_s: float) -> float:

@@ -37,7 +37,6 @@ from agentd.config import (
     lenient_daemon,
     task_index,
 )
-from agentd.doorbell import ring
 from agentd.models import EventKind, Row, StateRefused
 from agentd.redact import SecretUnavailable, read_secret
 
@@ -124,12 +123,12 @@ class CliCommands:
         if self._ctl is None:
             assert self.config is not None, "no state DB access without a valid config"
             self._store = open_store(self.config)
-            # A write rings a running daemon whose API we could not reach: it acts now.
-            root = self.config.daemon.state_dir
+            # A write is announced to a running daemon whose API we could not reach: it
+            # acts now.
             from agentd.control import Control
 
             self._ctl = Control(
-                self._store, self.config, SystemClock(), on_change=lambda: ring(root)
+                self._store, self.config, SystemClock(), on_change=self._store.announce_change
             )
         return self._ctl
 

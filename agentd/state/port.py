@@ -351,6 +351,11 @@ class Store(Protocol):
         the event loop: for readers on the loop that can wait (API requests)."""
         ...
 
+    def flush(self) -> None:
+        """At stop: commit a unit its owner left open and complete a commit running off
+        the loop; raises what undid either."""
+        ...
+
     def close(self) -> None: ...
 
     # tasks -------------------------------------------------------------------
@@ -491,6 +496,24 @@ class Store(Protocol):
     def gauge_counts(self) -> tuple[int, int]: ...
     def recent_alerts(self, limit: int) -> list[Row]: ...
     def running_ids(self, owner: str) -> set[str]: ...
+
+    # change notification -------------------------------------------------------------
+    def watch(self, loop: asyncio.AbstractEventLoop, on_change: Callable[[], None]) -> bool:
+        """Call ``on_change`` on ``loop`` soon after another process changes the state
+        (a CLI's direct write; on a shared engine, another node), so the caller looks now
+        rather than at its next idle poll. A hint, never the truth: a lost notice costs
+        one idle poll (``version`` still moves). False when notices are off (said in the
+        log); only the process that holds the state may watch it."""
+        ...
+
+    def unwatch(self) -> None:
+        """Stop watching (at stop, before the state is let go)."""
+        ...
+
+    def announce_change(self) -> None:
+        """Tell the process watching the state that this one changed it (after a commit).
+        Never blocks and never raises: the change is durable already."""
+        ...
 
     # health ----------------------------------------------------------------------------
     def probe_write(self, now: datetime) -> None:

@@ -11,6 +11,7 @@ to ``event_sink`` only after the commit, so nobody ever sees an event that rolle
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import inspect
@@ -28,6 +29,7 @@ from typing import Any
 import sqlite_utils
 
 from agentd.clock import from_iso, to_iso
+from agentd.doorbell import Doorbell, ring
 from agentd.models import ACTIVE_STATUSES, EventKind, Outcome, Row, RunStatus, StateRefused
 from agentd.policy import auto_pause_reason, overlap_decision
 from agentd.procs import GroupEnd, GroupRecord
@@ -178,6 +180,7 @@ class SqliteStore:
         self._checkpointing: Future[None] | None = None
         self._checkpoint_conn: sqlite3.Connection | None = None
         self._restart_due = False
+        self._doorbell: Doorbell | None = None
         if read_only:
             if not path.exists():
                 raise StateRefused("no_state", f"there is no state DB at {path} yet")
@@ -323,6 +326,24 @@ class SqliteStore:
         error = self.complete_commit()
         if error is not None:
             raise error
+
+    # ------------------------------------------------------------ change notification
+
+    def watch(self, loop: asyncio.AbstractEventLoop, on_change: Callable[[], None]) -> bool:
+        """SQLite's notices are the doorbell (``agentd.doorbell``): a datagram socket in
+        the state dir that a CLI rings after writing the file itself."""
+        self.unwatch()
+        self._doorbell = Doorbell(self.path.parent, on_change)
+        return self._doorbell.open(loop)
+
+    def unwatch(self) -> None:
+        bell, self._doorbell = self._doorbell, None
+        if bell is not None:
+            with contextlib.suppress(OSError):  # a read-only state dir keeps the socket file
+                bell.close()
+
+    def announce_change(self) -> None:
+        ring(self.path.parent)
 
     def _begin_group(self) -> None:
         """Group commit: the transactions that follow, up to ``_commit_group``, share one
