@@ -7,7 +7,7 @@ a stable code that the API maps to an HTTP status.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -17,6 +17,7 @@ from agentd.config import Config, inactive_reason
 from agentd.ledger import run_usage, spend_report
 from agentd.models import FINAL_STATUSES, RUN_STATUSES, Row, StateRefused
 from agentd.schedule import next_fires
+from agentd.state.port import EventRecord, QuarantineRecord, RunRecord, TaskRecord
 from agentd.state.sqlite import SqliteStore as Store  # until ledger's SQL moves behind the port
 
 
@@ -43,13 +44,15 @@ class Control:
 
     # ------------------------------------------------------------ tasks
 
-    def task_view(self, task_id: str, state: Row | None, now: datetime, n_next: int = 1) -> Row:
+    def task_view(
+        self, task_id: str, state: TaskRecord | None, now: datetime, n_next: int = 1
+    ) -> Row:
         task = self.config.tasks[task_id]
         spec = self.config.schedule_spec(task_id)
         inactive = inactive_reason(task)
         tz = ZoneInfo(spec.timezone)
         upcoming = [] if inactive else next_fires(spec, task_id, now, n_next)
-        st = state or {}
+        st: Mapping[str, Any] = state or {}
         return {
             "id": task_id,
             "description": task.description,
@@ -125,7 +128,7 @@ class Control:
         before: str | None = None,
         since: str | None = None,
         until: str | None = None,
-    ) -> list[Row]:
+    ) -> list[RunRecord]:
         if status is not None and status not in RUN_STATUSES:
             raise StateRefused("bad_request", f"status must be one of {', '.join(RUN_STATUSES)}")
         if not 1 <= limit <= 1000:
@@ -146,14 +149,16 @@ class Control:
         self._changed()
         return {"run_id": run_id, "status": status}
 
-    def events(self, run_id: str | None = None, after: int = 0, limit: int = 500) -> list[Row]:
+    def events(
+        self, run_id: str | None = None, after: int = 0, limit: int = 500
+    ) -> list[EventRecord]:
         if run_id is not None:
             self.store.get_run(run_id)
         if not 1 <= limit <= 5000:
             raise StateRefused("bad_request", "limit must be between 1 and 5000")
         return self.store.events(run_id, after, limit)
 
-    def recent_events(self, limit: int = 50) -> list[Row]:
+    def recent_events(self, limit: int = 50) -> list[EventRecord]:
         """The newest ``limit`` events, oldest first."""
         return self.store.recent_events(limit)
 
@@ -165,7 +170,7 @@ class Control:
 
     # ------------------------------------------------------------ quarantine
 
-    def quarantine_list(self) -> list[Row]:
+    def quarantine_list(self) -> list[QuarantineRecord]:
         return self.store.quarantine_list()
 
     def quarantine_show(self, run_id: str) -> Row:

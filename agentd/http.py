@@ -356,7 +356,7 @@ def _metrics_handler(registry: CollectorRegistry) -> Handler:
     return metrics
 
 
-def _sse_frame(event: Event) -> bytes:
+def _sse_frame(event: Mapping[str, Any]) -> bytes:
     data = json.dumps(event, default=str, separators=(",", ":"))
     return f"id: {event['id']}\nevent: {event['kind']}\ndata: {data}\n\n".encode()
 

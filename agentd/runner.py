@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from functools import partial
@@ -25,9 +25,9 @@ from agentd.clock import Backoff, Clock, from_iso, to_iso
 from agentd.config import TaskConfig
 from agentd.context import RunContext
 from agentd.executors import ExecEnv, executor_for
-from agentd.models import CheckpointNotSaved, Outcome, Result, Row, RunStatus, StopRequested
+from agentd.models import CheckpointNotSaved, Outcome, Result, RunStatus, StopRequested
 from agentd.providers import Gateway
-from agentd.state.port import Finish, StorageError, StorageFault, Store, wait_commit
+from agentd.state.port import ClaimedRun, Finish, StorageError, StorageFault, Store, wait_commit
 
 log = logging.getLogger("agentd.runner")
 
@@ -96,7 +96,7 @@ def workspace_path(root: Path, task_id: str, run_id: str) -> Path:
 
 @dataclass
 class ActiveRun:
-    row: Row
+    row: ClaimedRun
     task: TaskConfig
     ctx: RunContext
     job: asyncio.Task[None] | None = None
@@ -421,7 +421,7 @@ class Runner:
 
     # ------------------------------------------------------------ one run
 
-    def _prepare(self, row: Row) -> ActiveRun | None:
+    def _prepare(self, row: ClaimedRun) -> ActiveRun | None:
         """The claimed run's context, counted as active; None if its task is gone."""
         task = self.tasks.get(row["task_id"])
         if task is None:
@@ -740,7 +740,7 @@ def write_run_json(workspace: Path, data: Mapping[str, Any]) -> None:
     tmp.replace(workspace / "run.json")
 
 
-def write_events_jsonl(workspace: Path, events: list[Row]) -> None:
+def write_events_jsonl(workspace: Path, events: Sequence[Mapping[str, Any]]) -> None:
     """The run's audit trail so far, beside its output; rewritten whole at the end of
     each attempt (atomic replace), the DB's events table staying the truth."""
     tmp = workspace / "events.jsonl.tmp"

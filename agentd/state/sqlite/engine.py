@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import sqlite_utils
 
@@ -35,14 +35,20 @@ from agentd.policy import auto_pause_reason, overlap_decision
 from agentd.procs import GroupEnd, GroupRecord
 from agentd.redact import NOTHING, Redactor
 from agentd.state.port import (
+    AttemptRecord,
+    ClaimedRun,
+    EventRecord,
     EventSink,
     Finish,
     Fire,
     FireGate,
     FireResult,
+    QuarantineRecord,
     RunIds,
+    RunRecord,
     StorageError,
     StorageFault,
+    TaskRecord,
     UnitOfWork,
     WriteListener,
     WriteLost,
@@ -676,11 +682,13 @@ class SqliteStore:
         that keep their tables in this file: ledger, alerts)."""
         self._event(now, kind, task_id, run_id, **data)
 
-    def _one(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
+    def _one(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        """One row as a dict (the record type the verb's signature names), or None."""
         row = self.conn.execute(sql, params).fetchone()
         return dict(row) if row else None
 
-    def _all(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+    def _all(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """Rows as dicts (the record type the verb's signature names)."""
         return [dict(r) for r in self.conn.execute(sql, params).fetchall()]
 
     # ------------------------------------------------------------ tasks
@@ -776,7 +784,7 @@ class SqliteStore:
             for run_id, task_id in rows
         ]
 
-    def task_rows(self, ids: Sequence[str] | None = None) -> list[Row]:
+    def task_rows(self, ids: Sequence[str] | None = None) -> list[TaskRecord]:
         """Present tasks, or those of ``ids`` (one statement, any number of ids)."""
         if ids is None:
             return self._all("SELECT * FROM tasks WHERE present=1 ORDER BY id")
@@ -786,8 +794,8 @@ class SqliteStore:
             (json.dumps(list(ids)),),
         )
 
-    def task_row(self, task_id: str) -> Row | None:
-        return self._one("SELECT * FROM tasks WHERE id=?", (task_id,))
+    def task_row(self, task_id: str) -> TaskRecord | None:
+        return cast("TaskRecord | None", self._one("SELECT * FROM tasks WHERE id=?", (task_id,)))
 
     def paused_tasks(self) -> set[str]:
         return {r["id"] for r in self._all("SELECT id FROM tasks WHERE paused=1")}
@@ -822,7 +830,7 @@ class SqliteStore:
         row = self._one("SELECT * FROM tasks WHERE id=? AND present=1", (task_id,))
         if row is None:
             raise StateRefused("unknown_task", f"no task named {task_id!r}")
-        return row
+        return cast(Row, row)
 
     # ------------------------------------------------------------ enqueue
 
@@ -1032,7 +1040,7 @@ class SqliteStore:
         limit: int,
         busy_tasks: set[str],
         allow_overlap: set[str],
-    ) -> list[Row]:
+    ) -> list[ClaimedRun]:
         """Take up to ``limit`` due runs under a lease; at most one per task unless allowed."""
         if limit <= 0:
             return []
@@ -1068,7 +1076,7 @@ class SqliteStore:
                 claimed += taken
                 if len(rows) < want:
                     break  # that was every eligible due run
-        return claimed
+        return cast(list[ClaimedRun], claimed)
 
     def _claim_rows(self, rows: list[Row], now: datetime, owner: str, expires: str) -> None:
         """Each statement once over all the rows (executemany): row by row, three
@@ -1355,7 +1363,7 @@ class SqliteStore:
                 self._quarantine_locked(run, now, error, pause_after_failures)
             elif next_status == RunStatus.CANCELLED and cancel_reason:
                 self._event(ts, EventKind.CANCEL, task_id, run_id, reason=cancel_reason)
-            return run
+            return cast(Row, run)
 
     def finish_many(self, items: Sequence[Finish]) -> None:
         """``finish`` for the attempts a runner saw end since its last flush, in one
@@ -1541,7 +1549,7 @@ class SqliteStore:
 
     # ------------------------------------------------------------ quarantine
 
-    def quarantine_list(self) -> list[Row]:
+    def quarantine_list(self) -> list[QuarantineRecord]:
         return self._all(
             "SELECT q.*, r.scheduled_for, r.trigger FROM quarantine q JOIN runs r"
             " ON r.id = q.run_id ORDER BY q.quarantined_at DESC"
@@ -1551,7 +1559,7 @@ class SqliteStore:
         row = self._one("SELECT * FROM quarantine WHERE run_id=?", (run_id,))
         if row is None:
             raise StateRefused("not_quarantined", f"run {run_id!r} is not in quarantine")
-        return row
+        return cast(Row, row)
 
     def quarantine_release(self, run_id: str, now: datetime) -> None:
         """Back to the queue as a new attempt with a fresh retry budget."""
@@ -1637,11 +1645,11 @@ class SqliteStore:
         ).fetchall()
         return {row[0] for row in rows}
 
-    def get_run(self, run_id: str) -> Row:
+    def get_run(self, run_id: str) -> RunRecord:
         row = self._one("SELECT * FROM runs WHERE id=?", (run_id,))
         if row is None:
             raise StateRefused("unknown_run", f"no run {run_id!r}")
-        return row
+        return cast(RunRecord, row)
 
     def list_runs(
         self,
@@ -1651,7 +1659,7 @@ class SqliteStore:
         before_id: str | None = None,
         since: str | None = None,
         until: str | None = None,
-    ) -> list[Row]:
+    ) -> list[RunRecord]:
         """Newest first; page with ``before_id`` (the last id of the previous page).
         ``since``/``until`` bound ``created_at`` (ISO text, compared as stored)."""
         where, params = [], []
@@ -1674,10 +1682,12 @@ class SqliteStore:
             f"SELECT * FROM runs {sql_where} ORDER BY id DESC LIMIT ?", (*params, limit)
         )
 
-    def attempts(self, run_id: str) -> list[Row]:
+    def attempts(self, run_id: str) -> list[AttemptRecord]:
         return self._all("SELECT * FROM attempts WHERE run_id=? ORDER BY attempt", (run_id,))
 
-    def events(self, run_id: str | None = None, after_id: int = 0, limit: int = 1000) -> list[Row]:
+    def events(
+        self, run_id: str | None = None, after_id: int = 0, limit: int = 1000
+    ) -> list[EventRecord]:
         if run_id:
             rows = self._all(
                 "SELECT * FROM events WHERE run_id=? AND id>? ORDER BY id LIMIT ?",
@@ -1702,7 +1712,7 @@ class SqliteStore:
         row = self._one("SELECT COALESCE(MAX(id), 0) AS id FROM events")
         return int(row["id"]) if row else 0
 
-    def recent_events(self, limit: int = 50) -> list[Row]:
+    def recent_events(self, limit: int = 50) -> list[EventRecord]:
         """The newest ``limit`` events, oldest first."""
         rows = self._all("SELECT * FROM events ORDER BY id DESC LIMIT ?", (limit,))
         for row in rows:
@@ -1723,7 +1733,7 @@ class SqliteStore:
         result["in_quarantine"] = q["n"] if q else 0
         return result
 
-    def active_runs(self, task_id: str) -> list[Row]:
+    def active_runs(self, task_id: str) -> list[RunRecord]:
         return self._all(
             "SELECT * FROM runs WHERE task_id=? AND status IN ('queued','running')", (task_id,)
         )
