@@ -44,6 +44,8 @@ from agentd.state.port import (
     WriteLost,
     wait_commit,
 )
+from agentd.state.sqlite.alerts import AlertStatements
+from agentd.state.sqlite.ledger import LedgerStatements
 from agentd.state.sqlite.migrations import MIGRATIONS, SCHEMA_VERSION
 
 log = logging.getLogger("agentd.state.sqlite")
@@ -92,7 +94,7 @@ CLAIM_COLUMNS = (
 of each row to a dict was a tenth of claiming."""
 
 
-class SqliteStore:
+class SqliteStore(LedgerStatements, AlertStatements):
     """The SQLite engine behind ``agentd.state.port.Store``."""
 
     def __init__(
