@@ -17,8 +17,7 @@ from agentd.config import Config, inactive_reason
 from agentd.ledger import run_usage, spend_report
 from agentd.models import FINAL_STATUSES, RUN_STATUSES, Row, StateRefused
 from agentd.schedule import next_fires
-from agentd.state.port import EventRecord, QuarantineRecord, RunRecord, TaskRecord
-from agentd.state.sqlite import SqliteStore as Store  # until ledger's SQL moves behind the port
+from agentd.state.port import EventRecord, QuarantineRecord, RunRecord, Store, TaskRecord
 
 
 class Control:

@@ -1,22 +1,24 @@
-"""The spend ledger: every LLM call reserved before it is made, committed after.
+"""The spend ledger's policy: every LLM call reserved before it is made, committed after.
 
-A call first *reserves* its worst case (``budget.Need``) in one ``BEGIN IMMEDIATE``
-transaction that checks every limit that applies: concurrent runs cannot both squeeze
-into the last dollar. After the call the row is *committed* with the provider's usage.
-Sums count reserved rows at their reservation, so a call in flight is already spent.
+A call first *reserves* its worst case (``budget.Need``) against every limit that
+applies (``Store.reserve_budget``, which asks ``budget.fits`` of each scope inside the
+transaction that holds the budget lock): concurrent runs, in this process or another,
+cannot both squeeze into the last dollar. After the call the row is *committed* with the
+provider's usage. Spend counts reserved rows at their reservation, so a call in flight
+is already spent.
 
-A reservation left behind by a dead process (``kill -9`` mid-call) is settled at its
-worst case at the next start: the provider may well have billed it.
+A reservation left behind by a dead process (``kill -9`` mid-call) is charged at its
+worst case at the next start (``charge_stale``): the provider may well have billed it.
 
-Budget alarms live in ``budget_alarms``, one row per (scope, window, threshold): the
-primary key is what makes each alarm fire once per window, across restarts.
+Budget alarms are once per (scope, window, threshold) (``Store.record_budget_alarm``),
+across restarts. Nothing here speaks SQL: the statements are the engine's
+(``agentd.state.sqlite.ledger``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 from agentd.budget import (
     EPS,
@@ -32,14 +34,8 @@ from agentd.budget import (
 )
 from agentd.clock import to_iso
 from agentd.config import Config
-from agentd.models import EventKind, Row
-from agentd.state.sqlite import SqliteStore as Store  # until its SQL moves behind the port
-
-_SPENT_USD = "COALESCE(SUM(CASE WHEN state='reserved' THEN reserved_usd ELSE cost_usd END), 0)"
-_SPENT_TOKENS = (
-    "COALESCE(SUM(CASE WHEN state='reserved' THEN reserved_tokens"
-    " ELSE input_tokens + output_tokens END), 0)"
-)
+from agentd.models import Row
+from agentd.state.port import Reservation, ScopeRefused, Store, Usage, atomically
 
 
 @dataclass(frozen=True)
@@ -64,23 +60,10 @@ class Refusal:
         )
 
 
-def _where(scope: Scope, run_id: str | None) -> tuple[str, tuple[Any, ...]]:
-    if scope.period == "run":
-        return "run_id=?", (run_id,)
-    assert scope.start is not None and scope.end is not None
-    bounds = (to_iso(scope.start), to_iso(scope.end))
-    if scope.task_id is not None:
-        return "task_id=? AND ts>=? AND ts<?", (scope.task_id, *bounds)
-    return "ts>=? AND ts<?", bounds
-
-
 def spent(store: Store, scope: Scope, run_id: str | None = None) -> tuple[float, int]:
     """USD and tokens spent (reservations included) in ``scope``."""
-    where, params = _where(scope, run_id)
-    row = store.conn.execute(
-        f"SELECT {_SPENT_USD}, {_SPENT_TOKENS} FROM ledger WHERE {where}", params
-    ).fetchone()
-    return float(row[0]), int(row[1])
+    totals = store.spend_in(scope, run_id)
+    return totals["usd"], totals["tokens"]
 
 
 def reserve(
@@ -95,35 +78,22 @@ def reserve(
     need: Need,
     scopes: list[Scope],
 ) -> int | Refusal:
-    """Reserve ``need`` against every scope, or refuse without reserving anything."""
-    with store.tx():
-        for scope in scopes:
-            usd, tokens = spent(store, scope, run_id)
-            if not fits(scope, usd, tokens, need):
-                refusal = Refusal(scope, usd, tokens, need)
-                store.emit(
-                    now,
-                    EventKind.BUDGET_REFUSED,
-                    task_id,
-                    run_id,
-                    scope=scope.label,
-                    spent_usd=round(usd, 9),
-                    limit_usd=scope.usd,
-                    spent_tokens=tokens,
-                    limit_tokens=scope.tokens,
-                    need_usd=round(need.usd, 9),
-                    need_tokens=need.tokens,
-                    item=item,
-                )
-                if scope.is_window:
-                    _alarm(store, now, scope, 1.0, usd)  # the window cannot take another call
-                return refusal
-        cur = store.conn.execute(
-            "INSERT INTO ledger(ts, run_id, task_id, provider, model, item, state,"
-            " reserved_tokens, reserved_usd) VALUES (?,?,?,?,?,?,'reserved',?,?)",
-            (to_iso(now), run_id, task_id, provider, model, item, need.tokens, need.usd),
-        )
-        return int(cur.lastrowid or 0)
+    """Reserve ``need`` against every scope, or refuse without reserving anything.
+
+    Admission is ``budget.fits``; a window that refuses a call is marked full (its
+    100 % alarm), so its scheduled fires are skipped until it ends or its limit rises."""
+    reservation = Reservation(run_id, task_id, provider, model, item, need.tokens, need.usd)
+
+    def admit(scope: Scope, spent_usd: float, spent_tokens: int) -> bool:
+        return fits(scope, spent_usd, spent_tokens, need)
+
+    with atomically(store):
+        result = store.reserve_budget(now, reservation, scopes, admit)
+        if not isinstance(result, ScopeRefused):
+            return result
+        if result.scope.is_window:  # the window cannot take another call
+            store.record_budget_alarm(now, result.scope, 1.0, result.spent_usd)
+    return Refusal(result.scope, result.spent_usd, result.spent_tokens, need)
 
 
 def commit(
@@ -139,72 +109,23 @@ def commit(
     usage_missing: bool,
     scopes: list[Scope],
 ) -> None:
-    """Replace a reservation by what the call really used; raise any alarm it crossed."""
-    with store.tx():
-        row = store.conn.execute(
-            "SELECT run_id, task_id, provider, model, item FROM ledger WHERE id=?", (entry_id,)
-        ).fetchone()
-        if row is None:
+    """Replace a reservation by what the call really used; raise any alarm it crossed
+    (``budget.reached``), in the same unit of work."""
+    usage = Usage(input_tokens, output_tokens, cost, status, duration_s, usage_missing)
+    with atomically(store):
+        if store.commit_spend(now, entry_id, usage) is None:
             return
-        store.conn.execute(
-            "UPDATE ledger SET state='committed', input_tokens=?, output_tokens=?, cost_usd=?,"
-            " status=?, duration_s=?, usage_missing=? WHERE id=?",
-            (input_tokens, output_tokens, cost, status, duration_s, int(usage_missing), entry_id),
-        )
-        data: dict[str, Any] = {
-            "provider": row["provider"],
-            "model": row["model"],
-            "input_tokens": input_tokens,
-            "output_tokens": output_tokens,
-            "cost_usd": round(cost, 9),
-            "status": status,
-            "duration_s": duration_s,
-            "item": row["item"],
-        }
-        if usage_missing:
-            data["usage_missing"] = True
-        store.emit(now, EventKind.LLM_CALL, row["task_id"], row["run_id"], **data)
         for scope in scopes:
             if scope.is_window and scope.usd is not None:
                 usd, _ = spent(store, scope)
                 for threshold in reached(usd, scope.usd):
-                    _alarm(store, now, scope, threshold, usd)
+                    store.record_budget_alarm(now, scope, threshold, usd)
 
 
-def _alarm(store: Store, now: datetime, scope: Scope, threshold: float, usd: float) -> None:
-    """Insert the alarm row if it is new for this window, with its audit event."""
-    assert scope.start is not None and scope.end is not None
-    cur = store.conn.execute(
-        "INSERT OR IGNORE INTO budget_alarms(scope, window_start, threshold, ts, limit_usd,"
-        " spent_usd) VALUES (?,?,?,?,?,?)",
-        (scope.key, to_iso(scope.start), threshold, to_iso(now), scope.usd, usd),
-    )
-    if cur.rowcount:
-        store.emit(
-            now,
-            EventKind.BUDGET_ALARM,
-            scope.task_id,
-            scope=scope.label,
-            threshold_pct=round(threshold * 100),
-            spent_usd=round(usd, 6),
-            limit_usd=scope.usd,
-            window_start=to_iso(scope.start),
-            window_end=to_iso(scope.end),
-        )
-
-
-def settle_stale(store: Store, now: datetime) -> int:
-    """At start (the state-dir lock held): reservations of a dead process become spent
-    at their worst case, since the call may have been made and billed."""
-    with store.tx():
-        cur = store.conn.execute(
-            "UPDATE ledger SET state='committed', cost_usd=reserved_usd,"
-            " input_tokens=reserved_tokens, output_tokens=0, status='lost', usage_missing=1"
-            " WHERE state='reserved'"
-        )
-        if cur.rowcount:
-            store.emit(now, EventKind.LEDGER_SETTLED, reservations=cur.rowcount)
-        return int(cur.rowcount)
+def charge_stale(store: Store, now: datetime) -> int:
+    """At start (the state-dir lock held): reservations of a dead process are charged
+    at their worst case, since the call may have been made and billed; how many."""
+    return store.charge_stale_reservations(now)
 
 
 def window_blocked(store: Store, config: Config, task_id: str, now: datetime) -> Row | None:
@@ -223,12 +144,8 @@ def window_blocked(store: Store, config: Config, task_id: str, now: datetime) ->
     for scope in scopes:
         assert scope.start is not None and scope.end is not None and scope.usd is not None
         usd, _ = spent(store, scope)
-        marked = store.conn.execute(
-            "SELECT 1 FROM budget_alarms WHERE scope=? AND window_start=? AND threshold>=1"
-            " AND limit_usd>=?",
-            (scope.key, to_iso(scope.start), scope.usd - EPS),
-        ).fetchone()
-        if full(scope, usd) or marked:
+        marked = store.full_alarm_limit(scope)
+        if full(scope, usd) or (marked is not None and marked >= scope.usd - EPS):
             return {
                 "reason": "budget",
                 "scope": scope.label,
@@ -240,37 +157,23 @@ def window_blocked(store: Store, config: Config, task_id: str, now: datetime) ->
 
 
 def run_usage(store: Store, run_id: str) -> Row:
-    row = store.conn.execute(
-        f"SELECT COUNT(*), COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens), 0),"
-        f" {_SPENT_USD} FROM ledger WHERE run_id=?",
-        (run_id,),
-    ).fetchone()
-    return {
-        "calls": int(row[0]),
-        "input_tokens": int(row[1]),
-        "output_tokens": int(row[2]),
-        "cost_usd": round(float(row[3]), 9),
-    }
+    """One run's LLM calls, tokens and spend, for the run's view."""
+    return dict(store.run_usage(run_id))
 
 
 def window_report(store: Store, scope: Scope) -> Row:
     """One window's spend, for the API, the CLI and the remaining-budget gauge."""
     assert scope.start is not None and scope.end is not None
-    where, params = _where(scope, None)
-    row = store.conn.execute(
-        f"SELECT COUNT(*), COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens), 0),"
-        f" {_SPENT_USD} FROM ledger WHERE {where}",
-        params,
-    ).fetchone()
-    usd = float(row[3])
+    usage = store.window_usage(scope)
+    usd = usage["spent_usd"]
     return {
         "scope": scope.label,
         "period": scope.period,
         "start": to_iso(scope.start),
         "end": to_iso(scope.end),
-        "calls": int(row[0]),
-        "input_tokens": int(row[1]),
-        "output_tokens": int(row[2]),
+        "calls": usage["calls"],
+        "input_tokens": usage["input_tokens"],
+        "output_tokens": usage["output_tokens"],
         "spent_usd": round(usd, 6),
         "limit_usd": scope.usd,
         "remaining_usd": None if scope.usd is None else round(max(0.0, scope.usd - usd), 6),

@@ -42,7 +42,7 @@ from agentd.redact import SecretUnavailable, read_secret
 
 if TYPE_CHECKING:  # at run time only the direct path (no daemon answering) loads them
     from agentd.control import Control
-    from agentd.state.sqlite import SqliteStore as Store  # until Control takes the port
+    from agentd.state.port import Store
 
 
 def open_store(config: Config, *, read_only: bool = False) -> Store:

@@ -11,18 +11,21 @@ twice and nothing raised is lost.
 with exponential backoff, or failed for good after the channel's retries. A delivery
 in flight at a crash is still pending and is sent again after the restart.
 
-It also keeps the small state alerts need (``alert_state``): when dead-man monitoring
-of a task began, which deadline was reported, which runs were reported too long, which
-tasks are late or auto-paused and owe a recovery notice at their next success.
+It also keeps the small state alerts need (``Store.alert_state``): when dead-man
+monitoring of a task began, which deadline was reported, which runs were reported too
+long, which tasks are late or auto-paused and owe a recovery notice at their next success.
+
+What an event turns into, the cooldown, the backoff and when to give up are decided here;
+the rows are the engine's (``agentd.state.sqlite.alerts``), reached through the port.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -30,7 +33,7 @@ from agentd.alerts import Alert, DeliveryError, alert_for_event, deadman_late, d
 from agentd.clock import Clock, from_iso, to_iso
 from agentd.config import Config, inactive_reason
 from agentd.models import EventKind, Row
-from agentd.state.sqlite import SqliteStore as Store  # until its SQL moves behind the port
+from agentd.state.port import NewAlert, OutboxRecord, RunningAttempt, Store, TaskRecord, atomically
 
 log = logging.getLogger("agentd.alerts")
 
@@ -63,11 +66,13 @@ if TYPE_CHECKING:
 # task with a ``ping`` or (success) one that owes a recovery notice: when neither exists
 # they are not read (that would be two state lookups per success, on the loop).
 _RUN_KINDS = frozenset({EventKind.START, EventKind.SUCCESS})
-_KINDS_JSON = {
-    "all": json.dumps(sorted(ALERT_EVENTS)),
-    "success": json.dumps(sorted(ALERT_EVENTS - {"start"})),
-    "base": json.dumps(sorted(ALERT_EVENTS - _RUN_KINDS)),
+_KINDS: dict[str, frozenset[str]] = {
+    "all": ALERT_EVENTS,
+    "success": ALERT_EVENTS - {"start"},
+    "base": ALERT_EVENTS - _RUN_KINDS,
 }
+TOO_LONG = "too_long:"
+"""Prefix of the alert state of a run reported too long: ``too_long:<run id>:<attempt>``."""
 
 
 class Outbox:
@@ -86,23 +91,6 @@ class Outbox:
         self._pinged_for: Config | None = None
         self._any_ping = False
 
-    # ------------------------------------------------------------ state
-
-    def _state(self, key: str) -> str | None:
-        row = self.store.conn.execute("SELECT value FROM alert_state WHERE key=?", (key,))
-        found = row.fetchone()
-        return None if found is None else str(found[0])
-
-    def _set_state(self, key: str, value: str, now: datetime) -> None:
-        self.store.conn.execute(
-            "INSERT OR REPLACE INTO alert_state(key, value, ts) VALUES (?,?,?)",
-            (key, value, to_iso(now)),
-        )
-
-    def _clear_state(self, key: str) -> bool:
-        cur = self.store.conn.execute("DELETE FROM alert_state WHERE key=?", (key,))
-        return bool(cur.rowcount)
-
     # ------------------------------------------------------------ events -> outbox
 
     def process(self, now: datetime) -> int:
@@ -111,11 +99,11 @@ class Outbox:
         cursor, top = self._cursor_and_top()
         if cursor is not None and top <= cursor:
             return 0
-        with self.store.tx():
+        with atomically(self.store):
             cursor, top = self._cursor_and_top()
             if cursor is None:
                 # First start with alerts: history before now is not news.
-                self._set_cursor(top)
+                self.store.move_event_cursor(CURSOR_KEY, top)
                 return 0
             # Only the kinds that can raise an alert, ping or recover are read and
             # decoded (claims, heartbeats and fires are most of the log). No other
@@ -124,46 +112,31 @@ class Outbox:
             if top <= cursor:
                 return 0
             kinds = self._kinds()
-            events = self.store._all(
-                "SELECT * FROM events WHERE id>? AND id<=? AND kind IN"
-                " (SELECT value FROM json_each(?)) ORDER BY id LIMIT ?",
-                (cursor, top, _KINDS_JSON[kinds], BATCH),
-            )
+            events = self.store.events_of_kinds(cursor, top, _KINDS[kinds], BATCH)
             for read, event in enumerate(events, 1):
-                event["data"] = json.loads(event["data"])
                 self._on_event(event, now)
                 if kinds == "base" and _owes_recovery(event):
                     # Successes after this one now matter and were not read: the next
                     # pass reads on from here with them.
-                    self._set_cursor(event["id"])
+                    self.store.move_event_cursor(CURSOR_KEY, event["id"])
                     return read
-            self._set_cursor(events[-1]["id"] if len(events) == BATCH else top)
+            last = events[-1]["id"] if len(events) == BATCH else top
+            self.store.move_event_cursor(CURSOR_KEY, last)
             return len(events)
 
     def _kinds(self) -> str:
-        """Which event kinds this pass reads (a key of ``_KINDS_JSON``)."""
+        """Which event kinds this pass reads (a key of ``_KINDS``)."""
         if self._pinged_for is not self.config:
             self._pinged_for = self.config
             self._any_ping = any(t.ping for t in self.config.tasks.values())
         if self._any_ping:
             return "all"
-        owed = self.store.conn.execute(
-            "SELECT 1 FROM alert_state WHERE (key >= 'deadman:' AND key < 'deadman;')"
-            " OR (key >= 'paused:' AND key < 'paused;') LIMIT 1"
-        ).fetchone()
+        owed = self.store.has_alert_state("deadman:", "paused:")
         return "success" if owed else "base"
 
     def _cursor_and_top(self) -> tuple[int | None, int]:
         """The last event read (None before the first pass) and the newest event id."""
-        conn = self.store.conn
-        row = conn.execute("SELECT value FROM meta WHERE key=?", (CURSOR_KEY,)).fetchone()
-        top = conn.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
-        return (None if row is None else int(row[0])), int(top)
-
-    def _set_cursor(self, value: int) -> None:
-        self.store.conn.execute(
-            "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (CURSOR_KEY, str(value))
-        )
+        return self.store.event_cursor(CURSOR_KEY), self.store.latest_event_id()
 
     def _on_event(self, event: Row, now: datetime) -> None:
         """A success clears a task's ``deadman:`` and ``paused:`` state (see ``_kinds``:
@@ -171,72 +144,59 @@ class Outbox:
         kind, task_id = event["kind"], event["task_id"]
         if kind == EventKind.SUCCESS and task_id:
             for what in ("deadman", "paused"):
-                since = self._state(f"{what}:{task_id}")
+                since = self.store.alert_state(f"{what}:{task_id}")
                 if since is not None:
-                    self._clear_state(f"{what}:{task_id}")
+                    self.store.clear_alert_state(f"{what}:{task_id}")
                     self.store.emit(
                         now, EventKind.RECOVERED, task_id, event["run_id"], what=what, since=since
                     )
         elif _owes_recovery(event):
-            self._set_state(f"paused:{task_id}", event["ts"], now)
+            self.store.set_alert_state(f"paused:{task_id}", event["ts"], now)
         self._ping(event, now)
         alert = alert_for_event(event)
         if alert is not None:
             self.raise_alert(alert, now, event["id"])
 
     def raise_alert(self, alert: Alert, now: datetime, event_id: int | None = None) -> int:
-        """Record the alert and queue it for every channel its rules name (inside a tx).
+        """Record the alert and queue it for every channel its rules name that did not
+        get the same dedup key within its cooldown, in one unit of work (the caller's,
+        when one is open).
         Its summary and data are scrubbed of secret values like every stored text."""
         scrub = self.store.redactor
         if scrub:
             alert = dataclasses.replace(
                 alert, summary=scrub.text(alert.summary), data=scrub.value(alert.data)
             )
-        cur = self.store.conn.execute(
-            "INSERT INTO alerts(ts, kind, dedup_key, task_id, run_id, event_id, summary, data)"
-            " VALUES (?,?,?,?,?,?,?,?)",
-            (
-                to_iso(now),
-                alert.kind,
-                alert.key,
-                alert.task_id,
-                alert.run_id,
-                event_id,
-                alert.summary,
-                json.dumps(alert.data, default=str, sort_keys=True),
-            ),
-        )
-        alert_id = int(cur.lastrowid or 0)
-        log.warning("alert id=%d kind=%s %s", alert_id, alert.kind, alert.summary)
-        payload = {
-            "id": alert_id,
-            "kind": alert.kind,
-            "summary": alert.summary,
-            "task": alert.task_id,
-            "run_id": alert.run_id,
-            "ts": to_iso(now),
-            "host": self.host,
-            "data": alert.data,
-        }
-        for channel, cooldown in routes(alert, self.config).items():
-            recent = self.store.conn.execute(
-                "SELECT 1 FROM outbox WHERE channel=? AND dedup_key=? AND created_at>?",
-                (channel, alert.key, to_iso(now - timedelta(seconds=cooldown))),
-            ).fetchone()
-            if recent:
-                log.info("alert id=%d not sent to %s: in cooldown", alert_id, channel)
-                continue
-            self._enqueue(channel, alert.key, payload, now, alert_id)
+        with atomically(self.store):  # the alert and its deliveries, or neither
+            alert_id = self.store.record_alert(
+                now,
+                NewAlert(
+                    alert.kind,
+                    alert.key,
+                    alert.task_id,
+                    alert.run_id,
+                    event_id,
+                    alert.summary,
+                    alert.data,
+                ),
+            )
+            log.warning("alert id=%d kind=%s %s", alert_id, alert.kind, alert.summary)
+            payload = {
+                "id": alert_id,
+                "kind": alert.kind,
+                "summary": alert.summary,
+                "task": alert.task_id,
+                "run_id": alert.run_id,
+                "ts": to_iso(now),
+                "host": self.host,
+                "data": alert.data,
+            }
+            for channel, cooldown in routes(alert, self.config).items():
+                if self.store.queued_since(channel, alert.key, now - timedelta(seconds=cooldown)):
+                    log.info("alert id=%d not sent to %s: in cooldown", alert_id, channel)
+                    continue
+                self.store.enqueue_delivery(now, channel, alert.key, payload, alert_id)
         return alert_id
-
-    def _enqueue(
-        self, channel: str, key: str, payload: Row, now: datetime, alert_id: int | None
-    ) -> None:
-        self.store.conn.execute(
-            "INSERT INTO outbox(alert_id, channel, dedup_key, created_at, next_attempt_at,"
-            " payload) VALUES (?,?,?,?,?,?)",
-            (alert_id, channel, key, to_iso(now), to_iso(now), json.dumps(payload, default=str)),
-        )
 
     def _ping(self, event: Row, now: datetime) -> None:
         task = self.config.tasks.get(event["task_id"] or "")
@@ -261,7 +221,7 @@ class Outbox:
             "error": (data.get("error") or "")[:500] or None,
         }
         key = f"ping:{task.id}:{event['run_id']}:{event['id']}"
-        self._enqueue(PING_CHANNEL, key, payload, now, None)
+        self.store.enqueue_delivery(now, PING_CHANNEL, key, payload, None)
 
     # ------------------------------------------------------------ checks
 
@@ -284,7 +244,9 @@ class Outbox:
             self._too_long_may_exist = self._has_too_long_state()
         return self._too_long_may_exist
 
-    def check(self, now: datetime, task_rows: dict[str, Row], running: list[Row]) -> None:
+    def check(
+        self, now: datetime, task_rows: Mapping[str, TaskRecord], running: Sequence[RunningAttempt]
+    ) -> None:
         """Dead man's switch and run-too-long: raise each condition once, as events.
 
         Runs every second: with nothing watched, nothing running and no report to clear
@@ -293,44 +255,49 @@ class Outbox:
         timed = [r for r in running if self._max_duration(r) is not None]
         if not watched and not timed and not self._has_too_long_state():
             return
-        with self.store.tx():
+        store = self.store
+        with atomically(store):
             for task_id in watched:
                 task = self.config.tasks[task_id]
                 assert task.expect is not None
-                since_text = self._state(f"deadman_since:{task_id}")
+                since_text = store.alert_state(f"deadman_since:{task_id}")
                 if since_text is None:
-                    self._set_state(f"deadman_since:{task_id}", to_iso(now), now)
+                    store.set_alert_state(f"deadman_since:{task_id}", to_iso(now), now)
                     continue
-                row = task_rows.get(task_id) or {}
-                if row.get("paused") or inactive_reason(task):
+                row = task_rows.get(task_id)
+                if (row is not None and row["paused"]) or inactive_reason(task):
                     continue  # a paused task is an operator's decision, not a silent failure
-                last = from_iso(row["last_success_at"]) if row.get("last_success_at") else None
+                success_at = row["last_success_at"] if row is not None else None
+                last = from_iso(success_at) if success_at else None
                 late = deadman_late(last, from_iso(since_text), task.expect, now)
-                if late is None or self._state(f"deadman_deadline:{task_id}") == to_iso(late):
+                if late is None:
                     continue
-                self._set_state(f"deadman_deadline:{task_id}", to_iso(late), now)
-                self._set_state(f"deadman:{task_id}", to_iso(late), now)
-                self.store.emit(
+                if store.alert_state(f"deadman_deadline:{task_id}") == to_iso(late):
+                    continue  # this deadline was reported already
+                store.set_alert_state(f"deadman_deadline:{task_id}", to_iso(late), now)
+                store.set_alert_state(f"deadman:{task_id}", to_iso(late), now)
+                store.emit(
                     now,
                     EventKind.DEADMAN,
                     task_id,
                     deadline=to_iso(late),
-                    last_success=row.get("last_success_at"),
+                    last_success=success_at,
                     every_s=task.expect.every,
                     grace_s=task.expect.grace,
                 )
             for run in timed:
                 owner = self.config.tasks[run["task_id"]]
                 assert owner.max_duration is not None
-                if not run.get("attempt_started"):
+                started = run["attempt_started"]
+                if not started:
                     continue
-                elapsed = (now - from_iso(run["attempt_started"])).total_seconds()
-                key = f"too_long:{run['id']}:{run['attempt']}"
-                if elapsed <= owner.max_duration or self._state(key) is not None:
+                elapsed = (now - from_iso(started)).total_seconds()
+                key = f"{TOO_LONG}{run['id']}:{run['attempt']}"
+                if elapsed <= owner.max_duration or store.alert_state(key) is not None:
                     continue
-                self._set_state(key, to_iso(now), now)
+                store.set_alert_state(key, to_iso(now), now)
                 self._too_long_may_exist = True
-                self.store.emit(
+                store.emit(
                     now,
                     EventKind.RUN_TOO_LONG,
                     run["task_id"],
@@ -340,43 +307,30 @@ class Outbox:
                     max_duration_s=owner.max_duration,
                 )
             # Reports about runs that ended are no longer needed.
-            self.store.conn.execute(
-                "DELETE FROM alert_state WHERE key LIKE 'too_long:%' AND NOT EXISTS (SELECT 1"
-                " FROM runs WHERE runs.status='running' AND alert_state.key LIKE"
-                " 'too_long:' || runs.id || ':%')"
-            )
+            reports = store.alert_state_keys(TOO_LONG)
+            if reports:
+                live = {r["id"] for r in store.running_attempts()}
+                for key in reports:
+                    if key[len(TOO_LONG) :].rpartition(":")[0] not in live:
+                        store.clear_alert_state(key)
 
-    def _max_duration(self, run: Row) -> float | None:
+    def _max_duration(self, run: RunningAttempt) -> float | None:
         owner = self.config.tasks.get(run["task_id"])
         return owner.max_duration if owner else None
 
     def _has_too_long_state(self) -> bool:
-        row = self.store._one(
-            "SELECT 1 AS x FROM alert_state WHERE key >= 'too_long:' AND key < 'too_long;' LIMIT 1"
-        )
-        return row is not None
+        return self.store.has_alert_state(TOO_LONG)
 
-    def running_attempts(self) -> list[Row]:
-        return self.store._all(
-            "SELECT r.id, r.task_id, r.attempt, a.started_at AS attempt_started FROM runs r"
-            " LEFT JOIN attempts a ON a.run_id = r.id AND a.attempt = r.attempt"
-            " WHERE r.status='running'"
-        )
+    def running_attempts(self) -> list[RunningAttempt]:
+        return self.store.running_attempts()
 
     # ------------------------------------------------------------ delivery
 
-    def due(self, now: datetime, limit: int = 20) -> list[Row]:
-        return self.store._all(
-            "SELECT * FROM outbox WHERE status='pending' AND next_attempt_at<=? ORDER BY id"
-            " LIMIT ?",
-            (to_iso(now), limit),
-        )
+    def due(self, now: datetime, limit: int = 20) -> list[OutboxRecord]:
+        return self.store.pending_deliveries(now, limit)
 
     def next_due(self) -> datetime | None:
-        row = self.store.conn.execute(
-            "SELECT MIN(next_attempt_at) FROM outbox WHERE status='pending'"
-        ).fetchone()
-        return from_iso(row[0]) if row and row[0] else None
+        return self.store.next_delivery_at()
 
     async def deliver_due(self, client: httpx.AsyncClient) -> int:
         rows = self.due(self.clock.now())
@@ -384,8 +338,8 @@ class Outbox:
             await asyncio.gather(*(self._deliver_one(row, client) for row in rows))
         return len(rows)
 
-    async def _deliver_one(self, row: Row, client: httpx.AsyncClient) -> None:
-        payload = json.loads(row["payload"])
+    async def _deliver_one(self, row: OutboxRecord, client: httpx.AsyncClient) -> None:
+        payload = row["payload"]
         retries, backoff, max_backoff = PING_RETRIES, PING_BACKOFF_S, 3600.0
         try:
             if row["channel"] == PING_CHANNEL:
@@ -409,33 +363,20 @@ class Outbox:
         except (DeliveryError, OSError) as exc:
             self._failed(row, str(exc), retries, backoff, max_backoff)
             return
-        with self.store.tx():
-            self.store.conn.execute(
-                "UPDATE outbox SET status='delivered', attempts=attempts+1, delivered_at=?,"
-                " last_error=NULL WHERE id=?",
-                (to_iso(self.clock.now()), row["id"]),
-            )
-        log.info("alert delivered outbox=%d channel=%s", row["id"], row["channel"])
+        if self.store.mark_delivered(row["id"], self.clock.now()):
+            log.info("alert delivered outbox=%d channel=%s", row["id"], row["channel"])
 
     def _failed(
-        self, row: Row, error: str, retries: int, backoff: float, max_backoff: float
+        self, row: OutboxRecord, error: str, retries: int, backoff: float, max_backoff: float
     ) -> None:
         attempts = row["attempts"] + 1
-        now = self.clock.now()
-        give_up = attempts > retries
-        delay = min(max_backoff, backoff * 2 ** (attempts - 1))
-        with self.store.tx():
-            self.store.conn.execute(
-                "UPDATE outbox SET status=?, attempts=?, last_error=?, next_attempt_at=?"
-                " WHERE id=?",
-                (
-                    "failed" if give_up else "pending",
-                    attempts,
-                    error[:500],
-                    to_iso(now + timedelta(seconds=delay)),
-                    row["id"],
-                ),
-            )
+        delay = retry_delay(attempts, retries=retries, backoff=backoff, max_backoff=max_backoff)
+        give_up = delay is None
+        if delay is None:
+            self.store.give_up_delivery(row["id"], attempts, error[:500])
+        else:
+            at = self.clock.now() + timedelta(seconds=delay)
+            self.store.schedule_redelivery(row["id"], attempts, error[:500], at)
         level = logging.ERROR if give_up else logging.WARNING
         log.log(
             level,
@@ -443,7 +384,7 @@ class Outbox:
             row["id"],
             row["channel"],
             attempts,
-            "giving up" if give_up else f"retry in {delay:g}s",
+            "giving up" if delay is None else f"retry in {delay:g}s",
             error,
         )
 
@@ -462,6 +403,15 @@ class Outbox:
             raise DeliveryError(f"ping: {type(exc).__name__}") from None
         if not resp.is_success:
             raise DeliveryError(f"ping answered HTTP {resp.status_code}")
+
+
+def retry_delay(attempts: int, *, retries: int, backoff: float, max_backoff: float) -> float | None:
+    """The retry policy: how long after its ``attempts``-th failed attempt a delivery is
+    tried again (``backoff``, then twice the wait before, at most ``max_backoff``), or
+    None once the first attempt and its ``retries`` retries have all failed: give up."""
+    if attempts > retries:
+        return None
+    return min(max_backoff, backoff * 2.0 ** (attempts - 1))
 
 
 def _owes_recovery(event: Row) -> bool:

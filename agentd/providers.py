@@ -32,7 +32,7 @@ from agentd.config import Config, ProviderConfig, TaskConfig
 from agentd.ledger import Refusal, commit, reserve
 from agentd.models import Result
 from agentd.redact import SecretUnavailable, read_secret
-from agentd.state.sqlite import SqliteStore as Store  # until ledger's SQL moves behind the port
+from agentd.state.port import Store
 
 if TYPE_CHECKING:
     import httpx

@@ -18,12 +18,12 @@ from agentd import tls
 from agentd.budget import global_scopes, task_scopes
 from agentd.clock import Clock
 from agentd.config import Config, TaskConfig
-from agentd.ledger import settle_stale, window_blocked, window_report
+from agentd.ledger import charge_stale, window_blocked, window_report
 from agentd.metrics import Metrics
 from agentd.models import EventKind, Row
 from agentd.outbox import ALERT_EVENTS, Outbox
 from agentd.providers import Gateway
-from agentd.state.sqlite import SqliteStore as Store  # until its SQL moves behind the port
+from agentd.state.port import Store, atomically
 
 if TYPE_CHECKING:
     import httpx
@@ -45,9 +45,9 @@ class Safety:
         self.gateway = Gateway(store, config, clock)
         self.outbox = Outbox(store, config, clock)
         store.fire_gate = self._gate
-        settled = settle_stale(store, clock.now())
-        if settled:
-            log.warning("%d LLM call(s) in flight at the last stop charged at worst case", settled)
+        charged = charge_stale(store, clock.now())
+        if charged:
+            log.warning("%d LLM call(s) in flight at the last stop charged at worst case", charged)
         self._last_check = self._last_gauges = self._last_process = -1e9
         self._dirty = True
         self._seen_version: tuple[int, int] | None = None
@@ -116,7 +116,7 @@ class Safety:
         return max(0.0, min(waits)) if waits else None
 
     def reload_failed(self, error: str) -> None:
-        with self.store.tx():
+        with atomically(self.store):
             self.store.emit(self.clock.now(), EventKind.CONFIG_RELOAD_FAILED, error=error[-4000:])
         self._dirty = True
 

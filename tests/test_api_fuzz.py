@@ -50,6 +50,7 @@ from agentd.http import HttpServer
 from agentd.ledger import commit, reserve
 from agentd.models import Outcome, RunStatus
 from agentd.outbox import Outbox
+from agentd.state.port import atomically
 from agentd.state.sqlite import SqliteStore
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -168,7 +169,7 @@ def seed(store: SqliteStore, control: Control, clock: ManualClock) -> Seeded:
     )  # fmt: skip
     box = Outbox(store, control.config, clock)
     box.process(clock.now())
-    with store.tx():
+    with atomically(store):
         box.raise_alert(Alert("deadman", "deadman:alpha", "alpha is late", "alpha"), clock.now())
     return out
 

@@ -23,7 +23,7 @@ from agentd.budget import (
 )
 from agentd.clock import to_iso
 from agentd.config import Config, ConfigError, PriceConfig, parse_config, redacted
-from agentd.ledger import Refusal, commit, reserve, settle_stale, spent, window_blocked
+from agentd.ledger import Refusal, charge_stale, commit, reserve, spent, window_blocked
 from agentd.state.sqlite import SqliteStore
 
 T0 = datetime(2026, 3, 28, 22, 30, tzinfo=UTC)  # 23:30 in Berlin, the eve of spring forward
@@ -337,7 +337,7 @@ def test_concurrent_reservations_cannot_both_take_the_last_dollar(store: SqliteS
     assert isinstance(first, int) and isinstance(second, Refusal)
 
 
-def test_stale_reservations_are_settled_at_worst_case(store: SqliteStore) -> None:
+def test_stale_reservations_are_charged_at_worst_case(store: SqliteStore) -> None:
     config = parse(WINDOWED)
     scopes = call_scopes(config, config.tasks["t"], T0)
     entry = reserve(
@@ -345,10 +345,10 @@ def test_stale_reservations_are_settled_at_worst_case(store: SqliteStore) -> Non
         need=Need(100, 50, 0.15), scopes=scopes,
     )  # fmt: skip
     assert isinstance(entry, int)
-    assert settle_stale(store, T0) == 1
+    assert charge_stale(store, T0) == 1
     row = store.conn.execute("SELECT * FROM ledger WHERE id=?", (entry,)).fetchone()
     assert (row["state"], row["status"], row["cost_usd"]) == ("committed", "lost", 0.15)
-    assert settle_stale(store, T0) == 0
+    assert charge_stale(store, T0) == 0
 
 
 def test_fits_checks_usd_and_tokens() -> None:

@@ -32,7 +32,7 @@ from agentd.metrics import PRUNE_KINDS, Metrics
 from agentd.models import Outcome, RunStatus
 from agentd.outbox import Outbox
 from agentd.runner import workspace_path
-from agentd.state.port import Finish, Fire
+from agentd.state.port import Finish, Fire, atomically
 from agentd.state.sqlite import SqliteStore
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
@@ -389,7 +389,7 @@ def test_alerts_and_ended_deliveries_go_after_keep_alerts_never_a_pending_one(
     )
     clock = ManualClock(at(0))
     outbox = Outbox(store, config, clock)
-    with store.tx():
+    with atomically(store):
         sent = outbox.raise_alert(Alert("run_quarantined", "k1", "one", "a"), at(0))
         waiting = outbox.raise_alert(Alert("deadman", "k2", "two", "a"), at(0))
     # One round of deliveries: the log channel delivers, `false` without retries fails
@@ -397,7 +397,7 @@ def test_alerts_and_ended_deliveries_go_after_keep_alerts_never_a_pending_one(
     asyncio.run(outbox.deliver_due(None))  # type: ignore[arg-type]
     statuses = dict(store.conn.execute("SELECT channel, status FROM outbox").fetchall())
     assert statuses == {"journal": "delivered", "broken": "failed", "later": "pending"}
-    with store.tx():
+    with atomically(store):
         recent = outbox.raise_alert(Alert("run_quarantined", "k3", "three", "b"), at(20))
     cut = retention.cutoffs(history(keep_alerts=10 * DAY), at(25))
     assert selected(store, retention.select_alerts, cut) == [sent]

@@ -25,18 +25,23 @@ Invariants every engine keeps:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypedDict
 
+from agentd.budget import Scope
 from agentd.models import EventKind, Outcome, Row, RunStatus, StateRefused
 from agentd.procs import GroupEnd, GroupRecord
 from agentd.redact import Redactor
 
 __all__ = [
+    "Admission",
+    "AlertRecord",
+    "AlertsPort",
     "AttemptRecord",
     "ClaimedRun",
     "EventRecord",
@@ -45,17 +50,29 @@ __all__ = [
     "Fire",
     "FireGate",
     "FireResult",
+    "LedgerEntry",
+    "LedgerPort",
+    "NewAlert",
+    "OutboxRecord",
     "QuarantineRecord",
+    "Reservation",
     "RunIds",
     "RunRecord",
+    "RunUsage",
+    "RunningAttempt",
+    "ScopeRefused",
+    "SpendTotals",
     "StateRefused",
     "StorageError",
     "StorageFault",
     "Store",
     "TaskRecord",
     "UnitOfWork",
+    "Usage",
+    "WindowUsage",
     "WriteListener",
     "WriteLost",
+    "atomically",
     "wait_commit",
 ]
 
@@ -235,6 +252,154 @@ class Finish:
     the config: ``task_removed``); recorded as a ``cancel`` event."""
 
 
+# ---------------------------------------------------------------- spend ledger records
+
+
+class LedgerEntry(TypedDict):
+    """One LLM call in the spend ledger: ``reserved`` at its worst case before the call,
+    ``committed`` with what it really used after it (or charged at its worst case when
+    its process died in between: ``status`` ``lost``, ``usage_missing`` 1)."""
+
+    id: int
+    ts: str
+    run_id: str | None
+    task_id: str | None
+    provider: str | None
+    model: str | None
+    item: int | None
+    state: str
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float
+    reserved_tokens: int
+    reserved_usd: float
+    status: str | None
+    duration_s: float | None
+    usage_missing: int
+
+
+class SpendTotals(TypedDict):
+    """What a scope has spent: committed calls at their cost, reservations (calls in
+    flight) at their worst case."""
+
+    usd: float
+    tokens: int
+
+
+class WindowUsage(TypedDict):
+    """A scope's calls and tokens, and its spend counted as ``SpendTotals.usd`` is."""
+
+    calls: int
+    input_tokens: int
+    output_tokens: int
+    spent_usd: float
+
+
+class RunUsage(TypedDict):
+    """One run's LLM calls; ``cost_usd`` counts a reservation at its worst case."""
+
+    calls: int
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """A call about to be made, and its worst case (``budget.Need``)."""
+
+    run_id: str
+    task_id: str
+    provider: str
+    model: str
+    item: int | None
+    tokens: int
+    usd: float
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What a call really used, to replace its reservation."""
+
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float
+    status: str
+    duration_s: float | None
+    usage_missing: bool
+
+
+@dataclass(frozen=True)
+class ScopeRefused:
+    """The first scope a reservation did not fit, with what it had spent then."""
+
+    scope: Scope
+    spent_usd: float
+    spent_tokens: int
+
+
+Admission = Callable[[Scope, float, int], bool]
+"""Budget admission (``budget.fits`` bound to a call's need): may a call be made in this
+scope, which has spent this much USD and these many tokens? Policy above the port,
+asked inside the reservation's transaction."""
+
+
+# ---------------------------------------------------------------- alert records
+
+
+@dataclass(frozen=True)
+class NewAlert:
+    """An alert to record (its text already scrubbed of secret values by the caller)."""
+
+    kind: str
+    dedup_key: str
+    task_id: str | None
+    run_id: str | None
+    event_id: int | None
+    summary: str
+    data: Row
+
+
+class AlertRecord(TypedDict):
+    """A raised alert (``alerts``); ``data`` decoded."""
+
+    id: int
+    ts: str
+    kind: str
+    dedup_key: str
+    task_id: str | None
+    run_id: str | None
+    event_id: int | None
+    summary: str
+    data: Row
+
+
+class OutboxRecord(TypedDict):
+    """One delivery of an alert (or a ping) to one channel: ``pending`` until it is
+    ``delivered``, or ``failed`` once its retries are spent; ``payload`` decoded."""
+
+    id: int
+    alert_id: int | None
+    channel: str
+    dedup_key: str
+    created_at: str
+    status: str
+    attempts: int
+    next_attempt_at: str
+    last_error: str | None
+    delivered_at: str | None
+    payload: Row
+
+
+class RunningAttempt(TypedDict):
+    """A running run and when its current attempt started (None before it has)."""
+
+    id: str
+    task_id: str
+    attempt: int
+    attempt_started: str | None
+
+
 EventSink = Callable[[Row], None]
 """Given each event once its transaction has committed, in commit order."""
 FireGate = Callable[[str, datetime], "dict[str, Any] | None"]
@@ -285,6 +450,20 @@ async def wait_commit(commit: Future[BaseException | None]) -> BaseException | N
     return await asyncio.shield(asyncio.wrap_future(commit))
 
 
+@contextlib.contextmanager
+def atomically(store: Store) -> Iterator[UnitOfWork]:
+    """A block of verbs as one unit of work: opened here, committed when the block ends,
+    aborted when it raises. Inside a unit someone else owns it joins theirs (and their
+    commit makes it durable)."""
+    unit = store.unit()
+    try:
+        yield unit
+    except BaseException:
+        unit.abort()
+        raise
+    unit.commit()
+
+
 # ---------------------------------------------------------------- the port
 
 
@@ -321,7 +500,156 @@ class UnitOfWork(Protocol):
         ...
 
 
-class Store(Protocol):
+class LedgerPort(Protocol):
+    """The spend ledger: every LLM call reserved at its worst case before it is made,
+    committed with its real usage after; and budget alarms, once per window.
+
+    Spend is always counted the same way (``SpendTotals``): committed rows at their
+    cost, reserved rows at their reservation, so a call in flight is already spent."""
+
+    def spend_in(self, scope: Scope, run_id: str | None = None) -> SpendTotals:
+        """What ``scope`` has spent: a ``run`` scope counts ``run_id``'s calls, a window
+        scope the calls of its task (or of every task, for a global scope) with
+        ``start <= ts < end``."""
+        ...
+
+    def reserve_budget(
+        self, now: datetime, reservation: Reservation, scopes: Sequence[Scope], admit: Admission
+    ) -> int | ScopeRefused:
+        """Reserve a call against every scope, or against none: inside one transaction
+        that holds the write lock from the first read (no other writer, in this process
+        or another, can reserve in between), ask ``admit`` of each scope in order with
+        what it has spent. If every scope admits, insert the reservation and return its
+        ledger id; at the first refusal, insert nothing, append one ``budget_refused``
+        event, and return the scope and its spend."""
+        ...
+
+    def commit_spend(self, now: datetime, entry_id: int, usage: Usage) -> LedgerEntry | None:
+        """Replace a reservation by what the call used and append its ``llm_call``
+        event; the entry as committed, or None (and nothing written) if there is no
+        such entry."""
+        ...
+
+    def charge_stale_reservations(self, now: datetime) -> int:
+        """Charge every reservation still open at its worst case (status ``lost``,
+        ``usage_missing``), with one ``ledger_settled`` event when there were any;
+        returns how many. Only while no call can be in flight (at start, the state
+        dir's lock held): a reservation left open is one whose process died mid-call,
+        and the provider may have billed it. A second call charges nothing again."""
+        ...
+
+    def record_budget_alarm(
+        self, now: datetime, scope: Scope, threshold: float, spent_usd: float
+    ) -> bool:
+        """Record that a window ``scope`` reached ``threshold`` (a fraction of its USD
+        limit), with its ``budget_alarm`` event, once per (scope, window, threshold):
+        True when this call recorded it, False when it was recorded already (across
+        restarts too)."""
+        ...
+
+    def full_alarm_limit(self, scope: Scope) -> float | None:
+        """The highest USD limit recorded with an alarm at threshold 1 or above in this
+        window of ``scope`` (a refused call records one), or None."""
+        ...
+
+    def window_usage(self, scope: Scope) -> WindowUsage:
+        """A window scope's calls, tokens and spend (see ``spend_in``)."""
+        ...
+
+    def run_usage(self, run_id: str) -> RunUsage:
+        """One run's calls, tokens and spend."""
+        ...
+
+    def ledger_entry(self, entry_id: int) -> LedgerEntry | None: ...
+
+
+class AlertsPort(Protocol):
+    """The durable side of alerts: a cursor over the event log, the small state alerts
+    keep, raised alerts, and their outbox of deliveries (at least once: a delivery in
+    flight at a crash is still pending afterwards)."""
+
+    # the event cursor ------------------------------------------------------------
+    def event_cursor(self, name: str) -> int | None:
+        """The last event id the reader ``name`` has handled, None before its first."""
+        ...
+
+    def move_event_cursor(self, name: str, event_id: int) -> None:
+        """Set reader ``name``'s cursor (inside the unit that handled the events up to
+        it, so a crash before its commit makes the reader see them again)."""
+        ...
+
+    def events_of_kinds(
+        self, after_id: int, up_to_id: int, kinds: Collection[str], limit: int
+    ) -> list[Row]:
+        """Events with ``after_id < id <= up_to_id`` whose kind is one of ``kinds``, in id
+        order, at most ``limit``, ``data`` decoded."""
+        ...
+
+    # alert state -----------------------------------------------------------------
+    def alert_state(self, key: str) -> str | None: ...
+    def set_alert_state(self, key: str, value: str, now: datetime) -> None:
+        """Set ``key`` to ``value``, replacing what it held."""
+        ...
+
+    def clear_alert_state(self, key: str) -> bool:
+        """Remove ``key``; whether it was there."""
+        ...
+
+    def has_alert_state(self, *prefixes: str) -> bool:
+        """Whether any key starts with one of ``prefixes``."""
+        ...
+
+    def alert_state_keys(self, prefix: str) -> list[str]:
+        """The keys that start with ``prefix``, in order."""
+        ...
+
+    # alerts and their outbox -------------------------------------------------------
+    def record_alert(self, now: datetime, alert: NewAlert) -> int:
+        """Store a raised alert; its id (increasing)."""
+        ...
+
+    def alert(self, alert_id: int) -> AlertRecord | None: ...
+    def queued_since(self, channel: str, dedup_key: str, since: datetime) -> bool:
+        """Whether a delivery of ``dedup_key`` to ``channel`` was queued after ``since``
+        (whatever became of it): the cooldown's question."""
+        ...
+
+    def enqueue_delivery(
+        self, now: datetime, channel: str, dedup_key: str, payload: Row, alert_id: int | None
+    ) -> int:
+        """Queue one delivery, due now, ``pending``; its outbox id."""
+        ...
+
+    def pending_deliveries(self, now: datetime, limit: int) -> list[OutboxRecord]:
+        """Pending deliveries due at ``now``, oldest first, at most ``limit``."""
+        ...
+
+    def next_delivery_at(self) -> datetime | None:
+        """When the earliest pending delivery is due, or None when none is pending."""
+        ...
+
+    def mark_delivered(self, outbox_id: int, now: datetime) -> bool:
+        """A pending delivery was delivered: it is never due again. False (and nothing
+        changed) when it was not pending."""
+        ...
+
+    def schedule_redelivery(self, outbox_id: int, attempts: int, error: str, at: datetime) -> None:
+        """A delivery attempt failed and is tried again at ``at``; ``attempts`` made so far."""
+        ...
+
+    def give_up_delivery(self, outbox_id: int, attempts: int, error: str) -> None:
+        """A delivery attempt failed and none follows: the row is ``failed`` for good."""
+        ...
+
+    def delivery(self, outbox_id: int) -> OutboxRecord | None: ...
+
+    # what the checks look at ------------------------------------------------------------
+    def running_attempts(self) -> list[RunningAttempt]:
+        """Every running run with its current attempt's start."""
+        ...
+
+
+class Store(LedgerPort, AlertsPort, Protocol):
     """agentd's state, as every module above the state layer sees it."""
 
     event_sink: EventSink | None

@@ -54,6 +54,8 @@ from agentd.state.port import (
     WriteLost,
     wait_commit,
 )
+from agentd.state.sqlite.alerts import AlertStatements
+from agentd.state.sqlite.ledger import LedgerStatements
 from agentd.state.sqlite.migrations import MIGRATIONS, SCHEMA_VERSION
 
 log = logging.getLogger("agentd.state.sqlite")
@@ -132,7 +134,7 @@ of each row to a dict was a tenth of claiming."""
 
 
 @_speak_the_port
-class SqliteStore:
+class SqliteStore(LedgerStatements, AlertStatements):
     """The SQLite engine behind ``agentd.state.port.Store``."""
 
     def __init__(
