@@ -1,5 +1,6 @@
-"""The state DB under faults, on real SQLite files: a continuous writer, a full disk,
-colliding run ids, runs of a task that is gone."""
+"""The SQLite engine under faults, on real SQLite files: a continuous writer, a full
+disk, colliding run ids. (The runs of a task that is gone are the contract suite's:
+tests/contract/test_tasks.py.)"""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import pytest
 from smallfs import SmallFs, small_fs
 
 from agentd.clock import to_iso
-from agentd.models import Outcome, RunStatus
 from agentd.state.port import Fire, RunIds, StorageFault, WriteLost
 from agentd.state.sqlite import SqliteStore
 
@@ -116,6 +116,7 @@ def test_a_run_id_that_is_taken_is_drawn_again_and_no_fire_of_the_batch_is_lost(
     assert len(set(ids)) == 3 and taken.run_id not in ids
     assert store.get_run(taken.run_id)["scheduled_for"] == to_iso(at(0))
     for fire, result in zip(fires, results, strict=True):
+        assert fire.scheduled_for is not None
         assert store.get_run(result.run_id)["scheduled_for"] == to_iso(fire.scheduled_for)
     store.close()
 
@@ -198,45 +199,4 @@ def test_a_group_whose_transaction_the_disk_ended_commits_nothing_of_itself(
     assert undone == ["claims"]
     assert store.counts() == before
     assert not store._group_open and not store.conn.in_transaction
-    store.close()
-
-
-# ---------------------------------------------------------------- tasks that are gone
-
-
-def test_queued_runs_of_a_removed_task_are_cancelled_when_it_goes(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path / "state.sqlite")
-    store.sync_tasks(TASKS, T0)
-    [retry] = store.fire_many([Fire("b", at(0))], at(0))
-    store.claim(at(0), "w1", 30, 10, set(), set())
-    store.finish(retry.run_id, at(1), outcome=Outcome.FAILURE, next_status=RunStatus.QUEUED)
-    [queued] = store.fire_many([Fire("b", at(5), overlap="allow")], at(2))
-    [kept] = store.fire_many([Fire("a", at(5))], at(2))
-    assert store.counts()["queued"] == 3
-    store.sync_tasks({"a": TASKS["a"]}, at(3), synced=TASKS)
-    for run_id in (retry.run_id, queued.run_id):
-        run = store.get_run(run_id)
-        assert run["status"] == RunStatus.CANCELLED
-        assert run["finished_at"] == to_iso(at(3))
-        assert "removed from the config" in run["error"]
-        [event] = [e for e in store.events(run_id) if e["kind"] == "cancel"]
-        assert event["data"]["reason"] == "task_removed"
-    assert store.get_run(kept.run_id)["status"] == RunStatus.QUEUED
-    assert store.gauge_counts()[0] == 1
-    # The task coming back does not bring its cancelled runs back.
-    store.sync_tasks(TASKS, at(4), synced={"a": TASKS["a"]})
-    assert store.get_run(retry.run_id)["status"] == RunStatus.CANCELLED
-    store.close()
-
-
-def test_queued_runs_of_a_task_gone_while_the_daemon_was_down_are_cancelled_at_start(
-    tmp_path: Path,
-) -> None:
-    store = SqliteStore(tmp_path / "state.sqlite")
-    store.sync_tasks(TASKS, T0)
-    [queued] = store.fire_many([Fire("b", at(5))], at(0))
-    store.close()
-    store = SqliteStore(tmp_path / "state.sqlite")
-    store.sync_tasks({"a": TASKS["a"]}, at(10))  # a start with a config without b
-    assert store.get_run(queued.run_id)["status"] == RunStatus.CANCELLED
     store.close()
