@@ -352,12 +352,6 @@ def test_finish_many_is_all_or_nothing(store: Store) -> None:
     assert store.get_run(row["id"])["status"] == RunStatus.SUCCEEDED
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SQLite engine: a batch with a quarantine is finished one run at a time (each "
-    "its own transaction, or its own savepoint in a unit), so a run that is gone leaves "
-    "the runs before it finished",
-)
 @pytest.mark.parametrize("in_unit", [False, True], ids=["alone", "in_a_unit"])
 def test_finish_many_with_a_quarantine_is_all_or_nothing_too(store: Store, in_unit: bool) -> None:
     """The same promise when the batch holds a quarantine. The runner, told the batch

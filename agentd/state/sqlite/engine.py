@@ -1380,20 +1380,29 @@ class SqliteStore(LedgerStatements, AlertStatements):
         if not items:
             return
         if any(f.next_status == RunStatus.QUARANTINED for f in items):
-            for f in items:
-                self.finish(
-                    f.run_id,
-                    f.at,
-                    outcome=f.outcome,
-                    next_status=f.next_status,
-                    not_before=f.not_before,
-                    error=f.error,
-                    exit_code=f.exit_code,
-                    http_status=f.http_status,
-                    duration_s=f.duration_s,
-                    pause_after_failures=f.pause_after_failures,
-                    cancel_reason=f.cancel_reason,
-                )
+            # One after the other, but still all or nothing: inside a unit (this one's
+            # own, or the caller's), the batch is one savepoint.
+            unit = self.unit()
+            try:
+                with self.tx():
+                    for f in items:
+                        self.finish(
+                            f.run_id,
+                            f.at,
+                            outcome=f.outcome,
+                            next_status=f.next_status,
+                            not_before=f.not_before,
+                            error=f.error,
+                            exit_code=f.exit_code,
+                            http_status=f.http_status,
+                            duration_s=f.duration_s,
+                            pause_after_failures=f.pause_after_failures,
+                            cancel_reason=f.cancel_reason,
+                        )
+            except BaseException:
+                unit.abort()
+                raise
+            unit.commit()
             return
         runs: list[tuple[Any, ...]] = []
         attempts: list[tuple[Any, ...]] = []
