@@ -38,10 +38,11 @@ from agentd.health import Health
 from agentd.http import BindRefused, HttpServer, check_bind, load_read_token, load_token
 from agentd.metrics import Metrics
 from agentd.models import Row
+from agentd.oversight import Oversight
+from agentd.providers import Gateway
 from agentd.redact import Redactor, read_secrets
 from agentd.retention import Pruner
 from agentd.runner import Runner
-from agentd.safety import Safety
 from agentd.scheduler import HEARTBEAT_S, Scheduler, SyncReport
 from agentd.state.port import StorageError, StorageFault
 from agentd.state.sqlite import SqliteStore
@@ -116,7 +117,8 @@ class Daemon:
         self.runner: Runner | None = None
         self.control: Control | None = None
         self.http: HttpServer | None = None
-        self.safety: Safety | None = None
+        self.oversight: Oversight | None = None
+        self.gateway: Gateway | None = None
         self.pruner: Pruner | None = None  # retention (agentd.retention)
         self.health = Health(stale_after_s=config.daemon.liveness_stale_after)
         self.bus = EventBus()
@@ -253,8 +255,10 @@ class Daemon:
         # jobstore table) are made off the loop, so probes are answered meanwhile.
         with _loop_first(), _refusing(root):
             self.scheduler = await asyncio.to_thread(self._prepare, cfg, jobs_path)
-        self.safety = Safety(self.store, cfg, self.clock, self.metrics)
-        self.safety.outbox.withheld_env = self.withheld_env
+        self.gateway = Gateway(self.store, cfg, self.clock)
+        self.oversight = Oversight(self.store, cfg, self.clock, self.metrics)
+        self.store.fire_gate = self.oversight.budget_gate
+        self.oversight.outbox.withheld_env = self.withheld_env
         self.runner = Runner(
             self.store,
             self.clock,
@@ -271,7 +275,7 @@ class Daemon:
                 spawn_prefix=self._spawn_prefix,
             ),
             on_change=self._wake.set,
-            llm=self.safety.gateway,
+            llm=self.gateway,
         )
         self.runner.set_tasks(cfg.tasks)
         self.scheduler.on_tick = lambda: self.health.tick("scheduler", self.clock.monotonic())
@@ -404,8 +408,8 @@ class Daemon:
                 self._probe_writes(now_mono)
             # Each step on its own: one that fails (a full disk) must not starve the rest.
             self._step(self.runner.tick)
-            if self.safety:
-                self._step(partial(self.safety.tick, self.clock.now()))
+            if self.oversight:
+                self._step(partial(self.oversight.tick, self.clock.now()))
             self._step(partial(self._gauges_step, now_mono))
             await self._sleep(self._wait_s(poll_s))
 
@@ -469,7 +473,7 @@ class Daemon:
         due = self.runner.next_due_at  # from this iteration's tick
         if due is not None:
             wait_s = min(wait_s, max(0.0, (due - self.clock.now()).total_seconds()))
-        soon = self.safety.wait_s() if self.safety else None
+        soon = self.oversight.wait_s() if self.oversight else None
         if soon is not None:
             wait_s = min(wait_s, soon)
         pending = self.gauges.wait_s(self.clock.monotonic())
@@ -575,8 +579,10 @@ class Daemon:
             if stopped:
                 log.warning("stopped %d run(s) at shutdown; they resume on next start", stopped)
             unrecorded = self.runner.record_unrecorded_now()
-        if self.safety:
-            await self.safety.aclose()
+        if self.oversight:
+            await self.oversight.aclose()
+        if self.gateway:
+            await self.gateway.aclose()
         if self.http:
             # After the drain, so probes kept answering (ready=503, live=200) meanwhile;
             # before the store closes, so no request meets a closed connection.
@@ -772,8 +778,10 @@ class Daemon:
         report = await self.scheduler.sync_async(new)
         self.runner.set_tasks(new.tasks)
         self.metrics.set_tasks(new.tasks)
-        if self.safety:
-            self.safety.set_config(new)
+        if self.gateway:
+            self.gateway.set_config(new)
+        if self.oversight:
+            self.oversight.set_config(new)
         if self.control:
             self.control.config = new
         self._use_secrets(new)
@@ -798,8 +806,8 @@ class Daemon:
             self.runner.exec_env = dataclasses.replace(
                 self.runner.exec_env, withheld_env=self._withheld_env_bytes()
             )
-        if self.safety:
-            self.safety.outbox.withheld_env = self.withheld_env
+        if self.oversight:
+            self.oversight.outbox.withheld_env = self.withheld_env
         for where in self.redactor.too_short:
             log.warning(
                 "secret named by %s is shorter than %d characters: not scrubbed from texts",
@@ -821,9 +829,9 @@ class Daemon:
         self.metrics.config_reload(False, self.clock.now().timestamp())
         for line in reason.splitlines():
             log.error("reload failed, keeping the running config: %s", line)
-        if self.safety:
+        if self.oversight:
             try:
-                self.safety.reload_failed(reason)
+                self.oversight.reload_failed(reason)
             except Exception as exc:  # the alert is a courtesy; the log line above is not
                 log.warning("reload failure not recorded as an alert: %s", exc)
         if self.notifier.enabled:
@@ -854,8 +862,8 @@ class Daemon:
         workspace gets its events.jsonl from the runner when an attempt ends: one file
         write per attempt, not one per event.)"""
         self.metrics.on_event(event)
-        if self.safety:
-            self.safety.on_event(event)
+        if self.oversight:
+            self.oversight.on_event(event)
         self.bus.publish(event)
         data: dict[str, Any] = event["data"]
         extras = " ".join(f"{k}={_fmt(v)}" for k, v in sorted(data.items()) if v is not None)

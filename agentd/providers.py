@@ -336,7 +336,7 @@ class _Call:
         self.price, self.model = price, model
         self.started = time.monotonic()
 
-    def settle(self, status: str, input_tokens: int | None, output_tokens: int | None) -> float:
+    def charge(self, status: str, input_tokens: int | None, output_tokens: int | None) -> float:
         """Commit actual usage; unknown usage is charged at the reserved worst case."""
         missing = input_tokens is None or output_tokens is None
         if missing:
@@ -373,23 +373,23 @@ class _Call:
         try:
             resp = await client.post("/chat/completions", **kwargs)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            self.settle("connect_error", 0, 0)  # nothing reached the provider
+            self.charge("connect_error", 0, 0)  # nothing reached the provider
             raise LLMError(f"cannot connect: {exc}", retryable=True, category="connect") from None
         except httpx.TimeoutException:
-            self.settle("timeout", None, None)
+            self.charge("timeout", None, None)
             seconds = read_timeout or client.timeout.read or 0
             message = f"request timed out after {seconds:g}s"
             raise LLMError(message, retryable=True, category="timeout") from None
         except httpx.HTTPError as exc:
-            self.settle("transport_error", None, None)
+            self.charge("transport_error", None, None)
             message = _scrub(f"{type(exc).__name__}: {exc}", key)
             raise LLMError(message, retryable=True, category="transport") from None
         except asyncio.CancelledError:
-            self.settle("cancelled", None, None)
+            self.charge("cancelled", None, None)
             raise
         status = resp.status_code
         if not resp.is_success:
-            self.settle(str(status), 0, 0)  # providers do not bill refused requests
+            self.charge(str(status), 0, 0)  # providers do not bill refused requests
             message = _provider_message(resp, key)
             retryable, category = classify(status, message)
             raise LLMError(
@@ -402,12 +402,12 @@ class _Call:
         try:
             content, prompt_tokens, completion_tokens = parse_reply(resp)
         except ValueError as exc:
-            self.settle("malformed", None, None)
+            self.charge("malformed", None, None)
             message = f"malformed response: {_scrub(str(exc), key)[:300]}"
             raise LLMError(
                 message, retryable=True, category="malformed", http_status=status
             ) from None
-        cost = self.settle(str(status), prompt_tokens, completion_tokens)
+        cost = self.charge(str(status), prompt_tokens, completion_tokens)
         missing = prompt_tokens is None or completion_tokens is None
         return Reply(
             content=content,

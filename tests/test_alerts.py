@@ -26,7 +26,7 @@ from agentd.config import Config, ExpectConfig, parse_config
 from agentd.metrics import Metrics
 from agentd.models import Outcome, RunStatus
 from agentd.outbox import Outbox
-from agentd.safety import CHECK_EVERY_S, PROCESS_EVERY_S, Safety
+from agentd.oversight import CHECK_EVERY_S, PROCESS_EVERY_S, Oversight
 from agentd.state.sqlite import SqliteStore
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
@@ -468,15 +468,15 @@ def test_auto_paused_task_gets_a_recovery_notice_at_its_next_success(store: Sqli
 def test_safety_brings_the_idle_loop_back_only_for_its_own_work(
     store: SqliteStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The daemon's idle main loop sleeps until ``Safety.wait_s``: events waiting to
+    """The daemon's idle main loop sleeps until ``Oversight.wait_s``: events waiting to
     become alerts and a watched dead man's switch keep their cadence; with neither,
-    Safety leaves the sleep to the idle poll."""
+    Oversight leaves the sleep to the idle poll."""
     monkeypatch.setenv("AGENTD_TEST_HOOK_SECRET", SECRET)
     clock = ManualClock(T0)
     store.sync_tasks({"t": ("f", "command"), "daily": ("g", "command")}, clock.now())
 
     async def scenario() -> None:
-        plain = Safety(store, config_for("http://127.0.0.1:9"), clock, Metrics("test"))
+        plain = Oversight(store, config_for("http://127.0.0.1:9"), clock, Metrics("test"))
         assert plain.wait_s() == 0.0  # events since the last process: now
         plain.tick(clock.now())
         assert plain.wait_s() is None  # nothing watched, nothing waiting
@@ -489,7 +489,7 @@ def test_safety_brings_the_idle_loop_back_only_for_its_own_work(
         await plain.aclose()
 
         watched = config_for("http://127.0.0.1:9", DAILY_WATCHED)
-        deadman = Safety(store, watched, clock, Metrics("test"))
+        deadman = Oversight(store, watched, clock, Metrics("test"))
         deadman.tick(clock.now())
         assert deadman.wait_s() == pytest.approx(CHECK_EVERY_S)
         clock.advance(0.4)

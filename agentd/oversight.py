@@ -1,4 +1,7 @@
-"""The one object the daemon holds for unattended safety: budgets, LLM calls, alerts.
+"""The daemon's oversight of unattended work: events turned into alerts, dead man's
+switches and runs that run too long, budget alarms and spend gauges, alert delivery,
+and the budget admission of scheduled fires (``budget_gate``, which the daemon hands to
+the state as its ``fire_gate``). LLM calls are the ``providers.Gateway``'s.
 
 Built in ``startup()`` once the state DB is open; the daemon calls ``tick(now)`` from
 its main loop, ``on_event`` from its event sink, ``set_config``/``reload_failed`` from
@@ -22,13 +25,12 @@ from agentd.ledger import charge_stale, window_blocked, window_report
 from agentd.metrics import Metrics
 from agentd.models import EventKind, Row
 from agentd.outbox import ALERT_EVENTS, Outbox
-from agentd.providers import Gateway
 from agentd.state.port import Store, atomically
 
 if TYPE_CHECKING:
     import httpx
 
-log = logging.getLogger("agentd.safety")
+log = logging.getLogger("agentd.oversight")
 
 CHECK_EVERY_S = 1.0
 PROCESS_EVERY_S = 0.2  # events -> alerts in batches: at most this late, not once per run
@@ -36,15 +38,13 @@ GAUGES_EVERY_S = 5.0
 DELIVERY_IDLE_S = 60.0
 
 
-class Safety:
+class Oversight:
     def __init__(self, store: Store, config: Config, clock: Clock, metrics: Metrics) -> None:
         self.store = store
         self.config = config
         self.clock = clock
         self.metrics = metrics
-        self.gateway = Gateway(store, config, clock)
         self.outbox = Outbox(store, config, clock)
-        store.fire_gate = self._gate
         charged = charge_stale(store, clock.now())
         if charged:
             log.warning("%d LLM call(s) in flight at the last stop charged at worst case", charged)
@@ -59,11 +59,12 @@ class Safety:
 
     def set_config(self, config: Config) -> None:
         self.config = config
-        self.gateway.set_config(config)
         self.outbox.config = config
         self._last_gauges = -1e9
 
-    def _gate(self, task_id: str, now: datetime) -> Row | None:
+    def budget_gate(self, task_id: str, now: datetime) -> Row | None:
+        """Why a scheduled fire of ``task_id`` is skipped now (a budget window full), or
+        None: asked by the state inside the fire's transaction."""
         return window_blocked(self.store, self.config, task_id, now)
 
     # ------------------------------------------------------------ the loop's hooks
@@ -127,7 +128,6 @@ class Safety:
                 await self._delivery
         if self._http is not None:
             await self._http.aclose()
-        await self.gateway.aclose()
 
     # ------------------------------------------------------------ delivery
 
