@@ -171,11 +171,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check-config":
         return check_config(config, args)
     if args.command == "doctor":
-        from agentd.statecheck import doctor
+        from agentd.state.sqlite.statedir import doctor
 
         return doctor(config.daemon.state_dir, args)
     if args.command == "prune":
-        from agentd.retention import prune_command  # directly on the state DB, no API
+        from agentd.state.sqlite.retention import prune_command  # directly on the state DB, no API
 
         return prune_command(config, args)
     from agentd.ops import state_command  # the daemon's modules: kept off `run`'s path

@@ -26,7 +26,7 @@ from zoneinfo import ZoneInfo
 
 import prometheus_client
 
-from agentd import __version__, exitcodes, procs, redact, statecheck, tls
+from agentd import __version__, exitcodes, procs, redact, tls
 from agentd.clock import Backoff, Clock, SystemClock, from_iso
 from agentd.config import Config, ConfigError, TaskIndex, secret_refs, task_index
 from agentd.configload import ConfigLoad
@@ -41,12 +41,13 @@ from agentd.models import Row
 from agentd.oversight import Oversight
 from agentd.providers import Gateway
 from agentd.redact import Redactor, read_secrets
-from agentd.retention import Pruner
 from agentd.runner import Runner
 from agentd.scheduler import HEARTBEAT_S, Scheduler, SyncReport
 from agentd.state.port import StorageError, StorageFault
-from agentd.state.sqlite import SqliteStore
-from agentd.statecheck import StateLock, StateLocked, state_paths
+from agentd.state.sqlite import statedir
+from agentd.state.sqlite.engine import SqliteStore
+from agentd.state.sqlite.retention import Pruner
+from agentd.state.sqlite.statedir import StateLock, StateLocked, state_paths
 from agentd.systemd import Notifier
 
 log = logging.getLogger("agentd")
@@ -70,7 +71,7 @@ class StartupStopped(Exception):
     """SIGTERM or SIGINT arrived while starting, before the state was opened."""
 
 
-class ListenFailed(statecheck.Refusal):
+class ListenFailed(statedir.Refusal):
     """The HTTP address cannot be bound: in use, or not an address of this host."""
 
     exit_code = exitcodes.UNAVAILABLE
@@ -119,7 +120,7 @@ class Daemon:
         self.http: HttpServer | None = None
         self.oversight: Oversight | None = None
         self.gateway: Gateway | None = None
-        self.pruner: Pruner | None = None  # retention (agentd.retention)
+        self.pruner: Pruner | None = None  # retention (agentd.state.sqlite.retention)
         self.health = Health(stale_after_s=config.daemon.liveness_stale_after)
         self.bus = EventBus()
         self.metrics = Metrics(__version__)
@@ -167,7 +168,7 @@ class Daemon:
         except BindRefused as exc:
             log.error("refusing to start: %s", exc)
             return exitcodes.CONFIG
-        except statecheck.Refusal as exc:
+        except statedir.Refusal as exc:
             log.error("refusing to start: %s", exc)
             await self._abandon_startup()
             return exc.exit_code
@@ -199,15 +200,15 @@ class Daemon:
         token = load_token(cfg.daemon.http)
         read_token = load_read_token(cfg.daemon.http)
         check_bind(cfg.daemon.http, token)
-        statecheck.prepare_state_dir(root)
+        statedir.prepare_state_dir(root)
         try:
             self.lock.acquire()
         except OSError as exc:
-            raise statecheck.StateUnusable(statecheck.dir_problem(root, exc)) from None
+            raise statedir.StateUnusable(statedir.dir_problem(root, exc)) from None
         # Before anything opens the state: what SQLite would silently drop or replace.
         checked = self.clock.monotonic()
         for found in await asyncio.to_thread(
-            statecheck.startup_guard, root, accept_empty_state=self.accept_empty_state
+            statedir.startup_guard, root, accept_empty_state=self.accept_empty_state
         ):
             level = logging.INFO if found.severity == "ok" else logging.WARNING
             log.log(level, "state: %s: %s", found.path, found.message)
@@ -882,7 +883,7 @@ def _refusing(root: Path) -> Iterator[None]:
     try:
         yield
     except Exception as exc:
-        refusal = statecheck.classify(exc, root)
+        refusal = statedir.classify(exc, root)
         if refusal is None:
             raise
         raise refusal from None
@@ -933,7 +934,7 @@ def run_daemon(
     """Entry point for ``agentd run``: exit codes from ``agentd.exitcodes``.
 
     ``load`` is the config's parse, begun (by ``cli``) before this module's imports;
-    ``accept_empty_state`` is ``--accept-empty-state`` (see ``statecheck``)."""
+    ``accept_empty_state`` is ``--accept-empty-state`` (see ``statedir``)."""
     # One *_created series per counter doubles the series count for no question anyone
     # asks at 3 a.m.; process-wide, so it is decided here.
     prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]

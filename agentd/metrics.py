@@ -57,7 +57,7 @@ OUTCOMES = {
     EventKind.BUDGET_EXHAUSTED: "budget_exhausted",
 }
 SKIP_REASONS = ("overlap", "queue_full", "paused", "budget")
-# What retention prunes (agentd.retention), each an agentd_pruned_total series from start.
+# What retention prunes (agentd.state.sqlite.retention), each an agentd_pruned_total series.
 PRUNE_KINDS = (
     "runs",
     "attempts",

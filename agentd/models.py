@@ -143,3 +143,25 @@ class CheckpointNotSaved(Exception):
     """Raised from ``checkpoint.save()`` when the state DB cannot be written (a full disk,
     a read-only file): the run stops there, as the daemon did not fail the task, it costs
     no attempt, and it resumes from its last saved checkpoint once writes work again."""
+
+
+ALERT_EVENTS = frozenset(
+    {
+        EventKind.QUARANTINE,
+        EventKind.PAUSE,
+        EventKind.SUCCESS,
+        EventKind.BUDGET_ALARM,
+        EventKind.BUDGET_EXHAUSTED,
+        EventKind.DEADMAN,
+        EventKind.RUN_TOO_LONG,
+        EventKind.CONFIG_RELOAD_FAILED,
+        EventKind.RECOVERED,
+        EventKind.START,
+        EventKind.FAILURE,
+        EventKind.TIMEOUT,
+    }
+)
+"""The event kinds that can raise an alert, fire a ping or clear a condition: what the
+outbox reads, and what retention keeps until the outbox has read it."""
+ALERTS_CURSOR = "alerts_cursor"
+"""The key under which the state keeps the id of the last event the outbox has read."""

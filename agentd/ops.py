@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
-from agentd import exitcodes, statecheck
+from agentd import exitcodes
 from agentd.client import ApiClient, ApiError, Unreachable, default_url
 from agentd.clock import SystemClock, from_iso
 from agentd.config import (
@@ -39,6 +39,7 @@ from agentd.config import (
 )
 from agentd.models import EventKind, Row, StateRefused
 from agentd.redact import SecretUnavailable, read_secret
+from agentd.state.sqlite import statedir
 
 if TYPE_CHECKING:  # at run time only the direct path (no daemon answering) loads them
     from agentd.control import Control
@@ -51,13 +52,13 @@ def open_store(config: Config, *, read_only: bool = False) -> Store:
     (``read_only``): as it is, creating and writing nothing; a ``StateRefused`` when there
     is no state DB yet or it is not at this agentd's schema."""
     root = config.daemon.state_dir
-    db_path = statecheck.paths(root)[0]
-    from agentd.state.sqlite import SqliteStore
+    db_path = statedir.paths(root)[0]
+    from agentd.state.sqlite.engine import SqliteStore
 
     if read_only:
-        alone = statecheck.lock_holder(root) is None
+        alone = statedir.lock_holder(root) is None
         if alone:
-            statecheck.guard_open(root)  # what the daemon would refuse, this refuses too
+            statedir.guard_open(root)  # what the daemon would refuse, this refuses too
         try:
             return SqliteStore(db_path, read_only=True, immutable=alone)
         except StateRefused as exc:
@@ -68,10 +69,10 @@ def open_store(config: Config, *, read_only: bool = False) -> Store:
                     "nothing has run with this config",
                 ) from None
             raise
-    statecheck.prepare_state_dir(root)
-    alone = statecheck.lock_holder(root) is None
+    statedir.prepare_state_dir(root)
+    alone = statedir.lock_holder(root) is None
     if alone:
-        statecheck.guard_open(root)  # what the daemon would refuse, this refuses too
+        statedir.guard_open(root)  # what the daemon would refuse, this refuses too
     store = SqliteStore(db_path)
     if alone:
         store.sync_tasks(task_index(config), SystemClock().now())
@@ -197,7 +198,7 @@ def state_command(config: Config, args: argparse.Namespace, parser: argparse.Arg
     except (ApiError, StateRefused) as exc:
         _emit_error(args, exc.code, str(exc))
         return 1
-    except statecheck.Refusal as exc:
+    except statedir.Refusal as exc:
         print(f"agentd: {exc}", file=sys.stderr)
         return exc.exit_code
 

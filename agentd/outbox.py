@@ -32,33 +32,15 @@ from typing import TYPE_CHECKING
 from agentd.alerts import Alert, DeliveryError, alert_for_event, deadman_late, deliver, routes
 from agentd.clock import Clock, from_iso, to_iso
 from agentd.config import Config, inactive_reason
-from agentd.models import EventKind, Row
+from agentd.models import ALERT_EVENTS, ALERTS_CURSOR, EventKind, Row
 from agentd.state.port import NewAlert, OutboxRecord, RunningAttempt, Store, TaskRecord, atomically
 
 log = logging.getLogger("agentd.alerts")
 
-CURSOR_KEY = "alerts_cursor"
 PING_CHANNEL = "ping"
 PING_RETRIES = 3
 PING_BACKOFF_S = 10.0
 BATCH = 500
-# Event kinds that can raise an alert, fire a ping or clear a condition.
-ALERT_EVENTS = frozenset(
-    {
-        EventKind.QUARANTINE,
-        EventKind.PAUSE,
-        EventKind.SUCCESS,
-        EventKind.BUDGET_ALARM,
-        EventKind.BUDGET_EXHAUSTED,
-        EventKind.DEADMAN,
-        EventKind.RUN_TOO_LONG,
-        EventKind.CONFIG_RELOAD_FAILED,
-        EventKind.RECOVERED,
-        EventKind.START,
-        EventKind.FAILURE,
-        EventKind.TIMEOUT,
-    }
-)
 
 if TYPE_CHECKING:
     import httpx
@@ -103,7 +85,7 @@ class Outbox:
             cursor, top = self._cursor_and_top()
             if cursor is None:
                 # First start with alerts: history before now is not news.
-                self.store.move_event_cursor(CURSOR_KEY, top)
+                self.store.move_event_cursor(ALERTS_CURSOR, top)
                 return 0
             # Only the kinds that can raise an alert, ping or recover are read and
             # decoded (claims, heartbeats and fires are most of the log). No other
@@ -118,10 +100,10 @@ class Outbox:
                 if kinds == "base" and _owes_recovery(event):
                     # Successes after this one now matter and were not read: the next
                     # pass reads on from here with them.
-                    self.store.move_event_cursor(CURSOR_KEY, event["id"])
+                    self.store.move_event_cursor(ALERTS_CURSOR, event["id"])
                     return read
             last = events[-1]["id"] if len(events) == BATCH else top
-            self.store.move_event_cursor(CURSOR_KEY, last)
+            self.store.move_event_cursor(ALERTS_CURSOR, last)
             return len(events)
 
     def _kinds(self) -> str:
@@ -136,7 +118,7 @@ class Outbox:
 
     def _cursor_and_top(self) -> tuple[int | None, int]:
         """The last event read (None before the first pass) and the newest event id."""
-        return self.store.event_cursor(CURSOR_KEY), self.store.latest_event_id()
+        return self.store.event_cursor(ALERTS_CURSOR), self.store.latest_event_id()
 
     def _on_event(self, event: Row, now: datetime) -> None:
         """A success clears a task's ``deadman:`` and ``paused:`` state (see ``_kinds``:

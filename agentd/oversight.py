@@ -23,8 +23,8 @@ from agentd.clock import Clock
 from agentd.config import Config, TaskConfig
 from agentd.ledger import charge_stale, window_blocked, window_report
 from agentd.metrics import Metrics
-from agentd.models import EventKind, Row
-from agentd.outbox import ALERT_EVENTS, Outbox
+from agentd.models import ALERT_EVENTS, EventKind, Row
+from agentd.outbox import Outbox
 from agentd.state.port import Store, atomically
 
 if TYPE_CHECKING:

@@ -16,7 +16,7 @@ from typing import Any
 
 from agentd.clock import to_iso
 from agentd.config import load_config
-from agentd.state.sqlite import SqliteStore
+from agentd.state.sqlite.engine import SqliteStore
 from benchmarks.agentd_proc import AgentdProc
 
 

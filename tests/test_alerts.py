@@ -27,7 +27,7 @@ from agentd.metrics import Metrics
 from agentd.models import Outcome, RunStatus
 from agentd.outbox import Outbox
 from agentd.oversight import CHECK_EVERY_S, PROCESS_EVERY_S, Oversight
-from agentd.state.sqlite import SqliteStore
+from agentd.state.sqlite.engine import SqliteStore
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
 from fake_llm import serve

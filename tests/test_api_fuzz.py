@@ -51,7 +51,7 @@ from agentd.ledger import commit, reserve
 from agentd.models import Outcome, RunStatus
 from agentd.outbox import Outbox
 from agentd.state.port import atomically
-from agentd.state.sqlite import SqliteStore
+from agentd.state.sqlite.engine import SqliteStore
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 CHECKS = [

@@ -24,7 +24,7 @@ from agentd.budget import (
 from agentd.clock import to_iso
 from agentd.config import Config, ConfigError, PriceConfig, parse_config, redacted
 from agentd.ledger import Refusal, charge_stale, commit, reserve, spent, window_blocked
-from agentd.state.sqlite import SqliteStore
+from agentd.state.sqlite.engine import SqliteStore
 
 T0 = datetime(2026, 3, 28, 22, 30, tzinfo=UTC)  # 23:30 in Berlin, the eve of spring forward
 

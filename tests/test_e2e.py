@@ -16,7 +16,7 @@ from harness import Agentd, agentd_cli, blocked, pid_alive, wait_for
 from agentd.clock import to_iso
 from agentd.config import load_config
 from agentd.schedule import next_fire
-from agentd.state.sqlite import SqliteStore
+from agentd.state.sqlite.engine import SqliteStore
 
 pytestmark = pytest.mark.e2e
 

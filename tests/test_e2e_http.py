@@ -16,7 +16,7 @@ import pytest
 from harness import Agentd, free_port, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
-from agentd.state.sqlite import SqliteStore
+from agentd.state.sqlite.engine import SqliteStore
 
 pytestmark = pytest.mark.e2e
 

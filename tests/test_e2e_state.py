@@ -47,7 +47,7 @@ WRITER = textwrap.dedent(
     import os, sqlite3, sys
     from agentd.clock import SystemClock
     from agentd.config import load_config, task_index
-    from agentd.state.sqlite import SqliteStore
+    from agentd.state.sqlite.engine import SqliteStore
 
     cfg = load_config(sys.argv[1])
     first, then = int(sys.argv[2]), int(sys.argv[3])

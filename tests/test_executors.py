@@ -35,7 +35,7 @@ from agentd.executors import ExecEnv, executor_for
 from agentd.executors.command import inherited_env, use_pidfd_child_watcher
 from agentd.models import Result, StopRequested
 from agentd.providers import Gateway
-from agentd.state.sqlite import SqliteStore
+from agentd.state.sqlite.engine import SqliteStore
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
 import fake_llm

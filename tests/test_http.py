@@ -31,7 +31,7 @@ from agentd.events import EventBus
 from agentd.health import Health
 from agentd.http import BindRefused, HttpServer, TokenError, check_bind, load_token
 from agentd.models import Outcome, RunStatus
-from agentd.state.sqlite import SqliteStore
+from agentd.state.sqlite.engine import SqliteStore
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 TOKEN = "s3cret-t0ken-value"

@@ -22,7 +22,7 @@ from agentd.ledger import spent as ledger_spent
 from agentd.models import EventKind
 from agentd.outbox import Outbox, retry_delay
 from agentd.state.port import Reservation, ScopeRefused, Store, Usage, atomically
-from agentd.state.sqlite import SqliteStore
+from agentd.state.sqlite.engine import SqliteStore
 
 T0 = datetime(2026, 3, 28, 12, 0, tzinfo=UTC)
 DAY_START, DAY_END = window_at("day", T0, "UTC")

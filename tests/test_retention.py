@@ -1,4 +1,4 @@
-"""Retention (agentd.retention): which history goes, given the settings and a time, on
+"""Retention (agentd.state.sqlite.retention): which history goes, given the settings and a time, on
 real state DBs filled through ``SqliteStore``; the batch executor; the pruner thread; and
 ``agentd prune`` as a real subprocess."""
 
@@ -23,7 +23,7 @@ import pytest
 from harness import agentd_cli, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
-from agentd import ledger, retention
+from agentd import ledger
 from agentd.alerts import Alert
 from agentd.budget import Need, Scope
 from agentd.clock import ManualClock, to_iso
@@ -33,7 +33,8 @@ from agentd.models import Outcome, RunStatus
 from agentd.outbox import Outbox
 from agentd.runner import workspace_path
 from agentd.state.port import Finish, Fire, atomically
-from agentd.state.sqlite import SqliteStore
+from agentd.state.sqlite import retention
+from agentd.state.sqlite.engine import SqliteStore
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
 TASKS = {"a": ("fa", "python"), "b": ("fb", "python")}

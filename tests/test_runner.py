@@ -13,7 +13,7 @@ from agentd.clock import SystemClock
 from agentd.config import Config, parse_config
 from agentd.executors import ExecEnv
 from agentd.runner import Runner
-from agentd.state.sqlite import SqliteStore
+from agentd.state.sqlite.engine import SqliteStore
 
 N_RUNS = 40
 

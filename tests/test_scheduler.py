@@ -16,7 +16,7 @@ import sqlalchemy
 from agentd.clock import SystemClock, from_iso
 from agentd.config import parse_config
 from agentd.scheduler import Scheduler
-from agentd.state.sqlite import SqliteStore
+from agentd.state.sqlite.engine import SqliteStore
 
 N_TASKS = 60
 

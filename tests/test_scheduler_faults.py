@@ -18,7 +18,7 @@ from agentd.clock import SystemClock, from_iso, to_iso
 from agentd.config import Config, parse_config
 from agentd.scheduler import Scheduler
 from agentd.state.port import RunIds
-from agentd.state.sqlite import SqliteStore
+from agentd.state.sqlite.engine import SqliteStore
 
 
 def _config(tmp_path: Path, tasks: str) -> Config:

@@ -19,7 +19,8 @@ from sqlalchemy.schema import CreateIndex, CreateTable, DefaultClause
 
 from agentd.state import port
 from agentd.state.schema import metadata
-from agentd.state.sqlite import SCHEMA_VERSION, SqliteStore
+from agentd.state.sqlite.engine import SqliteStore
+from agentd.state.sqlite.migrations import SCHEMA_VERSION
 
 # ---------------------------------------------------------------- one shape for both sides
 

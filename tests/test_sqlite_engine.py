@@ -21,8 +21,8 @@ import pytest
 from agentd.clock import to_iso
 from agentd.models import EventKind, Row, RunStatus, StateRefused
 from agentd.state.port import EventSink, StorageError
-from agentd.state.sqlite import MIGRATIONS, SCHEMA_VERSION, SqliteStore
-from agentd.state.sqlite.engine import CHECKPOINT_EVERY
+from agentd.state.sqlite.engine import CHECKPOINT_EVERY, SqliteStore
+from agentd.state.sqlite.migrations import MIGRATIONS, SCHEMA_VERSION
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 TASKS = {"a": ("fp1", "command"), "b": ("fp2", "command")}

@@ -17,7 +17,7 @@ from smallfs import SmallFs, small_fs
 
 from agentd.clock import to_iso
 from agentd.state.port import Fire, RunIds, StorageFault, WriteLost
-from agentd.state.sqlite import SqliteStore
+from agentd.state.sqlite.engine import SqliteStore
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 TASKS = {"a": ("fp1", "command"), "b": ("fp2", "command")}

@@ -23,7 +23,7 @@ import pytest
 
 from agentd.models import Row
 from agentd.state.port import EventSink, Store
-from agentd.state.sqlite import SqliteStore
+from agentd.state.sqlite.engine import SqliteStore
 
 from .helpers import T0, TASKS, Engine, States
 

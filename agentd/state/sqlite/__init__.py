@@ -1,23 +1,9 @@
 """The SQLite engine: agentd's embedded, zero-setup state (one file under ``state_dir``,
-WAL mode, ``synchronous=FULL``)."""
+WAL mode, ``synchronous=FULL``).
 
-from agentd.state.port import Store
-from agentd.state.sqlite.engine import (
-    SqliteStore,
-    is_storage_fault,
-    neutral,
-)
-from agentd.state.sqlite.migrations import MIGRATIONS, SCHEMA_VERSION
-
-__all__ = [
-    "MIGRATIONS",
-    "SCHEMA_VERSION",
-    "SqliteStore",
-    "is_storage_fault",
-    "neutral",
-]
-
-
-def _implements_the_port(engine: SqliteStore) -> Store:
-    """Never called: mypy checks here that ``SqliteStore`` implements the port."""
-    return engine
+``engine`` (``SqliteStore``, the port's implementation, with the SQL of ``ledger`` and
+``alerts``), ``migrations`` (the schema's history), ``statedir`` (the state dir, its
+lock, and the checks of its files before anything opens them), ``retention`` (pruning,
+in its own thread and connection). Import the submodule you need: the CLI's read paths
+load ``statedir`` alone.
+"""

@@ -48,6 +48,7 @@ from agentd.state.port import (
     RunRecord,
     StorageError,
     StorageFault,
+    Store,
     TaskRecord,
     UnitOfWork,
     WriteListener,
@@ -1797,3 +1798,8 @@ class _Unit:
     def abort(self) -> None:
         if self.owner:
             self._store._abort_group()
+
+
+def _implements_the_port(engine: SqliteStore) -> Store:
+    """Never called: mypy checks here that ``SqliteStore`` implements the port."""
+    return engine

@@ -56,12 +56,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from agentd import exitcodes, statecheck
+from agentd import exitcodes
 from agentd.clock import Clock, SystemClock, to_iso
 from agentd.config import LEDGER_FLOOR_S, Config, HistoryConfig
 from agentd.metrics import PRUNE_KINDS
-from agentd.models import FINAL_STATUSES, EventKind
-from agentd.outbox import ALERT_EVENTS, CURSOR_KEY
+from agentd.models import ALERT_EVENTS, ALERTS_CURSOR, FINAL_STATUSES, EventKind
+from agentd.state.sqlite import statedir
 from agentd.state.sqlite.migrations import SCHEMA_VERSION
 
 log = logging.getLogger("agentd.retention")
@@ -185,7 +185,7 @@ QUERIES: dict[str, str] = {
     "alerts": "SELECT id, ts FROM alerts WHERE id > ? ORDER BY id LIMIT ?",
     "pending_alerts": "SELECT DISTINCT alert_id FROM outbox WHERE status='pending'",
     "outbox": "SELECT id, created_at, status FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
-    "cursor": f"SELECT value FROM meta WHERE key='{CURSOR_KEY}'",
+    "cursor": f"SELECT value FROM meta WHERE key='{ALERTS_CURSOR}'",
     # Deletes and dry-run counts: by primary key, or by an index on run_id.
     "delete_run_events": "DELETE FROM events WHERE run_id IN (SELECT value FROM json_each(?))",
     "count_run_events": (
@@ -894,7 +894,7 @@ def prune_command(config: Config, args: argparse.Namespace) -> int:
     """``agentd prune [--dry-run]``, directly on the state DB in the daemon's batches:
     SQLite serialises it with a running daemon's writes, and it pauses between batches
     as the daemon's pruner does. ``--dry-run`` opens the DB read-only."""
-    root, db_path, _ = statecheck.state_paths(config)
+    root, db_path, _ = statedir.state_paths(config)
     if not db_path.exists():
         print(f"agentd: no state DB at {db_path}: nothing to prune", file=sys.stderr)
         return 1
