@@ -733,6 +733,8 @@ class Daemon:
         for key in ("state_dir", "http", "concurrency", "lease"):
             if getattr(new.daemon, key) != getattr(self.config.daemon, key):
                 log.warning("reload: daemon.%s changed; it takes effect after a restart", key)
+        if new.state != self.config.state:
+            log.warning("reload: state changed; it takes effect after a restart")
         old, before = self.config, self._index
         changed = sorted(t for t in before.keys() & after.keys() if before[t] != after[t])
         try:
