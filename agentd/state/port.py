@@ -250,6 +250,12 @@ class Finish:
     cancel_reason: str | None = None
     """Why a run that would have been re-queued ends cancelled instead (its task left
     the config: ``task_removed``); recorded as a ``cancel`` event."""
+    owner: str | None = None
+    """The lease holder recording this outcome. Set (the runner always sets it), the
+    finish is fenced: it records only while the run is still ``running`` under this
+    owner at this ``attempt``. A batch with one that is not records nothing and raises
+    ``StateRefused("lease_lost")``: another process or node took the run over (its
+    lease expired and it was recovered), and only the new holder's outcome counts."""
 
 
 # ---------------------------------------------------------------- spend ledger records
@@ -735,7 +741,12 @@ class Store(LedgerPort, AlertsPort, Protocol):
     ) -> list[ClaimedRun]: ...
     def heartbeat(
         self, run_ids: Sequence[str], owner: str, now: datetime, lease_s: float
-    ) -> None: ...
+    ) -> set[str]:
+        """Extend ``owner``'s leases on ``run_ids``; returns those it no longer holds
+        (recovered by another process or node after their lease expired, or gone): the
+        caller must stop its copy of each and record nothing for it."""
+        ...
+
     def mark_started(self, run_id: str, task_id: str, now: datetime, workspace: str) -> None: ...
     def mark_started_many(self, runs: Sequence[tuple[str, str, str]], now: datetime) -> None: ...
     def record_group(self, run_id: str, attempt: int, group: GroupRecord) -> None: ...
@@ -772,7 +783,13 @@ class Store(LedgerPort, AlertsPort, Protocol):
         duration_s: float | None = None,
         pause_after_failures: int = 0,
         cancel_reason: str | None = None,
-    ) -> Row: ...
+        owner: str | None = None,
+        attempt: int | None = None,
+    ) -> Row:
+        """Close the run's current attempt and move it on (``next_status``). With
+        ``owner`` and ``attempt``, fenced as ``Finish.owner`` says."""
+        ...
+
     def finish_many(self, items: Sequence[Finish]) -> None: ...
     def request_cancel(self, run_id: str, now: datetime) -> str: ...
 
