@@ -1243,6 +1243,17 @@ def _types_in(annotation: Any) -> list[Any]:
     return [t for arg in args for t in _types_in(arg)]
 
 
+def config_generation(index: Mapping[str, tuple[str, str]]) -> str:
+    """A short digest of a config's tasks as the state knows them (``task_index``): equal
+    on every node that runs the same definitions, so the node registry shows a node
+    whose config differs from the others'."""
+    digest = hashlib.sha256()
+    for task_id in sorted(index):
+        fingerprint, kind = index[task_id]
+        digest.update(f"{task_id}\0{fingerprint}\0{kind}\n".encode())
+    return digest.hexdigest()[:12]
+
+
 def secret_refs(config: Config) -> tuple[SecretRef, ...]:
     """Every variable and file the config names as holding a secret, each once, with the
     first config path that names it: what is scrubbed from stored and logged texts

@@ -28,7 +28,14 @@ import prometheus_client
 
 from agentd import __version__, exitcodes, procs, redact, tls
 from agentd.clock import Backoff, Clock, SystemClock, from_iso
-from agentd.config import Config, ConfigError, TaskIndex, secret_refs, task_index
+from agentd.config import (
+    Config,
+    ConfigError,
+    TaskIndex,
+    config_generation,
+    secret_refs,
+    task_index,
+)
 from agentd.configload import ConfigLoad
 from agentd.control import Control
 from agentd.events import EventBus
@@ -97,6 +104,8 @@ class Daemon:
         self.config = config
         self.clock: Clock = clock or SystemClock()
         self.owner = f"{os.uname().nodename}:{os.getpid()}"
+        """This process's node id: its leases' owner and its row in the node registry."""
+        self._node_seen_mono = -math.inf
         self.should_exit = False
         self.force_exit = False
         self.reload_requested = False
@@ -288,6 +297,7 @@ class Daemon:
         with _refusing(root):
             report = await self.scheduler.sync_async(cfg)  # in slices: probes are answered
         self.scheduler.resume()
+        self._step(partial(self._node_step, self.clock.monotonic()))
         self.health.tick("main_loop", self.clock.monotonic())
         self.health.started = True
         # What startup built (modules, config, jobs) lives as long as the daemon: out of
@@ -332,10 +342,14 @@ class Daemon:
     def _open_state(self, store: SqliteStore) -> None:
         store.open()
         now = self.clock.now()
-        # Under the lock every running row is a dead daemon's: a command group of one
-        # that still runs is ended before its run is queued again (procs.end_groups).
-        ended = procs.end_groups(store.lost_groups(now), self.config.daemon.kill_grace)
-        recovered = store.recover(self.clock.now(), self.owner, ended=ended)
+        # Under the lock every running row is a dead daemon's (on a shared state, a
+        # node's the registry has not seen for a lease): a command group of one that
+        # still runs is ended before its run is queued again (procs.end_groups).
+        live = (
+            store.live_nodes(now, self.config.daemon.lease) | {self.owner} if store.shared else None
+        )
+        ended = procs.end_groups(store.lost_groups(now, live), self.config.daemon.kill_grace)
+        recovered = store.recover(self.clock.now(), self.owner, live, ended=ended)
         if recovered:
             log.warning(
                 "recovered %d run(s) left running by a previous process: %s",
@@ -412,7 +426,24 @@ class Daemon:
             if self.oversight:
                 self._step(partial(self.oversight.tick, self.clock.now()))
             self._step(partial(self._gauges_step, now_mono))
+            self._step(partial(self._node_step, now_mono))
             await self._sleep(self._wait_s(poll_s))
+
+    def _node_step(self, now_mono: float) -> None:
+        """Tell the node registry this daemon is alive, every third of a lease (and at
+        once after a reload, with the new config's generation)."""
+        assert self.store is not None and self.config is not None
+        if now_mono - self._node_seen_mono < self.config.daemon.lease / 3:
+            return
+        self.store.node_seen(
+            self.owner,
+            self.clock.now(),
+            host=os.uname().nodename,
+            pid=os.getpid(),
+            version=__version__,
+            config_generation=config_generation(self._index),
+        )
+        self._node_seen_mono = now_mono
 
     def _step(self, step: Callable[[], object]) -> None:
         try:
@@ -619,6 +650,11 @@ class Daemon:
                 unwritten = f"{len(left)} run(s) still recorded as running ({' '.join(left)})"
         except StorageError as exc:
             unwritten = f"its last commit failed ({exc})"
+        if unwritten is None:
+            try:
+                store.node_stopped(self.owner, self.clock.now())
+            except StorageError as exc:  # the registry marks it not seen after a lease
+                log.warning("node registry: could not record this node's stop: %s", exc)
         try:
             store.close()
         except StorageError as exc:
@@ -748,6 +784,7 @@ class Daemon:
             self._reload_failed(f"cannot apply the new config: {exc}", str(exc))
             return False
         self.config, self._index = new, after
+        self._node_seen_mono = -math.inf  # the registry shows the new generation at once
         # As at startup: the new config lives until the next reload; out of the
         # collector's generations (frozen right after parsing, and what applying it
         # made, now), no collection walks its objects: with 10,000 tasks a million,

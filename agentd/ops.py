@@ -298,6 +298,17 @@ def _dispatch(ops: CliCommands, args: argparse.Namespace, parser: argparse.Argum
         if not args.task:
             windows += [report["global"]["day"], report["global"]["month"]]
         return _print(args, [_spend_row(w) for w in windows], list(_SPEND_COLUMNS))
+    if cmd == "nodes":
+        rows = ops.call(lambda c: c.get("/v1/nodes")["nodes"], lambda ctl: ctl.nodes())
+        for row in rows:
+            row["state"] = (
+                "stopped" if row["stopped_at"] else "alive" if row["alive"] else "not seen"
+            ) + (" (config differs)" if row["config_differs"] else "")
+        return _print(
+            args,
+            rows,
+            ["id", "state", "version", "config_generation", "runs_held", "last_seen"],
+        )
     if cmd == "alerts":
         rows = ops.call(
             lambda c: c.get("/v1/alerts", limit=args.limit)["alerts"],

@@ -329,7 +329,8 @@ class Runner:
         for one that goes missing while the daemon runs). Every lease period."""
         held = self._held() | self._ending
         now = self.clock.now()
-        groups = self.store.lost_groups(now, {self.owner}, held)
+        live = self.live_owners()
+        groups = self.store.lost_groups(now, live, held)
         if groups:
             # Their recorded process groups are ended first, in a thread (up to twice
             # kill_grace), then they are re-queued (``_end_then_recover``).
@@ -338,7 +339,7 @@ class Runner:
             job = asyncio.get_running_loop().create_task(self._end_then_recover(groups))
             self._side_jobs.add(job)
             job.add_done_callback(self._side_jobs.discard)
-        recovered = self.store.recover(now, self.owner, live_owners={self.owner}, keep=held)
+        recovered = self.store.recover(now, self.owner, live_owners=live, keep=held)
         if recovered:
             log.warning(
                 "recovered %d run(s) whose lease expired while running: %s",
@@ -346,6 +347,14 @@ class Runner:
                 " ".join(recovered),
             )
         return recovered
+
+    def live_owners(self) -> set[str]:
+        """Whose leases are alive: this runner's, and on a shared state every node the
+        registry has seen within a lease (a node not seen for that long is dead, and its
+        expired leases are recovered)."""
+        if not self.store.shared:
+            return {self.owner}
+        return self.store.live_nodes(self.clock.now(), self.lease_s) | {self.owner}
 
     def _held(self) -> set[str]:
         """Runs this runner holds in memory (running, or ended and not yet recorded)."""
@@ -357,7 +366,7 @@ class Runner:
             recovered = self.store.recover(
                 self.clock.now(),
                 self.owner,
-                live_owners={self.owner},
+                live_owners=self.live_owners(),
                 keep=self._held(),
                 only=set(groups),
                 ended=ended,

@@ -53,6 +53,8 @@ __all__ = [
     "LedgerEntry",
     "LedgerPort",
     "NewAlert",
+    "NodeRecord",
+    "NodesPort",
     "OutboxRecord",
     "QuarantineRecord",
     "Reservation",
@@ -201,6 +203,20 @@ class QuarantineRecord(TypedDict):
     quarantined_at: str
     last_error: str | None
     attempts: int
+
+
+class NodeRecord(TypedDict):
+    """A daemon that has opened this state (``nodes``): one row per process, kept after
+    it stops (``stopped_at``) until retention drops it."""
+
+    id: str
+    host: str
+    pid: int
+    version: str
+    config_generation: str
+    started_at: str
+    last_seen: str
+    stopped_at: str | None
 
 
 # ---------------------------------------------------------------- requests
@@ -506,6 +522,39 @@ class UnitOfWork(Protocol):
         ...
 
 
+class NodesPort(Protocol):
+    """The node registry: every daemon on this state says it is alive (``node_seen``, at
+    start and then every few seconds) and that it stopped (``node_stopped``). With one
+    node (SQLite) it is what ``agentd nodes`` shows; with several it is also who is alive:
+    a node not seen for longer than its lease is dead, and its runs are recovered."""
+
+    def node_seen(
+        self,
+        node_id: str,
+        now: datetime,
+        *,
+        host: str,
+        pid: int,
+        version: str,
+        config_generation: str,
+    ) -> None:
+        """Record that ``node_id`` is alive now, running ``version`` with the config of
+        ``config_generation`` (registering it the first time; ``started_at`` is then)."""
+        ...
+
+    def node_stopped(self, node_id: str, now: datetime) -> None:
+        """``node_id`` stopped cleanly: it holds nothing any more."""
+        ...
+
+    def nodes(self) -> list[NodeRecord]:
+        """Every node, the most recently seen first."""
+        ...
+
+    def live_nodes(self, now: datetime, stale_after_s: float) -> set[str]:
+        """The nodes seen within ``stale_after_s`` of ``now`` and not stopped."""
+        ...
+
+
 class LedgerPort(Protocol):
     """The spend ledger: every LLM call reserved at its worst case before it is made,
     committed with its real usage after; and budget alarms, once per window.
@@ -655,7 +704,7 @@ class AlertsPort(Protocol):
         ...
 
 
-class Store(LedgerPort, AlertsPort, Protocol):
+class Store(LedgerPort, AlertsPort, NodesPort, Protocol):
     """agentd's state, as every module above the state layer sees it."""
 
     event_sink: EventSink | None
@@ -667,6 +716,11 @@ class Store(LedgerPort, AlertsPort, Protocol):
     write_error: str | None
     """Why the last write failed, until a commit succeeds again."""
     read_only: bool
+    shared: bool
+    """Several daemons may run on this state at once (PostgreSQL). Then a run held by
+    another owner is another node's, alive while the node registry says so
+    (``live_nodes``); on a state only one daemon may hold (SQLite, under the state dir's
+    lock) every other owner is a process that is gone."""
 
     # unit of work ------------------------------------------------------------
     def unit(self) -> UnitOfWork: ...

@@ -282,3 +282,16 @@ Index(
     outbox.c.dedup_key,
     outbox.c.created_at,
 )
+
+nodes = Table(
+    "nodes",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("host", Text, nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("version", Text, nullable=False),
+    Column("config_generation", Text, nullable=False),
+    Column("started_at", Text, nullable=False),
+    Column("last_seen", Text, nullable=False),
+    Column("stopped_at", Text),
+)

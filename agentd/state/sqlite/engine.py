@@ -58,6 +58,7 @@ from agentd.state.port import (
 from agentd.state.sqlite.alerts import AlertStatements
 from agentd.state.sqlite.ledger import LedgerStatements
 from agentd.state.sqlite.migrations import MIGRATIONS, SCHEMA_VERSION
+from agentd.state.sqlite.nodes import NodeStatements
 
 log = logging.getLogger("agentd.state.sqlite")
 
@@ -138,8 +139,11 @@ of each row to a dict was a tenth of claiming."""
 
 
 @_speak_the_port
-class SqliteStore(LedgerStatements, AlertStatements):
+class SqliteStore(LedgerStatements, AlertStatements, NodeStatements):
     """The SQLite engine behind ``agentd.state.port.Store``."""
+
+    shared = False
+    """One daemon at a time: the state dir's lock (``statedir.StateLock``) says so."""
 
     def __init__(
         self,
