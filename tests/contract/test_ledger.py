@@ -111,10 +111,14 @@ def test_two_stores_racing_for_the_last_headroom_the_second_is_refused(
         # B is now blocked on the lock A holds: were it not, it would have read the
         # window (still empty) and admitted itself by now.
         b_admitted_while_a_held_the_lock.wait(0.5)
+        # Cleared here, not after A's reserve_budget returns: B may rightly read the
+        # window the moment A commits, before this thread runs again (PostgreSQL wakes
+        # a lock's waiter at once). B reading between here and A's commit would see an
+        # empty window and be admitted (asserted below: it is refused, having seen 0.6).
+        a_holds.clear()
         return fits(scope, usd, tokens, Need(1, 0, 0.6))
 
     first = a.reserve_budget(T0, call("a", 0.6, 1), [TASK_DAY], a_admit)
-    a_holds.clear()
     racer.join(30)
     assert not racer.is_alive()
     assert isinstance(first, int)

@@ -60,15 +60,12 @@ from psycopg.rows import dict_row
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.schema import CreateIndex, CreateTable
 
-from agentd.budget import Scope
 from agentd.clock import from_iso, to_iso
 from agentd.models import ACTIVE_STATUSES, EventKind, Outcome, Row, RunStatus, StateRefused
 from agentd.policy import auto_pause_reason, overlap_decision
 from agentd.procs import GroupEnd, GroupRecord
 from agentd.redact import NOTHING, Redactor
 from agentd.state.port import (
-    Admission,
-    AlertRecord,
     AttemptRecord,
     ClaimedRun,
     EventRecord,
@@ -77,28 +74,20 @@ from agentd.state.port import (
     Fire,
     FireGate,
     FireResult,
-    LedgerEntry,
-    NewAlert,
-    OutboxRecord,
     QuarantineRecord,
-    Reservation,
     RunIds,
-    RunningAttempt,
     RunRecord,
-    RunUsage,
-    ScopeRefused,
-    SpendTotals,
     StorageError,
     StorageFault,
     Store,
     TaskRecord,
     UnitOfWork,
-    Usage,
-    WindowUsage,
     WriteListener,
     WriteLost,
     wait_commit,
 )
+from agentd.state.postgres.alerts import AlertStatements
+from agentd.state.postgres.ledger import LedgerStatements
 from agentd.state.schema import metadata
 
 log = logging.getLogger("agentd.state.postgres")
@@ -198,110 +187,8 @@ def schema_ddl() -> list[str]:
     return out
 
 
-class _PendingMixins:
-    """==== PLACEHOLDER: replaced by the mixins ``agentd/state/postgres/ledger.py``
-    (``LedgerStatements``) and ``alerts.py`` (``AlertStatements``), written separately.
-
-    Until they land, the ``LedgerPort`` and ``AlertsPort`` verbs exist only so that
-    ``PostgresStore`` satisfies the port's type check: each raises NotImplementedError.
-    Nothing here is an implementation. ===="""
-
-    def spend_in(self, scope: Scope, run_id: str | None = None) -> SpendTotals:
-        raise NotImplementedError("PostgresStore.spend_in: the ledger mixin is not in yet")
-
-    def reserve_budget(
-        self, now: datetime, reservation: Reservation, scopes: Sequence[Scope], admit: Admission
-    ) -> int | ScopeRefused:
-        raise NotImplementedError("PostgresStore.reserve_budget: the ledger mixin is not in yet")
-
-    def commit_spend(self, now: datetime, entry_id: int, usage: Usage) -> LedgerEntry | None:
-        raise NotImplementedError("PostgresStore.commit_spend: the ledger mixin is not in yet")
-
-    def charge_stale_reservations(self, now: datetime) -> int:
-        raise NotImplementedError("the ledger mixin is not in yet")
-
-    def record_budget_alarm(
-        self, now: datetime, scope: Scope, threshold: float, spent_usd: float
-    ) -> bool:
-        raise NotImplementedError("the ledger mixin is not in yet")
-
-    def full_alarm_limit(self, scope: Scope) -> float | None:
-        raise NotImplementedError("the ledger mixin is not in yet")
-
-    def window_usage(self, scope: Scope) -> WindowUsage:
-        raise NotImplementedError("the ledger mixin is not in yet")
-
-    def run_usage(self, run_id: str) -> RunUsage:
-        raise NotImplementedError("the ledger mixin is not in yet")
-
-    def ledger_entry(self, entry_id: int) -> LedgerEntry | None:
-        raise NotImplementedError("the ledger mixin is not in yet")
-
-    def event_cursor(self, name: str) -> int | None:
-        raise NotImplementedError("the alerts mixin is not in yet")
-
-    def move_event_cursor(self, name: str, event_id: int) -> None:
-        raise NotImplementedError("the alerts mixin is not in yet")
-
-    def events_of_kinds(self, after_id: int, up_to_id: int, kinds: Any, limit: int) -> list[Row]:
-        raise NotImplementedError("the alerts mixin is not in yet")
-
-    def alert_state(self, key: str) -> str | None:
-        raise NotImplementedError("the alerts mixin is not in yet")
-
-    def set_alert_state(self, key: str, value: str, now: datetime) -> None:
-        raise NotImplementedError("the alerts mixin is not in yet")
-
-    def clear_alert_state(self, key: str) -> bool:
-        raise NotImplementedError("the alerts mixin is not in yet")
-
-    def has_alert_state(self, *prefixes: str) -> bool:
-        raise NotImplementedError("the alerts mixin is not in yet")
-
-    def alert_state_keys(self, prefix: str) -> list[str]:
-        raise NotImplementedError("the alerts mixin is not in yet")
-
-    def record_alert(self, now: datetime, alert: NewAlert) -> int:
-        raise NotImplementedError("the alerts mixin is not in yet")
-
-    def alert(self, alert_id: int) -> AlertRecord | None:
-        raise NotImplementedError("the alerts mixin is not in yet")
-
-    def queued_since(self, channel: str, dedup_key: str, since: datetime) -> bool:
-        raise NotImplementedError("the alerts mixin is not in yet")
-
-    def enqueue_delivery(
-        self, now: datetime, channel: str, dedup_key: str, payload: Row, alert_id: int | None
-    ) -> int:
-        raise NotImplementedError("the alerts mixin is not in yet")
-
-    def pending_deliveries(self, now: datetime, limit: int) -> list[OutboxRecord]:
-        raise NotImplementedError("the alerts mixin is not in yet")
-
-    def next_delivery_at(self) -> datetime | None:
-        raise NotImplementedError("the alerts mixin is not in yet")
-
-    def mark_delivered(self, outbox_id: int, now: datetime) -> bool:
-        raise NotImplementedError("the alerts mixin is not in yet")
-
-    def schedule_redelivery(self, outbox_id: int, attempts: int, error: str, at: datetime) -> None:
-        raise NotImplementedError("the alerts mixin is not in yet")
-
-    def give_up_delivery(self, outbox_id: int, attempts: int, error: str) -> None:
-        raise NotImplementedError("the alerts mixin is not in yet")
-
-    def delivery(self, outbox_id: int) -> OutboxRecord | None:
-        raise NotImplementedError("the alerts mixin is not in yet")
-
-    def running_attempts(self) -> list[RunningAttempt]:
-        raise NotImplementedError("the alerts mixin is not in yet")
-
-
-# ==== end of PLACEHOLDER
-
-
 @_speak_the_port
-class PostgresStore(_PendingMixins):
+class PostgresStore(LedgerStatements, AlertStatements):
     """The PostgreSQL engine behind ``agentd.state.port.Store`` (see the module)."""
 
     def __init__(

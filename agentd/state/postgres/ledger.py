@@ -20,6 +20,13 @@ REPEATABLE READ "to ensure all processes have a consistent view of the table" (a
 retries on conflict). An advisory lock on the scope exists before any row of it does,
 waits instead of failing, and needs no new table (a scope row to ``FOR UPDATE`` would).
 
+``PostgresStore`` takes a coarser lock as well: every write transaction begins with
+``pg_advisory_xact_lock(WRITE_LOCK)`` (SQLite's one writer, across nodes), so inside it
+the scope locks are never contended and cannot take part in a deadlock (whoever holds
+one holds the write lock already, taken first). They are kept so that the ledger is
+serialised by what it itself states, not by that engine-wide choice: should the engine
+let writers run side by side, reservations against one budget still may not.
+
 Invariants this relies on:
 
 - Every reservation that counts against a scope names it in ``scopes`` (as
