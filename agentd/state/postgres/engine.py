@@ -350,8 +350,8 @@ class PostgresStore(LedgerStatements, AlertStatements):
             return
         try:
             conn = self.conn
-            self._begin(conn)
             try:
+                self._begin(conn)  # BEGIN may succeed and the lock's wait fail
                 yield conn
                 self._commit(conn)
             except BaseException:
@@ -1680,6 +1680,8 @@ class _Listener:
         self.fd: int | None = None
         self.stopped = False
         self.retry: asyncio.TimerHandle | None = None
+        self.heard = 0
+        """Notices read, this store's own included."""
 
     def start(self) -> bool:
         try:
@@ -1708,6 +1710,7 @@ class _Listener:
         try:
             pgconn.consume_input()
             while (notice := pgconn.notifies()) is not None:
+                self.heard += 1
                 if notice.extra.decode(errors="replace") != self.store._token:
                     changed = True
         except psycopg.Error as exc:
