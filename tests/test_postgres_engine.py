@@ -1,0 +1,319 @@
+"""What only the PostgreSQL engine has to show (the port's contract is ``tests/contract``):
+its schema created once by nodes that start together, the port's errors when the server
+goes away under it (and its recovery after), change notices over LISTEN/NOTIFY, the
+version counter, and claims that pass over runs another transaction holds."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+import pytest
+
+from agentd.models import Outcome, RunStatus, StateRefused
+from agentd.state.port import StorageError, StorageFault, WriteLost
+from agentd.state.postgres.engine import PostgresStore
+from tests.harness import wait_for
+from tests.pgcluster import PgCluster, running_cluster
+
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+TASKS = {"a": ("fp1", "command"), "b": ("fp2", "command")}
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def stores(pg_url: str) -> Iterator[list[PostgresStore]]:
+    """Stores a test opens on its database, closed at its end."""
+    opened: list[PostgresStore] = []
+    yield opened
+    for store in reversed(opened):
+        store.close()
+
+
+def _open(stores: list[PostgresStore], url: str, **kwargs: object) -> PostgresStore:
+    store = PostgresStore(url, **kwargs)  # type: ignore[arg-type]
+    stores.append(store)
+    return store
+
+
+def test_nodes_opening_a_new_database_together_create_the_schema_once(
+    pg_url: str, stores: list[PostgresStore], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Three nodes start at once on an empty database: one creates the schema under the
+    migration lock, the others wait for it and find it (without the lock, two CREATE
+    TABLEs race: a unique violation in pg_type, or a duplicate table)."""
+    caplog.set_level(logging.INFO, logger="agentd.state.postgres")
+    n = 3
+    start = threading.Barrier(n)
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def node() -> None:
+        try:
+            start.wait()
+            store = PostgresStore(pg_url)
+            with lock:
+                stores.append(store)
+        except BaseException as exc:
+            with lock:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=node) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert errors == []
+    assert len(stores) == n
+    created = [r for r in caplog.records if "schema created" in r.getMessage()]
+    assert len(created) == 1
+    one, two, _ = stores
+    one.sync_tasks(TASKS, T0)
+    assert [t["id"] for t in two.task_rows()] == ["a", "b"]
+
+
+def test_a_schema_newer_than_this_agentd_is_refused(pg_url: str) -> None:
+    PostgresStore(pg_url).close()
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
+    with pytest.raises(StateRefused) as refused:
+        PostgresStore(pg_url)
+    assert refused.value.code == "schema_too_new"
+
+
+def test_version_moves_at_another_stores_commit_not_before(
+    pg_url: str, stores: list[PostgresStore]
+) -> None:
+    daemon, cli = _open(stores, pg_url), _open(stores, pg_url)
+    daemon.sync_tasks(TASKS, T0)
+    v0 = daemon.version()
+    unit = cli.unit()
+    cli.pause("a", "maintenance", at(1))
+    assert daemon.version() == v0  # written, not committed: a reader would see nothing
+    unit.commit()
+    v1 = daemon.version()
+    assert v1 != v0
+    assert daemon.paused_tasks() == {"a"}  # what moved it is visible
+    aborted = cli.unit()
+    cli.resume("a", at(2))
+    aborted.abort()
+    assert daemon.version() == v1
+
+
+@pytest.fixture(scope="module")
+def own_cluster() -> Iterator[PgCluster]:
+    """A cluster of this module's own, to restart under open stores without disturbing
+    the session's."""
+    with running_cluster() as cluster:
+        yield cluster
+
+
+def test_a_server_restart_is_a_storage_fault_then_the_store_works_again(
+    own_cluster: PgCluster,
+) -> None:
+    url = own_cluster.create_database("restart_outside")
+    store = PostgresStore(url)
+    health: list[BaseException | None] = []
+    store.on_write = health.append
+    try:
+        store.sync_tasks(TASKS, T0)
+        run_id = store.fire("a", at(0), scheduled_for=at(0)).run_id
+        own_cluster.restart()
+        with pytest.raises(StorageFault) as fault:
+            store.pause("a", "x", at(1))
+        assert isinstance(fault.value.__cause__, psycopg.OperationalError)
+        assert store.write_error is not None
+        assert isinstance(health[-1], StorageFault)
+        # The next use connects again: the store works, and says so.
+        assert store.pause("a", "x", at(2)) is True
+        assert store.write_error is None and health[-1] is None
+        assert store.get_run(run_id)["status"] == RunStatus.QUEUED
+        own_cluster.restart()
+        with pytest.raises(StorageFault):
+            store.get_run(run_id)  # a read too: the port's error, never psycopg's
+        assert store.get_run(run_id)["id"] == run_id
+    finally:
+        store.close()
+
+
+def test_a_server_restart_inside_a_unit_loses_the_unit_and_says_so(
+    own_cluster: PgCluster,
+) -> None:
+    url = own_cluster.create_database("restart_inside")
+    store = PostgresStore(url)
+    undone: list[str] = []
+    try:
+        store.sync_tasks(TASKS, T0)
+        unit = store.unit()
+        unit.on_rollback(lambda: undone.append("unit"))
+        first = store.fire("a", at(0), scheduled_for=at(0)).run_id
+        own_cluster.restart()
+        with pytest.raises(StorageFault):
+            store.fire("b", at(1), scheduled_for=at(1))
+        with pytest.raises(WriteLost):  # nothing later in the unit may commit without it
+            store.pause("b", "x", at(1))
+        with pytest.raises(WriteLost):
+            unit.commit()
+        assert undone == ["unit"]
+        # The unit is over; the store connects again and works.
+        second = store.fire("b", at(2), scheduled_for=at(2)).run_id
+        assert [r["id"] for r in store.list_runs()] == [second]
+        with pytest.raises(StateRefused):
+            store.get_run(first)
+    finally:
+        store.close()
+
+
+def test_a_lock_held_too_long_is_a_storage_fault(pg_url: str, stores: list[PostgresStore]) -> None:
+    """A unit holds the write lock; another node's write waits ``lock_timeout`` and
+    fails with a StorageFault (SQLite's "database is locked"), then works once it is free."""
+    holder = _open(stores, pg_url)
+    waiter = _open(stores, pg_url, lock_timeout_ms=200)
+    holder.sync_tasks(TASKS, T0)
+    unit = holder.unit()
+    holder.pause("a", "held", at(1))
+    with pytest.raises(StorageFault) as fault:
+        waiter.pause("b", "waits", at(1))
+    assert isinstance(fault.value.__cause__, psycopg.errors.LockNotAvailable)
+    unit.commit()
+    assert waiter.pause("b", "waits", at(2)) is True
+
+
+def test_a_driver_error_that_is_not_a_fault_is_a_storage_error(
+    pg_url: str, stores: list[PostgresStore]
+) -> None:
+    store = _open(stores, pg_url)
+    store.sync_tasks(TASKS, T0)
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("ALTER TABLE runs ADD CONSTRAINT no_b CHECK (task_id <> 'b')")
+    with pytest.raises(StorageError) as error:
+        store.fire("b", at(0), scheduled_for=at(0))
+    assert not isinstance(error.value, StorageFault)
+    assert isinstance(error.value.__cause__, psycopg.errors.CheckViolation)
+    assert store.fire("a", at(0), scheduled_for=at(0)).created  # the store goes on
+
+
+def test_another_stores_announce_wakes_watch_and_ones_own_does_not(
+    pg_url: str, stores: list[PostgresStore]
+) -> None:
+    daemon, cli = _open(stores, pg_url), _open(stores, pg_url)
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        woken = asyncio.Event()
+        calls = 0
+
+        def on_change() -> None:
+            nonlocal calls
+            calls += 1
+            woken.set()
+
+        assert daemon.watch(loop, on_change)
+        listener = daemon._listen
+        assert listener is not None
+
+        async def heard(n: int) -> None:
+            while listener.heard < n:
+                await asyncio.sleep(0.01)  # polled, with a deadline (wait_for below)
+
+        daemon.announce_change()  # its own: not a change by another
+        await asyncio.wait_for(heard(1), 30)
+        assert calls == 0
+        unit = cli.unit()  # a unit open: the notice is not part of it (sent at once)
+        cli.announce_change()
+        await asyncio.wait_for(woken.wait(), 30)
+        assert listener.heard == 2 and calls == 1
+        unit.abort()
+        daemon.unwatch()
+
+    asyncio.run(scenario())
+
+
+def test_watch_listens_again_after_the_server_restarts(own_cluster: PgCluster) -> None:
+    url = own_cluster.create_database("relisten")
+    daemon, cli = PostgresStore(url), PostgresStore(url)
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        woken = asyncio.Event()
+        assert daemon.watch(loop, woken.set)
+        await asyncio.to_thread(own_cluster.restart)
+        # Listening again, it says "look now" (notices may have been missed), and hears
+        # the next one.
+        await asyncio.wait_for(woken.wait(), 30)
+        woken.clear()
+        cli.announce_change()
+        await asyncio.wait_for(woken.wait(), 30)
+        daemon.unwatch()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        daemon.close()
+        cli.close()
+
+
+def test_claim_passes_over_a_run_another_transaction_holds(
+    pg_url: str, stores: list[PostgresStore]
+) -> None:
+    """SKIP LOCKED: a queued run whose row another transaction has locked is not waited
+    for (the claim would wait out the lock timeout) nor taken; the next one is."""
+    store = _open(stores, pg_url, lock_timeout_ms=2000)
+    store.sync_tasks(TASKS, T0)
+    held = store.fire("a", at(0), scheduled_for=at(0)).run_id
+    free = store.fire("b", at(1), scheduled_for=at(1)).run_id
+    with psycopg.connect(pg_url) as other:  # a transaction, open until the block ends
+        other.execute("SELECT id FROM runs WHERE id=%s FOR UPDATE", (held,))
+        claimed = store.claim(at(2), "w1", 30, 5, set(), set())
+        assert [r["id"] for r in claimed] == [free]
+    assert [r["id"] for r in store.claim(at(3), "w1", 30, 5, set(), set())] == [held]
+
+
+def test_two_stores_claiming_at_once_never_claim_the_same_run(
+    pg_url: str, stores: list[PostgresStore]
+) -> None:
+    first, second = _open(stores, pg_url), _open(stores, pg_url)
+    first.sync_tasks(TASKS, T0)
+    n = 60
+    fired = {first.fire("a", at(i), scheduled_for=at(i), overlap="allow").run_id for i in range(n)}
+    start = threading.Barrier(2)
+    taken: dict[str, list[str]] = {"first": [], "second": []}
+    errors: list[BaseException] = []
+
+    def claimer(name: str, store: PostgresStore) -> None:
+        try:
+            start.wait()
+            while True:
+                rows = store.claim(at(n), name, 30, 3, set(), {"a"})
+                if not rows:
+                    return
+                taken[name] += [r["id"] for r in rows]
+                for r in rows:
+                    store.finish(
+                        r["id"], at(n), outcome=Outcome.SUCCESS, next_status=RunStatus.SUCCEEDED
+                    )
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=claimer, args=("first", first)),
+        threading.Thread(target=claimer, args=("second", second)),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert errors == []
+    both = taken["first"] + taken["second"]
+    assert len(both) == len(set(both)) == n
+    assert set(both) == fired
+    assert wait_for(lambda: first.counts().get("succeeded") == n, what="all succeeded")
+    claims = [e for e in first.events(limit=10_000) if e["kind"] == "claim"]
+    assert len(claims) == n
