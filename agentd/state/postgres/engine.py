@@ -88,6 +88,7 @@ from agentd.state.port import (
 )
 from agentd.state.postgres.alerts import AlertStatements
 from agentd.state.postgres.ledger import LedgerStatements
+from agentd.state.postgres.nodes import NodeStatements
 from agentd.state.schema import metadata
 
 log = logging.getLogger("agentd.state.postgres")
@@ -187,9 +188,16 @@ def schema_ddl() -> list[str]:
     return out
 
 
+_FENCE = " AND (%s::text IS NULL OR (status='running' AND lease_owner=%s AND attempt=%s::integer))"
+"""The lease fence of a finish (``Finish.owner``): with no owner given, none."""
+
+
 @_speak_the_port
-class PostgresStore(LedgerStatements, AlertStatements):
+class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
     """The PostgreSQL engine behind ``agentd.state.port.Store`` (see the module)."""
+
+    shared = True
+    """Every node pointed at the database runs on this state at once."""
 
     def __init__(
         self,
@@ -1046,10 +1054,13 @@ class PostgresStore(LedgerStatements, AlertStatements):
             ]
         )
 
-    def heartbeat(self, run_ids: Sequence[str], owner: str, now: datetime, lease_s: float) -> None:
-        """Extend leases in one statement, with one audit event per run."""
+    def heartbeat(
+        self, run_ids: Sequence[str], owner: str, now: datetime, lease_s: float
+    ) -> set[str]:
+        """Extend leases in one statement, with one audit event per run. Returns the runs
+        of ``run_ids`` that ``owner`` no longer holds (see the port)."""
         if not run_ids:
-            return
+            return set()
         expires = to_iso(_plus(now, lease_s))
         with self.tx():
             rows = self._all(
@@ -1066,6 +1077,7 @@ class PostgresStore(LedgerStatements, AlertStatements):
                     for r in rows
                 ]
             )  # fmt: skip
+        return set(run_ids) - {r["id"] for r in rows}
 
     def mark_started(self, run_id: str, task_id: str, now: datetime, workspace: str) -> None:
         """The executor is about to begin: separate from ``claim`` so the audit shows a run
@@ -1205,9 +1217,12 @@ class PostgresStore(LedgerStatements, AlertStatements):
         duration_s: float | None = None,
         pause_after_failures: int = 0,
         cancel_reason: str | None = None,
+        owner: str | None = None,
+        attempt: int | None = None,
     ) -> Row:
         """Close the current attempt and move the run on, in one transaction (see
-        ``SqliteStore.finish``). Returns the run's id, task_id, attempt and failures."""
+        ``SqliteStore.finish``). Returns the run's id, task_id, attempt and failures.
+        With ``owner``, fenced (see ``Finish.owner``)."""
         counted = outcome in (Outcome.FAILURE, Outcome.TIMEOUT)
         final = next_status != RunStatus.QUEUED
         ts = to_iso(now)
@@ -1217,7 +1232,7 @@ class PostgresStore(LedgerStatements, AlertStatements):
             run = self._one(
                 "UPDATE runs SET status=%s, failures=failures+%s, not_before=%s,"
                 " lease_owner=NULL, lease_expires_at=NULL, cancel_requested=0, outcome=%s,"
-                " exit_code=%s, error=%s, duration_s=%s, finished_at=%s WHERE id=%s"
+                f" exit_code=%s, error=%s, duration_s=%s, finished_at=%s WHERE id=%s{_FENCE}"
                 " RETURNING id, task_id, attempt, failures",
                 (
                     str(next_status),
@@ -1229,9 +1244,14 @@ class PostgresStore(LedgerStatements, AlertStatements):
                     duration_s,
                     ts if final else None,
                     run_id,
+                    owner,
+                    owner,
+                    attempt,
                 ),
             )
             if run is None:
+                if owner is not None and self._one("SELECT 1 FROM runs WHERE id=%s", (run_id,)):
+                    raise StateRefused("lease_lost", f"run {run_id} is no longer held by {owner}")
                 raise StateRefused("unknown_run", f"no run {run_id!r}")
             self.conn.execute(
                 "UPDATE attempts SET finished_at=%s, outcome=%s, exit_code=%s, http_status=%s,"
@@ -1301,6 +1321,8 @@ class PostgresStore(LedgerStatements, AlertStatements):
                             duration_s=f.duration_s,
                             pause_after_failures=f.pause_after_failures,
                             cancel_reason=f.cancel_reason,
+                            owner=f.owner,
+                            attempt=f.attempt,
                         )
             except BaseException:
                 unit.abort()
@@ -1321,7 +1343,8 @@ class PostgresStore(LedgerStatements, AlertStatements):
             error = scrub(f.error)
             runs.append(
                 (str(f.next_status), 1 if counted else 0, due, str(f.outcome), f.exit_code,
-                 error, f.duration_s, ts if final else None, f.run_id)
+                 error, f.duration_s, ts if final else None, f.run_id, f.owner, f.owner,
+                 f.attempt)
             )  # fmt: skip
             attempts.append(
                 (ts, str(f.outcome), f.exit_code, f.http_status, error, f.duration_s,
@@ -1363,11 +1386,19 @@ class PostgresStore(LedgerStatements, AlertStatements):
             updated = self._many(
                 "UPDATE runs SET status=%s, failures=failures+%s, not_before=%s,"
                 " lease_owner=NULL, lease_expires_at=NULL, cancel_requested=0, outcome=%s,"
-                " exit_code=%s, error=%s, duration_s=%s, finished_at=%s WHERE id=%s",
+                f" exit_code=%s, error=%s, duration_s=%s, finished_at=%s WHERE id=%s{_FENCE}",
                 runs,
             )
             if updated != len(items):
-                raise StateRefused("unknown_run", f"{len(items) - updated} of the runs are gone")
+                ids = [f.run_id for f in items]
+                found = self._all("SELECT id FROM runs WHERE id = ANY(%s::text[])", (ids,))
+                if len(found) != len(set(ids)):
+                    raise StateRefused(
+                        "unknown_run", f"{len(set(ids)) - len(found)} of the runs are gone"
+                    )
+                raise StateRefused(
+                    "lease_lost", "a run of the batch is no longer held by its finisher"
+                )
             self._many(
                 "UPDATE attempts SET finished_at=%s, outcome=%s, exit_code=%s, http_status=%s,"
                 " error=%s, duration_s=%s WHERE run_id=%s AND attempt=%s AND finished_at IS NULL",
