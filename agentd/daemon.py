@@ -18,6 +18,7 @@ import math
 import os
 import signal
 import sys
+import urllib.parse
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
@@ -50,7 +51,7 @@ from agentd.providers import Gateway
 from agentd.redact import Redactor, read_secrets
 from agentd.runner import Runner
 from agentd.scheduler import HEARTBEAT_S, Scheduler, SyncReport
-from agentd.state.port import StorageError, StorageFault
+from agentd.state.port import StorageError, StorageFault, Store
 from agentd.state.sqlite import statedir
 from agentd.state.sqlite.engine import SqliteStore
 from agentd.state.sqlite.retention import Pruner
@@ -106,6 +107,8 @@ class Daemon:
         self.owner = f"{os.uname().nodename}:{os.getpid()}"
         """This process's node id: its leases' owner and its row in the node registry."""
         self._node_seen_mono = -math.inf
+        self._state_where = ""
+        """Where the state is, for log lines: the SQLite file, or PostgreSQL's host/db."""
         self.should_exit = False
         self.force_exit = False
         self.reload_requested = False
@@ -122,7 +125,7 @@ class Daemon:
         self._wake = asyncio.Event()
         self._force = asyncio.Event()
         self.lock = StateLock(config.daemon.state_dir)
-        self.store: SqliteStore | None = None
+        self.store: Store | None = None
         self.scheduler: Scheduler | None = None
         self.runner: Runner | None = None
         self.control: Control | None = None
@@ -217,7 +220,12 @@ class Daemon:
         # Before anything opens the state: what SQLite would silently drop or replace.
         checked = self.clock.monotonic()
         for found in await asyncio.to_thread(
-            statedir.startup_guard, root, accept_empty_state=self.accept_empty_state
+            partial(
+                statedir.startup_guard,
+                root,
+                accept_empty_state=self.accept_empty_state,
+                state_here=cfg.state.url is None,
+            )
         ):
             level = logging.INFO if found.severity == "ok" else logging.WARNING
             log.log(level, "state: %s: %s", found.path, found.message)
@@ -229,9 +237,7 @@ class Daemon:
         for extra in cfg.daemon.python_path:
             if str(extra) not in sys.path:
                 sys.path.insert(0, str(extra))
-        _, db_path, _ = state_paths(cfg)
-        with _refusing(root):
-            self.store = SqliteStore(db_path, event_sink=self._on_event, defer_open=True)
+        self.store = await self._make_store(cfg, root)
         self.store.watch(loop, self._on_ring)
         self.store.redactor = self.redactor
         self.store.on_write = lambda exc: self.health.fault(
@@ -339,8 +345,41 @@ class Daemon:
         if self.should_exit:
             raise StartupStopped
 
-    def _open_state(self, store: SqliteStore) -> None:
-        store.open()
+    async def _make_store(self, cfg: Config, root: Path) -> Store:
+        """The engine ``state:`` names: the embedded SQLite file in the state dir (opened
+        later, in ``_open_state``, off the loop), or PostgreSQL (connected and migrated
+        here, off the loop, before the probes answer). A PostgreSQL that cannot be reached
+        or refuses is a refusal to start, naming the server and the cause, never the
+        password."""
+        if cfg.state.url is None:
+            _, db_path, _ = state_paths(cfg)
+            self._state_where = str(db_path)
+            with _refusing(root):
+                return SqliteStore(db_path, event_sink=self._on_event, defer_open=True)
+        from agentd.state.postgres.engine import PostgresStore  # only when configured
+
+        where = _url_without_credentials(cfg.state.url)
+        self._state_where = where
+        try:
+            password = redact.read_secret(
+                cfg.state.password_env, cfg.state.password_file, "state password"
+            )
+        except redact.SecretUnavailable as exc:
+            raise statedir.StateUnusable(f"state: {exc}") from None
+        try:
+            store: Store = await asyncio.to_thread(
+                PostgresStore, cfg.state.url, self._on_event, password=password
+            )
+        except StorageError as exc:
+            raise statedir.StateUnusable(
+                f"state: PostgreSQL at {where} cannot be used: {self.redactor.text(str(exc))}"
+            ) from None
+        log.info("state: PostgreSQL at %s (shared by every node pointed at it)", where)
+        return store
+
+    def _open_state(self, store: Store) -> None:
+        if isinstance(store, SqliteStore):
+            store.open()
         now = self.clock.now()
         # Under the lock every running row is a dead daemon's (on a shared state, a
         # node's the registry has not seen for a lease): a command group of one that
@@ -662,7 +701,7 @@ class Daemon:
                 log.warning(
                     "state DB: could not fold the WAL into %s at stop (%s); nothing is lost, "
                     "the next start replays it",
-                    store.path,
+                    self._state_where,
                     exc,
                 )
         if unwritten:
@@ -914,6 +953,13 @@ class Daemon:
             event["run_id"] or "-",
             extras,
         )
+
+
+def _url_without_credentials(url: str) -> str:
+    """``host:port/db`` of a libpq URL, for log lines and refusals."""
+    parts = urllib.parse.urlsplit(url)
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.hostname or 'localhost'}{port}{parts.path or ''}"
 
 
 @contextlib.contextmanager
