@@ -127,6 +127,10 @@ class PgCluster:
         with contextlib.suppress(subprocess.CalledProcessError):
             self._run([pg_bin("pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop"])
 
+    def start_again(self) -> None:
+        """Start a stopped cluster again, on the same port."""
+        self._pg_ctl_start()
+
     def restart(self) -> None:
         """Stop (``fast``: connections are cut) and start again on the same port."""
         self.stop()

@@ -7,9 +7,11 @@ from __future__ import annotations
 import itertools
 import json
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import psycopg
 import pytest
 from harness import Agentd, wait_for
@@ -272,3 +274,76 @@ def test_a_node_stopped_past_its_lease_records_nothing_for_the_run_it_lost(
         for node in nodes:
             if node.proc is not None and node.proc.poll() is None:
                 node.kill9()
+
+
+def test_a_run_is_cancelled_through_any_node_within_a_second(tmp_path: Path, pg_url: str) -> None:
+    """``agentd cancel`` sent to a node that does not hold the run: the holder stops it
+    within a second (the request is in the shared state, and the holder is told by
+    NOTIFY), and the run ends cancelled."""
+    tasks = """
+    work:
+      schedule: {manual: true}
+      command: {argv: ["sleep", "60"]}
+    """
+    nodes = [node_on(tmp_path / f"node{i}", tasks, pg_url) for i in range(2)]
+    try:
+        for node in nodes:
+            node.start()
+        run_id = nodes[0].trigger("work")
+
+        def status_and_owner() -> tuple[str, str | None]:
+            with psycopg.connect(pg_url) as conn:
+                row = conn.execute(
+                    "SELECT status, lease_owner FROM runs WHERE id=%s", (run_id,)
+                ).fetchone()
+            assert row is not None
+            return str(row[0]), row[1]
+
+        wait_for(lambda: status_and_owner()[0] == "running", what="the run to start")
+        owner = status_and_owner()[1]
+        assert owner is not None
+        [other] = [n for n in nodes if n.proc is not None and not owner.endswith(f":{n.proc.pid}")]
+        started = time.monotonic()
+        other.cli("cancel", run_id)
+        wait_for(lambda: status_and_owner()[0] == "cancelled", what="the cancel", timeout=30)
+        assert time.monotonic() - started < 3.0  # "within a second", with margin for load
+        for node in nodes:
+            assert node.stop() == 0
+    finally:
+        for node in nodes:
+            if node.proc is not None and node.proc.poll() is None:
+                node.kill9()
+
+
+def test_postgresql_restarted_under_a_running_daemon_is_survived(
+    make_daemon: Callable[..., Agentd], pg_cluster: PgCluster, pg_url: str
+) -> None:
+    """The server stops under load: the daemon stays alive (``/healthz`` 200), is not
+    ready (``/readyz`` 503) while the state cannot be written, and comes back by itself
+    when the server does; every occurrence is still one run, and none is left running."""
+    d = make_daemon(TASKS, top=f"state: {{url: '{pg_url}'}}").start()
+
+    def status(path: str) -> int | None:
+        try:
+            return httpx.get(d.url + path, timeout=5).status_code
+        except httpx.TransportError:
+            return None
+
+    wait_for(lambda: len(_runs(pg_url, "tick")) >= 2, what="runs before the outage")
+    pg_cluster.stop()
+    try:
+        wait_for(lambda: status("/readyz") == 503, what="readiness off while it is down")
+        assert status("/healthz") == 200
+    finally:
+        pg_cluster.start_again()
+    wait_for(lambda: status("/readyz") == 200, what="readiness back by itself", timeout=60)
+    before = len(_runs(pg_url, "tick"))
+    wait_for(lambda: len(_runs(pg_url, "tick")) >= before + 2, what="runs after the outage")
+    assert d.stop() == 0
+    with psycopg.connect(pg_url) as conn:
+        doubled = conn.execute(
+            "SELECT scheduled_for FROM runs WHERE task_id='tick' GROUP BY scheduled_for"
+            " HAVING count(*) > 1"
+        ).fetchall()
+        running = conn.execute("SELECT id FROM runs WHERE status='running'").fetchall()
+    assert doubled == [] and running == []
