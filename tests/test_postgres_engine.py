@@ -317,3 +317,27 @@ def test_two_stores_claiming_at_once_never_claim_the_same_run(
     assert wait_for(lambda: first.counts().get("succeeded") == n, what="all succeeded")
     claims = [e for e in first.events(limit=10_000) if e["kind"] == "claim"]
     assert len(claims) == n
+
+
+def test_a_read_only_server_is_a_storage_fault(pg_url: str, stores: list[PostgresStore]) -> None:
+    """A server that takes no writes (a standby after a failover, a database set read
+    only) is a fault of the storage, as SQLite's read-only file is: readiness goes off."""
+    store = _open(stores, pg_url)
+    store.sync_tasks(TASKS, T0)
+    base, db = pg_url.rsplit("/", 1)
+
+    def reconnect_with(setting: str) -> None:
+        with psycopg.connect(f"{base}/postgres", autocommit=True) as admin:
+            admin.execute(f'ALTER DATABASE "{db}" SET default_transaction_read_only = {setting}')
+            admin.execute("SELECT pg_terminate_backend(%s)", (store._conn.info.backend_pid,))
+        with pytest.raises(StorageFault):  # the connection cut under it
+            store.paused_tasks()
+
+    reconnect_with("on")
+    with pytest.raises(StorageFault) as fault:
+        store.pause("a", "x", at(1))
+    assert isinstance(fault.value.__cause__, psycopg.errors.ReadOnlySqlTransaction)
+    assert store.write_error is not None
+    reconnect_with("off")
+    assert store.pause("a", "x", at(2)) is True
+    assert store.write_error is None

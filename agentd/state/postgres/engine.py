@@ -22,7 +22,8 @@ Invariants, and how this engine keeps them:
   handed to ``event_sink`` once its owner's commit succeeded, in order, once.
 - **Errors are the port's.** Every public method raises ``StorageFault`` for a failure
   of the server or the connection (``psycopg.OperationalError``: a lost connection, an
-  administrator's shutdown, a full disk, a lock timeout) and ``StorageError`` for any
+  administrator's shutdown, a full disk, a lock timeout; and a server that takes no
+  writes) and ``StorageError`` for any
   other of psycopg's errors, the driver's error as ``__cause__``.
 - **``version()``** is a counter row (``meta.version_counter``) that every write
   transaction bumps in the same round trip as its ``COMMIT``: it moves at the commit of
@@ -127,8 +128,11 @@ MAX_ID_DRAWS = 5
 
 def is_storage_fault(exc: BaseException) -> bool:
     """A failure of the server or the connection (lost, shut down, disk full, a lock
-    timeout, a deadlock), as opposed to a refused request or a constraint."""
-    return isinstance(exc, (psycopg.OperationalError, StorageFault))
+    timeout, a deadlock; a server that takes no writes: a standby, a read-only
+    database), as opposed to a refused request or a constraint."""
+    return isinstance(
+        exc, (psycopg.OperationalError, psycopg.errors.ReadOnlySqlTransaction, StorageFault)
+    )
 
 
 def neutral(exc: BaseException) -> BaseException:
