@@ -341,3 +341,18 @@ def test_a_read_only_server_is_a_storage_fault(pg_url: str, stores: list[Postgre
     reconnect_with("off")
     assert store.pause("a", "x", at(2)) is True
     assert store.write_error is None
+
+
+def test_opening_speaks_the_port_too(pg_url: str) -> None:
+    """The constructor's errors are the port's: no server is a StorageFault; a role that
+    may not create the schema, a StorageError (a permission, not a fault)."""
+    base, db = pg_url.rsplit("/", 1)
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        admin.execute(f'CREATE ROLE "visitor_{db}" LOGIN')  # roles are the cluster's
+        admin.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+    with pytest.raises(StorageError) as denied:
+        PostgresStore(pg_url.replace("agentd@", f"visitor_{db}@"))
+    assert isinstance(denied.value.__cause__, psycopg.errors.InsufficientPrivilege)
+    host = base.rsplit("@", 1)[1].split(":")[0]
+    with pytest.raises(StorageFault):
+        PostgresStore(f"postgresql://agentd@{host}:1/{db}", connect_timeout_s=2)

@@ -351,6 +351,9 @@ class PostgresStore(_PendingMixins):
         self._conn: Conn = self._connect()
         try:
             self._migrate()
+        except psycopg.Error as exc:
+            self._conn.close()
+            raise neutral(exc) from exc
         except BaseException:
             self._conn.close()
             raise
