@@ -50,7 +50,7 @@ import json
 import logging
 import secrets
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Any, cast
@@ -247,7 +247,9 @@ class _PendingMixins:
     def move_event_cursor(self, name: str, event_id: int) -> None:
         raise NotImplementedError("the alerts mixin is not in yet")
 
-    def events_of_kinds(self, after_id: int, up_to_id: int, kinds: Any, limit: int) -> list[Row]:
+    def events_of_kinds(
+        self, after_id: int, up_to_id: int, kinds: Collection[str], limit: int
+    ) -> list[Row]:
         raise NotImplementedError("the alerts mixin is not in yet")
 
     def alert_state(self, key: str) -> str | None:
@@ -348,6 +350,7 @@ class PostgresStore(_PendingMixins):
         self._notify_queued = False
         self._notify_lock = threading.Lock()
         self._listen: _Listener | None = None
+        self._reconnecting = False
         self._conn: Conn = self._connect()
         try:
             self._migrate()
@@ -360,7 +363,7 @@ class PostgresStore(_PendingMixins):
 
     # ------------------------------------------------------------ plumbing
 
-    def _connect(self, **extra: Any) -> Conn:
+    def _connect(self) -> Conn:
         """A new connection in autocommit mode (transactions are explicit) that returns
         rows as dicts and waits at most the lock timeout for any lock."""
         try:
@@ -372,7 +375,6 @@ class PostgresStore(_PendingMixins):
                 connect_timeout=max(1, int(self._connect_timeout_s)),
                 options=f"-c lock_timeout={self._lock_timeout_ms}",
                 application_name="agentd",
-                **extra,
             )
         except psycopg.Error as exc:
             raise neutral(exc) from exc
@@ -411,8 +413,12 @@ class PostgresStore(_PendingMixins):
         if self._inflight is not None:
             self.complete_commit()
         if self._conn.closed and not self._group_open:
-            log.warning("state database connection lost; connecting again")
+            if not self._reconnecting:  # one line per outage, not one per use
+                log.warning("state database connection lost; connecting again")
+                self._reconnecting = True
             self._conn = self._connect()
+            self._reconnecting = False
+            log.info("state database connected again")
         return self._conn
 
     def _begin(self, conn: Conn) -> None:
