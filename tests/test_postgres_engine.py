@@ -356,3 +356,27 @@ def test_opening_speaks_the_port_too(pg_url: str) -> None:
     host = base.rsplit("@", 1)[1].split(":")[0]
     with pytest.raises(StorageFault):
         PostgresStore(f"postgresql://agentd@{host}:1/{db}", connect_timeout_s=2)
+
+
+def test_text_orders_bytewise_whatever_the_databases_collation(pg_cluster: PgCluster) -> None:
+    """On a database whose default collation is a language's (ICU ``en-US``: ``a`` before
+    ``B``, punctuation nearly ignored), ids still order as SQLite orders them, bytewise:
+    the schema's text is ``COLLATE "C"``, so the primary key's index serves the order."""
+    name = "icu_en_us"
+    pg_cluster.psql(
+        f"CREATE DATABASE {name} TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US'"
+        " LOCALE 'C.UTF-8'"
+    )
+    store = PostgresStore(pg_cluster.url(name))
+    try:
+        ids = ["B", "a", "a-b", "ab", "_x", "Z9"]
+        store.sync_tasks({t: ("fp", "command") for t in ids}, T0)
+        assert [t["id"] for t in store.task_rows()] == sorted(ids)
+        assert [t["id"] for t in store.task_rows(["ab", "a-b", "B"])] == ["B", "a-b", "ab"]
+        fired = [store.fire(t, at(0), scheduled_for=at(0)).run_id for t in ids]
+        first = store.list_runs(limit=3)
+        assert [r["id"] for r in first] == sorted(fired, reverse=True)[:3]
+        rest = store.list_runs(limit=10, before_id=first[-1]["id"])
+        assert [r["id"] for r in first + rest] == sorted(fired, reverse=True)
+    finally:
+        store.close()

@@ -870,9 +870,9 @@ class PostgresStore(_PendingMixins):
     def task_rows(self, ids: Sequence[str] | None = None) -> list[TaskRecord]:
         """Present tasks, or those of ``ids`` (one statement, any number of ids)."""
         if ids is None:
-            return self._all('SELECT * FROM tasks WHERE present=1 ORDER BY id COLLATE "C"')
+            return self._all("SELECT * FROM tasks WHERE present=1 ORDER BY id")
         return self._all(
-            'SELECT * FROM tasks WHERE present=1 AND id = ANY(%s::text[]) ORDER BY id COLLATE "C"',
+            "SELECT * FROM tasks WHERE present=1 AND id = ANY(%s::text[]) ORDER BY id",
             (list(ids),),
         )
 
@@ -970,7 +970,7 @@ class PostgresStore(_PendingMixins):
             if watched:  # overlap=allow needs no look at what is active
                 for run in self._all(
                     "SELECT id, task_id, status FROM runs WHERE status IN ('queued','running')"
-                    ' AND task_id = ANY(%s::text[]) ORDER BY created_at, id COLLATE "C"',
+                    " AND task_id = ANY(%s::text[]) ORDER BY created_at, id",
                     (watched,),
                 ):
                     active.setdefault(run["task_id"], []).append(run)
@@ -1122,7 +1122,7 @@ class PostgresStore(_PendingMixins):
                     " WHERE r.status='queued' AND r.not_before <= %s AND t.present=1"
                     " AND (t.paused=0 OR r.trigger IN ('manual','release'))"
                     " AND r.task_id <> ALL(%s::text[])"
-                    ' ORDER BY r.not_before, r.scheduled_for, r.created_at, r.id COLLATE "C"'
+                    " ORDER BY r.not_before, r.scheduled_for, r.created_at, r.id"
                     " LIMIT %s FOR UPDATE OF r SKIP LOCKED",
                     (to_iso(now), sorted(excluded), want),
                 )
@@ -1227,7 +1227,7 @@ class PostgresStore(_PendingMixins):
         rows = self._all(
             "SELECT r.id, r.task_id, r.attempt, r.lease_owner, r.lease_expires_at, a.pgid,"
             " a.pgid_start, a.boot_id FROM runs r LEFT JOIN attempts a ON a.run_id = r.id"
-            " AND a.attempt = r.attempt WHERE r.status='running' ORDER BY r.id COLLATE \"C\""
+            " AND a.attempt = r.attempt WHERE r.status='running' ORDER BY r.id"
         )
         found = []
         for row in rows:
@@ -1310,7 +1310,7 @@ class PostgresStore(_PendingMixins):
             r["id"]
             for r in self._all(
                 "SELECT id FROM runs WHERE status='running' AND cancel_requested=1"
-                ' AND lease_owner=%s ORDER BY id COLLATE "C"',
+                " AND lease_owner=%s ORDER BY id",
                 (owner,),
             )
         ]
@@ -1572,7 +1572,7 @@ class PostgresStore(_PendingMixins):
     def quarantine_list(self) -> list[QuarantineRecord]:
         return self._all(
             "SELECT q.*, r.scheduled_for, r.trigger FROM quarantine q JOIN runs r"
-            ' ON r.id = q.run_id ORDER BY q.quarantined_at DESC, q.run_id COLLATE "C" DESC'
+            " ON r.id = q.run_id ORDER BY q.quarantined_at DESC, q.run_id DESC"
         )
 
     def quarantine_get(self, run_id: str) -> Row:
@@ -1683,9 +1683,8 @@ class PostgresStore(_PendingMixins):
         until: str | None = None,
     ) -> list[RunRecord]:
         """Newest first; page with ``before_id`` (the last id of the previous page).
-        ``since``/``until`` bound ``created_at`` (ISO text, compared as stored). Ids
-        compare bytewise (``COLLATE "C"``), as SQLite compares them, whatever the
-        database's collation."""
+        ``since``/``until`` bound ``created_at`` (ISO text, compared as stored: bytewise,
+        the schema's collation)."""
         where: list[str] = []
         params: list[Any] = []
         if status in ("queued", "running"):
@@ -1695,16 +1694,16 @@ class PostgresStore(_PendingMixins):
         for clause, value in (
             ("task_id=%s", task_id),
             ("status=%s", status),
-            ('id COLLATE "C" < %s', before_id),
-            ('created_at COLLATE "C" >= %s', since),
-            ('created_at COLLATE "C" < %s', until),
+            ("id < %s", before_id),
+            ("created_at >= %s", since),
+            ("created_at < %s", until),
         ):
             if value:
                 where.append(clause)
                 params.append(value)
         sql_where = ("WHERE " + " AND ".join(where)) if where else ""
         return self._all(
-            f'SELECT * FROM runs {sql_where} ORDER BY id COLLATE "C" DESC LIMIT %s',
+            f"SELECT * FROM runs {sql_where} ORDER BY id DESC LIMIT %s",
             (*params, limit),
         )
 
@@ -1763,8 +1762,7 @@ class PostgresStore(_PendingMixins):
 
     def active_runs(self, task_id: str) -> list[RunRecord]:
         return self._all(
-            "SELECT * FROM runs WHERE task_id=%s AND status IN ('queued','running')"
-            ' ORDER BY id COLLATE "C"',
+            "SELECT * FROM runs WHERE task_id=%s AND status IN ('queued','running') ORDER BY id",
             (task_id,),
         )
 
