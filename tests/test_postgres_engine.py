@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 import pytest
 
-from agentd.models import Outcome, RunStatus, StateRefused
+from agentd.models import EventKind, Outcome, RunStatus, StateRefused
 from agentd.state.port import StorageError, StorageFault, WriteLost
 from agentd.state.postgres.engine import PostgresStore
 from tests.harness import wait_for
@@ -380,3 +380,37 @@ def test_text_orders_bytewise_whatever_the_databases_collation(pg_cluster: PgClu
         assert [r["id"] for r in first + rest] == sorted(fired, reverse=True)
     finally:
         store.close()
+
+
+def test_a_verb_inside_the_plumbings_tx_commits_with_it(
+    pg_url: str, stores: list[PostgresStore]
+) -> None:
+    """What the statement mixins do: a verb (``emit``, ``pause``) called inside their own
+    ``tx()`` is part of it, never a commit of its own: when the outer transaction fails,
+    nothing of it stays, and nothing was published."""
+    seen: list[dict[str, object]] = []
+    store = _open(stores, pg_url, event_sink=seen.append)
+    other = _open(stores, pg_url)
+    store.sync_tasks(TASKS, T0)
+    seen.clear()
+    with pytest.raises(RuntimeError), store.tx():
+        store.pause("a", "inner", at(1))
+        store.emit(at(1), EventKind.MISFIRE, "a", count=1, reason="inner")
+        assert other.paused_tasks() == set()  # not committed by the inner verbs
+        raise RuntimeError("the outer part fails")
+    assert store.paused_tasks() == set() and other.paused_tasks() == set()
+    assert seen == []
+    with store.tx():
+        store.pause("a", "inner", at(2))
+    assert other.paused_tasks() == {"a"}
+    assert [e["kind"] for e in seen] == ["pause"]
+
+
+def test_a_closed_store_stays_closed(pg_url: str) -> None:
+    """Closed is not lost: no verb connects again behind the caller's back."""
+    store = PostgresStore(pg_url)
+    store.sync_tasks(TASKS, T0)
+    store.close()
+    with pytest.raises(StorageError):
+        store.task_rows()
+    store.close()  # twice is harmless

@@ -337,6 +337,8 @@ class PostgresStore(_PendingMixins):
         self.write_error: str | None = None
         self._pending_events: list[Row] = []
         self._group_open = False
+        self._tx_open = False
+        """A ``tx()`` of its own (outside a unit) is open."""
         self._group_lost: BaseException | None = None
         self._rollback_hooks: list[Callable[[], None]] = []
         self._inflight: Future[BaseException | None] | None = None
@@ -351,6 +353,7 @@ class PostgresStore(_PendingMixins):
         self._notify_lock = threading.Lock()
         self._listen: _Listener | None = None
         self._reconnecting = False
+        self._closed = False
         self._conn: Conn = self._connect()
         try:
             self._migrate()
@@ -412,6 +415,8 @@ class PostgresStore(_PendingMixins):
         one is replaced first, unless a unit is open on it (that unit is lost)."""
         if self._inflight is not None:
             self.complete_commit()
+        if self._closed:
+            raise StorageError("the state store is closed")
         if self._conn.closed and not self._group_open:
             if not self._reconnecting:  # one line per outage, not one per use
                 log.warning("state database connection lost; connecting again")
@@ -453,8 +458,12 @@ class PostgresStore(_PendingMixins):
         unit's one commit, and a failure undoes only its own part -- unless the unit's
         transaction itself is gone (the connection lost), in which case the unit is lost
         and every later write in it raises ``WriteLost``. A storage fault in either case
-        is reported to ``on_write``; a successful commit reports recovery."""
-        if self._group_open:
+        is reported to ``on_write``; a successful commit reports recovery.
+
+        Inside another ``tx()`` (a statement mixin's, calling a verb) it is a savepoint
+        too: only the outermost commits. (A second BEGIN would be only a warning to
+        PostgreSQL, and the inner COMMIT would commit the outer transaction's half.)"""
+        if self._group_open or self._tx_open:
             if self._group_lost is not None:
                 raise WriteLost(f"the unit's transaction was rolled back: {self._group_lost}")
             mark = len(self._pending_events)
@@ -469,13 +478,15 @@ class PostgresStore(_PendingMixins):
                     conn.execute("RELEASE SAVEPOINT tx")
                     del self._pending_events[mark:]
                 except psycopg.Error:
-                    self._group_lost = exc
+                    if self._group_open:
+                        self._group_lost = exc
                     self._pending_events.clear()
                 self._write_failed(exc)
                 raise
             return
         try:
             conn = self.conn
+            self._tx_open = True
             try:
                 self._begin(conn)  # BEGIN may succeed and the lock's wait fail
                 yield conn
@@ -484,6 +495,8 @@ class PostgresStore(_PendingMixins):
                 self._rollback(conn)
                 self._pending_events.clear()
                 raise
+            finally:
+                self._tx_open = False
         except BaseException as exc:
             self._write_failed(exc)
             raise
@@ -494,8 +507,8 @@ class PostgresStore(_PendingMixins):
     def unit(self) -> UnitOfWork:
         """Open a unit of work (see ``agentd.state.port``): the owner when no unit is
         open, which begins the transaction and takes the write lock now, else a handle
-        that joins the open one."""
-        if self._group_open:
+        that joins the open one (or the open ``tx()``, whose end commits or undoes it)."""
+        if self._group_open or self._tx_open:
             return _Unit(self, owner=False)
         self._begin_group()
         return _Unit(self, owner=True)
@@ -626,6 +639,7 @@ class PostgresStore(_PendingMixins):
                 self._notifier.shutdown(wait=True)
             if self._notify_conn is not None:
                 self._notify_conn.close()
+            self._closed = True
             self._conn.close()
 
     def _write_ok(self) -> None:
@@ -1216,8 +1230,9 @@ class PostgresStore(_PendingMixins):
             "UPDATE attempts SET pgid=%s, pgid_start=%s, boot_id=%s WHERE run_id=%s AND attempt=%s"
         )
         params = (group.pgid, group.start, group.boot, run_id, attempt)
+        own = not (self._group_open or self._tx_open)  # its own commit, no one else's
         with self.tx() as conn:
-            if not self._group_open:
+            if own:
                 conn.execute("SET LOCAL synchronous_commit = off")
             conn.execute(sql, params)
 
