@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
 import psycopg
@@ -236,7 +236,10 @@ def test_another_stores_announce_wakes_watch_and_ones_own_does_not(
     asyncio.run(scenario())
 
 
-def test_watch_listens_again_after_the_server_restarts(own_cluster: PgCluster) -> None:
+def test_watch_listens_again_once_the_server_is_back(own_cluster: PgCluster) -> None:
+    """The server stops under a watching store: it tries again off the loop until the
+    server is back, then says "look now" (notices may have been missed) and hears the
+    next one."""
     url = own_cluster.create_database("relisten")
     daemon, cli = PostgresStore(url), PostgresStore(url)
 
@@ -244,9 +247,16 @@ def test_watch_listens_again_after_the_server_restarts(own_cluster: PgCluster) -
         loop = asyncio.get_running_loop()
         woken = asyncio.Event()
         assert daemon.watch(loop, woken.set)
-        await asyncio.to_thread(own_cluster.restart)
-        # Listening again, it says "look now" (notices may have been missed), and hears
-        # the next one.
+        listener = daemon._listen
+        assert listener is not None
+
+        async def until(predicate: Callable[[], bool]) -> None:
+            while not predicate():
+                await asyncio.sleep(0.01)  # polled, with a deadline (wait_for)
+
+        await asyncio.to_thread(own_cluster.stop)
+        await asyncio.wait_for(until(lambda: listener.failed >= 1), 30)
+        await asyncio.to_thread(own_cluster._pg_ctl_start)
         await asyncio.wait_for(woken.wait(), 30)
         woken.clear()
         cli.announce_change()

@@ -1807,7 +1807,9 @@ def _plus(now: datetime, seconds: float) -> datetime:
 
 class _Listener:
     """``watch``'s LISTEN connection, read by the event loop (``loop.add_reader`` on its
-    socket); connected again ``RELISTEN_S`` after it is lost."""
+    socket). Lost, it is connected again off the loop (a connect may wait
+    ``connect_timeout``, which the loop must not), every ``RELISTEN_S`` until it works:
+    one log line when notices stop, one when they are back."""
 
     def __init__(
         self, store: PostgresStore, loop: asyncio.AbstractEventLoop, on_change: Callable[[], None]
@@ -1819,26 +1821,42 @@ class _Listener:
         self.fd: int | None = None
         self.stopped = False
         self.retry: asyncio.TimerHandle | None = None
+        self.connecting: asyncio.Future[psycopg.Connection[Any]] | None = None
         self.heard = 0
         """Notices read, this store's own included."""
+        self.failed = 0
+        """Attempts to listen again that failed."""
+
+    def _open(self) -> psycopg.Connection[Any]:
+        """A connection that listens (blocking: on the loop only at ``start``)."""
+        conn = psycopg.connect(
+            self.store.url,
+            password=self.store._password,
+            autocommit=True,
+            connect_timeout=max(1, int(self.store._connect_timeout_s)),
+            application_name="agentd-listen",
+        )
+        try:
+            conn.execute(f"LISTEN {CHANNEL}")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     def start(self) -> bool:
+        """Listen now (``watch``: it says whether notices are on)."""
         try:
-            conn = psycopg.connect(
-                self.store.url,
-                password=self.store._password,
-                autocommit=True,
-                connect_timeout=max(1, int(self.store._connect_timeout_s)),
-                application_name="agentd-listen",
-            )
-            conn.execute(f"LISTEN {CHANNEL}")
+            conn = self._open()
         except psycopg.Error as exc:
-            log.warning("change notices off for now (LISTEN failed): %s", exc)
+            log.warning("change notices off (LISTEN failed): %s", exc)
             return False
-        self.conn, self.fd = conn, conn.pgconn.socket
-        self.loop.add_reader(self.fd, self._readable)
+        self._listen_on(conn)
         log.info("change notices on: LISTEN %s", CHANNEL)
         return True
+
+    def _listen_on(self, conn: psycopg.Connection[Any]) -> None:
+        self.conn, self.fd = conn, conn.pgconn.socket
+        self.loop.add_reader(self.fd, self._readable)
 
     def _readable(self) -> None:
         conn = self.conn
@@ -1864,10 +1882,24 @@ class _Listener:
         self.retry = None
         if self.stopped:
             return
-        if self.start():
-            self.on_change()  # whatever changed while nobody listened
-        else:
-            self.retry = self.loop.call_later(RELISTEN_S, self._again)
+        self.connecting = self.loop.run_in_executor(None, self._open)
+        self.connecting.add_done_callback(self._connected)
+
+    def _connected(self, done: asyncio.Future[psycopg.Connection[Any]]) -> None:
+        self.connecting = None
+        if done.cancelled():
+            return
+        error = done.exception()
+        if error is not None or self.stopped:
+            if error is None:
+                done.result().close()  # stopped meanwhile
+            elif not self.stopped:
+                self.failed += 1
+                self.retry = self.loop.call_later(RELISTEN_S, self._again)
+            return
+        self._listen_on(done.result())
+        log.info("change notices on again: LISTEN %s", CHANNEL)
+        self.on_change()  # whatever changed while nobody listened
 
     def _drop(self) -> None:
         if self.fd is not None:
