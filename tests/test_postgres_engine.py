@@ -8,13 +8,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
 
-from agentd.models import Outcome, RunStatus, StateRefused
+from agentd.models import EventKind, Outcome, RunStatus, StateRefused
 from agentd.state.port import StorageError, StorageFault, WriteLost
 from agentd.state.postgres.engine import PostgresStore
 from tests.harness import wait_for
@@ -236,7 +236,10 @@ def test_another_stores_announce_wakes_watch_and_ones_own_does_not(
     asyncio.run(scenario())
 
 
-def test_watch_listens_again_after_the_server_restarts(own_cluster: PgCluster) -> None:
+def test_watch_listens_again_once_the_server_is_back(own_cluster: PgCluster) -> None:
+    """The server stops under a watching store: it tries again off the loop until the
+    server is back, then says "look now" (notices may have been missed) and hears the
+    next one."""
     url = own_cluster.create_database("relisten")
     daemon, cli = PostgresStore(url), PostgresStore(url)
 
@@ -244,9 +247,16 @@ def test_watch_listens_again_after_the_server_restarts(own_cluster: PgCluster) -
         loop = asyncio.get_running_loop()
         woken = asyncio.Event()
         assert daemon.watch(loop, woken.set)
-        await asyncio.to_thread(own_cluster.restart)
-        # Listening again, it says "look now" (notices may have been missed), and hears
-        # the next one.
+        listener = daemon._listen
+        assert listener is not None
+
+        async def until(predicate: Callable[[], bool]) -> None:
+            while not predicate():
+                await asyncio.sleep(0.01)  # polled, with a deadline (wait_for)
+
+        await asyncio.to_thread(own_cluster.stop)
+        await asyncio.wait_for(until(lambda: listener.failed >= 1), 30)
+        await asyncio.to_thread(own_cluster._pg_ctl_start)
         await asyncio.wait_for(woken.wait(), 30)
         woken.clear()
         cli.announce_change()
@@ -317,3 +327,100 @@ def test_two_stores_claiming_at_once_never_claim_the_same_run(
     assert wait_for(lambda: first.counts().get("succeeded") == n, what="all succeeded")
     claims = [e for e in first.events(limit=10_000) if e["kind"] == "claim"]
     assert len(claims) == n
+
+
+def test_a_read_only_server_is_a_storage_fault(pg_url: str, stores: list[PostgresStore]) -> None:
+    """A server that takes no writes (a standby after a failover, a database set read
+    only) is a fault of the storage, as SQLite's read-only file is: readiness goes off."""
+    store = _open(stores, pg_url)
+    store.sync_tasks(TASKS, T0)
+    base, db = pg_url.rsplit("/", 1)
+
+    def reconnect_with(setting: str) -> None:
+        with psycopg.connect(f"{base}/postgres", autocommit=True) as admin:
+            admin.execute(f'ALTER DATABASE "{db}" SET default_transaction_read_only = {setting}')
+            admin.execute("SELECT pg_terminate_backend(%s)", (store._conn.info.backend_pid,))
+        with pytest.raises(StorageFault):  # the connection cut under it
+            store.paused_tasks()
+
+    reconnect_with("on")
+    with pytest.raises(StorageFault) as fault:
+        store.pause("a", "x", at(1))
+    assert isinstance(fault.value.__cause__, psycopg.errors.ReadOnlySqlTransaction)
+    assert store.write_error is not None
+    reconnect_with("off")
+    assert store.pause("a", "x", at(2)) is True
+    assert store.write_error is None
+
+
+def test_opening_speaks_the_port_too(pg_url: str) -> None:
+    """The constructor's errors are the port's: no server is a StorageFault; a role that
+    may not create the schema, a StorageError (a permission, not a fault)."""
+    base, db = pg_url.rsplit("/", 1)
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        admin.execute(f'CREATE ROLE "visitor_{db}" LOGIN')  # roles are the cluster's
+        admin.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+    with pytest.raises(StorageError) as denied:
+        PostgresStore(pg_url.replace("agentd@", f"visitor_{db}@"))
+    assert isinstance(denied.value.__cause__, psycopg.errors.InsufficientPrivilege)
+    host = base.rsplit("@", 1)[1].split(":")[0]
+    with pytest.raises(StorageFault):
+        PostgresStore(f"postgresql://agentd@{host}:1/{db}", connect_timeout_s=2)
+
+
+def test_text_orders_bytewise_whatever_the_databases_collation(pg_cluster: PgCluster) -> None:
+    """On a database whose default collation is a language's (ICU ``en-US``: ``a`` before
+    ``B``, punctuation nearly ignored), ids still order as SQLite orders them, bytewise:
+    the schema's text is ``COLLATE "C"``, so the primary key's index serves the order."""
+    name = "icu_en_us"
+    pg_cluster.psql(
+        f"CREATE DATABASE {name} TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US'"
+        " LOCALE 'C.UTF-8'"
+    )
+    store = PostgresStore(pg_cluster.url(name))
+    try:
+        ids = ["B", "a", "a-b", "ab", "_x", "Z9"]
+        store.sync_tasks({t: ("fp", "command") for t in ids}, T0)
+        assert [t["id"] for t in store.task_rows()] == sorted(ids)
+        assert [t["id"] for t in store.task_rows(["ab", "a-b", "B"])] == ["B", "a-b", "ab"]
+        fired = [store.fire(t, at(0), scheduled_for=at(0)).run_id for t in ids]
+        first = store.list_runs(limit=3)
+        assert [r["id"] for r in first] == sorted(fired, reverse=True)[:3]
+        rest = store.list_runs(limit=10, before_id=first[-1]["id"])
+        assert [r["id"] for r in first + rest] == sorted(fired, reverse=True)
+    finally:
+        store.close()
+
+
+def test_a_verb_inside_the_plumbings_tx_commits_with_it(
+    pg_url: str, stores: list[PostgresStore]
+) -> None:
+    """What the statement mixins do: a verb (``emit``, ``pause``) called inside their own
+    ``tx()`` is part of it, never a commit of its own: when the outer transaction fails,
+    nothing of it stays, and nothing was published."""
+    seen: list[dict[str, object]] = []
+    store = _open(stores, pg_url, event_sink=seen.append)
+    other = _open(stores, pg_url)
+    store.sync_tasks(TASKS, T0)
+    seen.clear()
+    with pytest.raises(RuntimeError), store.tx():
+        store.pause("a", "inner", at(1))
+        store.emit(at(1), EventKind.MISFIRE, "a", count=1, reason="inner")
+        assert other.paused_tasks() == set()  # not committed by the inner verbs
+        raise RuntimeError("the outer part fails")
+    assert store.paused_tasks() == set() and other.paused_tasks() == set()
+    assert seen == []
+    with store.tx():
+        store.pause("a", "inner", at(2))
+    assert other.paused_tasks() == {"a"}
+    assert [e["kind"] for e in seen] == ["pause"]
+
+
+def test_a_closed_store_stays_closed(pg_url: str) -> None:
+    """Closed is not lost: no verb connects again behind the caller's back."""
+    store = PostgresStore(pg_url)
+    store.sync_tasks(TASKS, T0)
+    store.close()
+    with pytest.raises(StorageError):
+        store.task_rows()
+    store.close()  # twice is harmless

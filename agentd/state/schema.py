@@ -12,6 +12,8 @@ WHERE). A change to the schema is a new migration *and* a change here, or the te
 Portable choices, so that every engine stores the same values:
 
 - Times are ISO-8601 text (``agentd.clock.to_iso``), as SQLite keeps them: ``Text``.
+- Text compares bytewise everywhere (``_Text``: collation ``"C"`` on PostgreSQL, as
+  SQLite's BINARY), so ids, times and key prefixes order the same on every engine.
 - JSON is encoded text (``Text``, marked ``info={"json": True}``): every engine stores
   the same encoded JSON, and a reader decodes it (``json.loads``).
 - Flags are ``Integer`` 0/1, as the engine writes them (not a boolean type).
@@ -57,6 +59,12 @@ JSON_INFO = {"json": True}
 _BigInt = BigInteger().with_variant(Integer(), "sqlite")
 """64-bit everywhere; declared INTEGER on SQLite (where INTEGER is 64-bit already)."""
 
+_Text = Text().with_variant(Text(collation="C"), "postgresql")
+"""Text that compares and sorts bytewise on every engine: SQLite's BINARY, PostgreSQL's
+``"C"`` (whatever the database's default collation: under ``en_US.UTF-8`` run ids, ISO
+times and key prefixes would sort otherwise, and an index of the default collation could
+not serve a bytewise ORDER BY)."""
+
 _ZERO = text("0")
 _ONE = text("1")
 
@@ -68,7 +76,7 @@ def _id() -> Column[Any]:
 
 def _json(name: str, *, nullable: bool = True, server_default: str | None = None) -> Column[Any]:
     return Column(
-        name, Text, nullable=nullable, server_default=server_default, info=dict(JSON_INFO)
+        name, _Text, nullable=nullable, server_default=server_default, info=dict(JSON_INFO)
     )
 
 
@@ -82,54 +90,54 @@ def _partial(name: str, *columns: Column[Any], where: ColumnElement[bool]) -> In
 meta = Table(
     "meta",
     metadata,
-    Column("key", Text, primary_key=True),
-    Column("value", Text),
+    Column("key", _Text, primary_key=True),
+    Column("value", _Text),
 )
 
 tasks = Table(
     "tasks",
     metadata,
-    Column("id", Text, primary_key=True),
-    Column("fingerprint", Text, nullable=False),
-    Column("kind", Text, nullable=False),
+    Column("id", _Text, primary_key=True),
+    Column("fingerprint", _Text, nullable=False),
+    Column("kind", _Text, nullable=False),
     Column("present", Integer, server_default=_ONE),
     Column("paused", Integer, server_default=_ZERO),
-    Column("paused_reason", Text),
-    Column("paused_at", Text),
+    Column("paused_reason", _Text),
+    Column("paused_at", _Text),
     Column("consecutive_quarantines", Integer, server_default=_ZERO),
-    Column("last_run_at", Text),
-    Column("last_outcome", Text),
-    Column("last_success_at", Text),
-    Column("updated_at", Text),
+    Column("last_run_at", _Text),
+    Column("last_outcome", _Text),
+    Column("last_success_at", _Text),
+    Column("updated_at", _Text),
 )
 _partial("idx_tasks_paused", tasks.c.id, where=tasks.c.paused == 1)
 
 runs = Table(
     "runs",
     metadata,
-    Column("id", Text, primary_key=True),
-    Column("task_id", Text, nullable=False),
-    Column("trigger", Text),
-    Column("scheduled_for", Text),
-    Column("idempotency_key", Text, nullable=False),
-    Column("status", Text, nullable=False),
+    Column("id", _Text, primary_key=True),
+    Column("task_id", _Text, nullable=False),
+    Column("trigger", _Text),
+    Column("scheduled_for", _Text),
+    Column("idempotency_key", _Text, nullable=False),
+    Column("status", _Text, nullable=False),
     Column("attempt", Integer, server_default=_ZERO),
     Column("failures", Integer, server_default=_ZERO),
-    Column("not_before", Text),
-    Column("lease_owner", Text),
-    Column("lease_expires_at", Text),
+    Column("not_before", _Text),
+    Column("lease_owner", _Text),
+    Column("lease_expires_at", _Text),
     Column("cancel_requested", Integer, server_default=_ZERO),
-    Column("created_at", Text, nullable=False),
-    Column("started_at", Text),
-    Column("finished_at", Text),
-    Column("outcome", Text),
+    Column("created_at", _Text, nullable=False),
+    Column("started_at", _Text),
+    Column("finished_at", _Text),
+    Column("outcome", _Text),
     Column("exit_code", Integer),
-    Column("error", Text),
+    Column("error", _Text),
     Column("duration_s", Float),
-    Column("skip_reason", Text),
+    Column("skip_reason", _Text),
     Column("progress_done", _BigInt),
     Column("progress_total", _BigInt),
-    Column("progress_message", Text),
+    Column("progress_message", _Text),
 )
 Index("idx_runs_idempotency_key", runs.c.idempotency_key, unique=True)
 Index("idx_runs_task_id_created_at", runs.c.task_id, runs.c.created_at)
@@ -149,21 +157,21 @@ attempts = Table(
     "attempts",
     metadata,
     _id(),
-    Column("run_id", Text, ForeignKey("runs.id")),
+    Column("run_id", _Text, ForeignKey("runs.id")),
     Column("attempt", Integer),
-    Column("worker", Text),
-    Column("started_at", Text),
-    Column("finished_at", Text),
-    Column("outcome", Text),
+    Column("worker", _Text),
+    Column("started_at", _Text),
+    Column("finished_at", _Text),
+    Column("outcome", _Text),
     Column("exit_code", Integer),
     Column("http_status", Integer),
-    Column("error", Text),
+    Column("error", _Text),
     Column("duration_s", Float),
     # The attempt's process group (agentd.procs.GroupRecord): id, leader's start time in
     # clock ticks since boot, boot id.
     Column("pgid", Integer),
     Column("pgid_start", _BigInt),
-    Column("boot_id", Text),
+    Column("boot_id", _Text),
 )
 Index("idx_attempts_run_id_attempt", attempts.c.run_id, attempts.c.attempt)
 
@@ -171,10 +179,10 @@ events = Table(
     "events",
     metadata,
     _id(),
-    Column("ts", Text, nullable=False),
-    Column("kind", Text, nullable=False),
-    Column("task_id", Text),
-    Column("run_id", Text),
+    Column("ts", _Text, nullable=False),
+    Column("kind", _Text, nullable=False),
+    Column("task_id", _Text),
+    Column("run_id", _Text),
     _json("data", nullable=False, server_default="{}"),
     sqlite_autoincrement=True,
 )
@@ -184,19 +192,19 @@ Index("idx_events_task_id_id", events.c.task_id, events.c.id)
 checkpoints = Table(
     "checkpoints",
     metadata,
-    Column("run_id", Text, ForeignKey("runs.id"), primary_key=True),
+    Column("run_id", _Text, ForeignKey("runs.id"), primary_key=True),
     _json("data"),
     Column("seq", _BigInt),
-    Column("saved_at", Text),
+    Column("saved_at", _Text),
 )
 
 quarantine = Table(
     "quarantine",
     metadata,
-    Column("run_id", Text, ForeignKey("runs.id"), primary_key=True),
-    Column("task_id", Text),
-    Column("quarantined_at", Text),
-    Column("last_error", Text),
+    Column("run_id", _Text, ForeignKey("runs.id"), primary_key=True),
+    Column("task_id", _Text),
+    Column("quarantined_at", _Text),
+    Column("last_error", _Text),
     Column("attempts", Integer),
 )
 
@@ -204,19 +212,19 @@ ledger = Table(
     "ledger",
     metadata,
     _id(),
-    Column("ts", Text, nullable=False),
-    Column("run_id", Text),
-    Column("task_id", Text),
-    Column("provider", Text),
-    Column("model", Text),
+    Column("ts", _Text, nullable=False),
+    Column("run_id", _Text),
+    Column("task_id", _Text),
+    Column("provider", _Text),
+    Column("model", _Text),
     Column("item", Integer),
-    Column("state", Text, nullable=False, server_default="committed"),  # reserved | committed
+    Column("state", _Text, nullable=False, server_default="committed"),  # reserved | committed
     Column("input_tokens", Integer, nullable=False, server_default=_ZERO),
     Column("output_tokens", Integer, nullable=False, server_default=_ZERO),
     Column("cost_usd", Float, nullable=False, server_default=_ZERO),
     Column("reserved_tokens", Integer, nullable=False, server_default=_ZERO),
     Column("reserved_usd", Float, nullable=False, server_default=_ZERO),
-    Column("status", Text),
+    Column("status", _Text),
     Column("duration_s", Float),
     Column("usage_missing", Integer, nullable=False, server_default=_ZERO),
     sqlite_autoincrement=True,
@@ -228,10 +236,10 @@ Index("idx_ledger_ts", ledger.c.ts)
 budget_alarms = Table(
     "budget_alarms",
     metadata,
-    Column("scope", Text, primary_key=True),
-    Column("window_start", Text, primary_key=True),
+    Column("scope", _Text, primary_key=True),
+    Column("window_start", _Text, primary_key=True),
     Column("threshold", Float, primary_key=True),
-    Column("ts", Text, nullable=False),
+    Column("ts", _Text, nullable=False),
     Column("limit_usd", Float),
     Column("spent_usd", Float),
 )
@@ -239,22 +247,22 @@ budget_alarms = Table(
 alert_state = Table(
     "alert_state",
     metadata,
-    Column("key", Text, primary_key=True),
-    Column("value", Text),
-    Column("ts", Text, nullable=False),
+    Column("key", _Text, primary_key=True),
+    Column("value", _Text),
+    Column("ts", _Text, nullable=False),
 )
 
 alerts = Table(
     "alerts",
     metadata,
     _id(),
-    Column("ts", Text, nullable=False),
-    Column("kind", Text, nullable=False),
-    Column("dedup_key", Text, nullable=False),
-    Column("task_id", Text),
-    Column("run_id", Text),
+    Column("ts", _Text, nullable=False),
+    Column("kind", _Text, nullable=False),
+    Column("dedup_key", _Text, nullable=False),
+    Column("task_id", _Text),
+    Column("run_id", _Text),
     Column("event_id", _BigInt),  # events.id (no foreign key in the migrations)
-    Column("summary", Text, nullable=False),
+    Column("summary", _Text, nullable=False),
     _json("data", nullable=False, server_default="{}"),
     sqlite_autoincrement=True,
 )
@@ -264,14 +272,14 @@ outbox = Table(
     metadata,
     _id(),
     Column("alert_id", _BigInt),  # alerts.id (no foreign key in the migrations)
-    Column("channel", Text, nullable=False),
-    Column("dedup_key", Text, nullable=False),
-    Column("created_at", Text, nullable=False),
-    Column("status", Text, nullable=False, server_default="pending"),  # pending|delivered|failed
+    Column("channel", _Text, nullable=False),
+    Column("dedup_key", _Text, nullable=False),
+    Column("created_at", _Text, nullable=False),
+    Column("status", _Text, nullable=False, server_default="pending"),  # pending|delivered|failed
     Column("attempts", Integer, nullable=False, server_default=_ZERO),
-    Column("next_attempt_at", Text, nullable=False),
-    Column("last_error", Text),
-    Column("delivered_at", Text),
+    Column("next_attempt_at", _Text, nullable=False),
+    Column("last_error", _Text),
+    Column("delivered_at", _Text),
     _json("payload", nullable=False, server_default="{}"),
     sqlite_autoincrement=True,
 )

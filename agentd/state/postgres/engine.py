@@ -22,7 +22,8 @@ Invariants, and how this engine keeps them:
   handed to ``event_sink`` once its owner's commit succeeded, in order, once.
 - **Errors are the port's.** Every public method raises ``StorageFault`` for a failure
   of the server or the connection (``psycopg.OperationalError``: a lost connection, an
-  administrator's shutdown, a full disk, a lock timeout) and ``StorageError`` for any
+  administrator's shutdown, a full disk, a lock timeout; and a server that takes no
+  writes) and ``StorageError`` for any
   other of psycopg's errors, the driver's error as ``__cause__``.
 - **``version()``** is a counter row (``meta.version_counter``) that every write
   transaction bumps in the same round trip as its ``COMMIT``: it moves at the commit of
@@ -117,8 +118,11 @@ MAX_ID_DRAWS = 5
 
 def is_storage_fault(exc: BaseException) -> bool:
     """A failure of the server or the connection (lost, shut down, disk full, a lock
-    timeout, a deadlock), as opposed to a refused request or a constraint."""
-    return isinstance(exc, (psycopg.OperationalError, StorageFault))
+    timeout, a deadlock; a server that takes no writes: a standby, a read-only
+    database), as opposed to a refused request or a constraint."""
+    return isinstance(
+        exc, (psycopg.OperationalError, psycopg.errors.ReadOnlySqlTransaction, StorageFault)
+    )
 
 
 def neutral(exc: BaseException) -> BaseException:
@@ -226,6 +230,8 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
         self.write_error: str | None = None
         self._pending_events: list[Row] = []
         self._group_open = False
+        self._tx_open = False
+        """A ``tx()`` of its own (outside a unit) is open."""
         self._group_lost: BaseException | None = None
         self._rollback_hooks: list[Callable[[], None]] = []
         self._inflight: Future[BaseException | None] | None = None
@@ -239,16 +245,21 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
         self._notify_queued = False
         self._notify_lock = threading.Lock()
         self._listen: _Listener | None = None
+        self._reconnecting = False
+        self._closed = False
         self._conn: Conn = self._connect()
         try:
             self._migrate()
+        except psycopg.Error as exc:
+            self._conn.close()
+            raise neutral(exc) from exc
         except BaseException:
             self._conn.close()
             raise
 
     # ------------------------------------------------------------ plumbing
 
-    def _connect(self, **extra: Any) -> Conn:
+    def _connect(self) -> Conn:
         """A new connection in autocommit mode (transactions are explicit) that returns
         rows as dicts and waits at most the lock timeout for any lock."""
         try:
@@ -260,7 +271,6 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
                 connect_timeout=max(1, int(self._connect_timeout_s)),
                 options=f"-c lock_timeout={self._lock_timeout_ms}",
                 application_name="agentd",
-                **extra,
             )
         except psycopg.Error as exc:
             raise neutral(exc) from exc
@@ -298,9 +308,15 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
         one is replaced first, unless a unit is open on it (that unit is lost)."""
         if self._inflight is not None:
             self.complete_commit()
+        if self._closed:
+            raise StorageError("the state store is closed")
         if self._conn.closed and not self._group_open:
-            log.warning("state database connection lost; connecting again")
+            if not self._reconnecting:  # one line per outage, not one per use
+                log.warning("state database connection lost; connecting again")
+                self._reconnecting = True
             self._conn = self._connect()
+            self._reconnecting = False
+            log.info("state database connected again")
         return self._conn
 
     def _begin(self, conn: Conn) -> None:
@@ -335,8 +351,12 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
         unit's one commit, and a failure undoes only its own part -- unless the unit's
         transaction itself is gone (the connection lost), in which case the unit is lost
         and every later write in it raises ``WriteLost``. A storage fault in either case
-        is reported to ``on_write``; a successful commit reports recovery."""
-        if self._group_open:
+        is reported to ``on_write``; a successful commit reports recovery.
+
+        Inside another ``tx()`` (a statement mixin's, calling a verb) it is a savepoint
+        too: only the outermost commits. (A second BEGIN would be only a warning to
+        PostgreSQL, and the inner COMMIT would commit the outer transaction's half.)"""
+        if self._group_open or self._tx_open:
             if self._group_lost is not None:
                 raise WriteLost(f"the unit's transaction was rolled back: {self._group_lost}")
             mark = len(self._pending_events)
@@ -351,13 +371,15 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
                     conn.execute("RELEASE SAVEPOINT tx")
                     del self._pending_events[mark:]
                 except psycopg.Error:
-                    self._group_lost = exc
+                    if self._group_open:
+                        self._group_lost = exc
                     self._pending_events.clear()
                 self._write_failed(exc)
                 raise
             return
         try:
             conn = self.conn
+            self._tx_open = True
             try:
                 self._begin(conn)  # BEGIN may succeed and the lock's wait fail
                 yield conn
@@ -366,6 +388,8 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
                 self._rollback(conn)
                 self._pending_events.clear()
                 raise
+            finally:
+                self._tx_open = False
         except BaseException as exc:
             self._write_failed(exc)
             raise
@@ -376,8 +400,8 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
     def unit(self) -> UnitOfWork:
         """Open a unit of work (see ``agentd.state.port``): the owner when no unit is
         open, which begins the transaction and takes the write lock now, else a handle
-        that joins the open one."""
-        if self._group_open:
+        that joins the open one (or the open ``tx()``, whose end commits or undoes it)."""
+        if self._group_open or self._tx_open:
             return _Unit(self, owner=False)
         self._begin_group()
         return _Unit(self, owner=True)
@@ -508,6 +532,7 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
                 self._notifier.shutdown(wait=True)
             if self._notify_conn is not None:
                 self._notify_conn.close()
+            self._closed = True
             self._conn.close()
 
     def _write_ok(self) -> None:
@@ -752,9 +777,9 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
     def task_rows(self, ids: Sequence[str] | None = None) -> list[TaskRecord]:
         """Present tasks, or those of ``ids`` (one statement, any number of ids)."""
         if ids is None:
-            return self._all('SELECT * FROM tasks WHERE present=1 ORDER BY id COLLATE "C"')
+            return self._all("SELECT * FROM tasks WHERE present=1 ORDER BY id")
         return self._all(
-            'SELECT * FROM tasks WHERE present=1 AND id = ANY(%s::text[]) ORDER BY id COLLATE "C"',
+            "SELECT * FROM tasks WHERE present=1 AND id = ANY(%s::text[]) ORDER BY id",
             (list(ids),),
         )
 
@@ -852,7 +877,7 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
             if watched:  # overlap=allow needs no look at what is active
                 for run in self._all(
                     "SELECT id, task_id, status FROM runs WHERE status IN ('queued','running')"
-                    ' AND task_id = ANY(%s::text[]) ORDER BY created_at, id COLLATE "C"',
+                    " AND task_id = ANY(%s::text[]) ORDER BY created_at, id",
                     (watched,),
                 ):
                     active.setdefault(run["task_id"], []).append(run)
@@ -1004,7 +1029,7 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
                     " WHERE r.status='queued' AND r.not_before <= %s AND t.present=1"
                     " AND (t.paused=0 OR r.trigger IN ('manual','release'))"
                     " AND r.task_id <> ALL(%s::text[])"
-                    ' ORDER BY r.not_before, r.scheduled_for, r.created_at, r.id COLLATE "C"'
+                    " ORDER BY r.not_before, r.scheduled_for, r.created_at, r.id"
                     " LIMIT %s FOR UPDATE OF r SKIP LOCKED",
                     (to_iso(now), sorted(excluded), want),
                 )
@@ -1102,8 +1127,9 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
             "UPDATE attempts SET pgid=%s, pgid_start=%s, boot_id=%s WHERE run_id=%s AND attempt=%s"
         )
         params = (group.pgid, group.start, group.boot, run_id, attempt)
+        own = not (self._group_open or self._tx_open)  # its own commit, no one else's
         with self.tx() as conn:
-            if not self._group_open:
+            if own:
                 conn.execute("SET LOCAL synchronous_commit = off")
             conn.execute(sql, params)
 
@@ -1113,7 +1139,7 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
         rows = self._all(
             "SELECT r.id, r.task_id, r.attempt, r.lease_owner, r.lease_expires_at, a.pgid,"
             " a.pgid_start, a.boot_id FROM runs r LEFT JOIN attempts a ON a.run_id = r.id"
-            " AND a.attempt = r.attempt WHERE r.status='running' ORDER BY r.id COLLATE \"C\""
+            " AND a.attempt = r.attempt WHERE r.status='running' ORDER BY r.id"
         )
         found = []
         for row in rows:
@@ -1196,7 +1222,7 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
             r["id"]
             for r in self._all(
                 "SELECT id FROM runs WHERE status='running' AND cancel_requested=1"
-                ' AND lease_owner=%s ORDER BY id COLLATE "C"',
+                " AND lease_owner=%s ORDER BY id",
                 (owner,),
             )
         ]
@@ -1477,7 +1503,7 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
     def quarantine_list(self) -> list[QuarantineRecord]:
         return self._all(
             "SELECT q.*, r.scheduled_for, r.trigger FROM quarantine q JOIN runs r"
-            ' ON r.id = q.run_id ORDER BY q.quarantined_at DESC, q.run_id COLLATE "C" DESC'
+            " ON r.id = q.run_id ORDER BY q.quarantined_at DESC, q.run_id DESC"
         )
 
     def quarantine_get(self, run_id: str) -> Row:
@@ -1588,9 +1614,8 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
         until: str | None = None,
     ) -> list[RunRecord]:
         """Newest first; page with ``before_id`` (the last id of the previous page).
-        ``since``/``until`` bound ``created_at`` (ISO text, compared as stored). Ids
-        compare bytewise (``COLLATE "C"``), as SQLite compares them, whatever the
-        database's collation."""
+        ``since``/``until`` bound ``created_at`` (ISO text, compared as stored: bytewise,
+        the schema's collation)."""
         where: list[str] = []
         params: list[Any] = []
         if status in ("queued", "running"):
@@ -1600,16 +1625,16 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
         for clause, value in (
             ("task_id=%s", task_id),
             ("status=%s", status),
-            ('id COLLATE "C" < %s', before_id),
-            ('created_at COLLATE "C" >= %s', since),
-            ('created_at COLLATE "C" < %s', until),
+            ("id < %s", before_id),
+            ("created_at >= %s", since),
+            ("created_at < %s", until),
         ):
             if value:
                 where.append(clause)
                 params.append(value)
         sql_where = ("WHERE " + " AND ".join(where)) if where else ""
         return self._all(
-            f'SELECT * FROM runs {sql_where} ORDER BY id COLLATE "C" DESC LIMIT %s',
+            f"SELECT * FROM runs {sql_where} ORDER BY id DESC LIMIT %s",
             (*params, limit),
         )
 
@@ -1668,8 +1693,7 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
 
     def active_runs(self, task_id: str) -> list[RunRecord]:
         return self._all(
-            "SELECT * FROM runs WHERE task_id=%s AND status IN ('queued','running')"
-            ' ORDER BY id COLLATE "C"',
+            "SELECT * FROM runs WHERE task_id=%s AND status IN ('queued','running') ORDER BY id",
             (task_id,),
         )
 
@@ -1699,7 +1723,9 @@ def _plus(now: datetime, seconds: float) -> datetime:
 
 class _Listener:
     """``watch``'s LISTEN connection, read by the event loop (``loop.add_reader`` on its
-    socket); connected again ``RELISTEN_S`` after it is lost."""
+    socket). Lost, it is connected again off the loop (a connect may wait
+    ``connect_timeout``, which the loop must not), every ``RELISTEN_S`` until it works:
+    one log line when notices stop, one when they are back."""
 
     def __init__(
         self, store: PostgresStore, loop: asyncio.AbstractEventLoop, on_change: Callable[[], None]
@@ -1711,26 +1737,42 @@ class _Listener:
         self.fd: int | None = None
         self.stopped = False
         self.retry: asyncio.TimerHandle | None = None
+        self.connecting: asyncio.Future[psycopg.Connection[Any]] | None = None
         self.heard = 0
         """Notices read, this store's own included."""
+        self.failed = 0
+        """Attempts to listen again that failed."""
+
+    def _open(self) -> psycopg.Connection[Any]:
+        """A connection that listens (blocking: on the loop only at ``start``)."""
+        conn = psycopg.connect(
+            self.store.url,
+            password=self.store._password,
+            autocommit=True,
+            connect_timeout=max(1, int(self.store._connect_timeout_s)),
+            application_name="agentd-listen",
+        )
+        try:
+            conn.execute(f"LISTEN {CHANNEL}")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     def start(self) -> bool:
+        """Listen now (``watch``: it says whether notices are on)."""
         try:
-            conn = psycopg.connect(
-                self.store.url,
-                password=self.store._password,
-                autocommit=True,
-                connect_timeout=max(1, int(self.store._connect_timeout_s)),
-                application_name="agentd-listen",
-            )
-            conn.execute(f"LISTEN {CHANNEL}")
+            conn = self._open()
         except psycopg.Error as exc:
-            log.warning("change notices off for now (LISTEN failed): %s", exc)
+            log.warning("change notices off (LISTEN failed): %s", exc)
             return False
-        self.conn, self.fd = conn, conn.pgconn.socket
-        self.loop.add_reader(self.fd, self._readable)
+        self._listen_on(conn)
         log.info("change notices on: LISTEN %s", CHANNEL)
         return True
+
+    def _listen_on(self, conn: psycopg.Connection[Any]) -> None:
+        self.conn, self.fd = conn, conn.pgconn.socket
+        self.loop.add_reader(self.fd, self._readable)
 
     def _readable(self) -> None:
         conn = self.conn
@@ -1756,10 +1798,24 @@ class _Listener:
         self.retry = None
         if self.stopped:
             return
-        if self.start():
-            self.on_change()  # whatever changed while nobody listened
-        else:
-            self.retry = self.loop.call_later(RELISTEN_S, self._again)
+        self.connecting = self.loop.run_in_executor(None, self._open)
+        self.connecting.add_done_callback(self._connected)
+
+    def _connected(self, done: asyncio.Future[psycopg.Connection[Any]]) -> None:
+        self.connecting = None
+        if done.cancelled():
+            return
+        error = done.exception()
+        if error is not None or self.stopped:
+            if error is None:
+                done.result().close()  # stopped meanwhile
+            elif not self.stopped:
+                self.failed += 1
+                self.retry = self.loop.call_later(RELISTEN_S, self._again)
+            return
+        self._listen_on(done.result())
+        log.info("change notices on again: LISTEN %s", CHANNEL)
+        self.on_change()  # whatever changed while nobody listened
 
     def _drop(self) -> None:
         if self.fd is not None:
