@@ -330,6 +330,12 @@ class Daemon:
         )
         # --- retention: prunes history on its own thread and connection; it reads
         # self.config.history at each pass, so a reload applies without a restart.
+        if cfg.state.url is not None:
+            log.warning(
+                "retention: not done on PostgreSQL yet; the history is kept whole "
+                "(history: settings apply to the embedded SQLite state only)"
+            )
+            return
         self.pruner = Pruner(
             state_paths(cfg)[1],
             root,

@@ -61,6 +61,7 @@ def test_a_daemon_runs_on_postgresql_and_starts_again_on_the_same_database(
         lambda: (run_id, "succeeded") in _runs(pg_url, "once"), what="the manual run to succeed"
     )
     assert not (d.state_dir / "state.sqlite").exists()  # the state is in PostgreSQL
+    assert "retention: not done on PostgreSQL yet" in d.log()  # said, not pretended
     [node] = json.loads(d.cli("nodes", "--json").stdout)
     assert node["alive"] is True
     assert d.stop() == 0
