@@ -348,3 +348,32 @@ def test_postgresql_restarted_under_a_running_daemon_is_survived(
         ).fetchall()
         running = conn.execute("SELECT id FROM runs WHERE status='running'").fetchall()
     assert doubled == [] and running == []
+
+
+def test_a_node_whose_tasks_differ_from_the_others_is_shown(tmp_path: Path, pg_url: str) -> None:
+    """A config rolled out to one node of three: ``agentd nodes`` marks that node's
+    config as differing (its task definitions' digest is not most live nodes')."""
+    same = """
+    job:
+      schedule: {manual: true}
+      command: {argv: ["true"]}
+    """
+    changed = """
+    job:
+      schedule: {manual: true}
+      command: {argv: ["echo", "new"]}
+    """
+    nodes = [node_on(tmp_path / f"node{i}", same if i < 2 else changed, pg_url) for i in range(3)]
+    try:
+        for node in nodes:
+            node.start()
+        listed = {n["pid"]: n for n in json.loads(nodes[0].cli("nodes", "--json").stdout)}
+        pids = [n.proc.pid for n in nodes if n.proc is not None]
+        assert [listed[p]["config_differs"] for p in pids] == [False, False, True]
+        assert len({listed[p]["config_generation"] for p in pids}) == 2
+        for node in nodes:
+            assert node.stop() == 0
+    finally:
+        for node in nodes:
+            if node.proc is not None and node.proc.poll() is None:
+                node.kill9()
