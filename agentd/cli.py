@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("status", parents=[common], help="daemon health, tasks, running runs")
     p = sub.add_parser("spend", parents=[common], help="LLM spend per task and window")
     p.add_argument("--task")
+    sub.add_parser("nodes", parents=[common], help="the daemons on this state: alive, held runs")
     p = sub.add_parser("alerts", parents=[common], help="alerts raised and their deliveries")
     p.add_argument("--limit", type=int, default=20)
     p = sub.add_parser("doctor", parents=[common], help="check the state dir and its files")

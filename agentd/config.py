@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import urllib.parse
 import zoneinfo
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -192,6 +193,51 @@ class DaemonConfig(_Model):
     http: HttpServerConfig = Field(default_factory=HttpServerConfig)
 
     _tz = field_validator("timezone")(_check_timezone)
+
+
+class StateConfig(_Model):
+    """Where agentd keeps its state (runs, attempts, events, checkpoints, budgets, the
+    quarantine). Without ``url``: the embedded SQLite engine, one file in
+    ``daemon.state_dir``, for one node. With a ``postgresql://`` URL: the PostgreSQL
+    engine, which every node pointed at the same database shares. The password comes
+    from ``password_env`` or ``password_file``, never from the URL (it would sit in the
+    config file, in ``agentd config`` output and in logs)."""
+
+    url: str | None = None
+    password_env: str | None = None
+    password_file: Path | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _postgres_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urllib.parse.urlsplit(value)
+        if parts.scheme not in ("postgresql", "postgres"):
+            raise ValueError(
+                f"must be a postgresql:// URL (got scheme {parts.scheme or 'none'!r}); "
+                "leave url out for the embedded SQLite state in daemon.state_dir"
+            )
+        if parts.password is not None:
+            raise ValueError(
+                "holds a password: put it in the variable password_env names or the file "
+                "password_file names, and leave it out of the URL"
+            )
+        if not parts.hostname and "host=" not in parts.query:
+            raise ValueError("names no host (postgresql://user@host/db)")
+        return value
+
+    @model_validator(mode="after")
+    def _password_needs_url(self) -> StateConfig:
+        if self.url is None and (self.password_env or self.password_file):
+            raise ValueError("password_env/password_file need url: SQLite takes no password")
+        if self.password_env and self.password_file:
+            raise ValueError("password_env and password_file: name one of them")
+        return self
+
+    @property
+    def engine(self) -> Literal["sqlite", "postgres"]:
+        return "sqlite" if self.url is None else "postgres"
 
 
 class ScheduleConfig(_Model):
@@ -744,6 +790,7 @@ def task_index(config: Config, before: tuple[Config, TaskIndex] | None = None) -
 
 class Config(_Model):
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
+    state: StateConfig = Field(default_factory=StateConfig)
     providers: dict[str, ProviderConfig] = {}
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
@@ -1194,6 +1241,17 @@ def _types_in(annotation: Any) -> list[Any]:
     if not args:
         return [annotation]
     return [t for arg in args for t in _types_in(arg)]
+
+
+def config_generation(index: Mapping[str, tuple[str, str]]) -> str:
+    """A short digest of a config's tasks as the state knows them (``task_index``): equal
+    on every node that runs the same definitions, so the node registry shows a node
+    whose config differs from the others'."""
+    digest = hashlib.sha256()
+    for task_id in sorted(index):
+        fingerprint, kind = index[task_id]
+        digest.update(f"{task_id}\0{fingerprint}\0{kind}\n".encode())
+    return digest.hexdigest()[:12]
 
 
 def secret_refs(config: Config) -> tuple[SecretRef, ...]:

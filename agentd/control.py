@@ -204,6 +204,26 @@ class Control:
     def run_is_final(self, run_id: str) -> bool:
         return self.store.get_run(run_id)["status"] in FINAL_STATUSES
 
+    def nodes(self, stale_after_s: float | None = None) -> list[Row]:
+        """Every daemon that has opened this state: id, host, pid, version, config
+        generation, started and last seen, whether it is alive (seen within
+        ``stale_after_s``, by default the lease: after that its runs are recovered),
+        how many runs it holds, and whether its config differs from the live majority's."""
+        now = self.clock.now()
+        stale = self.config.daemon.lease if stale_after_s is None else stale_after_s
+        live = self.store.live_nodes(now, stale)
+        rows: list[Row] = []
+        for node in self.store.nodes():
+            row: Row = dict(node)
+            row["alive"] = node["id"] in live
+            row["runs_held"] = len(self.store.running_ids(node["id"]))
+            rows.append(row)
+        generations = [r["config_generation"] for r in rows if r["alive"]]
+        common = max(set(generations), key=generations.count) if generations else None
+        for row in rows:
+            row["config_differs"] = bool(row["alive"] and row["config_generation"] != common)
+        return rows
+
     def alerts(self, limit: int = 50) -> list[Row]:
         """The newest alerts, newest first, each with its deliveries."""
         if not 1 <= limit <= 1000:

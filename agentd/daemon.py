@@ -18,6 +18,7 @@ import math
 import os
 import signal
 import sys
+import urllib.parse
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
@@ -28,7 +29,14 @@ import prometheus_client
 
 from agentd import __version__, exitcodes, procs, redact, tls
 from agentd.clock import Backoff, Clock, SystemClock, from_iso
-from agentd.config import Config, ConfigError, TaskIndex, secret_refs, task_index
+from agentd.config import (
+    Config,
+    ConfigError,
+    TaskIndex,
+    config_generation,
+    secret_refs,
+    task_index,
+)
 from agentd.configload import ConfigLoad
 from agentd.control import Control
 from agentd.events import EventBus
@@ -43,7 +51,7 @@ from agentd.providers import Gateway
 from agentd.redact import Redactor, read_secrets
 from agentd.runner import Runner
 from agentd.scheduler import HEARTBEAT_S, Scheduler, SyncReport
-from agentd.state.port import StorageError, StorageFault
+from agentd.state.port import StorageError, StorageFault, Store
 from agentd.state.sqlite import statedir
 from agentd.state.sqlite.engine import SqliteStore
 from agentd.state.sqlite.retention import Pruner
@@ -97,6 +105,10 @@ class Daemon:
         self.config = config
         self.clock: Clock = clock or SystemClock()
         self.owner = f"{os.uname().nodename}:{os.getpid()}"
+        """This process's node id: its leases' owner and its row in the node registry."""
+        self._node_seen_mono = -math.inf
+        self._state_where = ""
+        """Where the state is, for log lines: the SQLite file, or PostgreSQL's host/db."""
         self.should_exit = False
         self.force_exit = False
         self.reload_requested = False
@@ -113,7 +125,7 @@ class Daemon:
         self._wake = asyncio.Event()
         self._force = asyncio.Event()
         self.lock = StateLock(config.daemon.state_dir)
-        self.store: SqliteStore | None = None
+        self.store: Store | None = None
         self.scheduler: Scheduler | None = None
         self.runner: Runner | None = None
         self.control: Control | None = None
@@ -208,7 +220,12 @@ class Daemon:
         # Before anything opens the state: what SQLite would silently drop or replace.
         checked = self.clock.monotonic()
         for found in await asyncio.to_thread(
-            statedir.startup_guard, root, accept_empty_state=self.accept_empty_state
+            partial(
+                statedir.startup_guard,
+                root,
+                accept_empty_state=self.accept_empty_state,
+                state_here=cfg.state.url is None,
+            )
         ):
             level = logging.INFO if found.severity == "ok" else logging.WARNING
             log.log(level, "state: %s: %s", found.path, found.message)
@@ -220,9 +237,7 @@ class Daemon:
         for extra in cfg.daemon.python_path:
             if str(extra) not in sys.path:
                 sys.path.insert(0, str(extra))
-        _, db_path, _ = state_paths(cfg)
-        with _refusing(root):
-            self.store = SqliteStore(db_path, event_sink=self._on_event, defer_open=True)
+        self.store = await self._make_store(cfg, root)
         self.store.watch(loop, self._on_ring)
         self.store.redactor = self.redactor
         self.store.on_write = lambda exc: self.health.fault(
@@ -288,6 +303,7 @@ class Daemon:
         with _refusing(root):
             report = await self.scheduler.sync_async(cfg)  # in slices: probes are answered
         self.scheduler.resume()
+        self._step(partial(self._node_step, self.clock.monotonic()))
         self.health.tick("main_loop", self.clock.monotonic())
         self.health.started = True
         # What startup built (modules, config, jobs) lives as long as the daemon: out of
@@ -329,13 +345,50 @@ class Daemon:
         if self.should_exit:
             raise StartupStopped
 
-    def _open_state(self, store: SqliteStore) -> None:
-        store.open()
+    async def _make_store(self, cfg: Config, root: Path) -> Store:
+        """The engine ``state:`` names: the embedded SQLite file in the state dir (opened
+        later, in ``_open_state``, off the loop), or PostgreSQL (connected and migrated
+        here, off the loop, before the probes answer). A PostgreSQL that cannot be reached
+        or refuses is a refusal to start, naming the server and the cause, never the
+        password."""
+        if cfg.state.url is None:
+            _, db_path, _ = state_paths(cfg)
+            self._state_where = str(db_path)
+            with _refusing(root):
+                return SqliteStore(db_path, event_sink=self._on_event, defer_open=True)
+        from agentd.state.postgres.engine import PostgresStore  # only when configured
+
+        where = _url_without_credentials(cfg.state.url)
+        self._state_where = where
+        try:
+            password = redact.read_secret(
+                cfg.state.password_env, cfg.state.password_file, "state password"
+            )
+        except redact.SecretUnavailable as exc:
+            raise statedir.StateUnusable(f"state: {exc}") from None
+        try:
+            store: Store = await asyncio.to_thread(
+                PostgresStore, cfg.state.url, self._on_event, password=password
+            )
+        except StorageError as exc:
+            raise statedir.StateUnusable(
+                f"state: PostgreSQL at {where} cannot be used: {self.redactor.text(str(exc))}"
+            ) from None
+        log.info("state: PostgreSQL at %s (shared by every node pointed at it)", where)
+        return store
+
+    def _open_state(self, store: Store) -> None:
+        if isinstance(store, SqliteStore):
+            store.open()
         now = self.clock.now()
-        # Under the lock every running row is a dead daemon's: a command group of one
-        # that still runs is ended before its run is queued again (procs.end_groups).
-        ended = procs.end_groups(store.lost_groups(now), self.config.daemon.kill_grace)
-        recovered = store.recover(self.clock.now(), self.owner, ended=ended)
+        # Under the lock every running row is a dead daemon's (on a shared state, a
+        # node's the registry has not seen for a lease): a command group of one that
+        # still runs is ended before its run is queued again (procs.end_groups).
+        live = (
+            store.live_nodes(now, self.config.daemon.lease) | {self.owner} if store.shared else None
+        )
+        ended = procs.end_groups(store.lost_groups(now, live), self.config.daemon.kill_grace)
+        recovered = store.recover(self.clock.now(), self.owner, live, ended=ended)
         if recovered:
             log.warning(
                 "recovered %d run(s) left running by a previous process: %s",
@@ -412,7 +465,24 @@ class Daemon:
             if self.oversight:
                 self._step(partial(self.oversight.tick, self.clock.now()))
             self._step(partial(self._gauges_step, now_mono))
+            self._step(partial(self._node_step, now_mono))
             await self._sleep(self._wait_s(poll_s))
+
+    def _node_step(self, now_mono: float) -> None:
+        """Tell the node registry this daemon is alive, every third of a lease (and at
+        once after a reload, with the new config's generation)."""
+        assert self.store is not None and self.config is not None
+        if now_mono - self._node_seen_mono < self.config.daemon.lease / 3:
+            return
+        self.store.node_seen(
+            self.owner,
+            self.clock.now(),
+            host=os.uname().nodename,
+            pid=os.getpid(),
+            version=__version__,
+            config_generation=config_generation(self._index),
+        )
+        self._node_seen_mono = now_mono
 
     def _step(self, step: Callable[[], object]) -> None:
         try:
@@ -619,6 +689,11 @@ class Daemon:
                 unwritten = f"{len(left)} run(s) still recorded as running ({' '.join(left)})"
         except StorageError as exc:
             unwritten = f"its last commit failed ({exc})"
+        if unwritten is None:
+            try:
+                store.node_stopped(self.owner, self.clock.now())
+            except StorageError as exc:  # the registry marks it not seen after a lease
+                log.warning("node registry: could not record this node's stop: %s", exc)
         try:
             store.close()
         except StorageError as exc:
@@ -626,7 +701,7 @@ class Daemon:
                 log.warning(
                     "state DB: could not fold the WAL into %s at stop (%s); nothing is lost, "
                     "the next start replays it",
-                    store.path,
+                    self._state_where,
                     exc,
                 )
         if unwritten:
@@ -733,6 +808,8 @@ class Daemon:
         for key in ("state_dir", "http", "concurrency", "lease"):
             if getattr(new.daemon, key) != getattr(self.config.daemon, key):
                 log.warning("reload: daemon.%s changed; it takes effect after a restart", key)
+        if new.state != self.config.state:
+            log.warning("reload: state changed; it takes effect after a restart")
         old, before = self.config, self._index
         changed = sorted(t for t in before.keys() & after.keys() if before[t] != after[t])
         try:
@@ -746,6 +823,7 @@ class Daemon:
             self._reload_failed(f"cannot apply the new config: {exc}", str(exc))
             return False
         self.config, self._index = new, after
+        self._node_seen_mono = -math.inf  # the registry shows the new generation at once
         # As at startup: the new config lives until the next reload; out of the
         # collector's generations (frozen right after parsing, and what applying it
         # made, now), no collection walks its objects: with 10,000 tasks a million,
@@ -875,6 +953,13 @@ class Daemon:
             event["run_id"] or "-",
             extras,
         )
+
+
+def _url_without_credentials(url: str) -> str:
+    """``host:port/db`` of a libpq URL, for log lines and refusals."""
+    parts = urllib.parse.urlsplit(url)
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.hostname or 'localhost'}{port}{parts.path or ''}"
 
 
 @contextlib.contextmanager

@@ -786,6 +786,7 @@ class HttpServer:
         r.add_get("/v1/events/stream", self.stream, allow_head=False)
         r.add_get("/v1/spend", self.spend)
         r.add_get("/v1/alerts", self.alerts)
+        r.add_get("/v1/nodes", self.nodes)
         r.add_get("/v1/quarantine", self.quarantine_list)
         r.add_get("/v1/quarantine/{run_id}", self.quarantine_show)
         r.add_post("/v1/quarantine/{run_id}/release", self.quarantine_release)
@@ -1006,6 +1007,9 @@ class HttpServer:
     async def alerts(self, request: web.Request) -> web.StreamResponse:
         limit = _parse_uint(_query(request, "limit"), "limit", 50, 1, 1000)
         return _json({"alerts": self.control.alerts(limit)})
+
+    async def nodes(self, request: web.Request) -> web.StreamResponse:
+        return _json({"nodes": self.control.nodes()})
 
     # ------------------------------------------------------------ quarantine
 

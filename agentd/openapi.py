@@ -420,6 +420,26 @@ SCHEMAS: dict[str, Schema] = {
             "attempts": _int(nullable=True),
         }
     ),
+    "Node": _obj(
+        {
+            "id": _str(description="The node's lease owner id: host:pid."),
+            "host": _str(),
+            "pid": _int(),
+            "version": _str(),
+            "config_generation": _str(description="Digest of the task definitions it runs."),
+            "started_at": _str(),
+            "last_seen": _str(),
+            "stopped_at": _str(nullable=True),
+            "alive": {"type": "boolean"},
+            "runs_held": _int(),
+            "config_differs": {
+                "type": "boolean",
+                "description": "Alive, with a config generation other than most live nodes'.",
+            },
+        },
+        extra=False,
+    ),
+    "NodeList": _obj({"nodes": {"type": "array", "items": _ref("Node")}}, extra=False),
     "QuarantineList": _obj(
         {"quarantine": {"type": "array", "items": _ref("QuarantineEntry")}}, extra=False
     ),
@@ -591,6 +611,13 @@ PATHS: dict[str, Schema] = {
             [_query("limit", _int(minimum=1, maximum=1000, default=50), "How many.")],
             _ref("AlertList"),
             "400",
+        )
+    },
+    "/v1/nodes": {
+        "get": _get(
+            "Every daemon that has opened this state, the most recently seen first.",
+            [],
+            _ref("NodeList"),
         )
     },
     "/v1/quarantine": {

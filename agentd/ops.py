@@ -46,12 +46,34 @@ if TYPE_CHECKING:  # at run time only the direct path (no daemon answering) load
     from agentd.state.port import Store
 
 
+def _open_postgres(config: Config) -> Store:
+    """The shared state on PostgreSQL: the same for reads and writes (the database is
+    the daemons', and a CLI's write is announced to them by NOTIFY)."""
+    from agentd.state.port import StorageError
+    from agentd.state.postgres.engine import PostgresStore
+
+    assert config.state.url is not None
+    try:
+        password = read_secret(
+            config.state.password_env, config.state.password_file, "state password"
+        )
+    except SecretUnavailable as exc:
+        raise StateRefused("no_state", f"state: {exc}") from None
+    try:
+        store = PostgresStore(config.state.url, password=password)
+    except StorageError as exc:
+        raise StateRefused("no_state", f"state: PostgreSQL cannot be used: {exc}") from None
+    return store
+
+
 def open_store(config: Config, *, read_only: bool = False) -> Store:
     """Open the state DB. For a write: if no daemon holds it, bring its task table up to
     the config so commands also work on a daemon that has never started. For a read
     (``read_only``): as it is, creating and writing nothing; a ``StateRefused`` when there
     is no state DB yet or it is not at this agentd's schema."""
     root = config.daemon.state_dir
+    if config.state.url is not None:
+        return _open_postgres(config)
     db_path = statedir.paths(root)[0]
     from agentd.state.sqlite.engine import SqliteStore
 
@@ -298,6 +320,17 @@ def _dispatch(ops: CliCommands, args: argparse.Namespace, parser: argparse.Argum
         if not args.task:
             windows += [report["global"]["day"], report["global"]["month"]]
         return _print(args, [_spend_row(w) for w in windows], list(_SPEND_COLUMNS))
+    if cmd == "nodes":
+        rows = ops.call(lambda c: c.get("/v1/nodes")["nodes"], lambda ctl: ctl.nodes())
+        for row in rows:
+            row["state"] = (
+                "stopped" if row["stopped_at"] else "alive" if row["alive"] else "not seen"
+            ) + (" (config differs)" if row["config_differs"] else "")
+        return _print(
+            args,
+            rows,
+            ["id", "state", "version", "config_generation", "runs_held", "last_seen"],
+        )
     if cmd == "alerts":
         rows = ops.call(
             lambda c: c.get("/v1/alerts", limit=args.limit)["alerts"],

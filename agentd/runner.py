@@ -25,7 +25,14 @@ from agentd.clock import Backoff, Clock, from_iso, to_iso
 from agentd.config import TaskConfig
 from agentd.context import RunContext
 from agentd.executors import ExecEnv, executor_for
-from agentd.models import CheckpointNotSaved, Outcome, Result, RunStatus, StopRequested
+from agentd.models import (
+    CheckpointNotSaved,
+    Outcome,
+    Result,
+    RunStatus,
+    StateRefused,
+    StopRequested,
+)
 from agentd.providers import Gateway
 from agentd.state.port import ClaimedRun, Finish, StorageError, StorageFault, Store, wait_commit
 
@@ -101,8 +108,9 @@ class ActiveRun:
     ctx: RunContext
     job: asyncio.Task[None] | None = None
     started_mono: float = 0.0
-    stop_reason: str | None = None  # "cancel" | "shutdown" | "void"
-    """Why the runner stopped it; "void": its claim was never committed (see ``_void``)."""
+    stop_reason: str | None = None  # "cancel" | "shutdown" | "void" | "lease_lost"
+    """Why the runner stopped it; "void": its claim was never committed (see ``_void``);
+    "lease_lost": another process or node holds its lease now (see ``_lease_lost``)."""
     done: asyncio.Event = field(default_factory=asyncio.Event)
     ended: bool = False
     """Its attempt's end has been handed to ``_record``."""
@@ -119,6 +127,8 @@ class _Ended:
     duration_s: float
     decision: Decision
     at: datetime
+    owner: str
+    """Whose lease the outcome is recorded under (the fence: see ``Finish.owner``)."""
 
     @property
     def not_before(self) -> datetime:
@@ -144,6 +154,7 @@ class _Ended:
             cancel_reason="task_removed"
             if self.decision.status == RunStatus.CANCELLED and self.outcome != Outcome.CANCELLED
             else None,
+            owner=self.owner,
         )
 
 
@@ -176,10 +187,13 @@ class _Backend:
     def heartbeat(self, run_id: str) -> None:
         r = self._runner
         try:
-            r.store.heartbeat([run_id], r.owner, r.clock.now(), r.lease_s)
+            lost = r.store.heartbeat([run_id], r.owner, r.clock.now(), r.lease_s)
         except Exception as exc:
             if not isinstance(exc, StorageFault):
                 raise
+            return
+        if lost:
+            r._lease_lost(lost)
 
 
 class Runner:
@@ -256,8 +270,12 @@ class Runner:
             for run_id in self.store.cancel_requests(self.owner):
                 self.cancel(run_id, "cancel")
             if now_mono - self._last_heartbeat >= self.lease_s / 3:
-                self.store.heartbeat(list(self.active), self.owner, self.clock.now(), self.lease_s)
+                lost = self.store.heartbeat(
+                    list(self.active), self.owner, self.clock.now(), self.lease_s
+                )
                 self._last_heartbeat = self.clock.monotonic()
+                if lost:
+                    self._lease_lost(lost)
         if now_mono - self._last_recover >= self.lease_s:
             self._last_recover = now_mono
             self.recover_expired()
@@ -311,7 +329,8 @@ class Runner:
         for one that goes missing while the daemon runs). Every lease period."""
         held = self._held() | self._ending
         now = self.clock.now()
-        groups = self.store.lost_groups(now, {self.owner}, held)
+        live = self.live_owners()
+        groups = self.store.lost_groups(now, live, held)
         if groups:
             # Their recorded process groups are ended first, in a thread (up to twice
             # kill_grace), then they are re-queued (``_end_then_recover``).
@@ -320,7 +339,7 @@ class Runner:
             job = asyncio.get_running_loop().create_task(self._end_then_recover(groups))
             self._side_jobs.add(job)
             job.add_done_callback(self._side_jobs.discard)
-        recovered = self.store.recover(now, self.owner, live_owners={self.owner}, keep=held)
+        recovered = self.store.recover(now, self.owner, live_owners=live, keep=held)
         if recovered:
             log.warning(
                 "recovered %d run(s) whose lease expired while running: %s",
@@ -328,6 +347,14 @@ class Runner:
                 " ".join(recovered),
             )
         return recovered
+
+    def live_owners(self) -> set[str]:
+        """Whose leases are alive: this runner's, and on a shared state every node the
+        registry has seen within a lease (a node not seen for that long is dead, and its
+        expired leases are recovered)."""
+        if not self.store.shared:
+            return {self.owner}
+        return self.store.live_nodes(self.clock.now(), self.lease_s) | {self.owner}
 
     def _held(self) -> set[str]:
         """Runs this runner holds in memory (running, or ended and not yet recorded)."""
@@ -339,7 +366,7 @@ class Runner:
             recovered = self.store.recover(
                 self.clock.now(),
                 self.owner,
-                live_owners={self.owner},
+                live_owners=self.live_owners(),
                 keep=self._held(),
                 only=set(groups),
                 ended=ended,
@@ -409,6 +436,30 @@ class Runner:
                 len(voided),
                 " ".join(voided),
             )
+
+    def _lease_lost(self, run_ids: set[str]) -> None:
+        """Runs whose lease this runner no longer holds (it expired, say while this
+        process was stopped, and another process or node recovered the run): stop this
+        copy and record nothing for it; the new holder's outcome is the run's."""
+        for run_id in sorted(run_ids):
+            active = self.active.get(run_id)
+            if active is None or active.ended:
+                continue
+            del self.active[run_id]
+            active.stop_reason = "lease_lost"
+            active.ctx.request_cancel()
+            if active.job is not None:
+                active.job.cancel()
+            active.done.set()
+            log.warning(
+                "lease lost run=%s task=%s owner=%s: another process or node holds it now; "
+                "stopped this copy, recording nothing for it",
+                run_id,
+                active.task.id,
+                self.owner,
+            )
+        if self.on_change:
+            self.on_change()
 
     def cancel(self, run_id: str, reason: str) -> bool:
         active = self.active.get(run_id)
@@ -500,7 +551,7 @@ class Runner:
         self, active: ActiveRun, outcome: Outcome, result: Result | None, error: str | None
     ) -> None:
         active.ended = True
-        if active.stop_reason == "void":
+        if active.stop_reason in ("void", "lease_lost"):
             return
         task, row = active.task, active.row
         now = self.clock.now()
@@ -515,7 +566,9 @@ class Runner:
         if not self._finishing and self._committing is None:
             # (While a commit is in flight, _after_commit flushes what gathered.)
             asyncio.get_running_loop().call_soon(self._flush_finishes)
-        self._finishing.append(_Ended(active, outcome, result, error, duration, decision, now))
+        self._finishing.append(
+            _Ended(active, outcome, result, error, duration, decision, now, self.owner)
+        )
 
     def _flush_finishes(self) -> None:
         """Record every run that ended since the last flush, and claim the freed slots,
@@ -623,6 +676,15 @@ class Runner:
                 except Exception as one:
                     if isinstance(one, StorageFault):
                         raise
+                    if isinstance(one, StateRefused) and one.code == "lease_lost":
+                        log.warning(
+                            "outcome not recorded run=%s task=%s owner=%s: lease lost, "
+                            "another process or node holds the run now",
+                            ended.active.row["id"],
+                            ended.active.task.id,
+                            ended.owner,
+                        )
+                        continue
                     log.exception(
                         "could not record outcome run=%s task=%s",
                         ended.active.row["id"],

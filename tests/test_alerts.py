@@ -25,7 +25,7 @@ from agentd.clock import ManualClock
 from agentd.config import Config, ExpectConfig, parse_config
 from agentd.metrics import Metrics
 from agentd.models import Outcome, RunStatus
-from agentd.outbox import Outbox
+from agentd.outbox import Outbox, retry_delay
 from agentd.oversight import CHECK_EVERY_S, PROCESS_EVERY_S, Oversight
 from agentd.state.sqlite.engine import SqliteStore
 
@@ -52,6 +52,17 @@ def test_deadman_deadline_is_period_plus_grace_after_the_last_success() -> None:
     # A success before monitoring began (an old run) does not make the task late at once.
     old = datetime(2026, 1, 1, tzinfo=UTC)
     assert deadman_deadline(old, since, expect) == deadman_deadline(None, since, expect)
+
+
+def test_retry_delay_doubles_from_backoff_up_to_its_cap_then_gives_up() -> None:
+    assert [retry_delay(n, retries=4, backoff=30, max_backoff=100) for n in range(1, 6)] == [
+        30,
+        60,
+        100,
+        100,
+        None,
+    ]
+    assert retry_delay(1, retries=0, backoff=30, max_backoff=100) is None
 
 
 def test_signature_is_hmac_sha256_of_the_body() -> None:

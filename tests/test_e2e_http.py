@@ -301,3 +301,34 @@ def test_non_loopback_bind_without_token_refuses_to_start(tmp_path: Path) -> Non
     )
     assert proc.returncode == 78
     assert "token" in proc.stderr
+
+
+def test_the_node_registry_shows_the_running_daemon_and_then_its_stop(make_daemon) -> None:  # type: ignore[no-untyped-def]
+    """``/v1/nodes`` and ``agentd nodes`` (through the API, and on the state directly
+    once the daemon is gone) show this daemon: alive while it runs, with its version and
+    config generation and the runs it holds; stopped after SIGTERM."""
+    d = make_daemon(
+        """
+        slow:
+          schedule: {manual: true}
+          command: {argv: ["sleep", "30"]}
+        """
+    ).start()
+    run_id = d.trigger("slow")
+    d.wait_status(run_id, "running")
+    resp = get(d, "/v1/nodes")
+    assert resp is not None and resp.status_code == 200
+    [node] = resp.json()["nodes"]
+    assert node["alive"] is True and node["stopped_at"] is None
+    assert node["pid"] == d.proc.pid and node["id"].endswith(f":{d.proc.pid}")
+    assert node["runs_held"] == 1 and node["config_differs"] is False
+    assert len(node["config_generation"]) == 12
+    out = d.cli("nodes").stdout
+    assert node["id"] in out and "alive" in out
+    d.cli("cancel", run_id)
+    d.wait_status(run_id, "cancelled")
+    assert d.stop() == 0
+    out = d.cli("nodes", "--json").stdout
+    [after] = json.loads(out)
+    assert after["id"] == node["id"] and after["stopped_at"] is not None
+    assert after["alive"] is False and after["runs_held"] == 0

@@ -280,3 +280,69 @@ def test_the_lease_sweep_ends_a_lost_runs_process_group_before_it_re_queues_it(
             orphan.kill()
             orphan.wait()
         store.conn.close()
+
+
+def test_a_runner_that_lost_a_lease_stops_its_copy_and_records_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Node A runs a long command; its lease expires (A was stopped, or cut off) and
+    node B, on the same state, recovers the run and claims it again. A's next heartbeat
+    finds out: A kills its copy, says so in its log, and records nothing: the run stays
+    B's, at B's attempt, with no outcome of A's in its history."""
+    from datetime import UTC, datetime, timedelta
+
+    from agentd.clock import ManualClock, to_iso
+
+    config = parse_config(
+        f"daemon:\n  state_dir: {tmp_path}\ntasks:\n"
+        "  long:\n    schedule: {manual: true}\n"
+        '    command: {shell: "sleep 60"}\n'
+    )
+    clock = ManualClock(datetime(2026, 3, 1, 12, 0, tzinfo=UTC))
+    a_store = SqliteStore(tmp_path / "state.sqlite")
+    a_store.sync_tasks({"long": (config.tasks["long"].fingerprint(), "command")}, clock.now())
+    run_id = a_store.fire("long", clock.now(), trigger="manual").run_id
+    b_store = SqliteStore(tmp_path / "state.sqlite")
+
+    async def scenario() -> None:
+        runner = Runner(
+            a_store,
+            clock,
+            owner="node-a",
+            state_dir=tmp_path,
+            concurrency=1,
+            lease_s=30,
+            exec_env=ExecEnv(kill_grace_s=1, output_max_bytes=1000),
+        )
+        runner.set_tasks(config.tasks)
+        assert runner.tick() == [run_id]
+        active = runner.active[run_id]
+        # A is stopped past its lease: by B's clock A's lease expired, and B takes the
+        # run over; A, resumed, is a third of a lease on (its heartbeat is due, its own
+        # lease sweep is not).
+        clock.advance(11)
+        later = clock.now() + timedelta(seconds=20)
+        assert b_store.recover(later, "node-b", live_owners={"node-a", "node-b"}) == [run_id]
+        [claimed] = b_store.claim(later, "node-b", 30, 1, set(), set())
+        assert claimed["attempt"] == 2
+        before = len(b_store.events(run_id))
+        with caplog.at_level(logging.WARNING, logger="agentd.runner"):
+            runner.tick()  # heartbeat due (lease/3 passed): the lease is gone
+            assert run_id not in runner.active
+            deadline = time.monotonic() + 30
+            while not (active.job is not None and active.job.done()):
+                assert time.monotonic() < deadline, "A's copy was not stopped"
+                await asyncio.sleep(0.01)
+            for _ in range(20):  # let any outcome A might record reach the state
+                await asyncio.sleep(0.01)
+        assert "lease lost run=" + run_id in caplog.text
+        run = b_store.get_run(run_id)
+        assert run["status"] == "running" and run["lease_owner"] == "node-b"
+        assert run["attempt"] == 2
+        assert run["lease_expires_at"] == to_iso(later + timedelta(seconds=30))
+        assert len(b_store.events(run_id)) == before
+        assert [a["outcome"] for a in b_store.attempts(run_id)] == ["lost", None]
+
+    asyncio.run(scenario())
+    a_store.close()
+    b_store.close()

@@ -312,6 +312,7 @@ RECORDS: list[tuple[type[Any], str, bool]] = [
     (port.TaskRecord, "tasks", False),
     (port.EventRecord, "events", False),
     (port.QuarantineRecord, "quarantine", False),
+    (port.NodeRecord, "nodes", False),
 ]
 
 

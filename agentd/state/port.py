@@ -53,6 +53,8 @@ __all__ = [
     "LedgerEntry",
     "LedgerPort",
     "NewAlert",
+    "NodeRecord",
+    "NodesPort",
     "OutboxRecord",
     "QuarantineRecord",
     "Reservation",
@@ -203,6 +205,20 @@ class QuarantineRecord(TypedDict):
     attempts: int
 
 
+class NodeRecord(TypedDict):
+    """A daemon that has opened this state (``nodes``): one row per process, kept after
+    it stops (``stopped_at``) until retention drops it."""
+
+    id: str
+    host: str
+    pid: int
+    version: str
+    config_generation: str
+    started_at: str
+    last_seen: str
+    stopped_at: str | None
+
+
 # ---------------------------------------------------------------- requests
 
 
@@ -250,6 +266,12 @@ class Finish:
     cancel_reason: str | None = None
     """Why a run that would have been re-queued ends cancelled instead (its task left
     the config: ``task_removed``); recorded as a ``cancel`` event."""
+    owner: str | None = None
+    """The lease holder recording this outcome. Set (the runner always sets it), the
+    finish is fenced: it records only while the run is still ``running`` under this
+    owner at this ``attempt``. A batch with one that is not records nothing and raises
+    ``StateRefused("lease_lost")``: another process or node took the run over (its
+    lease expired and it was recovered), and only the new holder's outcome counts."""
 
 
 # ---------------------------------------------------------------- spend ledger records
@@ -500,6 +522,39 @@ class UnitOfWork(Protocol):
         ...
 
 
+class NodesPort(Protocol):
+    """The node registry: every daemon on this state says it is alive (``node_seen``, at
+    start and then every few seconds) and that it stopped (``node_stopped``). With one
+    node (SQLite) it is what ``agentd nodes`` shows; with several it is also who is alive:
+    a node not seen for longer than its lease is dead, and its runs are recovered."""
+
+    def node_seen(
+        self,
+        node_id: str,
+        now: datetime,
+        *,
+        host: str,
+        pid: int,
+        version: str,
+        config_generation: str,
+    ) -> None:
+        """Record that ``node_id`` is alive now, running ``version`` with the config of
+        ``config_generation`` (registering it the first time; ``started_at`` is then)."""
+        ...
+
+    def node_stopped(self, node_id: str, now: datetime) -> None:
+        """``node_id`` stopped cleanly: it holds nothing any more."""
+        ...
+
+    def nodes(self) -> list[NodeRecord]:
+        """Every node, the most recently seen first."""
+        ...
+
+    def live_nodes(self, now: datetime, stale_after_s: float) -> set[str]:
+        """The nodes seen within ``stale_after_s`` of ``now`` and not stopped."""
+        ...
+
+
 class LedgerPort(Protocol):
     """The spend ledger: every LLM call reserved at its worst case before it is made,
     committed with its real usage after; and budget alarms, once per window.
@@ -649,7 +704,7 @@ class AlertsPort(Protocol):
         ...
 
 
-class Store(LedgerPort, AlertsPort, Protocol):
+class Store(LedgerPort, AlertsPort, NodesPort, Protocol):
     """agentd's state, as every module above the state layer sees it."""
 
     event_sink: EventSink | None
@@ -661,6 +716,11 @@ class Store(LedgerPort, AlertsPort, Protocol):
     write_error: str | None
     """Why the last write failed, until a commit succeeds again."""
     read_only: bool
+    shared: bool
+    """Several daemons may run on this state at once (PostgreSQL). Then a run held by
+    another owner is another node's, alive while the node registry says so
+    (``live_nodes``); on a state only one daemon may hold (SQLite, under the state dir's
+    lock) every other owner is a process that is gone."""
 
     # unit of work ------------------------------------------------------------
     def unit(self) -> UnitOfWork: ...
@@ -735,7 +795,12 @@ class Store(LedgerPort, AlertsPort, Protocol):
     ) -> list[ClaimedRun]: ...
     def heartbeat(
         self, run_ids: Sequence[str], owner: str, now: datetime, lease_s: float
-    ) -> None: ...
+    ) -> set[str]:
+        """Extend ``owner``'s leases on ``run_ids``; returns those it no longer holds
+        (recovered by another process or node after their lease expired, or gone): the
+        caller must stop its copy of each and record nothing for it."""
+        ...
+
     def mark_started(self, run_id: str, task_id: str, now: datetime, workspace: str) -> None: ...
     def mark_started_many(self, runs: Sequence[tuple[str, str, str]], now: datetime) -> None: ...
     def record_group(self, run_id: str, attempt: int, group: GroupRecord) -> None: ...
@@ -772,7 +837,13 @@ class Store(LedgerPort, AlertsPort, Protocol):
         duration_s: float | None = None,
         pause_after_failures: int = 0,
         cancel_reason: str | None = None,
-    ) -> Row: ...
+        owner: str | None = None,
+        attempt: int | None = None,
+    ) -> Row:
+        """Close the run's current attempt and move it on (``next_status``). With
+        ``owner`` and ``attempt``, fenced as ``Finish.owner`` says."""
+        ...
+
     def finish_many(self, items: Sequence[Finish]) -> None: ...
     def request_cancel(self, run_id: str, now: datetime) -> str: ...
 

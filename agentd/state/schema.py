@@ -290,3 +290,16 @@ Index(
     outbox.c.dedup_key,
     outbox.c.created_at,
 )
+
+nodes = Table(
+    "nodes",
+    metadata,
+    Column("id", _Text, primary_key=True),
+    Column("host", _Text, nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("version", _Text, nullable=False),
+    Column("config_generation", _Text, nullable=False),
+    Column("started_at", _Text, nullable=False),
+    Column("last_seen", _Text, nullable=False),
+    Column("stopped_at", _Text),
+)

@@ -3,11 +3,14 @@ when their owner is gone; and the change detection an idle loop relies on."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 
+import pytest
+
 from agentd.clock import to_iso
-from agentd.models import Outcome, RunStatus
-from agentd.state.port import Store
+from agentd.models import Outcome, RunStatus, StateRefused
+from agentd.state.port import Finish, Store
 
 from .helpers import T0, at, claim_one, events_of_kind, fire_at
 
@@ -151,3 +154,61 @@ def test_version_moves_on_any_write_and_only_then(store: Store, second_store: St
     v2 = store.version()
     assert v2 != v1  # another instance's commit (the CLI's)
     assert store.version() == v2
+
+
+def _taken_over(old: Store, new: Store) -> str:
+    """A run claimed by ``node-a``, whose lease expired (node-a stopped, say) and which
+    ``node-b`` recovered and claimed again: attempt 1 is a's, attempt 2 b's."""
+    run_id = fire_at(old, "a", 0)
+    claim_one(old, at(0), owner="node-a", lease_s=5)
+    assert new.recover(at(10), owner="node-b", live_owners={"node-a", "node-b"}) == [run_id]
+    assert claim_one(new, at(11), owner="node-b", lease_s=30)["attempt"] == 2
+    return run_id
+
+
+def test_heartbeat_returns_the_runs_the_caller_no_longer_holds(
+    store: Store, second_store: Store
+) -> None:
+    run_id = _taken_over(store, second_store)
+    assert store.heartbeat([run_id], "node-a", at(12), 30) == {run_id}
+    assert second_store.heartbeat([run_id], "node-b", at(12), 30) == set()
+    gone = "20260301T120000-00000000000000000000"
+    assert second_store.heartbeat([run_id, gone], "node-b", at(13), 30) == {gone}
+    run = store.get_run(run_id)
+    assert run["lease_owner"] == "node-b" and run["lease_expires_at"] == to_iso(at(43))
+
+
+def test_a_fenced_finish_by_a_node_that_lost_the_lease_records_nothing(
+    store: Store, second_store: Store
+) -> None:
+    """The old holder comes back (SIGCONT, a healed partition) and reports its outcome:
+    refused, and nothing of it lands; the new holder's outcome is the run's."""
+    run_id = _taken_over(store, second_store)
+    before = len(store.events())
+    stale = Finish(
+        run_id=run_id, task_id="a", attempt=1, failures=0, outcome=Outcome.SUCCESS,
+        next_status=RunStatus.SUCCEEDED, at=at(12), owner="node-a",
+    )  # fmt: skip
+    for finish in ([stale], [stale, replace(stale, run_id="other")]):
+        with pytest.raises(StateRefused) as caught:
+            store.finish_many(finish)
+        assert caught.value.code in ("lease_lost", "unknown_run")
+    with pytest.raises(StateRefused) as single:
+        store.finish_many([stale])
+    assert single.value.code == "lease_lost"
+    with pytest.raises(StateRefused) as one:
+        store.finish(
+            run_id, at(12), outcome=Outcome.SUCCESS, next_status=RunStatus.SUCCEEDED,
+            owner="node-a", attempt=1,
+        )  # fmt: skip
+    assert one.value.code == "lease_lost"
+    run = store.get_run(run_id)
+    assert run["status"] == RunStatus.RUNNING and run["lease_owner"] == "node-b"
+    assert len(store.events()) == before
+    # The same attempt number under the wrong owner is refused too (generation and
+    # holder both count), and the holder's own outcome lands.
+    with pytest.raises(StateRefused):
+        store.finish_many([replace(stale, attempt=2)])
+    second_store.finish_many([replace(stale, attempt=2, owner="node-b", at=at(13))])
+    assert store.get_run(run_id)["status"] == RunStatus.SUCCEEDED
+    assert [a["outcome"] for a in store.attempts(run_id)] == [Outcome.LOST, Outcome.SUCCESS]

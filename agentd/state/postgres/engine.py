@@ -50,7 +50,7 @@ import json
 import logging
 import secrets
 import threading
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Any, cast
@@ -61,15 +61,12 @@ from psycopg.rows import dict_row
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.schema import CreateIndex, CreateTable
 
-from agentd.budget import Scope
 from agentd.clock import from_iso, to_iso
 from agentd.models import ACTIVE_STATUSES, EventKind, Outcome, Row, RunStatus, StateRefused
 from agentd.policy import auto_pause_reason, overlap_decision
 from agentd.procs import GroupEnd, GroupRecord
 from agentd.redact import NOTHING, Redactor
 from agentd.state.port import (
-    Admission,
-    AlertRecord,
     AttemptRecord,
     ClaimedRun,
     EventRecord,
@@ -78,28 +75,21 @@ from agentd.state.port import (
     Fire,
     FireGate,
     FireResult,
-    LedgerEntry,
-    NewAlert,
-    OutboxRecord,
     QuarantineRecord,
-    Reservation,
     RunIds,
-    RunningAttempt,
     RunRecord,
-    RunUsage,
-    ScopeRefused,
-    SpendTotals,
     StorageError,
     StorageFault,
     Store,
     TaskRecord,
     UnitOfWork,
-    Usage,
-    WindowUsage,
     WriteListener,
     WriteLost,
     wait_commit,
 )
+from agentd.state.postgres.alerts import AlertStatements
+from agentd.state.postgres.ledger import LedgerStatements
+from agentd.state.postgres.nodes import NodeStatements
 from agentd.state.schema import metadata
 
 log = logging.getLogger("agentd.state.postgres")
@@ -202,113 +192,16 @@ def schema_ddl() -> list[str]:
     return out
 
 
-class _PendingMixins:
-    """==== PLACEHOLDER: replaced by the mixins ``agentd/state/postgres/ledger.py``
-    (``LedgerStatements``) and ``alerts.py`` (``AlertStatements``), written separately.
-
-    Until they land, the ``LedgerPort`` and ``AlertsPort`` verbs exist only so that
-    ``PostgresStore`` satisfies the port's type check: each raises NotImplementedError.
-    Nothing here is an implementation. ===="""
-
-    def spend_in(self, scope: Scope, run_id: str | None = None) -> SpendTotals:
-        raise NotImplementedError("PostgresStore.spend_in: the ledger mixin is not in yet")
-
-    def reserve_budget(
-        self, now: datetime, reservation: Reservation, scopes: Sequence[Scope], admit: Admission
-    ) -> int | ScopeRefused:
-        raise NotImplementedError("PostgresStore.reserve_budget: the ledger mixin is not in yet")
-
-    def commit_spend(self, now: datetime, entry_id: int, usage: Usage) -> LedgerEntry | None:
-        raise NotImplementedError("PostgresStore.commit_spend: the ledger mixin is not in yet")
-
-    def charge_stale_reservations(self, now: datetime) -> int:
-        raise NotImplementedError("the ledger mixin is not in yet")
-
-    def record_budget_alarm(
-        self, now: datetime, scope: Scope, threshold: float, spent_usd: float
-    ) -> bool:
-        raise NotImplementedError("the ledger mixin is not in yet")
-
-    def full_alarm_limit(self, scope: Scope) -> float | None:
-        raise NotImplementedError("the ledger mixin is not in yet")
-
-    def window_usage(self, scope: Scope) -> WindowUsage:
-        raise NotImplementedError("the ledger mixin is not in yet")
-
-    def run_usage(self, run_id: str) -> RunUsage:
-        raise NotImplementedError("the ledger mixin is not in yet")
-
-    def ledger_entry(self, entry_id: int) -> LedgerEntry | None:
-        raise NotImplementedError("the ledger mixin is not in yet")
-
-    def event_cursor(self, name: str) -> int | None:
-        raise NotImplementedError("the alerts mixin is not in yet")
-
-    def move_event_cursor(self, name: str, event_id: int) -> None:
-        raise NotImplementedError("the alerts mixin is not in yet")
-
-    def events_of_kinds(
-        self, after_id: int, up_to_id: int, kinds: Collection[str], limit: int
-    ) -> list[Row]:
-        raise NotImplementedError("the alerts mixin is not in yet")
-
-    def alert_state(self, key: str) -> str | None:
-        raise NotImplementedError("the alerts mixin is not in yet")
-
-    def set_alert_state(self, key: str, value: str, now: datetime) -> None:
-        raise NotImplementedError("the alerts mixin is not in yet")
-
-    def clear_alert_state(self, key: str) -> bool:
-        raise NotImplementedError("the alerts mixin is not in yet")
-
-    def has_alert_state(self, *prefixes: str) -> bool:
-        raise NotImplementedError("the alerts mixin is not in yet")
-
-    def alert_state_keys(self, prefix: str) -> list[str]:
-        raise NotImplementedError("the alerts mixin is not in yet")
-
-    def record_alert(self, now: datetime, alert: NewAlert) -> int:
-        raise NotImplementedError("the alerts mixin is not in yet")
-
-    def alert(self, alert_id: int) -> AlertRecord | None:
-        raise NotImplementedError("the alerts mixin is not in yet")
-
-    def queued_since(self, channel: str, dedup_key: str, since: datetime) -> bool:
-        raise NotImplementedError("the alerts mixin is not in yet")
-
-    def enqueue_delivery(
-        self, now: datetime, channel: str, dedup_key: str, payload: Row, alert_id: int | None
-    ) -> int:
-        raise NotImplementedError("the alerts mixin is not in yet")
-
-    def pending_deliveries(self, now: datetime, limit: int) -> list[OutboxRecord]:
-        raise NotImplementedError("the alerts mixin is not in yet")
-
-    def next_delivery_at(self) -> datetime | None:
-        raise NotImplementedError("the alerts mixin is not in yet")
-
-    def mark_delivered(self, outbox_id: int, now: datetime) -> bool:
-        raise NotImplementedError("the alerts mixin is not in yet")
-
-    def schedule_redelivery(self, outbox_id: int, attempts: int, error: str, at: datetime) -> None:
-        raise NotImplementedError("the alerts mixin is not in yet")
-
-    def give_up_delivery(self, outbox_id: int, attempts: int, error: str) -> None:
-        raise NotImplementedError("the alerts mixin is not in yet")
-
-    def delivery(self, outbox_id: int) -> OutboxRecord | None:
-        raise NotImplementedError("the alerts mixin is not in yet")
-
-    def running_attempts(self) -> list[RunningAttempt]:
-        raise NotImplementedError("the alerts mixin is not in yet")
-
-
-# ==== end of PLACEHOLDER
+_FENCE = " AND (%s::text IS NULL OR (status='running' AND lease_owner=%s AND attempt=%s::integer))"
+"""The lease fence of a finish (``Finish.owner``): with no owner given, none."""
 
 
 @_speak_the_port
-class PostgresStore(_PendingMixins):
+class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
     """The PostgreSQL engine behind ``agentd.state.port.Store`` (see the module)."""
+
+    shared = True
+    """Every node pointed at the database runs on this state at once."""
 
     def __init__(
         self,
@@ -1186,10 +1079,13 @@ class PostgresStore(_PendingMixins):
             ]
         )
 
-    def heartbeat(self, run_ids: Sequence[str], owner: str, now: datetime, lease_s: float) -> None:
-        """Extend leases in one statement, with one audit event per run."""
+    def heartbeat(
+        self, run_ids: Sequence[str], owner: str, now: datetime, lease_s: float
+    ) -> set[str]:
+        """Extend leases in one statement, with one audit event per run. Returns the runs
+        of ``run_ids`` that ``owner`` no longer holds (see the port)."""
         if not run_ids:
-            return
+            return set()
         expires = to_iso(_plus(now, lease_s))
         with self.tx():
             rows = self._all(
@@ -1206,6 +1102,7 @@ class PostgresStore(_PendingMixins):
                     for r in rows
                 ]
             )  # fmt: skip
+        return set(run_ids) - {r["id"] for r in rows}
 
     def mark_started(self, run_id: str, task_id: str, now: datetime, workspace: str) -> None:
         """The executor is about to begin: separate from ``claim`` so the audit shows a run
@@ -1346,9 +1243,12 @@ class PostgresStore(_PendingMixins):
         duration_s: float | None = None,
         pause_after_failures: int = 0,
         cancel_reason: str | None = None,
+        owner: str | None = None,
+        attempt: int | None = None,
     ) -> Row:
         """Close the current attempt and move the run on, in one transaction (see
-        ``SqliteStore.finish``). Returns the run's id, task_id, attempt and failures."""
+        ``SqliteStore.finish``). Returns the run's id, task_id, attempt and failures.
+        With ``owner``, fenced (see ``Finish.owner``)."""
         counted = outcome in (Outcome.FAILURE, Outcome.TIMEOUT)
         final = next_status != RunStatus.QUEUED
         ts = to_iso(now)
@@ -1358,7 +1258,7 @@ class PostgresStore(_PendingMixins):
             run = self._one(
                 "UPDATE runs SET status=%s, failures=failures+%s, not_before=%s,"
                 " lease_owner=NULL, lease_expires_at=NULL, cancel_requested=0, outcome=%s,"
-                " exit_code=%s, error=%s, duration_s=%s, finished_at=%s WHERE id=%s"
+                f" exit_code=%s, error=%s, duration_s=%s, finished_at=%s WHERE id=%s{_FENCE}"
                 " RETURNING id, task_id, attempt, failures",
                 (
                     str(next_status),
@@ -1370,9 +1270,14 @@ class PostgresStore(_PendingMixins):
                     duration_s,
                     ts if final else None,
                     run_id,
+                    owner,
+                    owner,
+                    attempt,
                 ),
             )
             if run is None:
+                if owner is not None and self._one("SELECT 1 FROM runs WHERE id=%s", (run_id,)):
+                    raise StateRefused("lease_lost", f"run {run_id} is no longer held by {owner}")
                 raise StateRefused("unknown_run", f"no run {run_id!r}")
             self.conn.execute(
                 "UPDATE attempts SET finished_at=%s, outcome=%s, exit_code=%s, http_status=%s,"
@@ -1442,6 +1347,8 @@ class PostgresStore(_PendingMixins):
                             duration_s=f.duration_s,
                             pause_after_failures=f.pause_after_failures,
                             cancel_reason=f.cancel_reason,
+                            owner=f.owner,
+                            attempt=f.attempt,
                         )
             except BaseException:
                 unit.abort()
@@ -1462,7 +1369,8 @@ class PostgresStore(_PendingMixins):
             error = scrub(f.error)
             runs.append(
                 (str(f.next_status), 1 if counted else 0, due, str(f.outcome), f.exit_code,
-                 error, f.duration_s, ts if final else None, f.run_id)
+                 error, f.duration_s, ts if final else None, f.run_id, f.owner, f.owner,
+                 f.attempt)
             )  # fmt: skip
             attempts.append(
                 (ts, str(f.outcome), f.exit_code, f.http_status, error, f.duration_s,
@@ -1504,11 +1412,19 @@ class PostgresStore(_PendingMixins):
             updated = self._many(
                 "UPDATE runs SET status=%s, failures=failures+%s, not_before=%s,"
                 " lease_owner=NULL, lease_expires_at=NULL, cancel_requested=0, outcome=%s,"
-                " exit_code=%s, error=%s, duration_s=%s, finished_at=%s WHERE id=%s",
+                f" exit_code=%s, error=%s, duration_s=%s, finished_at=%s WHERE id=%s{_FENCE}",
                 runs,
             )
             if updated != len(items):
-                raise StateRefused("unknown_run", f"{len(items) - updated} of the runs are gone")
+                ids = [f.run_id for f in items]
+                found = self._all("SELECT id FROM runs WHERE id = ANY(%s::text[])", (ids,))
+                if len(found) != len(set(ids)):
+                    raise StateRefused(
+                        "unknown_run", f"{len(set(ids)) - len(found)} of the runs are gone"
+                    )
+                raise StateRefused(
+                    "lease_lost", "a run of the batch is no longer held by its finisher"
+                )
             self._many(
                 "UPDATE attempts SET finished_at=%s, outcome=%s, exit_code=%s, http_status=%s,"
                 " error=%s, duration_s=%s WHERE run_id=%s AND attempt=%s AND finished_at IS NULL",

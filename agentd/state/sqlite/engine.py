@@ -58,6 +58,7 @@ from agentd.state.port import (
 from agentd.state.sqlite.alerts import AlertStatements
 from agentd.state.sqlite.ledger import LedgerStatements
 from agentd.state.sqlite.migrations import MIGRATIONS, SCHEMA_VERSION
+from agentd.state.sqlite.nodes import NodeStatements
 
 log = logging.getLogger("agentd.state.sqlite")
 
@@ -126,6 +127,9 @@ _NewEvent = tuple[str, EventKind, str | None, str | None, Row]
 _encode = json.JSONEncoder(default=str, sort_keys=True).encode
 
 
+_FENCE = " AND (? IS NULL OR (status='running' AND lease_owner=? AND attempt=?))"
+"""The lease fence of a finish (``Finish.owner``): with no owner given, none."""
+
 CLAIM_COLUMNS = (
     "r.id, r.task_id, r.trigger, r.scheduled_for, r.idempotency_key, r.status, r.attempt,"
     " r.failures, r.not_before, r.created_at"
@@ -135,8 +139,11 @@ of each row to a dict was a tenth of claiming."""
 
 
 @_speak_the_port
-class SqliteStore(LedgerStatements, AlertStatements):
+class SqliteStore(LedgerStatements, AlertStatements, NodeStatements):
     """The SQLite engine behind ``agentd.state.port.Store``."""
+
+    shared = False
+    """One daemon at a time: the state dir's lock (``statedir.StateLock``) says so."""
 
     def __init__(
         self,
@@ -1116,11 +1123,14 @@ class SqliteStore(LedgerStatements, AlertStatements):
             ]
         )
 
-    def heartbeat(self, run_ids: Sequence[str], owner: str, now: datetime, lease_s: float) -> None:
+    def heartbeat(
+        self, run_ids: Sequence[str], owner: str, now: datetime, lease_s: float
+    ) -> set[str]:
         """Extend leases in one statement, with one audit event per run (every lease/3,
-        so a one-hour run adds about a hundred rows: cheap, and it shows liveness)."""
+        so a one-hour run adds about a hundred rows: cheap, and it shows liveness).
+        Returns the runs of ``run_ids`` that ``owner`` no longer holds."""
         if not run_ids:
-            return
+            return set()
         marks = ",".join("?" * len(run_ids))
         expires = to_iso(_plus(now, lease_s))
         with self.tx():
@@ -1133,6 +1143,7 @@ class SqliteStore(LedgerStatements, AlertStatements):
                 self._event(
                     now, EventKind.HEARTBEAT, row["task_id"], row["id"], lease_expires_at=expires
                 )
+        return set(run_ids) - {row["id"] for row in rows}
 
     def mark_started(self, run_id: str, task_id: str, now: datetime, workspace: str) -> None:
         """The executor is about to begin: separate from ``claim`` so the audit shows a run
@@ -1290,6 +1301,8 @@ class SqliteStore(LedgerStatements, AlertStatements):
         duration_s: float | None = None,
         pause_after_failures: int = 0,
         cancel_reason: str | None = None,
+        owner: str | None = None,
+        attempt: int | None = None,
     ) -> Row:
         """Close the current attempt and move the run on, in one transaction.
 
@@ -1305,10 +1318,10 @@ class SqliteStore(LedgerStatements, AlertStatements):
         with self.tx():
             # UPDATE, then SELECT the row: SQLite's RETURNING costs more than both together
             # (it goes through a temporary table), once per attempt, on the loop.
-            self.conn.execute(
+            matched = self.conn.execute(
                 "UPDATE runs SET status=?, failures=failures+?, not_before=?, lease_owner=NULL,"
                 " lease_expires_at=NULL, cancel_requested=0, outcome=?, exit_code=?, error=?,"
-                " duration_s=?, finished_at=? WHERE id=?",
+                f" duration_s=?, finished_at=? WHERE id=?{_FENCE}",
                 (
                     next_status,
                     1 if counted else 0,
@@ -1319,11 +1332,16 @@ class SqliteStore(LedgerStatements, AlertStatements):
                     duration_s,
                     ts if final else None,
                     run_id,
+                    owner,
+                    owner,
+                    attempt,
                 ),
-            )
+            ).rowcount
             run = self._one("SELECT id, task_id, attempt, failures FROM runs WHERE id=?", (run_id,))
             if run is None:
                 raise StateRefused("unknown_run", f"no run {run_id!r}")
+            if not matched:
+                raise StateRefused("lease_lost", f"run {run_id} is no longer held by {owner}")
             self.conn.execute(
                 "UPDATE attempts SET finished_at=?, outcome=?, exit_code=?, http_status=?,"
                 " error=?, duration_s=? WHERE run_id=? AND attempt=? AND finished_at IS NULL",
@@ -1399,6 +1417,8 @@ class SqliteStore(LedgerStatements, AlertStatements):
                             duration_s=f.duration_s,
                             pause_after_failures=f.pause_after_failures,
                             cancel_reason=f.cancel_reason,
+                            owner=f.owner,
+                            attempt=f.attempt,
                         )
             except BaseException:
                 unit.abort()
@@ -1428,6 +1448,9 @@ class SqliteStore(LedgerStatements, AlertStatements):
                     f.duration_s,
                     ts if final else None,
                     f.run_id,
+                    f.owner,
+                    f.owner,
+                    f.attempt,
                 )
             )
             attempts.append(
@@ -1479,11 +1502,11 @@ class SqliteStore(LedgerStatements, AlertStatements):
             updated = conn.executemany(
                 "UPDATE runs SET status=?, failures=failures+?, not_before=?, lease_owner=NULL,"
                 " lease_expires_at=NULL, cancel_requested=0, outcome=?, exit_code=?, error=?,"
-                " duration_s=?, finished_at=? WHERE id=?",
+                f" duration_s=?, finished_at=? WHERE id=?{_FENCE}",
                 runs,
             ).rowcount
             if updated != len(items):
-                raise StateRefused("unknown_run", f"{len(items) - updated} of the runs are gone")
+                raise self._why_not_finished(items)
             conn.executemany(
                 "UPDATE attempts SET finished_at=?, outcome=?, exit_code=?, http_status=?,"
                 " error=?, duration_s=? WHERE run_id=? AND attempt=? AND finished_at IS NULL",
@@ -1501,6 +1524,17 @@ class SqliteStore(LedgerStatements, AlertStatements):
                 [(*last[t], t) for t in last if t not in succeeded],
             )
             self._insert_events(events)
+
+    def _why_not_finished(self, items: Sequence[Finish]) -> StateRefused:
+        """The refusal for a batch in which some runs did not match: gone, or (fenced) no
+        longer held by the finishing owner at that attempt."""
+        ids = [f.run_id for f in items]
+        marks = ",".join("?" * len(ids))
+        found = {r[0] for r in self.conn.execute(f"SELECT id FROM runs WHERE id IN ({marks})", ids)}
+        gone = [i for i in ids if i not in found]
+        if gone:
+            return StateRefused("unknown_run", f"{len(gone)} of the runs are gone")
+        return StateRefused("lease_lost", "a run of the batch is no longer held by its finisher")
 
     def _quarantine_locked(
         self, run: Row, now: datetime, error: str | None, pause_after: int

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import sqlite_utils
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 
 def _migrate_1(db: sqlite_utils.Database) -> None:
@@ -214,6 +214,16 @@ def _migrate_6(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE attempts ADD COLUMN boot_id TEXT")
 
 
+def _migrate_7(db: sqlite_utils.Database) -> None:
+    """The node registry: each daemon that has opened this state, what it runs (version,
+    config generation) and when it was last seen (``Store.node_seen``)."""
+    db.execute(
+        "CREATE TABLE nodes (id TEXT PRIMARY KEY, host TEXT NOT NULL, pid INTEGER NOT NULL,"
+        " version TEXT NOT NULL, config_generation TEXT NOT NULL, started_at TEXT NOT NULL,"
+        " last_seen TEXT NOT NULL, stopped_at TEXT)"
+    )
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migrate_1,
     _migrate_2,
@@ -221,4 +231,5 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migrate_4,
     _migrate_5,
     _migrate_6,
+    _migrate_7,
 ]

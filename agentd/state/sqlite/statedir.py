@@ -409,10 +409,13 @@ def check_jobstore_header(root: Path) -> Finding | None:
 # ---------------------------------------------------------------- at start
 
 
-def startup_guard(root: Path, *, accept_empty_state: bool = False) -> list[Finding]:
+def startup_guard(
+    root: Path, *, accept_empty_state: bool = False, state_here: bool = True
+) -> list[Finding]:
     """Everything that must be known before SQLite opens the state: raises a ``Refusal``
     for the first reason not to go on, else returns the findings to log (warnings, and
-    an intact WAL's "ok").
+    an intact WAL's "ok"). ``state_here`` False: agentd's state is elsewhere (the
+    PostgreSQL engine), and only the jobstore in the state dir is checked.
 
     Its only writes: a refused WAL's evidence copy and ``MARKER``; with
     ``accept_empty_state``, an orphaned WAL renamed aside (SQLite would delete it)."""
@@ -420,6 +423,11 @@ def startup_guard(root: Path, *, accept_empty_state: bool = False) -> list[Findi
     marker = check_marker(root)
     if marker is not None:
         raise marker.refusal()
+    if not state_here:
+        found = check_jobstore_header(root)
+        if found is not None:
+            raise found.refusal()
+        return warnings
     empty = check_empty_state(root)
     if empty is not None:
         if not accept_empty_state:

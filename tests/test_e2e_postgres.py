@@ -1,0 +1,274 @@
+"""A real daemon on PostgreSQL (``state: {url: ...}``): it starts, runs tasks, answers
+its API and CLI, stops and starts again on the same database; a wrong password or an
+unreachable server is a clear refusal that never shows the password."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import psycopg
+import pytest
+from harness import Agentd, wait_for
+from pgcluster import PgCluster
+
+from agentd import exitcodes
+
+pytestmark = pytest.mark.e2e
+
+TASKS = """
+tick:
+  schedule: {every: 1s}
+  command: {argv: ["true"]}
+once:
+  schedule: {manual: true}
+  command: {argv: ["true"]}
+"""
+
+
+def node_on(root: Path, tasks: str, url: str) -> Agentd:
+    """A daemon of its own (state dir, port, log) on the shared database."""
+    root.mkdir()
+    return Agentd(root, tasks, "", f"state: {{url: '{url}'}}")
+
+
+def _runs(url: str, task: str) -> list[tuple[str, str]]:
+    with psycopg.connect(url) as conn:
+        return [
+            (str(r[0]), str(r[1]))
+            for r in conn.execute(
+                "SELECT id, status FROM runs WHERE task_id=%s ORDER BY id", (task,)
+            )
+        ]
+
+
+def test_a_daemon_runs_on_postgresql_and_starts_again_on_the_same_database(
+    make_daemon: Callable[..., Agentd], pg_url: str
+) -> None:
+    d = make_daemon(TASKS, top=f"state: {{url: '{pg_url}'}}").start()
+    assert "state: PostgreSQL at 127.0.0.1:" in d.log()
+    wait_for(
+        lambda: sum(s == "succeeded" for _, s in _runs(pg_url, "tick")) >= 2,
+        what="two interval runs recorded in PostgreSQL",
+    )
+    run_id = d.trigger("once")
+    wait_for(
+        lambda: (run_id, "succeeded") in _runs(pg_url, "once"), what="the manual run to succeed"
+    )
+    assert not (d.state_dir / "state.sqlite").exists()  # the state is in PostgreSQL
+    [node] = json.loads(d.cli("nodes", "--json").stdout)
+    assert node["alive"] is True
+    assert d.stop() == 0
+    before = len(_runs(pg_url, "tick"))
+    d.start()
+    wait_for(lambda: len(_runs(pg_url, "tick")) > before, what="runs after the restart")
+    statuses = [s for _, s in _runs(pg_url, "once")]
+    assert statuses == ["succeeded"]  # the finished run is not run again
+    assert d.stop() == 0
+    # With no daemon answering, the CLI reads the shared state itself.
+    nodes = json.loads(d.cli("nodes", "--json").stdout)
+    assert len(nodes) == 2 and all(n["stopped_at"] for n in nodes)
+    out = d.cli("runs", "--task", "once", "--json").stdout
+    assert [r["status"] for r in json.loads(out)] == ["succeeded"]
+
+
+def test_a_wrong_password_or_a_dead_server_is_a_clear_refusal(
+    make_daemon: Callable[..., Agentd], pg_cluster: PgCluster, pg_url: str
+) -> None:
+    pg_cluster.psql("CREATE ROLE strict LOGIN PASSWORD 'right-one'")
+    strict = pg_url.replace("agentd@", "strict@")
+    # The cluster trusts every local connection; a dead port stands in for a refusal.
+    dead = strict.replace(f":{pg_cluster.port}/", ":9/")
+    d = make_daemon(
+        TASKS,
+        top=f"state: {{url: '{dead}', password_env: AGENTD_DB_PASSWORD}}",
+    )
+    d.start(wait_ready=False, env={"AGENTD_DB_PASSWORD": "s3cret-value"})
+    wait_for(d.proc_exited, what="the daemon to refuse", timeout=60)
+    assert d.proc is not None and d.proc.returncode == exitcodes.STATE_UNUSABLE
+    log = d.log()
+    assert "state: PostgreSQL at 127.0.0.1:9/" in log and "cannot be used" in log
+    assert "s3cret-value" not in log and "Traceback" not in log
+
+
+def _occurrences(url: str) -> list[tuple[str, str, int, str]]:
+    """(task, scheduled_for, runs made for it, the node of its first attempt)."""
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            "SELECT r.task_id, r.scheduled_for, count(DISTINCT r.id),"
+            " min(a.worker) FROM runs r LEFT JOIN attempts a ON a.run_id = r.id"
+            " WHERE r.trigger IN ('schedule', 'catchup') GROUP BY r.task_id, r.scheduled_for"
+        ).fetchall()
+    return [(str(t), str(s), int(n), str(w)) for t, s, n, w in rows]
+
+
+def test_three_nodes_on_one_database_make_one_run_per_occurrence(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """Every node's scheduler fires every occurrence; the state makes one run of each
+    (its idempotency key), whichever nodes fire it, and the nodes share the work. A
+    ``skip`` task that outlasts its interval never runs twice at once across nodes."""
+    tasks = """
+    quick:
+      schedule: {every: 1s}
+      command: {argv: ["true"]}
+    slow:
+      schedule: {every: 1s}
+      overlap: skip
+      command: {argv: ["sleep", "1.5"]}
+    """
+    nodes = [node_on(tmp_path / f"node{i}", tasks, pg_url) for i in range(3)]
+    try:
+        for node in nodes:
+            node.start()
+        wait_for(
+            lambda: sum(t == "quick" for t, _, _, _ in _occurrences(pg_url)) >= 8,
+            what="eight occurrences of the quick task",
+            timeout=60,
+        )
+        for node in nodes:
+            assert node.stop() == 0
+    finally:
+        for node in nodes:
+            if node.proc is not None and node.proc.poll() is None:
+                node.kill9()
+    occurrences = _occurrences(pg_url)
+    assert occurrences and all(n == 1 for _, _, n, _ in occurrences), occurrences
+    workers = {w for t, _, _, w in occurrences if t == "quick" and w != "None"}
+    assert len(workers) >= 2, workers  # shared: not one node doing everything
+    with psycopg.connect(pg_url) as conn:
+        spans = conn.execute(
+            "SELECT a.started_at, a.finished_at FROM attempts a JOIN runs r ON r.id=a.run_id"
+            " WHERE r.task_id='slow' AND a.finished_at IS NOT NULL ORDER BY a.started_at"
+        ).fetchall()
+    assert spans
+    for (_, end), (start, _) in itertools.pairwise(spans):
+        assert start >= end, spans  # overlap: skip held across the nodes
+
+
+def test_a_node_killed_mid_run_has_its_run_recovered_by_another_node(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """``kill -9`` of the node running a run: another node, once the dead node is not
+    seen for a lease, re-queues the run without spending a retry and runs it; the run
+    succeeds once, and its attempts say which node ran what."""
+    tasks = """
+    work:
+      schedule: {manual: true}
+      retry: {max_attempts: 1}
+      command: {argv: ["sleep", "2"]}
+    """
+    nodes = [node_on(tmp_path / f"node{i}", tasks, pg_url) for i in range(3)]
+    try:
+        for node in nodes:
+            node.start()
+        run_id = nodes[0].trigger("work")
+
+        def holder() -> str | None:
+            with psycopg.connect(pg_url) as conn:
+                row = conn.execute(
+                    "SELECT lease_owner FROM runs WHERE id=%s AND status='running'", (run_id,)
+                ).fetchone()
+            return None if row is None else str(row[0])
+
+        wait_for(lambda: holder() is not None, what="the run to be claimed")
+        owner = holder()
+        assert owner is not None
+        [victim] = [n for n in nodes if n.proc is not None and owner.endswith(f":{n.proc.pid}")]
+        victim.kill9()
+
+        def outcome() -> tuple[str, int, int] | None:
+            with psycopg.connect(pg_url) as conn:
+                row = conn.execute(
+                    "SELECT status, failures, attempt FROM runs WHERE id=%s", (run_id,)
+                ).fetchone()
+            return None if row is None else (str(row[0]), int(row[1]), int(row[2]))
+
+        wait_for(lambda: (outcome() or ("",))[0] == "succeeded", what="recovery", timeout=60)
+        status, failures, attempt = outcome() or ("", -1, -1)
+        assert (status, failures, attempt) == ("succeeded", 0, 2)
+        with psycopg.connect(pg_url) as conn:
+            attempts = conn.execute(
+                "SELECT attempt, worker, outcome FROM attempts WHERE run_id=%s ORDER BY attempt",
+                (run_id,),
+            ).fetchall()
+            recover = conn.execute(
+                "SELECT data FROM events WHERE run_id=%s AND kind='recover'", (run_id,)
+            ).fetchall()
+        assert [(a, o) for a, _, o in attempts] == [(1, "lost"), (2, "success")]
+        assert attempts[0][1] == owner and attempts[1][1] != owner
+        [(data,)] = recover
+        assert json.loads(data)["previous_owner"] == owner
+        for node in nodes:
+            if node is not victim:
+                assert node.stop() == 0
+    finally:
+        for node in nodes:
+            if node.proc is not None and node.proc.poll() is None:
+                node.kill9()
+
+
+def test_a_node_stopped_past_its_lease_records_nothing_for_the_run_it_lost(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """SIGSTOP the node running a run until another node has taken the run over, then
+    SIGCONT it: the old holder finds its lease gone, stops its copy, records nothing,
+    and says so; the run's outcome is the new holder's."""
+    tasks = """
+    work:
+      schedule: {manual: true}
+      command: {argv: ["sleep", "4"]}
+    """
+    nodes = [node_on(tmp_path / f"node{i}", tasks, pg_url) for i in range(2)]
+    try:
+        for node in nodes:
+            node.start()
+        run_id = nodes[0].trigger("work")
+
+        def run() -> tuple[str, str | None, int]:
+            with psycopg.connect(pg_url) as conn:
+                row = conn.execute(
+                    "SELECT status, lease_owner, attempt FROM runs WHERE id=%s", (run_id,)
+                ).fetchone()
+            assert row is not None
+            return str(row[0]), row[1], int(row[2])
+
+        wait_for(lambda: run()[0] == "running", what="the run to be claimed")
+        owner = run()[1]
+        assert owner is not None
+        [victim] = [n for n in nodes if n.proc is not None and owner.endswith(f":{n.proc.pid}")]
+        victim.signal(signal.SIGSTOP)
+        try:
+            wait_for(
+                lambda: run()[2] == 2 and run()[1] not in (None, owner),
+                what="another node to take the run over",
+                timeout=60,
+            )
+        finally:
+            victim.signal(signal.SIGCONT)
+        victim.wait_log("lease lost", "the old holder to say it lost the lease")
+        wait_for(lambda: run()[0] == "succeeded", what="the new holder's outcome", timeout=60)
+        log = victim.log()
+        assert "lease lost" in log and run_id in log
+        with psycopg.connect(pg_url) as conn:
+            attempts = conn.execute(
+                "SELECT attempt, worker, outcome FROM attempts WHERE run_id=%s ORDER BY attempt",
+                (run_id,),
+            ).fetchall()
+            finishes = conn.execute(
+                "SELECT count(*) FROM events WHERE run_id=%s AND kind IN"
+                " ('success', 'failure', 'cancel', 'interrupt')",
+                (run_id,),
+            ).fetchone()
+        assert [(a, o) for a, _, o in attempts] == [(1, "lost"), (2, "success")]
+        assert attempts[1][1] != owner
+        assert finishes == (1,)  # the new holder's success, nothing of the old holder's
+        for node in nodes:
+            assert node.stop() == 0
+    finally:
+        for node in nodes:
+            if node.proc is not None and node.proc.poll() is None:
+                node.kill9()
