@@ -424,3 +424,68 @@ def test_a_closed_store_stays_closed(pg_url: str) -> None:
     with pytest.raises(StorageError):
         store.task_rows()
     store.close()  # twice is harmless
+
+
+HOT_TABLES = ("runs", "attempts", "events", "tasks")
+
+
+def _seq_scans(url: str) -> dict[str, int]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SELECT pg_stat_clear_snapshot()")
+        rows = conn.execute(
+            "SELECT relname, seq_scan FROM pg_stat_user_tables WHERE relname = ANY(%s)",
+            (list(HOT_TABLES),),
+        ).fetchall()
+    return {str(name): int(n) for name, n in rows}
+
+
+def test_the_hot_path_uses_indexes_on_a_large_history(
+    pg_url: str, stores: list[PostgresStore]
+) -> None:
+    """With 50,000 finished runs and 150,000 events, no verb a running daemon calls on
+    every tick or run (fire, claim, start, heartbeat, finish, the idle checks, the reads
+    of one run) scans a large table: each uses an index. Checked through the server's
+    own counters (``pg_stat_user_tables.seq_scan``), whatever SQL the engine sends."""
+    store = _open(stores, pg_url)
+    store.sync_tasks(TASKS, at(0))
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO runs(id, task_id, trigger, scheduled_for, idempotency_key, status,"
+            " attempt, failures, created_at, finished_at, outcome)"
+            " SELECT 'old-' || lpad(i::text, 8, '0'), 'a', 'schedule', '2026-01-01T00:00:00Z',"
+            " 'a@old' || i, 'succeeded', 1, 0, '2026-01-01T00:00:00Z', '2026-01-01T00:00:01Z',"
+            " 'success' FROM generate_series(1, 50000) AS i"
+        )
+        conn.execute(
+            "INSERT INTO attempts(run_id, attempt, worker, started_at, finished_at, outcome)"
+            " SELECT 'old-' || lpad(i::text, 8, '0'), 1, 'w', '2026-01-01T00:00:00Z',"
+            " '2026-01-01T00:00:01Z', 'success' FROM generate_series(1, 50000) AS i"
+        )
+        conn.execute(
+            "INSERT INTO events(ts, kind, task_id, run_id, data) SELECT"
+            " '2026-01-01T00:00:00Z', 'success', 'a', 'old-' || lpad((i % 50000)::text, 8, '0'),"
+            " '{}' FROM generate_series(1, 150000) AS i"
+        )
+        conn.execute("ANALYZE")
+    fired = store.fire("b", at(1), trigger="manual", overlap="allow")  # warm the plans
+    before = _seq_scans(pg_url)
+    for i in range(3):
+        result = store.fire("a", at(10 + i), scheduled_for=at(10 + i), overlap="allow")
+        store.version()
+        store.first_queued_at()
+        [claimed] = store.claim(at(11 + i), "node", 30, 1, set(), set())
+        store.mark_started_many([(claimed["id"], claimed["task_id"], "/w")], at(11 + i))
+        store.heartbeat([claimed["id"]], "node", at(12 + i), 30)
+        store.cancel_requests("node")
+        store.get_run(result.run_id)
+        store.events(result.run_id)
+        store.finish(
+            claimed["id"], at(13 + i), outcome=Outcome.SUCCESS,
+            next_status=RunStatus.SUCCEEDED, owner="node", attempt=claimed["attempt"],
+        )  # fmt: skip
+    store.close()
+    stores.remove(store)
+    after = _seq_scans(pg_url)
+    assert fired.created
+    scanned = {t: after[t] - before[t] for t in ("runs", "attempts", "events")}
+    assert scanned == {"runs": 0, "attempts": 0, "events": 0}, scanned
