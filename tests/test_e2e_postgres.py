@@ -4,11 +4,12 @@ unreachable server is a clear refusal that never shows the password."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -35,6 +36,27 @@ def node_on(root: Path, tasks: str, url: str) -> Agentd:
     """A daemon of its own (state dir, port, log) on the shared database."""
     root.mkdir()
     return Agentd(root, tasks, "", f"state: {{url: '{url}'}}")
+
+
+@contextlib.contextmanager
+def running_nodes(root: Path, url: str, *tasks: str) -> Iterator[list[Agentd]]:
+    """One started daemon per ``tasks`` entry on the shared database; any still running
+    at the end (a failed test) is killed."""
+    nodes = [node_on(root / f"node{i}", t, url) for i, t in enumerate(tasks)]
+    try:
+        for node in nodes:
+            node.start()
+        yield nodes
+    finally:
+        for node in nodes:
+            if node.proc is not None and node.proc.poll() is None:
+                node.kill9()
+
+
+def node_of(nodes: list[Agentd], owner: str) -> Agentd:
+    """The node whose process holds leases as ``owner`` (``host:pid``)."""
+    [node] = [n for n in nodes if n.proc is not None and owner.endswith(f":{n.proc.pid}")]
+    return node
 
 
 def _runs(url: str, task: str) -> list[tuple[str, str]]:
@@ -123,10 +145,7 @@ def test_three_nodes_on_one_database_make_one_run_per_occurrence(
       overlap: skip
       command: {argv: ["sleep", "1.5"]}
     """
-    nodes = [node_on(tmp_path / f"node{i}", tasks, pg_url) for i in range(3)]
-    try:
-        for node in nodes:
-            node.start()
+    with running_nodes(tmp_path, pg_url, tasks, tasks, tasks) as nodes:
         wait_for(
             lambda: sum(t == "quick" for t, _, _, _ in _occurrences(pg_url)) >= 8,
             what="eight occurrences of the quick task",
@@ -134,10 +153,6 @@ def test_three_nodes_on_one_database_make_one_run_per_occurrence(
         )
         for node in nodes:
             assert node.stop() == 0
-    finally:
-        for node in nodes:
-            if node.proc is not None and node.proc.poll() is None:
-                node.kill9()
     occurrences = _occurrences(pg_url)
     assert occurrences and all(n == 1 for _, _, n, _ in occurrences), occurrences
     workers = {w for t, _, _, w in occurrences if t == "quick" and w != "None"}
@@ -164,10 +179,7 @@ def test_a_node_killed_mid_run_has_its_run_recovered_by_another_node(
       retry: {max_attempts: 1}
       command: {argv: ["sleep", "2"]}
     """
-    nodes = [node_on(tmp_path / f"node{i}", tasks, pg_url) for i in range(3)]
-    try:
-        for node in nodes:
-            node.start()
+    with running_nodes(tmp_path, pg_url, tasks, tasks, tasks) as nodes:
         run_id = nodes[0].trigger("work")
 
         def holder() -> str | None:
@@ -180,7 +192,7 @@ def test_a_node_killed_mid_run_has_its_run_recovered_by_another_node(
         wait_for(lambda: holder() is not None, what="the run to be claimed")
         owner = holder()
         assert owner is not None
-        [victim] = [n for n in nodes if n.proc is not None and owner.endswith(f":{n.proc.pid}")]
+        victim = node_of(nodes, owner)
         victim.kill9()
 
         def outcome() -> tuple[str, int, int] | None:
@@ -208,10 +220,6 @@ def test_a_node_killed_mid_run_has_its_run_recovered_by_another_node(
         for node in nodes:
             if node is not victim:
                 assert node.stop() == 0
-    finally:
-        for node in nodes:
-            if node.proc is not None and node.proc.poll() is None:
-                node.kill9()
 
 
 def test_a_node_stopped_past_its_lease_records_nothing_for_the_run_it_lost(
@@ -225,10 +233,7 @@ def test_a_node_stopped_past_its_lease_records_nothing_for_the_run_it_lost(
       schedule: {manual: true}
       command: {argv: ["sleep", "4"]}
     """
-    nodes = [node_on(tmp_path / f"node{i}", tasks, pg_url) for i in range(2)]
-    try:
-        for node in nodes:
-            node.start()
+    with running_nodes(tmp_path, pg_url, tasks, tasks) as nodes:
         run_id = nodes[0].trigger("work")
 
         def run() -> tuple[str, str | None, int]:
@@ -242,7 +247,7 @@ def test_a_node_stopped_past_its_lease_records_nothing_for_the_run_it_lost(
         wait_for(lambda: run()[0] == "running", what="the run to be claimed")
         owner = run()[1]
         assert owner is not None
-        [victim] = [n for n in nodes if n.proc is not None and owner.endswith(f":{n.proc.pid}")]
+        victim = node_of(nodes, owner)
         victim.signal(signal.SIGSTOP)
         try:
             wait_for(
@@ -271,10 +276,6 @@ def test_a_node_stopped_past_its_lease_records_nothing_for_the_run_it_lost(
         assert finishes == (1,)  # the new holder's success, nothing of the old holder's
         for node in nodes:
             assert node.stop() == 0
-    finally:
-        for node in nodes:
-            if node.proc is not None and node.proc.poll() is None:
-                node.kill9()
 
 
 def test_a_run_is_cancelled_through_any_node_within_a_second(tmp_path: Path, pg_url: str) -> None:
@@ -286,10 +287,7 @@ def test_a_run_is_cancelled_through_any_node_within_a_second(tmp_path: Path, pg_
       schedule: {manual: true}
       command: {argv: ["sleep", "60"]}
     """
-    nodes = [node_on(tmp_path / f"node{i}", tasks, pg_url) for i in range(2)]
-    try:
-        for node in nodes:
-            node.start()
+    with running_nodes(tmp_path, pg_url, tasks, tasks) as nodes:
         run_id = nodes[0].trigger("work")
 
         def status_and_owner() -> tuple[str, str | None]:
@@ -303,17 +301,13 @@ def test_a_run_is_cancelled_through_any_node_within_a_second(tmp_path: Path, pg_
         wait_for(lambda: status_and_owner()[0] == "running", what="the run to start")
         owner = status_and_owner()[1]
         assert owner is not None
-        [other] = [n for n in nodes if n.proc is not None and not owner.endswith(f":{n.proc.pid}")]
+        [other] = [n for n in nodes if n is not node_of(nodes, owner)]
         started = time.monotonic()
         other.cli("cancel", run_id)
         wait_for(lambda: status_and_owner()[0] == "cancelled", what="the cancel", timeout=30)
         assert time.monotonic() - started < 3.0  # "within a second", with margin for load
         for node in nodes:
             assert node.stop() == 0
-    finally:
-        for node in nodes:
-            if node.proc is not None and node.proc.poll() is None:
-                node.kill9()
 
 
 def test_postgresql_restarted_under_a_running_daemon_is_survived(
@@ -363,17 +357,10 @@ def test_a_node_whose_tasks_differ_from_the_others_is_shown(tmp_path: Path, pg_u
       schedule: {manual: true}
       command: {argv: ["echo", "new"]}
     """
-    nodes = [node_on(tmp_path / f"node{i}", same if i < 2 else changed, pg_url) for i in range(3)]
-    try:
-        for node in nodes:
-            node.start()
+    with running_nodes(tmp_path, pg_url, same, same, changed) as nodes:
         listed = {n["pid"]: n for n in json.loads(nodes[0].cli("nodes", "--json").stdout)}
         pids = [n.proc.pid for n in nodes if n.proc is not None]
         assert [listed[p]["config_differs"] for p in pids] == [False, False, True]
         assert len({listed[p]["config_generation"] for p in pids}) == 2
         for node in nodes:
             assert node.stop() == 0
-    finally:
-        for node in nodes:
-            if node.proc is not None and node.proc.poll() is None:
-                node.kill9()

@@ -333,8 +333,13 @@ def test_a_runner_that_lost_a_lease_stops_its_copy_and_records_nothing(
             while not (active.job is not None and active.job.done()):
                 assert time.monotonic() < deadline, "A's copy was not stopped"
                 await asyncio.sleep(0.01)
-            for _ in range(20):  # let any outcome A might record reach the state
-                await asyncio.sleep(0.01)
+            # The job's end has run its callbacks: had A handed an outcome over, it would
+            # wait in the runner's flush (or its commit) now.
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            assert active.stop_reason == "lease_lost"
+            assert runner._finishing == [] and runner._committing is None
+            assert runner.unrecorded == []
         assert "lease lost run=" + run_id in caplog.text
         run = b_store.get_run(run_id)
         assert run["status"] == "running" and run["lease_owner"] == "node-b"
