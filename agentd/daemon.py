@@ -22,7 +22,7 @@ import urllib.parse
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from zoneinfo import ZoneInfo
 
 import prometheus_client
@@ -39,7 +39,7 @@ from agentd.config import (
 )
 from agentd.configload import ConfigLoad
 from agentd.control import Control
-from agentd.events import EventBus
+from agentd.events import Event, EventBus, OrderedFeed
 from agentd.executors import ExecEnv, command
 from agentd.gauges import GaugeSchedule
 from agentd.health import Health
@@ -70,6 +70,9 @@ LOOP_FIRST_SWITCH_S = 0.001  # see _loop_first
 # writes fail first and turn readiness off at once; idle, a full disk harms nothing
 # until work arrives, and readiness still sees it within this.
 WRITE_PROBE_S = 30.0
+# On a shared database, how often event streams look for other nodes' events (they send
+# no notice of their commits); only while a stream is open.
+FEED_POLL_S = 0.25
 # Fault injection for tests of /healthz: while this file exists the main loop stops
 # ticking (as if an await inside it hung) but the event loop keeps serving HTTP.
 WEDGE_ENV = "AGENTD_TEST_WEDGE_FILE"
@@ -135,6 +138,8 @@ class Daemon:
         self.pruner: Pruner | None = None  # retention (agentd.state.sqlite.retention)
         self.health = Health(stale_after_s=config.daemon.liveness_stale_after)
         self.bus = EventBus()
+        self.feed: OrderedFeed | None = None
+        """Feeds ``bus`` every committed event in id order, this node's and others'."""
         self.metrics = Metrics(__version__)
         self.notifier = Notifier()
         self._watchdog: asyncio.Task[None] | None = None
@@ -238,6 +243,15 @@ class Daemon:
             if str(extra) not in sys.path:
                 sys.path.insert(0, str(extra))
         self.store = await self._make_store(cfg, root)
+        self.feed = OrderedFeed(
+            self.bus,
+            lambda after, limit: (
+                cast(list[Event], self.store.events(None, after, limit)) if self.store else []
+            ),
+            loop,
+            # Other nodes send no notice of their commits: look while anyone follows.
+            poll_s=FEED_POLL_S if self.store.shared else None,
+        )
         self.store.watch(loop, self._on_ring)
         self.store.redactor = self.redactor
         self.store.on_write = lambda exc: self.health.fault(
@@ -271,6 +285,7 @@ class Daemon:
         # jobstore table) are made off the loop, so probes are answered meanwhile.
         with _loop_first(), _refusing(root):
             self.scheduler = await asyncio.to_thread(self._prepare, cfg, jobs_path)
+        self.feed.start(self.store.latest_event_id())
         self.gateway = Gateway(self.store, cfg, self.clock)
         self.oversight = Oversight(self.store, cfg, self.clock, self.metrics)
         self.store.fire_gate = self.oversight.budget_gate
@@ -671,6 +686,8 @@ class Daemon:
             self._watchdog.cancel()
         if self.store:
             self.store.unwatch()  # before the lock: only the lock holder watches
+        if self.feed:
+            self.feed.stop()
         self.lock.release()
         self.reaper.detach()
         code = exitcodes.FORCED if self.force_exit else exitcodes.OK
@@ -757,6 +774,8 @@ class Daemon:
         """A CLI wrote the state DB itself (see ``doorbell``): look now."""
         log.info("doorbell: state DB changed by a CLI, looking now")
         self._wake.set()
+        if self.feed:
+            self.feed.remote()
 
     async def _reload_task_main(self) -> None:
         """One reload in its own task, RELOADING to READY; whatever happens in it, the
@@ -949,7 +968,8 @@ class Daemon:
         self.metrics.on_event(event)
         if self.oversight:
             self.oversight.on_event(event)
-        self.bus.publish(event)
+        if self.feed:
+            self.feed.local(event)
         data: dict[str, Any] = event["data"]
         extras = " ".join(f"{k}={_fmt(v)}" for k, v in sorted(data.items()) if v is not None)
         log.info(
