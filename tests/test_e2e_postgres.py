@@ -8,9 +8,13 @@ import contextlib
 import itertools
 import json
 import signal
+import sys
+import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psycopg
@@ -19,6 +23,10 @@ from harness import Agentd, wait_for
 from pgcluster import PgCluster
 
 from agentd import exitcodes
+
+sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
+import fake_llm
+from fake_llm import ThreadedFakeLLM
 
 pytestmark = pytest.mark.e2e
 
@@ -32,20 +40,28 @@ once:
 """
 
 
-def node_on(root: Path, tasks: str, url: str) -> Agentd:
+def node_on(root: Path, tasks: str, url: str, daemon: str = "", top: str = "") -> Agentd:
     """A daemon of its own (state dir, port, log) on the shared database."""
     root.mkdir()
-    return Agentd(root, tasks, "", f"state: {{url: '{url}'}}")
+    return Agentd(root, tasks, daemon, f"state: {{url: '{url}'}}\n{textwrap.dedent(top)}")
 
 
 @contextlib.contextmanager
-def running_nodes(root: Path, url: str, *tasks: str) -> Iterator[list[Agentd]]:
-    """One started daemon per ``tasks`` entry on the shared database; any still running
-    at the end (a failed test) is killed."""
-    nodes = [node_on(root / f"node{i}", t, url) for i, t in enumerate(tasks)]
+def running_nodes(
+    root: Path,
+    url: str,
+    *tasks: str,
+    daemon: str = "",
+    top: str = "",
+    env: dict[str, str] | None = None,
+) -> Iterator[list[Agentd]]:
+    """One started daemon per ``tasks`` entry on the shared database (``daemon`` and
+    ``top`` config sections and ``env`` the same for each); any still running at the
+    end (a failed test) is killed."""
+    nodes = [node_on(root / f"node{i}", t, url, daemon, top) for i, t in enumerate(tasks)]
     try:
         for node in nodes:
-            node.start()
+            node.start(env=env)
         yield nodes
     finally:
         for node in nodes:
@@ -364,3 +380,165 @@ def test_a_node_whose_tasks_differ_from_the_others_is_shown(tmp_path: Path, pg_u
         assert len({listed[p]["config_generation"] for p in pids}) == 2
         for node in nodes:
             assert node.stop() == 0
+
+
+def _follow(
+    url: str,
+    headers: dict[str, str],
+    out: list[dict[str, Any]],
+    stop: threading.Event,
+    ready: threading.Event,
+) -> None:
+    """Read an event stream into ``out`` until ``stop`` is set (checked per frame or
+    keep-alive)."""
+    with httpx.stream("GET", url, headers=headers, timeout=httpx.Timeout(30, read=30)) as r:
+        ready.set()
+        data: list[str] = []
+        for line in r.iter_lines():
+            if stop.is_set():
+                return
+            if line.startswith("data:"):
+                data.append(line[5:].strip())
+            elif line == "" and data:
+                out.append(json.loads("".join(data)))
+                data = []
+
+
+def test_an_event_stream_on_any_node_carries_every_nodes_events_in_order(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """Runs triggered through both nodes and run by either: a stream on node 0 and one
+    on node 1 each carry exactly the database's events, in id order, none missing or
+    doubled, whichever node committed them."""
+    tasks = """
+    job:
+      schedule: {manual: true}
+      command: {argv: ["true"]}
+    """
+    with running_nodes(tmp_path, pg_url, tasks, tasks) as nodes:
+        with psycopg.connect(pg_url) as conn:
+            row = conn.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()
+        assert row is not None
+        since = int(row[0])
+        streams: list[list[dict[str, Any]]] = [[], []]
+        stop = threading.Event()
+        readers = []
+        for node, out in zip(nodes, streams, strict=True):
+            ready = threading.Event()
+            reader = threading.Thread(
+                target=_follow,
+                args=(
+                    node.url + "/v1/events/stream",
+                    {"Last-Event-ID": str(since)},
+                    out,
+                    stop,
+                    ready,
+                ),
+                daemon=True,
+            )
+            reader.start()
+            assert ready.wait(30)
+            readers.append(reader)
+        runs = [nodes[i % 2].trigger("job") for i in range(6)]
+        wait_for(
+            lambda: dict(_runs(pg_url, "job")) == dict.fromkeys(runs, "succeeded"),
+            what="every run to succeed",
+        )
+        with psycopg.connect(pg_url) as conn:
+            expected = [
+                int(r[0])
+                for r in conn.execute("SELECT id FROM events WHERE id > %s ORDER BY id", (since,))
+            ]
+            committed_by = {
+                str(r[0])
+                for r in conn.execute(
+                    "SELECT DISTINCT a.worker FROM attempts a WHERE a.run_id = ANY(%s)", (runs,)
+                )
+            }
+        for out in streams:
+            wait_for(
+                lambda out=out: len(out) >= len(expected),  # type: ignore[misc]
+                what="each stream to carry every event",
+            )
+        stop.set()
+        for out in streams:
+            assert [e["id"] for e in out[: len(expected)]] == expected
+            assert {e["run_id"] for e in out} >= set(runs)
+        # Both nodes enqueued runs (and the test is about more than one committer).
+        enqueued = {e["run_id"] for e in streams[0] if e["kind"] == "enqueue"}
+        assert enqueued == set(runs) and committed_by
+        for node in nodes:
+            assert node.stop() == 0
+
+
+def test_three_nodes_calling_a_model_at_once_never_spend_past_the_cap(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """Twelve agent runs at once on three nodes (four slots each) against one scripted
+    provider that answers the first eleven calls together, so every node's next
+    reservations race each other: the task's daily cap is never passed (each call's
+    worst case is reserved under a lock that every node takes), and the calls really
+    overlapped across the nodes. (That the lock is what holds it, with the races
+    forced, is ``tests/contract/test_ledger.py``'s three-store test.)"""
+    cap = 0.2
+    tasks = """
+    spend:
+      schedule: {manual: true}
+      overlap: allow
+      agent: {provider: fake, prompt: "{item}", items: [a, b, c, d, e]}
+      budget: {task: {usd_per_day: 0.2}}
+    """
+    with ThreadedFakeLLM() as llm:
+        llm.default = lambda req: fake_llm.ok("fine", prompt_tokens=10, completion_tokens=5)
+        llm.gate = 11  # the first calls (0.018 reserved each) answered together
+        top = f"""
+        providers:
+          fake:
+            base_url: {llm.url}
+            api_key_env: AGENTD_E2E_LLM_KEY
+            default_model: m1
+            max_tokens: 10
+            prices: {{m1: {{input: 1000, output: 1000}}}}   # 0.001 USD a token
+        """
+        with running_nodes(
+            tmp_path,
+            pg_url,
+            tasks,
+            tasks,
+            tasks,
+            daemon="concurrency: 4",
+            top=top,
+            env={"AGENTD_E2E_LLM_KEY": "sk-test"},
+        ) as nodes:
+            runs = [
+                httpx.post(f"{nodes[i % 3].url}/v1/tasks/spend/trigger", timeout=10).json()[
+                    "run_id"
+                ]
+                for i in range(12)
+            ]
+
+            def finished() -> bool:
+                return all(s not in ("queued", "running") for _, s in _runs(pg_url, "spend"))
+
+            wait_for(finished, timeout=90, what="every run to end")
+            with psycopg.connect(pg_url) as conn:
+                spent, calls, reserved = conn.execute(
+                    "SELECT COALESCE(SUM(cost_usd), 0), COUNT(*),"
+                    " COUNT(*) FILTER (WHERE state = 'reserved') FROM ledger"
+                ).fetchone() or (0, 0, 0)
+                callers = {
+                    str(r[0])
+                    for r in conn.execute(
+                        "SELECT DISTINCT a.worker FROM ledger l JOIN attempts a"
+                        " ON a.run_id = l.run_id"
+                    )
+                }
+            statuses = sorted({s for _, s in _runs(pg_url, "spend")})
+            for node in nodes:
+                assert node.stop() == 0
+    assert len(runs) == 12 and reserved == 0
+    assert float(spent) <= cap + 1e-9, f"{calls} calls spent {spent} past the cap {cap}"
+    # 0.015 a call, reserved at up to 0.018: 11 to 13 calls fit; the rest were refused.
+    assert 11 <= calls <= 13 and len(llm.requests) == calls
+    assert "budget_exhausted" in statuses
+    assert llm.max_in_flight >= 4 and len(callers) >= 2, (llm.max_in_flight, callers)
