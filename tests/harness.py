@@ -93,6 +93,7 @@ class Agentd:
 
     def start(self, wait_ready: bool = True, env: dict[str, str] | None = None) -> Agentd:
         log = self.log_path.open("ab")
+        begun = log.tell()  # a restart appends: only this process's lines say it started
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "agentd.cli", "run", "--config", str(self.config)],
             stdout=log,
@@ -103,7 +104,10 @@ class Agentd:
         log.close()
         if wait_ready:
             wait_for(
-                lambda: "agentd started" in self.log() or self.proc_exited(), what="daemon start"
+                lambda: (
+                    b"agentd started" in self.log_path.read_bytes()[begun:] or self.proc_exited()
+                ),
+                what="daemon start",
             )
             assert not self.proc_exited(), f"daemon exited early:\n{self.log()}"
         return self
