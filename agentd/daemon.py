@@ -257,7 +257,7 @@ class Daemon:
         self.store.on_write = lambda exc: self.health.fault(
             "state DB", None if exc is None else str(exc)
         )
-        self.control = Control(self.store, cfg, self.clock, on_change=self._wake.set)
+        self.control = Control(self.store, cfg, self.clock, on_change=self._api_wrote)
         self.http = HttpServer(
             control=self.control,
             health=self.health,
@@ -770,9 +770,21 @@ class Daemon:
             log.info("signal %s again: already shutting down, ignored", name)
         self._wake.set()
 
+    def _api_wrote(self) -> None:
+        """An API call changed the state: this node looks now, and on a shared database
+        so do the others (a cancel reaches the run's holder, a pause every scheduler)."""
+        self._wake.set()
+        if self.store is not None and self.store.shared:
+            self.store.announce_change()
+
     def _on_ring(self) -> None:
-        """A CLI wrote the state DB itself (see ``doorbell``): look now."""
-        log.info("doorbell: state DB changed by a CLI, looking now")
+        """Another process changed the state: a CLI that wrote the state DB itself
+        (SQLite's doorbell), or on a shared database another node or CLI (a notice).
+        Look now."""
+        if self.store is not None and self.store.shared:
+            log.info("change notice: another node or a CLI changed the state, looking now")
+        else:
+            log.info("doorbell: state DB changed by a CLI, looking now")
         self._wake.set()
         if self.feed:
             self.feed.remote()
