@@ -212,3 +212,27 @@ def test_a_fenced_finish_by_a_node_that_lost_the_lease_records_nothing(
     second_store.finish_many([replace(stale, attempt=2, owner="node-b", at=at(13))])
     assert store.get_run(run_id)["status"] == RunStatus.SUCCEEDED
     assert [a["outcome"] for a in store.attempts(run_id)] == [Outcome.LOST, Outcome.SUCCESS]
+
+
+def test_a_task_that_may_not_overlap_waits_while_any_process_runs_one(
+    store: Store, second_store: Store
+) -> None:
+    """``busy_tasks`` is what the claiming process runs itself; a run of the task that
+    another process holds (another node on a shared state) keeps the task busy too, so
+    a queued run behind it waits, on every process, until it ends."""
+    first = fire_at(store, "a", 0, overlap="queue_all")
+    second = fire_at(store, "a", 1, overlap="queue_all")
+    b = fire_at(store, "b", 1)
+    assert [r["id"] for r in store.claim(at(2), "node1", 30, 5, set(), set())] == [first, b]
+    assert second_store.claim(at(2), "node2", 30, 5, set(), set()) == []
+    assert store.claim(at(2), "node1", 30, 5, set(), set()) == []
+    store.finish(first, at(3), outcome=Outcome.SUCCESS, next_status=RunStatus.SUCCEEDED)
+    assert [r["id"] for r in second_store.claim(at(3), "node2", 30, 5, set(), set())] == [second]
+
+
+def test_a_task_that_may_overlap_is_claimed_beside_its_running_runs(
+    store: Store, second_store: Store
+) -> None:
+    ids = [fire_at(store, "a", i, overlap="allow") for i in range(2)]
+    assert [r["id"] for r in store.claim(at(2), "node1", 30, 1, set(), {"a"})] == ids[:1]
+    assert [r["id"] for r in second_store.claim(at(2), "node2", 30, 5, set(), {"a"})] == ids[1:]

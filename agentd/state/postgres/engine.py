@@ -1014,12 +1014,15 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
         allow_overlap: set[str],
     ) -> list[ClaimedRun]:
         """Take up to ``limit`` due runs under a lease; at most one per task unless
-        allowed. The rows are locked as they are read (``FOR UPDATE SKIP LOCKED``): a run
+        allowed, counting the runs every node holds (``busy_tasks`` are this node's own;
+        the write lock makes the look and the take one step across nodes). The rows are
+        locked as they are read (``FOR UPDATE SKIP LOCKED``): a run
         another transaction holds is passed over, never waited for nor taken twice."""
         if limit <= 0:
             return []
         claimed: list[Row] = []
         excluded = set(busy_tasks) - allow_overlap
+        allowed = sorted(allow_overlap)
         expires = to_iso(_plus(now, lease_s))
         with self.tx():
             while len(claimed) < limit:
@@ -1029,9 +1032,11 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
                     " WHERE r.status='queued' AND r.not_before <= %s AND t.present=1"
                     " AND (t.paused=0 OR r.trigger IN ('manual','release'))"
                     " AND r.task_id <> ALL(%s::text[])"
+                    " AND (r.task_id = ANY(%s::text[]) OR NOT EXISTS (SELECT 1 FROM runs x"
+                    " WHERE x.task_id = r.task_id AND x.status = 'running'))"
                     " ORDER BY r.not_before, r.scheduled_for, r.created_at, r.id"
                     " LIMIT %s FOR UPDATE OF r SKIP LOCKED",
-                    (to_iso(now), sorted(excluded), want),
+                    (to_iso(now), sorted(excluded), allowed, want),
                 )
                 taken = []
                 for row in rows:

@@ -138,6 +138,16 @@ CLAIM_COLUMNS = (
 of each row to a dict was a tenth of claiming."""
 
 
+_NOT_RUNNING_ELSEWHERE = (
+    "(r.task_id IN (SELECT value FROM json_each(?)) OR NOT EXISTS (SELECT 1 FROM runs x"
+    " WHERE x.task_id = r.task_id AND x.status IN ('queued','running')"
+    " AND x.status = 'running'))"
+)
+"""A claim's condition that a task that may not overlap has no run running in any
+process (a CLI's second instance, a restored DB's old owner). The IN term, implied by
+the equality, lets SQLite use the partial index ``idx_runs_active``."""
+
+
 @_speak_the_port
 class SqliteStore(LedgerStatements, AlertStatements, NodeStatements):
     """The SQLite engine behind ``agentd.state.port.Store``."""
@@ -1051,12 +1061,14 @@ class SqliteStore(LedgerStatements, AlertStatements, NodeStatements):
         busy_tasks: set[str],
         allow_overlap: set[str],
     ) -> list[ClaimedRun]:
-        """Take up to ``limit`` due runs under a lease; at most one per task unless allowed."""
+        """Take up to ``limit`` due runs under a lease; at most one per task unless allowed,
+        counting the runs any process holds (``busy_tasks`` are this process's own)."""
         if limit <= 0:
             return []
         claimed: list[Row] = []
         # Tasks that may not take (another) run now; overlap=allow tasks never are.
         excluded = set(busy_tasks) - allow_overlap
+        allowed = json.dumps(sorted(allow_overlap))
         expires = to_iso(_plus(now, lease_s))
         with self.tx():
             while len(claimed) < limit:
@@ -1072,8 +1084,9 @@ class SqliteStore(LedgerStatements, AlertStatements, NodeStatements):
                     " WHERE r.status='queued' AND r.not_before <= ? AND t.present=1"
                     " AND (t.paused=0 OR r.trigger IN ('manual','release'))"
                     " AND r.task_id NOT IN (SELECT value FROM json_each(?))"
+                    f" AND {_NOT_RUNNING_ELSEWHERE}"
                     " ORDER BY r.not_before, r.scheduled_for, r.rowid LIMIT ?",
-                    (to_iso(now), json.dumps(sorted(excluded)), want),
+                    (to_iso(now), json.dumps(sorted(excluded)), allowed, want),
                 )
                 taken = []
                 for row in rows:
