@@ -1,24 +1,13 @@
-"""History bounded by configuration: what the state DB forgets, and the thread that
-forgets it in small batches.
+"""History bounded by configuration on the SQLite engine: what the state DB forgets, and
+the thread that forgets it in small batches.
 
-What goes (``history:`` in the config, see ``HistoryConfig``):
+What goes and what never goes is the same on every engine (``agentd.state.retention``,
+whose policy this module uses: ``cutoffs``, the judgements of a run, the batch walk,
+the report and the thread's timing; its names ``cutoffs``, ``Cutoffs``, ``Selection``,
+``Report`` and ``run_id_bound`` are reachable from here too). This module is SQLite's
+SQL for it.
 
-- finished runs (succeeded, cancelled, skipped, budget_exhausted, and quarantined ones
-  once out of quarantine) that finished more than ``keep_runs`` ago, and those beyond
-  a task's newest ``max_runs_per_task``; each with its attempts, checkpoint, events and
-  workspace directory. Queued and running runs never go, nor a run still in the
-  ``quarantine`` table, nor a run with an event the alert outbox has yet to read (of
-  the kinds it reads);
-- quarantine entries older than ``keep_quarantine`` (dropped, with a ``drop`` event);
-- events tied to no run, older than ``keep_events`` (and already read by the outbox);
-- ledger rows and budget alarms older than ``keep_ledger`` (never under 32 days:
-  budget windows count them), except a reservation in flight and the spend of a run
-  that may still call a model (queued, running or in quarantine);
-- alerts and their finished (delivered or failed) deliveries older than
-  ``keep_alerts``; never an alert with a delivery pending, nor a pending delivery.
-
-The policy is plain functions: ``cutoffs`` (settings and a time in, the cut for each
-kind out) and one selector per kind, which reads the next batch of what goes after a
+One selector per kind, which reads the next batch of what goes after a
 cursor. Every selector's query is served by an index (``QUERIES`` lists them; a test
 checks their plans): runs are cut by their id, which begins with the creation second
 (``YYYYMMDDTHHMMSS``, see ``store.new_run_id``), on the primary key; the other tables
@@ -39,113 +28,56 @@ restart); ``stop()`` returns within one batch. ``prune_command`` is ``agentd pru
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
-import re
-import shutil
-import signal
 import sqlite3
 import sys
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from agentd import exitcodes
 from agentd.clock import Clock, SystemClock, to_iso
-from agentd.config import LEDGER_FLOOR_S, Config, HistoryConfig
-from agentd.metrics import PRUNE_KINDS
-from agentd.models import ALERT_EVENTS, ALERTS_CURSOR, FINAL_STATUSES, EventKind
+from agentd.config import Config, HistoryConfig
+from agentd.models import ALERTS_CURSOR, EventKind
+from agentd.state import retention as neutral
+from agentd.state.retention import (
+    ALERT_KINDS,
+    BATCH_ROWS,
+    BATCH_RUNS,
+    FIRST_PASS_S,
+    SETTINGS_POLL_S,
+    Cutoffs,
+    Report,
+    Row,
+    Selection,
+    cutoffs,
+    existing_workspaces,
+    print_report,
+    remove_trees,
+    run_finished_before,
+    run_id_bound,
+    run_may_go,
+    run_selection,
+    tree_bytes,
+    walk,
+    workspace_dir,
+)
 from agentd.state.sqlite import statedir
 from agentd.state.sqlite.migrations import SCHEMA_VERSION
 
 log = logging.getLogger("agentd.retention")
 
-PRUNABLE_STATUSES = FINAL_STATUSES
-"""Succeeded, cancelled, skipped, budget_exhausted, and quarantined once out of the
-quarantine table: never queued or running."""
-BATCH_RUNS = 50
-"""Runs per transaction: each brings its events (about four), attempts and checkpoint,
-so a batch is a few hundred rows and a few milliseconds."""
-BATCH_ROWS = 300
-"""Rows per transaction for the one-row kinds (events, ledger, alerts...)."""
-GAP_MIN_S = 0.02
-GAP_FACTOR = 4.0
-"""Between batches the pruner waits GAP_FACTOR times as long as the last batch held the
-write lock (at least GAP_MIN_S): it holds the lock at most a fifth of the time while it
-works, and still deletes a couple of thousand runs a second."""
 FOLD_EVERY = 16
 """Batches between checkpoints of the pruner's own (``connect``), and one after a pass."""
-FIRST_PASS_S = 60.0
-"""The first pass waits this long after start (or ``prune_every``, if shorter): the
-start's own work (catch-up fires, recovery) comes first."""
-STOP_JOIN_S = 5.0
-SETTINGS_POLL_S = 30.0
-"""While waiting for its next pass the pruner looks at ``prune_every`` this often."""
-_ALERT_KINDS = json.dumps(sorted(ALERT_EVENTS))
-"""The events the alert outbox reads: a run with one it has not read yet stays."""
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-Row = dict[str, Any]
+_ALERT_KINDS = json.dumps(list(ALERT_KINDS))
+"""The events the alert outbox reads, as ``json_each`` takes them."""
 
 
 # ---------------------------------------------------------------- policy
-
-
-@dataclass(frozen=True)
-class Cutoffs:
-    """For each kind, the instant before which its rows go (None: kept forever)."""
-
-    now: datetime
-    runs: datetime | None
-    max_runs_per_task: int | None
-    events: datetime | None
-    quarantine: datetime | None
-    ledger: datetime | None
-    alerts: datetime | None
-
-
-def cutoffs(history: HistoryConfig, now: datetime) -> Cutoffs:
-    """What ``history`` keeps, as instants before ``now``. The ledger's is never later
-    than 32 days before ``now``, whatever the settings say: budget months count it."""
-
-    def before(keep_s: float | None) -> datetime | None:
-        return None if keep_s is None else now - timedelta(seconds=keep_s)
-
-    ledger = history.keep_ledger
-    return Cutoffs(
-        now=now,
-        runs=before(history.keep_runs),
-        max_runs_per_task=history.max_runs_per_task,
-        events=before(history.keep_events),
-        quarantine=before(history.keep_quarantine),
-        ledger=before(None if ledger is None else max(ledger, LEDGER_FLOOR_S)),
-        alerts=before(history.keep_alerts),
-    )
-
-
-def run_id_bound(cut: datetime) -> str:
-    """Every run id below this was created before ``cut``'s second (ids begin with
-    their creation second in UTC), so only those can have finished before ``cut``."""
-    return cut.astimezone(UTC).strftime("%Y%m%dT%H%M%S")
-
-
-def run_finished_before(run: Row, cut: datetime | None) -> bool:
-    """A finished run that ended before ``cut`` (a run without an end time: created)."""
-    if cut is None or run["status"] not in PRUNABLE_STATUSES:
-        return False
-    return str(run["finished_at"] or run["created_at"]) < to_iso(cut)
-
-
-def run_may_go(run: Row, held: set[str], unread: set[str]) -> bool:
-    """Never a queued or running run, one in quarantine, or one with an event the alert
-    outbox has not read."""
-    return run["status"] in PRUNABLE_STATUSES and run["id"] not in held | unread
 
 
 QUERIES: dict[str, str] = {
@@ -217,20 +149,6 @@ QUERIES: dict[str, str] = {
 """Every statement retention runs; each one's plan searches an index (see the tests)."""
 
 
-@dataclass
-class Selection:
-    """The next batch of one kind: ``keys`` go; ``times`` are the instants each was
-    judged by (for the dry run's oldest and newest); ``cursor`` is where the next
-    batch of the kind starts and ``more`` whether there may be one."""
-
-    keys: list[Any]
-    cursor: Any
-    more: bool
-    times: list[str] = field(default_factory=list)
-    runs: list[tuple[str, str]] = field(default_factory=list)
-    """For runs: (task_id, run_id) of each, for their workspaces."""
-
-
 Selector = Callable[[sqlite3.Connection, Cutoffs, Any, int], Selection]
 
 
@@ -259,16 +177,6 @@ def _guards(conn: sqlite3.Connection, rows: list[Row], cut: Cutoffs) -> tuple[se
     return held, unread
 
 
-def _run_selection(rows: list[Row], cursor: Any, more: bool) -> Selection:
-    return Selection(
-        keys=[r["id"] for r in rows],
-        cursor=cursor,
-        more=more,
-        times=[str(r["finished_at"] or r["created_at"]) for r in rows],
-        runs=[(r["task_id"], r["id"]) for r in rows],
-    )
-
-
 def select_old_runs(conn: sqlite3.Connection, cut: Cutoffs, cursor: Any, limit: int) -> Selection:
     """Finished runs that ended before ``cut.runs``, in id (creation) order from
     ``cursor`` (a run id, "" to begin)."""
@@ -284,7 +192,7 @@ def select_old_runs(conn: sqlite3.Connection, cut: Cutoffs, cursor: Any, limit: 
         return Selection([], cursor, False)
     held, unread = _guards(conn, rows, cut)
     going = [r for r in rows if run_may_go(r, held, unread) and run_finished_before(r, cut.runs)]
-    return _run_selection(going, rows[-1]["id"], len(rows) == limit)
+    return run_selection(going, rows[-1]["id"], len(rows) == limit)
 
 
 def select_capped_runs(
@@ -324,7 +232,7 @@ def select_capped_runs(
     going = [
         r for r in rows if run_may_go(r, held, unread) and not run_finished_before(r, cut.runs)
     ]
-    return _run_selection(going, next_cursor, True)
+    return run_selection(going, next_cursor, True)
 
 
 def select_quarantine(conn: sqlite3.Connection, cut: Cutoffs, cursor: Any, limit: int) -> Selection:
@@ -348,35 +256,12 @@ def select_quarantine(conn: sqlite3.Connection, cut: Cutoffs, cursor: Any, limit
     )
 
 
-def _walk(
-    rows: Sequence[tuple[Any, ...]],
-    edge: str,
-    cursor: Any,
-    limit: int,
-    keep: Callable[[tuple[Any, ...]], bool] = lambda _row: False,
-    ceiling: int | None = None,
-) -> Selection:
-    """``rows`` are (id, instant, ...) in id order, in which instants grow: they go up
-    to the first one at or after ``edge``, or above ``ceiling``, where the walk stops;
-    ``keep`` holds some back (the walk goes past them)."""
-    keys: list[Any] = []
-    times: list[str] = []
-    for row in rows:
-        if str(row[1]) >= edge or (ceiling is not None and row[0] > ceiling):
-            return Selection(keys, cursor, False, times)
-        cursor = row[0]
-        if not keep(row):
-            keys.append(row[0])
-            times.append(str(row[1]))
-    return Selection(keys, cursor, len(rows) == limit, times)
-
-
 def select_events(conn: sqlite3.Connection, cut: Cutoffs, cursor: Any, limit: int) -> Selection:
     """Events tied to no run, older than ``cut.events``, that the outbox has read."""
     if cut.events is None:
         return Selection([], cursor, False)
     rows = conn.execute(QUERIES["events"], (cursor or 0, limit)).fetchall()
-    return _walk(rows, to_iso(cut.events), cursor, limit, ceiling=_outbox_cursor(conn))
+    return walk(rows, to_iso(cut.events), cursor, limit, ceiling=_outbox_cursor(conn))
 
 
 def select_ledger(conn: sqlite3.Connection, cut: Cutoffs, cursor: Any, limit: int) -> Selection:
@@ -387,7 +272,7 @@ def select_ledger(conn: sqlite3.Connection, cut: Cutoffs, cursor: Any, limit: in
     rows = conn.execute(QUERIES["ledger"], (cursor or 0, limit)).fetchall()
     runs = _ids(sorted({r[2] for r in rows if r[2]}))
     live = {r[0] for r in conn.execute(QUERIES["live_runs"], (runs, runs))}
-    return _walk(
+    return walk(
         rows, to_iso(cut.ledger), cursor, limit, keep=lambda r: r[3] == "reserved" or r[2] in live
     )
 
@@ -401,7 +286,7 @@ def select_budget_alarms(
     if cut.ledger is None:
         return Selection([], cursor, False)
     rows = conn.execute(QUERIES["budget_alarms"], (cursor or 0, limit)).fetchall()
-    return _walk(rows, to_iso(cut.ledger), cursor, limit)
+    return walk(rows, to_iso(cut.ledger), cursor, limit)
 
 
 def select_alerts(conn: sqlite3.Connection, cut: Cutoffs, cursor: Any, limit: int) -> Selection:
@@ -410,7 +295,7 @@ def select_alerts(conn: sqlite3.Connection, cut: Cutoffs, cursor: Any, limit: in
         return Selection([], cursor, False)
     rows = conn.execute(QUERIES["alerts"], (cursor or 0, limit)).fetchall()
     pending = {r[0] for r in conn.execute(QUERIES["pending_alerts"])}
-    return _walk(rows, to_iso(cut.alerts), cursor, limit, keep=lambda r: r[0] in pending)
+    return walk(rows, to_iso(cut.alerts), cursor, limit, keep=lambda r: r[0] in pending)
 
 
 def select_outbox(conn: sqlite3.Connection, cut: Cutoffs, cursor: Any, limit: int) -> Selection:
@@ -419,7 +304,7 @@ def select_outbox(conn: sqlite3.Connection, cut: Cutoffs, cursor: Any, limit: in
     if cut.alerts is None:
         return Selection([], cursor, False)
     rows = conn.execute(QUERIES["outbox"], (cursor or 0, limit)).fetchall()
-    return _walk(rows, to_iso(cut.alerts), cursor, limit, keep=lambda r: r[2] == "pending")
+    return walk(rows, to_iso(cut.alerts), cursor, limit, keep=lambda r: r[2] == "pending")
 
 
 # ---------------------------------------------------------------- deleting (or counting)
@@ -510,67 +395,6 @@ STEPS = (
 # ---------------------------------------------------------------- the executor
 
 
-@dataclass
-class Report:
-    """What one pass pruned (or, dry, would prune): counts per kind, and for each kind
-    the oldest and newest instant it was judged by among what went."""
-
-    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PRUNE_KINDS, 0))
-    oldest: dict[str, str] = field(default_factory=dict)
-    newest: dict[str, str] = field(default_factory=dict)
-    workspace_bytes: int = 0
-    """Dry run: the size of the workspaces that would go."""
-    batches: int = 0
-    seconds: float = 0.0
-    stopped: bool = False
-    """The pass was stopped (shutdown) before it was done."""
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-    def add(self, counts: Mapping[str, int], kind: str, times: Sequence[str]) -> None:
-        for name, n in counts.items():
-            self.counts[name] = self.counts.get(name, 0) + n
-        if times:
-            low, high = min(times), max(times)
-            if kind not in self.oldest or low < self.oldest[kind]:
-                self.oldest[kind] = low
-            if kind not in self.newest or high > self.newest[kind]:
-                self.newest[kind] = high
-
-    def summary(self) -> str:
-        return " ".join(f"{k}={n}" for k, n in self.counts.items() if n) or "nothing"
-
-    def as_dict(self) -> Row:
-        return {
-            "counts": self.counts,
-            "oldest": self.oldest,
-            "newest": self.newest,
-            "workspace_bytes": self.workspace_bytes,
-            "batches": self.batches,
-            "seconds": round(self.seconds, 3),
-            "stopped": self.stopped,
-        }
-
-
-def workspace_dir(state_dir: Path, task_id: str, run_id: str) -> Path | None:
-    """``<state_dir>/runs/<task>/<run>`` (``runner.workspace_path``), or None for a name
-    that could lead out of it."""
-    if not (_SAFE_NAME.match(task_id) and _SAFE_NAME.match(run_id)):
-        return None
-    return state_dir / "runs" / task_id / run_id
-
-
-def _tree_bytes(path: Path) -> int:
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            with contextlib.suppress(OSError):  # gone meanwhile
-                total += os.lstat(os.path.join(root, name)).st_size
-    return total
-
-
 def fold(conn: sqlite3.Connection) -> None:
     """A PASSIVE checkpoint: copies what it can of the WAL into the DB file without
     taking a lock a writer needs (and does nothing if another checkpoint runs). A
@@ -604,26 +428,11 @@ def remove_workspaces(
     """Remove the workspace directories of runs whose deletion ``conn`` committed, once
     that commit is durable; returns how many there were. A failure is logged and costs
     only that directory (it stays, without its run)."""
-    paths = [workspace_dir(state_dir, task_id, run_id) for task_id, run_id in runs]
-    found = [p for p in paths if p is not None and (p.is_dir() or p.is_symlink())]
+    found = existing_workspaces(state_dir, runs)
     if not found:
         return 0  # most runs write nothing
     durable(conn)
-    removed = 0
-    for path in found:
-        if stopped():
-            break
-        try:
-            if path.is_symlink():
-                path.unlink()
-            else:
-                shutil.rmtree(path)
-            removed += 1
-        except FileNotFoundError:
-            continue  # gone meanwhile
-        except OSError as exc:
-            log.warning("retention: could not remove workspace %s: %s", path, exc)
-    return removed
+    return remove_trees(found, stopped)
 
 
 def prune(
@@ -731,7 +540,7 @@ def _count_step(
             path = workspace_dir(state_dir, task_id, run_id)
             if path is not None and path.is_dir():
                 report.counts["workspaces"] += 1
-                report.workspace_bytes += _tree_bytes(path)
+                report.workspace_bytes += tree_bytes(path)
         if not sel.more:
             return True
         if stopped():
@@ -782,12 +591,14 @@ def schema_problem(conn: sqlite3.Connection) -> str | None:
 # ---------------------------------------------------------------- the thread
 
 
-class Pruner:
-    """Prune passes on a thread of its own with a connection of its own: the first
-    ``first_pass_s`` (or ``prune_every``, if shorter) after ``start``, then
-    ``prune_every`` after each pass ends. ``settings`` is read at each pass, so a
-    reloaded config applies from the next one. ``on_pruned`` gets each pass's counts
-    (metrics) when it pruned anything."""
+class Pruner(neutral.Pruner):
+    """Prune passes on a thread of its own with a connection of its own (``connect``),
+    timed as ``agentd.state.retention.Pruner`` says: the first ``first_pass_s`` (or
+    ``prune_every``, if shorter) after ``start``, then ``prune_every`` after each pass
+    ends. ``settings`` is read at each pass, so a reloaded config applies from the next
+    one. ``on_pruned`` gets each pass's counts (metrics) when it pruned anything."""
+
+    expected_errors = (sqlite3.Error,)
 
     def __init__(
         self,
@@ -802,37 +613,18 @@ class Pruner:
         batch_runs: int = BATCH_RUNS,
         batch_rows: int = BATCH_ROWS,
     ) -> None:
+        super().__init__(
+            settings,
+            clock,
+            on_pruned,
+            first_pass_s=first_pass_s,
+            settings_poll_s=settings_poll_s,
+            batch_runs=batch_runs,
+            batch_rows=batch_rows,
+        )
         self.db_path = db_path
         self.state_dir = state_dir
-        self.settings = settings
-        self.clock: Clock = clock or SystemClock()
-        self.on_pruned = on_pruned
-        self.first_pass_s = first_pass_s
-        self.settings_poll_s = settings_poll_s
-        self.batch_runs = batch_runs
-        self.batch_rows = batch_rows
-        self.passes = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._main, name="agentd-retention", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout_s: float = STOP_JOIN_S) -> bool:
-        """Stop the thread and wait for it: a batch in flight commits first, a pass
-        ends after it. False if it had not ended within ``timeout_s``."""
-        self._stop.set()
-        if self._thread is None:
-            return True
-        self._thread.join(timeout_s)
-        if self._thread.is_alive():
-            log.warning("retention: the pruner did not stop within %gs", timeout_s)
-            return False
-        return True
-
-    def _pace(self, batch_s: float) -> bool:
-        return not self._stop.wait(max(GAP_MIN_S, GAP_FACTOR * batch_s))
+        self._conn: sqlite3.Connection | None = None
 
     def run_pass(self, conn: sqlite3.Connection) -> Report:
         """One pass now on ``conn``; logs one line and counts it when it pruned anything."""
@@ -845,46 +637,18 @@ class Pruner:
             batch_runs=self.batch_runs,
             batch_rows=self.batch_rows,
         )
-        self.passes += 1
-        if report.total:
-            log.info(
-                "retention: pruned %s in %.2fs, %d batch(es)%s",
-                report.summary(),
-                report.seconds,
-                report.batches,
-                " (stopped for shutdown)" if report.stopped else "",
-            )
-            if self.on_pruned:
-                self.on_pruned(report.counts)
+        self._counted(report)
         return report
 
-    def _due_in(self, since: float, first: bool) -> float:
-        """Seconds until the next pass: ``prune_every`` after the last one ended (read
-        now, so a reload that shortens it applies without waiting out the old one)."""
-        every = self.settings().prune_every
-        return since + (min(self.first_pass_s, every) if first else every) - time.monotonic()
+    def _one_pass(self) -> None:
+        if self._conn is None:
+            self._conn = connect(self.db_path)
+        self.run_pass(self._conn)
 
-    def _main(self) -> None:
-        conn: sqlite3.Connection | None = None
-        since, first = time.monotonic(), True
-        try:
-            while not self._stop.is_set():
-                wait_s = self._due_in(since, first)
-                if wait_s > 0:
-                    self._stop.wait(min(wait_s, self.settings_poll_s))
-                    continue
-                try:
-                    if conn is None:
-                        conn = connect(self.db_path)
-                    self.run_pass(conn)
-                except sqlite3.Error as exc:
-                    log.warning("retention: prune pass failed, the next one is as usual: %s", exc)
-                except Exception:
-                    log.exception("retention: prune pass failed, the next one is as usual")
-                since, first = time.monotonic(), False
-        finally:
-            if conn is not None:
-                conn.close()
+    def _close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
 
 # ---------------------------------------------------------------- agentd prune
@@ -910,76 +674,15 @@ def prune_command(config: Config, args: argparse.Namespace) -> int:
             return 1
         cut = cutoffs(config.history, SystemClock().now())
         # Ctrl-C ends the prune between batches, and what went is still reported.
-        interrupted = threading.Event()
-        previous = signal.signal(signal.SIGINT, lambda _sig, _frame: interrupted.set())
-        try:
+        with neutral.ctrl_c_stops() as interrupted:
 
             def pace(batch_s: float) -> bool:
-                return not interrupted.wait(max(GAP_MIN_S, GAP_FACTOR * batch_s))
+                return not interrupted.wait(neutral.gap(batch_s))
 
             report = prune(
                 conn, root, cut, pace=pace, stopped=interrupted.is_set, dry_run=args.dry_run
             )
-        finally:
-            signal.signal(signal.SIGINT, previous)
     finally:
         conn.close()
-    _print_report(args, config.history, cut, report)
+    print_report(args, config.history, cut, report)
     return exitcodes.FORCED if report.stopped else exitcodes.OK
-
-
-def _print_report(
-    args: argparse.Namespace, history: HistoryConfig, cut: Cutoffs, report: Report
-) -> None:
-    settings = history.model_dump()
-    edges = {
-        kind: None if when is None else to_iso(when)
-        for kind, when in (
-            ("runs", cut.runs),
-            ("events", cut.events),
-            ("quarantine", cut.quarantine),
-            ("ledger", cut.ledger),
-            ("alerts", cut.alerts),
-        )
-    }
-    if args.json:
-        out = {
-            "dry_run": bool(args.dry_run),
-            "history": settings,
-            "before": edges,
-            **report.as_dict(),
-        }
-        print(json.dumps(out, indent=2))
-        return
-    shown = ", ".join(f"{k}: {_setting(v)}" for k, v in settings.items())
-    print(f"{'would prune' if args.dry_run else 'pruned'} (history: {shown})")
-    print("  before: " + ", ".join(f"{k} {v or 'never'}" for k, v in edges.items()))
-    if report.stopped:
-        print("  (interrupted: the counts are what went until then)")
-    for kind in PRUNE_KINDS:
-        line = f"  {kind:<14}{report.counts.get(kind, 0):>10,}"
-        if kind == "workspaces" and args.dry_run and report.counts.get(kind):
-            line += f"  {_size(report.workspace_bytes)}"
-        if kind in report.oldest:
-            line += f"  oldest {report.oldest[kind]}  newest {report.newest[kind]}"
-        print(line)
-
-
-def _setting(value: Any) -> str:
-    if value is None:
-        return "forever"
-    if isinstance(value, float):
-        for unit, seconds in (("d", 86400), ("h", 3600), ("m", 60)):
-            if value >= seconds and value % seconds == 0:
-                return f"{value / seconds:g}{unit}"
-        return f"{value:g}s"
-    return str(value)
-
-
-def _size(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB"):
-        if size < 1024:
-            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} GiB"
