@@ -176,7 +176,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return doctor(config.daemon.state_dir, args)
     if args.command == "prune":
-        from agentd.state.sqlite.retention import prune_command  # directly on the state DB, no API
+        # Directly on the state DB, no API: the engine's own batches.
+        if config.state.url is not None:
+            from agentd.state.postgres import retention as pg_retention
+
+            return pg_retention.prune_command(config, args)
+        from agentd.state.sqlite.retention import prune_command
 
         return prune_command(config, args)
     from agentd.ops import state_command  # the daemon's modules: kept off `run`'s path

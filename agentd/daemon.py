@@ -52,9 +52,9 @@ from agentd.redact import Redactor, read_secrets
 from agentd.runner import Runner
 from agentd.scheduler import HEARTBEAT_S, Scheduler, SyncReport
 from agentd.state.port import StorageError, StorageFault, Store
+from agentd.state.retention import Pruner
 from agentd.state.sqlite import statedir
 from agentd.state.sqlite.engine import SqliteStore
-from agentd.state.sqlite.retention import Pruner
 from agentd.state.sqlite.statedir import StateLock, StateLocked, state_paths
 from agentd.systemd import Notifier
 
@@ -345,19 +345,36 @@ class Daemon:
         )
         # --- retention: prunes history on its own thread and connection; it reads
         # self.config.history at each pass, so a reload applies without a restart.
-        if cfg.state.url is not None:
-            log.warning(
-                "retention: not done on PostgreSQL yet; the history is kept whole "
-                "(history: settings apply to the embedded SQLite state only)"
+        # On PostgreSQL one node at a time prunes the shared history (the others skip
+        # that pass) and every node sweeps its own workspaces (state.postgres.retention).
+        if cfg.state.url is None:
+            from agentd.state.sqlite.retention import Pruner as SqlitePruner
+
+            self.pruner = SqlitePruner(
+                state_paths(cfg)[1],
+                root,
+                lambda: self.config.history,
+                self.clock,
+                on_pruned=self.metrics.pruned_history,
             )
-            return
-        self.pruner = Pruner(
-            state_paths(cfg)[1],
-            root,
-            lambda: self.config.history,
-            self.clock,
-            on_pruned=self.metrics.pruned_history,
-        )
+        else:
+            from agentd.state.postgres.retention import Pruner as PostgresPruner
+
+            try:
+                password = redact.read_secret(
+                    cfg.state.password_env, cfg.state.password_file, "state password"
+                )
+            except redact.SecretUnavailable as exc:
+                log.error("retention: not started, the history is kept whole: state: %s", exc)
+                return
+            self.pruner = PostgresPruner(
+                cfg.state.url,
+                password,
+                root,
+                lambda: self.config.history,
+                self.clock,
+                on_pruned=self.metrics.pruned_history,
+            )
         self.pruner.start()
         # --- end retention
 

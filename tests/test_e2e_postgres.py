@@ -103,7 +103,6 @@ def test_a_daemon_runs_on_postgresql_and_starts_again_on_the_same_database(
         lambda: (run_id, "succeeded") in _runs(pg_url, "once"), what="the manual run to succeed"
     )
     assert not (d.state_dir / "state.sqlite").exists()  # the state is in PostgreSQL
-    assert "retention: not done on PostgreSQL yet" in d.log()  # said, not pretended
     [node] = json.loads(d.cli("nodes", "--json").stdout)
     assert node["alive"] is True
     assert d.stop() == 0
@@ -619,3 +618,74 @@ def test_nodes_killed_at_random_moments_lose_and_double_nothing(
     # Kills landed mid-run, and another process took each lost attempt over.
     assert recovered is not None and recovered[0] > 0 and handovers, seed
     assert all(dead != next_ for dead, next_ in handovers), (seed, handovers)
+
+
+def _pruned(node: Agentd, kind: str) -> float:
+    """``agentd_pruned_total{kind}`` on ``node`` (0 while it does not answer)."""
+    try:
+        text = httpx.get(node.url + "/metrics", timeout=5).text
+    except httpx.TransportError:
+        return 0.0
+    for line in text.splitlines():
+        if line.startswith(f'agentd_pruned_total{{kind="{kind}"}}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def _workspaces(node: Agentd, task: str) -> set[str]:
+    where = node.state_dir / "runs" / task
+    return {p.name for p in where.iterdir()} if where.exists() else set()
+
+
+def test_two_nodes_keep_the_shared_history_and_their_own_workspaces_bounded(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """Two nodes with a task every second, each run leaving a workspace on the node that
+    ran it, and a tiny ``history:``: the shared history stays a handful of runs, the
+    pruning is done by one node at a time, and each node's own workspace directories
+    stay a handful too (the node that pruned a run removes its own directory; the other
+    sweeps its own at its next pass). Rows are counted where they were pruned,
+    workspaces on the node whose they were."""
+    tasks = """
+    tick:
+      schedule: {every: 1s}
+      command: {argv: ["echo", "x"]}
+    """
+    history = "history: {keep_runs: 2s, keep_events: 1s, prune_every: 1s}"
+    nodes = [node_on(tmp_path / f"node{i}", tasks, pg_url) for i in range(2)]
+    seen = {"runs": 0, "workspaces": 0}
+    try:
+        for node in nodes:
+            node.top += "\n" + history
+            node.write_config(tasks)
+            node.start()
+
+        def enough() -> bool:
+            seen["runs"] = max(seen["runs"], len(_runs(pg_url, "tick")))
+            for node in nodes:
+                seen["workspaces"] = max(seen["workspaces"], len(_workspaces(node, "tick")))
+            return sum(_pruned(n, "runs") for n in nodes) >= 12 and all(
+                _pruned(n, "workspaces") >= 3 for n in nodes
+            )
+
+        wait_for(enough, timeout=120, what="runs pruned, and each node's own workspaces")
+        # A run a second across the cluster, kept 2 s after it ends, a pass a second on
+        # each node: what is left stays a handful, in the database and on each node.
+        assert seen["runs"] <= 15 and seen["workspaces"] <= 15, seen
+        assert sum(_pruned(n, "events") for n in nodes) >= 12 * 3
+        assert any("retention: pruned runs=" in n.log() for n in nodes)
+        # Every directory a node still has is of a run the database still has, or of
+        # one its next pass sweeps: within a pass or two, none of an old run is left.
+        oldest_kept = min(r for r, _ in _runs(pg_url, "tick"))
+        for node in nodes:
+            wait_for(
+                lambda node=node: all(w >= oldest_kept for w in _workspaces(node, "tick")),
+                what="each node's directories of pruned runs to be swept",
+            )
+        for node in nodes:
+            assert node.stop() == 0
+            assert "Traceback" not in node.log()
+    finally:
+        for node in nodes:
+            if node.proc is not None and node.proc.poll() is None:
+                node.kill9()
