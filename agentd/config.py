@@ -655,7 +655,8 @@ Keep = Annotated[float | None, BeforeValidator(_keep)]
 
 
 class HistoryConfig(_Model):
-    """How much history the state DB keeps; ``agentd.state.sqlite.retention`` prunes the rest.
+    """How much history the state DB keeps; retention prunes the rest (the rules:
+    ``agentd.state.retention``; each engine's ``retention`` module does it).
 
     Only finished runs are pruned, each with its attempts, checkpoint, events and
     workspace; queued and running runs never are, nor a quarantined run while it is in

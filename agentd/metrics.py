@@ -57,7 +57,7 @@ OUTCOMES = {
     EventKind.BUDGET_EXHAUSTED: "budget_exhausted",
 }
 SKIP_REASONS = ("overlap", "queue_full", "paused", "budget")
-# What retention prunes (agentd.state.sqlite.retention), each an agentd_pruned_total series.
+# What retention prunes (agentd.state.retention), each an agentd_pruned_total series.
 PRUNE_KINDS = (
     "runs",
     "attempts",

@@ -4,6 +4,6 @@ WAL mode, ``synchronous=FULL``).
 ``engine`` (``SqliteStore``, the port's implementation, with the SQL of ``ledger`` and
 ``alerts``), ``migrations`` (the schema's history), ``statedir`` (the state dir, its
 lock, and the checks of its files before anything opens them), ``retention`` (pruning,
-in its own thread and connection). Import the submodule you need: the CLI's read paths
-load ``statedir`` alone.
+in its own thread and connection, by the rules of ``agentd.state.retention``). Import
+the submodule you need: the CLI's read paths load ``statedir`` alone.
 """
