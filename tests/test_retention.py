@@ -95,7 +95,7 @@ def finished(
         assert store.request_cancel(result.run_id, ended) == RunStatus.CANCELLED
         return result.run_id
     others = set(TASKS) - {task}
-    [row] = store.claim(created, "test-worker", 3600, 1, others, set())
+    [row] = store.claim(created, "test-worker", 3600, 1, others, {task})
     assert row["id"] == result.run_id
     if checkpoint:
         store.save_checkpoint(row["id"], {"next": 1}, created)
@@ -117,7 +117,7 @@ def queued(store: SqliteStore, task: str, created: datetime) -> str:
 def running(store: SqliteStore, task: str, created: datetime) -> str:
     run_id = queued(store, task, created)
     others = set(TASKS) - {task}
-    [row] = store.claim(created, "test-worker", 3600, 1, others, set())
+    [row] = store.claim(created, "test-worker", 3600, 1, others, {task})
     assert row["id"] == run_id
     store.save_checkpoint(run_id, {"next": 3}, created)
     return run_id
