@@ -20,6 +20,7 @@ import signal
 import sys
 import urllib.parse
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any, cast
@@ -73,6 +74,9 @@ WRITE_PROBE_S = 30.0
 # On a shared database, how often event streams look for other nodes' events (they send
 # no notice of their commits); only while a stream is open.
 FEED_POLL_S = 0.25
+# The node registry keeps a node this long after it was last seen (``agentd nodes``
+# shows what left recently); a node starting forgets the older ones.
+NODES_KEPT_S = 7 * 86400.0
 # Fault injection for tests of /healthz: while this file exists the main loop stops
 # ticking (as if an await inside it hung) but the event loop keeps serving HTTP.
 WEDGE_ENV = "AGENTD_TEST_WEDGE_FILE"
@@ -110,6 +114,7 @@ class Daemon:
         self.owner = f"{os.uname().nodename}:{os.getpid()}"
         """This process's node id: its leases' owner and its row in the node registry."""
         self._node_seen_mono = -math.inf
+        self._nodes_forgotten = False
         self._state_where = ""
         """Where the state is, for log lines: the SQLite file, or PostgreSQL's host/db."""
         self.should_exit = False
@@ -512,15 +517,22 @@ class Daemon:
         assert self.store is not None and self.config is not None
         if now_mono - self._node_seen_mono < self.config.daemon.lease / 3:
             return
+        now = self.clock.now()
+        first = not self._nodes_forgotten
         self.store.node_seen(
             self.owner,
-            self.clock.now(),
+            now,
             host=os.uname().nodename,
             pid=os.getpid(),
             version=__version__,
             config_generation=config_generation(self._index),
         )
         self._node_seen_mono = now_mono
+        if first:
+            self._nodes_forgotten = True
+            gone = self.store.forget_nodes(now - timedelta(seconds=NODES_KEPT_S))
+            if gone:
+                log.info("node registry: forgot %d node(s) not seen for a week", gone)
 
     def _step(self, step: Callable[[], object]) -> None:
         try:

@@ -689,3 +689,25 @@ def test_two_nodes_keep_the_shared_history_and_their_own_workspaces_bounded(
         for node in nodes:
             if node.proc is not None and node.proc.poll() is None:
                 node.kill9()
+
+
+def test_a_node_starting_forgets_nodes_gone_for_a_week(tmp_path: Path, pg_url: str) -> None:
+    tasks = """
+    job:
+      schedule: {manual: true}
+      command: {argv: ["true"]}
+    """
+    with running_nodes(tmp_path, pg_url, tasks) as [first]:
+        assert first.stop() == 0
+    with psycopg.connect(pg_url) as conn:
+        conn.execute(
+            "INSERT INTO nodes(id, host, pid, version, config_generation, started_at,"
+            " last_seen) VALUES ('gone:1', 'gone', 1, '0.0.1', 'g', %s, %s)",
+            (to_iso(datetime.now(UTC) - timedelta(days=9)),) * 2,
+        )
+    (tmp_path / "again").mkdir()
+    with running_nodes(tmp_path / "again", pg_url, tasks) as [node]:
+        wait_for(lambda: "forgot 1 node(s) not seen for a week" in node.log(), what="the purge")
+        ids = {n["id"] for n in json.loads(node.cli("nodes", "--json").stdout)}
+        assert "gone:1" not in ids and len(ids) == 2  # the stopped first node stays
+        assert node.stop() == 0

@@ -207,7 +207,8 @@ class QuarantineRecord(TypedDict):
 
 class NodeRecord(TypedDict):
     """A daemon that has opened this state (``nodes``): one row per process, kept after
-    it stops (``stopped_at``) until retention drops it."""
+    it stops (``stopped_at``) until a node starting a while later forgets it
+    (``forget_nodes``)."""
 
     id: str
     host: str
@@ -552,6 +553,12 @@ class NodesPort(Protocol):
 
     def live_nodes(self, now: datetime, stale_after_s: float) -> set[str]:
         """The nodes seen within ``stale_after_s`` of ``now`` and not stopped."""
+        ...
+
+    def forget_nodes(self, before: datetime) -> int:
+        """Drop the nodes last seen before ``before`` (stopped or dead long ago: a pod
+        restarted a hundred times leaves a hundred rows); returns how many. Attempts
+        keep the worker id they name."""
         ...
 
 

@@ -46,3 +46,13 @@ def test_a_stopped_node_seen_again_is_alive_again(store: Store) -> None:
     _seen(store, "n1", 2)
     assert store.live_nodes(at(3), 15) == {"n1"}
     assert store.nodes()[0]["stopped_at"] is None
+
+
+def test_nodes_last_seen_long_ago_are_forgotten(store: Store) -> None:
+    _seen(store, "old-dead", 0)
+    _seen(store, "old-stopped", 1)
+    store.node_stopped("old-stopped", at(2))
+    _seen(store, "recent", 50)
+    assert store.forget_nodes(at(10)) == 2
+    assert [n["id"] for n in store.nodes()] == ["recent"]
+    assert store.forget_nodes(at(10)) == 0

@@ -47,3 +47,8 @@ class NodeStatements(Statements):
             "SELECT id FROM nodes WHERE stopped_at IS NULL AND last_seen >= %s", (since,)
         )
         return {str(row["id"]) for row in rows}
+
+    def forget_nodes(self, before: datetime) -> int:
+        with self.tx() as conn:
+            cur = conn.execute("DELETE FROM nodes WHERE last_seen < %s", (to_iso(before),))
+            return int(cur.rowcount)

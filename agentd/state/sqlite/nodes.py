@@ -45,3 +45,8 @@ class NodeStatements(Statements):
             "SELECT id FROM nodes WHERE stopped_at IS NULL AND last_seen >= ?", (since,)
         )
         return {str(row[0]) for row in rows}
+
+    def forget_nodes(self, before: datetime) -> int:
+        with self.tx() as conn:
+            cur = conn.execute("DELETE FROM nodes WHERE last_seen < ?", (to_iso(before),))
+            return int(cur.rowcount)
