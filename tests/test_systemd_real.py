@@ -200,6 +200,10 @@ def test_wedged_daemon_is_killed_by_the_watchdog_restarted_and_its_run_recovered
     attempts = api(agentd, f"/v1/runs/{run['id']}")["attempts"]  # type: ignore[index]
     outcomes = [a["outcome"] for a in attempts]
     assert outcomes[0] == "lost" and outcomes[-1] == "success", outcomes
+    # The journal files agentd's lines at their level: the recovery is a warning.
+    warnings = agentd.sh("journalctl --no-pager -o cat -p warning -u agentd").stdout
+    assert "recovered 1 run(s) left running by a previous process" in warnings, warnings
+    assert "agentd started" not in warnings  # info, below -p warning
     # Resumed from its checkpoint: every step done, none twice... except at most the one
     # in flight when the process was killed (done, not yet checkpointed).
     steps = _steps(agentd)
