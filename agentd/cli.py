@@ -96,6 +96,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", nargs="?", choices=["list", "show", "release", "drop"], default="list")
     p.add_argument("run_id", nargs="?")
     sub.add_parser("status", parents=[common], help="daemon health, tasks, running runs")
+    p = sub.add_parser(
+        "reload",
+        parents=[common],
+        help="make the running daemon re-read its config (SIGHUP); --wait for the outcome",
+        description="Send SIGHUP to the daemon answering at the API (GET /v1/status names "
+        "its pid). With --wait, return once a reload begun after the signal has ended: "
+        "exit 0 when the new config is in force, 78 when the daemon rejected it (and "
+        "keeps the running one). The file is not checked here: the daemon checks it, so "
+        "a rejection shows wherever the daemon reports (log, /v1/status, metrics, alerts).",
+    )
+    p.add_argument("--wait", action="store_true", help="wait for the reload's outcome")
+    p.add_argument("--timeout", type=float, default=90.0, help="seconds --wait waits (default 90)")
+    p.add_argument(
+        "--pid",
+        type=int,
+        help="the daemon's pid as the supervisor knows it ($MAINPID): refused if the daemon "
+        "answering at the API is another process",
+    )
     p = sub.add_parser("spend", parents=[common], help="LLM spend per task and window")
     p.add_argument("--task")
     sub.add_parser("nodes", parents=[common], help="the daemons on this state: alive, held runs")

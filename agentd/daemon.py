@@ -122,6 +122,10 @@ class Daemon:
         self.reload_requested = False
         self.generation = 1
         self.last_reload_ok = True
+        self.reloads_started = 0
+        self.reloads_done = 0
+        """Reloads begun and ended (either way) by this process: ``agentd reload --wait``
+        waits for one begun after it sent SIGHUP to end."""
         self.last_reload_error: str | None = None
         """Why the last reload was refused (every problem, as logged), until one works."""
         self._reload_summary = ""
@@ -821,6 +825,7 @@ class Daemon:
     async def _reload_task_main(self) -> None:
         """One reload in its own task, RELOADING to READY; whatever happens in it, the
         daemon goes on with a config it can run (the new one, or the old one)."""
+        self.reloads_started += 1
         self.notifier.reloading()
         try:
             await self.reload()
@@ -828,6 +833,7 @@ class Daemon:
             log.exception("reload failed unexpectedly")
             self._reload_failed(f"internal error: {type(exc).__name__}: {exc}", str(exc))
         finally:
+            self.reloads_done += 1
             self._reload_task = None
             self.notifier.ready(self.status_line())
             self._wake.set()
@@ -995,6 +1001,8 @@ class Daemon:
             "config_generation": self.generation,
             "last_reload_ok": self.last_reload_ok,
             "last_reload_error": self.last_reload_error,
+            "reloads_started": self.reloads_started,
+            "reloads_done": self.reloads_done,
             "ready": ready,
             "ready_reason": why.get("reason"),
             "tasks": len(self.config.tasks),

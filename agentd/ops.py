@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 import urllib.parse
@@ -264,9 +265,64 @@ def broken_config_command(
         return 1
 
 
+RELOAD_POLL_S = 0.05
+"""How often ``agentd reload --wait`` asks the daemon whether its reload has ended."""
+
+
+def _reload(ops: CliCommands, args: argparse.Namespace) -> int:
+    """SIGHUP to the daemon the API names; with ``--wait``, its outcome: a reload begun
+    after the status read below (so after the operator's edit) has ended once
+    ``reloads_done`` passes that read's ``reloads_started`` (the signal makes sure one
+    begins: at once, or after the one in progress)."""
+    if ops.api is None:
+        print("agentd: no daemon API to reload through", file=sys.stderr)
+        return exitcodes.NOT_RUNNING
+    try:
+        before = ops.api.get("/v1/status")
+    except Unreachable as exc:
+        print(f"agentd: no daemon answers, nothing to reload: {exc}", file=sys.stderr)
+        return exitcodes.NOT_RUNNING
+    pid = int(before["pid"])
+    if args.pid is not None and args.pid != pid:
+        print(
+            f"agentd: the daemon answering at the API is pid {pid}, not {args.pid}; "
+            "not signalling it",
+            file=sys.stderr,
+        )
+        return exitcodes.REFUSED
+    os.kill(pid, signal.SIGHUP)
+    if not args.wait:
+        print(f"reload requested (SIGHUP to pid {pid})")
+        return exitcodes.OK
+    started = int(before.get("reloads_started", 0))
+    deadline = time.monotonic() + args.timeout
+    while True:
+        status = ops.api.get("/v1/status")
+        if int(status["pid"]) != pid:
+            print(f"agentd: the daemon restarted (pid {status['pid']}) during the reload",
+                  file=sys.stderr)  # fmt: skip
+            return exitcodes.REFUSED
+        if int(status.get("reloads_done", 0)) > started:
+            break
+        if time.monotonic() > deadline:
+            print(f"agentd: no reload ended within {args.timeout:g} s", file=sys.stderr)
+            return exitcodes.REFUSED
+        time.sleep(RELOAD_POLL_S)
+    if status["last_reload_ok"]:
+        print(f"reload ok: generation {status['config_generation']}, {status['tasks']} task(s)")
+        return exitcodes.OK
+    print(
+        f"agentd: reload failed, keeping the running config: {status['last_reload_error']}",
+        file=sys.stderr,
+    )
+    return exitcodes.CONFIG
+
+
 def _dispatch(ops: CliCommands, args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     cmd = args.command
     q = urllib.parse.quote
+    if cmd == "reload":
+        return _reload(ops, args)
     if cmd == "status":
         status = ops.status()
         _print_detail(args, status)

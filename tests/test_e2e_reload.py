@@ -160,3 +160,53 @@ def test_queued_retry_of_a_task_removed_by_a_reload_is_cancelled(make_daemon: An
     listed = json.loads(d.cli("runs", "--status", "queued", "--json").stdout)
     assert listed == []
     assert d.stop() == 0
+
+
+TWO = (
+    GOOD
+    + """
+tock:
+  schedule: {manual: true}
+  command: {argv: ["true"]}
+"""
+)
+
+
+def test_reload_wait_returns_once_the_new_config_is_in_force_or_rejected(
+    make_daemon: Any,
+) -> None:
+    """``agentd reload --wait`` (the unit's ExecReload): when it returns 0 the added task
+    is there already; a broken file is rejected by the daemon itself (exit 78, the
+    config path in the message) and reported wherever the daemon reports."""
+    d = make_daemon(GOOD).start()
+    d.write_config(TWO)
+    done = d.cli("reload", "--wait", check=False)
+    assert done.returncode == 0, done.stderr
+    assert "reload ok: generation 2, 2 task(s)" in done.stdout
+    assert {t["id"] for t in _get(d, "/v1/tasks")["tasks"]} == {"tick", "tock"}  # no wait
+    d.write_config(TWO + "broken: {schedule: {}}\n")
+    rejected = d.cli("reload", "--wait", check=False)
+    assert rejected.returncode == 78, (rejected.stdout, rejected.stderr)
+    assert "reload failed, keeping the running config" in rejected.stderr
+    assert "tasks.broken" in rejected.stderr
+    status = _get(d, "/v1/status")
+    assert status["last_reload_ok"] is False and "tasks.broken" in status["last_reload_error"]
+    assert _metric(d, "agentd_config_last_reload_successful") == 0
+    assert {t["id"] for t in _get(d, "/v1/tasks")["tasks"]} == {"tick", "tock"}
+    assert status["reloads_done"] == 2
+    assert d.stop() == 0
+
+
+def test_reload_signals_only_the_daemon_the_supervisor_names(make_daemon: Any) -> None:
+    d = make_daemon(GOOD).start()
+    assert d.proc is not None
+    other = d.cli("reload", "--wait", "--pid", str(d.proc.pid + 100_000), check=False)
+    assert other.returncode == 1 and "not signalling it" in other.stderr
+    assert _get(d, "/v1/status")["reloads_started"] == 0
+    d.write_config(TWO)
+    asked = d.cli("reload", "--pid", str(d.proc.pid), check=False)
+    assert asked.returncode == 0 and f"SIGHUP to pid {d.proc.pid}" in asked.stdout
+    wait_for(lambda: _get(d, "/v1/status")["reloads_done"] == 1, what="the reload")
+    assert d.stop() == 0
+    stopped = d.cli("reload", "--wait", check=False)
+    assert stopped.returncode == 3 and "no daemon answers" in stopped.stderr

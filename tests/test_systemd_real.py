@@ -155,10 +155,8 @@ def test_reload_adds_a_task_and_a_broken_config_fails_visibly(agentd: SystemdNS)
 
     agentd.write("/etc/agentd/agentd.yaml", config_yaml(TICK_TASK + LONG_TASK))
     agentd.systemctl("reload", "agentd")
-    wait_for(
-        lambda: "long" in {t["id"] for t in api(agentd, "/v1/tasks")["tasks"]},  # type: ignore[index]
-        what="task added by reload",
-    )
+    # No waiting: `systemctl reload` returns once the new config is in force.
+    assert "long" in {t["id"] for t in api(agentd, "/v1/tasks")["tasks"]}  # type: ignore[index]
     wait_for(lambda: "2 tasks" in agentd.show("agentd", "StatusText")["StatusText"])
 
     agentd.write("/etc/agentd/agentd.yaml", config_yaml(TICK_TASK + "  broken: {schedule: {}}\n"))
@@ -166,6 +164,10 @@ def test_reload_adds_a_task_and_a_broken_config_fails_visibly(agentd: SystemdNS)
     assert failed.returncode != 0  # the operator sees it at once
     journal = agentd.journal("agentd")
     assert "tasks.broken" in journal, journal[-2000:]
+    # ... and so does every place the daemon reports: it rejected the file itself.
+    status = api(agentd, "/v1/status")
+    assert isinstance(status, dict) and status["last_reload_ok"] is False
+    assert "reload FAILED" in agentd.show("agentd", "StatusText")["StatusText"]
     props = agentd.show("agentd", "ActiveState", "MainPID")
     assert props == {"ActiveState": "active", "MainPID": pid}
     # The old tasks keep running: the every-second task goes on producing runs.

@@ -33,8 +33,11 @@ def test_unit_has_the_lifecycle_directives() -> None:
     assert d["Type"] == ["notify"]
     exec_start = d["ExecStart"][0].split()
     assert exec_start[0] == "/opt/agentd/bin/agentd" and exec_start[1] == "run"  # no shell
-    assert [r.split()[1] for r in d["ExecReload"]] == ["check-config", "-HUP"]
-    assert d["ExecReload"][1] == "/bin/kill -HUP $MAINPID"
+    # One step: the daemon checks the file and reports a rejection itself; the CLI
+    # waits for its verdict, and signals only the unit's main process.
+    [reload] = d["ExecReload"]
+    assert reload.split()[:3] == ["/opt/agentd/bin/agentd", "reload", "--wait"]
+    assert "--pid $MAINPID" in reload
     assert d["Restart"] == ["on-failure"]
     # what a person must fix: damaged state, unusable state dir, bad config
     assert d["RestartPreventExitStatus"] == ["65 73 78"]
