@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-config", parents=[common], help="validate the config")
     p.add_argument("--next", type=int, default=0, metavar="N", help="show each task's next N fires")
     p.add_argument("--show", action="store_true", help="print the config, secrets redacted")
+    p.add_argument(
+        "--quiet", "-q", action="store_true", help="one line when valid (problems in full)"
+    )
     sub.add_parser("tasks", parents=[common], help="list tasks")
     p = sub.add_parser("runs", parents=[common], help="list runs, or `runs show ID`")
     p.add_argument("action", nargs="?", choices=["list", "show", "watch"], default="list")
@@ -249,6 +252,8 @@ def check_config(config: Config, args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return 0
     print(f"{config.source}: OK, {len(config.tasks)} task(s)")
+    if args.quiet:
+        return 0
     for task_id, entry in report["tasks"].items():
         note = f"  (inactive: {entry['inactive']})" if entry["inactive"] else ""
         print(f"  {task_id}: {entry['kind']}, {entry['schedule']} in {entry['timezone']}{note}")

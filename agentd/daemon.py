@@ -911,11 +911,11 @@ class Daemon:
             "jobs_added=%d jobs_rescheduled=%s jobs_removed=%d schedules_ended=%d",
             self.generation,
             len(new.tasks),
-            ",".join(sorted(after.keys() - before.keys())) or "-",
-            ",".join(changed) or "-",
-            ",".join(sorted(before.keys() - after.keys())) or "-",
+            _names(sorted(after.keys() - before.keys())),
+            _names(changed),
+            _names(sorted(before.keys() - after.keys())),
             len(report.added),
-            ",".join(report.rescheduled) or "-",
+            _names(list(report.rescheduled)),
             len(report.removed),
             len(report.ended),
         )
@@ -1028,6 +1028,20 @@ class Daemon:
             event["run_id"] or "-",
             extras,
         )
+
+
+RELOAD_NAMES_SHOWN = 20
+"""How many task names a reload's log line lists per kind of change; the rest are
+counted (a reload of 10,000 new tasks is one readable line, not a page)."""
+
+
+def _names(names: list[str]) -> str:
+    """``a,b,c``; past ``RELOAD_NAMES_SHOWN``, ``a,...,t,+9980 more``; ``-`` for none."""
+    if not names:
+        return "-"
+    shown = ",".join(names[:RELOAD_NAMES_SHOWN])
+    more = len(names) - RELOAD_NAMES_SHOWN
+    return f"{shown},+{more} more" if more > 0 else shown
 
 
 def _url_without_credentials(url: str) -> str:

@@ -210,3 +210,21 @@ def test_reload_signals_only_the_daemon_the_supervisor_names(make_daemon: Any) -
     assert d.stop() == 0
     stopped = d.cli("reload", "--wait", check=False)
     assert stopped.returncode == 3 and "no daemon answers" in stopped.stderr
+
+
+def test_a_reload_of_many_tasks_is_one_short_line_and_check_config_can_be_quiet(
+    make_daemon: Any,
+) -> None:
+    d = make_daemon(GOOD).start()
+    many = GOOD + "".join(
+        f"\nt{i:03d}:\n  schedule: {{manual: true}}\n  command: {{argv: ['true']}}\n"
+        for i in range(45)
+    )
+    d.write_config(many)
+    assert d.cli("reload", "--wait", check=False).returncode == 0
+    [line] = [ln for ln in d.log().splitlines() if "reload ok generation=2" in ln]
+    assert "added=t000,t001," in line and "t019,+25 more" in line and "t044" not in line
+    quiet = d.cli("check-config", "--quiet", check=False)
+    assert quiet.returncode == 0 and quiet.stdout.count("\n") == 1, quiet.stdout
+    assert "OK, 46 task(s)" in quiet.stdout
+    assert d.stop() == 0
