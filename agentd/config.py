@@ -1121,7 +1121,10 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
         raise ConfigError(str(path), [ConfigProblem("", message)])
     config = parse_config(utf8(data, str(path)), str(path), environ)
     if config.daemon.python_path:
-        base = path.resolve().parent
+        # The directory as the file is named, not its symlink's target: under a mounted
+        # ConfigMap the file is ..data/agentd.yaml -> ..2026_12_03_.../agentd.yaml, and
+        # the kubelet deletes that timestamped directory at the next update.
+        base = Path(os.path.abspath(path)).parent
         resolved = [p if p.is_absolute() else base / p for p in config.daemon.python_path]
         daemon = config.daemon.model_copy(update={"python_path": resolved})
         config = config.model_copy(update={"daemon": daemon})

@@ -33,6 +33,7 @@ from agentd.clock import Backoff, Clock, SystemClock, from_iso
 from agentd.config import (
     Config,
     ConfigError,
+    DaemonConfig,
     TaskIndex,
     config_generation,
     secret_refs,
@@ -484,9 +485,9 @@ class Daemon:
         storage fault has been reported by the store (readiness, one log line) and is
         retried; any other error is logged (once a minute per kind) and the loop goes on."""
         assert self.runner is not None and self.store is not None
-        poll_s = self.config.daemon.poll_interval
         wedge = os.environ.get(WEDGE_ENV)
         while not self.should_exit:
+            poll_s = self.config.daemon.poll_interval  # a reload may change it
             if wedge and os.path.exists(wedge):
                 await asyncio.sleep(poll_s)
                 continue
@@ -877,9 +878,12 @@ class Daemon:
             return False
         finally:
             self._reload_load = None
-        for key in ("state_dir", "http", "concurrency", "lease"):
+        for key in RESTART_SETTINGS:
             if getattr(new.daemon, key) != getattr(self.config.daemon, key):
                 log.warning("reload: daemon.%s changed; it takes effect after a restart", key)
+        for key in LIVE_SETTINGS:
+            if getattr(new.daemon, key) != getattr(self.config.daemon, key):
+                log.info("reload: daemon.%s changed; applied now", key)
         if new.state != self.config.state:
             log.warning("reload: state changed; it takes effect after a restart")
         old, before = self.config, self._index
@@ -936,7 +940,25 @@ class Daemon:
         if self.control:
             self.control.config = new
         self._use_secrets(new)
+        self._use_daemon_settings(new.daemon)
         return report
+
+    def _use_daemon_settings(self, daemon: DaemonConfig) -> None:
+        """The ``daemon:`` settings a running daemon can change (``LIVE_SETTINGS``); the
+        main loop reads ``poll_interval`` and the drain reads ``shutdown_grace`` from the
+        config in force each time. A ``python_path`` entry removed stays on ``sys.path``
+        (what was imported from it stays imported) until a restart."""
+        logging.getLogger().setLevel(daemon.log_level.upper())
+        self.health.stale_after_s = daemon.liveness_stale_after
+        for extra in daemon.python_path:
+            if str(extra) not in sys.path:
+                sys.path.insert(0, str(extra))
+        if self.runner:
+            self.runner.exec_env = dataclasses.replace(
+                self.runner.exec_env,
+                kill_grace_s=daemon.kill_grace,
+                output_max_bytes=daemon.output_max_bytes,
+            )
 
     def _withheld_env_bytes(self) -> frozenset[bytes]:
         """``withheld_env`` as commands' environments are keyed (bytes)."""
@@ -1029,6 +1051,20 @@ class Daemon:
             extras,
         )
 
+
+RESTART_SETTINGS = ("state_dir", "http", "concurrency", "lease")
+"""``daemon:`` settings a reload cannot apply: it says so, and they wait for a restart."""
+LIVE_SETTINGS = (
+    "timezone",
+    "shutdown_grace",
+    "kill_grace",
+    "poll_interval",
+    "log_level",
+    "output_max_bytes",
+    "liveness_stale_after",
+    "python_path",
+)
+"""``daemon:`` settings a reload applies at once (``Daemon._use_daemon_settings``)."""
 
 RELOAD_NAMES_SHOWN = 20
 """How many task names a reload's log line lists per kind of change; the rest are

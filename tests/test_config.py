@@ -567,7 +567,21 @@ def test_load_config_reads_a_file_and_resolves_python_path(tmp_path: Path) -> No
     path.write_text("daemon:\n  python_path: [lib, /abs]\n", encoding="utf-8")
     config = load_config(path, environ={})
     assert config.source == str(path)
-    assert config.daemon.python_path == [tmp_path.resolve() / "lib", Path("/abs")]
+    assert config.daemon.python_path == [tmp_path / "lib", Path("/abs")]
+
+
+def test_python_path_is_relative_to_the_config_as_named_not_to_its_symlinks_target(
+    tmp_path: Path,
+) -> None:
+    """A mounted ConfigMap, as the kubelet lays it out: agentd.yaml -> ..data/agentd.yaml,
+    ..data -> ..2026_12_03_10_00_00.1 (replaced at each update, the old one deleted)."""
+    stamped = tmp_path / "..2026_12_03_10_00_00.1"
+    stamped.mkdir()
+    (stamped / "agentd.yaml").write_text("daemon:\n  python_path: [lib]\n", encoding="utf-8")
+    (tmp_path / "..data").symlink_to(stamped.name)
+    (tmp_path / "agentd.yaml").symlink_to("..data/agentd.yaml")
+    config = load_config(tmp_path / "agentd.yaml", environ={})
+    assert config.daemon.python_path == [tmp_path / "lib"]
 
 
 def test_load_config_errors_name_the_file(tmp_path: Path) -> None:

@@ -228,3 +228,37 @@ def test_a_reload_of_many_tasks_is_one_short_line_and_check_config_can_be_quiet(
     assert quiet.returncode == 0 and quiet.stdout.count("\n") == 1, quiet.stdout
     assert "OK, 46 task(s)" in quiet.stdout
     assert d.stop() == 0
+
+
+def test_every_daemon_setting_is_applied_by_a_reload_or_said_to_need_a_restart() -> None:
+    from agentd.config import DaemonConfig
+    from agentd.daemon import LIVE_SETTINGS, RESTART_SETTINGS
+
+    assert set(LIVE_SETTINGS) | set(RESTART_SETTINGS) == set(DaemonConfig.model_fields)
+    assert not set(LIVE_SETTINGS) & set(RESTART_SETTINGS)
+
+
+def test_a_reload_applies_log_level_and_python_path_and_says_what_waits(
+    make_daemon: Any, tmp_path: Path
+) -> None:
+    """Debug lines start after log_level: debug is reloaded, a module in a directory
+    added to python_path runs without a restart, and a changed lease is named as
+    waiting for one."""
+    lib = tmp_path / "extra_lib"
+    lib.mkdir()
+    (lib / "reloaded_mod.py").write_text("def hello(ctx):\n    return {'hi': 1}\n")
+    d = make_daemon(GOOD, daemon_extra="log_level: info").start()
+    assert "DEBUG" not in d.log()
+    d.write_config(
+        GOOD + "late:\n  schedule: {manual: true}\n  python: {callable: 'reloaded_mod:hello'}\n",
+        daemon_extra=f"log_level: debug\npython_path: [{lib}]\nlease: 7s",
+    )
+    assert d.cli("reload", "--wait", check=False).returncode == 0
+    log = d.log()
+    assert "reload: daemon.log_level changed; applied now" in log
+    assert "reload: daemon.python_path changed; applied now" in log
+    assert "reload: daemon.lease changed; it takes effect after a restart" in log
+    run_id = d.trigger("late")
+    d.wait_status(run_id, "succeeded")
+    wait_for(lambda: " DEBUG " in d.log(), what="debug lines after the reload")
+    assert d.stop() == 0
