@@ -16,6 +16,7 @@ import stat
 import urllib.request
 from pathlib import Path
 
+import httpx
 import pytest
 from harness import agentd_cli, wait_for
 
@@ -329,3 +330,31 @@ def test_check_config_show_names_the_withheld_secrets(  # type: ignore[no-untype
         "alerts.channels.hook.webhook.secret_file",
     }
     assert redact.MASK == "[redacted]"
+
+
+def test_the_token_from_a_systemd_credential_with_a_fallback_for_the_shell(  # type: ignore[no-untyped-def]
+    make_daemon, tmp_path: Path
+) -> None:
+    """packaging/systemd/README.md's recipe: ``token_file:
+    ${CREDENTIALS_DIRECTORY:-/etc/agentd/credentials}/api-token``. The daemon (given
+    the directory, as LoadCredential= does) guards its API with the file's token; the
+    CLI from a shell, without the variable, reads the same token from the fallback."""
+    creds = tmp_path / "run-credentials"
+    fallback = tmp_path / "etc-credentials"
+    for where in (creds, fallback):
+        where.mkdir()
+        (where / "api-token").write_text("cred-token-0123456789")
+    d = make_daemon("job: {schedule: {manual: true}, command: {argv: ['true']}}")
+    d.write_config(
+        "job: {schedule: {manual: true}, command: {argv: ['true']}}",
+        f"http: {{host: 127.0.0.1, port: {d.port}, token_file:"
+        f' "${{CREDENTIALS_DIRECTORY:-{fallback}}}/api-token"}}',
+    )
+    d.start(env={"CREDENTIALS_DIRECTORY": str(creds)})
+    assert httpx.get(d.url + "/v1/tasks").status_code == 401
+    headers = {"Authorization": "Bearer cred-token-0123456789"}
+    assert httpx.get(d.url + "/v1/tasks", headers=headers).status_code == 200
+    assert "CREDENTIALS_DIRECTORY" not in os.environ
+    out = d.cli("tasks", "--json")
+    assert [t["task"] for t in json.loads(out.stdout)] == ["job"]
+    assert d.stop() == 0

@@ -8,6 +8,7 @@ where the host cannot run systemd this way (not root, no unshare, ...).
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import textwrap
 from collections.abc import Iterator
@@ -279,3 +280,15 @@ def _steps(ns: SystemdNS) -> list[int]:
 
 def _steps_done(ns: SystemdNS) -> int:
     return len(_steps(ns))
+
+
+def test_the_readmes_security_score_is_what_systemd_measures(agentd: SystemdNS) -> None:
+    """The score the packaging README states is the one systemd gives the running unit
+    (offline analysis of the file alone scores it differently)."""
+    agentd.write("/etc/agentd/agentd.yaml", config_yaml(TICK_TASK))
+    agentd.systemctl("start", "agentd")
+    out = agentd.sh("systemd-analyze security --no-pager agentd", check=False).stdout
+    match = re.search(r"Overall exposure level for agentd\.service: (\d+\.\d+) (\w+)", out)
+    assert match, out[-2000:]
+    readme = (ROOT / "packaging" / "systemd" / "README.md").read_text()
+    assert f'sandbox scored {match.group(1)} ("{match.group(2)}")' in readme, match.group(0)
