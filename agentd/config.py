@@ -789,8 +789,27 @@ def task_index(config: Config, before: tuple[Config, TaskIndex] | None = None) -
     return index
 
 
+class WatchConfig(_Model):
+    """``config:``: whether the daemon notices an edited config file by itself. A mounted
+    Kubernetes ConfigMap is updated by the kubelet (an atomic swap of its ``..data``
+    symlink) without any signal to the process, so there it watches by default."""
+
+    watch: bool | None = None
+    """Reload, as on SIGHUP, when the file's content (the file the path resolves to) or
+    a secret file the config names changes. Unset: on when running under Kubernetes
+    (``KUBERNETES_SERVICE_HOST`` set), off elsewhere (systemd sends SIGHUP)."""
+    watch_interval: Duration = Field(default=5.0, gt=0, le=3600)
+    """How often the files are looked at (a ``stat`` each; read only if it changed)."""
+
+    def watching(self, environ: Mapping[str, str]) -> bool:
+        if self.watch is not None:
+            return self.watch
+        return bool(environ.get("KUBERNETES_SERVICE_HOST"))
+
+
 class Config(_Model):
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
+    config: WatchConfig = Field(default_factory=WatchConfig)
     state: StateConfig = Field(default_factory=StateConfig)
     providers: dict[str, ProviderConfig] = {}
     limits: LimitsConfig = Field(default_factory=LimitsConfig)

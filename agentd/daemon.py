@@ -116,6 +116,9 @@ class Daemon:
         """This process's node id: its leases' owner and its row in the node registry."""
         self._node_seen_mono = -math.inf
         self._nodes_forgotten = False
+        self._watch_mono = -math.inf
+        self._watch_stamps: dict[str, tuple[int, int, int, int] | None] | None = None
+        """``config.watch``: the files as last seen (None until its first look)."""
         self._state_where = ""
         """Where the state is, for log lines: the SQLite file, or PostgreSQL's host/db."""
         self.should_exit = False
@@ -514,6 +517,7 @@ class Daemon:
                 self._step(partial(self.oversight.tick, self.clock.now()))
             self._step(partial(self._gauges_step, now_mono))
             self._step(partial(self._node_step, now_mono))
+            self._step(partial(self._watch_step, now_mono))
             await self._sleep(self._wait_s(poll_s))
 
     def _node_step(self, now_mono: float) -> None:
@@ -538,6 +542,46 @@ class Daemon:
             gone = self.store.forget_nodes(now - timedelta(seconds=NODES_KEPT_S))
             if gone:
                 log.info("node registry: forgot %d node(s) not seen for a week", gone)
+
+    def _watched_files(self) -> dict[str, tuple[int, int, int, int] | None]:
+        """What ``config.watch`` compares: the config file (as its path resolves now: a
+        ConfigMap's ``..data`` swap changes the inode) and every secret file the config
+        names, each by ``(dev, inode, size, mtime)``; None for one that cannot be read."""
+        paths = [str(self.config_path)]
+        paths += [str(ref.file) for ref in secret_refs(self.config) if ref.file]
+        stamps: dict[str, tuple[int, int, int, int] | None] = {}
+        for path in paths:
+            try:
+                st = os.stat(path)
+            except OSError:
+                stamps[path] = None
+                continue
+            stamps[path] = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        return stamps
+
+    def _watch_step(self, now_mono: float) -> None:
+        """``config.watch``: every ``watch_interval``, a changed file requests a reload,
+        exactly as SIGHUP does (a broken update is refused and the running config
+        stays). A reload records what it read (``_reload_task_main``), so the change it
+        applied or refused does not request another."""
+        watch = self.config.config
+        if not watch.watching(os.environ):
+            return
+        if now_mono - self._watch_mono < watch.watch_interval:
+            return
+        self._watch_mono = now_mono
+        stamps = self._watched_files()
+        if self._watch_stamps is None:
+            self._watch_stamps = stamps
+            log.info("config watch: on, every %gs (%d file(s))", watch.watch_interval, len(stamps))
+            return
+        changed = sorted(p for p in stamps.keys() | self._watch_stamps.keys()
+                         if stamps.get(p) != self._watch_stamps.get(p))  # fmt: skip
+        if changed and not self.reload_requested and self._reload_task is None:
+            log.info("config watch: %s changed; reloading", ", ".join(changed))
+            self._watch_stamps = stamps
+            self.reload_requested = True
+            self._wake.set()
 
     def _step(self, step: Callable[[], object]) -> None:
         try:
@@ -827,6 +871,8 @@ class Daemon:
         """One reload in its own task, RELOADING to READY; whatever happens in it, the
         daemon goes on with a config it can run (the new one, or the old one)."""
         self.reloads_started += 1
+        if self._watch_stamps is not None:
+            self._watch_stamps = self._watched_files()  # what this reload reads
         self.notifier.reloading()
         try:
             await self.reload()

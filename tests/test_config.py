@@ -819,3 +819,15 @@ def test_check_config_cli_next_json(tmp_path: Path) -> None:
     often = [datetime.fromisoformat(f["utc"]) for f in tasks["often"]["next"]]
     assert often[1] - often[0] == timedelta(minutes=10)
     assert tasks["by-hand"]["next"] == []
+
+
+def test_config_watch_is_on_under_kubernetes_unless_set() -> None:
+    from agentd.config import WatchConfig
+
+    assert WatchConfig().watching({"KUBERNETES_SERVICE_HOST": "10.0.0.1"})
+    assert not WatchConfig().watching({})
+    assert not WatchConfig(watch=False).watching({"KUBERNETES_SERVICE_HOST": "10.0.0.1"})
+    assert WatchConfig(watch=True).watching({})
+    with pytest.raises(ConfigError) as info:
+        parse_config("config: {watch_interval: 0s}\n", "x.yaml", {})
+    assert "config.watch_interval" in info.value.render()

@@ -262,3 +262,60 @@ def test_a_reload_applies_log_level_and_python_path_and_says_what_waits(
     d.wait_status(run_id, "succeeded")
     wait_for(lambda: " DEBUG " in d.log(), what="debug lines after the reload")
     assert d.stop() == 0
+
+
+class KubeletVolume:
+    """A ConfigMap volume as the kubelet writes it: each version in a timestamped
+    directory, ``..data`` a symlink to the current one, each key a symlink through
+    ``..data``; an update writes a new directory, swaps ``..data`` atomically (a new
+    symlink renamed over it) and deletes the old directory. No signal is sent."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir()
+        self.version = 0
+        self.path = root / "agentd.yaml"
+
+    def publish(self, text: str) -> None:
+        self.version += 1
+        new = self.root / f"..2026_12_03_10_00_0{self.version}.{self.version}"
+        new.mkdir()
+        (new / "agentd.yaml").write_text(text)
+        old = (self.root / "..data").resolve() if (self.root / "..data").exists() else None
+        tmp = self.root / "..data_tmp"
+        tmp.symlink_to(new.name)
+        tmp.rename(self.root / "..data")
+        if not self.path.is_symlink():
+            self.path.symlink_to("..data/agentd.yaml")
+        if old is not None:
+            for f in old.iterdir():
+                f.unlink()
+            old.rmdir()
+
+
+def test_a_configmap_update_is_reloaded_without_a_signal_and_a_broken_one_refused(
+    make_daemon: Any, tmp_path: Path
+) -> None:
+    d = make_daemon(GOOD)
+    d.write_config(GOOD, "poll_interval: 50ms")
+    volume = KubeletVolume(tmp_path / "configmap")
+    watch = "config: {watch: true, watch_interval: 100ms}\n"
+    base = watch + d.config.read_text()
+    volume.publish(base)
+    d.config = volume.path  # the daemon and the CLI read the mounted file
+    d.start()
+    wait_for(lambda: "config watch: on, every 0.1s" in d.log(), what="the watch")
+    volume.publish(base + TWO[len(GOOD) :].replace("\n", "\n  "))
+    wait_for(
+        lambda: {t["id"] for t in _get(d, "/v1/tasks")["tasks"]} == {"tick", "tock"},
+        what="the update applied",
+    )
+    assert f"config watch: {volume.path} changed; reloading" in d.log()
+    assert _get(d, "/v1/status")["reloads_done"] == 1  # one reload per update
+    volume.publish(base + "  broken: {schedule: {}}\n")
+    wait_for(lambda: _get(d, "/v1/status")["last_reload_ok"] is False, what="the refusal")
+    assert "tasks.broken" in _get(d, "/v1/status")["last_reload_error"]
+    seen = len(d.runs("tick"))
+    wait_for(lambda: len(d.runs("tick")) >= seen + 2, what="the old config running on")
+    assert _get(d, "/v1/status")["reloads_done"] == 2  # the broken file is not retried
+    assert d.stop() == 0
