@@ -122,6 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("nodes", parents=[common], help="the daemons on this state: alive, held runs")
     p = sub.add_parser("alerts", parents=[common], help="alerts raised and their deliveries")
     p.add_argument("--limit", type=int, default=20)
+    p = sub.add_parser(
+        "backup",
+        parents=[common],
+        help="a consistent copy of the state DB and jobstore, also while the daemon runs",
+    )
+    p.add_argument("dest", help="a new or empty directory")
+    p = sub.add_parser(
+        "restore", parents=[common], help="put a backup in place (the daemon stopped)"
+    )
+    p.add_argument("src", help="a directory `agentd backup` wrote")
     p = sub.add_parser("doctor", parents=[common], help="check the state dir and its files")
     p.add_argument(
         "--repair",
@@ -185,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         if args.command == "check-config":
             return config_invalid(exc, args)
-        if args.command in ("prune", "doctor"):
+        if args.command in ("prune", "doctor", "backup", "restore"):
             # They work on the state dir itself, which only a valid config names.
             print(exc.render(), file=sys.stderr)
             return exitcodes.CONFIG
@@ -199,6 +209,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from agentd.state.sqlite.statedir import doctor
 
         return doctor(config.daemon.state_dir, args)
+    if args.command in ("backup", "restore"):
+        from agentd.state.sqlite import backup as state_backup
+
+        if args.command == "backup":
+            return state_backup.backup_command(config, args)
+        return state_backup.restore_command(config, args)
     if args.command == "prune":
         # Directly on the state DB, no API: the engine's own batches.
         if config.state.url is not None:
