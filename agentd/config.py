@@ -184,6 +184,9 @@ class DaemonConfig(_Model):
     lease: Duration = Field(default=30.0, gt=0)
     poll_interval: Duration = Field(default=0.25, gt=0, le=5)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "text", "json"] = "auto"
+    """``auto``: JSON lines under Kubernetes when stderr is not a terminal, else text
+    (see ``agentd.logformat``)."""
     output_max_bytes: int = Field(default=10 * 1024 * 1024, ge=1024, le=INT_MAX)
     liveness_stale_after: Duration = Field(default=30.0, gt=0)
     """/healthz turns 503 when the main loop or scheduler has not ticked for this long."""

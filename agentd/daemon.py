@@ -28,7 +28,7 @@ from zoneinfo import ZoneInfo
 
 import prometheus_client
 
-from agentd import __version__, exitcodes, procs, redact, tls
+from agentd import __version__, exitcodes, logformat, procs, redact, tls
 from agentd.clock import Backoff, Clock, SystemClock, from_iso
 from agentd.config import (
     Config,
@@ -995,6 +995,7 @@ class Daemon:
         config in force each time. A ``python_path`` entry removed stays on ``sys.path``
         (what was imported from it stays imported) until a restart."""
         logging.getLogger().setLevel(daemon.log_level.upper())
+        logformat.apply(logformat.resolve(daemon.log_format, os.environ, sys.stderr))
         self.health.stale_after_s = daemon.liveness_stale_after
         for extra in daemon.python_path:
             if str(extra) not in sys.path:
@@ -1106,6 +1107,7 @@ LIVE_SETTINGS = (
     "kill_grace",
     "poll_interval",
     "log_level",
+    "log_format",
     "output_max_bytes",
     "liveness_stale_after",
     "python_path",
@@ -1214,6 +1216,7 @@ def run_daemon(
         return exitcodes.OK
     log.debug("subreaper=%s pid1=%s", subreaper, os.getpid() == 1)
     logging.getLogger().setLevel(config.daemon.log_level.upper())
+    logformat.apply(logformat.resolve(config.daemon.log_format, os.environ, sys.stderr))
     daemon = Daemon(config_path, config, index=index, accept_empty_state=accept_empty_state)
     command.use_pidfd_child_watcher()  # attached to the loop asyncio.run creates
     return asyncio.run(daemon.serve())
