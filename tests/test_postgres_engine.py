@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 from agentd.models import EventKind, Outcome, RunStatus, StateRefused
-from agentd.state.port import StorageError, StorageFault, WriteLost
+from agentd.state.port import Fire, StorageError, StorageFault, WriteLost
 from agentd.state.postgres.engine import PostgresStore
 from tests.harness import wait_for
 from tests.pgcluster import PgCluster, running_cluster
@@ -86,6 +86,73 @@ def test_a_schema_newer_than_this_agentd_is_refused(pg_url: str) -> None:
     with pytest.raises(StateRefused) as refused:
         PostgresStore(pg_url)
     assert refused.value.code == "schema_too_new"
+
+
+def _index_def(url: str, name: str) -> str:
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("SELECT indexdef FROM pg_indexes WHERE indexname=%s", (name,)).fetchone()
+    return "" if row is None else str(row[0])
+
+
+def test_a_schema_of_version_1_is_upgraded_once_and_keeps_its_rows(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A database made by the previous agentd (schema 1: the claim's index without
+    created_at, id) is upgraded in place at open, under the migration lock; its runs
+    stay; a second open finds nothing to do."""
+    caplog.set_level(logging.INFO, "agentd.state.postgres")
+    first = PostgresStore(pg_url)
+    first.sync_tasks(TASKS, T0)
+    run_id = first.fire("a", T0, scheduled_for=T0).run_id
+    first.close()
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("DROP INDEX idx_runs_due")
+        conn.execute(
+            "CREATE INDEX idx_runs_due ON runs (not_before, scheduled_for) WHERE status = 'queued'"
+        )
+        conn.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
+    upgraded = PostgresStore(pg_url)
+    assert "created_at" in _index_def(pg_url, "idx_runs_due")
+    assert upgraded.get_run(run_id)["status"] == "queued"
+    assert [r["id"] for r in upgraded.claim(T0, "w", 30, 5, set(), set())] == [run_id]
+    upgraded.close()
+    PostgresStore(pg_url).close()
+    lines = [r.getMessage() for r in caplog.records if "upgraded" in r.getMessage()]
+    assert lines == ["state database schema upgraded from version 1 to 2"]
+
+
+def test_a_claim_reads_only_its_rows_off_a_long_queue_of_equal_due_times(
+    pg_url: str, stores: list[PostgresStore]
+) -> None:
+    """20,000 runs queued for one instant (a backlog, a burst): each claim of 16 reads
+    its rows off ``idx_runs_due`` and stops, prepared or not (psycopg prepares a statement
+    on its fifth execution), never a scan and sort of the whole queue."""
+    store = _open(stores, pg_url)
+    store.sync_tasks(TASKS, at(0))
+    for _ in range(20):
+        store.fire_many([Fire("a", None, "manual", "allow", 10**6)] * 1000, at(1))
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("VACUUM ANALYZE runs")
+
+    def read() -> int:
+        """Rows of ``runs`` read so far: by scans, and through any index."""
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute("SELECT pg_stat_clear_snapshot()")
+            row = conn.execute(
+                "SELECT COALESCE(seq_tup_read, 0) + COALESCE(idx_tup_fetch, 0)"
+                " FROM pg_stat_user_tables WHERE relname = 'runs'"
+            ).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    before = read()
+    for _ in range(8):  # past psycopg's prepare threshold
+        assert len(store.claim(at(5), "w", 30, 16, set(), {"a"})) == 16
+    store.close()  # its backend reports its counters when it ends
+    stores.remove(store)
+    rows_read = read() - before
+    # 128 claimed (each read, locked, updated): a few hundred rows, not 8 x 20,000.
+    assert rows_read < 2_000, rows_read
 
 
 def test_version_moves_at_another_stores_commit_not_before(

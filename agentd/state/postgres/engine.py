@@ -96,9 +96,10 @@ log = logging.getLogger("agentd.state.postgres")
 
 Conn = psycopg.Connection[dict[str, Any]]
 
-SCHEMA_VERSION = 1
-"""This engine's schema version: 1 is ``state.schema.metadata`` as first released.
-Later versions are migrations from there, never a change of what 1 created."""
+SCHEMA_VERSION = 2
+"""This engine's schema version: 1 is ``state.schema.metadata`` as first released;
+each later one is ``UPGRADES[n]`` from the one before. A new database is created from
+the metadata as it is now, at this version."""
 WRITE_LOCK = 0x61676E74_64570001
 """The advisory lock every write transaction holds (see the module's first invariant).
 Advisory locks are per database: another database on the server is not held up."""
@@ -190,6 +191,20 @@ def schema_ddl() -> list[str]:
         for index in sorted(table.indexes, key=lambda i: i.name or ""):
             out.append(str(CreateIndex(index).compile(dialect=dialect)).strip())
     return out
+
+
+def _index_ddl(name: str) -> list[str]:
+    """Drop and create again one index of ``state.schema.metadata``, as it is now."""
+    dialect = postgresql.dialect()  # type: ignore[no-untyped-call]
+    [index] = [i for t in metadata.sorted_tables for i in t.indexes if i.name == name]
+    return [f"DROP INDEX IF EXISTS {name}", str(CreateIndex(index).compile(dialect=dialect))]
+
+
+UPGRADES: dict[int, Callable[[], list[str]]] = {
+    2: lambda: _index_ddl("idx_runs_due"),  # the claim's whole ORDER BY in the index
+}
+"""The statements that bring a database from the schema version before each key to
+that version (this engine's own numbering; SQLite's is ``state.sqlite.migrations``)."""
 
 
 _FENCE = " AND (%s::text IS NULL OR (status='running' AND lease_owner=%s AND attempt=%s::integer))"
@@ -291,6 +306,24 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
                     "schema_too_new",
                     f"the state database has schema version {version}; this agentd knows"
                     f" up to {SCHEMA_VERSION}. Upgrade agentd or use another database.",
+                )
+            if 0 < version < SCHEMA_VERSION:
+                for step in range(version + 1, SCHEMA_VERSION + 1):
+                    if step not in UPGRADES:
+                        raise StateRefused(
+                            "schema_too_old",
+                            f"the state database has schema version {version}, which this"
+                            f" agentd cannot upgrade to {SCHEMA_VERSION}",
+                        )
+                    for ddl in UPGRADES[step]():
+                        conn.execute(ddl)
+                conn.execute(
+                    "UPDATE meta SET value=%s WHERE key='schema_version'", (str(SCHEMA_VERSION),)
+                )
+                log.info(
+                    "state database schema upgraded from version %d to %d",
+                    version,
+                    SCHEMA_VERSION,
                 )
             if version == 0:
                 for ddl in schema_ddl():

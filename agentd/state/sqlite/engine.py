@@ -1072,10 +1072,11 @@ class SqliteStore(LedgerStatements, AlertStatements, NodeStatements):
         expires = to_iso(_plus(now, lease_s))
         with self.tx():
             while len(claimed) < limit:
-                # Due runs in due order, straight off the (status, not_before,
-                # scheduled_for) index: the query stops after ``want`` rows however long
-                # the queue. (A window function over every queued run made each claim
-                # O(queue), half the CPU of draining 5,000 queued runs.) A run of a task
+                # Due runs in due order, straight off the partial index idx_runs_due
+                # (not_before, scheduled_for, created_at, id): the query stops after
+                # ``want`` rows however long the queue. (A window function over every
+                # queued run made each claim O(queue), half the CPU of draining 5,000
+                # queued runs.) A run of a task
                 # taken earlier in this round is skipped, and the next round's query
                 # excludes that task: one task's backlog cannot hide another's run.
                 want = limit - len(claimed)
@@ -1085,7 +1086,7 @@ class SqliteStore(LedgerStatements, AlertStatements, NodeStatements):
                     " AND (t.paused=0 OR r.trigger IN ('manual','release'))"
                     " AND r.task_id NOT IN (SELECT value FROM json_each(?))"
                     f" AND {_NOT_RUNNING_ELSEWHERE}"
-                    " ORDER BY r.not_before, r.scheduled_for, r.rowid LIMIT ?",
+                    " ORDER BY r.not_before, r.scheduled_for, r.created_at, r.id LIMIT ?",
                     (to_iso(now), json.dumps(sorted(excluded)), allowed, want),
                 )
                 taken = []

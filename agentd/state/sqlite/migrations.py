@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import sqlite_utils
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 
 def _migrate_1(db: sqlite_utils.Database) -> None:
@@ -224,6 +224,16 @@ def _migrate_7(db: sqlite_utils.Database) -> None:
     )
 
 
+def _migrate_8(db: sqlite_utils.Database) -> None:
+    """The claim's index holds its whole ORDER BY (``not_before, scheduled_for,
+    created_at, id``), the same on both engines: PostgreSQL has no rowid to end it with."""
+    db.execute("DROP INDEX IF EXISTS idx_runs_due")
+    db.execute(
+        "CREATE INDEX idx_runs_due ON runs(not_before, scheduled_for, created_at, id)"
+        " WHERE status='queued'"
+    )
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migrate_1,
     _migrate_2,
@@ -232,4 +242,5 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migrate_5,
     _migrate_6,
     _migrate_7,
+    _migrate_8,
 ]
