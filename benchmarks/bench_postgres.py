@@ -69,8 +69,10 @@ PEERS = {
     for k in PEER_PROCS
 }
 STATS_SETTLE_S = 1.2
-"""A busy PostgreSQL backend reports its statistics at most once a second: after the
-last run, this long for every backend's counts to be in ``pg_stat_*``."""
+"""A PostgreSQL backend reports its statistics at most once a second (when it goes
+idle, or ends): the due instant is at least this long after the last process is up (its
+start-up's transactions are in before the window opens), and the window closes this
+long after the last run."""
 POLL_S = 0.1
 
 
@@ -80,12 +82,19 @@ POLL_S = 0.1
 @dataclass
 class Db:
     """One contender's database, and the harness's one connection to it. Every
-    statement the harness runs there is counted, to be taken out of ``xact_commit``."""
+    statement the harness runs there is counted, to be taken out of ``xact_commit``;
+    ``reconnect`` before each snapshot, so that the statistics of the harness's own
+    statements so far are in (a backend reports them when it ends, else at most once a
+    second) and none arrive late into another window."""
 
     url: str
     name: str
     conn: psycopg.Connection[Any]
     statements: int = 0
+
+    def reconnect(self) -> None:
+        self.conn.close()
+        self.conn = psycopg.connect(self.url, autocommit=True)
 
     def one(self, sql: str) -> tuple[Any, ...]:
         self.statements += 1
@@ -131,11 +140,11 @@ class Pg:
         self.made += 1
         name = f"{tag}_{self.made}"
         url = self.cluster.create_database(name)
-        conn = psycopg.connect(url, autocommit=True)
+        db = Db(url, name, psycopg.connect(url, autocommit=True))
         try:
-            yield Db(url, name, conn)
+            yield db
         finally:
-            conn.close()
+            db.conn.close()
             with contextlib.suppress(psycopg.Error):
                 self.admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
@@ -290,7 +299,7 @@ def agentd_pg(pg: Pg, lead: Lead, nodes: int, n: int, burst: bool, rep: Rep) -> 
                     proc.start()
                 for proc in procs:
                     proc.wait_ready()
-                check_ready(lead, key, time.monotonic() - t0, due)
+                check_ready(lead, key, time.monotonic() - t0 + STATS_SETTLE_S, due)
                 return measure(pg, db, procs, n, burst, due)
             finally:
                 for proc in procs:
@@ -307,6 +316,7 @@ def measure(pg: Pg, db: Db, procs: list[AgentdProc], n: int, burst: bool, due: f
                 raise RuntimeError(f"agentd node exited:\n{proc.log_tail()}")
 
     common.sleep_until(due - 0.05)
+    db.reconnect()
     cpu0 = [p.cpu_s() for p in procs]
     before = pg.snapshot(db)
     done = "status NOT IN ('queued','running')" if burst else "status='succeeded'"
@@ -317,6 +327,7 @@ def measure(pg: Pg, db: Db, procs: list[AgentdProc], n: int, burst: bool, due: f
     else:
         db.wait_count(f"SELECT count(*) FROM runs WHERE {done}", n, timeout, alive)
     cpu = sum(p.cpu_s() - c for p, c in zip(procs, cpu0, strict=True))
+    db.reconnect()
     time.sleep(STATS_SETTLE_S)
     counts = window_counts(before, pg.snapshot(db), n)
     by_node = [int(r[0]) for r in db.all("SELECT count(*) FROM attempts GROUP BY worker")]
@@ -385,7 +396,7 @@ def peer_pg(
                     workers.append(PeerProc(python, module, ["work", *args, *own], cwd))
                 for w in workers:
                     w.wait_ready()
-                check_ready(lead, key, time.monotonic() - t0, due)
+                check_ready(lead, key, time.monotonic() - t0 + STATS_SETTLE_S, due)
                 return measure_peer(pg, db, peer, workers, n, burst, due)
             finally:
                 for w in workers:
@@ -404,6 +415,7 @@ def measure_peer(
                 raise RuntimeError(f"{peer} worker exited: {w.proc.returncode}")
 
     common.sleep_until(due - 0.05)
+    db.reconnect()
     cpu0 = [procstat.cpu_seconds(w.pid) for w in workers]
     before = pg.snapshot(db)
     timeout = 60 + n / 20
@@ -413,6 +425,7 @@ def measure_peer(
     else:
         db.wait_count(DONE_SQL[peer], n, timeout, alive)
     cpu = sum(procstat.cpu_seconds(w.pid) - c for w, c in zip(workers, cpu0, strict=True))
+    db.reconnect()
     time.sleep(STATS_SETTLE_S)
     counts = window_counts(before, pg.snapshot(db), n)
     late: list[float] = []

@@ -19,9 +19,11 @@ its high half, ``objid`` its low half). Each sample of a connection is one of:
 - ``no lock, ...``: a read outside a write transaction, or ``idle`` (nothing asked).
 
 Printed: the rate, transactions committed and WAL flushes per run, and those shares per
-node and in total. With ``--py-spy``, node 0 runs under ``py-spy record`` (``--idle``:
-wall clock, waiting threads included) and its functions are summarised as by
-``benchmarks.profile``.
+node and in total. ``--setup-sql`` runs statements on the filled database before the
+nodes start (a what-if such as an index and ``ANALYZE``, never part of the suite's
+figures). With ``--py-spy``, node 0 runs under ``py-spy record`` (``--idle``: wall
+clock, waiting threads included; then also per thread) and its functions are summarised
+as by ``benchmarks.profile``.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from benchmarks.profile import child_of, summary
 LOCK_HI, LOCK_LO = WRITE_LOCK >> 32, WRITE_LOCK & 0xFFFFFFFF
 
 SAMPLE_SQL = """
-SELECT a.pid, a.state, a.wait_event_type, a.wait_event,
+SELECT a.pid, a.state, a.wait_event_type, a.wait_event, left(a.query, 90),
        EXISTS (SELECT 1 FROM pg_locks l WHERE l.pid = a.pid AND l.locktype = 'advisory'
                AND l.granted AND l.classid = %s AND l.objid = %s) AS holds
 FROM pg_stat_activity a WHERE a.datname = %s AND a.application_name = 'agentd'
@@ -70,6 +72,8 @@ class Sampler(threading.Thread):
         super().__init__(daemon=True)
         self.url, self.db, self.every_s = url, db, every_s
         self.by_pid: dict[int, Counter[str]] = {}
+        self.queries: Counter[str] = Counter()
+        """Active samples by statement (its first 90 characters)."""
         self.samples = 0
         self.stop = threading.Event()
 
@@ -78,8 +82,10 @@ class Sampler(threading.Thread):
             while not self.stop.is_set():
                 rows = conn.execute(SAMPLE_SQL, (LOCK_HI, LOCK_LO, self.db)).fetchall()
                 self.samples += 1
-                for pid, state, wtype, wevent, holds in rows:
+                for pid, state, wtype, wevent, query, holds in rows:
                     key = classify(state, wtype, wevent, bool(holds))
+                    if state == "active":
+                        self.queries[" ".join(str(query).split())] += 1
                     self.by_pid.setdefault(int(pid), Counter())[key] += 1
                 self.stop.wait(self.every_s)
 
@@ -103,6 +109,9 @@ def report(sampler: Sampler) -> str:
     n = sum(total.values()) or 1
     lines.append("  all nodes' main connections:")
     lines += [f"    {100 * c / n:5.1f}%  {k}" for k, c in total.most_common()]
+    active = sum(sampler.queries.values()) or 1
+    lines.append("  active samples by statement:")
+    lines += [f"    {100 * c / active:5.1f}%  {q}" for q, c in sampler.queries.most_common(8)]
     held = sum(c for k, c in total.items() if k.startswith("holds"))
     lines.append(
         f"  the write lock was held in {100 * held / max(1, sampler.samples):.0f}% of samples"
@@ -132,6 +141,12 @@ def main() -> None:
     p.add_argument("--idle", action="store_true", help="py-spy: wall clock, waiting included")
     p.add_argument("--rate", type=int, default=250)
     p.add_argument("--out", type=Path, default=Path("agentd-pg-profile"))
+    p.add_argument(
+        "--setup-sql",
+        action="append",
+        default=[],
+        help="what-if: SQL run on the state database after it is filled (an index to try)",
+    )
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     with (
@@ -146,6 +161,9 @@ def main() -> None:
         ]
         due = time.time() + 3 + a.nodes + a.n / 10000
         prefill.queue_pg(url, nodes[0], "bench", a.n, datetime.fromtimestamp(due, UTC))
+        for sql in a.setup_sql:
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute(sql)
         raw = (a.out / "node0.pyspy.txt").resolve()
         wrap: tuple[str, ...] = ()
         if a.py_spy:
