@@ -68,8 +68,17 @@ def env() -> dict[str, str]:
 class AgentdProc:
     """One daemon: ``start()``, measure, then ``close()`` (always, in a ``with``)."""
 
-    def __init__(self, root: Path, tasks: Mapping[str, Task], **daemon: Any) -> None:
+    def __init__(
+        self,
+        root: Path,
+        tasks: Mapping[str, Task],
+        state_url: str | None = None,
+        **daemon: Any,
+    ) -> None:
+        """``state_url``: a ``postgresql://`` URL to keep the state in (``state: {url:}``)
+        instead of SQLite in the state dir; the ``query`` helpers below read SQLite only."""
         self.root = root
+        self.state_url = state_url
         root.mkdir(parents=True, exist_ok=True)
         self.state_dir = root / "state"
         self.db_path = self.state_dir / "state.sqlite"
@@ -92,6 +101,8 @@ class AgentdProc:
     def write_config(self, tasks: Mapping[str, Task]) -> None:
         """JSON is YAML: one flow mapping per task keeps 10,000 tasks quick to write."""
         lines = ["daemon: " + json.dumps(self.daemon), "tasks:" if tasks else "tasks: {}"]
+        if self.state_url is not None:
+            lines.insert(0, "state: " + json.dumps({"url": self.state_url}))
         lines += [f"  {json.dumps(tid)}: {json.dumps(body)}" for tid, body in tasks.items()]
         tmp = self.config.with_suffix(".tmp")
         tmp.write_text("\n".join(lines) + "\n")

@@ -26,6 +26,7 @@ from benchmarks import (
     bench_lateness,
     bench_lifecycle,
     bench_load,
+    bench_postgres,
     bench_throughput,
     procstat,
     report,
@@ -45,8 +46,16 @@ SECTIONS: dict[str, Callable[[Suite], None]] = {
     "idle": bench_idle.run,  # B5, B6 idle, B7, B9 idle, B10 /metrics with 10,000 tasks
     "B8": bench_lifecycle.run,  # B8, B9 loaded
     "load": bench_load.run,  # B6 after runs, B10 under load
+    "PG": bench_postgres.run,  # PG-C, PG-B3, PG-B1: 1-3 nodes on PostgreSQL and its peers
 }
-PEER_PACKAGES = {"aps": ["apscheduler", "sqlalchemy", "aiohttp"], "huey": ["huey"]}
+PEER_PACKAGES = {
+    "aps": ["apscheduler", "sqlalchemy", "aiohttp"],
+    "huey": ["huey"],
+    "procrastinate": ["procrastinate", "psycopg"],
+    "dbos": ["dbos", "psycopg", "sqlalchemy"],
+}
+PEERS_OF = {"procrastinate": {"PG"}, "dbos": {"PG"}}
+"""Peers only some sections use: their venvs are built only when one of those runs."""
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -67,7 +76,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def setup_peers(s: Suite, enabled: bool, why_not: str) -> dict[str, dict[str, str]]:
+def setup_peers(
+    s: Suite, enabled: bool, why_not: str, sections: list[str]
+) -> dict[str, dict[str, str]]:
     found: dict[str, dict[str, str]] = {}
     redis = shutil.which("redis-server")
     s.not_run["celery"] = (
@@ -76,6 +87,8 @@ def setup_peers(s: Suite, enabled: bool, why_not: str) -> dict[str, dict[str, st
         else f"redis-server found ({redis}) but the Celery peer is not written yet"
     )
     for name, packages in PEER_PACKAGES.items():
+        if name in PEERS_OF and not PEERS_OF[name] & set(sections):
+            continue
         if not enabled:
             s.not_run[name] = why_not
             continue
@@ -118,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp_root = Path(tempfile.mkdtemp(prefix="agentd-bench-"))
     s = Suite(mode, tmp_root)
     why_not = "--no-peers" if args.no_peers else "peers are skipped in smoke mode"
-    peer_versions = setup_peers(s, mode.peers and not args.no_peers, why_not)
+    peer_versions = setup_peers(s, mode.peers and not args.no_peers, why_not, only)
     machine = procstat.machine()
     try:
         for name in only:
@@ -145,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         "peer_versions": peer_versions,
         "not_run": s.not_run,
         "errors": s.errors,
+        **s.extra_meta,
     }
     print(report.text(s.metrics))
     for err in s.errors:

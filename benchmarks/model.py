@@ -38,6 +38,11 @@ class Mode:
     b8_tasks: int
     b8_history: int
     calib_commits: int
+    pg_b3_runs: int
+    """Section PG: the queue worked off by 1, 2 and 3 nodes on PostgreSQL and the peers."""
+    pg_b1_runs: int
+    pg_fsync_s: int
+    """Seconds per test of ``pg_test_fsync`` (0: not run)."""
 
 
 MODES = {
@@ -60,6 +65,9 @@ MODES = {
         b8_tasks=10000,
         b8_history=100000,
         calib_commits=3000,
+        pg_b3_runs=20000,
+        pg_b1_runs=1000,
+        pg_fsync_s=2,
     ),
     "quick": Mode(
         name="quick",
@@ -80,6 +88,9 @@ MODES = {
         b8_tasks=1000,
         b8_history=10000,
         calib_commits=500,
+        pg_b3_runs=10000,
+        pg_b1_runs=1000,
+        pg_fsync_s=1,
     ),
     "smoke": Mode(
         name="smoke",
@@ -100,6 +111,9 @@ MODES = {
         b8_tasks=30,
         b8_history=200,
         calib_commits=50,
+        pg_b3_runs=60,
+        pg_b1_runs=20,
+        pg_fsync_s=0,
     ),
 }
 

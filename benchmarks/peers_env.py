@@ -27,6 +27,8 @@ REQUIREMENTS = {
     "aps": ["apscheduler>=3.11,<3.12", "sqlalchemy>=2.0", "aiohttp>=3.9"],
     "huey": ["huey>=2.5,<3"],
     "celery": ["celery[redis]>=5.3,<6"],
+    "procrastinate": ["procrastinate>=3.10,<4", "psycopg[binary]>=3.2,<4"],
+    "dbos": ["dbos>=3.4,<4", "psycopg[binary]>=3.2,<4"],
 }
 
 

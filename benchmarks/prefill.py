@@ -6,6 +6,12 @@ history. Writing those rows through the daemon would take minutes and measure th
 instead. So one run is created through agentd's own ``SqliteStore.fire`` (its real row
 shape) and cloned in one transaction. Column lists come from that row, so the clones
 follow agentd's schema as it changes.
+
+On PostgreSQL (``queue_pg``, section PG) the port itself is fast enough: the runs are
+fired through ``PostgresStore.fire_many``, 1,000 per transaction, each with its own
+idempotency key. A fire is due at once (``not_before`` = now); one UPDATE then moves the
+queue's ``not_before`` to one instant after every node is up (the state a retry's
+backoff leaves a run in), so that all nodes find the whole queue due together.
 """
 
 from __future__ import annotations
@@ -14,10 +20,16 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import psycopg
+
 from agentd.clock import to_iso
 from agentd.config import load_config
+from agentd.state.port import Fire
+from agentd.state.postgres.engine import PostgresStore
 from agentd.state.sqlite.engine import SqliteStore
 from benchmarks.agentd_proc import AgentdProc
+
+PG_BATCH = 1000
 
 
 def _store(proc: AgentdProc) -> SqliteStore:
@@ -128,3 +140,28 @@ def history(proc: AgentdProc, task_id: str, n: int) -> None:
             _insert(store, "events", events)
     finally:
         store.close()
+
+
+def queue_pg(url: str, proc: AgentdProc, task_id: str, n: int, due: datetime) -> None:
+    """``n`` queued runs of ``task_id`` (from ``proc``'s config) in the PostgreSQL state at
+    ``url``, all due at ``due``, fired through the port before any node starts."""
+    tasks = load_config(proc.config).tasks
+    store = PostgresStore(url)
+    try:
+        now = datetime.now(UTC)
+        store.sync_tasks({tid: (t.fingerprint(), t.kind) for tid, t in tasks.items()}, now)
+        for start in range(0, n, PG_BATCH):
+            fires = [
+                Fire(task_id, due, "schedule", "allow", key=f"{task_id}@bench:{i}")
+                for i in range(start, min(n, start + PG_BATCH))
+            ]
+            results = store.fire_many(fires, now)
+            if not all(r.created for r in results):
+                raise RuntimeError(f"prefill: {sum(not r.created for r in results)} not fired")
+    finally:
+        store.close()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE runs SET not_before=%s WHERE task_id=%s AND status='queued'",
+            (to_iso(due), task_id),
+        )

@@ -24,6 +24,9 @@ TITLES = {
     "B8": "kill -9 mid-burst, restart and reconcile",
     "B9": "SIGTERM to exit",
     "B10": "Probe and /metrics latency",
+    "PG-C": "Calibration: PostgreSQL at full durability on this machine",
+    "PG-B3": "Durable throughput on PostgreSQL, 1-3 agentd nodes beside Procrastinate and DBOS",
+    "PG-B1": "Start lateness on PostgreSQL, 1-3 agentd nodes beside Procrastinate and DBOS",
 }
 ORDER = list(TITLES)
 HEADER = ["metric", "contender", "median", "min-max", "agentd / it", "target", "agentd"]

@@ -73,6 +73,9 @@ class Suite:
     errors: list[str] = field(default_factory=list)
     peers: dict[str, Path] = field(default_factory=dict)
     not_run: dict[str, str] = field(default_factory=dict)
+    extra_meta: dict[str, object] = field(default_factory=dict)
+    """Facts a section learns about its setup (a server's version and settings), put
+    into the JSON's ``meta`` as they are."""
 
     def log(self, text: str) -> None:
         print(f"{time.strftime('%H:%M:%S')} {text}", file=sys.stderr, flush=True)
