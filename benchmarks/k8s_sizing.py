@@ -10,7 +10,9 @@ the real daemon (a subprocess, as in the rest of the suite) on:
 - ``tasks``: ``--tasks`` idle cron tasks on an empty state (a first start);
 - ``large``: the same tasks restarted on a state that holds ``--runs`` finished runs
   (with their attempts and four events each) spread over 100 tasks, and a jobstore
-  that holds every task's job (a pod rescheduled onto its volume).
+  that holds every task's job (a pod rescheduled onto its volume);
+- ``large-changed``: that restart with every task's schedule changed (a config edit
+  applied by a restart: 10,000 jobs rescheduled before the daemon is ready).
 
 For each it reports seconds from spawn to the first ``/healthz`` 200 (what the
 startupProbe waits for) and to ``/readyz`` 200, and the memory of the daemon and its
@@ -42,7 +44,7 @@ from typing import Any
 import yaml
 
 from benchmarks import prefill, procstat
-from benchmarks.agentd_proc import REPO, AgentdProc, free_port, idle_tasks
+from benchmarks.agentd_proc import REPO, AgentdProc, Tasks, free_port, idle_tasks
 
 HISTORY_TASKS = 100
 SETTLE_S = 10.0
@@ -233,10 +235,10 @@ def adapted(source: Path, root: Path, port: int) -> tuple[Path, str | None]:
     return out, Path(token_file).read_text().strip() if token_file else None
 
 
-def large_template(root: Path, tasks: int, runs: int) -> AgentdProc:
-    """A stopped daemon's state with ``tasks`` jobs and ``runs`` finished runs."""
-    proc = AgentdProc(root, idle_tasks(tasks))
-    ids = [f"idle{i:05d}" for i in range(HISTORY_TASKS)]
+def large_template(root: Path, tasks: Tasks, runs: int) -> AgentdProc:
+    """A stopped daemon's state with ``tasks``' jobs and ``runs`` finished runs."""
+    proc = AgentdProc(root, tasks)
+    ids = list(tasks)[:HISTORY_TASKS]
     prefill.histories(proc, ids, runs // HISTORY_TASKS)
     proc.start()
     proc.wait_ready(timeout=600)
@@ -244,13 +246,25 @@ def large_template(root: Path, tasks: int, runs: int) -> AgentdProc:
     return proc
 
 
+def moved(tasks: Tasks) -> Tasks:
+    """The same tasks with every cron a minute later: each one's definition changed."""
+    out = {}
+    for tid, body in tasks.items():
+        minute, rest = body["schedule"]["cron"].split(" ", 1)
+        out[tid] = {**body, "schedule": {"cron": f"{(int(minute) + 1) % 60} {rest}"}}
+    return out
+
+
 def run(scenario: str, args: argparse.Namespace, base: Path) -> list[dict[str, float]]:
     samples = []
     template = None
-    if scenario == "large":
+    tasks = idle_tasks(args.tasks)
+    if scenario.startswith("large"):
         t0 = time.monotonic()
-        template = large_template(base / "large-template", args.tasks, args.runs)
-        print(f"large: template built in {time.monotonic() - t0:.0f}s", file=sys.stderr)
+        template = large_template(base / f"{scenario}-template", tasks, args.runs)
+        print(f"{scenario}: template built in {time.monotonic() - t0:.0f}s", file=sys.stderr)
+        if scenario == "large-changed":
+            tasks = moved(tasks)
     for rep in range(args.reps):
         root = base / f"{scenario}-{rep}"
         root.mkdir()
@@ -261,9 +275,7 @@ def run(scenario: str, args: argparse.Namespace, base: Path) -> list[dict[str, f
         elif scenario == "configmap":
             config, token = adapted(REPO / "deploy/k8s/base/agentd.yaml", root, port)
         else:
-            proc = AgentdProc(
-                root, idle_tasks(args.tasks), http={"host": "127.0.0.1", "port": port}
-            )
+            proc = AgentdProc(root, tasks, http={"host": "127.0.0.1", "port": port})
             if template is not None:
                 shutil.copytree(template.state_dir, proc.state_dir)
             config = proc.config
@@ -279,7 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", type=int, default=10_000)
     p.add_argument("--runs", type=int, default=100_000)
     p.add_argument(
-        "--only", default="shipped,configmap,tasks,large", help="comma-separated scenarios"
+        "--only",
+        default="shipped,configmap,tasks,large,large-changed",
+        help="comma-separated scenarios",
     )
     p.add_argument("--out", type=Path, help="write the samples as JSON here too")
     p.add_argument("--keep", type=Path, help="work in this (new) directory and keep it")
