@@ -22,8 +22,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-
-from tests.harness import free_port, wait_for
+from harness import free_port, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 CONTAINERFILE = REPO / "Containerfile"

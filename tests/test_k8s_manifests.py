@@ -18,15 +18,18 @@ import copy
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import httpx
 import promql_parser
 import pytest
 import yaml
+from harness import free_port, wait_for
 
 from agentd.cli import build_parser
 from agentd.config import Config, parse_config
@@ -702,3 +705,95 @@ def test_backup_job_says_what_it_waits_for(rendered: dict[str, Path]) -> None:
     else:
         parser.parse_args(args)
         assert waiting not in readme, "agentd backup exists: update deploy/k8s/README.md"
+
+
+# ---------------------------------------------------------------- the HA config, running
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_ha_config_runs_two_nodes_on_postgres(
+    rendered: dict[str, Path], pg_url: str, tmp_path: Path
+) -> None:
+    """The overlay's ConfigMap as rendered, on a real PostgreSQL: its URL only in
+    AGENTD_STATE_URL (as the Deployment sets it from the Secret), its password from a
+    file; two nodes come up ready, see each other on one config generation, and share
+    the work."""
+    text = find(docs(rendered["ha-postgres"]), "ConfigMap", "agentd-config")["data"]
+    raw = yaml.safe_load(text["agentd.yaml"])
+    assert raw["state"]["url"] == "${AGENTD_STATE_URL}"
+    token = "ha-node-token-for-the-test"
+    (tmp_path / "api-token").write_text(token + "\n")
+    (tmp_path / "password").write_text("unused-under-trust-auth\n")
+    nodes = []
+    try:
+        for i in range(2):
+            root = tmp_path / f"node{i}"
+            root.mkdir()
+            cfg = copy.deepcopy(raw)
+            port = free_port()
+            cfg["state"]["password_file"] = str(tmp_path / "password")
+            cfg["daemon"]["state_dir"] = str(root / "state")
+            cfg["daemon"]["http"].update(
+                host="127.0.0.1", port=port, token_file=str(tmp_path / "api-token")
+            )
+            cfg["providers"]["openai"]["api_key_file"] = str(tmp_path / "no-such-key")
+            # The same tasks on both nodes, or they would be two config generations.
+            cfg["tasks"]["state-volume"]["command"]["argv"] = ["df", "-h", str(tmp_path)]
+            (root / "agentd.yaml").write_text(yaml.safe_dump(cfg))
+            log = (root / "agentd.log").open("wb")
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "agentd.cli", "run", "--config", str(root / "agentd.yaml")],
+                cwd=root,
+                env={**os.environ, "AGENTD_STATE_URL": pg_url},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+            log.close()
+            nodes.append((proc, f"http://127.0.0.1:{port}", root))
+        auth = {"Authorization": f"Bearer {token}"}
+
+        def all_ready() -> bool:
+            for proc, url, root in nodes:
+                assert proc.poll() is None, (root / "agentd.log").read_text()
+                try:
+                    if httpx.get(f"{url}/readyz", timeout=5).status_code != 200:
+                        return False
+                except httpx.HTTPError:
+                    return False
+            return True
+
+        wait_for(all_ready, timeout=120, what="/readyz 200 on both nodes")
+
+        def both_seen() -> list[dict[str, Any]] | None:
+            rows: list[dict[str, Any]] = httpx.get(
+                f"{nodes[0][1]}/v1/nodes", headers=auth, timeout=5
+            ).json()["nodes"]
+            alive = [r for r in rows if r["alive"]]
+            return alive if len(alive) == 2 else None
+
+        alive = wait_for(both_seen, timeout=60, what="two live nodes in /v1/nodes")
+        assert len({r["config_generation"] for r in alive}) == 1
+        assert not any(r["config_differs"] for r in alive)
+        # A run triggered through one node; whichever claims it, both see it end.
+        run_id = httpx.post(
+            f"{nodes[0][1]}/v1/tasks/state-volume/trigger", headers=auth, timeout=10
+        ).json()["run_id"]
+
+        def status() -> str | None:
+            got = httpx.get(f"{nodes[1][1]}/v1/runs/{run_id}", headers=auth, timeout=5)
+            value: str = got.json().get("status", "")
+            return value if value in ("succeeded", "failed", "quarantined") else None
+
+        assert wait_for(status, timeout=60, what="the run, seen from the other node") == (
+            "succeeded"
+        )
+        for proc, _, _ in nodes:
+            proc.send_signal(signal.SIGTERM)
+        for proc, _, root in nodes:
+            assert proc.wait(timeout=60) == 0, (root / "agentd.log").read_text()[-3000:]
+    finally:
+        for proc, _, _ in nodes:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
