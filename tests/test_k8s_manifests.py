@@ -13,7 +13,6 @@ a failure naming ``make venv``).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -31,7 +30,6 @@ import pytest
 import yaml
 from harness import free_port, wait_for
 
-from agentd.cli import build_parser
 from agentd.config import Config, parse_config
 from agentd.metrics import Metrics
 
@@ -689,22 +687,147 @@ def container_named(pod: dict[str, Any], name: str) -> dict[str, Any]:
     return c
 
 
-def test_backup_job_says_what_it_waits_for(rendered: dict[str, Path]) -> None:
-    """Until `agentd backup` exists the job cannot work, and the files say so; once it
-    exists, the job's arguments must be ones the CLI accepts (and this test says to
-    update the README)."""
+def backup_script(rendered: dict[str, Path]) -> str:
     job = find(docs(rendered["base-with-backup"]), "CronJob", "agentd-backup")
-    args = container_named(job["spec"]["jobTemplate"]["spec"]["template"], "backup")["args"]
-    parser = build_parser()
-    [commands] = [a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    readme = (K8S / "README.md").read_text()
-    waiting = "WAITS FOR `agentd backup`"
-    if args[0] not in commands:
-        assert waiting in (K8S / "components/backup/kustomization.yaml").read_text()
-        assert waiting in readme
-    else:
-        parser.parse_args(args)
-        assert waiting not in readme, "agentd backup exists: update deploy/k8s/README.md"
+    c = container_named(job["spec"]["jobTemplate"]["spec"]["template"], "backup")
+    assert c["command"] == ["/bin/sh", "-c"]
+    [script] = c["args"]
+    return str(script)
+
+
+def restore_job() -> dict[str, Any]:
+    job: dict[str, Any] = yaml.safe_load((K8S / "components/backup/restore-job.yaml").read_text())
+    return job
+
+
+def test_restore_job_is_a_valid_restricted_job(tmp_path: Path) -> None:
+    """Applied by hand, not rendered: held to the same rules here."""
+    job = restore_job()
+    path = tmp_path / "restore.yaml"
+    path.write_text(yaml.safe_dump(job))
+    for version in (OLDEST, NEWEST):
+        done = subprocess.run(
+            [str(tool("kubernetes-validate")), "--strict", "-k", version, "--quiet", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+    pod = job["spec"]["template"]
+    assert pss_problems(pod) == []
+    component = yaml.safe_load((K8S / "components/image/kustomization.yaml").read_text())
+    [image] = component["images"]
+    assert container_named(pod, "restore")["image"] == f"{image['newName']}:{image['newTag']}"
+    claims = {
+        v["persistentVolumeClaim"]["claimName"]
+        for v in pod["spec"]["volumes"]
+        if "persistentVolumeClaim" in v
+    }
+    assert claims == {"state-agentd-0", "agentd-backups"}
+
+
+def base_daemon(root: Path, token: str) -> tuple[subprocess.Popen[bytes], str, Path]:
+    """agentd on the base ConfigMap's config, its pod paths moved under ``root``."""
+    cfg = yaml.safe_load((K8S / "base/agentd.yaml").read_text())
+    port = free_port()
+    (root / "api-token").write_text(token + "\n")
+    cfg["daemon"]["state_dir"] = str(root / "lib/agentd/state")
+    cfg["daemon"]["http"].update(host="127.0.0.1", port=port, token_file=str(root / "api-token"))
+    cfg["providers"]["openai"]["api_key_file"] = str(root / "no-such-key")
+    cfg["tasks"]["state-volume"]["command"]["argv"] = ["df", "-h", str(root)]
+    config = root / "agentd.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    log = (root / "agentd.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agentd.cli", "run", "--config", str(config)],
+        cwd=root,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    log.close()
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        assert proc.poll() is None, (root / "agentd.log").read_text()
+        try:
+            return httpx.get(f"{url}/readyz", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(ready, timeout=120, what="/readyz 200")
+    return proc, url, config
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_backup_script_and_restore_job_on_a_running_daemon(
+    rendered: dict[str, Path], tmp_path: Path
+) -> None:
+    """The CronJob's own script, with its paths moved here, against a running daemon
+    that has runs: a new directory named by the time with a complete backup, an old
+    backup pruned, a fresh one kept; then the restore Job's arguments, the daemon
+    stopped, put it back."""
+    token = "backup-test-token"
+    proc, url, config = base_daemon(tmp_path, token)
+    auth = {"Authorization": f"Bearer {token}"}
+    backups = tmp_path / "backups"
+    try:
+        run_id = httpx.post(
+            f"{url}/v1/tasks/state-volume/trigger", headers=auth, timeout=10
+        ).json()["run_id"]
+        wait_for(
+            lambda: (
+                httpx.get(f"{url}/v1/runs/{run_id}", headers=auth, timeout=5).json()["status"]
+                == "succeeded"
+            ),
+            timeout=60,
+            what="a run to back up",
+        )
+        backups.mkdir()
+        old = backups / "20200101T000000Z"
+        old.mkdir()
+        os.utime(old, (0, 0))
+        fresh = backups / "20200102T000000Z"
+        fresh.mkdir()
+        script = backup_script(rendered)
+        script = script.replace("/etc/agentd/agentd.yaml", str(config))
+        script = script.replace("/backups", str(backups))
+        path = os.pathsep.join([str(BIN), os.environ.get("PATH", "")])
+        done = subprocess.run(
+            ["/bin/sh", "-c", script],
+            env={**os.environ, "PATH": path},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        made = sorted(p.name for p in backups.iterdir())
+        assert old.name not in made and fresh.name in made
+        [new] = [n for n in made if n != fresh.name]
+        assert re.fullmatch(r"\d{8}T\d{6}Z", new)
+        manifest = json.loads((backups / new / "MANIFEST.json").read_text())
+        assert "state.sqlite" in json.dumps(manifest)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        # The restore Job's command line, on the stopped daemon's state.
+        args = container_named(restore_job()["spec"]["template"], "restore")["args"]
+        args = [a.replace("/etc/agentd/agentd.yaml", str(config)) for a in args]
+        args = [a.replace("/backups/BACKUP_DIR", str(backups / new)) for a in args]
+        restored = subprocess.run(
+            [str(BIN / "agentd"), *args], capture_output=True, text=True, timeout=120, check=False
+        )
+        assert restored.returncode == 0, restored.stdout + restored.stderr
+        # What the README tells the admin to look for in the jobs' logs.
+        assert "backup complete:" in done.stdout
+        assert "restore complete: start agentd to use it" in restored.stdout
+        state = tmp_path / "lib/agentd/state"
+        assert list(state.glob("state.sqlite.before-restore-*"))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 # ---------------------------------------------------------------- the HA config, running
