@@ -163,7 +163,17 @@ class Daemon:
 
 
 def measure(d: Daemon) -> dict[str, float]:
-    """Start, wait, scrape, reload, stop: every figure of one start."""
+    """Start, wait, scrape, reload, stop: every figure of one start. A daemon left
+    running by a failure is killed."""
+    try:
+        return _measure(d)
+    finally:
+        if d.proc is not None and d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait(timeout=30)
+
+
+def _measure(d: Daemon) -> dict[str, float]:
     d.start()
     with PeakSampler(d.pid).running() as start:
         healthz = d.wait_for("/healthz")
