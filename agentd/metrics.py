@@ -15,6 +15,7 @@ a second daemon in one process never collide on the global ``REGISTRY``.
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import threading
 import time
@@ -267,6 +268,12 @@ class Metrics:
             ["scope"],
             registry=r,
         )
+        self.budget_limit = Gauge(
+            "agentd_budget_limit_usd",
+            "The USD limit of the current window, by scope as agentd_budget_remaining_usd",
+            ["scope"],
+            registry=r,
+        )
         self._budget_scopes: set[str] = set()
         self.pruned = Counter(
             "agentd_pruned",
@@ -385,13 +392,22 @@ class Metrics:
             if last_success is not None:
                 self.last_success.set(task_id, value=last_success)
 
-    def set_budget_remaining(self, remaining: dict[str, float]) -> None:
-        """Current windows' remaining USD by scope; scopes no longer configured go away."""
+    def set_budget_remaining(
+        self, remaining: dict[str, float], limits: Mapping[str, float] | None = None
+    ) -> None:
+        """Current windows' remaining USD by scope, and their limits (a scope in
+        ``remaining`` has one: the share spent is ``1 - remaining / limit``, what an
+        alert at 80 % needs); scopes no longer configured go away from both."""
+        limits = limits or {}
         with self._lock:
             for scope in self._budget_scopes - set(remaining):
                 self.budget_remaining.remove(scope)
+                with contextlib.suppress(KeyError):
+                    self.budget_limit.remove(scope)
             for scope, usd in remaining.items():
                 self.budget_remaining.labels(scope).set(usd)
+                if scope in limits:
+                    self.budget_limit.labels(scope).set(limits[scope])
             self._budget_scopes = set(remaining)
 
     def pruned_history(self, counts: Mapping[str, int]) -> None:

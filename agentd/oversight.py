@@ -101,7 +101,7 @@ class Oversight:
                 self._deliver_wake.set()
         if mono - self._last_gauges >= GAUGES_EVERY_S:
             self._last_gauges = mono
-            self.metrics.set_budget_remaining(self.remaining(now))
+            self.metrics.set_budget_remaining(*self.budget_windows(now))
 
     def wait_s(self) -> float | None:
         """How soon ``tick`` has work, so an idle main loop sleeps no longer: the next
@@ -170,12 +170,17 @@ class Oversight:
             ]
         return self._budgeted_tasks
 
-    def remaining(self, now: datetime) -> dict[str, float]:
-        out: dict[str, float] = {}
+    def budget_windows(self, now: datetime) -> tuple[dict[str, float], dict[str, float]]:
+        """USD remaining and the limit of each configured window at ``now``, by scope
+        label (``global:day``, ``<task>:month``), for the budget gauges."""
+        remaining: dict[str, float] = {}
+        limits: dict[str, float] = {}
         scopes = global_scopes(self.config, now)
         for task in self._budgeted():
             scopes += task_scopes(self.config, task, now)
         for scope in scopes:
             report = window_report(self.store, scope)
-            out[scope.label] = float(report["remaining_usd"] or 0.0)
-        return out
+            remaining[scope.label] = float(report["remaining_usd"] or 0.0)
+            if report["limit_usd"] is not None:
+                limits[scope.label] = float(report["limit_usd"])
+        return remaining, limits

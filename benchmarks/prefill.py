@@ -92,49 +92,58 @@ def queue(
 
 def history(proc: AgentdProc, task_id: str, n: int) -> None:
     """``n`` finished runs of ``task_id`` over the past days: attempts and events too."""
+    histories(proc, [task_id], n)
+
+
+def histories(proc: AgentdProc, task_ids: list[str], n: int) -> None:
+    """``n`` finished runs of each of ``task_ids`` over the past days, with attempts and
+    events, in one transaction (the config's tasks are synced once, not per task)."""
     store = _store(proc)
     now = datetime.now(UTC)
     try:
-        first = store.fire(task_id, now, trigger="manual", overlap="allow")
-        template = store.get_run(first.run_id)
-        runs, attempts, events = [], [], []
-        for i in range(n):
-            at = to_iso(now - timedelta(days=7) + timedelta(seconds=5 * i))
-            run_id = f"hist-{i:08d}"
-            runs.append(
-                {
-                    **template,
-                    "id": run_id,
-                    "idempotency_key": f"{task_id}@hist:{i}",
-                    "status": "succeeded",
-                    "outcome": "success",
-                    "attempt": 1,
-                    "created_at": at,
-                    "scheduled_for": at,
-                    "started_at": at,
-                    "finished_at": at,
-                    "duration_s": 0.01,
-                    "not_before": at,
-                }
-            )
-            attempts.append(
-                {
-                    "run_id": run_id,
-                    "attempt": 1,
-                    "worker": "bench:1",
-                    "started_at": at,
-                    "finished_at": at,
-                    "outcome": "success",
-                    "duration_s": 0.01,
-                }
-            )
-            for kind in ("enqueue", "claim", "start", "success"):
-                events.append(
-                    {"ts": at, "kind": kind, "task_id": task_id, "run_id": run_id, "data": "{}"}
+        runs, attempts, events, firsts = [], [], [], []
+        for task_id in task_ids:
+            first = store.fire(task_id, now, trigger="manual", overlap="allow")
+            firsts.append(first.run_id)
+            template = store.get_run(first.run_id)
+            for i in range(n):
+                at = to_iso(now - timedelta(days=7) + timedelta(seconds=5 * i))
+                run_id = f"hist-{task_id}-{i:08d}" if len(task_ids) > 1 else f"hist-{i:08d}"
+                runs.append(
+                    {
+                        **template,
+                        "id": run_id,
+                        "idempotency_key": f"{task_id}@hist:{i}",
+                        "status": "succeeded",
+                        "outcome": "success",
+                        "attempt": 1,
+                        "created_at": at,
+                        "scheduled_for": at,
+                        "started_at": at,
+                        "finished_at": at,
+                        "duration_s": 0.01,
+                        "not_before": at,
+                    }
                 )
+                attempts.append(
+                    {
+                        "run_id": run_id,
+                        "attempt": 1,
+                        "worker": "bench:1",
+                        "started_at": at,
+                        "finished_at": at,
+                        "outcome": "success",
+                        "duration_s": 0.01,
+                    }
+                )
+                for kind in ("enqueue", "claim", "start", "success"):
+                    events.append(
+                        {"ts": at, "kind": kind, "task_id": task_id, "run_id": run_id, "data": "{}"}
+                    )
         with store.tx():
-            store.conn.execute("DELETE FROM events WHERE run_id=?", (first.run_id,))
-            store.conn.execute("DELETE FROM runs WHERE id=?", (first.run_id,))
+            for run_id in firsts:
+                store.conn.execute("DELETE FROM events WHERE run_id=?", (run_id,))
+                store.conn.execute("DELETE FROM runs WHERE id=?", (run_id,))
             _insert(store, "runs", runs)
             _insert(store, "attempts", attempts)
             _insert(store, "events", events)

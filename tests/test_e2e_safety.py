@@ -224,6 +224,8 @@ def test_task_window_budget_skips_the_next_run_and_alarms_once_per_threshold(
         ),
         what="remaining-budget gauge",
     )
+    # Beside it the window's limit (0.045 of 0.05 spent: 90 %, past the 80 % alert).
+    assert 'agentd_budget_limit_usd{scope="digest:day"} 0.05' in httpx.get(f"{d.url}/metrics").text
     assert d.stop() == 0
     assert_no_secrets(d)
 

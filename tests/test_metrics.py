@@ -280,3 +280,17 @@ def test_budget_remaining_gauge_follows_configured_scopes(m: Metrics) -> None:
     m.set_budget_remaining({"global:day": 4.0})
     with pytest.raises(KeyError):
         value(m, "agentd_budget_remaining_usd", scope="a:day")
+
+
+def test_budget_limit_gauge_beside_remaining(m: Metrics) -> None:
+    # The limit makes "share spent" computable (the PrometheusRule's 80 % alert):
+    # 1 - remaining / limit.
+    m.set_budget_remaining({"global:day": 1.0, "a:month": 3.0}, {"global:day": 5.0, "a:month": 4})
+    assert value(m, "agentd_budget_limit_usd", scope="global:day") == 5.0
+    assert 1 - value(m, "agentd_budget_remaining_usd", scope="global:day") / 5.0 == 0.8
+    assert value(m, "agentd_budget_limit_usd", scope="a:month") == 4.0
+    # A scope that is no longer configured loses both series.
+    m.set_budget_remaining({"global:day": 1.0}, {"global:day": 5.0})
+    with pytest.raises(KeyError):
+        value(m, "agentd_budget_limit_usd", scope="a:month")
+    assert value(m, "agentd_budget_limit_usd", scope="global:day") == 5.0
