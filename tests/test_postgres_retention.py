@@ -849,7 +849,9 @@ def test_a_stop_cancels_a_vacuum_in_progress(
         )
         t0 = time.monotonic()
         assert pruner.stop()
-        assert time.monotonic() - t0 < 2.0
+        # Uncancelled, the VACUUM would wait out its 5 s for the lock; a loaded machine
+        # may take a while to deliver the cancel, so the bound sits between.
+        assert time.monotonic() - t0 < 4.0
         reader.rollback()
     assert "VACUUM of runs cut short to stop" in caplog.text
     assert run_ids(pg_url) == set()
