@@ -26,7 +26,7 @@ from zoneinfo import ZoneInfo
 
 import yaml
 
-from agentd import exitcodes, journal
+from agentd import __version__, exitcodes, journal
 from agentd.clock import SystemClock
 from agentd.config import (
     Config,
@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--url", help="the daemon's API (default: from the config's daemon.http)")
 
     parser = argparse.ArgumentParser(prog="agentd", description="Run background agent work.")
+    parser.add_argument("--version", action="version", version=f"agentd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", parents=[common], help="run the daemon in the foreground")
     p.add_argument(

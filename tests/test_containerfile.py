@@ -2,8 +2,8 @@
 the manifests rely on), and its install steps repeated in a fresh venv, which then
 validates the base ConfigMap's config and runs the daemon on it.
 
-``agentd --version`` does not exist yet (the CLI has no such flag), so the installed
-entry point is exercised with ``check-config`` and a real ``run`` instead.
+The installed entry point is exercised with ``--version``, ``check-config`` and a real
+``run``.
 """
 
 from __future__ import annotations
@@ -208,6 +208,12 @@ def test_install_steps_give_a_working_agentd(tmp_path: Path) -> None:
         check=True,
     ).stdout
     assert where.startswith(str(root / "opt/agentd")), where
+
+    # The entry point answers for itself (what a `docker run IMAGE --version` prints).
+    version = subprocess.run(
+        [str(agentd), "--version"], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert version.returncode == 0 and version.stdout.startswith("agentd "), version
 
     # check-config on the ConfigMap's file, as shipped.
     done = subprocess.run(

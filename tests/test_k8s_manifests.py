@@ -114,6 +114,8 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     for name, path in {**OVERLAYS, **dirs}.items():
         files[name] = out / f"{name}.yaml"
         files[name].write_text(kustomize(path))
+    # `kubectl apply -k deploy/k8s/`, as the admin typed it: the base, unchanged.
+    assert kustomize(K8S) == files["base"].read_text()
     return files
 
 
