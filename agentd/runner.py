@@ -222,6 +222,7 @@ class Runner:
         self.rng = rng or random.Random()
         self.llm = llm
         self.tasks: Mapping[str, TaskConfig] = {}
+        self._only_tasks: list[str] | None = None
         self.active: dict[str, ActiveRun] = {}
         self.claiming = True
         self._last_heartbeat = clock.monotonic()
@@ -248,6 +249,9 @@ class Runner:
         """New config: runs in flight keep the task definition they started with."""
         self.tasks = tasks
         self._allow_overlap = {t.id for t in tasks.values() if t.overlap == "allow"}
+        # On a shared state, claim only runs of the tasks this node's config defines:
+        # during a rollout another node may have fired a task this one does not know.
+        self._only_tasks = sorted(tasks) if self.store.shared else None
 
     # ------------------------------------------------------------ the step
 
@@ -302,7 +306,9 @@ class Runner:
         # writer's transaction can slip into the group.
         unit = self.store.unit()
         try:
-            rows = self.store.claim(now, self.owner, self.lease_s, free, busy, allow)
+            rows = self.store.claim(
+                now, self.owner, self.lease_s, free, busy, allow, only_tasks=self._only_tasks
+            )
             runs = [run for run in map(self._prepare, rows) if run is not None]
             # One statement for all their "start" events, then the runs begin.
             self.store.mark_started_many(

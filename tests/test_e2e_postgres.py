@@ -727,3 +727,44 @@ def test_a_node_starting_forgets_nodes_gone_for_a_week(tmp_path: Path, pg_url: s
         ids = {n["id"] for n in json.loads(node.cli("nodes", "--json").stdout)}
         assert "gone:1" not in ids and len(ids) == 2  # the stopped first node stays
         assert node.stop() == 0
+
+
+def test_during_a_rollout_a_node_never_claims_a_task_it_does_not_define(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """Node 0 on the old config (job), node 1 on the new one (job and added): every run
+    of the added task is run by node 1 and succeeds; node 0 takes none of them (before,
+    it could claim one and cancel it as "no longer in the config")."""
+    old = """
+    job:
+      schedule: {manual: true}
+      command: {argv: ["true"]}
+    """
+    new = (
+        old
+        + """
+    added:
+      schedule: {manual: true}
+      overlap: allow
+      command: {argv: ["true"]}
+    """
+    )
+    with running_nodes(tmp_path, pg_url, old, new) as nodes:
+        runs = [nodes[1].trigger("added") for _ in range(12)]
+        wait_for(
+            lambda: all(s != "queued" and s != "running" for _, s in _runs(pg_url, "added")),
+            what="the added task's runs to end",
+        )
+        assert dict(_runs(pg_url, "added")) == dict.fromkeys(runs, "succeeded")
+        with psycopg.connect(pg_url) as conn:
+            workers = {
+                str(r[0])
+                for r in conn.execute(
+                    "SELECT DISTINCT a.worker FROM attempts a JOIN runs r ON r.id = a.run_id"
+                    " WHERE r.task_id = 'added'"
+                )
+            }
+        assert nodes[1].proc is not None
+        assert workers == {w for w in workers if w.endswith(f":{nodes[1].proc.pid}")}
+        for node in nodes:
+            assert node.stop() == 0

@@ -799,7 +799,14 @@ class Store(LedgerPort, AlertsPort, NodesPort, Protocol):
         limit: int,
         busy_tasks: set[str],
         allow_overlap: set[str],
-    ) -> list[ClaimedRun]: ...
+        *,
+        only_tasks: Sequence[str] | None = None,
+    ) -> list[ClaimedRun]:
+        """Take up to ``limit`` due runs under a lease (see the engines). With
+        ``only_tasks``, none but runs of those tasks: a node claims only what its own
+        config defines (nodes on two config generations during a rollout)."""
+        ...
+
     def heartbeat(
         self, run_ids: Sequence[str], owner: str, now: datetime, lease_s: float
     ) -> set[str]:

@@ -236,3 +236,15 @@ def test_a_task_that_may_overlap_is_claimed_beside_its_running_runs(
     ids = [fire_at(store, "a", i, overlap="allow") for i in range(2)]
     assert [r["id"] for r in store.claim(at(2), "node1", 30, 1, set(), {"a"})] == ids[:1]
     assert [r["id"] for r in second_store.claim(at(2), "node2", 30, 5, set(), {"a"})] == ids[1:]
+
+
+def test_a_claim_limited_to_tasks_takes_runs_of_those_alone(store: Store) -> None:
+    """A node on an older config (a rollout) claims none of a task it does not define;
+    the run stays queued for a node that does."""
+    a = fire_at(store, "a", 0)
+    b = fire_at(store, "b", 0)
+    assert [r["id"] for r in store.claim(at(1), "old", 30, 5, set(), set(), only_tasks=["a"])] == [
+        a
+    ]
+    assert store.get_run(b)["status"] == RunStatus.QUEUED
+    assert [r["id"] for r in store.claim(at(1), "new", 30, 5, set(), set())] == [b]

@@ -1045,17 +1045,21 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
         limit: int,
         busy_tasks: set[str],
         allow_overlap: set[str],
+        *,
+        only_tasks: Sequence[str] | None = None,
     ) -> list[ClaimedRun]:
-        """Take up to ``limit`` due runs under a lease; at most one per task unless
-        allowed, counting the runs every node holds (``busy_tasks`` are this node's own;
-        the write lock makes the look and the take one step across nodes). The rows are
-        locked as they are read (``FOR UPDATE SKIP LOCKED``): a run
-        another transaction holds is passed over, never waited for nor taken twice."""
+        """Take up to ``limit`` due runs under a lease (with ``only_tasks``, of those
+        tasks alone); at most one per task unless allowed, counting the runs every node
+        holds (``busy_tasks`` are this node's own; the write lock makes the look and the
+        take one step across nodes). The rows are locked as they are read (``FOR UPDATE
+        SKIP LOCKED``): a run another transaction holds is passed over, never waited for
+        nor taken twice."""
         if limit <= 0:
             return []
         claimed: list[Row] = []
         excluded = set(busy_tasks) - allow_overlap
         allowed = sorted(allow_overlap)
+        only = [] if only_tasks is None else [sorted(only_tasks)]
         expires = to_iso(_plus(now, lease_s))
         with self.tx():
             while len(claimed) < limit:
@@ -1067,9 +1071,10 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
                     " AND r.task_id <> ALL(%s::text[])"
                     " AND (r.task_id = ANY(%s::text[]) OR NOT EXISTS (SELECT 1 FROM runs x"
                     " WHERE x.task_id = r.task_id AND x.status = 'running'))"
-                    " ORDER BY r.not_before, r.scheduled_for, r.created_at, r.id"
+                    + (" AND r.task_id = ANY(%s::text[])" if only else "")
+                    + " ORDER BY r.not_before, r.scheduled_for, r.created_at, r.id"
                     " LIMIT %s FOR UPDATE OF r SKIP LOCKED",
-                    (to_iso(now), sorted(excluded), allowed, want),
+                    (to_iso(now), sorted(excluded), allowed, *only, want),
                 )
                 taken = []
                 for row in rows:

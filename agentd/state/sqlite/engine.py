@@ -1060,15 +1060,19 @@ class SqliteStore(LedgerStatements, AlertStatements, NodeStatements):
         limit: int,
         busy_tasks: set[str],
         allow_overlap: set[str],
+        *,
+        only_tasks: Sequence[str] | None = None,
     ) -> list[ClaimedRun]:
         """Take up to ``limit`` due runs under a lease; at most one per task unless allowed,
-        counting the runs any process holds (``busy_tasks`` are this process's own)."""
+        counting the runs any process holds (``busy_tasks`` are this process's own);
+        with ``only_tasks``, runs of those tasks alone."""
         if limit <= 0:
             return []
         claimed: list[Row] = []
         # Tasks that may not take (another) run now; overlap=allow tasks never are.
         excluded = set(busy_tasks) - allow_overlap
         allowed = json.dumps(sorted(allow_overlap))
+        only = [] if only_tasks is None else [json.dumps(sorted(only_tasks))]
         expires = to_iso(_plus(now, lease_s))
         with self.tx():
             while len(claimed) < limit:
@@ -1086,8 +1090,9 @@ class SqliteStore(LedgerStatements, AlertStatements, NodeStatements):
                     " AND (t.paused=0 OR r.trigger IN ('manual','release'))"
                     " AND r.task_id NOT IN (SELECT value FROM json_each(?))"
                     f" AND {_NOT_RUNNING_ELSEWHERE}"
-                    " ORDER BY r.not_before, r.scheduled_for, r.created_at, r.id LIMIT ?",
-                    (to_iso(now), json.dumps(sorted(excluded)), allowed, want),
+                    + (" AND r.task_id IN (SELECT value FROM json_each(?))" if only else "")
+                    + " ORDER BY r.not_before, r.scheduled_for, r.created_at, r.id LIMIT ?",
+                    (to_iso(now), json.dumps(sorted(excluded)), allowed, *only, want),
                 )
                 taken = []
                 for row in rows:
