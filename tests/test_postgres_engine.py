@@ -402,6 +402,109 @@ def test_two_stores_claiming_at_once_never_claim_the_same_run(
     assert len(claims) == n
 
 
+def _done(store: PostgresStore, run: dict[str, object], owner: str, when: float) -> None:
+    store.finish(
+        str(run["id"]),
+        at(when),
+        outcome=Outcome.SUCCESS,
+        next_status=RunStatus.SUCCEEDED,
+        owner=owner,
+        attempt=int(str(run["attempt"])),
+    )
+
+
+def test_claims_and_finishes_on_two_nodes_go_side_by_side(
+    pg_url: str, stores: list[PostgresStore]
+) -> None:
+    """The runner's verbs (claim, start, heartbeat, finish) hold the write lock in
+    shared mode: while one node's unit of finishes and claims is open, another node's
+    claims, heartbeats and finishes go through without waiting for its commit (on one
+    exclusive lock each waited, here past its 300 ms lock timeout)."""
+    a, b = _open(stores, pg_url), _open(stores, pg_url, lock_timeout_ms=300)
+    a.sync_tasks(TASKS, T0)
+    fired = [a.fire("a", at(i), scheduled_for=at(i), overlap="allow").run_id for i in range(5)]
+    [first] = a.claim(at(5), "A", 30, 1, set(), {"a"})
+    unit = a.unit()
+    _done(a, dict(first), "A", 6)
+    [second] = a.claim(at(6), "A", 30, 1, set(), {"a"})
+    a.mark_started_many([(second["id"], "a", "/ws")], at(6))
+    got = b.claim(at(6), "B", 30, 2, set(), {"a"})
+    b.mark_started_many([(r["id"], "a", "/ws") for r in got], at(6))
+    assert b.heartbeat([r["id"] for r in got], "B", at(7), 30) == set()
+    _done(b, dict(got[0]), "B", 8)
+    unit.commit()
+    taken = [first["id"], second["id"], *(r["id"] for r in got)]
+    assert len(set(taken)) == 4 and set(taken) <= set(fired)
+    assert b.get_run(first["id"])["status"] == "succeeded"
+    assert a.get_run(got[0]["id"])["status"] == "succeeded"
+
+
+def test_a_verb_that_decides_on_what_it_reads_waits_for_the_shared_holders(
+    pg_url: str, stores: list[PostgresStore]
+) -> None:
+    """A verb whose reads decide its writes (here pause) holds the write lock
+    exclusively: it waits while a claim's unit is open elsewhere (timing out after its
+    300 ms), and a claim waits while it holds the lock; each goes once the other is
+    done."""
+    a, b = _open(stores, pg_url, lock_timeout_ms=300), _open(stores, pg_url, lock_timeout_ms=300)
+    a.sync_tasks(TASKS, T0)
+    a.fire("a", at(0), scheduled_for=at(0), overlap="allow")
+    a.fire("a", at(1), scheduled_for=at(1), overlap="allow")
+    unit = a.unit()
+    assert len(a.claim(at(2), "A", 30, 1, set(), {"a"})) == 1
+    with pytest.raises(StorageFault) as fault:
+        b.pause("b", "waits", at(2))
+    assert isinstance(fault.value.__cause__, psycopg.errors.LockNotAvailable)
+    unit.commit()
+    paused = b.unit()
+    assert b.pause("b", "holds", at(3)) is True
+    with pytest.raises(StorageFault):
+        a.claim(at(3), "A", 30, 1, set(), {"a"})
+    paused.commit()
+    assert len(a.claim(at(4), "A", 30, 1, set(), {"a"})) == 1
+
+
+def test_a_task_that_may_not_overlap_starts_once_across_claims_side_by_side(
+    pg_url: str, stores: list[PostgresStore]
+) -> None:
+    """Two queued runs of a task that may not overlap, two nodes claiming at once: the
+    first claim takes one under the task's lock; the second, while that claim is not
+    committed yet (its run still looks queued to others), takes none; nor once it is
+    committed (the task is running); and the other run once the first has ended."""
+    a, b = _open(stores, pg_url), _open(stores, pg_url)
+    a.sync_tasks(TASKS, T0)
+    ids = {a.fire("b", at(i), scheduled_for=at(i), overlap="allow").run_id for i in range(2)}
+    unit = a.unit()
+    [run] = a.claim(at(5), "A", 30, 1, set(), set())  # the other run's row stays unlocked
+    assert b.claim(at(5), "B", 30, 5, set(), set()) == []
+    unit.commit()
+    assert b.claim(at(6), "B", 30, 5, set(), set()) == []
+    _done(a, dict(run), "A", 7)
+    [other] = b.claim(at(8), "B", 30, 5, set(), set())
+    assert {run["id"], other["id"]} == ids
+
+
+def test_event_ids_follow_commit_order_when_writers_overlap(
+    pg_url: str, stores: list[PostgresStore]
+) -> None:
+    """Two writers side by side: the one that began first but commits last gets the
+    higher event ids, so a reader that paged up to the first commit's events then finds
+    the second's after them, none skipped (the event feed and the alert outbox page by
+    id)."""
+    a, b = _open(stores, pg_url), _open(stores, pg_url)
+    a.sync_tasks(TASKS, T0)
+    a.fire("a", at(0), scheduled_for=at(0), overlap="allow")
+    unit = a.unit()
+    [run] = a.claim(at(1), "A", 30, 1, set(), {"a"})
+    b.emit(at(2), EventKind.MISFIRE, "b", count=1, reason="beside")
+    seen = b.latest_event_id()
+    [misfire] = [e for e in b.events(after_id=0, limit=100) if e["kind"] == "misfire"]
+    assert misfire["id"] == seen
+    unit.commit()
+    later = b.events(after_id=seen, limit=100)
+    assert [(e["kind"], e["run_id"]) for e in later] == [("claim", run["id"])]
+
+
 def test_a_read_only_server_is_a_storage_fault(pg_url: str, stores: list[PostgresStore]) -> None:
     """A server that takes no writes (a standby after a failover, a database set read
     only) is a fault of the storage, as SQLite's read-only file is: readiness goes off."""

@@ -3,16 +3,32 @@ that several nodes (and a CLI beside each) share.
 
 Invariants, and how this engine keeps them:
 
-- **One writer at a time, as on SQLite.** Every write transaction (a verb's own, or a
-  unit of work) begins by taking one transaction-level advisory lock
-  (``pg_advisory_xact_lock(WRITE_LOCK)``), which PostgreSQL releases at its commit or
-  rollback. That is SQLite's ``BEGIN IMMEDIATE`` across nodes: a verb's reads and the
-  writes they decide are never raced (the overlap check of a fire, the budget's
-  reservation), and event ids, handed out under the lock, increase in commit order
-  (readers page the event log by id: an id committed after a higher one would be
-  skipped for good). Claims lock the rows they take too (``FOR UPDATE SKIP LOCKED``).
-  Only one lock is ever waited for before row locks, so writers cannot deadlock; it is
-  waited for at most ``lock_timeout`` (a ``StorageFault`` after that).
+- **Writers side by side where that is safe, one at a time where it is not.** Every
+  write transaction (a verb's own, or a unit of work from its first write) takes one
+  transaction-level advisory lock, ``WRITE_LOCK``, which PostgreSQL releases at its
+  commit or rollback, in one of two modes:
+
+  - *shared*, by the runner's verbs, whose writes are safe beside each other: claims
+    (rows locked as they are read, ``FOR UPDATE SKIP LOCKED``; a task that may not
+    overlap is taken under a per-task ``pg_try_advisory_xact_lock``, then looked at
+    again), starts, heartbeats, finishes without a quarantine (fenced by lease owner
+    and attempt), checkpoints, progress, process groups, budget reservations (their
+    own per-scope locks, see ``ledger``), a node's own registry row, events alone;
+  - *exclusive*, by every verb whose reads decide its writes (a fire's overlap check,
+    sync, pause, cancel, recovery, a quarantine's auto-pause, the alert outbox's
+    cursor, retention): SQLite's ``BEGIN IMMEDIATE`` across nodes; it waits for the
+    shared holders to commit and holds every other writer off until its own commit.
+
+  What shared writers would otherwise contend for waits until the commit (``_Pending``):
+  the events and the tasks' last outcomes are written in the commit's round trip,
+  after the version counter's row, which every write transaction updates first and
+  which stays locked until its commit. So event ids increase in commit order (readers
+  page the event log by id: an id committed after a higher one would be skipped for
+  good), and no shared writer holds a task's row while it runs. A shared transaction
+  waits for no lock but the write lock and that row at its commit, so writers cannot
+  deadlock (only a shared holder that asks for the exclusive mode could, and the
+  runner's units never do; PostgreSQL would end one). Any lock is waited for at most
+  ``lock_timeout`` (a ``StorageFault`` after that).
 - **One connection, reads on it.** The unit's transaction is the connection's; reads
   inside a unit see its writes (the port requires it), reads outside one are each their
   own autocommit statement and see everything committed. A pool would give a
@@ -52,6 +68,7 @@ import secrets
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, cast
 
@@ -101,8 +118,13 @@ SCHEMA_VERSION = 2
 each later one is ``UPGRADES[n]`` from the one before. A new database is created from
 the metadata as it is now, at this version."""
 WRITE_LOCK = 0x61676E74_64570001
-"""The advisory lock every write transaction holds (see the module's first invariant).
+"""The advisory lock every write transaction holds, shared or exclusive (see the
+module's first invariant).
 Advisory locks are per database: another database on the server is not held up."""
+_NO_LOCK, _SHARED, _EXCLUSIVE = 0, 1, 2
+_LOCK_FUNCTION = {_SHARED: "pg_advisory_xact_lock_shared", _EXCLUSIVE: "pg_advisory_xact_lock"}
+_PAYLOAD = "_payload"
+"""A pending event's encoded ``data``, as it will be inserted (redacted)."""
 MIGRATE_LOCK = 0x61676E74_644D0001
 """The advisory lock of the schema's creation and migrations."""
 CHANNEL = "agentd_changes"
@@ -161,6 +183,51 @@ def _speak_the_port(cls: type) -> type:
             setattr(cls, name, _translated(member))
     return cls
 
+
+@dataclass
+class _Pending:
+    """What a transaction writes only at its commit (``PostgresStore._commit``): its
+    events, each with its encoded payload under ``_PAYLOAD`` until then, numbered by the
+    insert; and, from verbs that hold the write lock shared, the tasks' last outcomes
+    (task, finished at, outcome, succeeded), in the order they happened."""
+
+    events: list[Row] = field(default_factory=list)
+    outcomes: list[tuple[str, str, str, bool]] = field(default_factory=list)
+
+    def mark(self) -> tuple[int, int]:
+        return len(self.events), len(self.outcomes)
+
+    def trim(self, mark: tuple[int, int]) -> None:
+        """Forget what came after ``mark`` (a savepoint rolled back)."""
+        del self.events[mark[0] :]
+        del self.outcomes[mark[1] :]
+
+    def folded_outcomes(self) -> tuple[list[str], list[str], list[str], list[str | None]]:
+        """``_TASK_OUTCOMES``'s arrays: per task, its last outcome and its last success."""
+        last: dict[str, tuple[str, str]] = {}
+        success: dict[str, str] = {}
+        for task_id, ts, outcome, succeeded in self.outcomes:
+            last[task_id] = (ts, outcome)
+            if succeeded:
+                success[task_id] = ts
+        ids = sorted(last)
+        return (
+            ids,
+            [last[t][0] for t in ids],
+            [last[t][1] for t in ids],
+            [success.get(t) for t in ids],
+        )
+
+
+_TASK_OUTCOMES = (
+    "UPDATE tasks AS t SET last_run_at = u.ts, last_outcome = u.outcome,"
+    " last_success_at = COALESCE(u.success, t.last_success_at),"
+    " consecutive_quarantines = CASE WHEN u.success IS NULL"
+    " THEN t.consecutive_quarantines ELSE 0 END"
+    " FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[]) AS u(id, ts, outcome, success)"
+    " WHERE t.id = u.id"
+)
+"""The tasks' last outcomes of one transaction, written at its commit (``_Pending``)."""
 
 _NewEvent = tuple[str, EventKind, str | None, str | None, Row]
 """An event to insert: (ts, kind, task_id, run_id, data)."""
@@ -243,14 +310,19 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
         """Asked inside ``fire()``'s transaction for scheduled fires (see the port)."""
         self.on_write: WriteListener | None = None
         self.write_error: str | None = None
-        self._pending_events: list[Row] = []
+        self._pending = _Pending()
+        """What the open transaction writes at its commit (see ``_commit``)."""
         self._group_open = False
+        self._group_begun = False
+        """The open unit's transaction has begun on the server (at its first write)."""
+        self._lock_held = _NO_LOCK
+        """The write lock's mode the open transaction holds (``_SHARED``, ``_EXCLUSIVE``)."""
         self._tx_open = False
         """A ``tx()`` of its own (outside a unit) is open."""
         self._group_lost: BaseException | None = None
         self._rollback_hooks: list[Callable[[], None]] = []
         self._inflight: Future[BaseException | None] | None = None
-        self._inflight_events: list[Row] = []
+        self._inflight_pending = _Pending()
         self._inflight_hooks: list[Callable[[], None]] = []
         self._writer: ThreadPoolExecutor | None = None
         self._token = secrets.token_hex(8)
@@ -343,7 +415,7 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
             self.complete_commit()
         if self._closed:
             raise StorageError("the state store is closed")
-        if self._conn.closed and not self._group_open:
+        if self._conn.closed and not (self._group_open and self._group_begun):
             if not self._reconnecting:  # one line per outage, not one per use
                 log.warning("state database connection lost; connecting again")
                 self._reconnecting = True
@@ -352,20 +424,63 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
             log.info("state database connected again")
         return self._conn
 
-    def _begin(self, conn: Conn) -> None:
-        """A write transaction holding the write lock, in one round trip."""
-        conn.execute(f"BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK})")
+    def _begin(self, conn: Conn, shared: bool) -> None:
+        """A write transaction holding the write lock in ``shared`` or exclusive mode
+        (see the module), in one round trip."""
+        mode = _SHARED if shared else _EXCLUSIVE
+        conn.execute(f"BEGIN; SELECT {_LOCK_FUNCTION[mode]}({WRITE_LOCK})")
+        self._lock_held = mode
 
-    @staticmethod
-    def _commit(conn: Conn) -> None:
-        """Bump the version counter and commit, in one round trip. (In an aborted
-        transaction the UPDATE fails, where a bare COMMIT would quietly roll back.)"""
-        conn.execute(
-            "UPDATE meta SET value = (value::bigint + 1)::text WHERE key='version_counter'; COMMIT"
-        )
+    def _hold(self, conn: Conn, shared: bool) -> None:
+        """Inside the open transaction: hold the write lock at least in this mode. A
+        shared holder that asks for it exclusively waits until it is the only holder;
+        two that do so at once deadlock, and PostgreSQL ends one (a ``StorageFault``).
+        The runner's units ask only for shared mode, so that never happens to them."""
+        mode = _SHARED if shared else _EXCLUSIVE
+        if self._lock_held >= mode:
+            return
+        conn.execute(f"SELECT {_LOCK_FUNCTION[mode]}({WRITE_LOCK})")
+        self._lock_held = mode
 
-    @staticmethod
-    def _rollback(conn: Conn) -> None:
+    def _commit(self, conn: Conn, pending: _Pending) -> None:
+        """Bump the version counter, write what waited for the commit (the tasks' last
+        outcomes, the events) and commit, in one round trip. The counter's row is locked
+        until the commit, and every write transaction updates it first: so the events'
+        ids are handed out in commit order, whoever else writes beside it, and the
+        tasks' rows are written by one committer at a time (no shared writer locks them
+        before, so none waits there). (In an aborted transaction the UPDATE fails, where
+        a bare COMMIT would quietly roll back.)"""
+        self._lock_held = _NO_LOCK
+        events = pending.events
+        with conn.pipeline():
+            conn.execute(
+                "UPDATE meta SET value = (value::bigint + 1)::text WHERE key='version_counter'"
+            )
+            if pending.outcomes:
+                conn.execute(_TASK_OUTCOMES, pending.folded_outcomes())
+            cur = (
+                conn.execute(
+                    _INSERT_EVENTS,
+                    (
+                        [ev["ts"] for ev in events],
+                        [str(ev["kind"]) for ev in events],
+                        [ev["task_id"] for ev in events],
+                        [ev["run_id"] for ev in events],
+                        [ev[_PAYLOAD] for ev in events],
+                    ),
+                )
+                if events
+                else None
+            )
+            conn.execute("COMMIT")
+        if cur is not None:
+            ids = sorted(row["id"] for row in cur.fetchall())
+            for event, event_id in zip(events, ids, strict=True):
+                event["id"] = event_id
+                del event[_PAYLOAD]
+
+    def _rollback(self, conn: Conn) -> None:
+        self._lock_held = _NO_LOCK
         if conn.closed or conn.info.transaction_status == pq.TransactionStatus.IDLE:
             return
         with contextlib.suppress(psycopg.Error):
@@ -377,8 +492,10 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
                 self.event_sink(event)
 
     @contextlib.contextmanager
-    def tx(self) -> Iterator[Conn]:
-        """One write transaction, holding the write lock from its start.
+    def tx(self, *, shared: bool = False) -> Iterator[Conn]:
+        """One write transaction, holding the write lock from its start: exclusively,
+        unless the verb is one whose writes are safe beside other writers (``shared``,
+        see the module).
 
         Inside a unit it is a savepoint instead: its writes become durable with the
         unit's one commit, and a failure undoes only its own part -- unless the unit's
@@ -392,8 +509,9 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
         if self._group_open or self._tx_open:
             if self._group_lost is not None:
                 raise WriteLost(f"the unit's transaction was rolled back: {self._group_lost}")
-            mark = len(self._pending_events)
+            mark = self._pending.mark()
             conn = self.conn
+            self._lock_for_nested(conn, shared)
             try:
                 conn.execute("SAVEPOINT tx")
                 yield conn
@@ -402,11 +520,11 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
                 try:
                     conn.execute("ROLLBACK TO SAVEPOINT tx")
                     conn.execute("RELEASE SAVEPOINT tx")
-                    del self._pending_events[mark:]
+                    self._pending.trim(mark)
                 except psycopg.Error:
                     if self._group_open:
                         self._group_lost = exc
-                    self._pending_events.clear()
+                    self._pending = _Pending()
                 self._write_failed(exc)
                 raise
             return
@@ -414,12 +532,12 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
             conn = self.conn
             self._tx_open = True
             try:
-                self._begin(conn)  # BEGIN may succeed and the lock's wait fail
+                self._begin(conn, shared)  # BEGIN may succeed and the lock's wait fail
                 yield conn
-                self._commit(conn)
+                self._commit(conn, self._pending)
             except BaseException:
                 self._rollback(conn)
-                self._pending_events.clear()
+                self._pending = _Pending()
                 raise
             finally:
                 self._tx_open = False
@@ -427,29 +545,42 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
             self._write_failed(exc)
             raise
         self._write_ok()
-        events, self._pending_events = self._pending_events, []
-        self._publish(events)
+        pending, self._pending = self._pending, _Pending()
+        self._publish(pending.events)
 
     def unit(self) -> UnitOfWork:
         """Open a unit of work (see ``agentd.state.port``): the owner when no unit is
-        open, which begins the transaction and takes the write lock now, else a handle
-        that joins the open one (or the open ``tx()``, whose end commits or undoes it)."""
+        open, whose transaction begins with its first write (taking the write lock in
+        that verb's mode), else a handle that joins the open one (or the open ``tx()``,
+        whose end commits or undoes it)."""
         if self._group_open or self._tx_open:
             return _Unit(self, owner=False)
-        self._begin_group()
+        self._group_open = True
+        self._group_begun = False
+        self._group_lost = None
         return _Unit(self, owner=True)
 
-    def _begin_group(self) -> None:
-        if self._group_open:
+    def _lock_for_nested(self, conn: Conn, shared: bool) -> None:
+        """A ``tx()`` inside the open unit or transaction: begin the unit's transaction
+        at its first write, else hold the write lock in this verb's mode too. A failed
+        BEGIN leaves the unit as it was (nothing written yet); a failed escalation
+        loses it (its transaction is aborted)."""
+        if self._group_open and not self._group_begun:
+            try:
+                self._begin(conn, shared)
+            except BaseException as exc:
+                self._rollback(conn)
+                self._write_failed(exc)
+                raise
+            self._group_begun = True
             return
         try:
-            self._begin(self.conn)
+            self._hold(conn, shared)
         except BaseException as exc:
-            self._rollback(self._conn)
+            if self._group_open:
+                self._group_lost = exc
             self._write_failed(exc)
             raise
-        self._group_open = True
-        self._group_lost = None
 
     def _after_rollback(self, undo: Callable[[], None]) -> None:
         if self._group_open:
@@ -463,20 +594,23 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
         self._group_open = False
         hooks, self._rollback_hooks = self._rollback_hooks, []
         lost, self._group_lost = self._group_lost, None
+        if not self._group_begun:
+            return  # nothing was written: nothing to commit
+        self._group_begun = False
         conn = self._conn
         try:
             if lost is not None:
                 raise WriteLost(f"the unit's transaction was rolled back: {lost}")
-            self._commit(conn)
+            self._commit(conn, self._pending)
         except BaseException as exc:
             self._rollback(conn)
-            self._pending_events.clear()
+            self._pending = _Pending()
             self._write_failed(exc)
             _run_hooks(hooks)
             raise
         self._write_ok()
-        events, self._pending_events = self._pending_events, []
-        self._publish(events)
+        pending, self._pending = self._pending, _Pending()
+        self._publish(pending.events)
 
     def _abort_group(self) -> None:
         if not self._group_open:
@@ -484,8 +618,10 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
         self._group_open = False
         self._group_lost = None
         hooks, self._rollback_hooks = self._rollback_hooks, []
-        self._rollback(self._conn)
-        self._pending_events.clear()
+        if self._group_begun:
+            self._group_begun = False
+            self._rollback(self._conn)
+        self._pending = _Pending()
         _run_hooks(hooks)
 
     def _commit_group_off_loop(self) -> Future[BaseException | None] | None:
@@ -494,8 +630,12 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
         events then, or runs its rollback hooks."""
         if not self._group_open:
             return None
+        if not self._group_begun:
+            self._commit_group()  # nothing was written: nothing to commit
+            return None
+        self._group_begun = False
         self._group_open = False
-        self._inflight_events, self._pending_events = self._pending_events, []
+        self._inflight_pending, self._pending = self._pending, _Pending()
         self._inflight_hooks, self._rollback_hooks = self._rollback_hooks, []
         lost, self._group_lost = self._group_lost, None
         if lost is not None:
@@ -513,7 +653,7 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
         """On the writer thread; the loop thread keeps off ``_conn`` until this is done."""
         conn = self._conn
         try:
-            self._commit(conn)
+            self._commit(conn, self._inflight_pending)
             return None
         except BaseException as exc:
             self._rollback(conn)
@@ -535,14 +675,14 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
         if fut is None:
             return None
         error = fut.result()
-        events, self._inflight_events = self._inflight_events, []
+        pending, self._inflight_pending = self._inflight_pending, _Pending()
         hooks, self._inflight_hooks = self._inflight_hooks, []
         if error is not None:
             self._write_failed(error)
             _run_hooks(hooks)
             return error
         self._write_ok()
-        self._publish(events)
+        self._publish(pending.events)
         return None
 
     def flush(self) -> None:
@@ -597,29 +737,11 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
     ) -> None:
         """Append one event inside the caller's ``tx()``; ``now`` may come formatted."""
         ts = now if isinstance(now, str) else to_iso(now)
-        payload = _encode(data)
-        if self.redactor and self.redactor.contains(payload):
-            payload = self.redactor.text(payload)
-            data = json.loads(payload)
-        row = self.conn.execute(
-            "INSERT INTO events(ts, kind, task_id, run_id, data) VALUES (%s,%s,%s,%s,%s)"
-            " RETURNING id",
-            (ts, kind, task_id, run_id, payload),
-        ).fetchone()
-        assert row is not None
-        self._pending_events.append(
-            {
-                "id": row["id"],
-                "ts": ts,
-                "kind": kind,
-                "task_id": task_id,
-                "run_id": run_id,
-                "data": data,
-            }
-        )
+        self._insert_events([(ts, kind, task_id, run_id, data)])
 
     def _insert_events(self, events: Sequence[_NewEvent]) -> None:
-        """``_event`` for many, in one statement (see ``_INSERT_EVENTS``)."""
+        """Append events to the open transaction: inserted, in this order, by its commit
+        (``_commit``), which numbers them; so ids increase in commit order."""
         if not events:
             return
         payloads = [_encode(ev[4]) for ev in events]
@@ -627,21 +749,10 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
         if redactor and any(redactor.contains(p) for p in payloads):
             payloads = [redactor.text(p) for p in payloads]
             events = [(*ev[:4], json.loads(p)) for ev, p in zip(events, payloads, strict=True)]
-        rows = self.conn.execute(
-            _INSERT_EVENTS,
-            (
-                [ev[0] for ev in events],
-                [str(ev[1]) for ev in events],
-                [ev[2] for ev in events],
-                [ev[3] for ev in events],
-                payloads,
-            ),
-        ).fetchall()
-        ids = sorted(row["id"] for row in rows)
-        self._pending_events.extend(
-            {"id": ids[i], "ts": ts, "kind": kind, "task_id": task_id, "run_id": run_id,
-             "data": data}
-            for i, (ts, kind, task_id, run_id, data) in enumerate(events)
+        self._pending.events.extend(
+            {"id": None, "ts": ts, "kind": kind, "task_id": task_id, "run_id": run_id,
+             "data": data, _PAYLOAD: payload}
+            for (ts, kind, task_id, run_id, data), payload in zip(events, payloads, strict=True)
         )  # fmt: skip
 
     def emit(
@@ -653,7 +764,7 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
         **data: Any,
     ) -> None:
         """Append an audit event inside the open unit of work (or as its own)."""
-        with self.tx():
+        with self.tx(shared=True):
             self._event(now, kind, task_id, run_id, **data)
 
     def _one(self, sql: str, params: Sequence[Any] = ()) -> Any:
@@ -1014,7 +1125,7 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
         """Fires dropped by the catch-up policy: counted and logged, never silently lost."""
         if not missed:
             return
-        with self.tx():
+        with self.tx(shared=True):
             self._event(
                 now,
                 EventKind.MISFIRE,
@@ -1050,10 +1161,11 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
     ) -> list[ClaimedRun]:
         """Take up to ``limit`` due runs under a lease (with ``only_tasks``, of those
         tasks alone); at most one per task unless allowed, counting the runs every node
-        holds (``busy_tasks`` are this node's own; the write lock makes the look and the
-        take one step across nodes). The rows are locked as they are read (``FOR UPDATE
-        SKIP LOCKED``): a run another transaction holds is passed over, never waited for
-        nor taken twice."""
+        holds (``busy_tasks`` are this node's own). The rows are locked as they are read
+        (``FOR UPDATE SKIP LOCKED``): a run another transaction holds is passed over,
+        never waited for nor taken twice. Claims on several nodes run side by side
+        (the write lock in shared mode); a task that may not overlap is taken only
+        under its task lock (``_free_tasks``)."""
         if limit <= 0:
             return []
         claimed: list[Row] = []
@@ -1061,7 +1173,7 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
         allowed = sorted(allow_overlap)
         only = [] if only_tasks is None else [sorted(only_tasks)]
         expires = to_iso(_plus(now, lease_s))
-        with self.tx():
+        with self.tx(shared=True):
             while len(claimed) < limit:
                 want = limit - len(claimed)
                 rows = self._planned_without_sort(
@@ -1083,11 +1195,39 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
                     if row["task_id"] not in allow_overlap:
                         excluded.add(row["task_id"])
                     taken.append(row)
+                single = {row["task_id"] for row in taken} - allow_overlap
+                if single:
+                    free = self._free_tasks(single)
+                    taken = [r for r in taken if r["task_id"] in free or r["task_id"] not in single]
                 self._claim_rows(taken, now, owner, expires)
                 claimed += taken
                 if len(rows) < want:
                     break  # that was every eligible due run
         return cast(list[ClaimedRun], claimed)
+
+    def _free_tasks(self, tasks: set[str]) -> set[str]:
+        """Of tasks that may not overlap, those this transaction may start a run of now:
+        it got the task's lock (``pg_try_advisory_xact_lock``, held to its commit; taken
+        by another claim meanwhile means that claim is about to start one) and, read
+        after that in a statement of its own, no run of the task is running (another
+        node's claim committed since this claim's first read). Both statements go in one
+        round trip; no lock is waited for. A hash collision of two tasks' keys only
+        makes one of them wait for the next claim."""
+        names = sorted(tasks)
+        conn = self.conn
+        with conn.pipeline():
+            locked = conn.execute(
+                "SELECT t FROM unnest(%s::text[]) AS t WHERE pg_try_advisory_xact_lock("
+                "hashtextextended('agentd.task:' || current_schema() || ':' || t, 0))",
+                (names,),
+            )
+            running = conn.execute(
+                "SELECT DISTINCT task_id FROM runs WHERE status='running'"
+                " AND task_id = ANY(%s::text[])",
+                (names,),
+            )
+        got = {row["t"] for row in locked.fetchall()}
+        return got - {row["task_id"] for row in running.fetchall()}
 
     def _planned_without_sort(self, sql: str, params: Sequence[Any]) -> list[Any]:
         """``_all`` with the planner told not to sort (``enable_sort`` off for this one
@@ -1144,7 +1284,7 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
         if not run_ids:
             return set()
         expires = to_iso(_plus(now, lease_s))
-        with self.tx():
+        with self.tx(shared=True):
             rows = self._all(
                 "UPDATE runs SET lease_expires_at=%s WHERE lease_owner=%s AND status='running'"
                 " AND id = ANY(%s::text[]) RETURNING id, task_id",
@@ -1172,7 +1312,7 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
             (ts, EventKind.START, task_id, run_id, {"workspace": ws})
             for run_id, task_id, ws in runs
         ]
-        with self.tx():
+        with self.tx(shared=True):
             self._insert_events(events)
 
     def record_group(self, run_id: str, attempt: int, group: GroupRecord) -> None:
@@ -1185,7 +1325,7 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
         )
         params = (group.pgid, group.start, group.boot, run_id, attempt)
         own = not (self._group_open or self._tx_open)  # its own commit, no one else's
-        with self.tx() as conn:
+        with self.tx(shared=True) as conn:
             if own:
                 conn.execute("SET LOCAL synchronous_commit = off")
             conn.execute(sql, params)
@@ -1311,7 +1451,8 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
         ts = to_iso(now)
         due = to_iso(not_before) if not_before else ts
         error = self.redactor.optional(error)
-        with self.tx():
+        # A quarantine counts and may pause the task: a decision on what it reads.
+        with self.tx(shared=next_status != RunStatus.QUARANTINED):
             run = self._one(
                 "UPDATE runs SET status=%s, failures=failures+%s, not_before=%s,"
                 " lease_owner=NULL, lease_expires_at=NULL, cancel_requested=0, outcome=%s,"
@@ -1354,17 +1495,7 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
                 http_status=http_status,
                 duration_s=duration_s,
             )
-            if next_status == RunStatus.SUCCEEDED:
-                self.conn.execute(
-                    "UPDATE tasks SET last_run_at=%s, last_outcome=%s, last_success_at=%s,"
-                    " consecutive_quarantines=0 WHERE id=%s",
-                    (ts, str(outcome), ts, task_id),
-                )
-            else:
-                self.conn.execute(
-                    "UPDATE tasks SET last_run_at=%s, last_outcome=%s WHERE id=%s",
-                    (ts, str(outcome), task_id),
-                )
+            self._task_outcomes([(task_id, ts, str(outcome), next_status == RunStatus.SUCCEEDED)])
             if next_status == RunStatus.QUEUED and counted:
                 self._event(
                     ts,
@@ -1390,7 +1521,7 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
         if any(f.next_status == RunStatus.QUARANTINED for f in items):
             unit = self.unit()
             try:
-                with self.tx():
+                with self.tx():  # exclusive, as finish's quarantine
                     for f in items:
                         self.finish(
                             f.run_id,
@@ -1415,8 +1546,7 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
         runs: list[tuple[Any, ...]] = []
         attempts: list[tuple[Any, ...]] = []
         events: list[_NewEvent] = []
-        last: dict[str, tuple[str, str]] = {}  # task -> (ts, outcome) of its last run
-        succeeded: dict[str, str] = {}  # task -> ts of its last success
+        outcomes: list[tuple[str, str, str, bool]] = []
         scrub = self.redactor.optional
         for f in items:
             ts = to_iso(f.at)
@@ -1462,10 +1592,8 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
                 events.append(
                     (ts, EventKind.CANCEL, f.task_id, f.run_id, {"reason": f.cancel_reason})
                 )
-            last[f.task_id] = (ts, str(f.outcome))
-            if f.next_status == RunStatus.SUCCEEDED:
-                succeeded[f.task_id] = ts
-        with self.tx():
+            outcomes.append((f.task_id, ts, str(f.outcome), f.next_status == RunStatus.SUCCEEDED))
+        with self.tx(shared=True):
             updated = self._many(
                 "UPDATE runs SET status=%s, failures=failures+%s, not_before=%s,"
                 " lease_owner=NULL, lease_expires_at=NULL, cancel_requested=0, outcome=%s,"
@@ -1487,16 +1615,19 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
                 " error=%s, duration_s=%s WHERE run_id=%s AND attempt=%s AND finished_at IS NULL",
                 attempts,
             )
-            self._many(
-                "UPDATE tasks SET last_run_at=%s, last_outcome=%s, last_success_at=%s,"
-                " consecutive_quarantines=0 WHERE id=%s",
-                [(*last[t], succeeded[t], t) for t in last if t in succeeded],
-            )
-            self._many(
-                "UPDATE tasks SET last_run_at=%s, last_outcome=%s WHERE id=%s",
-                [(*last[t], t) for t in last if t not in succeeded],
-            )
+            self._task_outcomes(outcomes)
             self._insert_events(events)
+
+    def _task_outcomes(self, outcomes: list[tuple[str, str, str, bool]]) -> None:
+        """Tasks' last outcomes (task, finished at, outcome, succeeded), in the order
+        they happened: written now under the exclusive lock; else at the commit, where
+        the committers take the tasks' rows one at a time (see ``_Pending``), so that
+        finishes of one task's runs on several nodes never wait for each other's
+        open transaction."""
+        if self._lock_held == _EXCLUSIVE:
+            self.conn.execute(_TASK_OUTCOMES, _Pending(outcomes=outcomes).folded_outcomes())
+        else:
+            self._pending.outcomes.extend(outcomes)
 
     def _quarantine_locked(
         self, run: Row, now: datetime, error: str | None, pause_after: int
@@ -1598,7 +1729,7 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
 
     def save_checkpoint(self, run_id: str, data: Any, now: datetime) -> int:
         blob = json.dumps(data)
-        with self.tx():
+        with self.tx(shared=True):
             row = self._one(
                 "INSERT INTO checkpoints(run_id, data, seq, saved_at) VALUES (%s,%s,1,%s)"
                 " ON CONFLICT (run_id) DO UPDATE SET data=excluded.data,"
@@ -1616,7 +1747,7 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
     def progress(
         self, run_id: str, done: int, total: int | None, message: str, now: datetime
     ) -> None:
-        with self.tx():
+        with self.tx(shared=True):
             task = self._one(
                 "UPDATE runs SET progress_done=%s, progress_total=%s, progress_message=%s"
                 " WHERE id=%s RETURNING task_id",
@@ -1716,7 +1847,7 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
 
     def probe_write(self, now: datetime) -> None:
         """A real row write and commit, so a server that cannot write shows up here."""
-        with self.tx():
+        with self.tx(shared=True):
             self.conn.execute(
                 "INSERT INTO meta(key, value) VALUES ('last_probe', %s)"
                 " ON CONFLICT (key) DO UPDATE SET value=excluded.value",

@@ -20,12 +20,12 @@ REPEATABLE READ "to ensure all processes have a consistent view of the table" (a
 retries on conflict). An advisory lock on the scope exists before any row of it does,
 waits instead of failing, and needs no new table (a scope row to ``FOR UPDATE`` would).
 
-``PostgresStore`` takes a coarser lock as well: every write transaction begins with
-``pg_advisory_xact_lock(WRITE_LOCK)`` (SQLite's one writer, across nodes), so inside it
-the scope locks are never contended and cannot take part in a deadlock (whoever holds
-one holds the write lock already, taken first). They are kept so that the ledger is
-serialised by what it itself states, not by that engine-wide choice: should the engine
-let writers run side by side, reservations against one budget still may not.
+``PostgresStore``'s write lock (``WRITE_LOCK``) is held in shared mode by these
+statements (see ``agentd.state.postgres.engine``), so reservations on several nodes run
+side by side and the scope locks are what serialises them: they are the ledger's own
+guarantee, not a side effect of an engine-wide lock. A reservation waits for no other
+lock while holding one of them (the scope locks are taken in sorted order, before any
+row is written), so they cannot take part in a deadlock.
 
 Invariants this relies on:
 
@@ -115,7 +115,7 @@ class LedgerStatements(Statements):
         self, now: datetime, reservation: Reservation, scopes: Sequence[Scope], admit: Admission
     ) -> int | ScopeRefused:
         r = reservation
-        with self.tx():
+        with self.tx(shared=True):
             for name in budget_lock_names(r, scopes):
                 row = self._one(_LOCK, (name,))
                 assert row is not None
@@ -153,7 +153,7 @@ class LedgerStatements(Statements):
 
     def commit_spend(self, now: datetime, entry_id: int, usage: Usage) -> LedgerEntry | None:
         u = usage
-        with self.tx() as conn:
+        with self.tx(shared=True) as conn:
             cur = conn.execute(
                 "UPDATE ledger SET state='committed', input_tokens=%s, output_tokens=%s,"
                 " cost_usd=%s, status=%s, duration_s=%s, usage_missing=%s WHERE id=%s",
@@ -201,7 +201,7 @@ class LedgerStatements(Statements):
         self, now: datetime, scope: Scope, threshold: float, spent_usd: float
     ) -> bool:
         assert scope.start is not None and scope.end is not None
-        with self.tx() as conn:
+        with self.tx(shared=True) as conn:
             cur = conn.execute(
                 "INSERT INTO budget_alarms(scope, window_start, threshold, ts, limit_usd,"
                 " spent_usd) VALUES (%s,%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING",

@@ -22,7 +22,7 @@ class NodeStatements(Statements):
         config_generation: str,
     ) -> None:
         ts = to_iso(now)
-        with self.tx() as conn:
+        with self.tx(shared=True) as conn:
             conn.execute(
                 "INSERT INTO nodes(id, host, pid, version, config_generation, started_at,"
                 " last_seen) VALUES (%s,%s,%s,%s,%s,%s,%s) ON CONFLICT(id) DO UPDATE SET"
@@ -33,7 +33,7 @@ class NodeStatements(Statements):
 
     def node_stopped(self, node_id: str, now: datetime) -> None:
         ts = to_iso(now)
-        with self.tx() as conn:
+        with self.tx(shared=True) as conn:
             conn.execute(
                 "UPDATE nodes SET stopped_at=%s, last_seen=%s WHERE id=%s", (ts, ts, node_id)
             )

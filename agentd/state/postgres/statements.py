@@ -28,7 +28,9 @@ class Statements:
         @property
         def conn(self) -> psycopg.Connection[dict[str, Any]]: ...
 
-        def tx(self) -> AbstractContextManager[psycopg.Connection[dict[str, Any]]]: ...
+        def tx(
+            self, *, shared: bool = False
+        ) -> AbstractContextManager[psycopg.Connection[dict[str, Any]]]: ...
 
         def _event(
             self,
