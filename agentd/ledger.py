@@ -87,7 +87,7 @@ def reserve(
     def admit(scope: Scope, spent_usd: float, spent_tokens: int) -> bool:
         return fits(scope, spent_usd, spent_tokens, need)
 
-    with atomically(store):
+    with atomically(store, shared=True):  # the scopes' own locks serialise it
         result = store.reserve_budget(now, reservation, scopes, admit)
         if not isinstance(result, ScopeRefused):
             return result
@@ -112,7 +112,7 @@ def commit(
     """Replace a reservation by what the call really used; raise any alarm it crossed
     (``budget.reached``), in the same unit of work."""
     usage = Usage(input_tokens, output_tokens, cost, status, duration_s, usage_missing)
-    with atomically(store):
+    with atomically(store, shared=True):  # an alarm once per threshold by its key
         if store.commit_spend(now, entry_id, usage) is None:
             return
         for scope in scopes:

@@ -304,7 +304,7 @@ class Runner:
         # The claim and every start of this tick share one commit: with 256 free slots
         # that is one fsync, not 257. Synchronous from begin to commit, so no other
         # writer's transaction can slip into the group.
-        unit = self.store.unit()
+        unit = self.store.unit(shared=True)  # claims and starts only (see Store.unit)
         try:
             rows = self.store.claim(
                 now, self.owner, self.lease_s, free, busy, allow, only_tasks=self._only_tasks
@@ -592,7 +592,9 @@ class Runner:
         for ended in pending:
             self.active.pop(ended.active.row["id"], None)
         try:
-            unit = self.store.unit()
+            # Finishes, then claims and starts (see Store.unit); a quarantine among the
+            # finishes takes the write lock exclusively for itself on PostgreSQL.
+            unit = self.store.unit(shared=True)
         except StorageError:
             self._keep_unrecorded(pending)
             return

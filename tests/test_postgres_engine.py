@@ -424,7 +424,7 @@ def test_claims_and_finishes_on_two_nodes_go_side_by_side(
     a.sync_tasks(TASKS, T0)
     fired = [a.fire("a", at(i), scheduled_for=at(i), overlap="allow").run_id for i in range(5)]
     [first] = a.claim(at(5), "A", 30, 1, set(), {"a"})
-    unit = a.unit()
+    unit = a.unit(shared=True)
     _done(a, dict(first), "A", 6)
     [second] = a.claim(at(6), "A", 30, 1, set(), {"a"})
     a.mark_started_many([(second["id"], "a", "/ws")], at(6))
@@ -450,7 +450,7 @@ def test_a_verb_that_decides_on_what_it_reads_waits_for_the_shared_holders(
     a.sync_tasks(TASKS, T0)
     a.fire("a", at(0), scheduled_for=at(0), overlap="allow")
     a.fire("a", at(1), scheduled_for=at(1), overlap="allow")
-    unit = a.unit()
+    unit = a.unit(shared=True)
     assert len(a.claim(at(2), "A", 30, 1, set(), {"a"})) == 1
     with pytest.raises(StorageFault) as fault:
         b.pause("b", "waits", at(2))
@@ -464,6 +464,27 @@ def test_a_verb_that_decides_on_what_it_reads_waits_for_the_shared_holders(
     assert len(a.claim(at(4), "A", 30, 1, set(), {"a"})) == 1
 
 
+def test_a_units_reads_are_under_the_lock_unless_it_is_shared(
+    pg_url: str, stores: list[PostgresStore]
+) -> None:
+    """A unit that is not shared (the alert pass: read the cursor, decide, move it)
+    holds the write lock exclusively from its start, before its first write: no writer
+    commits between its reads and its writes (a shared writer waits out its 300 ms). A
+    shared unit (the runner's) takes nothing until its first write."""
+    a, b = _open(stores, pg_url), _open(stores, pg_url, lock_timeout_ms=300)
+    a.sync_tasks(TASKS, T0)
+    unit = a.unit()
+    top = a.latest_event_id()
+    with pytest.raises(StorageFault):
+        b.emit(at(1), EventKind.MISFIRE, "b", count=1, reason="beside")
+    assert a.latest_event_id() == top
+    unit.commit()
+    shared = a.unit(shared=True)
+    b.emit(at(2), EventKind.MISFIRE, "b", count=1, reason="beside")
+    assert a.latest_event_id() > top
+    shared.commit()
+
+
 def test_a_task_that_may_not_overlap_starts_once_across_claims_side_by_side(
     pg_url: str, stores: list[PostgresStore]
 ) -> None:
@@ -474,7 +495,7 @@ def test_a_task_that_may_not_overlap_starts_once_across_claims_side_by_side(
     a, b = _open(stores, pg_url), _open(stores, pg_url)
     a.sync_tasks(TASKS, T0)
     ids = {a.fire("b", at(i), scheduled_for=at(i), overlap="allow").run_id for i in range(2)}
-    unit = a.unit()
+    unit = a.unit(shared=True)
     [run] = a.claim(at(5), "A", 30, 1, set(), set())  # the other run's row stays unlocked
     assert b.claim(at(5), "B", 30, 5, set(), set()) == []
     unit.commit()
@@ -494,7 +515,7 @@ def test_event_ids_follow_commit_order_when_writers_overlap(
     a, b = _open(stores, pg_url), _open(stores, pg_url)
     a.sync_tasks(TASKS, T0)
     a.fire("a", at(0), scheduled_for=at(0), overlap="allow")
-    unit = a.unit()
+    unit = a.unit(shared=True)
     [run] = a.claim(at(1), "A", 30, 1, set(), {"a"})
     b.emit(at(2), EventKind.MISFIRE, "b", count=1, reason="beside")
     seen = b.latest_event_id()

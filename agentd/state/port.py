@@ -474,11 +474,11 @@ async def wait_commit(commit: Future[BaseException | None]) -> BaseException | N
 
 
 @contextlib.contextmanager
-def atomically(store: Store) -> Iterator[UnitOfWork]:
-    """A block of verbs as one unit of work: opened here, committed when the block ends,
-    aborted when it raises. Inside a unit someone else owns it joins theirs (and their
-    commit makes it durable)."""
-    unit = store.unit()
+def atomically(store: Store, *, shared: bool = False) -> Iterator[UnitOfWork]:
+    """A block of verbs as one unit of work (``shared``: see ``Store.unit``): opened
+    here, committed when the block ends, aborted when it raises. Inside a unit someone
+    else owns it joins theirs (and their commit makes it durable)."""
+    unit = store.unit(shared=shared)
     try:
         yield unit
     except BaseException:
@@ -730,7 +730,16 @@ class Store(LedgerPort, AlertsPort, NodesPort, Protocol):
     lock) every other owner is a process that is gone."""
 
     # unit of work ------------------------------------------------------------
-    def unit(self) -> UnitOfWork: ...
+    def unit(self, *, shared: bool = False) -> UnitOfWork:
+        """Open a unit of work (the owner), or join the open one. A unit excludes every
+        other writer from its start, so what its verbs read decides what they write,
+        unless it is ``shared``: it holds only verbs that are safe beside other writers
+        (the runner's claims, starts, heartbeats and finishes, checkpoints, budget
+        reservations and their settling), and an engine with several writers
+        (PostgreSQL) may run it beside other shared units, beginning it at its first
+        write. On SQLite every unit is exclusive."""
+        ...
+
     @property
     def committing(self) -> bool:
         """A commit is running off the loop right now: a use of the state would wait."""

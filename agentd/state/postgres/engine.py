@@ -548,15 +548,24 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
         pending, self._pending = self._pending, _Pending()
         self._publish(pending.events)
 
-    def unit(self) -> UnitOfWork:
+    def unit(self, *, shared: bool = False) -> UnitOfWork:
         """Open a unit of work (see ``agentd.state.port``): the owner when no unit is
-        open, whose transaction begins with its first write (taking the write lock in
-        that verb's mode), else a handle that joins the open one (or the open ``tx()``,
-        whose end commits or undoes it)."""
+        open, else a handle that joins the open one (or the open ``tx()``, whose end
+        commits or undoes it). An owner begins its transaction and takes the write lock
+        exclusively now, so every read in it is under the lock; a ``shared`` one begins
+        at its first write, in that verb's mode (its verbs are the runner's, which read
+        nothing they decide on outside their own statements)."""
         if self._group_open or self._tx_open:
             return _Unit(self, owner=False)
+        if not shared:
+            try:
+                self._begin(self.conn, False)
+            except BaseException as exc:
+                self._rollback(self._conn)
+                self._write_failed(exc)
+                raise
         self._group_open = True
-        self._group_begun = False
+        self._group_begun = not shared
         self._group_lost = None
         return _Unit(self, owner=True)
 
@@ -1519,7 +1528,7 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
         if not items:
             return
         if any(f.next_status == RunStatus.QUARANTINED for f in items):
-            unit = self.unit()
+            unit = self.unit()  # exclusive, as finish's quarantine
             try:
                 with self.tx():  # exclusive, as finish's quarantine
                     for f in items:

@@ -336,10 +336,11 @@ class SqliteStore(LedgerStatements, AlertStatements, NodeStatements):
             for event in events:
                 self.event_sink(event)
 
-    def unit(self) -> UnitOfWork:
+    def unit(self, *, shared: bool = False) -> UnitOfWork:
         """Open a unit of work (see ``agentd.state.port``): the owner when no unit is
         open, which takes the write lock now (``BEGIN IMMEDIATE``: one fsync for all it
-        holds), else a handle that joins the open one."""
+        holds), else a handle that joins the open one. ``shared`` changes nothing here:
+        a file has one writer at a time."""
         if self._group_open:
             return _Unit(self, owner=False)
         self._begin_group()
