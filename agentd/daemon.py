@@ -116,6 +116,8 @@ class Daemon:
         """This process's node id: its leases' owner and its row in the node registry."""
         self._node_seen_mono = -math.inf
         self._nodes_forgotten = False
+        self._absent_kept = False
+        """A sync kept tasks this config lacks, for nodes on another generation."""
         self._watch_mono = -math.inf
         self._watch_stamps: dict[str, tuple[int, int, int, int] | None] | None = None
         """``config.watch``: the files as last seen (None until its first look)."""
@@ -448,7 +450,51 @@ class Daemon:
             )
         if not self._index:  # unless run_daemon brought it from the config's child
             self._index = task_index(self.config)
-        store.sync_tasks(self._index, now)
+        self._sync_tasks(self._index)
+
+    def _sync_tasks(self, index: TaskIndex, synced: TaskIndex | None = None) -> None:
+        """Record the config's tasks in the state. On a shared state where another live
+        node runs another config generation (a rollout half done, a host whose file is
+        older), a task this config lacks is kept as it is: that node may define it, and
+        removing it would stop it there. Once every live node runs this generation, the
+        kept ones are removed (``_removals_owed``, from ``_node_step``)."""
+        assert self.store is not None and self.config is not None
+        others = self._other_generations(index)
+        self.store.sync_tasks(index, self.clock.now(), synced=synced, keep_absent=bool(others))
+        if others and not self._absent_kept:
+            log.warning(
+                "tasks: the ones this config lacks are kept while %d other live node(s)"
+                " run another config generation: %s",
+                len(others),
+                " ".join(sorted(others)),
+            )
+        self._absent_kept = self._absent_kept or bool(others)
+
+    def _other_generations(self, index: TaskIndex) -> list[str]:
+        """The live nodes, other than this one, whose config generation is not
+        ``index``'s (none on a state of one node)."""
+        assert self.store is not None and self.config is not None
+        if not self.store.shared:
+            return []
+        live = self.store.live_nodes(self.clock.now(), self.config.daemon.lease)
+        mine = config_generation(index)
+        return [
+            node["id"]
+            for node in self.store.nodes()
+            if node["id"] in live and node["id"] != self.owner and node["config_generation"] != mine
+        ]
+
+    def _removals_owed(self) -> None:
+        """Tasks kept for another generation's nodes (``_sync_tasks``) are removed once
+        every live node runs this one."""
+        if not self._absent_kept or self._other_generations(self._index):
+            return
+        assert self.store is not None
+        self.store.sync_tasks(self._index, self.clock.now())
+        self._absent_kept = False
+        log.info(
+            "tasks: every live node runs this config generation; the ones it lacks are removed"
+        )
 
     def _prepare(self, cfg: Config, jobs_path: Path) -> Scheduler:
         """In a thread, before anything else uses the store (see ``startup``)."""
@@ -537,6 +583,7 @@ class Daemon:
             config_generation=config_generation(self._index),
         )
         self._node_seen_mono = now_mono
+        self._removals_owed()
         if first:
             self._nodes_forgotten = True
             gone = self.store.forget_nodes(now - timedelta(seconds=NODES_KEPT_S))
@@ -975,7 +1022,7 @@ class Daemon:
         """Bring state, schedule and every part's view of the tasks to ``new``. The state
         DB's task rows go first: if they cannot be written, nothing else has changed."""
         assert self.store and self.scheduler and self.runner
-        self.store.sync_tasks(index, self.clock.now(), synced=synced)
+        self._sync_tasks(index, synced)
         report = await self.scheduler.sync_async(new)
         self.runner.set_tasks(new.tasks)
         self.metrics.set_tasks(new.tasks)

@@ -768,3 +768,81 @@ def test_during_a_rollout_a_node_never_claims_a_task_it_does_not_define(
         assert workers == {w for w in workers if w.endswith(f":{nodes[1].proc.pid}")}
         for node in nodes:
             assert node.stop() == 0
+
+
+def _present(url: str, task: str) -> int | None:
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT present FROM tasks WHERE id=%s", (task,)).fetchone()
+    return None if row is None else int(row[0])
+
+
+def test_a_node_starting_on_an_older_config_leaves_the_newer_nodes_tasks_alone(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """Node 0 runs the new config (job and added), node 1 starts after it on the old one
+    (job): node 1's start leaves `added` in place, since a live node defines it, and
+    node 0 runs it. Once node 0 reloads the old config too, every live node has it, and
+    `added` is removed."""
+    old = """
+    job:
+      schedule: {manual: true}
+      command: {argv: ["true"]}
+    """
+    new = (
+        old
+        + """
+    added:
+      schedule: {manual: true}
+      command: {argv: ["true"]}
+    """
+    )
+    newer = node_on(tmp_path / "node0", new, pg_url)
+    older = node_on(tmp_path / "node1", old, pg_url)
+    try:
+        newer.start()
+        older.start()
+        older.wait_log("are kept while", "node 1 keeping the tasks its config lacks")
+        assert _present(pg_url, "added") == 1
+        run = newer.trigger("added")
+        wait_for(lambda: dict(_runs(pg_url, "added")).get(run) == "succeeded", what="added ran")
+        newer.write_config(old)
+        newer.signal(signal.SIGHUP)
+        wait_for(lambda: _present(pg_url, "added") == 0, what="added removed once all agree")
+        assert newer.stop() == 0
+        assert older.stop() == 0
+    finally:
+        for node in (newer, older):
+            if node.proc is not None and node.proc.poll() is None:
+                node.kill9()
+
+
+def test_a_task_kept_for_another_generation_goes_once_that_node_has_stopped(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """Both nodes on {job, gone}; node 0 reloads {job} while node 1 still runs the old
+    generation: `gone` stays. Node 1 stops: node 0, now the only generation alive,
+    removes it by itself (at its next registry beat)."""
+    both = """
+    job:
+      schedule: {manual: true}
+      command: {argv: ["true"]}
+    gone:
+      schedule: {manual: true}
+      command: {argv: ["true"]}
+    """
+    with running_nodes(tmp_path, pg_url, both, both, daemon="lease: 3s") as nodes:
+        nodes[0].write_config(
+            """
+    job:
+      schedule: {manual: true}
+      command: {argv: ["true"]}
+    """,
+            "lease: 3s",
+        )
+        nodes[0].signal(signal.SIGHUP)
+        nodes[0].wait_log("are kept while", "node 0 keeping gone for node 1")
+        assert _present(pg_url, "gone") == 1
+        assert nodes[1].stop() == 0
+        nodes[0].wait_log("every live node runs this config generation", "gone removed")
+        assert _present(pg_url, "gone") == 0
+        assert nodes[0].stop() == 0

@@ -31,6 +31,25 @@ def test_sync_tasks_adds_changes_removes_and_keeps_pause(store: Store) -> None:
     assert info.value.code == "unknown_task"
 
 
+def test_sync_tasks_keeping_absent_ones_removes_nothing_and_cancels_nothing(
+    store: Store,
+) -> None:
+    """``keep_absent`` (another live node may define what this config lacks): a task
+    missing from the config stays present with its queued run, fully or against the
+    last sync; the next sync without it removes the task and cancels the run."""
+    run_id = store.fire("b", at(1)).run_id
+    store.sync_tasks({"a": TASKS["a"]}, at(2), keep_absent=True)
+    store.sync_tasks({"a": TASKS["a"]}, at(3), synced=TASKS, keep_absent=True)
+    b = store.task_row("b")
+    assert b is not None and b["present"] == 1
+    assert store.get_run(run_id)["status"] == "queued"
+    assert "task_removed" not in kinds(store)
+    store.sync_tasks({"a": TASKS["a"]}, at(4))
+    b = store.task_row("b")
+    assert b is not None and b["present"] == 0
+    assert store.get_run(run_id)["status"] == "cancelled"
+
+
 def test_sync_tasks_events_come_in_config_order_with_the_ids_the_sink_saw(
     store: Store, events_seen: list[Row]
 ) -> None:

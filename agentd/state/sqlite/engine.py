@@ -719,6 +719,8 @@ class SqliteStore(LedgerStatements, AlertStatements, NodeStatements):
         tasks: dict[str, tuple[str, str]],
         now: datetime,
         synced: dict[str, tuple[str, str]] | None = None,
+        *,
+        keep_absent: bool = False,
     ) -> None:
         """Record which tasks the config has (id -> (fingerprint, kind)); paused state survives.
 
@@ -761,7 +763,7 @@ class SqliteStore(LedgerStatements, AlertStatements, NodeStatements):
                         (ts, EventKind.TASK_CHANGED, task_id, None, {"fingerprint": fingerprint})
                     )
             for task_id, old in known.items():
-                if task_id not in tasks and old["present"]:
+                if task_id not in tasks and old["present"] and not keep_absent:
                     gone.append((ts, task_id))
                     events.append((ts, EventKind.TASK_REMOVED, task_id, None, {}))
             conn = self.conn
