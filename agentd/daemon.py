@@ -49,6 +49,7 @@ from agentd.http import BindRefused, HttpServer, check_bind, load_read_token, lo
 from agentd.metrics import Metrics
 from agentd.models import Row
 from agentd.oversight import Oversight
+from agentd.policy import node_stale_after_s
 from agentd.providers import Gateway
 from agentd.redact import Redactor, read_secrets
 from agentd.runner import Runner
@@ -438,7 +439,9 @@ class Daemon:
         # node's the registry has not seen for a lease): a command group of one that
         # still runs is ended before its run is queued again (procs.end_groups).
         live = (
-            store.live_nodes(now, self.config.daemon.lease) | {self.owner} if store.shared else None
+            store.live_nodes(now, node_stale_after_s(self.config.daemon.lease)) | {self.owner}
+            if store.shared
+            else None
         )
         ended = procs.end_groups(store.lost_groups(now, live), self.config.daemon.kill_grace)
         recovered = store.recover(self.clock.now(), self.owner, live, ended=ended)
@@ -476,7 +479,7 @@ class Daemon:
         assert self.store is not None and self.config is not None
         if not self.store.shared:
             return []
-        live = self.store.live_nodes(self.clock.now(), self.config.daemon.lease)
+        live = self.store.live_nodes(self.clock.now(), node_stale_after_s(self.config.daemon.lease))
         mine = config_generation(index)
         return [
             node["id"]
@@ -696,6 +699,11 @@ class Daemon:
         pending = self.gauges.wait_s(self.clock.monotonic())
         if pending is not None:
             wait_s = min(wait_s, pending)
+        if self.store.shared and self.config is not None:
+            # The registry beat (``_node_step``) is due every third of a lease: the other
+            # nodes take a node not seen for a while as dead and recover its runs.
+            beat_due = self._node_seen_mono + self.config.daemon.lease / 3
+            wait_s = min(wait_s, max(0.0, beat_due - self.clock.monotonic()))
         return wait_s
 
     def _refresh_gauges(self) -> None:

@@ -58,3 +58,13 @@ def auto_pause_reason(consecutive_quarantines: int, pause_after: int, paused: bo
     if pause_after <= 0 or paused or consecutive_quarantines < pause_after:
         return None
     return f"{consecutive_quarantines} consecutive runs quarantined"
+
+
+def node_stale_after_s(lease_s: float) -> float:
+    """How long a node may go unseen in the registry before the others take it as dead
+    and recover its runs: two leases. A live node beats every third of a lease; a beat
+    late by a whole lease (a loop held up, a slow database) must not make a live node's
+    freshly claimed runs look lost. A dead node's runs wait no longer for it: their
+    leases, no longer renewed, expire within one lease, and expired leases are
+    recovered whoever holds them."""
+    return 2 * lease_s

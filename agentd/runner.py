@@ -33,6 +33,7 @@ from agentd.models import (
     StateRefused,
     StopRequested,
 )
+from agentd.policy import node_stale_after_s
 from agentd.providers import Gateway
 from agentd.state.port import ClaimedRun, Finish, StorageError, StorageFault, Store, wait_commit
 
@@ -356,11 +357,12 @@ class Runner:
 
     def live_owners(self) -> set[str]:
         """Whose leases are alive: this runner's, and on a shared state every node the
-        registry has seen within a lease (a node not seen for that long is dead, and its
-        expired leases are recovered)."""
+        registry has seen lately (``policy.node_stale_after_s``; a node not seen for that
+        long is dead, and its runs are recovered)."""
         if not self.store.shared:
             return {self.owner}
-        return self.store.live_nodes(self.clock.now(), self.lease_s) | {self.owner}
+        stale_s = node_stale_after_s(self.lease_s)
+        return self.store.live_nodes(self.clock.now(), stale_s) | {self.owner}
 
     def _held(self) -> set[str]:
         """Runs this runner holds in memory (running, or ended and not yet recorded)."""

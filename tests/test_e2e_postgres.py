@@ -846,3 +846,31 @@ def test_a_task_kept_for_another_generation_goes_once_that_node_has_stopped(
         nodes[0].wait_log("every live node runs this config generation", "gone removed")
         assert _present(pg_url, "gone") == 0
         assert nodes[0].stop() == 0
+
+
+def test_an_idle_node_beats_in_the_registry_every_third_of_a_lease(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """A node with nothing to do still tells the registry it is alive every third of a
+    lease: the other nodes take one not seen for longer as dead and recover its runs
+    (before, an idle loop slept up to 5 s between beats, a whole lease in these tests,
+    and a node starting beside it killed the command of a run it had just claimed)."""
+    idle = """
+    later:
+      schedule: {manual: true}
+      command: {argv: ["true"]}
+    """
+    with running_nodes(tmp_path, pg_url, idle) as [node]:
+        seen: list[float] = []
+        deadline = time.monotonic() + 7
+        while time.monotonic() < deadline:
+            with psycopg.connect(pg_url) as conn:
+                row = conn.execute("SELECT max(last_seen) FROM nodes").fetchone()
+            assert row is not None
+            stamp = from_iso(str(row[0])).timestamp()
+            if not seen or stamp != seen[-1]:
+                seen.append(stamp)
+            time.sleep(0.1)  # sampling the registry, not waiting for something
+        gaps = [b - a for a, b in itertools.pairwise(seen)]
+        assert len(gaps) >= 3 and max(gaps) < 5 / 2, gaps
+        assert node.stop() == 0
