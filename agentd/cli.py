@@ -162,7 +162,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler.setFormatter(
         journal.JournalFormatter(fmt) if journal.stderr_is_journal() else logging.Formatter(fmt)
     )
-    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    # The daemon logs at INFO (its config's log_level applies later). Any other command
+    # shows agentd's own lines only: a library's INFO (httpx logs every request) is
+    # noise on an operator's terminal, and its warnings still show.
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    run = args.command == "run"
+    logging.basicConfig(level=logging.INFO if run else logging.WARNING, handlers=[handler])
+    if not run:
+        logging.getLogger("agentd").setLevel(logging.INFO)
     logging.Formatter.converter = time.gmtime
     # The format above uses none of the caller's frame, thread or process: skipping
     # their lookup (the logging docs' "Optimization" knobs) cuts a third of the cost of
@@ -171,8 +179,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    parser = build_parser()
-    args = parser.parse_args(argv)
     config_path: Path = args.config or default_config()
     if args.command == "run":
         EARLY.install()  # (done at import already when started as `agentd run`)
