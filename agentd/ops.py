@@ -513,7 +513,12 @@ def _task_row(t: Row) -> Row:
         "kind": t["kind"],
         "schedule": t["schedule"],
         "timezone": t["timezone"],
-        "next_run": _short_local(t["next_runs"][0]["local"]) if t["next_runs"] else "-",
+        # A paused task fires no run until it is resumed, whatever its schedule says.
+        "next_run": "paused"
+        if t["paused"]
+        else _short_local(t["next_runs"][0]["local"])
+        if t["next_runs"]
+        else "-",
         "last_outcome": t["last_outcome"] or "-",
         "paused": paused,
     }
@@ -574,21 +579,56 @@ def _cell(value: Any) -> str:
 
 
 def _print_detail(args: argparse.Namespace, detail: dict[str, Any]) -> int:
+    """One record as text (``detail_lines``), or as JSON with ``--json``."""
     if args.json:
         print(json.dumps(detail, indent=2, default=str))
         return 0
-    for key, value in detail.items():
-        if isinstance(value, list):
-            print(f"{key}:")
-            for item in value:
-                print("  " + json.dumps(item, default=str))
-        elif isinstance(value, dict):
-            print(f"{key}:")
-            for k, v in value.items():
-                print(f"  {k}: {v}")
-        else:
-            print(f"{key}: {value}")
+    for line in detail_lines(detail):
+        print(line)
     return 0
+
+
+def detail_lines(detail: dict[str, Any], indent: str = "") -> list[str]:
+    """A record as an operator reads it: ``key: value`` lines, a nested mapping as its
+    own lines indented under its key, a list of mappings as ``- key: value`` blocks, an
+    event list as one line per event (``_event_line``). A missing value is ``-``, a
+    flag ``yes`` or ``no``, an instant ``YYYY-MM-DD HH:MM:SS`` (UTC). Never a repr."""
+    lines: list[str] = []
+    for key, value in detail.items():
+        if isinstance(value, dict) and value:
+            lines.append(f"{indent}{key}:")
+            lines += detail_lines(value, indent + "  ")
+        elif isinstance(value, list) and value:
+            lines.append(f"{indent}{key}:")
+            for item in value:
+                if key == "events" and isinstance(item, dict) and "kind" in item:
+                    lines.append(f"{indent}  {_event_line(item)}")
+                elif isinstance(item, dict) and item:
+                    block = detail_lines(item, indent + "    ")
+                    lines.append(f"{indent}  - {block[0].lstrip()}")
+                    lines += block[1:]
+                else:
+                    lines.append(f"{indent}  - {_scalar(item)}")
+        else:
+            lines.append(f"{indent}{key}: {_scalar(value)}")
+    return lines
+
+
+def _scalar(value: Any) -> str:
+    """A value of a detail line: as ``_cell`` makes it, but never cut short."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if value is None or value in ({}, []):
+        return "-"
+    if isinstance(value, dict | list):
+        return json.dumps(value, default=str)
+    text = str(value)
+    if isinstance(value, str) and text.endswith("Z") and "T" in text:
+        try:
+            return from_iso(text).strftime("%Y-%m-%d %H:%M:%S")
+        except ValueError:
+            pass
+    return text
 
 
 def _emit_error(args: argparse.Namespace, code: str, message: str) -> None:

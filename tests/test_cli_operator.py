@@ -6,6 +6,7 @@ read against a running daemon that imports only what it needs."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -61,3 +62,48 @@ def test_commands_print_no_library_log_lines(daemon: Agentd) -> None:
         out = cli(*args, config=daemon.config)
         assert out.returncode == 0, (args, out.stderr)
         assert out.stderr == "", (args, out.stderr)  # e.g. `INFO httpx HTTP Request: ...`
+
+
+def test_detail_output_has_no_python_reprs(daemon: Agentd) -> None:
+    status = cli("status", config=daemon.config)
+    assert status.returncode == 0, status.stderr
+    assert "daemon: running" in status.stdout
+    assert not REPR.search(status.stdout), status.stdout
+    # Nested values are indented key: value lines, not a dict's repr.
+    assert re.search(r"^    main_loop: [0-9.]+$", status.stdout, re.M), status.stdout
+
+    cli("pause", "hello", config=daemon.config)
+    trig = cli("trigger", "hello", config=daemon.config)
+    assert trig.returncode == 0, trig.stderr
+    assert "run_id: " in trig.stdout and not REPR.search(trig.stdout), trig.stdout
+    run_id = re.search(r"run_id: (\S+)", trig.stdout).group(1)  # type: ignore[union-attr]
+    daemon.wait_status(run_id, "succeeded")
+    shown = cli("runs", "show", run_id, config=daemon.config)
+    assert shown.returncode == 0, shown.stderr
+    assert f"id: {run_id}" in shown.stdout
+    assert not REPR.search(shown.stdout), shown.stdout
+    # --json is unchanged: the values as JSON.
+    assert (
+        json.loads(cli("runs", "show", run_id, "--json", config=daemon.config).stdout)["status"]
+        == "succeeded"
+    )
+
+
+def _event_ids(out: subprocess.CompletedProcess[str]) -> list[int]:
+    assert out.returncode == 0, out.stderr
+    return [int(m) for m in re.findall(r"^\S+ \S+  #(\d+) ", out.stdout, re.M)]
+
+
+def test_tasks_shows_no_next_run_for_a_paused_task(daemon: Agentd) -> None:
+    def next_run(task: str) -> str:
+        rows = json.loads(cli("tasks", "--json", config=daemon.config).stdout)
+        return str(next(r for r in rows if r["task"] == task)["next_run"])
+
+    assert re.match(r"\d{4}-\d\d-\d\d ", next_run("hello"))
+    assert cli("pause", "hello", config=daemon.config).returncode == 0
+    assert next_run("hello") == "paused"
+    table = cli("tasks", config=daemon.config).stdout
+    hello = next(line for line in table.splitlines() if line.startswith("hello"))
+    assert not re.search(r"\d{4}-\d\d-\d\d", hello), hello
+    assert cli("resume", "hello", config=daemon.config).returncode == 0
+    assert re.match(r"\d{4}-\d\d-\d\d ", next_run("hello"))
