@@ -139,9 +139,18 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do what is safe: move damaged files aside, acknowledge a damaged WAL",
     )
-    p = sub.add_parser("events", parents=[common], help="the audit log; --follow to stream it")
-    p.add_argument("--follow", "-f", action="store_true")
-    p.add_argument("--limit", type=int, default=50)
+    p = sub.add_parser(
+        "events",
+        parents=[common],
+        help="the audit log: its newest events; --follow to stream it",
+        description="The newest --limit events of the audit log, oldest of them first, "
+        "from the daemon (GET /v1/events?tail=N) or, when none answers, from the state DB. "
+        "With --follow, instead, each new event as it happens (GET /v1/events/stream).",
+    )
+    p.add_argument("--follow", "-f", action="store_true", help="stream new events")
+    p.add_argument(
+        "--limit", type=int, default=50, help="how many of the newest events (default 50)"
+    )
     p = sub.add_parser(
         "prune", parents=[common], help="remove the history the config's `history:` does not keep"
     )

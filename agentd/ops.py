@@ -401,7 +401,7 @@ def _dispatch(ops: CliCommands, args: argparse.Namespace, parser: argparse.Argum
         if args.follow:
             return _follow(ops, args, "/v1/events/stream")
         rows = ops.call(
-            lambda c: c.get("/v1/events", limit=args.limit)["events"],
+            lambda c: c.get("/v1/events", tail=args.limit)["events"],
             lambda ctl: ctl.recent_events(args.limit),
         )
         for event in rows:

@@ -94,6 +94,19 @@ def _event_ids(out: subprocess.CompletedProcess[str]) -> list[int]:
     return [int(m) for m in re.findall(r"^\S+ \S+  #(\d+) ", out.stdout, re.M)]
 
 
+def test_events_limit_shows_the_newest_events_with_and_without_a_daemon(daemon: Agentd) -> None:
+    for _ in range(3):
+        daemon.wait_status(daemon.trigger("hello"), "succeeded")
+    everything = [int(e["id"]) for e in daemon.events()]
+    assert len(everything) > 8
+    newest = everything[-4:]
+    assert _event_ids(cli("events", "--limit", "4", config=daemon.config)) == newest
+    assert daemon.stop() == 0
+    assert _event_ids(cli("events", "--limit", "4", config=daemon.config)) == newest
+    helptext = cli("events", "--help").stdout
+    assert "newest" in helptext
+
+
 def test_tasks_shows_no_next_run_for_a_paused_task(daemon: Agentd) -> None:
     def next_run(task: str) -> str:
         rows = json.loads(cli("tasks", "--json", config=daemon.config).stdout)
