@@ -129,6 +129,8 @@ class CliCommands:
                 # Without it the daemon's own 401 (or 403) says what was refused.
                 print(f"agentd: warning: {exc}", file=sys.stderr)
         self.api: ApiClient | None = ApiClient(url or default_url(daemon.http), token)
+        self.url_given = url is not None
+        """``--url`` names the daemon to ask: no other (nor the state DB) answers instead."""
         self._store: Store | None = None
         self._ctl: Control | None = None
         self._reader_store: Store | None = None
@@ -181,7 +183,7 @@ class CliCommands:
             try:
                 return api(self.api)
             except Unreachable:
-                if self.config is None:
+                if self.config is None or self.url_given:
                     raise
                 self.api = None  # no daemon: work on the DB from here on
         return direct(self.ctl if writes else self.reader)
@@ -221,6 +223,9 @@ def state_command(config: Config, args: argparse.Namespace, parser: argparse.Arg
     except (ApiError, StateRefused) as exc:
         _emit_error(args, exc.code, str(exc))
         return 1
+    except Unreachable as exc:  # only with --url: nothing else is asked instead
+        _emit_error(args, "no_daemon", str(exc))
+        return exitcodes.NOT_RUNNING
     except statedir.Refusal as exc:
         print(f"agentd: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -236,9 +241,12 @@ def broken_config_command(
     the daemon at ``--url``, or where the file's ``daemon:`` section says when it still
     validates alone, else at the default address; with one warning line naming the
     file's first problem. When no daemon answers: the whole config error, exit 78.
-    (A missing file with ``--url`` is no warning: the file is not needed then.)"""
+
+    With ``--url`` the file is not needed: one that is missing or cannot be read is no
+    warning (its ``daemon.http`` could only have named a token source), and when no
+    daemon answers at that URL the answer is that, exit 3 (``NOT_RUNNING``)."""
     daemon = lenient_daemon(config_path)
-    if not (args.url and not config_path.exists()):
+    if not (args.url and not _readable(config_path)):
         first = broken.problems[0] if broken.problems else None
         problem = f"{first.path or '<top>'}: {first.message}" if first else "invalid"
         where = args.url or default_url((daemon or DaemonConfig()).http)
@@ -257,12 +265,25 @@ def broken_config_command(
         if isinstance(exc, StateRefused) and exc.code != "no_daemon":
             _emit_error(args, exc.code, str(exc))
             return 1
+        if args.url:
+            _emit_error(args, "no_daemon", str(exc))
+            return exitcodes.NOT_RUNNING
         print(broken.render(), file=sys.stderr)
         print(f"agentd: and no daemon answers: {exc}", file=sys.stderr)
         return exitcodes.CONFIG
     except ApiError as exc:
         _emit_error(args, exc.code, str(exc))
         return 1
+
+
+def _readable(path: Path) -> bool:
+    """Whether ``path`` opens as a file for reading (not missing, not a directory, not
+    withheld by its mode)."""
+    try:
+        with path.open("rb"):
+            return True
+    except OSError:
+        return False
 
 
 RELOAD_POLL_S = 0.05

@@ -15,7 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from harness import Agentd, wait_for
+from harness import Agentd, free_port, wait_for
+
+from agentd import exitcodes
 
 pytestmark = pytest.mark.e2e
 
@@ -105,6 +107,31 @@ def test_events_limit_shows_the_newest_events_with_and_without_a_daemon(daemon: 
     assert _event_ids(cli("events", "--limit", "4", config=daemon.config)) == newest
     helptext = cli("events", "--help").stdout
     assert "newest" in helptext
+
+
+def test_with_url_no_config_file_is_read(daemon: Agentd, tmp_path: Path) -> None:
+    # A path that cannot be read as a file (as /etc/agentd/agentd.yaml, 0640 root:agentd,
+    # is for an operator outside the group): --url needs nothing from it.
+    unreadable = tmp_path / "unreadable.yaml"
+    unreadable.mkdir()
+    for args in (("status",), ("tasks",), ("runs",)):
+        out = cli(*args, "--url", daemon.url, config=unreadable)
+        assert out.returncode == 0, (args, out.stderr)
+        assert out.stderr == "", (args, out.stderr)
+    assert "daemon: running" in cli("status", "--url", daemon.url, config=unreadable).stdout
+    # No file named at all, and none at the default places.
+    assert cli("status", "--url", daemon.url).returncode == 0
+    # A port-forward that is down: the daemon is not running there, whatever the local
+    # state says, and no config problem is reported.
+    dead = f"http://127.0.0.1:{free_port()}"
+    for config in (None, unreadable, daemon.config):
+        out = cli("status", "--url", dead, config=config)
+        assert out.returncode == exitcodes.NOT_RUNNING, (config, out.stdout, out.stderr)
+        assert f"no agentd answers at {dead}" in out.stderr, out.stderr
+        assert "problem(s) in config" not in out.stderr
+        runs = cli("runs", "--url", dead, config=config)
+        assert runs.returncode == exitcodes.NOT_RUNNING, (config, runs.stdout, runs.stderr)
+        assert "hello" not in runs.stdout  # not the local state DB's runs
 
 
 def test_tasks_shows_no_next_run_for_a_paused_task(daemon: Agentd) -> None:
