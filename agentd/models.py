@@ -75,6 +75,9 @@ class RunStatus(StrEnum):
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     QUARANTINED = "quarantined"
+    DROPPED = "dropped"
+    """Quarantined, then dropped (``quarantine drop``, or ``history.keep_quarantine``):
+    final, out of quarantine, kept as history until retention takes it."""
     CANCELLED = "cancelled"
     SKIPPED = "skipped"
     BUDGET_EXHAUSTED = "budget_exhausted"
@@ -92,6 +95,7 @@ FINAL_STATUSES = frozenset(
     {
         RunStatus.SUCCEEDED,
         RunStatus.QUARANTINED,
+        RunStatus.DROPPED,
         RunStatus.CANCELLED,
         RunStatus.SKIPPED,
         RunStatus.BUDGET_EXHAUSTED,

@@ -649,7 +649,8 @@ PATHS: dict[str, Schema] = {
     },
     "/v1/quarantine/{run_id}/drop": {
         "post": _post(
-            "Acknowledge and forget a quarantined run (it stays quarantined as history).",
+            "Acknowledge and forget a quarantined run: it leaves quarantine with the status "
+            "`dropped`, kept as history.",
             [RUN_ID],
             "200",
             "DropResult",

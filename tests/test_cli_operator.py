@@ -134,6 +134,23 @@ def test_with_url_no_config_file_is_read(daemon: Agentd, tmp_path: Path) -> None
         assert "hello" not in runs.stdout  # not the local state DB's runs
 
 
+def test_a_dropped_run_is_no_longer_listed_as_quarantined(daemon: Agentd) -> None:
+    run_id = daemon.trigger("bad")
+    daemon.wait_status(run_id, "quarantined")
+
+    def listed(status: str) -> list[str]:
+        out = cli("runs", "--status", status, "--json", config=daemon.config)
+        return [r["id"] for r in json.loads(out.stdout)]
+
+    assert listed("quarantined") == [run_id]
+    dropped = cli("quarantine", "drop", run_id, config=daemon.config)
+    assert dropped.returncode == 0, dropped.stderr
+    assert daemon.run_status(run_id) == "dropped"
+    assert listed("quarantined") == []
+    assert listed("dropped") == [run_id]
+    assert "dropped" in cli("runs", "show", run_id, config=daemon.config).stdout
+
+
 def test_tasks_shows_no_next_run_for_a_paused_task(daemon: Agentd) -> None:
     def next_run(task: str) -> str:
         rows = json.loads(cli("tasks", "--json", config=daemon.config).stdout)
