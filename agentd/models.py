@@ -169,3 +169,8 @@ ALERT_EVENTS = frozenset(
 outbox reads, and what retention keeps until the outbox has read it."""
 ALERTS_CURSOR = "alerts_cursor"
 """The key under which the state keeps the id of the last event the outbox has read."""
+INSTANCE_KEY = "instance_id"
+"""The key under which the state keeps its instance id: random, made once per database
+(``AlertsPort.instance_id``), and made anew by ``agentd restore``. Alert delivery ids
+(``X-Agentd-Delivery``) begin with it, so that they never repeat across a database
+recreated or restored, whose alert ids begin again where it began."""
