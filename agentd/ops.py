@@ -40,7 +40,6 @@ from agentd.config import (
 )
 from agentd.models import EventKind, Row, StateRefused
 from agentd.redact import SecretUnavailable, read_secret
-from agentd.state.sqlite import statedir
 
 if TYPE_CHECKING:  # at run time only the direct path (no daemon answering) loads them
     from agentd.control import Control
@@ -75,6 +74,8 @@ def open_store(config: Config, *, read_only: bool = False) -> Store:
     root = config.daemon.state_dir
     if config.state.url is not None:
         return _open_postgres(config)
+    from agentd.state.sqlite import statedir  # (sqlite3 and the checks: the direct path's)
+
     db_path = statedir.paths(root)[0]
     from agentd.state.sqlite.engine import SqliteStore
 
@@ -226,7 +227,12 @@ def state_command(config: Config, args: argparse.Namespace, parser: argparse.Arg
     except Unreachable as exc:  # only with --url: nothing else is asked instead
         _emit_error(args, "no_daemon", str(exc))
         return exitcodes.NOT_RUNNING
-    except statedir.Refusal as exc:
+    except Exception as exc:
+        # The state dir's refusals come from the direct path, which has loaded statedir.
+        from agentd.state.sqlite.statedir import Refusal
+
+        if not isinstance(exc, Refusal):
+            raise
         print(f"agentd: {exc}", file=sys.stderr)
         return exc.exit_code
 

@@ -164,3 +164,41 @@ def test_tasks_shows_no_next_run_for_a_paused_task(daemon: Agentd) -> None:
     assert not re.search(r"\d{4}-\d\d-\d\d", hello), hello
     assert cli("resume", "hello", config=daemon.config).returncode == 0
     assert re.match(r"\d{4}-\d\d-\d\d ", next_run("hello"))
+
+
+PROBE = """
+import runpy, sys
+sys.argv = ["agentd", *sys.argv[1:]]
+try:
+    runpy.run_module("agentd.cli", run_name="__main__")
+except SystemExit:
+    pass
+print("MODULES " + " ".join(sorted(sys.modules)), file=sys.stderr)
+"""
+
+HEAVY = (
+    "agentd.control",
+    "agentd.state.sqlite.engine",
+    "agentd.daemon",
+    "sqlalchemy",
+    "aiohttp",
+    "apscheduler",
+    "httpx",
+    "sqlite3",
+)
+"""What a read against a running daemon has no use for: the state engines and the
+daemon's parts, and httpx (the stdlib's http.client does for a few requests)."""
+
+
+def test_a_read_against_a_running_daemon_imports_only_what_it_needs(daemon: Agentd) -> None:
+    for args in (("tasks",), ("runs",), ("status",)):
+        out = subprocess.run(
+            [sys.executable, "-c", PROBE, *args, "--config", str(daemon.config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        modules = set(out.stderr.rsplit("MODULES ", 1)[1].split())
+        loaded = [m for m in HEAVY if m in modules]
+        assert loaded == [], (args, loaded)
