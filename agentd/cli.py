@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import sys
 
-from agentd.procs import EARLY
-
 if sys.argv[1:2] == ["run"]:
     # Before the imports below (0.15 s): a SIGTERM meanwhile is a clean stop, not -15.
+    from agentd.procs import EARLY
+
     EARLY.install()
 
 import argparse
@@ -21,24 +21,13 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-from zoneinfo import ZoneInfo
-
-import yaml
+from typing import TYPE_CHECKING, Any
 
 from agentd import __version__, exitcodes, journal
-from agentd.clock import SystemClock
-from agentd.config import (
-    Config,
-    ConfigError,
-    inactive_reason,
-    load_config,
-    redacted,
-    secret_refs,
-)
-from agentd.configload import ConfigLoad
-from agentd.redact import read_secrets
-from agentd.schedule import next_fires
+from agentd.config import ConfigError, load_config
+
+if TYPE_CHECKING:
+    from agentd.config import Config
 
 DEFAULT_CONFIGS = (Path("/etc/agentd/agentd.yaml"), Path("config/agentd.yaml"))
 
@@ -139,9 +128,18 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do what is safe: move damaged files aside, acknowledge a damaged WAL",
     )
-    p = sub.add_parser("events", parents=[common], help="the audit log; --follow to stream it")
-    p.add_argument("--follow", "-f", action="store_true")
-    p.add_argument("--limit", type=int, default=50)
+    p = sub.add_parser(
+        "events",
+        parents=[common],
+        help="the audit log: its newest events; --follow to stream it",
+        description="The newest --limit events of the audit log, oldest of them first, "
+        "from the daemon (GET /v1/events?tail=N) or, when none answers, from the state DB. "
+        "With --follow, instead, each new event as it happens (GET /v1/events/stream).",
+    )
+    p.add_argument("--follow", "-f", action="store_true", help="stream new events")
+    p.add_argument(
+        "--limit", type=int, default=50, help="how many of the newest events (default 50)"
+    )
     p = sub.add_parser(
         "prune", parents=[common], help="remove the history the config's `history:` does not keep"
     )
@@ -162,7 +160,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler.setFormatter(
         journal.JournalFormatter(fmt) if journal.stderr_is_journal() else logging.Formatter(fmt)
     )
-    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    # The daemon logs at INFO (its config's log_level applies later). Any other command
+    # shows agentd's own lines only: a library's INFO (httpx logs every request) is
+    # noise on an operator's terminal, and its warnings still show.
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    run = args.command == "run"
+    logging.basicConfig(level=logging.INFO if run else logging.WARNING, handlers=[handler])
+    if not run:
+        logging.getLogger("agentd").setLevel(logging.INFO)
     logging.Formatter.converter = time.gmtime
     # The format above uses none of the caller's frame, thread or process: skipping
     # their lookup (the logging docs' "Optimization" knobs) cuts a third of the cost of
@@ -171,10 +177,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    parser = build_parser()
-    args = parser.parse_args(argv)
     config_path: Path = args.config or default_config()
     if args.command == "run":
+        from agentd.configload import ConfigLoad
+        from agentd.procs import EARLY
+
         EARLY.install()  # (done at import already when started as `agentd run`)
         # The config parses in a child while this process imports the daemon's modules
         # (aiohttp, SQLAlchemy, APScheduler: 0.47 s), on the other core: hence the
@@ -242,6 +249,16 @@ def config_invalid(exc: ConfigError, args: argparse.Namespace) -> int:
 
 
 def check_config(config: Config, args: argparse.Namespace) -> int:
+    # Imported here: the other commands have no use for them (0.02 s).
+    from zoneinfo import ZoneInfo
+
+    import yaml
+
+    from agentd.clock import SystemClock
+    from agentd.config import inactive_reason, redacted, secret_refs
+    from agentd.redact import read_secrets
+    from agentd.schedule import next_fires
+
     now = SystemClock().now()
     report: dict[str, Any] = {"ok": True, "source": config.source, "tasks": {}}
     for task_id, task in config.tasks.items():

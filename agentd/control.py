@@ -159,6 +159,8 @@ class Control:
 
     def recent_events(self, limit: int = 50) -> list[EventRecord]:
         """The newest ``limit`` events, oldest first."""
+        if not 1 <= limit <= 5000:
+            raise StateRefused("bad_request", "limit must be between 1 and 5000")
         return self.store.recent_events(limit)
 
     def counts(self) -> dict[str, int]:

@@ -989,6 +989,12 @@ class HttpServer:
     # ------------------------------------------------------------ events
 
     async def events(self, request: web.Request) -> web.StreamResponse:
+        tail = _query(request, "tail")
+        if tail is not None:
+            if _query(request, "after") is not None:
+                raise _bad("tail and after exclude each other")
+            count = _parse_uint(tail, "tail", 50, 1, 5000)
+            return _json({"events": self.control.recent_events(count)})
         return self._event_page(request, None)
 
     async def run_events(self, request: web.Request) -> web.StreamResponse:

@@ -75,6 +75,9 @@ class RunStatus(StrEnum):
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     QUARANTINED = "quarantined"
+    DROPPED = "dropped"
+    """Quarantined, then dropped (``quarantine drop``, or ``history.keep_quarantine``):
+    final, out of quarantine, kept as history until retention takes it."""
     CANCELLED = "cancelled"
     SKIPPED = "skipped"
     BUDGET_EXHAUSTED = "budget_exhausted"
@@ -92,6 +95,7 @@ FINAL_STATUSES = frozenset(
     {
         RunStatus.SUCCEEDED,
         RunStatus.QUARANTINED,
+        RunStatus.DROPPED,
         RunStatus.CANCELLED,
         RunStatus.SKIPPED,
         RunStatus.BUDGET_EXHAUSTED,
@@ -165,3 +169,8 @@ ALERT_EVENTS = frozenset(
 outbox reads, and what retention keeps until the outbox has read it."""
 ALERTS_CURSOR = "alerts_cursor"
 """The key under which the state keeps the id of the last event the outbox has read."""
+INSTANCE_KEY = "instance_id"
+"""The key under which the state keeps its instance id: random, made once per database
+(``AlertsPort.instance_id``), and made anew by ``agentd restore``. Alert delivery ids
+(``X-Agentd-Delivery``) begin with it, so that they never repeat across a database
+recreated or restored, whose alert ids begin again where it began."""

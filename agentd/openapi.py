@@ -105,6 +105,12 @@ AFTER = _query(
 EVENTS_LIMIT = _query(
     "limit", _int(minimum=1, maximum=5000, default=500), "Page size (oldest first)."
 )
+EVENTS_TAIL = _query(
+    "tail",
+    _int(minimum=1, maximum=5000),
+    "The newest this many events (still oldest first); `limit` does not apply, and "
+    "`after` may not be given with it.",
+)
 LAST_EVENT_ID = {
     "name": "Last-Event-ID",
     "in": "header",
@@ -588,7 +594,12 @@ PATHS: dict[str, Schema] = {
         )
     },
     "/v1/events": {
-        "get": _get("All events, oldest first.", [AFTER, EVENTS_LIMIT], _ref("EventList"), "400")
+        "get": _get(
+            "All events, oldest first: a page after `after`, or with `tail` the newest ones.",
+            [AFTER, EVENTS_LIMIT, EVENTS_TAIL],
+            _ref("EventList"),
+            "400",
+        )
     },
     "/v1/events/stream": {
         "get": _sse(
@@ -638,7 +649,8 @@ PATHS: dict[str, Schema] = {
     },
     "/v1/quarantine/{run_id}/drop": {
         "post": _post(
-            "Acknowledge and forget a quarantined run (it stays quarantined as history).",
+            "Acknowledge and forget a quarantined run: it leaves quarantine with the status "
+            "`dropped`, kept as history.",
             [RUN_ID],
             "200",
             "DropResult",

@@ -40,7 +40,6 @@ from agentd.config import (
 )
 from agentd.models import EventKind, Row, StateRefused
 from agentd.redact import SecretUnavailable, read_secret
-from agentd.state.sqlite import statedir
 
 if TYPE_CHECKING:  # at run time only the direct path (no daemon answering) loads them
     from agentd.control import Control
@@ -75,6 +74,8 @@ def open_store(config: Config, *, read_only: bool = False) -> Store:
     root = config.daemon.state_dir
     if config.state.url is not None:
         return _open_postgres(config)
+    from agentd.state.sqlite import statedir  # (sqlite3 and the checks: the direct path's)
+
     db_path = statedir.paths(root)[0]
     from agentd.state.sqlite.engine import SqliteStore
 
@@ -129,6 +130,8 @@ class CliCommands:
                 # Without it the daemon's own 401 (or 403) says what was refused.
                 print(f"agentd: warning: {exc}", file=sys.stderr)
         self.api: ApiClient | None = ApiClient(url or default_url(daemon.http), token)
+        self.url_given = url is not None
+        """``--url`` names the daemon to ask: no other (nor the state DB) answers instead."""
         self._store: Store | None = None
         self._ctl: Control | None = None
         self._reader_store: Store | None = None
@@ -181,7 +184,7 @@ class CliCommands:
             try:
                 return api(self.api)
             except Unreachable:
-                if self.config is None:
+                if self.config is None or self.url_given:
                     raise
                 self.api = None  # no daemon: work on the DB from here on
         return direct(self.ctl if writes else self.reader)
@@ -221,7 +224,15 @@ def state_command(config: Config, args: argparse.Namespace, parser: argparse.Arg
     except (ApiError, StateRefused) as exc:
         _emit_error(args, exc.code, str(exc))
         return 1
-    except statedir.Refusal as exc:
+    except Unreachable as exc:  # only with --url: nothing else is asked instead
+        _emit_error(args, "no_daemon", str(exc))
+        return exitcodes.NOT_RUNNING
+    except Exception as exc:
+        # The state dir's refusals come from the direct path, which has loaded statedir.
+        from agentd.state.sqlite.statedir import Refusal
+
+        if not isinstance(exc, Refusal):
+            raise
         print(f"agentd: {exc}", file=sys.stderr)
         return exc.exit_code
 
@@ -236,9 +247,12 @@ def broken_config_command(
     the daemon at ``--url``, or where the file's ``daemon:`` section says when it still
     validates alone, else at the default address; with one warning line naming the
     file's first problem. When no daemon answers: the whole config error, exit 78.
-    (A missing file with ``--url`` is no warning: the file is not needed then.)"""
+
+    With ``--url`` the file is not needed: one that is missing or cannot be read is no
+    warning (its ``daemon.http`` could only have named a token source), and when no
+    daemon answers at that URL the answer is that, exit 3 (``NOT_RUNNING``)."""
     daemon = lenient_daemon(config_path)
-    if not (args.url and not config_path.exists()):
+    if not (args.url and not _readable(config_path)):
         first = broken.problems[0] if broken.problems else None
         problem = f"{first.path or '<top>'}: {first.message}" if first else "invalid"
         where = args.url or default_url((daemon or DaemonConfig()).http)
@@ -257,12 +271,25 @@ def broken_config_command(
         if isinstance(exc, StateRefused) and exc.code != "no_daemon":
             _emit_error(args, exc.code, str(exc))
             return 1
+        if args.url:
+            _emit_error(args, "no_daemon", str(exc))
+            return exitcodes.NOT_RUNNING
         print(broken.render(), file=sys.stderr)
         print(f"agentd: and no daemon answers: {exc}", file=sys.stderr)
         return exitcodes.CONFIG
     except ApiError as exc:
         _emit_error(args, exc.code, str(exc))
         return 1
+
+
+def _readable(path: Path) -> bool:
+    """Whether ``path`` opens as a file for reading (not missing, not a directory, not
+    withheld by its mode)."""
+    try:
+        with path.open("rb"):
+            return True
+    except OSError:
+        return False
 
 
 RELOAD_POLL_S = 0.05
@@ -401,7 +428,7 @@ def _dispatch(ops: CliCommands, args: argparse.Namespace, parser: argparse.Argum
         if args.follow:
             return _follow(ops, args, "/v1/events/stream")
         rows = ops.call(
-            lambda c: c.get("/v1/events", limit=args.limit)["events"],
+            lambda c: c.get("/v1/events", tail=args.limit)["events"],
             lambda ctl: ctl.recent_events(args.limit),
         )
         for event in rows:
@@ -513,7 +540,12 @@ def _task_row(t: Row) -> Row:
         "kind": t["kind"],
         "schedule": t["schedule"],
         "timezone": t["timezone"],
-        "next_run": _short_local(t["next_runs"][0]["local"]) if t["next_runs"] else "-",
+        # A paused task fires no run until it is resumed, whatever its schedule says.
+        "next_run": "paused"
+        if t["paused"]
+        else _short_local(t["next_runs"][0]["local"])
+        if t["next_runs"]
+        else "-",
         "last_outcome": t["last_outcome"] or "-",
         "paused": paused,
     }
@@ -574,21 +606,56 @@ def _cell(value: Any) -> str:
 
 
 def _print_detail(args: argparse.Namespace, detail: dict[str, Any]) -> int:
+    """One record as text (``detail_lines``), or as JSON with ``--json``."""
     if args.json:
         print(json.dumps(detail, indent=2, default=str))
         return 0
-    for key, value in detail.items():
-        if isinstance(value, list):
-            print(f"{key}:")
-            for item in value:
-                print("  " + json.dumps(item, default=str))
-        elif isinstance(value, dict):
-            print(f"{key}:")
-            for k, v in value.items():
-                print(f"  {k}: {v}")
-        else:
-            print(f"{key}: {value}")
+    for line in detail_lines(detail):
+        print(line)
     return 0
+
+
+def detail_lines(detail: dict[str, Any], indent: str = "") -> list[str]:
+    """A record as an operator reads it: ``key: value`` lines, a nested mapping as its
+    own lines indented under its key, a list of mappings as ``- key: value`` blocks, an
+    event list as one line per event (``_event_line``). A missing value is ``-``, a
+    flag ``yes`` or ``no``, an instant ``YYYY-MM-DD HH:MM:SS`` (UTC). Never a repr."""
+    lines: list[str] = []
+    for key, value in detail.items():
+        if isinstance(value, dict) and value:
+            lines.append(f"{indent}{key}:")
+            lines += detail_lines(value, indent + "  ")
+        elif isinstance(value, list) and value:
+            lines.append(f"{indent}{key}:")
+            for item in value:
+                if key == "events" and isinstance(item, dict) and "kind" in item:
+                    lines.append(f"{indent}  {_event_line(item)}")
+                elif isinstance(item, dict) and item:
+                    block = detail_lines(item, indent + "    ")
+                    lines.append(f"{indent}  - {block[0].lstrip()}")
+                    lines += block[1:]
+                else:
+                    lines.append(f"{indent}  - {_scalar(item)}")
+        else:
+            lines.append(f"{indent}{key}: {_scalar(value)}")
+    return lines
+
+
+def _scalar(value: Any) -> str:
+    """A value of a detail line: as ``_cell`` makes it, but never cut short."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if value is None or value in ({}, []):
+        return "-"
+    if isinstance(value, dict | list):
+        return json.dumps(value, default=str)
+    text = str(value)
+    if isinstance(value, str) and text.endswith("Z") and "T" in text:
+        try:
+            return from_iso(text).strftime("%Y-%m-%d %H:%M:%S")
+        except ValueError:
+            pass
+    return text
 
 
 def _emit_error(args: argparse.Namespace, code: str, message: str) -> None:

@@ -72,6 +72,9 @@ class Outbox:
         self._watched: list[str] = []
         self._pinged_for: Config | None = None
         self._any_ping = False
+        self._instance: str | None = None
+        """The state's instance id, read on the first delivery: it changes only by a
+        restore, which the daemon is stopped for."""
 
     # ------------------------------------------------------------ events -> outbox
 
@@ -320,6 +323,18 @@ class Outbox:
             await asyncio.gather(*(self._deliver_one(row, client) for row in rows))
         return len(rows)
 
+    def delivery_id(self, row: OutboxRecord) -> str:
+        """``X-Agentd-Delivery``: ``<instance id>-<alert id>-<channel>``. The same for
+        every attempt of one delivery (a receiver drops a repeat by it), and never the
+        same for two deliveries, also across databases: alert ids begin at 1 again in a
+        recreated state DB, and where a restored one left off, so the database's
+        instance id (``Store.instance_id``, new in a restored copy) tells them apart.
+        (A delivery pending in a backup is sent again after its restore under the new
+        id: a receiver may see it twice, which is better than never seeing a new one.)"""
+        if self._instance is None:
+            self._instance = self.store.instance_id()
+        return f"{self._instance}-{row['payload']['id']}-{row['channel']}"
+
     async def _deliver_one(self, row: OutboxRecord, client: httpx.AsyncClient) -> None:
         payload = row["payload"]
         retries, backoff, max_backoff = PING_RETRIES, PING_BACKOFF_S, 3600.0
@@ -335,13 +350,7 @@ class Outbox:
                     channel.backoff,
                     channel.max_backoff,
                 )
-                await deliver(
-                    channel,
-                    payload,
-                    f"{payload['id']}-{row['channel']}",
-                    client,
-                    self.withheld_env,
-                )
+                await deliver(channel, payload, self.delivery_id(row), client, self.withheld_env)
         except (DeliveryError, OSError) as exc:
             self._failed(row, str(exc), retries, backoff, max_backoff)
             return

@@ -9,6 +9,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import re
 import sys
 import textwrap
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from agentd.metrics import Metrics
 from agentd.models import Outcome, RunStatus
 from agentd.outbox import Outbox, retry_delay
 from agentd.oversight import CHECK_EVERY_S, PROCESS_EVERY_S, Oversight
+from agentd.state.sqlite import backup, statedir
 from agentd.state.sqlite.engine import SqliteStore
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
@@ -240,6 +242,61 @@ def test_failed_deliveries_retry_with_backoff_then_give_up(
     ]
     assert snaps[-1][0]["last_error"] == "webhook answered HTTP 502"
     assert len(receiver.requests) == 3
+
+
+def test_delivery_ids_stay_across_retries_and_never_repeat_across_recreated_or_restored_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A receiver that drops what it has seen by ``X-Agentd-Delivery`` gets every alert:
+    the id is the same for each attempt of one delivery, and new for an alert of a
+    recreated state DB, and of one restored from a backup (whose alert ids begin again
+    where the backup was taken), though their alert ids are the same."""
+    monkeypatch.setenv("AGENTD_TEST_HOOK_SECRET", SECRET)
+    receiver = Receiver()
+    state_dir = tmp_path / "state"
+    db = statedir.paths(state_dir)[0]
+
+    async def alert_once(url: str, clock: ManualClock, path: Path, fail_first: bool) -> None:
+        state = SqliteStore(path)
+        try:
+            state.sync_tasks({"t": ("f", "command")}, clock.now())
+            box = Outbox(state, config_for(url), clock)
+            box.process(clock.now())
+            receiver.statuses = [500] if fail_first else []
+            quarantine(state, clock)
+            box.process(clock.now())
+            await deliver(box)
+            clock.advance(31)  # past the first backoff (30 s)
+            await deliver(box)
+            assert [r["status"] for r in outbox_rows(state)][-1] == "delivered"
+        finally:
+            state.close()
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_post("/{tail:.*}", receiver.handle)
+        async with serve(app) as url:
+            clock = ManualClock(T0)
+            state_dir.mkdir()
+            await alert_once(url, clock, db, fail_first=True)  # alert 1, sent twice
+            config = parse_config(
+                f"daemon: {{state_dir: {state_dir}}}\ntasks: {{}}\n", "backup.yaml", {}
+            )
+            backup.backup(config, tmp_path / "backup")  # holds alert 1
+            clock.advance(7200)  # past the cooldown
+            await alert_once(url, clock, db, fail_first=False)  # alert 2
+            backup.restore(config, tmp_path / "backup")
+            clock.advance(7200)
+            await alert_once(url, clock, db, fail_first=False)  # alert 2 again, restored
+            await alert_once(url, clock, tmp_path / "other.sqlite", fail_first=False)  # 1
+
+    run(main)
+    ids = [h["X-Agentd-Delivery"] for p, h, _ in receiver.requests if p == "/hook"]
+    # The second quarantine in a row pauses the task: a task_paused alert (id 3) too.
+    assert [b["id"] for b in receiver.bodies()] == [1, 1, 2, 3, 2, 3, 1]  # ids repeat
+    assert ids[0] == ids[1]  # one delivery, two attempts
+    assert len(set(ids)) == len(ids) - 1, ids  # every other delivery has an id of its own
+    assert all(re.fullmatch(r"[0-9a-f]{32}-[123]-hook", i) for i in ids), ids
 
 
 def test_missing_webhook_secret_is_a_delivery_failure_not_an_unsigned_post(

@@ -149,7 +149,7 @@ def seed(store: SqliteStore, control: Control, clock: ManualClock) -> Seeded:
     assert statuses == {
         "succeeded": "succeeded",
         "quarantined": "quarantined",
-        "dropped": "quarantined",
+        "dropped": "dropped",
         "cancelled": "cancelled",
         "running": "running",
         "queued": "queued",

@@ -79,13 +79,17 @@ def test_commands_reach_the_daemon_and_say_the_file_is_broken(
     listed = json.loads(cli(d.config, "tasks", "--json").stdout)
     assert [t["task"] for t in listed] == ["tick"]
 
-    # No daemon to ask: the whole config error, exit 78.
+    # No daemon to ask: the whole config error, exit 78; with --url, the file was not
+    # needed, and what went wrong is that no daemon answers there.
     assert d.stop() == 0
-    for url in ([], ["--url", d.url]):
-        result = cli(d.config, "status", *url)
-        assert result.returncode == exitcodes.CONFIG, result.stderr
-        assert "problem(s) in config" in result.stderr and first_problem in result.stderr
-        assert "Traceback" not in result.stderr
+    result = cli(d.config, "status")
+    assert result.returncode == exitcodes.CONFIG, result.stderr
+    assert "problem(s) in config" in result.stderr and first_problem in result.stderr
+    assert "Traceback" not in result.stderr
+    result = cli(d.config, "status", "--url", d.url)
+    assert result.returncode == exitcodes.NOT_RUNNING, result.stderr
+    assert f"no agentd answers at {d.url}" in result.stderr
+    assert "problem(s) in config" not in result.stderr and "Traceback" not in result.stderr
 
 
 def test_with_url_the_config_file_is_not_needed(make_daemon: Callable[..., Agentd]) -> None:

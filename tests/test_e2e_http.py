@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-from harness import Agentd, free_port, wait_for
+from harness import Agentd, agentd_cli, free_port, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from agentd.state.sqlite.engine import SqliteStore
@@ -274,8 +274,11 @@ def test_a_direct_cli_write_rings_the_running_daemon(make_daemon) -> None:  # ty
         """
     ).start()
     assert (d.state_dir / "agentd.wake").exists()
-    nobody = f"http://127.0.0.1:{free_port()}"
-    out = d.cli("trigger", "job", "--json", "--url", nobody)
+    # The same state, an API address where no daemon answers. (Not --url: a daemon
+    # named by --url is the only one asked, and no state DB answers in its place.)
+    elsewhere = d.root / "elsewhere.yaml"
+    elsewhere.write_text(d.config.read_text().replace(f"port: {d.port}", f"port: {free_port()}"))
+    out = agentd_cli("trigger", "job", "--json", config=elsewhere, check=True)
     run_id = json.loads(out.stdout)["run_id"]
     d.wait_log("doorbell: state DB changed by a CLI", "the daemon to hear the ring")
     d.wait_status(run_id, "succeeded")

@@ -531,6 +531,11 @@ def test_event_pages(tmp_path: Path) -> None:
             assert [e["id"] for e in response.json()["events"]] == all_ids[:2]
             response = await env.client.get("/v1/events", params={"after": str(all_ids[0])})
             assert [e["id"] for e in response.json()["events"]] == all_ids[1:]
+            # tail: the newest ones, still oldest first.
+            response = await env.client.get("/v1/events", params={"tail": "2"})
+            assert [e["id"] for e in response.json()["events"]] == all_ids[-2:]
+            response = await env.client.get("/v1/events", params={"tail": "5000"})
+            assert [e["id"] for e in response.json()["events"]] == all_ids
 
             response = await env.client.get(f"/v1/runs/{first}/events")
             assert response.status_code == 200
@@ -635,6 +640,9 @@ def test_wrong_method_is_405_json(tmp_path: Path) -> None:
         ("/v1/events", {"after": "99999999999999999999"}),
         ("/v1/events", {"limit": "5001"}),
         ("/v1/events", {"limit": "x"}),
+        ("/v1/events", {"tail": "0"}),
+        ("/v1/events", {"tail": "5001"}),
+        ("/v1/events", {"tail": "2", "after": "1"}),
         ("/v1/events/stream", {"after": "x"}),
     ],
 )

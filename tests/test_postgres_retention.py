@@ -185,6 +185,16 @@ def test_quarantine_entries_expire_after_keep_quarantine(
     assert selected(pg_url, retention.select_old_runs, cut) == []
 
 
+def test_an_expired_quarantine_entry_leaves_its_run_dropped(
+    store: PostgresStore, pg_url: str, tmp_path: Path
+) -> None:
+    old = finished(store, "a", at(0), at(0.1), RunStatus.QUARANTINED)
+    read_all(store)
+    report = prune(pg_url, tmp_path, policy.cutoffs(history(keep_quarantine=15 * DAY), at(30)))
+    assert report.counts["quarantine"] == 1 and store.quarantine_list() == []
+    assert store.get_run(old)["status"] == RunStatus.DROPPED  # as `quarantine drop` leaves it
+
+
 def test_ledger_and_alarms_go_after_keep_ledger_but_not_what_a_budget_counts(
     store: PostgresStore, pg_url: str
 ) -> None:
@@ -596,6 +606,7 @@ _SAMPLE: dict[str, tuple[Any, ...]] = {
     "delete_runs": (_BATCH_IDS,),
     "count_quarantine": (_BATCH_IDS,),
     "delete_quarantine": (_BATCH_IDS,),
+    "mark_dropped": (_BATCH_IDS,),
     "insert_drop": ("t", "drop", "a", "x", "{}"),
     "delete_events": ([1, 2],),
     "delete_ledger": ([1, 2],),

@@ -322,6 +322,19 @@ def test_quarantine_entries_expire_after_keep_quarantine(
     assert selected(store, retention.select_old_runs, cut) == []
 
 
+def test_an_expired_quarantine_entry_leaves_its_run_dropped(
+    store: SqliteStore, tmp_path: Path
+) -> None:
+    old = finished(store, "a", at(0), at(0.1), RunStatus.QUARANTINED)
+    read_all(store)
+    cut = retention.cutoffs(history(keep_quarantine=15 * DAY), at(30))  # runs kept
+    conn = retention.connect(store.path)
+    report = retention.prune(conn, tmp_path, cut)
+    conn.close()
+    assert report.counts["quarantine"] == 1 and store.quarantine_list() == []
+    assert store.get_run(old)["status"] == RunStatus.DROPPED  # as `quarantine drop` leaves it
+
+
 def _spend(store: SqliteStore, task: str, run_id: str, when: datetime, commit: bool = True) -> int:
     end = when + timedelta(days=1)
     day = Scope(f"task:{task}:day", f"{task}:day", task, "day", 1.0, None, when, end)

@@ -647,6 +647,12 @@ class AlertsPort(Protocol):
         order, at most ``limit``, ``data`` decoded."""
         ...
 
+    def instance_id(self) -> str:
+        """This database's instance id (``models.INSTANCE_KEY``): 32 random hex digits,
+        made and stored on the first ask (by whichever node asks first), the same ever
+        after, and new in a restored copy (``agentd restore``)."""
+        ...
+
     # alert state -----------------------------------------------------------------
     def alert_state(self, key: str) -> str | None: ...
     def set_alert_state(self, key: str, value: str, now: datetime) -> None:

@@ -6,12 +6,12 @@ deletes, their transactions and locks.
 
 What goes, on every engine (``history:`` in the config, see ``HistoryConfig``):
 
-- finished runs (succeeded, cancelled, skipped, budget_exhausted, and quarantined ones
-  once out of quarantine) that finished more than ``keep_runs`` ago, and those beyond a
-  task's newest ``max_runs_per_task``; each with its attempts, checkpoint, events and
-  workspace directory. Queued and running runs never go, nor a run still in the
-  ``quarantine`` table, nor a run with an event the alert outbox has yet to read (of
-  the kinds it reads, ``ALERT_KINDS``);
+- finished runs (succeeded, cancelled, skipped, budget_exhausted, dropped, and
+  quarantined ones once out of quarantine) that finished more than ``keep_runs`` ago,
+  and those beyond a task's newest ``max_runs_per_task``; each with its attempts,
+  checkpoint, events and workspace directory. Queued and running runs never go, nor a
+  run still in the ``quarantine`` table, nor a run with an event the alert outbox has
+  yet to read (of the kinds it reads, ``ALERT_KINDS``);
 - quarantine entries older than ``keep_quarantine`` (dropped, with a ``drop`` event);
 - events tied to no run, older than ``keep_events`` (and already read by the outbox);
 - ledger rows and budget alarms older than ``keep_ledger`` (never under 32 days: budget
@@ -61,8 +61,9 @@ from agentd.models import ALERT_EVENTS, FINAL_STATUSES
 log = logging.getLogger("agentd.retention")
 
 PRUNABLE_STATUSES = FINAL_STATUSES
-"""Succeeded, cancelled, skipped, budget_exhausted, and quarantined once out of the
-quarantine table: never queued or running."""
+"""Succeeded, cancelled, skipped, budget_exhausted, dropped, and quarantined once out of
+the quarantine table (a run dropped before the ``dropped`` status existed): never queued
+or running."""
 BATCH_RUNS = 50
 """Runs per transaction: each brings its events (about four), attempts and checkpoint,
 so a batch is a few hundred rows and a few milliseconds."""

@@ -5,6 +5,7 @@ across a restart), and the running attempts the checks look at."""
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
 import textwrap
 from datetime import timedelta
@@ -124,3 +125,19 @@ def test_running_attempts_are_the_running_runs_with_their_attempts_start(store: 
     [running] = store.running_attempts()
     assert (running["id"], running["task_id"], running["attempt"]) == (run.run_id, "a", 1)
     assert running["attempt_started"] is not None
+
+
+def test_the_instance_id_is_made_once_per_state_and_differs_between_states(
+    states: States,
+) -> None:
+    first = states.open("one")
+    made = first.instance_id()
+    assert re.fullmatch(r"[0-9a-f]{32}", made)
+    assert first.instance_id() == made
+    beside = states.open("one")  # another process on the same state agrees
+    assert beside.instance_id() == made
+    states.close(first)
+    states.close(beside)
+    assert states.open("one").instance_id() == made  # kept across a restart
+    other = states.open("two")  # a state recreated elsewhere: alert ids begin again
+    assert other.instance_id() != made

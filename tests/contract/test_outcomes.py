@@ -205,7 +205,8 @@ def test_quarantine_drop(store: Store) -> None:
     run_id = quarantine(store, 0, pause_after=0)
     store.quarantine_drop(run_id, at(50))
     assert store.quarantine_list() == []
-    assert store.get_run(run_id)["status"] == RunStatus.QUARANTINED
+    assert store.get_run(run_id)["status"] == RunStatus.DROPPED
+    assert store.list_runs(status=RunStatus.QUARANTINED) == []
     assert "drop" in kinds(store, run_id)
     with pytest.raises(StateRefused) as info:
         store.quarantine_drop(run_id, at(51))

@@ -13,12 +13,13 @@ here."""
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import Collection
 from datetime import datetime
 from typing import Any, cast
 
 from agentd.clock import from_iso, to_iso
-from agentd.models import Row
+from agentd.models import INSTANCE_KEY, Row
 from agentd.state.port import AlertRecord, NewAlert, OutboxRecord, RunningAttempt
 from agentd.state.postgres.statements import Statements
 
@@ -50,6 +51,19 @@ class AlertStatements(Statements):
                 " ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
                 (name, str(event_id)),
             )
+
+    def instance_id(self) -> str:
+        row = self._one("SELECT value FROM meta WHERE key=%s", (INSTANCE_KEY,))
+        if row is not None:
+            return str(row["value"])
+        with self.tx() as conn:
+            conn.execute(
+                "INSERT INTO meta(key, value) VALUES (%s, %s) ON CONFLICT (key) DO NOTHING",
+                (INSTANCE_KEY, secrets.token_hex(16)),
+            )
+        made = self._one("SELECT value FROM meta WHERE key=%s", (INSTANCE_KEY,))
+        assert made is not None  # inserted above, or by the node that won the race
+        return str(made["value"])
 
     def events_of_kinds(
         self, after_id: int, up_to_id: int, kinds: Collection[str], limit: int

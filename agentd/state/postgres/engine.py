@@ -1725,11 +1725,12 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
             self._event(now, EventKind.RELEASE, row["task_id"], run_id)
 
     def quarantine_drop(self, run_id: str, now: datetime) -> None:
-        """Acknowledge and forget; the run keeps its quarantined status as history."""
+        """Acknowledge and forget: out of quarantine, the run's status ``dropped``."""
         with self.tx():
             row = self._one("DELETE FROM quarantine WHERE run_id=%s RETURNING task_id", (run_id,))
             if row is None:
                 raise StateRefused("not_quarantined", f"run {run_id!r} is not in quarantine")
+            self.conn.execute("UPDATE runs SET status='dropped' WHERE id=%s", (run_id,))
             self._event(now, EventKind.DROP, row["task_id"], run_id)
 
     # ------------------------------------------------------------ checkpoints, progress

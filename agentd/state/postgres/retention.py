@@ -205,6 +205,9 @@ QUERIES: dict[str, str] = {
     "delete_runs": "DELETE FROM runs WHERE id = ANY(%s::text[])",
     "count_quarantine": "SELECT COUNT(*) FROM quarantine WHERE run_id = ANY(%s::text[])",
     "delete_quarantine": "DELETE FROM quarantine WHERE run_id = ANY(%s::text[])",
+    "mark_dropped": (
+        "UPDATE runs SET status='dropped' WHERE status='quarantined' AND id = ANY(%s::text[])"
+    ),
     "insert_drop": (
         "INSERT INTO events(ts, kind, task_id, run_id, data) VALUES (%s, %s, %s, %s, %s)"
     ),
@@ -423,10 +426,12 @@ def _delete_runs(conn: Conn, sel: Selection, cut: Cutoffs, dry_run: bool) -> dic
 
 def _drop_quarantine(conn: Conn, sel: Selection, cut: Cutoffs, dry_run: bool) -> dict[str, int]:
     """Entries past ``keep_quarantine`` leave quarantine as ``quarantine drop`` makes
-    them, with a ``drop`` event each; their runs then age like any finished run."""
+    them, with a ``drop`` event each and their runs' status ``dropped``; the runs then
+    age like any finished run."""
     if dry_run:
         return {"quarantine": len(sel.keys)}
     dropped = int(conn.execute(QUERIES["delete_quarantine"], (list(sel.keys),)).rowcount)
+    conn.execute(QUERIES["mark_dropped"], (list(sel.keys),))
     ts = to_iso(cut.now)
     data = json.dumps({"by": "retention", "reason": "keep_quarantine"}, sort_keys=True)
     with conn.cursor() as cur:

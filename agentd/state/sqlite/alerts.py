@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import Collection
 from datetime import datetime
 from typing import cast
 
 from agentd.clock import from_iso, to_iso
-from agentd.models import Row
+from agentd.models import INSTANCE_KEY, Row
 from agentd.state.port import AlertRecord, NewAlert, OutboxRecord, RunningAttempt
 from agentd.state.sqlite.statements import Statements
 
@@ -39,6 +40,18 @@ class AlertStatements(Statements):
             conn.execute(
                 "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (name, str(event_id))
             )
+
+    def instance_id(self) -> str:
+        row = self.conn.execute("SELECT value FROM meta WHERE key=?", (INSTANCE_KEY,)).fetchone()
+        if row is not None:
+            return str(row[0])
+        with self.tx() as conn:
+            conn.execute(
+                "INSERT OR IGNORE INTO meta(key, value) VALUES (?, ?)",
+                (INSTANCE_KEY, secrets.token_hex(16)),
+            )
+            made = conn.execute("SELECT value FROM meta WHERE key=?", (INSTANCE_KEY,)).fetchone()
+        return str(made[0])
 
     def events_of_kinds(
         self, after_id: int, up_to_id: int, kinds: Collection[str], limit: int

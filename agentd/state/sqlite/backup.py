@@ -18,8 +18,15 @@ Invariants:
   then moves the current files (with their ``-wal``/``-shm``) aside as
   ``<name>.before-restore-<UTC stamp>`` and puts each copy in place through a temporary
   file, fsynced, renamed. The next start migrates an older schema as usual.
+- **A restored state DB is a new instance.** It gets a new instance id (the prefix of
+  alert delivery ids, ``X-Agentd-Delivery``): its alert ids go on from where the backup
+  was taken, and receivers that saw the original's later deliveries must not take the
+  restored one's new alerts for repeats. A delivery pending in the backup goes out
+  again under the new id (a receiver may see it twice, never miss it).
 - **PostgreSQL's state is the database's to back up** (``pg_dump``, base backups and
-  WAL archiving); with ``state: {url: ...}`` both commands say so and do nothing.
+  WAL archiving); with ``state: {url: ...}`` both commands say so and do nothing. (After
+  restoring one there, deleting ``meta``'s ``instance_id`` row makes it a new instance
+  the same way: the README says so.)
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import sqlite3
 import sys
@@ -38,6 +46,7 @@ from typing import Any
 
 from agentd import __version__, exitcodes
 from agentd.config import Config
+from agentd.models import INSTANCE_KEY
 from agentd.state.sqlite.migrations import SCHEMA_VERSION
 from agentd.state.sqlite.statedir import (
     JOBSTORE,
@@ -224,6 +233,8 @@ def restore(config: Config, src: Path, now: datetime | None = None) -> list[str]
                 continue
             tmp = root / f".{name}.restoring"
             shutil.copyfile(src / name, tmp)
+            if name == STATE_DB:
+                done.append(f"gave it a new instance id {_new_instance(tmp)}")
             with tmp.open("rb+") as f:
                 os.fsync(f.fileno())
             os.chmod(tmp, 0o600)
@@ -233,6 +244,23 @@ def restore(config: Config, src: Path, now: datetime | None = None) -> list[str]
         return done
     finally:
         lock.release()
+
+
+def _new_instance(path: Path) -> str:
+    """Give the state DB at ``path`` a new instance id (``models.INSTANCE_KEY``); returns
+    it. A restored database begins its alert ids again where the backup left off, while
+    the receivers have seen the ids the original went on to send: under the old instance
+    id its new alerts' delivery ids would repeat those, and be dropped as duplicates."""
+    made = secrets.token_hex(16)
+    conn = sqlite3.connect(path)
+    try:
+        with conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (INSTANCE_KEY, made)
+            )
+    finally:
+        conn.close()  # the last connection: its WAL is checkpointed and removed
+    return made
 
 
 def backup_command(config: Config, args: argparse.Namespace) -> int:

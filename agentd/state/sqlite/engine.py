@@ -1644,12 +1644,14 @@ class SqliteStore(LedgerStatements, AlertStatements, NodeStatements):
             self._event(now, EventKind.RELEASE, row["task_id"], run_id)
 
     def quarantine_drop(self, run_id: str, now: datetime) -> None:
-        """Acknowledge and forget; the run keeps its quarantined status as history."""
+        """Acknowledge and forget: out of quarantine, the run's status ``dropped`` (so
+        ``status=quarantined`` lists only runs still in quarantine), kept as history."""
         with self.tx():
             row = self._one("SELECT * FROM quarantine WHERE run_id=?", (run_id,))
             if row is None:
                 raise StateRefused("not_quarantined", f"run {run_id!r} is not in quarantine")
             self.conn.execute("DELETE FROM quarantine WHERE run_id=?", (run_id,))
+            self.conn.execute("UPDATE runs SET status='dropped' WHERE id=?", (run_id,))
             self._event(now, EventKind.DROP, row["task_id"], run_id)
 
     # ------------------------------------------------------------ checkpoints, progress

@@ -138,6 +138,10 @@ QUERIES: dict[str, str] = {
         "SELECT COUNT(*) FROM quarantine WHERE run_id IN (SELECT value FROM json_each(?))"
     ),
     "delete_quarantine": "DELETE FROM quarantine WHERE run_id IN (SELECT value FROM json_each(?))",
+    "mark_dropped": (
+        "UPDATE runs SET status='dropped' WHERE status='quarantined'"
+        " AND id IN (SELECT value FROM json_each(?))"
+    ),
     "delete_events": "DELETE FROM events WHERE id IN (SELECT value FROM json_each(?))",
     "delete_ledger": "DELETE FROM ledger WHERE id IN (SELECT value FROM json_each(?))",
     "delete_budget_alarms": (
@@ -343,10 +347,12 @@ def _drop_quarantine(
     conn: sqlite3.Connection, sel: Selection, cut: Cutoffs, dry_run: bool
 ) -> dict[str, int]:
     """Entries past ``keep_quarantine`` leave quarantine as ``quarantine drop`` makes
-    them, with a ``drop`` event each; their runs then age like any finished run."""
+    them, with a ``drop`` event each and their runs' status ``dropped``; the runs then
+    age like any finished run."""
     if dry_run:
         return {"quarantine": len(sel.keys)}
     dropped = conn.execute(QUERIES["delete_quarantine"], (_ids(sel.keys),)).rowcount
+    conn.execute(QUERIES["mark_dropped"], (_ids(sel.keys),))
     ts = to_iso(cut.now)
     data = json.dumps({"by": "retention", "reason": "keep_quarantine"}, sort_keys=True)
     conn.executemany(
