@@ -176,6 +176,23 @@ class _Backend:
                 raise CheckpointNotSaved(f"checkpoint not saved: {exc}") from None
             raise
 
+    def agent_steps(self, run_id: str) -> list[dict[str, Any]]:
+        return [dict(step) for step in self._runner.store.agent_steps(run_id)]
+
+    def record_agent_step(
+        self, run_id: str, step: int, kind: str, call_id: str | None, payload: Any
+    ) -> None:
+        """As a checkpoint: a step the state could not take stops the run (interrupted, at
+        no cost of an attempt), which resumes after the last step recorded."""
+        try:
+            self._runner.store.record_agent_step(
+                run_id, step, kind, call_id, payload, self._runner.clock.now()
+            )
+        except Exception as exc:
+            if isinstance(exc, StorageFault):
+                raise CheckpointNotSaved(f"agent step not recorded: {exc}") from None
+            raise
+
     def progress(self, run_id: str, done: int, total: int | None, message: str) -> None:
         """Progress is for people to look at: a failed write of it does not stop the run."""
         try:
