@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 
 from agentd.clock import SystemClock
-from agentd.config import Config, parse_config
+from agentd.config import Config, load_config, parse_config
 from agentd.context import RunContext
 from agentd.executors import ExecEnv, executor_for
 from agentd.executors.toolloop import idempotency_key
@@ -387,3 +387,37 @@ def test_a_plain_reply_with_null_content_and_no_calls_is_still_malformed(tmp_pat
     result = run(main)
     assert not result.ok and result.retryable is True
     assert result.error is not None and "content is NoneType, not a string" in result.error
+
+
+def test_the_shipped_example_runs_its_bundled_tools_offline(tmp_path: Path) -> None:
+    """config/agentd.yaml's host-check, its provider pointed at the scripted model: both
+    bundled tools run here, with nothing but this host."""
+    shipped = load_config(Path(__file__).resolve().parent.parent / "config" / "agentd.yaml", {})
+    task = shipped.tasks["host-check"].model_copy(update={"id": "t1", "params": {"host": "h"}})
+
+    async def main() -> tuple[Result, FakeLLM]:
+        async with FakeLLM() as llm:
+            provider = shipped.providers["openai"].model_copy(
+                update={"base_url": llm.url, "api_key_env": None}
+            )
+            config = shipped.model_copy(
+                update={"providers": {"openai": provider}, "tasks": {"t1": task}}
+            )
+            side = Side(tmp_path / "db", config)
+            llm.queue(
+                tool_calls(
+                    call("disk_usage", {"path": str(tmp_path)}, "c1"),
+                    call("load_average", {}, "c2"),
+                ),
+                fake_llm.ok("Healthy."),
+            )
+            return await side.execute(), llm
+
+    result, llm = run(main)
+    assert result.ok, result.error
+    assert llm.requests[0].body["messages"][1]["content"] == (
+        "Is h healthy? Look at its root disk and its load."
+    )
+    got = llm.requests[1].tool_results
+    assert set(json.loads(got["c1"])) == {"path", "total_gib", "free_gib", "used_pct"}
+    assert len(got["c2"].split()) == 5  # /proc/loadavg: three loads, tasks, last pid
