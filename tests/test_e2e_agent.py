@@ -7,6 +7,7 @@ appended (a non-idempotent call is never run again)."""
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -178,4 +179,33 @@ def test_kill_9_at_a_step_boundary_resumes_at_the_step(
     assert llm.requests[2].body["messages"] == llm.requests[1].body["messages"]
     assert len(lines(out)) == 1
     assert steps(d, run_id)[-1] == (2, "model", None)
+    assert d.stop() == 0
+
+
+def test_sigterm_mid_tool_call_lets_the_call_finish_and_resumes_at_the_next_step(
+    make_daemon: Any, llm: FakeLLM, tmp_path: Path
+) -> None:
+    """A drain lets the running tool call end (within shutdown_grace), records its result
+    and stops at the step boundary; the next start asks the model for step 2 only."""
+    out, hold = tmp_path / "words.txt", tmp_path / "hold"
+    llm.queue(tool_calls(call("append", {"word": "w"}, "c1")), fake_llm.ok("done"))
+    d = make_daemon(agent_task(out, hold=hold), top=providers(llm)).start()
+    run_id = d.trigger("tooled")
+    try:
+        wait_for(lambda: len(lines(out)) == 1, what="the tool to be running")
+        d.signal(signal.SIGTERM)
+        d.wait_log("agentd stopping", "the drain to begin")
+    finally:
+        hold.touch()
+    assert d.proc is not None and d.proc.wait(timeout=60) == 0
+    assert d.run_status(run_id) == "queued"  # interrupted at the boundary: it resumes
+    assert steps(d, run_id) == [
+        (1, "model", None),
+        (1, "tool_started", "c1"),
+        (1, "tool_result", "c1"),
+    ]
+    assert len(llm.requests) == 1
+    d.start()
+    d.wait_status(run_id, "succeeded")
+    assert len(lines(out)) == 1 and len(llm.requests) == 2 and first_calls(llm) == 1
     assert d.stop() == 0
