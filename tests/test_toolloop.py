@@ -21,9 +21,9 @@ from agentd.clock import SystemClock
 from agentd.config import Config, load_config, parse_config
 from agentd.context import RunContext
 from agentd.executors import ExecEnv, executor_for
-from agentd.executors.toolloop import idempotency_key
+from agentd.executors.toolloop import OUTPUT_MAX_BYTES, idempotency_key, tool_spec
 from agentd.models import Result
-from agentd.providers import Gateway
+from agentd.providers import Gateway, _prompt_estimate
 from agentd.state.sqlite.engine import SqliteStore
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
@@ -110,12 +110,13 @@ def run(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
     return asyncio.run(main())
 
 
-def config_for(llm: FakeLLM, tools_yaml: str, extra: str = "") -> Config:
+def config_for(llm: FakeLLM, tools_yaml: str, extra: str = "", task_extra: str = "") -> Config:
     text = textwrap.dedent(
         f"""
         tasks:
           t1:
             schedule: {{manual: true}}
+            {task_extra}
             agent:
               base_url: {llm.url}
               model: m1
@@ -421,3 +422,73 @@ def test_the_shipped_example_runs_its_bundled_tools_offline(tmp_path: Path) -> N
     got = llm.requests[1].tool_results
     assert set(json.loads(got["c1"])) == {"path", "total_gib", "free_gib", "used_pct"}
     assert len(got["c2"].split()) == 5  # /proc/loadavg: three loads, tasks, last pid
+
+
+def test_what_a_tool_hands_back_is_capped(tmp_path: Path) -> None:
+    """A chatty tool (1 MiB on stdout, more on stderr) neither blocks on its pipes nor
+    sends the model more than OUTPUT_MAX_BYTES; a failing one's stderr tail is told."""
+    chatty = "import sys; sys.stdout.write('x' * (1 << 20)); sys.stderr.write('e' * 99999 + 'END')"
+
+    async def main() -> FakeLLM:
+        async with FakeLLM() as llm:
+            tools = f"""
+            - name: chatty
+              command: {{argv: [{PY}, -c, "{chatty}"]}}
+            - name: chatty_fails
+              command: {{argv: [{PY}, -c, "{chatty}; sys.exit(2)"]}}
+            """
+            side = Side(tmp_path / "db", config_for(llm, tools))
+            llm.queue(
+                tool_calls(call("chatty", {}, "c1"), call("chatty_fails", {}, "c2")),
+                fake_llm.ok("ok"),
+            )
+            assert (await side.execute()).ok
+            return llm
+
+    llm = run(main)
+    got = llm.requests[1].tool_results
+    assert got["c1"] == "x" * OUTPUT_MAX_BYTES + f"\n[cut at {OUTPUT_MAX_BYTES} bytes]"
+    assert got["c2"].startswith("error: exit code 2: eeee") and got["c2"].endswith("END")
+    assert len(got["c2"]) < 4200
+
+
+def test_a_budget_refusal_ends_the_run_at_the_step_and_a_later_attempt_goes_on(
+    tmp_path: Path,
+) -> None:
+    """The run budget admits the first call but not the second: the run ends
+    budget_exhausted with step 1 and its tool result recorded; with the budget raised,
+    the next attempt makes only the refused call."""
+    out = tmp_path / "words.txt"
+    first = [
+        {"role": "system", "content": "Use the tools."},
+        {"role": "user", "content": "Do the thing."},
+    ]
+
+    async def main() -> tuple[Result, Result, FakeLLM]:
+        async with FakeLLM() as llm:
+            tools = append_tool(out)
+            probe = config_for(llm, tools, "max_tokens: 10\n")
+            agent = probe.tasks["t1"].agent
+            assert agent is not None and agent.tools is not None
+            spec = [tool_spec(t) for t in agent.tools]
+            need = _prompt_estimate(first, spec) + 10  # what the first call reserves
+            tight = config_for(
+                llm, tools, "max_tokens: 10\n", f"budget: {{run: {{tokens: {need + 5}}}}}"
+            )
+            side = Side(tmp_path / "db", tight)
+            llm.queue(tool_calls(call("append", {"word": "w"}, "c1")))
+            refused = await side.execute()
+            side.config = config_for(
+                llm, tools, "max_tokens: 10\n", "budget: {run: {tokens: 100000}}"
+            )
+            side.gateway = Gateway(side.store, side.config, SystemClock())
+            llm.queue(fake_llm.ok("done"))
+            resumed = await side.execute()
+        return refused, resumed, llm
+
+    refused, resumed, llm = run(main)
+    assert refused.budget_exhausted and refused.detail["step"] == 2
+    assert str(refused.error).startswith("budget run tokens exhausted: 15 of ")
+    assert resumed.ok and resumed.detail["resumed_from_step"] == 1
+    assert len(llm.requests) == 2 and len(lines(out)) == 1
+    assert llm.requests[1].tool_results == {"c1": "appended w\n"}

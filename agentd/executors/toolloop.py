@@ -388,6 +388,24 @@ def _cut(data: bytes) -> str:
     return text + (f"\n[cut at {OUTPUT_MAX_BYTES} bytes]" if len(data) > OUTPUT_MAX_BYTES else "")
 
 
+async def _read_head(stream: asyncio.StreamReader, cap: int = OUTPUT_MAX_BYTES) -> bytes:
+    """The first ``cap + 1`` bytes of ``stream`` (so ``_cut`` can tell it was cut); the
+    rest is read and dropped, so that a chatty tool never blocks on a full pipe."""
+    kept = bytearray()
+    while chunk := await stream.read(65536):
+        if len(kept) <= cap:
+            kept += chunk[: cap + 1 - len(kept)]
+    return bytes(kept)
+
+
+async def _read_tail(stream: asyncio.StreamReader, keep: int = 4096) -> bytes:
+    """The last ``keep`` bytes of ``stream`` (stderr: the end says what went wrong)."""
+    tail = b""
+    while chunk := await stream.read(65536):
+        tail = (tail + chunk)[-keep:]
+    return tail
+
+
 async def _command(
     tool: ToolConfig, arguments: dict[str, Any], ctx: RunContext, env: ExecEnv, key: str
 ) -> tuple[bool, str]:
@@ -415,7 +433,10 @@ async def _command(
     except OSError as exc:
         raise _ToolError(f"cannot start {argv[0]!r}: {exc.strerror}") from None
     try:
-        out, err = await proc.communicate()
+        assert proc.stdout is not None and proc.stderr is not None
+        out, err, _ = await asyncio.gather(
+            _read_head(proc.stdout), _read_tail(proc.stderr), proc.wait()
+        )
     except BaseException:  # a timeout, a cancel: the whole group goes
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -423,7 +444,7 @@ async def _command(
             await asyncio.shield(proc.wait())
         raise
     if proc.returncode != 0:
-        tail = _cut(err[-4096:]).strip()
+        tail = err.decode("utf-8", errors="replace").strip()
         return False, f"error: exit code {proc.returncode}" + (f": {tail}" if tail else "")
     return True, _cut(out)
 
@@ -445,10 +466,15 @@ async def _http(tool: ToolConfig, arguments: dict[str, Any], key: str) -> tuple[
         timeout=tool.timeout, verify=tls.context(), follow_redirects=False
     ) as client:
         try:
-            resp = await client.request(cfg.method, url, headers=headers, json=body)
+            async with client.stream(cfg.method, url, headers=headers, json=body) as resp:
+                kept = bytearray()
+                async for chunk in resp.aiter_bytes():
+                    kept += chunk[: OUTPUT_MAX_BYTES + 1 - len(kept)]
+                    if len(kept) > OUTPUT_MAX_BYTES:
+                        break
         except httpx.HTTPError as exc:
             raise _ToolError(f"{type(exc).__name__}: {exc}") from None
-    text = _cut(resp.content)
+    text = _cut(bytes(kept))
     if not resp.is_success:
         return False, f"error: HTTP {resp.status_code}: {text}"
     return True, text
@@ -473,16 +499,21 @@ async def _python(
     except asyncio.CancelledError:
         ctx.request_cancel()
         raise
-    except (StopRequested, CheckpointNotSaved, BudgetExhausted):
+    except (StopRequested, CheckpointNotSaved):
         raise
+    except (BudgetExhausted, LLMError) as exc:
+        # From the tool's own ctx.llm: the call's result, recorded like any other (a
+        # refused budget then refuses the loop's next model call too, and the run ends
+        # budget_exhausted with every step recorded).
+        raise _ToolError(str(exc)) from None
     except Exception as exc:
         raise _ToolError(f"{type(exc).__name__}: {exc}") from None
-    if isinstance(value, str):
-        return True, value
-    try:
-        return True, json.dumps(value, default=str)
-    except (TypeError, ValueError):
-        return True, repr(value)
+    if not isinstance(value, str):
+        try:
+            value = json.dumps(value, default=str)
+        except (TypeError, ValueError):
+            value = repr(value)
+    return True, _cut(value.encode("utf-8"))
 
 
 async def execute(task: TaskConfig, ctx: RunContext, env: ExecEnv, prompt: str) -> Result:
