@@ -183,13 +183,26 @@ class _Backend:
         self, run_id: str, step: int, kind: str, call_id: str | None, payload: Any
     ) -> None:
         """As a checkpoint: a step the state could not take stops the run (interrupted, at
-        no cost of an attempt), which resumes after the last step recorded."""
+        no cost of an attempt), which resumes after the last step recorded. Fenced by the
+        lease: a copy whose run another owner holds now records nothing more."""
+        r = self._runner
+        active = r.active.get(run_id)
         try:
-            self._runner.store.record_agent_step(
-                run_id, step, kind, call_id, payload, self._runner.clock.now()
+            r.store.record_agent_step(
+                run_id,
+                step,
+                kind,
+                call_id,
+                payload,
+                r.clock.now(),
+                owner=r.owner,
+                attempt=active.row["attempt"] if active else None,
             )
         except Exception as exc:
             if isinstance(exc, StorageFault):
+                raise CheckpointNotSaved(f"agent step not recorded: {exc}") from None
+            if isinstance(exc, StateRefused) and exc.code == "lease_lost":
+                log.warning("agent step not recorded run=%s: the lease is lost", run_id)
                 raise CheckpointNotSaved(f"agent step not recorded: {exc}") from None
             raise
 

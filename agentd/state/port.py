@@ -740,11 +740,19 @@ class AgentStepsPort(Protocol):
         call_id: str | None,
         payload: Any,
         now: datetime,
+        *,
+        owner: str | None = None,
+        attempt: int | None = None,
     ) -> int:
         """Append one record to ``run_id``'s steps, after every one before it; returns its
         ``seq`` (1 for a run's first). ``payload`` is encoded as JSON (scrubbed by the
         redactor). Durable when this returns, as a checkpoint is (inside a unit: with its
-        owner's commit)."""
+        owner's commit).
+
+        Fenced like a ``Finish``: with ``owner`` (and ``attempt``) given, only while the
+        run is running under that owner at that attempt; else nothing is written and
+        ``StateRefused("lease_lost")`` is raised (another node holds the run now, and
+        its copy goes on from the steps recorded so far)."""
         ...
 
     def agent_steps(self, run_id: str) -> list[AgentStepRecord]:

@@ -3,10 +3,12 @@ instances, scrubbed of secrets, removed with their run."""
 
 from __future__ import annotations
 
-from agentd.redact import Redactor
-from agentd.state.port import Store
+import pytest
 
-from .helpers import States, at, fire_at
+from agentd.redact import Redactor
+from agentd.state.port import StateRefused, Store
+
+from .helpers import States, at, claim_one, fire_at
 
 
 def test_steps_are_appended_in_order_and_survive_reopening(states: States, store: Store) -> None:
@@ -60,3 +62,22 @@ def test_secret_values_are_scrubbed_from_steps(store: Store) -> None:
     store.record_agent_step(run_id, 1, "tool_result", "c", {"out": "key sk-live-0123456789"}, at(1))
     [step] = store.agent_steps(run_id)
     assert step["payload"] == {"out": "key [redacted]"}
+
+
+def test_a_fenced_step_is_recorded_only_under_the_runs_lease(store: Store) -> None:
+    run_id = fire_at(store, "a", 0)
+    with pytest.raises(StateRefused) as queued:
+        store.record_agent_step(run_id, 1, "model", None, {}, at(1), owner="w1", attempt=1)
+    assert queued.value.code == "lease_lost"
+    claimed = claim_one(store, at(1), owner="w1")
+    attempt = claimed["attempt"]
+    assert store.record_agent_step(run_id, 1, "model", None, {}, at(2), owner="w1", attempt=attempt)
+    for owner, at_attempt in (("w2", attempt), ("w1", attempt + 1)):
+        with pytest.raises(StateRefused) as lost:
+            store.record_agent_step(
+                run_id, 1, "tool_started", "c", {}, at(3), owner=owner, attempt=at_attempt
+            )
+        assert lost.value.code == "lease_lost"
+    assert [s["seq"] for s in store.agent_steps(run_id)] == [1]
+    # Unfenced (the CLI's, a test's): recorded whatever holds the run.
+    assert store.record_agent_step(run_id, 1, "tool_started", "c", {}, at(4)) == 2

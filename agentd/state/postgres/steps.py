@@ -11,6 +11,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.schema import CreateTable
 
 from agentd.clock import to_iso
+from agentd.models import StateRefused
 from agentd.redact import Redactor
 from agentd.state.port import AgentStepRecord
 from agentd.state.postgres.statements import Statements
@@ -35,9 +36,22 @@ class StepStatements(Statements):
         call_id: str | None,
         payload: Any,
         now: datetime,
+        *,
+        owner: str | None = None,
+        attempt: int | None = None,
     ) -> int:
         blob = self.redactor.text(json.dumps(payload, default=str))
         with self.tx() as conn:
+            if owner is not None:
+                held = conn.execute(
+                    "SELECT 1 FROM runs WHERE id=%s AND status='running' AND lease_owner=%s"
+                    " AND (%s::integer IS NULL OR attempt=%s::integer)",
+                    (run_id, owner, attempt, attempt),
+                ).fetchone()
+                if held is None:
+                    raise StateRefused(
+                        "lease_lost", f"run {run_id!r} is not running under {owner!r} any more"
+                    )
             # Under the write lock (every tx() takes it first): no other writer, on this
             # node or another, takes the same seq.
             row = conn.execute(

@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from agentd.clock import to_iso
+from agentd.models import StateRefused
 from agentd.redact import Redactor
 from agentd.state.port import AgentStepRecord
 from agentd.state.sqlite.statements import Statements
@@ -23,9 +24,22 @@ class StepStatements(Statements):
         call_id: str | None,
         payload: Any,
         now: datetime,
+        *,
+        owner: str | None = None,
+        attempt: int | None = None,
     ) -> int:
         blob = self.redactor.text(json.dumps(payload, default=str))
         with self.tx() as conn:
+            if owner is not None:
+                held = conn.execute(
+                    "SELECT 1 FROM runs WHERE id=? AND status='running' AND lease_owner=?"
+                    " AND (? IS NULL OR attempt=?)",
+                    (run_id, owner, attempt, attempt),
+                ).fetchone()
+                if held is None:
+                    raise StateRefused(
+                        "lease_lost", f"run {run_id!r} is not running under {owner!r} any more"
+                    )
             # Under the write lock (BEGIN IMMEDIATE): no other writer takes the same seq.
             row = conn.execute(
                 "SELECT COALESCE(MAX(seq), 0) + 1 FROM agent_steps WHERE run_id=?", (run_id,)
