@@ -492,3 +492,62 @@ def test_a_budget_refusal_ends_the_run_at_the_step_and_a_later_attempt_goes_on(
     assert resumed.ok and resumed.detail["resumed_from_step"] == 1
     assert len(llm.requests) == 2 and len(lines(out)) == 1
     assert llm.requests[1].tool_results == {"c1": "appended w\n"}
+
+
+def _message(message: dict[str, Any]) -> fake_llm.Reply:
+    return fake_llm.Reply(body={"choices": [{"message": message}], "usage": {}})
+
+
+@pytest.mark.parametrize(
+    ("message", "problem"),
+    [
+        ({"content": None, "tool_calls": "x"}, "tool_calls is str, not a list"),
+        ({"content": None, "tool_calls": [{"function": {"name": "add"}}]}, "has no id"),
+        (
+            {"content": None, "tool_calls": [call("add", {}, "c1"), call("add", {}, "c1")]},
+            "tool_calls repeat an id",
+        ),
+        (
+            {
+                "content": None,
+                "tool_calls": [{"id": "c1", "function": {"name": "add", "arguments": 3}}],
+            },
+            "tool_calls[0].function.arguments is not a string",
+        ),
+    ],
+)
+def test_malformed_tool_calls_are_a_malformed_reply(
+    tmp_path: Path, message: dict[str, Any], problem: str
+) -> None:
+    async def main() -> tuple[Result, Side]:
+        async with FakeLLM() as llm:
+            side = Side(tmp_path / "db", config_for(llm, ADD_TOOL))
+            llm.queue(_message(message))
+            return await side.execute(), side
+
+    result, side = run(main)
+    assert not result.ok and result.retryable is True
+    assert result.error is not None and problem in result.error
+    assert result.detail["llm_error"] == "malformed" and side.steps() == []
+
+
+def test_arguments_sent_as_an_object_are_taken_as_json(tmp_path: Path) -> None:
+    """Some servers send ``arguments`` as the object itself, not its JSON text."""
+
+    async def main() -> FakeLLM:
+        async with FakeLLM() as llm:
+            side = Side(tmp_path / "db", config_for(llm, ADD_TOOL))
+            raw = {
+                "id": "c1",
+                "type": "function",
+                "function": {"name": "add", "arguments": {"a": 1, "b": 2}},
+            }
+            llm.queue(_message({"content": None, "tool_calls": [raw]}), fake_llm.ok("3"))
+            assert (await side.execute()).ok
+            return llm
+
+    llm = run(main)
+    assert json.loads(llm.requests[1].tool_results["c1"])["sum"] == 3
+    assert llm.requests[1].body["messages"][2]["tool_calls"][0]["function"]["arguments"] == (
+        '{"a": 1, "b": 2}'
+    )
