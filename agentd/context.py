@@ -34,7 +34,7 @@ class ContextBackend(Protocol):
     def agent_steps(self, run_id: str) -> list[dict[str, Any]]: ...
     def record_agent_step(
         self, run_id: str, step: int, kind: str, call_id: str | None, payload: Any
-    ) -> None: ...
+    ) -> dict[str, Any]: ...
 
 
 class Checkpoint:
@@ -135,10 +135,14 @@ class RunContext:
         """This run's recorded steps, across restarts and attempts, in order."""
         return self._on_loop(lambda: self._backend.agent_steps(self.run_id))
 
-    def record_agent_step(self, step: int, kind: str, call_id: str | None, payload: Any) -> None:
-        """Durably append one step; returns once it is durable (``CheckpointNotSaved``
-        when the state could not take it: the run then stops and resumes from there)."""
-        self._on_loop(
+    def record_agent_step(
+        self, step: int, kind: str, call_id: str | None, payload: Any
+    ) -> dict[str, Any]:
+        """Durably append one step; returns the record as kept (its ``seq`` and
+        ``recorded_at``, the payload scrubbed of secrets) once it is durable
+        (``CheckpointNotSaved`` when the state could not take it: the run then stops
+        and resumes from there)."""
+        return self._on_loop(
             lambda: self._backend.record_agent_step(self.run_id, step, kind, call_id, payload)
         )
 

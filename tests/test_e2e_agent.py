@@ -209,3 +209,35 @@ def test_sigterm_mid_tool_call_lets_the_call_finish_and_resumes_at_the_next_step
     d.wait_status(run_id, "succeeded")
     assert len(lines(out)) == 1 and len(llm.requests) == 2 and first_calls(llm) == 1
     assert d.stop() == 0
+
+
+def test_a_secret_in_a_tool_result_reaches_neither_the_db_nor_the_transcript(
+    make_daemon: Any, llm: FakeLLM
+) -> None:
+    key = "sk-e2e-TOOL-SECRET-9876"
+    llm.queue(tool_calls(call("leak", {}, "c1")), fake_llm.ok("done"))
+    d = make_daemon(
+        """
+        leaky:
+          schedule: {manual: true}
+          agent:
+            provider: fake
+            prompt: Look.
+            tools:
+              - name: leak
+                command:
+                  argv: [sh, -c, 'echo "key=$K"']
+                  env: {K: "${AGENTD_E2E_KEY}"}
+        """,
+        top=providers(llm).replace(
+            "default_model: m1\n", "default_model: m1\n        api_key_env: AGENTD_E2E_KEY\n"
+        ),
+    ).start(env={"AGENTD_E2E_KEY": key})
+    run_id = d.trigger("leaky")
+    d.wait_status(run_id, "succeeded")
+    assert llm.requests[1].tool_results == {"c1": f"key={key}\n"}  # the model did see it
+    [result] = d.query("SELECT payload FROM agent_steps WHERE kind='tool_result'")
+    assert key not in result["payload"] and "key=[redacted]" in result["payload"]
+    transcript = (d.state_dir / "runs" / "leaky" / run_id / "transcript.jsonl").read_text()
+    assert key not in transcript and "key=[redacted]" in transcript
+    assert d.stop() == 0

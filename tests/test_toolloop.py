@@ -59,8 +59,9 @@ class StoreBackend:
 
     def record_agent_step(
         self, run_id: str, step: int, kind: str, call_id: str | None, payload: Any
-    ) -> None:
-        self.store.record_agent_step(run_id, step, kind, call_id, payload, T0)
+    ) -> dict[str, Any]:
+        seq = self.store.record_agent_step(run_id, step, kind, call_id, payload, T0)
+        return {"seq": seq, "step": step, "kind": kind, "call_id": call_id, "payload": payload}
 
 
 class Side:

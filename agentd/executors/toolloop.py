@@ -174,12 +174,11 @@ class _Loop:
         self.tools = {t.name: t for t in cfg.tools}
         self.spec = [tool_spec(t) for t in cfg.tools]
         self.transcript: _Transcript | None = None
-        self.seq = 0
 
     def record(self, step: int, kind: str, call_id: str | None, payload: Any) -> None:
-        """Durable in the state DB first, then in the transcript."""
-        self.ctx.record_agent_step(step, kind, call_id, payload)
-        self.seq += 1
+        """Durable in the state DB first, then in the transcript (as the DB keeps it:
+        scrubbed of secrets)."""
+        kept = self.ctx.record_agent_step(step, kind, call_id, payload)
         self.ctx.log.info(
             "agent step recorded run=%s step=%d kind=%s call=%s",
             self.ctx.run_id,
@@ -189,8 +188,7 @@ class _Loop:
         )
         if self.transcript is not None:
             try:
-                record = {"seq": self.seq, "step": step, "kind": kind, "call_id": call_id}
-                self.transcript.append({**record, "payload": payload})
+                self.transcript.append(kept)
             except OSError as exc:  # the DB has it: the run goes on
                 self.ctx.log.warning("transcript.jsonl not appended: %s", exc.strerror)
 
@@ -199,7 +197,6 @@ class _Loop:
         first = [{"role": "system", "content": cfg.system}] if cfg.system else []
         first.append({"role": "user", "content": prompt})
         records = ctx.agent_steps()
-        self.seq = len(records)
         try:
             self.transcript = _Transcript(ctx.workspace / "transcript.jsonl", records)
         except OSError as exc:
