@@ -6,6 +6,7 @@ appended (a non-idempotent call is never run again)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sys
@@ -13,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from harness import Agentd, wait_for
 
@@ -241,3 +243,90 @@ def test_a_secret_in_a_tool_result_reaches_neither_the_db_nor_the_transcript(
     transcript = (d.state_dir / "runs" / "leaky" / run_id / "transcript.jsonl").read_text()
     assert key not in transcript and "key=[redacted]" in transcript
     assert d.stop() == 0
+
+
+def test_an_agent_killed_mid_tool_call_is_resumed_at_its_step_by_another_node(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """kill -9 of the node running an agent's idempotent tool call: another node
+    recovers the run, resumes it at the step from the shared steps, runs the call again
+    with the same Idempotency-Key and never repeats the recorded model call."""
+    out, hold = tmp_path / "words.txt", tmp_path / "hold"
+    tasks = f"""
+    tooled:
+      schedule: {{manual: true}}
+      agent:
+        provider: fake
+        prompt: Append a word.
+        tools:
+          - name: append
+            idempotent: true
+            parameters: {{type: object, properties: {{word: {{type: string}}}}}}
+            command:
+              argv: [{sys.executable}, {SCRIPT}, {out}, "{{word}}"]
+              env: {{TOOL_HOLD: "{hold}"}}
+    """
+
+    def words() -> list[str]:
+        return out.read_text().splitlines() if out.exists() else []
+
+    with ThreadedFakeLLM() as llm:
+        top = f"providers: {{fake: {{base_url: '{llm.url}', default_model: m1}}}}"
+        top = f"state: {{url: '{pg_url}'}}\n{top}"
+        llm.queue(
+            tool_calls(call("append", {"word": "w"}, "c1")),
+            fake_llm.ok("done"),
+        )
+        with _nodes(tmp_path, tasks, top, 2) as nodes:
+            run_id = nodes[0].trigger("tooled")
+            try:
+                wait_for(lambda: len(words()) == 1, what="the tool to be running")
+                with psycopg.connect(pg_url) as conn:
+                    [(owner,)] = conn.execute(
+                        "SELECT lease_owner FROM runs WHERE id=%s", (run_id,)
+                    ).fetchall()
+                [victim] = [n for n in nodes if n.proc and str(owner).endswith(f":{n.proc.pid}")]
+                victim.kill9()
+            finally:
+                hold.touch()
+            [other] = [n for n in nodes if n is not victim]
+            other.wait_log("agent tool call runs again (idempotent)", "the resumed call", 60)
+            wait_for(
+                lambda: _status(pg_url, run_id) == "succeeded", what="the run to end", timeout=60
+            )
+            first, again = words()
+            assert first == again  # the same idempotency key on both nodes
+            assert len(llm.requests) == 2
+            assert sum(1 for r in llm.requests if len(r.body["messages"]) == 1) == 1
+            with psycopg.connect(pg_url) as conn:
+                kinds = [
+                    k
+                    for (k,) in conn.execute(
+                        "SELECT kind FROM agent_steps WHERE run_id=%s ORDER BY seq", (run_id,)
+                    )
+                ]
+            assert kinds == ["model", "tool_started", "tool_result", "model"]
+            assert other.stop() == 0
+
+
+def _status(url: str, run_id: str) -> str | None:
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT status FROM runs WHERE id=%s", (run_id,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+@contextlib.contextmanager
+def _nodes(root: Path, tasks: str, top: str, n: int) -> Iterator[list[Agentd]]:
+    """``n`` started daemons, each with its own state dir and port, on one database."""
+    nodes = []
+    for i in range(n):
+        (root / f"node{i}").mkdir()
+        nodes.append(Agentd(root / f"node{i}", tasks, top=top))
+    try:
+        for node in nodes:
+            node.start()
+        yield nodes
+    finally:
+        for node in nodes:
+            if node.proc is not None and node.proc.poll() is None:
+                node.kill9()
