@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import string
 import urllib.parse
 import zoneinfo
 from collections.abc import Callable, Mapping
@@ -417,6 +418,196 @@ class PythonConfig(_Model):
         return value
 
 
+TOOL_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+"""What OpenAI-compatible APIs accept as a function's name."""
+
+
+def template_fields(template: str) -> list[str]:
+    """The ``{name}`` placeholders of a tool's template, in order; ValueError for anything
+    else ``str.format`` would do with them (``{a.b}``, ``{a[0]}``, ``{a!r}``, ``{a:>9}``,
+    ``{}``): a template only ever puts one argument's value in one place."""
+    fields: list[str] = []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(f"bad template {_clip(template)}: {exc}") from None
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) or spec or conversion:
+            raise ValueError(
+                f"placeholder {{{name}{'!' + conversion if conversion else ''}"
+                f"{':' + spec if spec else ''}}} in {_clip(template)}: only {{name}} of an"
+                " argument is allowed"
+            )
+        fields.append(name)
+    return fields
+
+
+class ToolCommandConfig(_Model):
+    """A tool that runs a program. Every ``argv`` item and ``env`` value is a template
+    whose ``{name}`` placeholders become the call's arguments; each item stays one argv
+    item and no shell ever reads it, so an argument cannot inject a word or a command."""
+
+    argv: list[str] = Field(min_length=1)
+    env: dict[str, str] = {}
+    cwd: Path | None = None
+    """Default: the run's workspace."""
+
+    @field_validator("argv")
+    @classmethod
+    def _argv(cls, value: list[str]) -> list[str]:
+        for item in value:
+            template_fields(item)
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, item in value.items():
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                raise ValueError(f"{_clip(name)} is not an environment variable name")
+            template_fields(item)
+        return value
+
+
+class ToolHttpConfig(_Model):
+    """A tool that makes one HTTP request. ``url`` is a template (each value
+    percent-encoded where it goes in); the URL it gives must name a host in
+    ``allow_hosts``, checked at every call. POST, PUT and PATCH send the arguments as the
+    JSON body."""
+
+    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"] = "GET"
+    url: str
+    allow_hosts: list[str] = Field(min_length=1)
+    """Host names (case does not matter), exactly as in the URL; no wildcards."""
+    headers: dict[str, str] = {}
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        _check_url(value)
+        template_fields(value)
+        return value
+
+    @field_validator("allow_hosts")
+    @classmethod
+    def _hosts(cls, value: list[str]) -> list[str]:
+        for host in value:
+            if not re.fullmatch(r"[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]", host):
+                raise ValueError(f"{_clip(host)} is not a host name (no scheme, port or path)")
+        return [h.lower().strip("[]") for h in value]
+
+    @model_validator(mode="after")
+    def _fixed_host(self) -> ToolHttpConfig:
+        netloc = urllib.parse.urlsplit(self.url).netloc
+        if "{" not in netloc:
+            host = (urllib.parse.urlsplit(self.url).hostname or "").lower()
+            if host not in self.allow_hosts:
+                raise ValueError(f"the URL's host {host!r} is not in allow_hosts")
+        return self
+
+
+class ToolPythonConfig(_Model):
+    callable: str
+    """``package.module:function(ctx, arguments)``, sync (run in a thread) or async; its
+    return value (a string, or anything JSON can encode) is what the model reads."""
+
+    @field_validator("callable")
+    @classmethod
+    def _ref(cls, value: str) -> str:
+        if not CALLABLE_RE.match(value):
+            raise ValueError(f"expected 'package.module:function', got {value!r}")
+        return value
+
+
+class ToolConfig(_Model):
+    """One tool the model may call. ``parameters`` is the JSON schema of its arguments,
+    shown to the model and checked at every call (a call that does not match it is
+    answered as a tool error, never run)."""
+
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    timeout: Duration = Field(default=60.0, gt=0)
+    idempotent: bool = False
+    """Safe to run again with the same arguments: after a crash in the middle of a call
+    it is run again (with the same ``Idempotency-Key``); any other tool's unknown call
+    is never repeated."""
+    sensitive: bool = False
+    """Needs an operator's approval to run unattended. Not enforced yet: refused."""
+    command: ToolCommandConfig | None = None
+    http: ToolHttpConfig | None = None
+    python: ToolPythonConfig | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not TOOL_NAME_RE.match(value):
+            raise ValueError(f"tool name {_clip(value)} must be 1-64 of A-Z a-z 0-9 _ -")
+        return value
+
+    @field_validator("parameters")
+    @classmethod
+    def _schema(cls, value: dict[str, Any]) -> dict[str, Any]:
+        import jsonschema  # only a config with tools pays for its import
+
+        try:
+            jsonschema.Draft202012Validator.check_schema(value)
+        except jsonschema.SchemaError as exc:
+            where = "/".join(str(p) for p in exc.path) or "top"
+            raise ValueError(f"not a JSON schema ({where}): {exc.message}") from None
+        if value.get("type") != "object":
+            raise ValueError('must describe an object: "type": "object"')
+        return value
+
+    @field_validator("sensitive")
+    @classmethod
+    def _sensitive(cls, value: bool) -> bool:
+        if value:
+            raise ValueError(
+                "sensitive tools need an operator's approval, which this agentd does not"
+                " enforce yet: leave the tool out, or drop sensitive: true"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ToolConfig:
+        kinds = [k for k in ("command", "http", "python") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            what = ", ".join(kinds) if kinds else "none"
+            raise ValueError(f"give exactly one of command, http, python (got {what})")
+        return self
+
+    @property
+    def kind(self) -> Literal["command", "http", "python"]:
+        if self.command is not None:
+            return "command"
+        return "http" if self.http is not None else "python"
+
+    def templates(self) -> list[tuple[str, str]]:
+        """(where, template) of every template: ``command.argv[0]``, ``http.url``, ..."""
+        if self.command is not None:
+            out = [(f"command.argv[{i}]", t) for i, t in enumerate(self.command.argv)]
+            return out + [(f"command.env.{k}", t) for k, t in self.command.env.items()]
+        return [("http.url", self.http.url)] if self.http is not None else []
+
+
+def _tool_problems(at: str, tools: list[ToolConfig]) -> list[ConfigProblem]:
+    """A placeholder must name a property of the tool's ``parameters``: a typo would
+    otherwise fail at the first call, in the middle of an unattended run."""
+    problems: list[ConfigProblem] = []
+    for index, tool in enumerate(tools):
+        names = set((tool.parameters.get("properties") or {}).keys())
+        for where, template in tool.templates():
+            unknown = [f for f in template_fields(template) if f not in names]
+            if unknown:
+                have = ", ".join(sorted(names)) or "none"
+                message = f"placeholder(s) {unknown} name no property of parameters (have: {have})"
+                problems.append(ConfigProblem(f"{at}.agent.tools[{index}].{where}", message))
+    return problems
+
+
 class AgentConfig(_Model):
     """One chat-completions step. ``provider`` names an entry of ``providers:``; without
     it, ``base_url`` and ``api_key_env``/``api_key_file`` describe an unnamed provider
@@ -437,11 +628,30 @@ class AgentConfig(_Model):
     """Output cap per call, sent to the provider and reserved against budgets."""
     request_timeout: Duration | None = Field(default=None, gt=0)
     """Read timeout per call; ``None`` means the provider's ``read_timeout``."""
+    tools: list[ToolConfig] | None = None
+    """Tools the model may call: the run is then a loop of model calls and tool calls
+    (``agentd.executors.toolloop``) until the model answers without one."""
+    max_steps: int = Field(default=8, ge=1, le=1000)
+    """With ``tools``: model calls per run at most; one more would be a failure."""
 
     @model_validator(mode="after")
     def _key(self) -> AgentConfig:
         if self.api_key_env and self.api_key_file:
             raise ValueError("give api_key_env or api_key_file, not both")
+        return self
+
+    @model_validator(mode="after")
+    def _tools(self) -> AgentConfig:
+        if self.tools is None:
+            return self
+        if self.items is not None:
+            raise ValueError("give tools or items, not both")
+        if not self.tools:
+            raise ValueError("tools: give at least one tool (or leave tools out)")
+        names = [t.name for t in self.tools]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"tools: names must be unique ({', '.join(twice)} twice)")
         return self
 
 
@@ -1060,6 +1270,8 @@ def link(config: Config) -> tuple[Config, list[ConfigProblem]]:
             have = ", ".join(sorted(config.providers)) or "none declared"
             message = f"unknown provider {task.python.provider!r} (have: {have})"
             problems.append(ConfigProblem(f"{at}.python.provider", message))
+        if task.agent is not None and task.agent.tools:
+            problems += _tool_problems(at, task.agent.tools)
         problems += _budget_problems(config, task)
     linked = config.model_copy(update={"tasks": tasks})
     for index, rule in enumerate(config.alerts.rules):

@@ -31,6 +31,10 @@ class ContextBackend(Protocol):
     def save_checkpoint(self, run_id: str, data: Any) -> None: ...
     def progress(self, run_id: str, done: int, total: int | None, message: str) -> None: ...
     def heartbeat(self, run_id: str) -> None: ...
+    def agent_steps(self, run_id: str) -> list[dict[str, Any]]: ...
+    def record_agent_step(
+        self, run_id: str, step: int, kind: str, call_id: str | None, payload: Any
+    ) -> dict[str, Any]: ...
 
 
 class Checkpoint:
@@ -125,6 +129,22 @@ class RunContext:
 
     def heartbeat(self) -> None:
         self._on_loop(lambda: self._backend.heartbeat(self.run_id))
+
+    # -- an agent's durable steps (``agentd.executors.toolloop``)
+    def agent_steps(self) -> list[dict[str, Any]]:
+        """This run's recorded steps, across restarts and attempts, in order."""
+        return self._on_loop(lambda: self._backend.agent_steps(self.run_id))
+
+    def record_agent_step(
+        self, step: int, kind: str, call_id: str | None, payload: Any
+    ) -> dict[str, Any]:
+        """Durably append one step; returns the record as kept (its ``seq`` and
+        ``recorded_at``, the payload scrubbed of secrets) once it is durable
+        (``CheckpointNotSaved`` when the state could not take it: the run then stops
+        and resumes from there)."""
+        return self._on_loop(
+            lambda: self._backend.record_agent_step(self.run_id, step, kind, call_id, payload)
+        )
 
     def _on_loop(self, fn: Callable[[], T]) -> T:
         if threading.get_ident() == self._loop_thread:

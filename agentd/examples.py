@@ -1,14 +1,18 @@
-"""Example Python tasks shipped with agentd; the shipped config runs them offline.
+"""Example Python tasks and agent tools shipped with agentd; the shipped config runs
+them offline (the agent's model excepted).
 
-They show the run context's contract: read ``ctx.params``, resume from
+The tasks show the run context's contract: read ``ctx.params``, resume from
 ``ctx.checkpoint.load()``, save a checkpoint after every item (a restart resumes at the
 next item, and a shutdown stops right there), report progress, write into the workspace.
+A tool is ``function(ctx, arguments)``: its arguments already match its JSON schema, and
+what it returns is what the model reads.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -31,3 +35,17 @@ def checksum_files(ctx: RunContext) -> dict[str, Any]:
             ctx.progress(index + 1, len(files), files[index])
             ctx.checkpoint.save({"next": index + 1})
     return {"files": len(files), "resumed_from": start}
+
+
+def disk_usage(ctx: RunContext, arguments: dict[str, Any]) -> dict[str, Any]:
+    """An agent tool (read-only, so idempotent): the space of the filesystem holding
+    ``arguments["path"]``."""
+    path = str(arguments["path"])
+    usage = shutil.disk_usage(path)
+    gib = 1 << 30
+    return {
+        "path": path,
+        "total_gib": round(usage.total / gib, 1),
+        "free_gib": round(usage.free / gib, 1),
+        "used_pct": round(100 * usage.used / usage.total, 1) if usage.total else None,
+    }

@@ -19,6 +19,7 @@ and it is in no ledger row, event or log line.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import threading
 import time
@@ -89,13 +90,34 @@ class BudgetExhausted(Exception):
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """One function call the model asked for; ``arguments`` is its JSON text, as sent
+    (the model's, so not necessarily valid JSON)."""
+
+    id: str
+    name: str
+    arguments: str
+
+    def message(self) -> dict[str, Any]:
+        """As it goes back to the provider in the assistant message."""
+        return {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
+
+
+@dataclass(frozen=True)
 class Reply:
     content: str
+    """The answer's text; "" for a reply that holds only tool calls."""
     model: str
     input_tokens: int
     output_tokens: int
     cost_usd: float
     usage_missing: bool = False
+    tool_calls: tuple[ToolCall, ...] = ()
+    """The calls the model asked for (only when the request offered ``tools``)."""
 
     def usage(self) -> dict[str, Any]:
         usage: dict[str, Any] = {
@@ -154,8 +176,11 @@ def _provider_message(resp: httpx.Response, key: str | None) -> str:
     return " ".join(text[:300].split())  # one line, even from an HTML error page
 
 
-def parse_reply(resp: httpx.Response) -> tuple[str, int | None, int | None]:
-    """(content, prompt_tokens, completion_tokens); ValueError when it is not an answer."""
+def parse_message(
+    resp: httpx.Response,
+) -> tuple[str, tuple[ToolCall, ...], int | None, int | None]:
+    """(content, tool calls, prompt_tokens, completion_tokens); ValueError when it is not
+    an answer. A message may leave out its content (null) only when it calls tools."""
     try:
         data = resp.json()
     except ValueError as exc:
@@ -167,7 +192,11 @@ def parse_reply(resp: httpx.Response) -> tuple[str, int | None, int | None]:
         error = _error_message(data)  # some proxies answer 200 with an error object
         raise ValueError(f"no choices (error: {error})" if error else "no choices")
     message = choices[0].get("message")
-    content = message.get("content") if isinstance(message, dict) else None
+    message = message if isinstance(message, dict) else {}
+    calls = _tool_calls(message.get("tool_calls"))
+    content = message.get("content")
+    if content is None and calls:
+        content = ""
     if not isinstance(content, str):
         raise ValueError(f"choices[0].message.content is {type(content).__name__}, not a string")
     usage = data.get("usage")
@@ -178,7 +207,31 @@ def parse_reply(resp: httpx.Response) -> tuple[str, int | None, int | None]:
         ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
         return value if ok else None
 
-    return content, count("prompt_tokens"), count("completion_tokens")
+    return content, calls, count("prompt_tokens"), count("completion_tokens")
+
+
+def _tool_calls(raw: Any) -> tuple[ToolCall, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ValueError(f"choices[0].message.tool_calls is {type(raw).__name__}, not a list")
+    calls = []
+    for i, call in enumerate(raw):
+        fn = call.get("function") if isinstance(call, dict) else None
+        name = fn.get("name") if isinstance(fn, dict) else None
+        arguments = fn.get("arguments", "") if isinstance(fn, dict) else None
+        call_id = call.get("id") if isinstance(call, dict) else None
+        if not isinstance(call_id, str) or not call_id or not isinstance(name, str):
+            raise ValueError(f"tool_calls[{i}] has no id or no function name")
+        if isinstance(arguments, (dict, list)):  # some servers send the object itself
+            arguments = json.dumps(arguments)
+        if not isinstance(arguments, str):
+            raise ValueError(f"tool_calls[{i}].function.arguments is not a string")
+        calls.append(ToolCall(call_id, name, arguments))
+    ids = [c.id for c in calls]
+    if len(set(ids)) != len(ids):
+        raise ValueError("tool_calls repeat an id")
+    return tuple(calls)
 
 
 class Gateway:
@@ -258,7 +311,10 @@ class RunLLM:
         temperature: float | None = None,
         read_timeout: float | None = None,
         item: int | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> Reply:
+        """One metered call. ``messages`` replaces ``prompt``/``system``; ``tools`` (the
+        OpenAI ``tools`` list) lets the model answer with ``Reply.tool_calls``."""
         config, task = self._gw.config, self.task
         name, prov, default_model, default_max = self._target(provider)
         model = model or default_model
@@ -282,7 +338,7 @@ class RunLLM:
                 category="unpriced",
             )
         key = api_key(prov)
-        need = worst_case(price, estimate_prompt_tokens(messages), cap)
+        need = worst_case(price, _prompt_estimate(messages, tools), cap)
         entry = reserve(
             self._gw.store,
             now,
@@ -299,6 +355,8 @@ class RunLLM:
         body: dict[str, Any] = {"model": model, "messages": messages, "max_tokens": cap}
         if temperature is not None:
             body["temperature"] = temperature
+        if tools:
+            body["tools"] = tools
         call = _Call(self._gw, entry, scopes, need, price, model)
         return await call.post(self._gw.client(name, prov), body, key, read_timeout)
 
@@ -318,6 +376,18 @@ class RunLLM:
             raise LLMError(message, retryable=False, category="bad_request")
         name, prov, model, cap = target
         return name, config.providers.get(name, prov), model, cap
+
+
+def _prompt_estimate(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> int:
+    """``estimate_prompt_tokens`` with the tools' schemas and earlier tool calls, which
+    the provider counts as prompt too (a message's ``content`` is all the estimate reads)."""
+    tokens = estimate_prompt_tokens(messages)
+    extra: list[Any] = [m["tool_calls"] for m in messages if m.get("tool_calls")]
+    if tools:
+        extra.append(tools)
+    if extra:
+        tokens += estimate_prompt_tokens([{"content": json.dumps(extra)}])
+    return tokens
 
 
 class _Call:
@@ -400,7 +470,7 @@ class _Call:
                 retry_after_s=parse_retry_after(resp.headers.get("retry-after")),
             )
         try:
-            content, prompt_tokens, completion_tokens = parse_reply(resp)
+            content, calls, prompt_tokens, completion_tokens = parse_message(resp)
         except ValueError as exc:
             self.charge("malformed", None, None)
             message = f"malformed response: {_scrub(str(exc), key)[:300]}"
@@ -416,4 +486,5 @@ class _Call:
             output_tokens=self.need.output_tokens if missing else completion_tokens or 0,
             cost_usd=cost,
             usage_missing=missing,
+            tool_calls=calls,
         )

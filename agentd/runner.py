@@ -177,6 +177,45 @@ class _Backend:
                 raise CheckpointNotSaved(f"checkpoint not saved: {exc}") from None
             raise
 
+    def agent_steps(self, run_id: str) -> list[dict[str, Any]]:
+        return [dict(step) for step in self._runner.store.agent_steps(run_id)]
+
+    def record_agent_step(
+        self, run_id: str, step: int, kind: str, call_id: str | None, payload: Any
+    ) -> dict[str, Any]:
+        """As a checkpoint: a step the state could not take stops the run (interrupted, at
+        no cost of an attempt), which resumes after the last step recorded. Fenced by the
+        lease: a copy whose run another owner holds now records nothing more."""
+        r = self._runner
+        active = r.active.get(run_id)
+        now = r.clock.now()
+        try:
+            seq = r.store.record_agent_step(
+                run_id,
+                step,
+                kind,
+                call_id,
+                payload,
+                now,
+                owner=r.owner,
+                attempt=active.row["attempt"] if active else None,
+            )
+        except Exception as exc:
+            if isinstance(exc, StorageFault):
+                raise CheckpointNotSaved(f"agent step not recorded: {exc}") from None
+            if isinstance(exc, StateRefused) and exc.code == "lease_lost":
+                log.warning("agent step not recorded run=%s: the lease is lost", run_id)
+                raise CheckpointNotSaved(f"agent step not recorded: {exc}") from None
+            raise
+        return {
+            "seq": seq,
+            "step": step,
+            "kind": kind,
+            "call_id": call_id,
+            "payload": r.store.redactor.value(payload),
+            "recorded_at": to_iso(now),
+        }
+
     def progress(self, run_id: str, done: int, total: int | None, message: str) -> None:
         """Progress is for people to look at: a failed write of it does not stop the run."""
         try:

@@ -831,3 +831,135 @@ def test_config_watch_is_on_under_kubernetes_unless_set() -> None:
     with pytest.raises(ConfigError) as info:
         parse_config("config: {watch_interval: 0s}\n", "x.yaml", {})
     assert "config.watch_interval" in info.value.render()
+
+
+# ---------------------------------------------------------------- agent tools
+
+TOOLS_TASK = """
+schedule: {manual: true}
+agent:
+  base_url: http://127.0.0.1:1/v1
+  model: m
+  prompt: p
+  tools:
+%s
+"""
+
+
+def tools_task(tools_yaml: str) -> str:
+    return one_task(TOOLS_TASK % textwrap.indent(textwrap.dedent(tools_yaml), "    "))
+
+
+def test_agent_tools_of_each_kind_parse_with_their_defaults() -> None:
+    config = parse(
+        tools_task(
+            """
+            - name: grep
+              description: Search the notes
+              parameters: {type: object, properties: {word: {type: string}}, required: [word]}
+              command: {argv: [grep, -r, "{word}", notes], env: {WORD: "{word}"}}
+              idempotent: true
+            - name: weather
+              parameters: {type: object, properties: {city: {type: string}}}
+              http: {url: "https://api.example.com/w/{city}", allow_hosts: [API.example.com]}
+              timeout: 5s
+            - name: add
+              python: {callable: "tools_mod:add"}
+            """
+        )
+    )
+    agent = config.tasks["x"].agent
+    assert agent is not None and agent.tools is not None and agent.max_steps == 8
+    grep, weather, add = agent.tools
+    assert (grep.kind, grep.idempotent, grep.timeout) == ("command", True, 60.0)
+    assert (weather.kind, weather.timeout, weather.idempotent) == ("http", 5.0, False)
+    assert weather.http is not None and weather.http.allow_hosts == ["api.example.com"]
+    assert (add.kind, add.parameters) == ("python", {"type": "object", "properties": {}})
+
+
+def test_agent_tool_problems_name_their_path() -> None:
+    problems = problems_of(
+        tools_task(
+            """
+            - name: "bad name"
+              command: {argv: [echo]}
+            - name: t1
+              parameters: {type: object, properties: {q: {type: stringy}}}
+              command: {argv: ["{q.real}"]}
+            - name: t2
+              http: {url: "https://evil.example/x", allow_hosts: [good.example]}
+            - name: t3
+              sensitive: true
+              python: {callable: "m:f"}
+            - name: t4
+              command: {argv: []}
+            - name: t5
+            - name: t6
+              parameters: {type: array}
+              python: {callable: "no-colon"}
+            """
+        )
+    )
+    at = "tasks.x.agent.tools"
+    assert "must be 1-64" in problem_at(problems, f"{at}[0].name").message
+    assert (
+        "not a JSON schema (properties/q/type)"
+        in problem_at(problems, f"{at}[1].parameters").message
+    )
+    assert "only {name} of an argument" in problem_at(problems, f"{at}[1].command.argv").message
+    assert "'evil.example' is not in allow_hosts" in problem_at(problems, f"{at}[2].http").message
+    assert "not enforce yet" in problem_at(problems, f"{at}[3].sensitive").message
+    assert problem_at(problems, f"{at}[4].command.argv")
+    assert "exactly one of command, http, python" in problem_at(problems, f"{at}[5]").message
+    assert "must describe an object" in problem_at(problems, f"{at}[6].parameters").message
+    assert "package.module:function" in problem_at(problems, f"{at}[6].python.callable").message
+
+
+def test_agent_tool_placeholders_must_name_parameters() -> None:
+    problems = problems_of(
+        tools_task(
+            """
+            - name: t
+              parameters: {type: object, properties: {word: {type: string}}}
+              command: {argv: [echo, "{word}", "{wrod}"], env: {W: "{nope}"}}
+            - name: u
+              http: {url: "https://{host}/x", allow_hosts: [a.example]}
+            """
+        )
+    )
+    at = "tasks.x.agent.tools"
+    assert "['wrod'] name no property" in problem_at(problems, f"{at}[0].command.argv[2]").message
+    assert "['nope']" in problem_at(problems, f"{at}[0].command.env.W").message
+    assert "(have: none)" in problem_at(problems, f"{at}[1].http.url").message
+
+
+def test_agent_tools_unique_and_not_with_items() -> None:
+    twice = problems_of(
+        tools_task(
+            """
+            - {name: a, python: {callable: "m:f"}}
+            - {name: a, python: {callable: "m:g"}}
+            """
+        )
+    )
+    assert "a twice" in problem_at(twice, "tasks.x.agent").message
+    both = problems_of(
+        one_task(
+            """
+            schedule: {manual: true}
+            agent:
+              base_url: http://127.0.0.1:1/v1
+              model: m
+              prompt: p
+              items: [1]
+              tools: [{name: a, python: {callable: "m:f"}}]
+            """
+        )
+    )
+    assert "give tools or items, not both" in problem_at(both, "tasks.x.agent").message
+    steps = problems_of(
+        tools_task('- {name: a, python: {callable: "m:f"}}').replace(
+            "  tools:", "  max_steps: 0\n    tools:"
+        )
+    )
+    assert "greater than or equal to 1" in problem_at(steps, "tasks.x.agent.max_steps").message

@@ -263,6 +263,7 @@ def _snapshot(url: str, ids: list[str]) -> dict[str, Any]:
         ("attempts", "run_id"),
         ("events", "run_id"),
         ("checkpoints", "run_id"),
+        ("agent_steps", "run_id"),
         ("quarantine", "run_id"),
     ):
         out[table] = sorted(
@@ -279,10 +280,13 @@ def test_prune_works_in_small_batches_under_the_write_lock_and_leaves_active_run
     held = finished(store, "b", at(1.5), at(1.6), RunStatus.QUARANTINED, checkpoint=True)
     busy = running(store, "a", at(2))
     waiting = queued(store, "b", at(2.5))
+    for run_id in [*old[:3], held]:
+        store.record_agent_step(run_id, 1, "model", None, {"content": "x"}, at(2))
     read_all(store)
     kept = [held, busy, waiting]
     before = _snapshot(pg_url, kept)
     assert before["checkpoints"] and before["attempts"] and before["events"]
+    assert before["agent_steps"]
     version = store.version()
 
     remaining: list[int] = []
@@ -330,6 +334,7 @@ def test_prune_works_in_small_batches_under_the_write_lock_and_leaves_active_run
     assert max(steps) <= 3 and len(remaining) >= 5, remaining
     assert run_ids(pg_url) == set(kept)
     assert report.counts["runs"] == 14 and report.counts["checkpoints"] == 10
+    assert report.counts["agent_steps"] == 3
     assert report.counts["attempts"] == 14 and report.counts["events"] == 14 * 3 + 10
     assert _snapshot(pg_url, kept) == before
     orphans = (
@@ -544,6 +549,11 @@ def _fill_large_history(url: str) -> None:
             f" SELECT {run_id}, '{{}}', 1, {ts} FROM generate_series(5, 50000, 5) AS i"
         )
         conn.execute(
+            "INSERT INTO agent_steps(run_id, seq, step, kind, payload, recorded_at)"
+            f" SELECT {run_id}, s, 1, 'model', '{{}}', {ts}"
+            " FROM generate_series(7, 50000, 7) AS i, generate_series(1, 3) AS s"
+        )
+        conn.execute(
             "INSERT INTO events(ts, kind, task_id, run_id, data)"
             f" SELECT {ts}, k, {task}, {run_id}, '{{}}' FROM generate_series(1, 50000) AS i,"
             " unnest(ARRAY['enqueue', 'claim', 'success']) AS k ORDER BY i"
@@ -603,6 +613,8 @@ _SAMPLE: dict[str, tuple[Any, ...]] = {
     "count_attempts": (_BATCH_IDS,),
     "delete_checkpoints": (_BATCH_IDS,),
     "count_checkpoints": (_BATCH_IDS,),
+    "delete_agent_steps": (_BATCH_IDS,),
+    "count_agent_steps": (_BATCH_IDS,),
     "delete_runs": (_BATCH_IDS,),
     "count_quarantine": (_BATCH_IDS,),
     "delete_quarantine": (_BATCH_IDS,),
@@ -623,8 +635,8 @@ def _nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
         yield from _nodes(child)
 
 
-SCANNED = ("runs", "attempts", "checkpoints", "events", "quarantine", "ledger",
-           "budget_alarms", "alerts", "outbox", "tasks")  # fmt: skip
+SCANNED = ("runs", "attempts", "checkpoints", "agent_steps", "events", "quarantine",
+           "ledger", "budget_alarms", "alerts", "outbox", "tasks")  # fmt: skip
 
 
 def _seq_scans(url: str) -> dict[str, int]:

@@ -460,6 +460,7 @@ def _snapshot(store: SqliteStore, ids: list[str]) -> dict[str, Any]:
         ("attempts", "run_id"),
         ("events", "run_id"),
         ("checkpoints", "run_id"),
+        ("agent_steps", "run_id"),
         ("quarantine", "run_id"),
     ):
         out[table] = sorted(
@@ -480,10 +481,13 @@ def test_prune_works_in_small_batches_and_leaves_active_runs_alone(
     held = finished(store, "b", at(1.5), at(1.6), RunStatus.QUARANTINED, checkpoint=True)
     busy = running(store, "a", at(2))
     waiting = queued(store, "b", at(2.5))
+    for run_id in [*old[:3], held]:
+        store.record_agent_step(run_id, 1, "model", None, {"content": "x"}, at(2))
     read_all(store)
     kept = [held, busy, waiting]
     before = _snapshot(store, kept)
     assert before["checkpoints"] and before["attempts"] and before["events"]
+    assert before["agent_steps"]
 
     remaining: list[int] = []
 
@@ -502,6 +506,7 @@ def test_prune_works_in_small_batches_and_leaves_active_runs_alone(
     assert max(steps) <= 3 and len(remaining) >= 5, remaining  # 14 runs, three at a time
     assert run_ids(store) == set(kept)
     assert report.counts["runs"] == 14 and report.counts["checkpoints"] == 10
+    assert report.counts["agent_steps"] == 3
     # enqueue, claim and success for each, and the ten checkpoints' events
     assert report.counts["attempts"] == 14 and report.counts["events"] == 14 * 3 + 10
     assert _snapshot(store, kept) == before

@@ -40,6 +40,8 @@ from agentd.redact import Redactor
 
 __all__ = [
     "Admission",
+    "AgentStepRecord",
+    "AgentStepsPort",
     "AlertRecord",
     "AlertsPort",
     "AttemptRecord",
@@ -203,6 +205,19 @@ class QuarantineRecord(TypedDict):
     quarantined_at: str
     last_error: str | None
     attempts: int
+
+
+class AgentStepRecord(TypedDict):
+    """One durable step of an agent run (``agent_steps``): a model reply, or a tool
+    call's start or result. ``payload`` is decoded JSON."""
+
+    run_id: str
+    seq: int
+    step: int
+    kind: str
+    call_id: str | None
+    payload: Any
+    recorded_at: str
 
 
 class NodeRecord(TypedDict):
@@ -717,7 +732,41 @@ class AlertsPort(Protocol):
         ...
 
 
-class Store(LedgerPort, AlertsPort, NodesPort, Protocol):
+class AgentStepsPort(Protocol):
+    """An agent run's transcript, step by step, kept so that a run resumed after a crash,
+    a stop or a retry goes on from where it was: a recorded model reply is not asked for
+    (nor paid for) again, a recorded tool result is not executed again, and a tool call
+    recorded as started with no result is known to have an unknown outcome."""
+
+    def record_agent_step(
+        self,
+        run_id: str,
+        step: int,
+        kind: str,
+        call_id: str | None,
+        payload: Any,
+        now: datetime,
+        *,
+        owner: str | None = None,
+        attempt: int | None = None,
+    ) -> int:
+        """Append one record to ``run_id``'s steps, after every one before it; returns its
+        ``seq`` (1 for a run's first). ``payload`` is encoded as JSON (scrubbed by the
+        redactor). Durable when this returns, as a checkpoint is (inside a unit: with its
+        owner's commit).
+
+        Fenced like a ``Finish``: with ``owner`` (and ``attempt``) given, only while the
+        run is running under that owner at that attempt; else nothing is written and
+        ``StateRefused("lease_lost")`` is raised (another node holds the run now, and
+        its copy goes on from the steps recorded so far)."""
+        ...
+
+    def agent_steps(self, run_id: str) -> list[AgentStepRecord]:
+        """Every record of ``run_id``, in ``seq`` order (none: an empty list)."""
+        ...
+
+
+class Store(LedgerPort, AlertsPort, NodesPort, AgentStepsPort, Protocol):
     """agentd's state, as every module above the state layer sees it."""
 
     event_sink: EventSink | None

@@ -312,3 +312,18 @@ nodes = Table(
     Column("last_seen", _Text, nullable=False),
     Column("stopped_at", _Text),
 )
+
+agent_steps = Table(
+    "agent_steps",
+    metadata,
+    Column("run_id", _Text, ForeignKey("runs.id"), primary_key=True),
+    Column("seq", _BigInt, primary_key=True, autoincrement=False),  # 1, 2, ... per run
+    Column("step", Integer, nullable=False),
+    Column("kind", _Text, nullable=False),
+    Column("call_id", _Text),
+    _json("payload", nullable=False),
+    Column("recorded_at", _Text, nullable=False),
+)
+"""An agent run's durable steps (``Store.record_agent_step``): each model reply and each
+tool call's start and result, recorded before the run goes on, so that a restarted run
+makes no recorded model call again and runs no recorded tool call again."""

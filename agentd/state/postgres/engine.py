@@ -107,13 +107,14 @@ from agentd.state.port import (
 from agentd.state.postgres.alerts import AlertStatements
 from agentd.state.postgres.ledger import LedgerStatements
 from agentd.state.postgres.nodes import NodeStatements
+from agentd.state.postgres.steps import StepStatements, steps_table_ddl
 from agentd.state.schema import metadata
 
 log = logging.getLogger("agentd.state.postgres")
 
 Conn = psycopg.Connection[dict[str, Any]]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """This engine's schema version: 1 is ``state.schema.metadata`` as first released;
 each later one is ``UPGRADES[n]`` from the one before. A new database is created from
 the metadata as it is now, at this version."""
@@ -269,6 +270,7 @@ def _index_ddl(name: str) -> list[str]:
 
 UPGRADES: dict[int, Callable[[], list[str]]] = {
     2: lambda: _index_ddl("idx_runs_due"),  # the claim's whole ORDER BY in the index
+    3: steps_table_ddl,  # an agent run's durable steps
 }
 """The statements that bring a database from the schema version before each key to
 that version (this engine's own numbering; SQLite's is ``state.sqlite.migrations``)."""
@@ -279,7 +281,7 @@ _FENCE = " AND (%s::text IS NULL OR (status='running' AND lease_owner=%s AND att
 
 
 @_speak_the_port
-class PostgresStore(LedgerStatements, AlertStatements, NodeStatements):
+class PostgresStore(LedgerStatements, AlertStatements, NodeStatements, StepStatements):
     """The PostgreSQL engine behind ``agentd.state.port.Store`` (see the module)."""
 
     shared = True

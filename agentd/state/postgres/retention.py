@@ -146,6 +146,7 @@ TABLES = {
     "runs": "runs",
     "attempts": "attempts",
     "checkpoints": "checkpoints",
+    "agent_steps": "agent_steps",
     "events": "events",
     "quarantine": "quarantine",
     "ledger": "ledger",
@@ -202,6 +203,8 @@ QUERIES: dict[str, str] = {
     "count_attempts": "SELECT COUNT(*) FROM attempts WHERE run_id = ANY(%s::text[])",
     "delete_checkpoints": "DELETE FROM checkpoints WHERE run_id = ANY(%s::text[])",
     "count_checkpoints": "SELECT COUNT(*) FROM checkpoints WHERE run_id = ANY(%s::text[])",
+    "delete_agent_steps": "DELETE FROM agent_steps WHERE run_id = ANY(%s::text[])",
+    "count_agent_steps": "SELECT COUNT(*) FROM agent_steps WHERE run_id = ANY(%s::text[])",
     "delete_runs": "DELETE FROM runs WHERE id = ANY(%s::text[])",
     "count_quarantine": "SELECT COUNT(*) FROM quarantine WHERE run_id = ANY(%s::text[])",
     "delete_quarantine": "DELETE FROM quarantine WHERE run_id = ANY(%s::text[])",
@@ -407,14 +410,15 @@ def _delete_or_count(conn: Conn, what: str, ids: list[str], dry_run: bool) -> in
 
 
 def _delete_runs(conn: Conn, sel: Selection, cut: Cutoffs, dry_run: bool) -> dict[str, int]:
-    """A batch of runs with their events, attempts and checkpoints (children first: the
-    foreign keys), and an expired quarantine entry if one is left. Dry: the same counts,
+    """A batch of runs with their events, attempts, checkpoints and agent steps (children
+    first: the foreign keys), and an expired quarantine entry if one is left. Dry: the same counts,
     read."""
     ids = list(sel.keys)
     counts = {"runs": len(ids)}
     counts["events"] = _delete_or_count(conn, "run_events", ids, dry_run)
     counts["attempts"] = _delete_or_count(conn, "attempts", ids, dry_run)
     counts["checkpoints"] = _delete_or_count(conn, "checkpoints", ids, dry_run)
+    counts["agent_steps"] = _delete_or_count(conn, "agent_steps", ids, dry_run)
     if dry_run:
         # An expired quarantine entry would have been dropped first, with an event.
         counts["events"] += _count(conn, QUERIES["count_quarantine"], (ids,))

@@ -59,6 +59,7 @@ from agentd.state.sqlite.alerts import AlertStatements
 from agentd.state.sqlite.ledger import LedgerStatements
 from agentd.state.sqlite.migrations import MIGRATIONS, SCHEMA_VERSION
 from agentd.state.sqlite.nodes import NodeStatements
+from agentd.state.sqlite.steps import StepStatements
 
 log = logging.getLogger("agentd.state.sqlite")
 
@@ -149,7 +150,7 @@ the equality, lets SQLite use the partial index ``idx_runs_active``."""
 
 
 @_speak_the_port
-class SqliteStore(LedgerStatements, AlertStatements, NodeStatements):
+class SqliteStore(LedgerStatements, AlertStatements, NodeStatements, StepStatements):
     """The SQLite engine behind ``agentd.state.port.Store``."""
 
     shared = False

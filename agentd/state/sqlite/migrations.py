@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import sqlite_utils
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 
 def _migrate_1(db: sqlite_utils.Database) -> None:
@@ -234,6 +234,16 @@ def _migrate_8(db: sqlite_utils.Database) -> None:
     )
 
 
+def _migrate_9(db: sqlite_utils.Database) -> None:
+    """An agent run's durable steps: its model replies and tool calls, in order
+    (``Store.record_agent_step``)."""
+    db.execute(
+        "CREATE TABLE agent_steps (run_id TEXT NOT NULL REFERENCES runs(id),"
+        " seq INTEGER NOT NULL, step INTEGER NOT NULL, kind TEXT NOT NULL, call_id TEXT,"
+        " payload TEXT NOT NULL, recorded_at TEXT NOT NULL, PRIMARY KEY (run_id, seq))"
+    )
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migrate_1,
     _migrate_2,
@@ -243,4 +253,5 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migrate_6,
     _migrate_7,
     _migrate_8,
+    _migrate_9,
 ]

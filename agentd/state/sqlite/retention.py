@@ -133,6 +133,12 @@ QUERIES: dict[str, str] = {
     "count_checkpoints": (
         "SELECT COUNT(*) FROM checkpoints WHERE run_id IN (SELECT value FROM json_each(?))"
     ),
+    "delete_agent_steps": (
+        "DELETE FROM agent_steps WHERE run_id IN (SELECT value FROM json_each(?))"
+    ),
+    "count_agent_steps": (
+        "SELECT COUNT(*) FROM agent_steps WHERE run_id IN (SELECT value FROM json_each(?))"
+    ),
     "delete_runs": "DELETE FROM runs WHERE id IN (SELECT value FROM json_each(?))",
     "count_quarantine": (
         "SELECT COUNT(*) FROM quarantine WHERE run_id IN (SELECT value FROM json_each(?))"
@@ -320,14 +326,15 @@ Deleter = Callable[[sqlite3.Connection, Selection, Cutoffs, bool], dict[str, int
 def _delete_runs(
     conn: sqlite3.Connection, sel: Selection, cut: Cutoffs, dry_run: bool
 ) -> dict[str, int]:
-    """A batch of runs with their events, attempts and checkpoints (children first:
-    foreign keys are on), and an expired quarantine entry if one is left. Dry: the
+    """A batch of runs with their events, attempts, checkpoints and agent steps (children
+    first: foreign keys are on), and an expired quarantine entry if one is left. Dry: the
     same counts, read."""
     ids = _ids(sel.keys)
     counts = {"runs": len(sel.keys)}
     for kind, what in (("events", "run_events"), ("attempts", "attempts")):
         counts[kind] = _delete_or_count(conn, what, ids, dry_run)
     counts["checkpoints"] = _delete_or_count(conn, "checkpoints", ids, dry_run)
+    counts["agent_steps"] = _delete_or_count(conn, "agent_steps", ids, dry_run)
     if dry_run:
         # An expired quarantine entry would have been dropped first, with an event.
         counts["events"] += int(conn.execute(QUERIES["count_quarantine"], (ids,)).fetchone()[0])

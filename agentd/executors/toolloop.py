@@ -1,0 +1,518 @@
+"""The agent's tool-calling loop, with durable steps: an ``agent`` task with ``tools``.
+
+The loop is the OpenAI-compatible one: each model call offers the tools (``tools``);
+a reply that asks for calls (``tool_calls``) has them run, in order, and their results
+go back as ``tool`` messages; a reply without a call is the answer (``result.md``). It
+ends there, or at ``max_steps`` model calls (a failure), or when the run's timeout,
+a cancel, a stop or a budget ends it. Every model call is ``ctx.llm``'s: reserved
+against the budgets before, in the ledger after.
+
+Durability (the point of this module). Before the run goes on, each of these is
+recorded in the state DB (``ctx.record_agent_step``, returning once durable) and then
+appended to ``transcript.jsonl`` in the workspace:
+
+- ``model``: a reply (content, tool calls, usage), right after it arrived;
+- ``tool_started``: a call about to run (tool, arguments), before it runs;
+- ``tool_result``: what it gave (or the error the model is told).
+
+A run that starts again (after a crash, a stop, a retry) rebuilds its conversation from
+those records and goes on from the last one: a recorded reply is never asked for (nor
+paid for) again, and a call with a recorded result is never run again. A call recorded
+as started with no result has an unknown outcome (the daemon died while it ran): a tool
+declared ``idempotent`` runs again, with the same ``Idempotency-Key`` as the first time
+(derived from run, step and call id); any other tool's call is never repeated, and the
+run ends with a non-retryable error naming the call. What cannot be avoided: a reply
+that arrived but was not yet recorded when the daemon died is asked for again (the
+ledger shows both calls).
+
+Arguments are checked against the tool's JSON schema before anything runs; a call with
+invalid arguments, or of a tool that does not exist, is answered to the model as a tool
+error (recorded as a result), never run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import inspect
+import json
+import os
+import signal
+import string
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agentd import tls
+from agentd.config import AgentConfig, TaskConfig, ToolConfig
+from agentd.context import RunContext
+from agentd.executors import ExecEnv
+from agentd.executors.python import _in_thread, _ResolveError, resolve
+from agentd.models import CheckpointNotSaved, Result, StopRequested
+from agentd.providers import BudgetExhausted, LLMError, ToolCall
+
+MODEL = "model"
+STARTED = "tool_started"
+RESULT = "tool_result"
+
+OUTPUT_MAX_BYTES = 64 * 1024
+"""What one tool call may hand back to the model; more is cut (and said so)."""
+
+
+@dataclass
+class _State:
+    """The conversation as the recorded steps leave it."""
+
+    messages: list[dict[str, Any]]
+    steps: int = 0
+    """Model replies recorded."""
+    last: dict[str, Any] | None = None
+    """The last recorded reply's payload."""
+    started: set[str] = field(default_factory=set)
+    results: set[str] = field(default_factory=set)
+    tool_calls: int = 0
+    usage: dict[str, Any] = field(
+        default_factory=lambda: {"input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0}
+    )
+
+    def apply(self, kind: str, call_id: str | None, payload: Any) -> None:
+        """One recorded step, in order."""
+        if kind == MODEL:
+            self.steps += 1
+            self.last = payload
+            self.messages.append(_assistant(payload))
+            usage = payload.get("usage") or {}
+            for name in ("input_tokens", "output_tokens"):
+                self.usage[name] += int(usage.get(name, 0))
+            cost = float(usage.get("cost_usd", 0.0))
+            self.usage["cost_usd"] = round(self.usage["cost_usd"] + cost, 9)
+        elif kind == STARTED:
+            self.started.add(str(call_id))
+        elif kind == RESULT:
+            self.results.add(str(call_id))
+            self.tool_calls += 1
+            self.messages.append(
+                {"role": "tool", "tool_call_id": call_id, "content": payload["content"]}
+            )
+
+
+def idempotency_key(run_id: str, step: int, call_id: str) -> str:
+    """The same for every execution of one call, different for any other call."""
+    digest = hashlib.sha256(f"{run_id}\0{step}\0{call_id}".encode()).hexdigest()
+    return f"agentd-{digest[:40]}"
+
+
+def tool_spec(tool: ToolConfig) -> dict[str, Any]:
+    """A tool as the provider's ``tools`` list holds it."""
+    return {
+        "type": "function",
+        "function": {
+            "name": tool.name,
+            "description": tool.description,
+            "parameters": tool.parameters,
+        },
+    }
+
+
+def _assistant(payload: dict[str, Any]) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": payload.get("content") or None}
+    calls = payload.get("tool_calls") or []
+    if calls:
+        message["tool_calls"] = [
+            ToolCall(c["id"], c["name"], c["arguments"]).message() for c in calls
+        ]
+    else:
+        message["content"] = payload.get("content") or ""
+    return message
+
+
+def replay(first: list[dict[str, Any]], records: list[dict[str, Any]]) -> _State:
+    """The conversation and where the run stands, from its recorded steps. Pure."""
+    state = _State(messages=list(first))
+    for record in records:
+        state.apply(record["kind"], record["call_id"], record["payload"])
+    return state
+
+
+class _Transcript:
+    """``transcript.jsonl``: the recorded steps, one JSON object a line. Written anew from
+    the state DB when the run (re)starts (write, fsync, rename), then appended to and
+    fsynced after each step. The DB is the truth; this is the operator's copy."""
+
+    def __init__(self, path: Path, records: list[dict[str, Any]]) -> None:
+        self.path = path
+        tmp = path.with_name(path.name + ".tmp")
+        with tmp.open("w", encoding="utf-8") as fh:
+            for record in records:
+                fh.write(self._line(record))
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.replace(path)
+
+    @staticmethod
+    def _line(record: dict[str, Any]) -> str:
+        keep = ("seq", "step", "kind", "call_id", "payload", "recorded_at")
+        return json.dumps({k: record.get(k) for k in keep}, default=str) + "\n"
+
+    def append(self, record: dict[str, Any]) -> None:
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(self._line(record))
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+class _Loop:
+    def __init__(self, task: TaskConfig, ctx: RunContext, env: ExecEnv) -> None:
+        cfg = task.agent
+        assert cfg is not None and cfg.tools
+        self.cfg: AgentConfig = cfg
+        self.ctx = ctx
+        self.env = env
+        self.tools = {t.name: t for t in cfg.tools}
+        self.spec = [tool_spec(t) for t in cfg.tools]
+        self.transcript: _Transcript | None = None
+
+    def record(self, step: int, kind: str, call_id: str | None, payload: Any) -> None:
+        """Durable in the state DB first, then in the transcript (as the DB keeps it:
+        scrubbed of secrets)."""
+        kept = self.ctx.record_agent_step(step, kind, call_id, payload)
+        self.ctx.log.info(
+            "agent step recorded run=%s step=%d kind=%s call=%s",
+            self.ctx.run_id,
+            step,
+            kind,
+            call_id or "-",
+        )
+        if self.transcript is not None:
+            try:
+                self.transcript.append(kept)
+            except OSError as exc:  # the DB has it: the run goes on
+                self.ctx.log.warning("transcript.jsonl not appended: %s", exc.strerror)
+
+    async def run(self, prompt: str) -> Result:
+        cfg, ctx = self.cfg, self.ctx
+        first = [{"role": "system", "content": cfg.system}] if cfg.system else []
+        first.append({"role": "user", "content": prompt})
+        records = ctx.agent_steps()
+        try:
+            self.transcript = _Transcript(ctx.workspace / "transcript.jsonl", records)
+        except OSError as exc:
+            ctx.log.warning("transcript.jsonl not written: %s", exc.strerror)
+        state = replay(first, records)
+        resumed_from = state.steps
+        if resumed_from:
+            ctx.log.info(
+                "agent run resumes run=%s after step %d (%d tool results recorded)",
+                ctx.run_id,
+                state.steps,
+                len(state.results),
+            )
+        while True:
+            last = state.last
+            if last is not None:
+                calls = last.get("tool_calls") or []
+                if not calls:
+                    return self._answer(last, state, resumed_from)
+                for call in calls:
+                    if call["id"] in state.results:
+                        continue
+                    refused = await self._call(call, state)
+                    if refused is not None:
+                        return refused
+            if state.steps >= cfg.max_steps:
+                return Result(
+                    ok=False,
+                    retryable=False,
+                    error=f"the agent made {state.steps} model calls (max_steps) without"
+                    " answering without a tool call",
+                    detail=self._detail(state, resumed_from),
+                )
+            if ctx.stop_requested:
+                raise StopRequested("stop requested between agent steps")
+            step = state.steps + 1
+            try:
+                reply = await ctx.llm.achat(
+                    messages=list(state.messages),
+                    tools=self.spec,
+                    max_tokens=cfg.max_tokens,
+                    temperature=cfg.temperature,
+                    read_timeout=cfg.request_timeout,
+                )
+            except (LLMError, BudgetExhausted) as exc:
+                return exc.result({"step": step, **self._detail(state, resumed_from)})
+            payload = {
+                "content": reply.content,
+                "tool_calls": [
+                    {"id": c.id, "name": c.name, "arguments": c.arguments} for c in reply.tool_calls
+                ],
+                "usage": reply.usage(),
+                "model": reply.model,
+            }
+            self.record(step, MODEL, None, payload)
+            state.apply(MODEL, None, payload)
+            ctx.progress(step, cfg.max_steps, f"step {step}: {len(reply.tool_calls)} tool call(s)")
+
+    def _answer(self, last: dict[str, Any], state: _State, resumed_from: int) -> Result:
+        path = self.ctx.workspace / "result.md"
+        tmp = path.with_name("result.md.tmp")
+        tmp.write_text(str(last.get("content") or ""), encoding="utf-8")
+        tmp.replace(path)
+        return Result(ok=True, detail=self._detail(state, resumed_from))
+
+    @staticmethod
+    def _detail(state: _State, resumed_from: int) -> dict[str, Any]:
+        return {
+            **state.usage,
+            "steps": state.steps,
+            "tool_calls": state.tool_calls,
+            "resumed_from_step": resumed_from,
+        }
+
+    async def _call(self, call: dict[str, Any], state: _State) -> Result | None:
+        """Run one call (or refuse to) and record its result; a Result ends the run."""
+        ctx = self.ctx
+        call_id, name, step = str(call["id"]), str(call["name"]), state.steps
+        tool = self.tools.get(name)
+        arguments, problem = _arguments(tool, name, str(call.get("arguments") or ""))
+        if problem is None and tool is not None and arguments is not None:
+            if call_id in state.started:
+                if not tool.idempotent:
+                    ctx.log.warning(
+                        "agent tool call has an unknown outcome run=%s step=%d call=%s tool=%s",
+                        ctx.run_id,
+                        step,
+                        call_id,
+                        name,
+                    )
+                    return Result(
+                        ok=False,
+                        retryable=False,
+                        error=f"tool call {call_id} ({name}, step {step}) was running when the"
+                        " run stopped: its outcome is unknown, and the tool is not idempotent,"
+                        " so it is not run again",
+                        detail={"unknown_call": call_id, "tool": name, "step": step},
+                    )
+                ctx.log.info(
+                    "agent tool call runs again (idempotent) run=%s step=%d call=%s tool=%s",
+                    ctx.run_id,
+                    step,
+                    call_id,
+                    name,
+                )
+            else:
+                started = {"tool": name, "arguments": arguments}
+                self.record(step, STARTED, call_id, started)
+                state.apply(STARTED, call_id, started)
+            key = idempotency_key(ctx.run_id, step, call_id)
+            began = time.monotonic()
+            ok, content = await self._execute(tool, arguments, key)
+            duration = round(time.monotonic() - began, 3)
+        else:
+            ok, content, duration = False, f"error: {problem}", 0.0
+        payload = {"tool": name, "ok": ok, "content": content, "duration_s": duration}
+        self.record(step, RESULT, call_id, payload)
+        state.apply(RESULT, call_id, payload)
+        return None
+
+    async def _execute(
+        self, tool: ToolConfig, arguments: dict[str, Any], key: str
+    ) -> tuple[bool, str]:
+        try:
+            async with asyncio.timeout(tool.timeout):
+                if tool.command is not None:
+                    return await _command(tool, arguments, self.ctx, self.env, key)
+                if tool.http is not None:
+                    return await _http(tool, arguments, key)
+                return await _python(tool, arguments, self.ctx, self.env)
+        except TimeoutError:
+            return False, f"error: the tool timed out after {tool.timeout:g}s"
+        except _ToolError as exc:
+            return False, f"error: {exc}"
+
+
+class _ToolError(Exception):
+    """A failed call, told to the model as the tool's answer."""
+
+
+def _arguments(
+    tool: ToolConfig | None, name: str, text: str
+) -> tuple[dict[str, Any] | None, str | None]:
+    """The call's arguments, or why it cannot run (for the model)."""
+    if tool is None:
+        return None, f"there is no tool named {name!r}"
+    try:
+        value = json.loads(text) if text.strip() else {}
+    except ValueError as exc:
+        return None, f"the arguments are not JSON: {exc}"
+    if not isinstance(value, dict):
+        return None, "the arguments must be a JSON object"
+    import jsonschema
+
+    errors = sorted(
+        jsonschema.Draft202012Validator(tool.parameters).iter_errors(value),
+        key=lambda e: list(e.path),
+    )
+    if errors:
+        where = "/".join(str(p) for p in errors[0].path) or "arguments"
+        return None, f"invalid arguments ({where}): {errors[0].message}"
+    return value, None
+
+
+def _value(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def render(template: str, arguments: dict[str, Any], quote: bool = False) -> str:
+    """A template with each ``{name}`` replaced by that argument (JSON for a non-string;
+    percent-encoded, ``/`` too, with ``quote``). Only names (``config.template_fields``)."""
+    out: list[str] = []
+    for literal, name, _, _ in string.Formatter().parse(template):
+        out.append(literal)
+        if name is None:
+            continue
+        if name not in arguments:
+            raise _ToolError(f"argument {name!r} is required by this tool")
+        text = _value(arguments[name])
+        out.append(urllib.parse.quote(text, safe="") if quote else text)
+    return "".join(out)
+
+
+def _cut(data: bytes) -> str:
+    text = data[:OUTPUT_MAX_BYTES].decode("utf-8", errors="replace")
+    return text + (f"\n[cut at {OUTPUT_MAX_BYTES} bytes]" if len(data) > OUTPUT_MAX_BYTES else "")
+
+
+async def _read_head(stream: asyncio.StreamReader, cap: int = OUTPUT_MAX_BYTES) -> bytes:
+    """The first ``cap + 1`` bytes of ``stream`` (so ``_cut`` can tell it was cut); the
+    rest is read and dropped, so that a chatty tool never blocks on a full pipe."""
+    kept = bytearray()
+    while chunk := await stream.read(65536):
+        if len(kept) <= cap:
+            kept += chunk[: cap + 1 - len(kept)]
+    return bytes(kept)
+
+
+async def _read_tail(stream: asyncio.StreamReader, keep: int = 4096) -> bytes:
+    """The last ``keep`` bytes of ``stream`` (stderr: the end says what went wrong)."""
+    tail = b""
+    while chunk := await stream.read(65536):
+        tail = (tail + chunk)[-keep:]
+    return tail
+
+
+async def _command(
+    tool: ToolConfig, arguments: dict[str, Any], ctx: RunContext, env: ExecEnv, key: str
+) -> tuple[bool, str]:
+    cfg = tool.command
+    assert cfg is not None
+    argv = [render(item, arguments) for item in cfg.argv]
+    base = env.inherited_env if env.inherited_env is not None else os.environb
+    child = {k: v for k, v in base.items() if k not in env.withheld_env}
+    child.update((os.fsencode(k), os.fsencode(render(v, arguments))) for k, v in cfg.env.items())
+    child[b"AGENTD_IDEMPOTENCY_KEY"] = key.encode()
+    child[b"AGENTD_RUN_ID"] = os.fsencode(ctx.run_id)
+    child[b"AGENTD_TASK"] = os.fsencode(ctx.task_id)
+    child[b"AGENTD_WORKSPACE"] = os.fsencode(ctx.workspace)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *env.spawn_prefix,
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=cfg.cwd or ctx.workspace,
+            env=child,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        raise _ToolError(f"cannot start {argv[0]!r}: {exc.strerror}") from None
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        out, err, _ = await asyncio.gather(
+            _read_head(proc.stdout), _read_tail(proc.stderr), proc.wait()
+        )
+    except BaseException:  # a timeout, a cancel: the whole group goes
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(Exception):
+            await asyncio.shield(proc.wait())
+        raise
+    if proc.returncode != 0:
+        tail = err.decode("utf-8", errors="replace").strip()
+        return False, f"error: exit code {proc.returncode}" + (f": {tail}" if tail else "")
+    return True, _cut(out)
+
+
+async def _http(tool: ToolConfig, arguments: dict[str, Any], key: str) -> tuple[bool, str]:
+    import httpx
+
+    cfg = tool.http
+    assert cfg is not None
+    url = render(cfg.url, arguments, quote=True)
+    parts = urllib.parse.urlsplit(url)
+    host = (parts.hostname or "").lower()
+    if parts.scheme not in ("http", "https") or host not in cfg.allow_hosts:
+        raise _ToolError(f"host {host!r} is not in this tool's allow_hosts")
+    headers = {**cfg.headers, "Idempotency-Key": key}
+    body = arguments if cfg.method in ("POST", "PUT", "PATCH") else None
+    await tls.prepare()
+    async with httpx.AsyncClient(
+        timeout=tool.timeout, verify=tls.context(), follow_redirects=False
+    ) as client:
+        try:
+            async with client.stream(cfg.method, url, headers=headers, json=body) as resp:
+                kept = bytearray()
+                async for chunk in resp.aiter_bytes():
+                    kept += chunk[: OUTPUT_MAX_BYTES + 1 - len(kept)]
+                    if len(kept) > OUTPUT_MAX_BYTES:
+                        break
+        except httpx.HTTPError as exc:
+            raise _ToolError(f"{type(exc).__name__}: {exc}") from None
+    text = _cut(bytes(kept))
+    if not resp.is_success:
+        return False, f"error: HTTP {resp.status_code}: {text}"
+    return True, text
+
+
+async def _python(
+    tool: ToolConfig, arguments: dict[str, Any], ctx: RunContext, env: ExecEnv
+) -> tuple[bool, str]:
+    cfg = tool.python
+    assert cfg is not None
+    try:
+        func = resolve(cfg.callable)
+    except _ResolveError as exc:
+        raise _ToolError(str(exc)) from None
+    try:
+        if inspect.iscoroutinefunction(func):
+            value = await func(ctx, arguments)
+        else:
+            value = await _in_thread(lambda c: func(c, arguments), ctx, env.threads)
+            if inspect.isawaitable(value):
+                value = await value
+    except asyncio.CancelledError:
+        ctx.request_cancel()
+        raise
+    except (StopRequested, CheckpointNotSaved):
+        raise
+    except (BudgetExhausted, LLMError) as exc:
+        # From the tool's own ctx.llm: the call's result, recorded like any other (a
+        # refused budget then refuses the loop's next model call too, and the run ends
+        # budget_exhausted with every step recorded).
+        raise _ToolError(str(exc)) from None
+    except Exception as exc:
+        raise _ToolError(f"{type(exc).__name__}: {exc}") from None
+    if not isinstance(value, str):
+        try:
+            value = json.dumps(value, default=str)
+        except (TypeError, ValueError):
+            value = repr(value)
+    return True, _cut(value.encode("utf-8"))
+
+
+async def execute(task: TaskConfig, ctx: RunContext, env: ExecEnv, prompt: str) -> Result:
+    """Run (or resume) ``task``'s loop; ``prompt`` is its rendered user message."""
+    return await _Loop(task, ctx, env).run(prompt)

@@ -1,0 +1,332 @@
+"""End to end, the agent's tool-calling loop: the real daemon against a scripted
+chat-completions server (local HTTP, this process), with real tool processes; kill -9
+in the middle of a tool call and at a step boundary. What is counted: the requests the
+model server got (a recorded model call is never made again) and the lines a tool
+appended (a non-idempotent call is never run again)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from harness import Agentd, wait_for
+
+sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
+import fake_llm
+from agent_tools import SCRIPT
+from fake_llm import FakeLLM, ThreadedFakeLLM, call, tool_calls
+
+pytestmark = pytest.mark.e2e
+
+PY = sys.executable
+
+
+@pytest.fixture
+def llm() -> Iterator[FakeLLM]:
+    with ThreadedFakeLLM() as server:
+        yield server
+
+
+def providers(llm: FakeLLM) -> str:
+    return f"""
+    providers:
+      fake:
+        base_url: {llm.url}
+        default_model: m1
+        max_tokens: 50
+        prices: {{m1: {{input: 0, output: 0}}}}
+    """
+
+
+def agent_task(out: Path, idempotent: bool = False, hold: Path | None = None) -> str:
+    env = f"env: {{TOOL_HOLD: '{hold}'}}" if hold else "env: {}"
+    return f"""
+    tooled:
+      schedule: {{manual: true}}
+      agent:
+        provider: fake
+        system: Use the tools.
+        prompt: Append a word, then add two numbers.
+        max_steps: 5
+        tools:
+          - name: append
+            description: Append a word to the list
+            idempotent: {str(idempotent).lower()}
+            parameters:
+              type: object
+              properties: {{word: {{type: string}}}}
+              required: [word]
+            command:
+              argv: [{PY}, {SCRIPT}, {out}, "{{word}}"]
+              {env}
+          - name: add
+            parameters:
+              type: object
+              properties: {{a: {{type: integer}}, b: {{type: integer}}}}
+              required: [a, b]
+            python: {{callable: "agent_tools:add"}}
+      retry: {{max_attempts: 3, backoff: 100ms}}
+    """
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def steps(d: Agentd, run_id: str) -> list[tuple[int, str, str | None]]:
+    rows = d.query(
+        "SELECT step, kind, call_id FROM agent_steps WHERE run_id=? ORDER BY seq", (run_id,)
+    )
+    return [(r["step"], r["kind"], r["call_id"]) for r in rows]
+
+
+def first_calls(llm: FakeLLM) -> int:
+    """Requests that carried the opening prompt alone: the run's first model call."""
+    return sum(1 for r in llm.requests if len(r.body["messages"]) == 2)
+
+
+def test_a_three_step_run_with_two_tools_through_the_daemon(
+    make_daemon: Any, llm: FakeLLM, tmp_path: Path
+) -> None:
+    out = tmp_path / "words.txt"
+    llm.queue(
+        tool_calls(call("append", {"word": "alpha"}, "c1")),
+        tool_calls(call("add", {"a": 20, "b": 22}, "c2")),
+        fake_llm.ok("alpha appended; 20 + 22 = 42"),
+    )
+    d = make_daemon(agent_task(out), top=providers(llm)).start()
+    run_id = d.trigger("tooled")
+    run = d.wait_status(run_id, "succeeded")
+    assert len(llm.requests) == 3
+    assert llm.requests[1].tool_results == {"c1": "appended alpha\n"}
+    assert json.loads(llm.requests[2].tool_results["c2"])["sum"] == 42
+    assert [line.split()[0] for line in lines(out)] == ["alpha"]
+    assert steps(d, run_id) == [
+        (1, "model", None),
+        (1, "tool_started", "c1"),
+        (1, "tool_result", "c1"),
+        (2, "model", None),
+        (2, "tool_started", "c2"),
+        (2, "tool_result", "c2"),
+        (3, "model", None),
+    ]
+    ws = d.state_dir / "runs" / "tooled" / run_id
+    assert (ws / "result.md").read_text() == "alpha appended; 20 + 22 = 42"
+    transcript = [json.loads(x) for x in (ws / "transcript.jsonl").read_text().splitlines()]
+    assert [(t["step"], t["kind"], t["call_id"]) for t in transcript] == steps(d, run_id)
+    assert run["outcome"] == "success"
+    assert "agent step recorded run=" in d.log()
+    assert d.stop() == 0
+
+
+@pytest.mark.parametrize("idempotent", [False, True], ids=["not-idempotent", "idempotent"])
+def test_kill_9_in_the_middle_of_a_tool_call(
+    make_daemon: Any, llm: FakeLLM, tmp_path: Path, idempotent: bool
+) -> None:
+    out, hold = tmp_path / "words.txt", tmp_path / "hold"
+    llm.queue(tool_calls(call("append", {"word": "once"}, "c1")), fake_llm.ok("done"))
+    d = make_daemon(agent_task(out, idempotent, hold), top=providers(llm)).start()
+    run_id = d.trigger("tooled")
+    try:
+        wait_for(lambda: len(lines(out)) == 1, what="the tool to be running")
+        d.kill9()
+    finally:
+        hold.touch()  # lets the killed daemon's orphaned tool end
+    assert steps(d, run_id) == [(1, "model", None), (1, "tool_started", "c1")]
+    d.start()
+    if idempotent:
+        d.wait_status(run_id, "succeeded")
+        first, again = lines(out)
+        assert first == again and first.startswith("once agentd-")  # the same key
+        assert len(llm.requests) == 2 and llm.requests[1].tool_results == {"c1": "appended once\n"}
+        assert "agent tool call runs again (idempotent)" in d.log()
+    else:
+        run = d.wait_status(run_id, "quarantined")
+        assert "tool call c1 (append, step 1) was running when the run stopped" in run["error"]
+        assert "not idempotent, so it is not run again" in run["error"]
+        assert len(lines(out)) == 1
+        assert len(llm.requests) == 1
+        assert steps(d, run_id) == [(1, "model", None), (1, "tool_started", "c1")]
+    assert first_calls(llm) == 1  # the recorded first model call was not made again
+    assert d.stop() == 0
+
+
+def test_kill_9_at_a_step_boundary_resumes_at_the_step(
+    make_daemon: Any, llm: FakeLLM, tmp_path: Path
+) -> None:
+    """Killed while the second model call is in flight (the first reply and the tool's
+    result recorded): the restarted run asks for step 2 again, and nothing before it."""
+    out = tmp_path / "words.txt"
+    llm.queue(tool_calls(call("append", {"word": "w"}, "c1")), fake_llm.Reply(hang=True))
+    d = make_daemon(agent_task(out), top=providers(llm)).start()
+    run_id = d.trigger("tooled")
+    wait_for(lambda: len(llm.requests) == 2, what="the second model call")
+    d.kill9()
+    assert steps(d, run_id) == [
+        (1, "model", None),
+        (1, "tool_started", "c1"),
+        (1, "tool_result", "c1"),
+    ]
+    llm.queue(fake_llm.ok("finished"))
+    d.start()
+    d.wait_status(run_id, "succeeded")
+    assert len(llm.requests) == 3 and first_calls(llm) == 1
+    assert llm.requests[2].body["messages"] == llm.requests[1].body["messages"]
+    assert len(lines(out)) == 1
+    assert steps(d, run_id)[-1] == (2, "model", None)
+    assert d.stop() == 0
+
+
+def test_sigterm_mid_tool_call_lets_the_call_finish_and_resumes_at_the_next_step(
+    make_daemon: Any, llm: FakeLLM, tmp_path: Path
+) -> None:
+    """A drain lets the running tool call end (within shutdown_grace), records its result
+    and stops at the step boundary; the next start asks the model for step 2 only."""
+    out, hold = tmp_path / "words.txt", tmp_path / "hold"
+    llm.queue(tool_calls(call("append", {"word": "w"}, "c1")), fake_llm.ok("done"))
+    d = make_daemon(agent_task(out, hold=hold), top=providers(llm)).start()
+    run_id = d.trigger("tooled")
+    try:
+        wait_for(lambda: len(lines(out)) == 1, what="the tool to be running")
+        d.signal(signal.SIGTERM)
+        d.wait_log("agentd stopping", "the drain to begin")
+    finally:
+        hold.touch()
+    assert d.proc is not None and d.proc.wait(timeout=60) == 0
+    assert d.run_status(run_id) == "queued"  # interrupted at the boundary: it resumes
+    assert steps(d, run_id) == [
+        (1, "model", None),
+        (1, "tool_started", "c1"),
+        (1, "tool_result", "c1"),
+    ]
+    assert len(llm.requests) == 1
+    d.start()
+    d.wait_status(run_id, "succeeded")
+    assert len(lines(out)) == 1 and len(llm.requests) == 2 and first_calls(llm) == 1
+    assert d.stop() == 0
+
+
+def test_a_secret_in_a_tool_result_reaches_neither_the_db_nor_the_transcript(
+    make_daemon: Any, llm: FakeLLM
+) -> None:
+    key = "sk-e2e-TOOL-SECRET-9876"
+    llm.queue(tool_calls(call("leak", {}, "c1")), fake_llm.ok("done"))
+    d = make_daemon(
+        """
+        leaky:
+          schedule: {manual: true}
+          agent:
+            provider: fake
+            prompt: Look.
+            tools:
+              - name: leak
+                command:
+                  argv: [sh, -c, 'echo "key=$K"']
+                  env: {K: "${AGENTD_E2E_KEY}"}
+        """,
+        top=providers(llm).replace(
+            "default_model: m1\n", "default_model: m1\n        api_key_env: AGENTD_E2E_KEY\n"
+        ),
+    ).start(env={"AGENTD_E2E_KEY": key})
+    run_id = d.trigger("leaky")
+    d.wait_status(run_id, "succeeded")
+    assert llm.requests[1].tool_results == {"c1": f"key={key}\n"}  # the model did see it
+    [result] = d.query("SELECT payload FROM agent_steps WHERE kind='tool_result'")
+    assert key not in result["payload"] and "key=[redacted]" in result["payload"]
+    transcript = (d.state_dir / "runs" / "leaky" / run_id / "transcript.jsonl").read_text()
+    assert key not in transcript and "key=[redacted]" in transcript
+    assert d.stop() == 0
+
+
+def test_an_agent_killed_mid_tool_call_is_resumed_at_its_step_by_another_node(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """kill -9 of the node running an agent's idempotent tool call: another node
+    recovers the run, resumes it at the step from the shared steps, runs the call again
+    with the same Idempotency-Key and never repeats the recorded model call."""
+    out, hold = tmp_path / "words.txt", tmp_path / "hold"
+    tasks = f"""
+    tooled:
+      schedule: {{manual: true}}
+      agent:
+        provider: fake
+        prompt: Append a word.
+        tools:
+          - name: append
+            idempotent: true
+            parameters: {{type: object, properties: {{word: {{type: string}}}}}}
+            command:
+              argv: [{sys.executable}, {SCRIPT}, {out}, "{{word}}"]
+              env: {{TOOL_HOLD: "{hold}"}}
+    """
+
+    def words() -> list[str]:
+        return out.read_text().splitlines() if out.exists() else []
+
+    with ThreadedFakeLLM() as llm:
+        top = f"providers: {{fake: {{base_url: '{llm.url}', default_model: m1}}}}"
+        top = f"state: {{url: '{pg_url}'}}\n{top}"
+        llm.queue(
+            tool_calls(call("append", {"word": "w"}, "c1")),
+            fake_llm.ok("done"),
+        )
+        with _nodes(tmp_path, tasks, top, 2) as nodes:
+            run_id = nodes[0].trigger("tooled")
+            try:
+                wait_for(lambda: len(words()) == 1, what="the tool to be running")
+                with psycopg.connect(pg_url) as conn:
+                    [(owner,)] = conn.execute(
+                        "SELECT lease_owner FROM runs WHERE id=%s", (run_id,)
+                    ).fetchall()
+                [victim] = [n for n in nodes if n.proc and str(owner).endswith(f":{n.proc.pid}")]
+                victim.kill9()
+            finally:
+                hold.touch()
+            [other] = [n for n in nodes if n is not victim]
+            other.wait_log("agent tool call runs again (idempotent)", "the resumed call", 60)
+            wait_for(
+                lambda: _status(pg_url, run_id) == "succeeded", what="the run to end", timeout=60
+            )
+            first, again = words()
+            assert first == again  # the same idempotency key on both nodes
+            assert len(llm.requests) == 2
+            assert sum(1 for r in llm.requests if len(r.body["messages"]) == 1) == 1
+            with psycopg.connect(pg_url) as conn:
+                kinds = [
+                    k
+                    for (k,) in conn.execute(
+                        "SELECT kind FROM agent_steps WHERE run_id=%s ORDER BY seq", (run_id,)
+                    )
+                ]
+            assert kinds == ["model", "tool_started", "tool_result", "model"]
+            assert other.stop() == 0
+
+
+def _status(url: str, run_id: str) -> str | None:
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT status FROM runs WHERE id=%s", (run_id,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+@contextlib.contextmanager
+def _nodes(root: Path, tasks: str, top: str, n: int) -> Iterator[list[Agentd]]:
+    """``n`` started daemons, each with its own state dir and port, on one database."""
+    nodes = []
+    for i in range(n):
+        (root / f"node{i}").mkdir()
+        nodes.append(Agentd(root / f"node{i}", tasks, top=top))
+    try:
+        for node in nodes:
+            node.start()
+        yield nodes
+    finally:
+        for node in nodes:
+            if node.proc is not None and node.proc.poll() is None:
+                node.kill9()
