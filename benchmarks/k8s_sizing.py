@@ -4,7 +4,7 @@ a pod runs, for the probes' budgets and the memory request and limit.
 ``python -m benchmarks.k8s_sizing [--reps 3] [--tasks 10000] [--runs 100000]`` starts
 the real daemon (a subprocess, as in the rest of the suite) on:
 
-- ``shipped``: ``config/agentd.yaml`` (3 tasks), state dir and port moved to a temp dir;
+- ``shipped``: ``config/agentd.yaml`` (the shipped tasks), state dir and port moved to a temp dir;
 - ``configmap``: the base ConfigMap's config (``deploy/k8s/base/agentd.yaml``), with its
   secret files and state dir moved to a temp dir and bound to 127.0.0.1;
 - ``tasks``: ``--tasks`` idle cron tasks on an empty state (a first start);
