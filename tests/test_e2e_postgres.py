@@ -89,6 +89,14 @@ def _runs(url: str, task: str) -> list[tuple[str, str]]:
         ]
 
 
+def _manual(*names: str) -> str:
+    """Tasks that run `true` when triggered, one per name."""
+    return "".join(
+        f'\n{name}:\n  schedule: {{manual: true}}\n  command: {{argv: ["true"]}}\n'
+        for name in names
+    )
+
+
 def test_a_daemon_runs_on_postgresql_and_starts_again_on_the_same_database(
     make_daemon: Callable[..., Agentd], pg_url: str
 ) -> None:
@@ -416,11 +424,7 @@ def test_an_event_stream_on_any_node_carries_every_nodes_events_in_order(
     """Runs triggered through both nodes and run by either: a stream on node 0 and one
     on node 1 each carry exactly the database's events, in id order, none missing or
     doubled, whichever node committed them."""
-    tasks = """
-    job:
-      schedule: {manual: true}
-      command: {argv: ["true"]}
-    """
+    tasks = _manual("job")
     with running_nodes(tmp_path, pg_url, tasks, tasks) as nodes:
         with psycopg.connect(pg_url) as conn:
             row = conn.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()
@@ -708,11 +712,7 @@ def test_two_nodes_keep_the_shared_history_and_their_own_workspaces_bounded(
 
 
 def test_a_node_starting_forgets_nodes_gone_for_a_week(tmp_path: Path, pg_url: str) -> None:
-    tasks = """
-    job:
-      schedule: {manual: true}
-      command: {argv: ["true"]}
-    """
+    tasks = _manual("job")
     with running_nodes(tmp_path, pg_url, tasks) as [first]:
         assert first.stop() == 0
     with psycopg.connect(pg_url) as conn:
@@ -783,19 +783,7 @@ def test_a_node_starting_on_an_older_config_leaves_the_newer_nodes_tasks_alone(
     (job): node 1's start leaves `added` in place, since a live node defines it, and
     node 0 runs it. Once node 0 reloads the old config too, every live node has it, and
     `added` is removed."""
-    old = """
-    job:
-      schedule: {manual: true}
-      command: {argv: ["true"]}
-    """
-    new = (
-        old
-        + """
-    added:
-      schedule: {manual: true}
-      command: {argv: ["true"]}
-    """
-    )
+    old, new = _manual("job"), _manual("job", "added")
     newer = node_on(tmp_path / "node0", new, pg_url)
     older = node_on(tmp_path / "node1", old, pg_url)
     try:
@@ -822,23 +810,9 @@ def test_a_task_kept_for_another_generation_goes_once_that_node_has_stopped(
     """Both nodes on {job, gone}; node 0 reloads {job} while node 1 still runs the old
     generation: `gone` stays. Node 1 stops: node 0, now the only generation alive,
     removes it by itself (at its next registry beat)."""
-    both = """
-    job:
-      schedule: {manual: true}
-      command: {argv: ["true"]}
-    gone:
-      schedule: {manual: true}
-      command: {argv: ["true"]}
-    """
+    both = _manual("job", "gone")
     with running_nodes(tmp_path, pg_url, both, both, daemon="lease: 3s") as nodes:
-        nodes[0].write_config(
-            """
-    job:
-      schedule: {manual: true}
-      command: {argv: ["true"]}
-    """,
-            "lease: 3s",
-        )
+        nodes[0].write_config(_manual("job"), "lease: 3s")
         nodes[0].signal(signal.SIGHUP)
         nodes[0].wait_log("are kept while", "node 0 keeping gone for node 1")
         assert _present(pg_url, "gone") == 1
