@@ -73,6 +73,13 @@ def alert_for_event(event: dict[str, Any]) -> Alert | None:
     if kind == EventKind.BUDGET_EXHAUSTED:
         summary = f"{task}: run {run} stopped, {data.get('error')}"
         return Alert("budget_exhausted", f"budget_exhausted:{task}", summary, task, run, data)
+    if kind == EventKind.AWAITING_APPROVAL:
+        summary = (
+            f"{task}: run {run} waits for an operator: {data.get('error')}"
+            f" (agentd approve {run} / agentd deny {run})"
+        )
+        key = f"approval_needed:{run}:{data.get('attempt')}"
+        return Alert("approval_needed", key, summary, task, run, data)
     if kind == EventKind.DEADMAN:
         summary = (
             f"{task}: no success since {data.get('last_success') or 'monitoring began'}"

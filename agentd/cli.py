@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=20)
     p = sub.add_parser("trigger", parents=[common], help="enqueue a run now")
     p.add_argument("task")
+    p.add_argument(
+        "--approve-sensitive",
+        action="store_true",
+        help="approve the agent's sensitive tool calls in this run in advance",
+    )
     p = sub.add_parser("pause", parents=[common], help="pause a task's schedule")
     p.add_argument("task")
     p.add_argument("--reason", default="paused by operator")
@@ -85,6 +90,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("task")
     p = sub.add_parser("cancel", parents=[common], help="cancel a queued or running run")
     p.add_argument("run_id")
+    p = sub.add_parser(
+        "approvals",
+        parents=[common],
+        help="agent runs parked for a decision on a tool call (GET /v1/approvals)",
+    )
+    p.add_argument("--limit", type=int, default=100)
+    p = sub.add_parser(
+        "approve",
+        parents=[common],
+        help="run the tool call a parked run waits on, or --skip it (POST /v1/approvals/RUN/...)",
+        description="Decide on the call a run parked at (`agentd approvals` lists them): "
+        "run it, or with --skip tell the model it was skipped (the --note says why); "
+        "either way the run is queued again and resumes at that call.",
+    )
+    p.add_argument("run_id")
+    p.add_argument("--call", help="the call id: refused if the run waits on another")
+    p.add_argument("--skip", action="store_true", help="skip the call instead of running it")
+    p.add_argument("--note", help="why (shown to the model for a skip)")
+    p = sub.add_parser(
+        "deny",
+        parents=[common],
+        help="end a parked run denied (POST /v1/approvals/RUN/deny)",
+    )
+    p.add_argument("run_id")
+    p.add_argument("--call", help="the call id: refused if the run waits on another")
+    p.add_argument("--note", help="why")
     p = sub.add_parser("quarantine", parents=[common], help="runs that failed for good")
     p.add_argument("action", nargs="?", choices=["list", "show", "release", "drop"], default="list")
     p.add_argument("run_id", nargs="?")

@@ -535,7 +535,10 @@ class ToolConfig(_Model):
     it is run again (with the same ``Idempotency-Key``); any other tool's unknown call
     is never repeated."""
     sensitive: bool = False
-    """Needs an operator's approval to run unattended. Not enforced yet: refused."""
+    """Needs an operator's approval before each call: the run parks
+    (``awaiting_approval``) at the call until ``agentd approve`` / ``deny``, or until the
+    agent's ``approval_timeout`` denies it; a manual run triggered with
+    ``--approve-sensitive`` is approved in advance."""
     command: ToolCommandConfig | None = None
     http: ToolHttpConfig | None = None
     python: ToolPythonConfig | None = None
@@ -559,16 +562,6 @@ class ToolConfig(_Model):
             raise ValueError(f"not a JSON schema ({where}): {exc.message}") from None
         if value.get("type") != "object":
             raise ValueError('must describe an object: "type": "object"')
-        return value
-
-    @field_validator("sensitive")
-    @classmethod
-    def _sensitive(cls, value: bool) -> bool:
-        if value:
-            raise ValueError(
-                "sensitive tools need an operator's approval, which this agentd does not"
-                " enforce yet: leave the tool out, or drop sensitive: true"
-            )
         return value
 
     @model_validator(mode="after")
@@ -633,6 +626,12 @@ class AgentConfig(_Model):
     (``agentd.executors.toolloop``) until the model answers without one."""
     max_steps: int = Field(default=8, ge=1, le=1000)
     """With ``tools``: model calls per run at most; one more would be a failure."""
+    sensitive_tools: list[str] = []
+    """With ``tools``: names (or shell-style patterns, ``delete_*``) of tools that need
+    an approval as if marked ``sensitive``. ``parse_config`` adds the daemon-wide
+    ``limits.sensitive_tools`` to every agent's list."""
+    approval_timeout: Duration = Field(default=86400.0, gt=0)
+    """How long a run parked for an approval waits; then it ends ``denied``."""
 
     @model_validator(mode="after")
     def _key(self) -> AgentConfig:
@@ -708,6 +707,9 @@ class LimitsConfig(_Model):
     usd_per_month: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     timezone: str | None = None
     """Where the global day starts; default ``daemon.timezone``."""
+    sensitive_tools: list[str] = []
+    """Tool names (or shell-style patterns) that need an operator's approval in every
+    agent, as if marked ``sensitive``: a daemon-wide guard (``rm_*``, ``*_deploy``)."""
 
     @field_validator("timezone")
     @classmethod
@@ -763,6 +765,7 @@ ALERT_KINDS = (
     "task_paused",
     "budget_alarm",
     "budget_exhausted",
+    "approval_needed",
     "deadman",
     "run_too_long",
     "config_reload_failed",
@@ -1256,6 +1259,16 @@ def link(config: Config) -> tuple[Config, list[ConfigProblem]]:
                     "api_key_env": provider.api_key_env,
                     "api_key_file": provider.api_key_file,
                     "model": agent.model or provider.default_model or "",
+                }
+            )
+            tasks[task_id] = task = task.model_copy(update={"agent": agent})
+        if task.agent is not None and task.agent.tools and config.limits.sensitive_tools:
+            agent = task.agent.model_copy(
+                update={
+                    "sensitive_tools": [
+                        *task.agent.sensitive_tools,
+                        *config.limits.sensitive_tools,
+                    ]
                 }
             )
             tasks[task_id] = task = task.model_copy(update={"agent": agent})

@@ -17,7 +17,14 @@ from agentd.config import Config, inactive_reason
 from agentd.ledger import run_usage, spend_report
 from agentd.models import FINAL_STATUSES, RUN_STATUSES, Row, StateRefused
 from agentd.schedule import next_fires
-from agentd.state.port import EventRecord, QuarantineRecord, RunRecord, Store, TaskRecord
+from agentd.state.port import (
+    EventRecord,
+    QuarantineRecord,
+    RunRecord,
+    Store,
+    TaskRecord,
+    atomically,
+)
 
 
 class Control:
@@ -82,22 +89,38 @@ class Control:
         self._require_task(task_id)
         return self.task_view(task_id, self.store.task_row(task_id), self.clock.now(), n_next)
 
-    def trigger(self, task_id: str) -> Row:
-        """A manual run, also for a paused task; not for one that cannot run at all."""
+    def trigger(self, task_id: str, approve_sensitive: bool = False) -> Row:
+        """A manual run, also for a paused task; not for one that cannot run at all.
+        ``approve_sensitive``: its agent's sensitive tool calls are approved in advance
+        (a ``decision`` step for every call, written with the run, in one commit)."""
         task = self._require_task(task_id)
         inactive = inactive_reason(task)
         if inactive:
             raise StateRefused("task_inactive", f"task {task_id!r} is inactive: {inactive}")
-        result = self.store.fire(
-            task_id,
-            self.clock.now(),
-            trigger="manual",
-            overlap=task.overlap,
-            max_queued=task.max_queued,
-            honour_pause=False,
-        )
+        if approve_sensitive and (task.agent is None or not task.agent.tools):
+            raise StateRefused(
+                "bad_request", f"task {task_id!r} has no agent tools to approve in advance"
+            )
+        now = self.clock.now()
+        with atomically(self.store):
+            result = self.store.fire(
+                task_id,
+                now,
+                trigger="manual",
+                overlap=task.overlap,
+                max_queued=task.max_queued,
+                honour_pause=False,
+            )
+            if approve_sensitive and result.created:
+                decision = {"decision": "approve", "by": "operator", "note": "--approve-sensitive"}
+                self.store.record_agent_step(result.run_id, 0, "decision", "*", decision, now)
         self._changed()
-        return {"run_id": result.run_id, "status": result.status, "reason": result.reason}
+        return {
+            "run_id": result.run_id,
+            "status": result.status,
+            "reason": result.reason,
+            "approved_sensitive": bool(approve_sensitive and result.created),
+        }
 
     def pause(self, task_id: str, reason: str) -> Row:
         self._require_task(task_id)
@@ -168,6 +191,45 @@ class Control:
 
     def latest_event_id(self) -> int:
         return self.store.latest_event_id()
+
+    # ------------------------------------------------------------ approvals
+
+    def approvals(self, limit: int = 100) -> list[Row]:
+        """The runs parked for an operator's decision, each with the call it waits on
+        (tool, arguments, reason) and its deadline (the approval timeout)."""
+        out: list[Row] = []
+        for run in self.store.list_runs(status="awaiting_approval", limit=limit):
+            asked = [
+                s for s in self.store.agent_steps(run["id"]) if s["kind"] == "approval_requested"
+            ]
+            call = asked[-1] if asked else None
+            payload = call["payload"] if call else {}
+            out.append(
+                {
+                    "run_id": run["id"],
+                    "task_id": run["task_id"],
+                    "call_id": call["call_id"] if call else None,
+                    "step": call["step"] if call else None,
+                    "tool": payload.get("tool"),
+                    "arguments": payload.get("arguments"),
+                    "reason": payload.get("reason"),
+                    "asked_at": call["recorded_at"] if call else None,
+                    "deadline": run["not_before"],
+                    "trigger": run["trigger"],
+                }
+            )
+        return out
+
+    def decide(
+        self, run_id: str, decision: str, call_id: str | None = None, note: str | None = None
+    ) -> Row:
+        """``approve``, ``skip`` (with a note for the model) or ``deny`` a parked run's
+        call (``Store.decide_approval``)."""
+        row = self.store.decide_approval(
+            run_id, decision, self.clock.now(), call_id=call_id, note=note
+        )
+        self._changed()
+        return row
 
     # ------------------------------------------------------------ quarantine
 

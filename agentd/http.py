@@ -63,7 +63,7 @@ from agentd.config import HttpServerConfig
 from agentd.control import Control
 from agentd.events import Event, EventBus, Subscription
 from agentd.health import Health
-from agentd.models import MAX_EVENT_ID, EventKind, StateRefused
+from agentd.models import APPROVAL_DECISIONS, MAX_EVENT_ID, EventKind, StateRefused
 from agentd.openapi import openapi_document
 from agentd.redact import SecretUnavailable, read_secret
 from agentd.state.port import StorageFault
@@ -100,6 +100,9 @@ STORE_ERROR_STATUS: Final[Mapping[str, int]] = {
     "unknown_task": 404,
     "unknown_run": 404,
     "not_quarantined": 404,
+    "not_awaiting_approval": 409,
+    "wrong_call": 409,
+    "bad_decision": 400,
     "run_finished": 409,
     "task_inactive": 409,
     "bad_request": 400,
@@ -787,6 +790,8 @@ class HttpServer:
         r.add_get("/v1/spend", self.spend)
         r.add_get("/v1/alerts", self.alerts)
         r.add_get("/v1/nodes", self.nodes)
+        r.add_get("/v1/approvals", self.approvals)
+        r.add_post("/v1/approvals/{run_id}/{decision}", self.decide)
         r.add_get("/v1/quarantine", self.quarantine_list)
         r.add_get("/v1/quarantine/{run_id}", self.quarantine_show)
         r.add_post("/v1/quarantine/{run_id}/release", self.quarantine_release)
@@ -946,8 +951,13 @@ class HttpServer:
         return _json(self.control.get_task(request.match_info["task_id"]))
 
     async def trigger(self, request: web.Request) -> web.StreamResponse:
-        await _json_body(request, timeout_s=self.settings.client_timeout)
-        return _json(self.control.trigger(request.match_info["task_id"]), 202)
+        body = await _json_body(
+            request, frozenset({"approve_sensitive"}), self.settings.client_timeout
+        )
+        approve = body.get("approve_sensitive", False)
+        if not isinstance(approve, bool):
+            raise _bad("approve_sensitive must be true or false")
+        return _json(self.control.trigger(request.match_info["task_id"], approve), 202)
 
     async def pause(self, request: web.Request) -> web.StreamResponse:
         body = await _json_body(request, frozenset({"reason"}), self.settings.client_timeout)
@@ -1016,6 +1026,34 @@ class HttpServer:
 
     async def nodes(self, request: web.Request) -> web.StreamResponse:
         return _json({"nodes": self.control.nodes()})
+
+    # ------------------------------------------------------------ approvals
+
+    async def approvals(self, request: web.Request) -> web.StreamResponse:
+        limit = _parse_uint(_query(request, "limit"), "limit", 100, 1, 1000)
+        return _json({"approvals": self.control.approvals(limit)})
+
+    async def decide(self, request: web.Request) -> web.StreamResponse:
+        decision = request.match_info["decision"]
+        if decision not in APPROVAL_DECISIONS:
+            raise RequestRefused(
+                404, "not_found", f"no decision {decision[:40]!r}: approve, skip or deny"
+            )
+        body = await _json_body(
+            request, frozenset({"call_id", "note"}), self.settings.client_timeout
+        )
+        call_id, note = body.get("call_id"), body.get("note")
+        if call_id is not None and (not isinstance(call_id, str) or not 1 <= len(call_id) <= 200):
+            raise _bad("call_id must be a string of 1 to 200 characters")
+        if note is not None and (not isinstance(note, str) or len(note) > 2000):
+            raise _bad("note must be a string of at most 2000 characters")
+        for text in (call_id, note):
+            try:
+                (text or "").encode("utf-8")
+            except UnicodeEncodeError:
+                raise _bad("call_id and note must be valid Unicode text") from None
+        row = self.control.decide(request.match_info["run_id"], decision, call_id, note)
+        return _json(row)
 
     # ------------------------------------------------------------ quarantine
 

@@ -51,6 +51,17 @@ class EventKind(StrEnum):
     QUARANTINE = "quarantine"
     RELEASE = "release"
     DROP = "drop"
+    # approvals of an agent run's tool calls
+    AWAITING_APPROVAL = "awaiting_approval"
+    """A run parked before a tool call that needs an operator (``reason``: ``sensitive``
+    or ``unknown_outcome``; ``call_id``, ``tool``, ``arguments_sha256``, ``deadline``)."""
+    APPROVAL = "approval"
+    """An operator's (or the approval timeout's) decision on a parked run: ``decision``
+    ``approve``, ``skip`` or ``deny``, ``call_id``, ``by``, ``note``."""
+    TOOL_CALL = "tool_call"
+    """One tool call of an agent run ended: ``tool``, ``call_id``, ``step``,
+    ``arguments_sha256``, ``duration_s``, ``outcome`` (``ok``, ``error``, ``refused``,
+    ``skipped``)."""
     # budgets and LLM calls
     BUDGET_EXHAUSTED = "budget_exhausted"
     BUDGET_REFUSED = "budget_refused"
@@ -73,6 +84,10 @@ class EventKind(StrEnum):
 class RunStatus(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
+    AWAITING_APPROVAL = "awaiting_approval"
+    """Parked before an agent's tool call that needs an operator: holds no lease and no
+    slot; ``approve`` or ``skip`` queues it again (it resumes at that call), ``deny`` or
+    the approval timeout (its ``not_before``) ends it ``denied``."""
     SUCCEEDED = "succeeded"
     QUARANTINED = "quarantined"
     DROPPED = "dropped"
@@ -83,6 +98,9 @@ class RunStatus(StrEnum):
     BUDGET_EXHAUSTED = "budget_exhausted"
     """Stopped before a call its budget could not hold; final, neither retried nor
     quarantined (a retry would hit the same limit)."""
+    DENIED = "denied"
+    """Parked for an approval that was refused, or not given within ``approval_timeout``;
+    final."""
 
 
 MAX_EVENT_ID = 2**63 - 1
@@ -99,6 +117,7 @@ FINAL_STATUSES = frozenset(
         RunStatus.CANCELLED,
         RunStatus.SKIPPED,
         RunStatus.BUDGET_EXHAUSTED,
+        RunStatus.DENIED,
     }
 )
 ACTIVE_STATUSES = frozenset({RunStatus.QUEUED, RunStatus.RUNNING})
@@ -114,6 +133,31 @@ class Outcome(StrEnum):
     INTERRUPTED = "interrupted"
     LOST = "lost"
     BUDGET_EXHAUSTED = "budget_exhausted"
+    PARKED = "parked"
+    """The attempt stopped before a tool call that needs an approval; costs no attempt."""
+
+
+APPROVAL_DECISIONS = ("approve", "skip", "deny")
+"""What an operator may decide on a parked call: run it (``approve``), answer the model
+that it was skipped (``skip``), or end the run ``denied`` (``deny``)."""
+TOOL_RESULT = "tool_result"
+"""The agent step kind of a tool call's result; its record also makes a ``tool_call``
+audit event (see ``agentd.executors.toolloop`` for the other kinds)."""
+TIMED_OUT = "approval_timeout"
+"""The note of a denial made by the approval timeout, not by an operator."""
+
+
+@dataclass(frozen=True)
+class Park:
+    """Why an agent run stops to wait for an operator, and at which call."""
+
+    reason: str
+    """``sensitive`` (the tool needs an approval) or ``unknown_outcome`` (the call was
+    running when its process died, and the tool is not idempotent)."""
+    call_id: str
+    tool: str
+    step: int
+    arguments_sha256: str
 
 
 @dataclass(frozen=True)
@@ -132,6 +176,8 @@ class Result:
     retryable: bool | None = None
     budget_exhausted: bool = False
     """The run stopped before a call that its budget could not hold."""
+    park: Park | None = None
+    """The run waits for an operator's decision on this call (``awaiting_approval``)."""
     detail: dict[str, Any] = field(default_factory=dict)
 
 
@@ -156,6 +202,7 @@ ALERT_EVENTS = frozenset(
         EventKind.SUCCESS,
         EventKind.BUDGET_ALARM,
         EventKind.BUDGET_EXHAUSTED,
+        EventKind.AWAITING_APPROVAL,
         EventKind.DEADMAN,
         EventKind.RUN_TOO_LONG,
         EventKind.CONFIG_RELOAD_FAILED,

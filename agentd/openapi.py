@@ -12,7 +12,7 @@ import copy
 from typing import Any
 
 from agentd.config import ALERT_KINDS
-from agentd.models import MAX_EVENT_ID, RUN_STATUSES, EventKind
+from agentd.models import APPROVAL_DECISIONS, MAX_EVENT_ID, RUN_STATUSES, EventKind
 
 Schema = dict[str, Any]
 
@@ -57,7 +57,10 @@ ERRORS: dict[str, Schema] = {
     "403": _error("`forbidden`: the read token may only read (GET and HEAD)."),
     "408": _error("`request_timeout`: the body did not arrive within `client_timeout`."),
     "404": _error("`unknown_task`, `unknown_run`, `not_quarantined` or `not_found`."),
-    "409": _error("`run_finished`: the run already ended."),
+    "409": _error(
+        "`run_finished`: the run already ended; `task_inactive`; `not_awaiting_approval` "
+        "or `wrong_call` (a decision on a run not parked, or on another call)."
+    ),
     "413": _error("`payload_too_large`: the request body is over 1 MiB."),
     "500": _error("`internal`: a bug; the traceback is in the agentd log, not here."),
     "503": _error(
@@ -236,6 +239,60 @@ SCHEMAS: dict[str, Schema] = {
             "run_id": _str(),
             "status": _str(enum=list(RUN_STATUSES)),
             "reason": _str(nullable=True),
+            "approved_sensitive": {
+                "type": "boolean",
+                "description": "The run's sensitive tool calls are approved in advance.",
+            },
+        },
+        extra=False,
+    ),
+    "TriggerRequest": {
+        "type": "object",
+        "properties": {
+            "approve_sensitive": {
+                "type": "boolean",
+                "default": False,
+                "description": "Approve the agent's sensitive tool calls in advance (a "
+                "task with agent tools only).",
+            }
+        },
+        "additionalProperties": False,
+    },
+    "Approval": _obj(
+        {
+            "run_id": _str(),
+            "task_id": _str(),
+            "call_id": _str(nullable=True),
+            "step": _int(nullable=True),
+            "tool": _str(nullable=True),
+            "arguments": {"type": "object", "nullable": True},
+            "reason": _str(nullable=True, enum=["sensitive", "unknown_outcome", None]),
+            "asked_at": _str(nullable=True),
+            "deadline": _str(nullable=True),
+            "trigger": _str(nullable=True),
+        },
+        extra=False,
+    ),
+    "ApprovalList": _obj({"approvals": {"type": "array", "items": _ref("Approval")}}, extra=False),
+    "DecisionRequest": {
+        "type": "object",
+        "properties": {
+            "call_id": _str(
+                minLength=1,
+                maxLength=200,
+                description="The call decided on: refused (409 wrong_call) if the run "
+                "waits on another.",
+            ),
+            "note": _str(maxLength=2000, description="Why; a skip tells the model this."),
+        },
+        "additionalProperties": False,
+    },
+    "DecisionResult": _obj(
+        {
+            "run_id": _str(),
+            "status": _str(enum=["queued", "denied"]),
+            "decision": _str(enum=list(APPROVAL_DECISIONS)),
+            "call_id": _str(),
         },
         extra=False,
     ),
@@ -521,6 +578,7 @@ PATHS: dict[str, Schema] = {
             "202",
             "TriggerResult",
             "409",
+            body=_optional_body(_ref("TriggerRequest")),
         )
     },
     "/v1/tasks/{task_id}/pause": {
@@ -629,6 +687,37 @@ PATHS: dict[str, Schema] = {
             "Every daemon that has opened this state, the most recently seen first.",
             [],
             _ref("NodeList"),
+        )
+    },
+    "/v1/approvals": {
+        "get": _get(
+            "Runs parked for an operator's decision on an agent's tool call (a sensitive "
+            "tool, or a call whose outcome is unknown), oldest deadline first.",
+            [_query("limit", _int(minimum=1, maximum=1000, default=100), "How many.")],
+            _ref("ApprovalList"),
+            "400",
+        )
+    },
+    "/v1/approvals/{run_id}/{decision}": {
+        "post": _post(
+            "Decide on the call a parked run waits on: `approve` runs it, `skip` tells the "
+            "model it was skipped (with the note), both queue the run again to resume at "
+            "that call; `deny` ends the run `denied`. 409 `not_awaiting_approval` or "
+            "`wrong_call`.",
+            [
+                RUN_ID,
+                {
+                    "name": "decision",
+                    "in": "path",
+                    "required": True,
+                    "description": "approve, skip or deny.",
+                    "schema": _str(enum=list(APPROVAL_DECISIONS)),
+                },
+            ],
+            "200",
+            "DecisionResult",
+            "409",
+            body=_optional_body(_ref("DecisionRequest")),
         )
     },
     "/v1/quarantine": {

@@ -434,11 +434,38 @@ def _dispatch(ops: CliCommands, args: argparse.Namespace, parser: argparse.Argum
         for event in rows:
             print(json.dumps(event, default=str) if args.json else _event_line(event))
         return 0
+    if cmd == "approvals":
+        rows = ops.call(
+            lambda c: c.get("/v1/approvals", limit=args.limit)["approvals"],
+            lambda ctl: ctl.approvals(args.limit),
+        )
+        if not args.json:
+            for row in rows:
+                row["arguments"] = json.dumps(row["arguments"], sort_keys=True)
+        return _print(
+            args,
+            rows,
+            ["run_id", "task_id", "call_id", "tool", "reason", "arguments", "deadline"],
+        )
+    if cmd in ("approve", "deny"):
+        decision = "deny" if cmd == "deny" else "skip" if args.skip else "approve"
+        rid = q(args.run_id, safe="")
+        body = {k: v for k, v in (("call_id", args.call), ("note", args.note)) if v is not None}
+        return _print_detail(
+            args,
+            ops.call(
+                lambda c: c.post(f"/v1/approvals/{rid}/{decision}", body),
+                lambda ctl: ctl.decide(args.run_id, decision, args.call, args.note),
+                writes=True,
+            ),
+        )
     if cmd in ("trigger", "pause", "resume"):
         tid = q(args.task, safe="")
         body = {"reason": args.reason} if cmd == "pause" else {}
+        if cmd == "trigger" and args.approve_sensitive:
+            body = {"approve_sensitive": True}
         direct: dict[str, Callable[[Control], Row]] = {
-            "trigger": lambda ctl: ctl.trigger(args.task),
+            "trigger": lambda ctl: ctl.trigger(args.task, args.approve_sensitive),
             "pause": lambda ctl: ctl.pause(args.task, args.reason),
             "resume": lambda ctl: ctl.resume(args.task),
         }

@@ -69,6 +69,11 @@ def decide(
     if outcome == Outcome.BUDGET_EXHAUSTED:
         # Final: a retry would meet the same limit, and nothing is broken to quarantine.
         return Decision(RunStatus.BUDGET_EXHAUSTED, 0.0, "budget exhausted")
+    if outcome == Outcome.PARKED:
+        # Not a failure: it waits for an operator until the agent's approval_timeout,
+        # which ``not_before`` holds while the run is parked (``expire_approvals``).
+        wait = task.agent.approval_timeout if task.agent is not None else 0.0
+        return Decision(RunStatus.AWAITING_APPROVAL, wait, "awaiting approval")
     if outcome in (Outcome.INTERRUPTED, Outcome.LOST):
         return Decision(RunStatus.QUEUED, 0.0, "resume")
     policy = task.retry
@@ -323,6 +328,7 @@ class Runner:
         if now_mono - self._last_recover >= self.lease_s:
             self._last_recover = now_mono
             self.recover_expired()
+            self.expire_approvals()
         if not self.claiming:
             return []
         free = self.concurrency - len(self.active)
@@ -368,6 +374,14 @@ class Runner:
         if rows:
             self._last_heartbeat = self.clock.monotonic()
         return started
+
+    def expire_approvals(self) -> list[str]:
+        """End ``denied`` the parked runs whose approval timeout has passed. Every lease
+        period, so a deadline is kept to within one lease."""
+        denied = self.store.expire_approvals(self.clock.now())
+        for run_id in denied:
+            log.warning("approval timed out run=%s: denied (approval_timeout)", run_id)
+        return denied
 
     def recover_expired(self) -> list[str]:
         """Re-queue runs left ``running`` whose lease has expired and that this runner no
@@ -564,6 +578,8 @@ class Runner:
             outcome = Outcome.SUCCESS if result.ok else Outcome.FAILURE
             if result.budget_exhausted:
                 outcome = Outcome.BUDGET_EXHAUSTED
+            elif result.park is not None:
+                outcome = Outcome.PARKED
             error = result.error
         except TimeoutError:
             ctx.request_cancel()

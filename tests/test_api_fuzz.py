@@ -289,7 +289,7 @@ def check_the_matrix(
         else:
             assert reading not in (401, 403) and reading < 500, (method, path, reading)
         checked += 1
-    assert checked == 20  # the 23 fuzzed operations but the probes and /metrics
+    assert checked == 22  # the 25 fuzzed operations but the probes and /metrics
     for path in ("/v1/openapi.json", "/v1/nope"):
         assert session.get(base_url + path, timeout=20).status_code == 401, path
     for path in (*PROBES, "/metrics"):
@@ -305,7 +305,7 @@ def test_api_conforms_to_its_openapi_document(live_server: ServerThread) -> None
     for result in schema.get_all_operations():
         assert isinstance(result, Ok), result
         operations.append(result.ok())
-    assert len(operations) == 23  # all 24 but the document itself, which from_url skips
+    assert len(operations) == 25  # all 26 but the document itself, which from_url skips
 
     session = requests.Session()
     session.trust_env = False

@@ -908,11 +908,38 @@ def test_agent_tool_problems_name_their_path() -> None:
     )
     assert "only {name} of an argument" in problem_at(problems, f"{at}[1].command.argv").message
     assert "'evil.example' is not in allow_hosts" in problem_at(problems, f"{at}[2].http").message
-    assert "not enforce yet" in problem_at(problems, f"{at}[3].sensitive").message
+    assert not [p for p in problems if p.path.startswith(f"{at}[3]")]  # sensitive: valid
     assert problem_at(problems, f"{at}[4].command.argv")
     assert "exactly one of command, http, python" in problem_at(problems, f"{at}[5]").message
     assert "must describe an object" in problem_at(problems, f"{at}[6].parameters").message
     assert "package.module:function" in problem_at(problems, f"{at}[6].python.callable").message
+
+
+def test_limits_sensitive_tools_are_added_to_every_agents_own_list() -> None:
+    text = textwrap.dedent(
+        """
+        limits:
+          sensitive_tools: ["rm_*", deploy]
+        tasks:
+          a:
+            schedule: {manual: true}
+            agent:
+              base_url: http://127.0.0.1:9/v1
+              model: m
+              prompt: p
+              sensitive_tools: [push]
+              approval_timeout: 2h
+              tools:
+                - {name: push, command: {argv: [echo]}}
+                - {name: rm_tree, command: {argv: [echo]}}
+        """
+    )
+    agent = parse_config(text, "t.yaml", {}).tasks["a"].agent
+    assert agent is not None
+    assert agent.sensitive_tools == ["push", "rm_*", "deploy"]
+    assert agent.approval_timeout == 7200.0
+    problems = problems_of(text.replace("approval_timeout: 2h", "approval_timeout: 0s"))
+    assert problem_at(problems, "tasks.a.agent.approval_timeout")
 
 
 def test_agent_tool_placeholders_must_name_parameters() -> None:

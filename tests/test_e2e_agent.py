@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 from harness import Agentd, wait_for
@@ -148,12 +149,28 @@ def test_kill_9_in_the_middle_of_a_tool_call(
         assert len(llm.requests) == 2 and llm.requests[1].tool_results == {"c1": "appended once\n"}
         assert "agent tool call runs again (idempotent)" in d.log()
     else:
-        run = d.wait_status(run_id, "quarantined")
-        assert "tool call c1 (append, step 1) was running when the run stopped" in run["error"]
-        assert "not idempotent, so it is not run again" in run["error"]
-        assert len(lines(out)) == 1
-        assert len(llm.requests) == 1
-        assert steps(d, run_id) == [(1, "model", None), (1, "tool_started", "c1")]
+        # Never run again unasked: the run parks for an operator, who may approve it.
+        run = d.wait_status(run_id, "awaiting_approval")
+        assert "tool call c1 (append, step 1)" in run["error"]
+        assert "its outcome is unknown and the tool is not idempotent" in run["error"]
+        assert len(lines(out)) == 1 and len(llm.requests) == 1
+        assert steps(d, run_id) == [
+            (1, "model", None),
+            (1, "tool_started", "c1"),
+            (1, "approval_requested", "c1"),
+        ]
+        [parked] = json.loads(d.cli("approvals", "--json").stdout)
+        assert (parked["run_id"], parked["call_id"], parked["reason"]) == (
+            run_id,
+            "c1",
+            "unknown_outcome",
+        )
+        assert parked["arguments"] == {"word": "once"}
+        d.cli("approve", run_id, "--call", "c1")
+        d.wait_status(run_id, "succeeded")
+        first, again = lines(out)
+        assert first == again  # run again on the operator's word, with the same key
+        assert "agent tool call runs again (approved by an operator)" in d.log()
     assert first_calls(llm) == 1  # the recorded first model call was not made again
     assert d.stop() == 0
 
@@ -330,3 +347,128 @@ def _nodes(root: Path, tasks: str, top: str, n: int) -> Iterator[list[Agentd]]:
         for node in nodes:
             if node.proc is not None and node.proc.poll() is None:
                 node.kill9()
+
+
+def sensitive_task(out: Path, extra: str = "", sensitive: str = "sensitive: true") -> str:
+    return f"""
+    guarded:
+      schedule: {{manual: true}}
+      agent:
+        provider: fake
+        prompt: Push the word.
+        approval_timeout: 1h
+        {extra}
+        tools:
+          - name: push
+            {sensitive}
+            parameters:
+              type: object
+              properties: {{word: {{type: string}}}}
+              required: [word]
+            command: {{argv: [{PY}, {SCRIPT}, {out}, "{{word}}"]}}
+    """
+
+
+def alert_channel(sink: Path) -> str:
+    script = f"import sys; open({str(sink)!r}, 'a').write(sys.stdin.read() + chr(10))"
+    return f"""
+    alerts:
+      channels:
+        pager: {{command: {{argv: [{PY!r}, -c, {script!r}]}}}}
+      rules:
+        - {{events: [approval_needed], channels: [pager], cooldown: 0s}}
+    """
+
+
+def test_a_sensitive_call_parks_alerts_and_runs_once_approved(
+    make_daemon: Any, llm: FakeLLM, tmp_path: Path
+) -> None:
+    out, sink = tmp_path / "words.txt", tmp_path / "alerts.jsonl"
+    llm.queue(tool_calls(call("push", {"word": "prod"}, "c1")), fake_llm.ok("pushed"))
+    d = make_daemon(sensitive_task(out), top=providers(llm) + alert_channel(sink)).start()
+    run_id = d.trigger("guarded")
+    run = d.wait_status(run_id, "awaiting_approval")
+    assert not out.exists() and len(llm.requests) == 1
+    assert "the tool is sensitive" in run["error"] and '{"word": "prod"}' in run["error"]
+    assert "agent run parked for an approval run=" in d.log()
+    wait_for(lambda: sink.exists() and "approval_needed" in sink.read_text(), what="the alert")
+    alert = json.loads(sink.read_text().splitlines()[0])
+    assert alert["kind"] == "approval_needed" and alert["run_id"] == run_id
+    assert f"agentd approve {run_id}" in alert["summary"]
+    table = d.cli("approvals").stdout
+    assert run_id in table and "push" in table and "sensitive" in table
+    d.cli("approve", run_id)
+    d.wait_status(run_id, "succeeded")
+    assert [line.split()[0] for line in lines(out)] == ["prod"]
+    assert llm.requests[1].tool_results == {"c1": "appended prod\n"}
+    [decided] = d.events(run_id, "approval")
+    assert decided["data"]["decision"] == "approve" and decided["data"]["tool"] == "push"
+    [audit] = d.events(run_id, "tool_call")
+    assert audit["data"]["tool"] == "push" and audit["data"]["outcome"] == "ok"
+    assert len(audit["data"]["arguments_sha256"]) == 64
+    assert d.stop() == 0
+
+
+def test_deny_skip_and_approval_timeout(make_daemon: Any, llm: FakeLLM, tmp_path: Path) -> None:
+    """Over the API: deny ends a run denied; skip tells the model (with the note) and the
+    run goes on; a run nobody decides on is denied at its approval_timeout."""
+    out = tmp_path / "words.txt"
+    d = make_daemon(sensitive_task(out), top=providers(llm)).start()
+    api = d.url + "/v1/approvals"
+
+    llm.queue(tool_calls(call("push", {"word": "a"}, "c1")))
+    denied = d.trigger("guarded")
+    d.wait_status(denied, "awaiting_approval")
+    wrong = httpx.post(f"{api}/{denied}/approve", json={"call_id": "c9"})
+    assert wrong.status_code == 409 and wrong.json()["error"] == "wrong_call"
+    assert httpx.post(f"{api}/{denied}/maybe").status_code == 404
+    assert httpx.post(f"{api}/{denied}/deny", json={"note": "not now"}).json()["status"] == "denied"
+    assert d.wait_status(denied, "denied")["error"] == "denied by operator: not now"
+    again = httpx.post(f"{api}/{denied}/approve")
+    assert again.status_code == 409 and again.json()["error"] == "not_awaiting_approval"
+
+    llm.queue(tool_calls(call("push", {"word": "b"}, "c1")), fake_llm.ok("skipped it"))
+    skipped = d.trigger("guarded")
+    d.wait_status(skipped, "awaiting_approval")
+    answer = httpx.post(f"{api}/{skipped}/skip", json={"note": "done by hand"})
+    assert answer.status_code == 200 and answer.json()["status"] == "queued"
+    d.wait_status(skipped, "succeeded")
+    assert llm.requests[-1].tool_results == {
+        "c1": "error: an operator skipped this call: done by hand"
+    }
+    assert not out.exists()
+    [audit] = d.events(skipped, "tool_call")
+    assert audit["data"]["outcome"] == "skipped"
+    assert d.stop() == 0
+
+    d.write_config(sensitive_task(out).replace("approval_timeout: 1h", "approval_timeout: 1s"))
+    d.start()
+    llm.queue(tool_calls(call("push", {"word": "c"}, "c1")))
+    timed_out = d.trigger("guarded")
+    run = d.wait_status(timed_out, "denied", timeout=60)  # within a lease (5 s) of 1 s
+    assert run["error"] == "approval timed out (approval_timeout)"
+    assert "approval timed out run=" in d.log()
+    assert not out.exists()
+    assert d.stop() == 0
+
+
+def test_a_run_triggered_with_approve_sensitive_does_not_park(
+    make_daemon: Any, llm: FakeLLM, tmp_path: Path
+) -> None:
+    """--approve-sensitive approves in advance; limits.sensitive_tools marks by pattern."""
+    out = tmp_path / "words.txt"
+    top = providers(llm) + "\nlimits:\n  sensitive_tools: [pu*]\n"
+    d = make_daemon(sensitive_task(out, sensitive=""), top=top).start()
+    llm.queue(tool_calls(call("push", {"word": "x"}, "c1")), fake_llm.ok("ok"))
+    run_id = json.loads(d.cli("trigger", "guarded", "--approve-sensitive", "--json").stdout)[
+        "run_id"
+    ]
+    d.wait_status(run_id, "succeeded")
+    assert [line.split()[0] for line in lines(out)] == ["x"]
+    llm.queue(tool_calls(call("push", {"word": "y"}, "c1")))
+    parked = d.trigger("guarded")  # the pattern makes it sensitive
+    d.wait_status(parked, "awaiting_approval")
+    assert json.loads(d.cli("cancel", parked, "--json").stdout)["status"] == "cancelled"
+    assert d.run_status(parked) == "cancelled"
+    assert [line.split()[0] for line in lines(out)] == ["x"]
+    assert d.stop() == 0

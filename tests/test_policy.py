@@ -50,6 +50,16 @@ def test_cancelled_is_cancelled_even_with_attempts_left() -> None:
     assert decision.status == RunStatus.CANCELLED
 
 
+def test_a_parked_attempt_waits_for_its_approval_timeout_and_costs_nothing() -> None:
+    agent = {"base_url": "http://127.0.0.1:9/v1", "model": "m", "prompt": "p",
+             "approval_timeout": "2h", "tools": [{"name": "x", "command": {"argv": ["true"]}}]}  # fmt: skip
+    t = TaskConfig.model_validate({"id": "t", "schedule": {"manual": True}, "agent": agent})
+    # Even past max_attempts: waiting for an operator is not a failure.
+    decision = decide(t, Outcome.PARKED, Result(ok=False), 9, rng())
+    assert decision.status == RunStatus.AWAITING_APPROVAL
+    assert decision.delay_s == 7200.0
+
+
 @pytest.mark.parametrize("outcome", [Outcome.INTERRUPTED, Outcome.LOST])
 def test_interrupted_and_lost_resume_at_once(outcome: Outcome) -> None:
     # Even past max_attempts: an interrupt is the daemon's doing, not the task's.

@@ -319,6 +319,7 @@ def test_a_resumed_run_repeats_no_recorded_model_call_nor_tool_call(tmp_path: Pa
 def test_a_call_started_but_not_finished_runs_again_only_if_idempotent(
     tmp_path: Path, idempotent: bool
 ) -> None:
+    """Any other tool's call with an unknown outcome parks the run for an operator."""
     out = tmp_path / "words.txt"
 
     async def main() -> tuple[Result, FakeLLM, Side]:
@@ -338,13 +339,56 @@ def test_a_call_started_but_not_finished_runs_again_only_if_idempotent(
         assert lines(out) == [f"w {idempotency_key(side.run_id, 1, 'c1')}"]
         assert side.steps()[-2:] == [(1, "tool_result", "c1"), (2, "model", None)]
     else:
-        assert not result.ok and result.retryable is False
-        assert result.error == (
-            "tool call c1 (append, step 1) was running when the run stopped: its outcome is"
-            " unknown, and the tool is not idempotent, so it is not run again"
+        assert not result.ok and result.park is not None
+        assert (result.park.reason, result.park.call_id, result.park.tool) == (
+            "unknown_outcome",
+            "c1",
+            "append",
         )
+        assert result.error is not None and "its outcome is unknown" in result.error
         assert llm.requests == [] and not out.exists()
-        assert len(side.steps()) == 2
+        assert side.steps()[-1] == (1, "approval_requested", "c1")
+        [asked] = [
+            s for s in side.store.agent_steps(side.run_id) if s["kind"] == "approval_requested"
+        ]
+        assert asked["payload"]["arguments"] == {"word": "w"}
+
+
+@pytest.mark.parametrize("decision", ["approve", "skip"])
+def test_a_decision_on_a_parked_call_runs_it_or_tells_the_model_it_was_skipped(
+    tmp_path: Path, decision: str
+) -> None:
+    """After the operator's decision (a ``decision`` step, as ``decide_approval`` writes
+    it), the run goes on at the parked call: approved, it runs (with the first
+    execution's Idempotency-Key); skipped, the model reads the note and nothing runs."""
+    out = tmp_path / "words.txt"
+
+    async def main() -> tuple[Result, FakeLLM, Side]:
+        async with FakeLLM() as llm:
+            side = Side(tmp_path / "db", config_for(llm, append_tool(out)))
+            asked = {"content": "", "tool_calls": [{"id": "c1", "name": "append",
+                     "arguments": '{"word": "w"}'}]}  # fmt: skip
+            side.store.record_agent_step(side.run_id, 1, "model", None, asked, T0)
+            side.store.record_agent_step(side.run_id, 1, "tool_started", "c1", {}, T0)
+            parked = await side.execute()
+            assert parked.park is not None
+            note = {"decision": decision, "by": "operator", "note": "done by hand"}
+            side.store.record_agent_step(side.run_id, 1, "decision", "c1", note, T0)
+            llm.queue(fake_llm.ok("finished"))
+            result = await side.execute()
+        return result, llm, side
+
+    result, llm, side = run(main)
+    assert result.ok, result.error
+    [request] = llm.requests
+    [result_step] = [s for s in side.store.agent_steps(side.run_id) if s["kind"] == "tool_result"]
+    if decision == "approve":
+        assert lines(out) == [f"w {idempotency_key(side.run_id, 1, 'c1')}"]
+        assert result_step["payload"]["outcome"] == "ok"
+    else:
+        assert not out.exists()
+        assert request.tool_results == {"c1": "error: an operator skipped this call: done by hand"}
+        assert result_step["payload"]["outcome"] == "skipped"
 
 
 def test_max_steps_ends_the_run_and_tool_failures_reach_the_model(tmp_path: Path) -> None:

@@ -20,10 +20,18 @@ those records and goes on from the last one: a recorded reply is never asked for
 paid for) again, and a call with a recorded result is never run again. A call recorded
 as started with no result has an unknown outcome (the daemon died while it ran): a tool
 declared ``idempotent`` runs again, with the same ``Idempotency-Key`` as the first time
-(derived from run, step and call id); any other tool's call is never repeated, and the
-run ends with a non-retryable error naming the call. What cannot be avoided: a reply
-that arrived but was not yet recorded when the daemon died is asked for again (the
-ledger shows both calls).
+(derived from run, step and call id); any other tool's call is never repeated unasked.
+What cannot be avoided: a reply that arrived but was not yet recorded when the daemon
+died is asked for again (the ledger shows both calls).
+
+Approvals. That call, and a call of a sensitive tool (``sensitive: true``, or named by
+the agent's ``sensitive_tools``), is not run before an operator decides: the run records
+the call as ``approval_requested`` and ends its attempt parked (``Result.park``: the run
+becomes ``awaiting_approval``). A ``decision`` record (``Store.decide_approval``) settles
+it: ``approve`` runs the call, ``skip`` answers the model that an operator skipped it
+(with the note), ``deny`` never reaches the loop (the run ends ``denied``). A decision
+for call ``*`` (a manual run triggered with ``--approve-sensitive``) approves every
+sensitive call of the run in advance, never an unknown outcome.
 
 Arguments are checked against the tool's JSON schema before anything runs; a call with
 invalid arguments, or of a tool that does not exist, is answered to the model as a tool
@@ -34,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fnmatch
 import hashlib
 import inspect
 import json
@@ -51,12 +60,19 @@ from agentd.config import AgentConfig, TaskConfig, ToolConfig
 from agentd.context import RunContext
 from agentd.executors import ExecEnv
 from agentd.executors.python import _in_thread, _ResolveError, resolve
-from agentd.models import CheckpointNotSaved, Result, StopRequested
+from agentd.models import TOOL_RESULT, CheckpointNotSaved, Park, Result, StopRequested
 from agentd.providers import BudgetExhausted, LLMError, ToolCall
 
 MODEL = "model"
 STARTED = "tool_started"
-RESULT = "tool_result"
+RESULT = TOOL_RESULT
+REQUESTED = "approval_requested"
+"""A call the run parked at (tool, arguments, reason): what the operator decides on."""
+DECISION = "decision"
+"""The operator's decision on a parked call (``Store.decide_approval``), or, with call
+id ``*`` recorded when a manual run is triggered with ``--approve-sensitive``, the
+approval in advance of every sensitive call of the run."""
+EVERY_CALL = "*"
 
 OUTPUT_MAX_BYTES = 64 * 1024
 """What one tool call may hand back to the model; more is cut (and said so)."""
@@ -73,6 +89,11 @@ class _State:
     """The last recorded reply's payload."""
     started: set[str] = field(default_factory=set)
     results: set[str] = field(default_factory=set)
+    requested: set[str] = field(default_factory=set)
+    """Calls the run parked at, for an operator's decision."""
+    decisions: dict[str, str] = field(default_factory=dict)
+    """Call id (or ``EVERY_CALL``) -> the operator's decision: approve or skip."""
+    notes: dict[str, str] = field(default_factory=dict)
     tool_calls: int = 0
     usage: dict[str, Any] = field(
         default_factory=lambda: {"input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0}
@@ -91,6 +112,11 @@ class _State:
             self.usage["cost_usd"] = round(self.usage["cost_usd"] + cost, 9)
         elif kind == STARTED:
             self.started.add(str(call_id))
+        elif kind == REQUESTED:
+            self.requested.add(str(call_id))
+        elif kind == DECISION:
+            self.decisions[str(call_id)] = str(payload.get("decision"))
+            self.notes[str(call_id)] = str(payload.get("note") or "")
         elif kind == RESULT:
             self.results.add(str(call_id))
             self.tool_calls += 1
@@ -272,50 +298,117 @@ class _Loop:
         }
 
     async def _call(self, call: dict[str, Any], state: _State) -> Result | None:
-        """Run one call (or refuse to) and record its result; a Result ends the run."""
+        """Run one call (or refuse to) and record its result; a Result ends the run (here:
+        parked for an operator's decision)."""
         ctx = self.ctx
         call_id, name, step = str(call["id"]), str(call["name"]), state.steps
         tool = self.tools.get(name)
-        arguments, problem = _arguments(tool, name, str(call.get("arguments") or ""))
+        text = str(call.get("arguments") or "")
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        arguments, problem = _arguments(tool, name, text)
+        outcome = "refused"
         if problem is None and tool is not None and arguments is not None:
-            if call_id in state.started:
-                if not tool.idempotent:
-                    ctx.log.warning(
-                        "agent tool call has an unknown outcome run=%s step=%d call=%s tool=%s",
+            wait = self._approval_needed(tool, call_id, state)
+            if wait is not None:
+                return self._park(wait, call_id, name, step, arguments, digest, state)
+            if state.decisions.get(call_id) == "skip":
+                note = state.notes.get(call_id)
+                ok, duration, outcome = False, 0.0, "skipped"
+                content = "error: an operator skipped this call" + (f": {note}" if note else "")
+            else:
+                if call_id in state.started:
+                    why = "idempotent" if tool.idempotent else "approved by an operator"
+                    ctx.log.info(
+                        "agent tool call runs again (%s) run=%s step=%d call=%s tool=%s",
+                        why,
                         ctx.run_id,
                         step,
                         call_id,
                         name,
                     )
-                    return Result(
-                        ok=False,
-                        retryable=False,
-                        error=f"tool call {call_id} ({name}, step {step}) was running when the"
-                        " run stopped: its outcome is unknown, and the tool is not idempotent,"
-                        " so it is not run again",
-                        detail={"unknown_call": call_id, "tool": name, "step": step},
-                    )
-                ctx.log.info(
-                    "agent tool call runs again (idempotent) run=%s step=%d call=%s tool=%s",
-                    ctx.run_id,
-                    step,
-                    call_id,
-                    name,
-                )
-            else:
-                started = {"tool": name, "arguments": arguments}
-                self.record(step, STARTED, call_id, started)
-                state.apply(STARTED, call_id, started)
-            key = idempotency_key(ctx.run_id, step, call_id)
-            began = time.monotonic()
-            ok, content = await self._execute(tool, arguments, key)
-            duration = round(time.monotonic() - began, 3)
+                else:
+                    started = {"tool": name, "arguments": arguments}
+                    self.record(step, STARTED, call_id, started)
+                    state.apply(STARTED, call_id, started)
+                key = idempotency_key(ctx.run_id, step, call_id)
+                began = time.monotonic()
+                ok, content = await self._execute(tool, arguments, key)
+                duration = round(time.monotonic() - began, 3)
+                outcome = "ok" if ok else "error"
         else:
             ok, content, duration = False, f"error: {problem}", 0.0
-        payload = {"tool": name, "ok": ok, "content": content, "duration_s": duration}
+        payload = {
+            "tool": name,
+            "ok": ok,
+            "content": content,
+            "duration_s": duration,
+            "outcome": outcome,
+            "arguments_sha256": digest,
+        }
         self.record(step, RESULT, call_id, payload)
         state.apply(RESULT, call_id, payload)
         return None
+
+    def sensitive(self, tool: ToolConfig) -> bool:
+        """Marked ``sensitive``, or named by the agent's ``sensitive_tools`` (which hold
+        ``limits.sensitive_tools`` too)."""
+        return tool.sensitive or any(
+            fnmatch.fnmatchcase(tool.name, pattern) for pattern in self.cfg.sensitive_tools
+        )
+
+    def _approval_needed(self, tool: ToolConfig, call_id: str, state: _State) -> str | None:
+        """Why this call may not run before an operator decides, or None. A decision on
+        the call (approve, skip) settles it; an unknown outcome of a non-idempotent call
+        needs one; a sensitive call not yet started needs one, unless the run was
+        approved in advance (``EVERY_CALL``)."""
+        if state.decisions.get(call_id) in ("approve", "skip"):
+            return None
+        if call_id in state.started:
+            return None if tool.idempotent else "unknown_outcome"
+        if self.sensitive(tool) and state.decisions.get(EVERY_CALL) != "approve":
+            return "sensitive"
+        return None
+
+    def _park(
+        self,
+        reason: str,
+        call_id: str,
+        name: str,
+        step: int,
+        arguments: dict[str, Any],
+        digest: str,
+        state: _State,
+    ) -> Result:
+        """Record what the operator is asked (once per call), and end the attempt parked."""
+        ctx = self.ctx
+        if call_id not in state.requested:
+            asked = {"tool": name, "arguments": arguments, "reason": reason, "step": step}
+            self.record(step, REQUESTED, call_id, asked)
+            state.apply(REQUESTED, call_id, asked)
+        ctx.log.warning(
+            "agent run parked for an approval run=%s step=%d call=%s tool=%s reason=%s",
+            ctx.run_id,
+            step,
+            call_id,
+            name,
+            reason,
+        )
+        shown = json.dumps(arguments, sort_keys=True, default=str)
+        if len(shown) > 300:
+            shown = shown[:300] + "..."
+        what = (
+            "the tool is sensitive"
+            if reason == "sensitive"
+            else "it was running when the run stopped, its outcome is unknown and the tool"
+            " is not idempotent"
+        )
+        return Result(
+            ok=False,
+            error=f"awaiting approval of tool call {call_id} ({name}, step {step}): {what};"
+            f" arguments {shown}",
+            park=Park(reason, call_id, name, step, digest),
+            detail={"awaiting": call_id, "tool": name, "step": step, "reason": reason},
+        )
 
     async def _execute(
         self, tool: ToolConfig, arguments: dict[str, Any], key: str

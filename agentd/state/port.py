@@ -765,6 +765,29 @@ class AgentStepsPort(Protocol):
         """Every record of ``run_id``, in ``seq`` order (none: an empty list)."""
         ...
 
+    def decide_approval(
+        self,
+        run_id: str,
+        decision: str,
+        now: datetime,
+        *,
+        call_id: str | None = None,
+        note: str | None = None,
+        by: str = "operator",
+    ) -> Row:
+        """An operator's decision (``models.APPROVAL_DECISIONS``) on the call a parked run
+        (``awaiting_approval``) asked about in its last ``approval_requested`` step, in
+        one transaction: a ``decision`` step, the run ``queued`` (approve, skip: it
+        resumes at that call) or ``denied`` (deny), an ``approval`` event. ``call_id``,
+        given, must be that call's. Refused (``StateRefused``): ``unknown_run``,
+        ``not_awaiting_approval``, ``wrong_call``, ``bad_decision``."""
+        ...
+
+    def expire_approvals(self, now: datetime) -> list[str]:
+        """Deny (by ``agentd``, note ``models.TIMED_OUT``) every parked run whose approval
+        deadline (its ``not_before``) has passed; their ids."""
+        ...
+
 
 class Store(LedgerPort, AlertsPort, NodesPort, AgentStepsPort, Protocol):
     """agentd's state, as every module above the state layer sees it."""

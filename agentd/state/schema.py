@@ -161,6 +161,8 @@ _partial(
 )
 # Heartbeats and recovery: running runs by lease owner.
 _partial("idx_runs_running", runs.c.lease_owner, where=runs.c.status == "running")
+# The approval timeout's sweep: parked runs by deadline (their not_before).
+_partial("idx_runs_parked", runs.c.not_before, where=runs.c.status == "awaiting_approval")
 
 attempts = Table(
     "attempts",

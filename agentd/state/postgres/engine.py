@@ -114,7 +114,7 @@ log = logging.getLogger("agentd.state.postgres")
 
 Conn = psycopg.Connection[dict[str, Any]]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """This engine's schema version: 1 is ``state.schema.metadata`` as first released;
 each later one is ``UPGRADES[n]`` from the one before. A new database is created from
 the metadata as it is now, at this version."""
@@ -271,6 +271,7 @@ def _index_ddl(name: str) -> list[str]:
 UPGRADES: dict[int, Callable[[], list[str]]] = {
     2: lambda: _index_ddl("idx_runs_due"),  # the claim's whole ORDER BY in the index
     3: steps_table_ddl,  # an agent run's durable steps
+    4: lambda: _index_ddl("idx_runs_parked"),  # the approval timeout's sweep
 }
 """The statements that bring a database from the schema version before each key to
 that version (this engine's own numbering; SQLite's is ``state.sqlite.migrations``)."""
@@ -1460,7 +1461,7 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements, StepState
         ``SqliteStore.finish``). Returns the run's id, task_id, attempt and failures.
         With ``owner``, fenced (see ``Finish.owner``)."""
         counted = outcome in (Outcome.FAILURE, Outcome.TIMEOUT)
-        final = next_status != RunStatus.QUEUED
+        final = next_status not in _OPEN
         ts = to_iso(now)
         due = to_iso(not_before) if not_before else ts
         error = self.redactor.optional(error)
@@ -1565,7 +1566,7 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements, StepState
             ts = to_iso(f.at)
             counted = f.outcome in (Outcome.FAILURE, Outcome.TIMEOUT)
             due = to_iso(f.not_before) if f.not_before else ts
-            final = f.next_status != RunStatus.QUEUED
+            final = f.next_status not in _OPEN
             error = scrub(f.error)
             runs.append(
                 (str(f.next_status), 1 if counted else 0, due, str(f.outcome), f.exit_code,
@@ -1680,14 +1681,14 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements, StepState
             run = self._one("SELECT * FROM runs WHERE id=%s FOR UPDATE", (run_id,))
             if run is None:
                 raise StateRefused("unknown_run", f"no run {run_id!r}")
-            if run["status"] not in ACTIVE_STATUSES:
+            if run["status"] not in ACTIVE_STATUSES | {RunStatus.AWAITING_APPROVAL}:
                 raise StateRefused(
                     "run_finished", f"run {run_id} already ended with status {run['status']}"
                 )
             return self._request_cancel_locked(run, now, reason="operator")
 
     def _request_cancel_locked(self, run: Row, now: datetime, reason: str) -> str:
-        if run["status"] == RunStatus.QUEUED:
+        if run["status"] in (RunStatus.QUEUED, RunStatus.AWAITING_APPROVAL):
             self.conn.execute(
                 "UPDATE runs SET status='cancelled', outcome='cancelled', finished_at=%s"
                 " WHERE id=%s",
@@ -1908,7 +1909,10 @@ _FINISH_EVENT = {
     Outcome.INTERRUPTED: EventKind.INTERRUPT,
     Outcome.LOST: EventKind.RECOVER,
     Outcome.BUDGET_EXHAUSTED: EventKind.BUDGET_EXHAUSTED,
+    Outcome.PARKED: EventKind.AWAITING_APPROVAL,
 }
+_OPEN = (RunStatus.QUEUED, RunStatus.AWAITING_APPROVAL)
+"""Where a finish leaves a run unfinished (no ``finished_at``)."""
 
 
 def _run_hooks(hooks: list[Callable[[], None]]) -> None:

@@ -11,7 +11,15 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.schema import CreateTable
 
 from agentd.clock import to_iso
-from agentd.models import StateRefused
+from agentd.models import (
+    APPROVAL_DECISIONS,
+    TIMED_OUT,
+    TOOL_RESULT,
+    EventKind,
+    Row,
+    RunStatus,
+    StateRefused,
+)
 from agentd.redact import Redactor
 from agentd.state.port import AgentStepRecord
 from agentd.state.postgres.statements import Statements
@@ -44,7 +52,7 @@ class StepStatements(Statements):
         with self.tx() as conn:
             if owner is not None:
                 held = conn.execute(
-                    "SELECT 1 FROM runs WHERE id=%s AND status='running' AND lease_owner=%s"
+                    "SELECT task_id FROM runs WHERE id=%s AND status='running' AND lease_owner=%s"
                     " AND (%s::integer IS NULL OR attempt=%s::integer)",
                     (run_id, owner, attempt, attempt),
                 ).fetchone()
@@ -52,19 +60,137 @@ class StepStatements(Statements):
                     raise StateRefused(
                         "lease_lost", f"run {run_id!r} is not running under {owner!r} any more"
                     )
-            # Under the write lock (every tx() takes it first): no other writer, on this
-            # node or another, takes the same seq.
-            row = conn.execute(
-                "SELECT COALESCE(MAX(seq), 0) + 1 AS seq FROM agent_steps WHERE run_id=%s",
-                (run_id,),
-            ).fetchone()
-            seq = int(row["seq"]) if row else 1
-            conn.execute(
-                "INSERT INTO agent_steps(run_id, seq, step, kind, call_id, payload, recorded_at)"
-                " VALUES (%s,%s,%s,%s,%s,%s,%s)",
-                (run_id, seq, step, kind, call_id, blob, to_iso(now)),
+            if kind == TOOL_RESULT and isinstance(payload, dict):
+                self._tool_call_event(run_id, step, call_id, payload, now)
+            return self._append_step(run_id, step, kind, call_id, blob, now)
+
+    def _tool_call_event(
+        self, run_id: str, step: int, call_id: str | None, result: dict[str, Any], now: datetime
+    ) -> None:
+        """The audit event of one tool call, derived from its result record, in the same
+        transaction (so the audit log has every call whose result is recorded)."""
+        run = self._one("SELECT task_id FROM runs WHERE id=%s", (run_id,))
+        self._event(
+            now,
+            EventKind.TOOL_CALL,
+            run["task_id"] if run else None,
+            run_id,
+            tool=result.get("tool"),
+            call_id=call_id,
+            step=step,
+            arguments_sha256=result.get("arguments_sha256"),
+            duration_s=result.get("duration_s"),
+            outcome=result.get("outcome") or ("ok" if result.get("ok") else "error"),
+        )
+
+    def _append_step(
+        self, run_id: str, step: int, kind: str, call_id: str | None, blob: str, now: datetime
+    ) -> int:
+        """Insert one record after the run's last, inside the caller's ``tx()``: under the
+        write lock, so that no other writer (on this node or another) takes the same seq."""
+        row = self._one(
+            "SELECT COALESCE(MAX(seq), 0) + 1 AS seq FROM agent_steps WHERE run_id=%s", (run_id,)
+        )
+        seq = int(row["seq"]) if row else 1
+        self.conn.execute(
+            "INSERT INTO agent_steps(run_id, seq, step, kind, call_id, payload, recorded_at)"
+            " VALUES (%s,%s,%s,%s,%s,%s,%s)",
+            (run_id, seq, step, kind, call_id, blob, to_iso(now)),
+        )
+        return seq
+
+    def decide_approval(
+        self,
+        run_id: str,
+        decision: str,
+        now: datetime,
+        *,
+        call_id: str | None = None,
+        note: str | None = None,
+        by: str = "operator",
+    ) -> Row:
+        with self.tx():
+            return self._decide_locked(run_id, decision, now, call_id, note, by)
+
+    def expire_approvals(self, now: datetime) -> list[str]:
+        with self.tx():
+            due = self._all(
+                "SELECT id FROM runs WHERE status='awaiting_approval' AND not_before <= %s"
+                " ORDER BY not_before",
+                (to_iso(now),),
             )
-            return seq
+            for row in due:
+                self._decide_locked(str(row["id"]), "deny", now, None, TIMED_OUT, "agentd")
+            return [str(row["id"]) for row in due]
+
+    def _decide_locked(
+        self,
+        run_id: str,
+        decision: str,
+        now: datetime,
+        call_id: str | None,
+        note: str | None,
+        by: str,
+    ) -> Row:
+        if decision not in APPROVAL_DECISIONS:
+            raise StateRefused(
+                "bad_decision", f"decision must be one of {', '.join(APPROVAL_DECISIONS)}"
+            )
+        run = self._one("SELECT id, task_id, status FROM runs WHERE id=%s", (run_id,))
+        if run is None:
+            raise StateRefused("unknown_run", f"no run {run_id!r}")
+        asked = self._one(
+            "SELECT step, call_id, payload FROM agent_steps WHERE run_id=%s"
+            " AND kind='approval_requested' ORDER BY seq DESC LIMIT 1",
+            (run_id,),
+        )
+        if run["status"] != RunStatus.AWAITING_APPROVAL or asked is None:
+            raise StateRefused(
+                "not_awaiting_approval",
+                f"run {run_id} is {run['status']}, not awaiting an approval",
+            )
+        if call_id is not None and call_id != asked["call_id"]:
+            raise StateRefused(
+                "wrong_call", f"run {run_id} waits for call {asked['call_id']}, not {call_id}"
+            )
+        note = self.redactor.optional(note)
+        blob = self.redactor.text(json.dumps({"decision": decision, "by": by, "note": note}))
+        self._append_step(run_id, int(asked["step"]), "decision", asked["call_id"], blob, now)
+        ts = to_iso(now)
+        if decision == "deny":
+            error = (
+                "approval timed out (approval_timeout)"
+                if note == TIMED_OUT
+                else f"denied by {by}" + (f": {note}" if note else "")
+            )
+            self.conn.execute(
+                "UPDATE runs SET status='denied', error=%s, finished_at=%s WHERE id=%s",
+                (error, ts, run_id),
+            )
+            status = RunStatus.DENIED
+        else:
+            self.conn.execute(
+                "UPDATE runs SET status='queued', not_before=%s WHERE id=%s", (ts, run_id)
+            )
+            status = RunStatus.QUEUED
+        asked_payload = json.loads(asked["payload"])
+        self._event(
+            ts,
+            EventKind.APPROVAL,
+            run["task_id"],
+            run_id,
+            decision=decision,
+            call_id=asked["call_id"],
+            tool=asked_payload.get("tool"),
+            by=by,
+            note=note,
+        )
+        return {
+            "run_id": run_id,
+            "status": str(status),
+            "decision": decision,
+            "call_id": asked["call_id"],
+        }
 
     def agent_steps(self, run_id: str) -> list[AgentStepRecord]:
         rows = self._all(

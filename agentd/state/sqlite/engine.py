@@ -1334,7 +1334,7 @@ class SqliteStore(LedgerStatements, AlertStatements, NodeStatements, StepStateme
         Returns the run's id, task_id, attempt and failures, as they are now.
         """
         counted = outcome in (Outcome.FAILURE, Outcome.TIMEOUT)
-        final = next_status != RunStatus.QUEUED
+        final = next_status not in _OPEN
         ts = to_iso(now)
         due = to_iso(not_before) if not_before else ts
         error = self.redactor.optional(error)
@@ -1458,7 +1458,7 @@ class SqliteStore(LedgerStatements, AlertStatements, NodeStatements, StepStateme
             ts = to_iso(f.at)
             counted = f.outcome in (Outcome.FAILURE, Outcome.TIMEOUT)
             due = to_iso(f.not_before) if f.not_before else ts
-            final = f.next_status != RunStatus.QUEUED
+            final = f.next_status not in _OPEN
             error = scrub(f.error)
             runs.append(
                 (
@@ -1598,14 +1598,14 @@ class SqliteStore(LedgerStatements, AlertStatements, NodeStatements, StepStateme
             run = self._one("SELECT * FROM runs WHERE id=?", (run_id,))
             if run is None:
                 raise StateRefused("unknown_run", f"no run {run_id!r}")
-            if run["status"] not in ACTIVE_STATUSES:
+            if run["status"] not in ACTIVE_STATUSES | {RunStatus.AWAITING_APPROVAL}:
                 raise StateRefused(
                     "run_finished", f"run {run_id} already ended with status {run['status']}"
                 )
             return self._request_cancel_locked(run, now, reason="operator")
 
     def _request_cancel_locked(self, run: Row, now: datetime, reason: str) -> str:
-        if run["status"] == RunStatus.QUEUED:
+        if run["status"] in (RunStatus.QUEUED, RunStatus.AWAITING_APPROVAL):
             self.conn.execute(
                 "UPDATE runs SET status='cancelled', outcome='cancelled', finished_at=? WHERE id=?",
                 (to_iso(now), run["id"]),
@@ -1818,7 +1818,10 @@ _FINISH_EVENT = {
     Outcome.INTERRUPTED: EventKind.INTERRUPT,
     Outcome.LOST: EventKind.RECOVER,
     Outcome.BUDGET_EXHAUSTED: EventKind.BUDGET_EXHAUSTED,
+    Outcome.PARKED: EventKind.AWAITING_APPROVAL,
 }
+_OPEN = (RunStatus.QUEUED, RunStatus.AWAITING_APPROVAL)
+"""Where a finish leaves a run unfinished (no ``finished_at``)."""
 
 
 def _run_hooks(hooks: list[Callable[[], None]]) -> None:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import sqlite_utils
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 
 
 def _migrate_1(db: sqlite_utils.Database) -> None:
@@ -244,6 +244,12 @@ def _migrate_9(db: sqlite_utils.Database) -> None:
     )
 
 
+def _migrate_10(db: sqlite_utils.Database) -> None:
+    """Runs parked for an approval (``awaiting_approval``) by deadline: the approval
+    timeout's sweep (``Store.expire_approvals``) reads only those."""
+    db.execute("CREATE INDEX idx_runs_parked ON runs(not_before) WHERE status='awaiting_approval'")
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migrate_1,
     _migrate_2,
@@ -254,4 +260,5 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migrate_7,
     _migrate_8,
     _migrate_9,
+    _migrate_10,
 ]
