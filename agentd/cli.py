@@ -70,12 +70,56 @@ def build_parser() -> argparse.ArgumentParser:
         "--quiet", "-q", action="store_true", help="one line when valid (problems in full)"
     )
     sub.add_parser("tasks", parents=[common], help="list tasks")
-    p = sub.add_parser("runs", parents=[common], help="list runs, or `runs show ID`")
-    p.add_argument("action", nargs="?", choices=["list", "show", "watch"], default="list")
+    p = sub.add_parser(
+        "runs",
+        parents=[common],
+        help="list runs; `runs show ID [--transcript]`; `runs replay ID`",
+        description="List runs (`runs`), show one (`runs show RUN`, with --transcript its "
+        "recorded agent steps), follow one (`runs watch RUN`), or replay an agent run "
+        "offline (`runs replay RUN`): its task's tool-calling loop (as the config has it "
+        "now, with --model, --prompt-file, --system-file) runs again in this process, "
+        "every tool call answered from the recording (no tool is executed; a call the "
+        "recording does not have stops the replay), every model call sent to the task's "
+        "provider with its key (or, with --cassette, served from the recorded replies), "
+        "and the new transcript is compared with the old: final answer, tool calls, "
+        "steps, tokens, cost. A replay is not a run: nothing is written to the state DB, "
+        "and its model calls are in no budget ledger and count against no budget. The "
+        "new transcript goes to --out (default: a new temporary directory), named in the "
+        "output.",
+        epilog="Exit status of `runs replay`: 0 the replay ran to its end (whether or not "
+        "it differs), 1 it stopped (a tool call the recording does not have, no recorded "
+        "reply left, a provider's error) or the run could not be read, 2 a usage error "
+        "(no such run, its task gone or without tools, no recorded steps, a file that "
+        "cannot be read, --cassette with a change).",
+    )
+    p.add_argument("action", nargs="?", choices=["list", "show", "watch", "replay"], default="list")
     p.add_argument("run_id", nargs="?")
     p.add_argument("--task")
     p.add_argument("--status")
     p.add_argument("--limit", type=int, default=20)
+    p.add_argument(
+        "--transcript",
+        action="store_true",
+        help="with show: an agent run's recorded steps (step, kind, tool, arguments, result "
+        "head, tokens)",
+    )
+    p.add_argument("--model", help="replay: ask this model instead of the task's")
+    p.add_argument(
+        "--prompt-file", type=Path, help="replay: this prompt template instead of the task's"
+    )
+    p.add_argument(
+        "--system-file", type=Path, help="replay: this system message instead of the task's"
+    )
+    p.add_argument(
+        "--cassette",
+        action="store_true",
+        help="replay: serve the model's replies from the recording too (no provider is asked)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="replay: the directory for the new transcript (default: a temp dir)",
+    )
     p = sub.add_parser("trigger", parents=[common], help="enqueue a run now")
     p.add_argument("task")
     p.add_argument(

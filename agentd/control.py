@@ -18,6 +18,7 @@ from agentd.ledger import run_usage, spend_report
 from agentd.models import FINAL_STATUSES, RUN_STATUSES, Row, StateRefused
 from agentd.schedule import next_fires
 from agentd.state.port import (
+    AgentStepRecord,
     EventRecord,
     QuarantineRecord,
     RunRecord,
@@ -165,6 +166,13 @@ class Control:
             "checkpoint": self.store.load_checkpoint(run_id),
             "llm": run_usage(self.store, run_id),
         }
+
+    def transcript(self, run_id: str) -> list[AgentStepRecord]:
+        """An agent run's recorded steps (model replies, tool calls started, their
+        results), in order, as the state DB keeps them (scrubbed of secrets); none for a
+        run that recorded none. ``unknown_run`` for a run that does not exist."""
+        self.store.get_run(run_id)
+        return self.store.agent_steps(run_id)
 
     def cancel(self, run_id: str) -> Row:
         status = self.store.request_cancel(run_id, self.clock.now())

@@ -783,6 +783,7 @@ class HttpServer:
         r.add_get("/v1/runs", self.list_runs)
         r.add_get("/v1/runs/{run_id}", self.get_run)
         r.add_post("/v1/runs/{run_id}/cancel", self.cancel)
+        r.add_get("/v1/runs/{run_id}/transcript", self.run_transcript)
         r.add_get("/v1/runs/{run_id}/events", self.run_events)
         r.add_get("/v1/runs/{run_id}/events/stream", self.run_stream, allow_head=False)
         r.add_get("/v1/events", self.events)
@@ -995,6 +996,10 @@ class HttpServer:
     async def cancel(self, request: web.Request) -> web.StreamResponse:
         await _json_body(request, timeout_s=self.settings.client_timeout)
         return _json(self.control.cancel(request.match_info["run_id"]), 202)
+
+    async def run_transcript(self, request: web.Request) -> web.StreamResponse:
+        run_id = request.match_info["run_id"]
+        return _json({"run_id": run_id, "steps": self.control.transcript(run_id)})
 
     # ------------------------------------------------------------ events
 

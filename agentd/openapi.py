@@ -359,6 +359,26 @@ SCHEMAS: dict[str, Schema] = {
             ),
         ]
     },
+    "AgentStep": _obj(
+        {
+            "run_id": _str(),
+            "seq": _int(minimum=1),
+            "step": _int(minimum=1),
+            "kind": _str(enum=["model", "tool_started", "tool_result"]),
+            "call_id": _str(nullable=True),
+            "payload": {
+                "description": "`model`: the reply (`content`, `tool_calls` [{`id`, "
+                "`name`, `arguments`}], `usage`, `model`); `tool_started`: `tool`, "
+                "`arguments`; `tool_result`: `tool`, `ok`, `content`, `duration_s`. "
+                "Scrubbed of secrets.",
+            },
+            "recorded_at": _str(),
+        }
+    ),
+    "Transcript": _obj(
+        {"run_id": _str(), "steps": {"type": "array", "items": _ref("AgentStep")}},
+        extra=False,
+    ),
     "RunUsage": _obj(
         {
             "calls": _int(),
@@ -631,6 +651,15 @@ PATHS: dict[str, Schema] = {
             "202",
             "CancelResult",
             "409",
+        )
+    },
+    "/v1/runs/{run_id}/transcript": {
+        "get": _get(
+            "An agent run's recorded steps in order (model replies, tool calls started, "
+            "their results): empty for a run that recorded none.",
+            [RUN_ID],
+            _ref("Transcript"),
+            "404",
         )
     },
     "/v1/runs/{run_id}/events": {

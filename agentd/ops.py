@@ -43,6 +43,7 @@ from agentd.redact import SecretUnavailable, read_secret
 
 if TYPE_CHECKING:  # at run time only the direct path (no daemon answering) loads them
     from agentd.control import Control
+    from agentd.executors.replay import Report
     from agentd.state.port import Store
 
 
@@ -358,12 +359,30 @@ def _dispatch(ops: CliCommands, args: argparse.Namespace, parser: argparse.Argum
         tasks = ops.call(lambda c: c.get("/v1/tasks")["tasks"], lambda ctl: ctl.list_tasks())
         rows = [_task_row(t) for t in tasks]
         return _print(args, rows, list(rows[0]) if rows else ["task"])
+    if cmd == "runs" and args.transcript and args.action != "show":
+        parser.error("--transcript goes with `runs show RUN`")
+    if cmd == "runs" and args.action != "replay":
+        given = [f"--{n.replace('_', '-')}" for n in REPLAY_FLAGS if getattr(args, n)]
+        if given:
+            parser.error(f"{', '.join(given)}: only with `runs replay RUN`")
+    if cmd == "runs" and args.action == "replay":
+        return _replay(ops, args, parser)
     if cmd == "runs" and args.action in ("show", "watch"):
         if not args.run_id:
             parser.error(f"runs {args.action} needs a run id")
         rid = q(args.run_id, safe="")
         if args.action == "watch":
             return _follow(ops, args, f"/v1/runs/{rid}/events/stream")
+        if args.transcript:
+            steps = ops.call(
+                lambda c: c.get(f"/v1/runs/{rid}/transcript")["steps"],
+                lambda ctl: ctl.transcript(args.run_id),
+            )
+            if args.json:
+                print(json.dumps({"run_id": args.run_id, "steps": steps}, indent=2, default=str))
+            else:
+                print("\n".join(transcript_lines(steps)))
+            return 0
         detail = ops.call(lambda c: c.get(f"/v1/runs/{rid}"), lambda ctl: ctl.get_run(args.run_id))
         detail["events"] = ops.call(
             lambda c: c.get(f"/v1/runs/{rid}/events")["events"],
@@ -517,6 +536,125 @@ def _dispatch(ops: CliCommands, args: argparse.Namespace, parser: argparse.Argum
     return exitcodes.USAGE
 
 
+REPLAY_FLAGS = ("model", "prompt_file", "system_file", "cassette", "out")
+
+
+def _replay(ops: CliCommands, args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``runs replay RUN``: the run and its steps from the daemon (or the state DB, read
+    only), its task from the config file; the replay itself in this process
+    (``agentd.executors.replay``). Exit 0 done, 1 stopped, 2 refused (usage)."""
+    if not args.run_id:
+        parser.error("runs replay needs a run id")
+    if args.cassette and (args.model or args.prompt_file or args.system_file):
+        parser.error(
+            "--cassette serves the recorded replies: --model, --prompt-file and --system-file"
+            " would change nothing"
+        )
+    if ops.config is None:
+        print("agentd: runs replay needs the config file to be valid", file=sys.stderr)
+        return exitcodes.CONFIG
+    import asyncio
+    import tempfile
+
+    from agentd.executors import replay
+
+    rid = urllib.parse.quote(args.run_id, safe="")
+    try:
+        run = ops.call(lambda c: c.get(f"/v1/runs/{rid}"), lambda ctl: ctl.get_run(args.run_id))
+    except (ApiError, StateRefused) as exc:
+        if exc.code != "unknown_run":
+            raise
+        _emit_error(args, exc.code, str(exc))
+        return exitcodes.USAGE
+    steps = ops.call(
+        lambda c: c.get(f"/v1/runs/{rid}/transcript")["steps"],
+        lambda ctl: ctl.transcript(args.run_id),
+    )
+    texts: dict[str, str | None] = {"prompt": None, "system": None}
+    for name, path in (("prompt", args.prompt_file), ("system", args.system_file)):
+        if path is not None:
+            try:
+                texts[name] = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+                _emit_error(args, "usage", f"--{name}-file {path} cannot be read: {reason}")
+                return exitcodes.USAGE
+    options = replay.Options(
+        model=args.model, prompt=texts["prompt"], system=texts["system"], cassette=args.cassette
+    )
+    out = args.out
+    try:
+        replay.check(ops.config.tasks.get(run["task_id"]), run, steps)
+        if out is None:
+            out = Path(tempfile.mkdtemp(prefix="agentd-replay-"))
+        report = asyncio.run(
+            replay.replay(
+                ops.config, ops.config.tasks.get(run["task_id"]), run, steps, options, out
+            )
+        )
+    except replay.ReplayRefused as exc:
+        _emit_error(args, "usage", str(exc))
+        return exitcodes.USAGE
+    except KeyboardInterrupt:
+        print(f"agentd: replay interrupted; its transcript so far: {out}", file=sys.stderr)
+        return exitcodes.FORCED
+    if args.json:
+        print(json.dumps(report.as_json(), indent=2, default=str))
+    else:
+        print("\n".join(replay_lines(report)))
+    if report.stopped is not None:
+        if not args.json:
+            print(f"agentd: replay stopped: {report.stopped}", file=sys.stderr)
+        return exitcodes.REFUSED
+    return exitcodes.OK
+
+
+def replay_lines(report: Report) -> list[str]:
+    """A replay's report as an operator reads it: what was replayed and how, where the
+    new transcript is, a table of old and new (steps, tool calls, tokens, cost), then the
+    tool-call sequence and the final answer, each ``same`` or as a unified diff."""
+    via = (
+        "model replies served from the recording (--cassette)"
+        if report.mode == "cassette"
+        else f"model {report.model} at provider {report.provider}"
+    )
+    old, new = report.old, report.new
+    lines = [
+        f"replay of run {report.run_id} (task {report.task_id}): {via}",
+        f"new transcript: {report.transcript}",
+    ]
+    if report.stopped is not None:
+        lines.append(f"STOPPED: {report.stopped}")
+    elif report.result is not None and not report.result.ok:
+        lines.append(f"the replayed loop failed: {report.result.error}")
+    rows = [
+        ("steps", old["steps"], new["steps"]),
+        ("tool calls", len(old["tool_calls"]), len(new["tool_calls"])),
+        ("input tokens", old["input_tokens"], new["input_tokens"]),
+        ("output tokens", old["output_tokens"], new["output_tokens"]),
+        ("cost usd", f"{old['cost_usd']:.6f}", f"{new['cost_usd']:.6f}"),
+    ]
+    lines.append(f"{'':<14}  {'OLD':>10}  {'NEW':>10}")
+    for name, a, b in rows:
+        mark = "" if a == b else "  (differs)"
+        lines.append(f"{name:<14}  {a!s:>10}  {b!s:>10}{mark}")
+    for what, key in (("tool calls", "tool_calls"), ("answer", "answer")):
+        diff = report.diff.get(key) or []
+        if not diff:
+            lines.append(f"{what}: same")
+            shown = (
+                [f"{c['tool']} {c['arguments']}" for c in new["tool_calls"]]
+                if key == "tool_calls"
+                else (new["answer"] or "").splitlines()
+            )
+            lines += [f"  {line}" for line in shown]
+        else:
+            lines.append(f"{what}: differ")
+            lines += [f"  {line}" for line in diff]
+    lines.append("result: same as the recording" if report.same else "result: different")
+    return lines
+
+
 def _follow(ops: CliCommands, args: argparse.Namespace, path: str) -> int:
     """Print one line per event until the stream ends (a watched run finished) or Ctrl-C;
     reconnects with Last-Event-ID so a daemon restart loses nothing."""
@@ -603,6 +741,78 @@ def _spend_row(window: Row) -> Row:
 def _short_local(iso: str) -> str:
     dt = datetime.fromisoformat(iso)
     return dt.strftime("%Y-%m-%d %H:%M:%S ") + (dt.tzname() or "")
+
+
+HEAD_CHARS = 100
+"""How much of a reply's answer or a tool's result ``transcript_lines`` shows."""
+
+
+def _head(text: Any) -> str:
+    """The first line of ``text``, at most ``HEAD_CHARS`` characters, saying when there
+    is more."""
+    lines = str(text or "").strip().splitlines() or [""]
+    first = lines[0]
+    more = len(lines) > 1 or len(first) > HEAD_CHARS
+    return first[:HEAD_CHARS] + (f" [... {len(str(text))} chars]" if more else "")
+
+
+def _arguments(value: Any) -> str:
+    """A call's arguments as compact JSON (the model's text as it is when not JSON)."""
+    if isinstance(value, str):
+        text = value
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return text
+    return json.dumps(value, separators=(",", ":"), sort_keys=True, default=str)
+
+
+def transcript_lines(steps: list[Row]) -> list[str]:
+    """An agent run's recorded steps, one line each: seq, step, kind, call id, tool, and
+    what it holds: a reply's calls (tool and arguments) or its answer's head, with its
+    tokens and cost; a started call's arguments; a result's ``ok``/``error``, duration
+    and head. ``(no recorded steps)`` for none. Never a repr."""
+    if not steps:
+        return ["(no recorded steps)"]
+    rows: list[list[str]] = []
+    for record in steps:
+        payload = record.get("payload") or {}
+        kind = str(record.get("kind"))
+        tool, detail = "-", ""
+        if kind == "model":
+            usage = payload.get("usage") or {}
+            calls = payload.get("tool_calls") or []
+            if calls:
+                asked = "; ".join(
+                    f"{c.get('name')} {_arguments(c.get('arguments'))}" for c in calls
+                )
+                detail = f"{len(calls)} call(s): {asked}"
+            else:
+                detail = f"answer: {_head(payload.get('content'))}"
+            detail += (
+                f"  (tokens {usage.get('input_tokens', 0)} in, {usage.get('output_tokens', 0)}"
+                f" out, ${float(usage.get('cost_usd', 0.0)):.6f})"
+            )
+        elif kind == "tool_started":
+            tool, detail = str(payload.get("tool")), _arguments(payload.get("arguments"))
+        elif kind == "tool_result":
+            tool = str(payload.get("tool"))
+            outcome = "ok" if payload.get("ok") else "error"
+            detail = (
+                f"{outcome} in {payload.get('duration_s', 0)} s: {_head(payload.get('content'))}"
+            )
+        else:
+            detail = _arguments(payload)
+        call_id = str(record.get("call_id") or "-")
+        rows.append([str(record.get("seq")), str(record.get("step")), kind, call_id, tool, detail])
+    header = ["SEQ", "STEP", "KIND", "CALL", "TOOL", "DETAIL"]
+    widths = [max(len(header[i]), *(len(r[i]) for r in rows)) for i in range(5)]
+    out = []
+    for row in [header, *rows]:
+        out.append(
+            "  ".join(v.ljust(w) for v, w in zip(row[:5], widths, strict=True)) + "  " + row[5]
+        )
+    return [line.rstrip() for line in out]
 
 
 def _print(args: argparse.Namespace, rows: list[Row], columns: list[str]) -> int:

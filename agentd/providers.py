@@ -234,6 +234,38 @@ def _tool_calls(raw: Any) -> tuple[ToolCall, ...]:
     return tuple(calls)
 
 
+def new_client(provider: ProviderConfig) -> httpx.AsyncClient:
+    """A client for ``provider``: its URL, its timeouts, agentd's trust store
+    (``tls.prepare()`` first, on the loop)."""
+    import httpx  # on first use: a daemon that sends no HTTP never loads it
+
+    timeout = httpx.Timeout(
+        connect=provider.connect_timeout,
+        read=provider.read_timeout,
+        write=provider.read_timeout,
+        pool=provider.connect_timeout,
+    )
+    return httpx.AsyncClient(
+        base_url=provider.base_url.rstrip("/"), timeout=timeout, verify=tls.context()
+    )
+
+
+def _body(
+    model: str,
+    messages: list[dict[str, Any]],
+    cap: int,
+    temperature: float | None,
+    tools: list[dict[str, Any]] | None,
+) -> dict[str, Any]:
+    """The ``/chat/completions`` request."""
+    body: dict[str, Any] = {"model": model, "messages": messages, "max_tokens": cap}
+    if temperature is not None:
+        body["temperature"] = temperature
+    if tools:
+        body["tools"] = tools
+    return body
+
+
 class Gateway:
     """The daemon's LLM side: config, ledger (the store), clock, and one shared
     ``httpx.AsyncClient`` per provider, made on first use on the running loop."""
@@ -249,21 +281,10 @@ class Gateway:
 
     def client(self, name: str, provider: ProviderConfig) -> httpx.AsyncClient:
         """Shared per provider; a reload that changes its URL or timeouts gets a new one."""
-        import httpx  # on first use: a daemon that sends no HTTP never loads it
-
         key = (name, provider.base_url, provider.connect_timeout, provider.read_timeout)
         client = self._clients.get(key)
         if client is None:
-            timeout = httpx.Timeout(
-                connect=provider.connect_timeout,
-                read=provider.read_timeout,
-                write=provider.read_timeout,
-                pool=provider.connect_timeout,
-            )
-            client = httpx.AsyncClient(
-                base_url=provider.base_url.rstrip("/"), timeout=timeout, verify=tls.context()
-            )
-            self._clients[key] = client
+            client = self._clients[key] = new_client(provider)
         return client
 
     async def aclose(self) -> None:
@@ -352,11 +373,7 @@ class RunLLM:
         )
         if isinstance(entry, Refusal):
             raise BudgetExhausted(entry)
-        body: dict[str, Any] = {"model": model, "messages": messages, "max_tokens": cap}
-        if temperature is not None:
-            body["temperature"] = temperature
-        if tools:
-            body["tools"] = tools
+        body = _body(model, messages, cap, temperature, tools)
         call = _Call(self._gw, entry, scopes, need, price, model)
         return await call.post(self._gw.client(name, prov), body, key, read_timeout)
 
@@ -390,42 +407,24 @@ def _prompt_estimate(messages: list[dict[str, Any]], tools: list[dict[str, Any]]
     return tokens
 
 
-class _Call:
-    """One HTTP exchange and the ledger entry that pays for it."""
+class _Exchange:
+    """One HTTP exchange with a provider, and what it cost (``charge``): metered by a
+    subclass (``_Call``), or by nobody (``DirectLLM``'s)."""
 
-    def __init__(
-        self,
-        gateway: Gateway,
-        entry: int,
-        scopes: list[Scope],
-        need: Need,
-        price: Any,
-        model: str,
-    ) -> None:
-        self.gw, self.entry, self.scopes, self.need = gateway, entry, scopes, need
-        self.price, self.model = price, model
+    def __init__(self, need: Need, price: Any, model: str) -> None:
+        self.need, self.price, self.model = need, price, model
         self.started = time.monotonic()
 
+    def usage(self, input_tokens: int | None, output_tokens: int | None) -> tuple[int, int, bool]:
+        """(input, output, missing): unknown usage is the worst case reserved."""
+        if input_tokens is None or output_tokens is None:
+            return self.need.input_tokens, self.need.output_tokens, True
+        return input_tokens, output_tokens, False
+
     def charge(self, status: str, input_tokens: int | None, output_tokens: int | None) -> float:
-        """Commit actual usage; unknown usage is charged at the reserved worst case."""
-        missing = input_tokens is None or output_tokens is None
-        if missing:
-            input_tokens, output_tokens = self.need.input_tokens, self.need.output_tokens
-        assert input_tokens is not None and output_tokens is not None
-        cost = cost_usd(self.price, input_tokens, output_tokens)
-        commit(
-            self.gw.store,
-            self.gw.clock.now(),
-            self.entry,
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-            cost=cost,
-            status=status,
-            duration_s=round(time.monotonic() - self.started, 3),
-            usage_missing=missing,
-            scopes=self.scopes,
-        )
-        return cost
+        """What the exchange cost at the model's price (unknown usage at the worst case)."""
+        used_in, used_out, _ = self.usage(input_tokens, output_tokens)
+        return cost_usd(self.price, used_in, used_out)
 
     async def post(
         self,
@@ -488,3 +487,83 @@ class _Call:
             usage_missing=missing,
             tool_calls=calls,
         )
+
+
+class _Call(_Exchange):
+    """One HTTP exchange and the ledger entry that pays for it."""
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        entry: int,
+        scopes: list[Scope],
+        need: Need,
+        price: Any,
+        model: str,
+    ) -> None:
+        super().__init__(need, price, model)
+        self.gw, self.entry, self.scopes = gateway, entry, scopes
+
+    def charge(self, status: str, input_tokens: int | None, output_tokens: int | None) -> float:
+        """Commit actual usage; unknown usage is charged at the reserved worst case."""
+        used_in, used_out, missing = self.usage(input_tokens, output_tokens)
+        cost = cost_usd(self.price, used_in, used_out)
+        commit(
+            self.gw.store,
+            self.gw.clock.now(),
+            self.entry,
+            input_tokens=used_in,
+            output_tokens=used_out,
+            cost=cost,
+            status=status,
+            duration_s=round(time.monotonic() - self.started, 3),
+            usage_missing=missing,
+            scopes=self.scopes,
+        )
+        return cost
+
+
+class DirectLLM:
+    """Chat completions for one task, straight to its provider: no budget, no ledger, no
+    run. ``agentd runs replay`` asks the model with it (a replay is not a run: its calls
+    are in no ledger and count against no budget). The provider, model, output cap and
+    key are the task's, resolved as for a run (``Config.llm_target``); the key is read
+    from its variable or file at each call and sent only in the Authorization header."""
+
+    def __init__(self, config: Config, task: TaskConfig) -> None:
+        target = config.llm_target(task)
+        if target is None:
+            raise ValueError(f"task {task.id!r} has no LLM provider")
+        name, provider, self.model, self.max_tokens = target
+        self.provider = config.providers.get(name, provider)
+        self.name = name
+        self._client: httpx.AsyncClient | None = None
+
+    async def achat(
+        self,
+        *,
+        messages: list[dict[str, Any]],
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        read_timeout: float | None = None,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> Reply:
+        """One call, unmetered; ``LLMError`` as ``RunLLM.achat`` raises it."""
+        prov = self.provider
+        if not self.model:
+            message = "no model given and the provider has no default_model"
+            raise LLMError(message, retryable=False, category="bad_request")
+        key = api_key(prov)
+        cap = max_tokens or self.max_tokens or prov.max_tokens
+        need = worst_case(prov.prices.get(self.model), _prompt_estimate(messages, tools), cap)
+        if self._client is None:
+            await tls.prepare()
+            self._client = new_client(prov)
+        exchange = _Exchange(need, prov.prices.get(self.model), self.model)
+        body = _body(self.model, messages, cap, temperature, tools)
+        return await exchange.post(self._client, body, key, read_timeout)
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None

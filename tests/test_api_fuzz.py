@@ -127,6 +127,15 @@ def seed(store: SqliteStore, control: Control, clock: ManualClock) -> Seeded:
     claim(done)
     store.save_checkpoint(done, {"next": 3, "items": ["a", "b"]}, clock.now())
     store.progress(done, 2, 3, "two of three", clock.now())
+    # An agent's steps, for /v1/runs/{run_id}/transcript (the other runs have none).
+    reply = {"content": "", "usage": {"input_tokens": 9, "output_tokens": 2, "cost_usd": 0.0}}
+    reply["tool_calls"] = [{"id": "c1", "name": "add", "arguments": '{"a": 1}'}]
+    for step, kind, call_id, payload in (
+        (1, "model", None, reply),
+        (1, "tool_started", "c1", {"tool": "add", "arguments": {"a": 1}}),
+        (1, "tool_result", "c1", {"tool": "add", "ok": True, "content": "1", "duration_s": 0.1}),
+    ):
+        store.record_agent_step(done, step, kind, call_id, payload, clock.now())
     finish(done, RunStatus.SUCCEEDED, Outcome.SUCCESS, exit_code=0, duration_s=1.5)
 
     for name in ("quarantined", "dropped"):
@@ -289,7 +298,7 @@ def check_the_matrix(
         else:
             assert reading not in (401, 403) and reading < 500, (method, path, reading)
         checked += 1
-    assert checked == 22  # the 25 fuzzed operations but the probes and /metrics
+    assert checked == 23  # the 26 fuzzed operations but the probes and /metrics
     for path in ("/v1/openapi.json", "/v1/nope"):
         assert session.get(base_url + path, timeout=20).status_code == 401, path
     for path in (*PROBES, "/metrics"):
@@ -305,7 +314,7 @@ def test_api_conforms_to_its_openapi_document(live_server: ServerThread) -> None
     for result in schema.get_all_operations():
         assert isinstance(result, Ok), result
         operations.append(result.ok())
-    assert len(operations) == 25  # all 26 but the document itself, which from_url skips
+    assert len(operations) == 26  # all 27 but the document itself, which from_url skips
 
     session = requests.Session()
     session.trust_env = False

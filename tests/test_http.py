@@ -520,6 +520,35 @@ def test_get_run_and_cancel(tmp_path: Path) -> None:
     run(main)
 
 
+def test_run_transcript(tmp_path: Path) -> None:
+    """An agent run's recorded steps in order (as the state keeps them, scrubbed); an
+    empty list for a run that recorded none; 404 for no run at all."""
+
+    async def main() -> None:
+        async with serving(tmp_path) as env:
+            quiet, agent = env.fire(), env.fire()
+            env.claim(agent)
+            reply = {"content": "", "tool_calls": [{"id": "c1", "name": "add", "arguments": "{}"}]}
+            env.store.record_agent_step(agent, 1, "model", None, reply, env.clock.now())
+            started = {"tool": "add", "arguments": {}}
+            env.store.record_agent_step(agent, 1, "tool_started", "c1", started, env.clock.now())
+            response = await env.client.get(f"/v1/runs/{agent}/transcript")
+            assert response.status_code == 200
+            body = response.json()
+            assert body["run_id"] == agent
+            assert [(s["seq"], s["step"], s["kind"], s["call_id"]) for s in body["steps"]] == [
+                (1, 1, "model", None),
+                (2, 1, "tool_started", "c1"),
+            ]
+            assert body["steps"][0]["payload"] == reply
+            assert body["steps"][1]["recorded_at"] == to_iso(env.clock.now())
+            response = await env.client.get(f"/v1/runs/{quiet}/transcript")
+            assert response.status_code == 200
+            assert response.json() == {"run_id": quiet, "steps": []}
+
+    run(main)
+
+
 def test_event_pages(tmp_path: Path) -> None:
     async def main() -> None:
         async with serving(tmp_path) as env:
@@ -599,6 +628,7 @@ def test_unknown_things_are_404(tmp_path: Path) -> None:
             assert_error(await c.get("/v1/runs/nope"), 404, "unknown_run")
             assert_error(await c.post("/v1/runs/nope/cancel"), 404, "unknown_run")
             assert_error(await c.get("/v1/runs/nope/events"), 404, "unknown_run")
+            assert_error(await c.get("/v1/runs/nope/transcript"), 404, "unknown_run")
             assert_error(await c.get("/v1/runs/nope/events/stream"), 404, "unknown_run")
             assert_error(await c.get("/v1/quarantine/nope"), 404, "not_quarantined")
             assert_error(await c.post("/v1/quarantine/nope/release"), 404, "not_quarantined")

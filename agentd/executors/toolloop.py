@@ -36,6 +36,11 @@ sensitive call of the run in advance, never an unknown outcome.
 Arguments are checked against the tool's JSON schema before anything runs; a call with
 invalid arguments, or of a tool that does not exist, is answered to the model as a tool
 error (recorded as a result), never run.
+
+Where the loop meets the world is one method each: ``_Loop._ask`` (a model call),
+``_Loop._execute`` (a tool call), and the context's ``record_agent_step`` (through
+``_Loop.record``). ``agentd.executors.replay`` runs this same loop with the first two
+answered from a recording (or an unmetered provider) and the records kept in memory.
 """
 
 from __future__ import annotations
@@ -61,7 +66,7 @@ from agentd.context import RunContext
 from agentd.executors import ExecEnv
 from agentd.executors.python import _in_thread, _ResolveError, resolve
 from agentd.models import TOOL_RESULT, CheckpointNotSaved, Park, Result, StopRequested
-from agentd.providers import BudgetExhausted, LLMError, ToolCall
+from agentd.providers import BudgetExhausted, LLMError, Reply, ToolCall
 
 MODEL = "model"
 STARTED = "tool_started"
@@ -260,13 +265,7 @@ class _Loop:
                 raise StopRequested("stop requested between agent steps")
             step = state.steps + 1
             try:
-                reply = await ctx.llm.achat(
-                    messages=list(state.messages),
-                    tools=self.spec,
-                    max_tokens=cfg.max_tokens,
-                    temperature=cfg.temperature,
-                    read_timeout=cfg.request_timeout,
-                )
+                reply = await self._ask(state.messages)
             except (LLMError, BudgetExhausted) as exc:
                 return exc.result({"step": step, **self._detail(state, resumed_from)})
             payload = {
@@ -280,6 +279,18 @@ class _Loop:
             self.record(step, MODEL, None, payload)
             state.apply(MODEL, None, payload)
             ctx.progress(step, cfg.max_steps, f"step {step}: {len(reply.tool_calls)} tool call(s)")
+
+    async def _ask(self, messages: list[dict[str, Any]]) -> Reply:
+        """The next model call, on the conversation so far: ``ctx.llm``'s, metered (a
+        replay answers it otherwise: ``agentd.executors.replay``)."""
+        cfg = self.cfg
+        return await self.ctx.llm.achat(
+            messages=list(messages),
+            tools=self.spec,
+            max_tokens=cfg.max_tokens,
+            temperature=cfg.temperature,
+            read_timeout=cfg.request_timeout,
+        )
 
     def _answer(self, last: dict[str, Any], state: _State, resumed_from: int) -> Result:
         path = self.ctx.workspace / "result.md"
@@ -413,6 +424,8 @@ class _Loop:
     async def _execute(
         self, tool: ToolConfig, arguments: dict[str, Any], key: str
     ) -> tuple[bool, str]:
+        """The one place a tool runs (by its kind); (ok, what the model is told). A
+        replay serves the recorded result instead (``agentd.executors.replay``)."""
         try:
             async with asyncio.timeout(tool.timeout):
                 if tool.command is not None:
