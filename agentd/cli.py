@@ -92,7 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(no such run, its task gone or without tools, no recorded steps, a file that "
         "cannot be read, --cassette with a change).",
     )
-    p.add_argument("action", nargs="?", choices=["list", "show", "watch", "replay"], default="list")
+    p.add_argument(
+        "action",
+        nargs="?",
+        choices=["list", "show", "watch", "replay", "resume"],
+        default="list",
+        help="resume RUN: queue again a run that ended budget_exhausted (POST "
+        "/v1/runs/RUN/resume); it goes on at the step it reached",
+    )
     p.add_argument("run_id", nargs="?")
     p.add_argument("--task")
     p.add_argument("--status")

@@ -174,6 +174,13 @@ class Control:
         self.store.get_run(run_id)
         return self.store.agent_steps(run_id)
 
+    def resume_run(self, run_id: str) -> Row:
+        """Queue again a run its budget stopped (``Store.resume_run``), once the budget
+        has been raised or its window has rolled over."""
+        row = self.store.resume_run(run_id, self.clock.now())
+        self._changed()
+        return row
+
     def cancel(self, run_id: str) -> Row:
         status = self.store.request_cancel(run_id, self.clock.now())
         self._changed()

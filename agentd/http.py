@@ -103,6 +103,7 @@ STORE_ERROR_STATUS: Final[Mapping[str, int]] = {
     "not_awaiting_approval": 409,
     "wrong_call": 409,
     "bad_decision": 400,
+    "not_resumable": 409,
     "run_finished": 409,
     "task_inactive": 409,
     "bad_request": 400,
@@ -783,6 +784,7 @@ class HttpServer:
         r.add_get("/v1/runs", self.list_runs)
         r.add_get("/v1/runs/{run_id}", self.get_run)
         r.add_post("/v1/runs/{run_id}/cancel", self.cancel)
+        r.add_post("/v1/runs/{run_id}/resume", self.resume_run)
         r.add_get("/v1/runs/{run_id}/transcript", self.run_transcript)
         r.add_get("/v1/runs/{run_id}/events", self.run_events)
         r.add_get("/v1/runs/{run_id}/events/stream", self.run_stream, allow_head=False)
@@ -976,6 +978,10 @@ class HttpServer:
         return _json(self.control.resume(request.match_info["task_id"]))
 
     # ------------------------------------------------------------ runs
+
+    async def resume_run(self, request: web.Request) -> web.StreamResponse:
+        await _json_body(request, timeout_s=self.settings.client_timeout)
+        return _json(self.control.resume_run(request.match_info["run_id"]))
 
     async def list_runs(self, request: web.Request) -> web.StreamResponse:
         limit = _parse_uint(_query(request, "limit"), "limit", 50, 1, 1000)

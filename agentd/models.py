@@ -58,6 +58,8 @@ class EventKind(StrEnum):
     APPROVAL = "approval"
     """An operator's (or the approval timeout's) decision on a parked run: ``decision``
     ``approve``, ``skip`` or ``deny``, ``call_id``, ``by``, ``note``."""
+    RUN_RESUMED = "run_resumed"
+    """A run that ended ``budget_exhausted`` queued again by an operator (``runs resume``)."""
     TOOL_CALL = "tool_call"
     """One tool call of an agent run ended: ``tool``, ``call_id``, ``step``,
     ``arguments_sha256``, ``duration_s``, ``outcome`` (``ok``, ``error``, ``refused``,

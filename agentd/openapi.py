@@ -662,6 +662,17 @@ PATHS: dict[str, Schema] = {
             "404",
         )
     },
+    "/v1/runs/{run_id}/resume": {
+        "post": _post(
+            "Queue again a run that ended `budget_exhausted` (after the budget was raised "
+            "or its window rolled over): a new attempt that goes on from its checkpoint and, "
+            "for an agent, at the step it reached. 409 `not_resumable` for any other status.",
+            [RUN_ID],
+            "200",
+            "ReleaseResult",
+            "409",
+        )
+    },
     "/v1/runs/{run_id}/events": {
         "get": _get(
             "A run's events, oldest first.",

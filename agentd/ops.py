@@ -367,6 +367,18 @@ def _dispatch(ops: CliCommands, args: argparse.Namespace, parser: argparse.Argum
             parser.error(f"{', '.join(given)}: only with `runs replay RUN`")
     if cmd == "runs" and args.action == "replay":
         return _replay(ops, args, parser)
+    if cmd == "runs" and args.action == "resume":
+        if not args.run_id:
+            parser.error("runs resume needs a run id")
+        rid = q(args.run_id, safe="")
+        return _print_detail(
+            args,
+            ops.call(
+                lambda c: c.post(f"/v1/runs/{rid}/resume"),
+                lambda ctl: ctl.resume_run(args.run_id),
+                writes=True,
+            ),
+        )
     if cmd == "runs" and args.action in ("show", "watch"):
         if not args.run_id:
             parser.error(f"runs {args.action} needs a run id")

@@ -10,6 +10,7 @@ import contextlib
 import json
 import signal
 import sys
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,10 @@ import httpx
 import psycopg
 import pytest
 from harness import Agentd, wait_for
+
+from agentd.config import parse_config
+from agentd.executors.toolloop import tool_spec
+from agentd.providers import _prompt_estimate
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
 import fake_llm
@@ -471,4 +476,66 @@ def test_a_run_triggered_with_approve_sensitive_does_not_park(
     assert json.loads(d.cli("cancel", parked, "--json").stdout)["status"] == "cancelled"
     assert d.run_status(parked) == "cancelled"
     assert [line.split()[0] for line in lines(out)] == ["x"]
+    assert d.stop() == 0
+
+
+def test_a_run_its_budget_stopped_resumes_at_the_step_once_the_budget_is_raised(
+    make_daemon: Any, llm: FakeLLM, tmp_path: Path
+) -> None:
+    """The run budget admits the first model call, not the second: the run ends
+    budget_exhausted at step 2; with the budget raised (SIGHUP), `agentd runs resume`
+    queues it again and it makes only the refused call."""
+    out = tmp_path / "words.txt"
+
+    def task(tokens: int) -> str:
+        return f"""
+        frugal:
+          schedule: {{manual: true}}
+          agent:
+            provider: fake
+            system: Use the tools.
+            prompt: Do the thing.
+            max_tokens: 10
+            tools:
+              - name: append
+                parameters:
+                  type: object
+                  properties: {{word: {{type: string}}}}
+                  required: [word]
+                command: {{argv: [{PY}, {SCRIPT}, {out}, "{{word}}"]}}
+          budget: {{run: {{tokens: {tokens}}}}}
+        """
+
+    text = (
+        textwrap.dedent(providers(llm))
+        + "tasks:\n"
+        + textwrap.indent(textwrap.dedent(task(1)), "  ")
+    )
+    parsed = parse_config(text, "t", {})
+    agent = parsed.tasks["frugal"].agent
+    assert agent is not None and agent.tools is not None
+    first = [
+        {"role": "system", "content": "Use the tools."},
+        {"role": "user", "content": "Do the thing."},
+    ]
+    need = _prompt_estimate(first, [tool_spec(t) for t in agent.tools]) + 10
+    llm.queue(tool_calls(call("append", {"word": "w"}, "c1")))
+    d = make_daemon(task(need + 5), top=providers(llm)).start()
+    run_id = d.trigger("frugal")
+    run = d.wait_status(run_id, "budget_exhausted")
+    assert "budget run tokens exhausted" in run["error"]
+    refused = d.cli("runs", "resume", "no-such-run", check=False)
+    assert refused.returncode != 0 and "no run" in refused.stderr
+    d.write_config(task(100000))
+    d.signal(signal.SIGHUP)
+    d.wait_log("reload ok generation=2", "the reload")
+    llm.queue(fake_llm.ok("done"))
+    assert json.loads(d.cli("runs", "resume", run_id, "--json").stdout)["status"] == "queued"
+    d.wait_status(run_id, "succeeded")
+    assert len(llm.requests) == 2 and first_calls(llm) == 1
+    assert llm.requests[1].tool_results == {"c1": "appended w\n"}
+    assert len(lines(out)) == 1
+    assert [e["kind"] for e in d.events(run_id) if e["kind"] == "run_resumed"] == ["run_resumed"]
+    again = d.cli("runs", "resume", run_id, check=False)
+    assert again.returncode != 0 and "only a budget_exhausted run resumes" in again.stderr
     assert d.stop() == 0

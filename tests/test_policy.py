@@ -51,8 +51,13 @@ def test_cancelled_is_cancelled_even_with_attempts_left() -> None:
 
 
 def test_a_parked_attempt_waits_for_its_approval_timeout_and_costs_nothing() -> None:
-    agent = {"base_url": "http://127.0.0.1:9/v1", "model": "m", "prompt": "p",
-             "approval_timeout": "2h", "tools": [{"name": "x", "command": {"argv": ["true"]}}]}  # fmt: skip
+    agent = {
+        "base_url": "http://127.0.0.1:9/v1",
+        "model": "m",
+        "prompt": "p",
+        "approval_timeout": "2h",
+        "tools": [{"name": "x", "command": {"argv": ["true"]}}],
+    }
     t = TaskConfig.model_validate({"id": "t", "schedule": {"manual": True}, "agent": agent})
     # Even past max_attempts: waiting for an operator is not a failure.
     decision = decide(t, Outcome.PARKED, Result(ok=False), 9, rng())

@@ -1644,6 +1644,25 @@ class SqliteStore(LedgerStatements, AlertStatements, NodeStatements, StepStateme
             )
             self._event(now, EventKind.RELEASE, row["task_id"], run_id)
 
+    def resume_run(self, run_id: str, now: datetime) -> Row:
+        """A run that ended ``budget_exhausted`` back in the queue as a new attempt (its
+        checkpoint and agent steps kept: it goes on where it stopped)."""
+        with self.tx():
+            run = self._one("SELECT id, task_id, status FROM runs WHERE id=?", (run_id,))
+            if run is None:
+                raise StateRefused("unknown_run", f"no run {run_id!r}")
+            if run["status"] != RunStatus.BUDGET_EXHAUSTED:
+                raise StateRefused(
+                    "not_resumable",
+                    f"run {run_id} is {run['status']}: only a budget_exhausted run resumes",
+                )
+            self.conn.execute(
+                "UPDATE runs SET status='queued', not_before=?, finished_at=NULL WHERE id=?",
+                (to_iso(now), run_id),
+            )
+            self._event(now, EventKind.RUN_RESUMED, run["task_id"], run_id)
+            return {"run_id": run_id, "status": str(RunStatus.QUEUED)}
+
     def quarantine_drop(self, run_id: str, now: datetime) -> None:
         """Acknowledge and forget: out of quarantine, the run's status ``dropped`` (so
         ``status=quarantined`` lists only runs still in quarantine), kept as history."""
