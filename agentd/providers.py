@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from agentd import tls
+from agentd import examplemodel, tls
 from agentd.budget import Need, Scope, call_scopes, cost_usd, estimate_prompt_tokens, worst_case
 from agentd.clock import Clock, parse_retry_after
 from agentd.config import Config, ProviderConfig, TaskConfig
@@ -37,6 +38,8 @@ from agentd.state.port import Store
 
 if TYPE_CHECKING:
     import httpx
+
+log = logging.getLogger("agentd.providers")
 
 _CONTEXT_RE = re.compile(r"context.?length|maximum context|too many tokens|context window", re.I)
 _POLICY_RE = re.compile(r"content.?(policy|filter|management)|safety system|flagged", re.I)
@@ -248,7 +251,9 @@ class Gateway:
         self.config = config
 
     def client(self, name: str, provider: ProviderConfig) -> httpx.AsyncClient:
-        """Shared per provider; a reload that changes its URL or timeouts gets a new one."""
+        """Shared per provider; a reload that changes its URL or timeouts gets a new one.
+        ``builtin:example`` gets a client whose transport is the example model, in this
+        process: no request leaves it."""
         import httpx  # on first use: a daemon that sends no HTTP never loads it
 
         key = (name, provider.base_url, provider.connect_timeout, provider.read_timeout)
@@ -260,9 +265,17 @@ class Gateway:
                 write=provider.read_timeout,
                 pool=provider.connect_timeout,
             )
-            client = httpx.AsyncClient(
-                base_url=provider.base_url.rstrip("/"), timeout=timeout, verify=tls.context()
-            )
+            if provider.base_url == examplemodel.URL:
+                log.info("provider %s is the built-in example model (not an LLM)", name)
+                client = httpx.AsyncClient(
+                    base_url="http://example-model.invalid",
+                    timeout=timeout,
+                    transport=_example_transport(),
+                )
+            else:
+                client = httpx.AsyncClient(
+                    base_url=provider.base_url.rstrip("/"), timeout=timeout, verify=tls.context()
+                )
             self._clients[key] = client
         return client
 
@@ -312,9 +325,12 @@ class RunLLM:
         read_timeout: float | None = None,
         item: int | None = None,
         tools: list[dict[str, Any]] | None = None,
+        response_format: dict[str, Any] | None = None,
     ) -> Reply:
         """One metered call. ``messages`` replaces ``prompt``/``system``; ``tools`` (the
-        OpenAI ``tools`` list) lets the model answer with ``Reply.tool_calls``."""
+        OpenAI ``tools`` list) lets the model answer with ``Reply.tool_calls``;
+        ``response_format`` is sent as it is (``ResponseFormatConfig.wire()``): checking
+        the answer against it is the caller's business."""
         config, task = self._gw.config, self.task
         name, prov, default_model, default_max = self._target(provider)
         model = model or default_model
@@ -338,7 +354,7 @@ class RunLLM:
                 category="unpriced",
             )
         key = api_key(prov)
-        need = worst_case(price, _prompt_estimate(messages, tools), cap)
+        need = worst_case(price, _prompt_estimate(messages, tools, response_format), cap)
         entry = reserve(
             self._gw.store,
             now,
@@ -357,6 +373,8 @@ class RunLLM:
             body["temperature"] = temperature
         if tools:
             body["tools"] = tools
+        if response_format is not None:
+            body["response_format"] = response_format
         call = _Call(self._gw, entry, scopes, need, price, model)
         return await call.post(self._gw.client(name, prov), body, key, read_timeout)
 
@@ -378,16 +396,43 @@ class RunLLM:
         return name, config.providers.get(name, prov), model, cap
 
 
-def _prompt_estimate(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> int:
-    """``estimate_prompt_tokens`` with the tools' schemas and earlier tool calls, which
-    the provider counts as prompt too (a message's ``content`` is all the estimate reads)."""
+def _prompt_estimate(
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None,
+    response_format: dict[str, Any] | None = None,
+) -> int:
+    """``estimate_prompt_tokens`` with the tools' schemas, earlier tool calls and the
+    response format's schema, which the provider may count as prompt too (a message's
+    ``content`` is all the estimate reads; reserving too much is the safe side)."""
     tokens = estimate_prompt_tokens(messages)
     extra: list[Any] = [m["tool_calls"] for m in messages if m.get("tool_calls")]
     if tools:
         extra.append(tools)
+    if response_format:
+        extra.append(response_format)
     if extra:
         tokens += estimate_prompt_tokens([{"content": json.dumps(extra)}])
     return tokens
+
+
+def _example_transport() -> httpx.AsyncBaseTransport:
+    """An httpx transport that answers ``/chat/completions`` with the example model
+    (``agentd.examplemodel``); made lazily, like every httpx object here."""
+    import httpx
+
+    class ExampleTransport(httpx.AsyncBaseTransport):
+        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            if request.method != "POST" or not request.url.path.endswith("/chat/completions"):
+                return httpx.Response(404, json={"error": {"message": "not found"}})
+            try:
+                body = json.loads(await request.aread())
+                if not isinstance(body, dict):
+                    raise ValueError("the body is not a JSON object")
+                return httpx.Response(200, json=examplemodel.answer(body))
+            except ValueError as exc:
+                return httpx.Response(400, json={"error": {"message": str(exc)}})
+
+    return ExampleTransport()
 
 
 class _Call:

@@ -990,3 +990,81 @@ def test_agent_tools_unique_and_not_with_items() -> None:
         )
     )
     assert "greater than or equal to 1" in problem_at(steps, "tasks.x.agent.max_steps").message
+
+
+# ---------------------------------------------------------------- response_format
+
+
+def test_a_response_format_parses_and_goes_on_the_wire_as_openai_asks() -> None:
+    config = parse(
+        one_task(
+            """
+            schedule: {manual: true}
+            agent:
+              base_url: http://127.0.0.1:1/v1
+              model: m
+              prompt: p
+              response_format:
+                name: verdict
+                description: the verdict
+                schema: {type: object, properties: {ok: {type: boolean}}, required: [ok]}
+            """
+        )
+    )
+    agent = config.tasks["x"].agent
+    assert agent is not None and agent.response_format is not None
+    assert agent.response_format.strict is True
+    assert agent.response_format.wire() == {
+        "type": "json_schema",
+        "json_schema": {
+            "name": "verdict",
+            "schema": {
+                "type": "object",
+                "properties": {"ok": {"type": "boolean"}},
+                "required": ["ok"],
+            },
+            "strict": True,
+            "description": "the verdict",
+        },
+    }
+    assert redacted(config)["tasks"]["x"]["agent"]["response_format"]["schema"]["required"] == [
+        "ok"
+    ]
+
+
+def test_response_format_problems_name_their_path() -> None:
+    def problems(body: str) -> list[ConfigProblem]:
+        return problems_of(
+            one_task(
+                "schedule: {manual: true}\n"
+                "agent: {base_url: 'http://127.0.0.1:1/v1', model: m, prompt: p,"
+                f" response_format: {body}}}\n"
+            )
+        )
+
+    at = "tasks.x.agent.response_format"
+    bad = problems("{name: v, schema: {type: object, properties: {q: {type: stringy}}}}")
+    assert "not a JSON schema (properties/q/type)" in problem_at(bad, f"{at}.schema").message
+    array = problems("{name: v, schema: {type: array}}")
+    assert "must describe an object" in problem_at(array, f"{at}.schema").message
+    name = problems("{name: 'a verdict', schema: {type: object}}")
+    assert "must be 1-64" in problem_at(name, f"{at}.name").message
+    assert problem_at(problems("{name: v}"), f"{at}.schema")
+    extra = problems("{name: v, schema: {type: object}, strict: true, format: json}")
+    assert problem_at(extra, f"{at}.format")
+
+
+def test_only_the_example_model_is_a_base_url_that_is_not_http() -> None:
+    def provider(url: str) -> str:
+        return f"providers: {{p: {{base_url: '{url}', default_model: m}}}}\n" + one_task(
+            "schedule: {manual: true}\nagent: {provider: p, prompt: hi}\n"
+        )
+
+    config = parse(provider("builtin:example"))
+    assert config.providers["p"].base_url == "builtin:example"
+    for url in ("builtin:other", "builtin:example/v1", "file:///etc/passwd"):
+        bad = problems_of(provider(url))
+        assert (
+            "URL must start with http:// or https://"
+            in problem_at(bad, "providers.p.base_url").message
+        )

@@ -262,6 +262,54 @@ def test_a_secret_in_a_tool_result_reaches_neither_the_db_nor_the_transcript(
     assert d.stop() == 0
 
 
+def test_an_answer_that_never_matches_the_schema_is_quarantined_after_its_retries(
+    make_daemon: Any, llm: FakeLLM, tmp_path: Path
+) -> None:
+    """Every answer breaks response_format: each attempt ends invalid_output (retryable),
+    is recorded as a rejected answer, and the next attempt asks the model again, told
+    why; when max_attempts are spent the run is quarantined with the error."""
+    out = tmp_path / "words.txt"
+    llm.queue(tool_calls(call("append", {"word": "w"}, "c1")))
+    llm.default = lambda req: fake_llm.ok('{"verdict": "fine"}')
+    tasks = agent_task(out).replace(
+        "      retry:",
+        """        response_format:
+          name: verdict
+          schema:
+            type: object
+            properties: {healthy: {type: boolean}}
+            required: [healthy]
+      retry:""",
+    )
+    d = make_daemon(tasks, top=providers(llm)).start()
+    run_id = d.trigger("tooled")
+    run = d.wait_status(run_id, "quarantined")
+    assert run["error"] == (
+        "invalid output: the answer does not match response_format verdict at /:"
+        " 'healthy' is a required property"
+    )
+    attempts = d.query(
+        "SELECT outcome, error FROM attempts WHERE run_id=? ORDER BY attempt", (run_id,)
+    )
+    assert [a["outcome"] for a in attempts] == ["failure"] * 3
+    assert all(str(a["error"]).startswith("invalid output: ") for a in attempts)
+    assert len(llm.requests) == 4  # the tool call, then one answer per attempt
+    assert all(r.body["response_format"]["json_schema"]["name"] == "verdict" for r in llm.requests)
+    assert (
+        llm.requests[3]
+        .body["messages"][-1]["content"]
+        .startswith(
+            "Your answer does not match the required JSON schema at /: 'healthy' is a required"
+        )
+    )
+    assert [k for _, k, _ in steps(d, run_id)].count("output_rejected") == 3
+    assert len(lines(out)) == 1  # the tool ran once, in the first attempt
+    ws = d.state_dir / "runs" / "tooled" / run_id
+    assert not (ws / "result.json").exists()
+    assert "agent answer rejected run=" in d.log()
+    assert d.stop() == 0
+
+
 def test_an_agent_killed_mid_tool_call_is_resumed_at_its_step_by_another_node(
     tmp_path: Path, pg_url: str
 ) -> None:
