@@ -721,12 +721,25 @@ def test_shipped_config_validates() -> None:
     agents = [t for t in config.tasks.values() if t.kind == "agent"]
     for task in agents:
         assert task.agent is not None
+        if task.agent.provider == "example":  # the built-in example model: no key
+            assert task.agent.base_url == "builtin:example" and task.agent.api_key_env is None
+            assert "EXAMPLE MODEL" in str(task.description)
+            continue
         key_var = task.agent.api_key_env
         assert key_var == "OPENAI_API_KEY"
         reason = inactive_reason(task, {})
         assert reason is not None
         assert "OPENAI_API_KEY" in reason
         assert inactive_reason(task, {"OPENAI_API_KEY": "sk-test"}) is None
+    # The offline agent example is its keyed twin on the example model, not a default.
+    offline, keyed = config.tasks["host-check-offline"].agent, config.tasks["host-check"].agent
+    assert offline is not None and keyed is not None
+    assert offline.tools is not None and offline.tools == keyed.tools
+    assert offline.response_format is not None and offline.response_format == keyed.response_format
+    assert (offline.prompt, offline.system) == (keyed.prompt, keyed.system)
+    assert [t.id for t in agents if t.agent and t.agent.provider == "example"] == [
+        "host-check-offline"
+    ]
     # The agent task goes through a declared, priced provider under the global cap.
     digest = config.tasks["daily-digest"]
     assert digest.agent is not None and digest.agent.provider == "openai"

@@ -27,6 +27,7 @@ from fake_llm import FakeLLM, ThreadedFakeLLM, call, tool_calls
 pytestmark = pytest.mark.e2e
 
 PY = sys.executable
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -307,6 +308,47 @@ def test_an_answer_that_never_matches_the_schema_is_quarantined_after_its_retrie
     ws = d.state_dir / "runs" / "tooled" / run_id
     assert not (ws / "result.json").exists()
     assert "agent answer rejected run=" in d.log()
+    assert d.stop() == 0
+
+
+def test_the_shipped_config_runs_its_offline_agent_example(make_daemon: Any) -> None:
+    """config/agentd.yaml as it ships (state dir and port moved to the test's): its
+    host-check-offline runs on the built-in example model, with no key and no network,
+    and ends with a result.json that matches its schema; the keyed host-check stays
+    inactive without OPENAI_API_KEY and does not keep the daemon from starting."""
+    d = make_daemon("unused: {schedule: {manual: true}, command: {argv: ['true']}}")
+    shipped = (ROOT / "config" / "agentd.yaml").read_text()
+    assert shipped.count("${STATE_DIRECTORY:-./var}") == 1 and shipped.count("port: 8787") == 1
+    d.config.write_text(
+        shipped.replace("${STATE_DIRECTORY:-./var}", str(d.state_dir)).replace(
+            "port: 8787", f"port: {d.port}"
+        )
+    )
+    env = {"OPENAI_API_KEY": "", "HOSTNAME": "testhost"}
+    d.start(env=env)
+    tasks = {t["task"]: t for t in json.loads(d.cli("tasks", "--json").stdout)}
+    assert tasks["host-check"]["paused"] == "inactive: API key variable OPENAI_API_KEY is not set"
+    assert tasks["host-check-offline"]["paused"] == "no"
+    run_id = d.trigger("host-check-offline")
+    d.wait_status(run_id, "succeeded", timeout=60)
+    ws = d.state_dir / "runs" / "host-check-offline" / run_id
+    verdict = json.loads((ws / "result.json").read_text())
+    assert set(verdict) == {"healthy", "summary"} and verdict["healthy"] is True
+    assert "disk_usage: " in verdict["summary"] and "load_average: " in verdict["summary"]
+    assert json.loads((ws / "result.md").read_text()) == verdict
+    assert [k for _, k, _ in steps(d, run_id)] == [
+        "model",
+        "tool_started",
+        "tool_result",
+        "tool_started",
+        "tool_result",
+        "model",
+    ]
+    ledger = d.query("SELECT provider, model, cost_usd FROM ledger WHERE run_id=?", (run_id,))
+    assert [(r["provider"], r["model"], r["cost_usd"]) for r in ledger] == [
+        ("example", "example", 0.0)
+    ] * 2
+    assert "provider example is the built-in example model (not an LLM)" in d.log()
     assert d.stop() == 0
 
 

@@ -455,12 +455,14 @@ def test_the_shipped_example_runs_its_bundled_tools_offline(tmp_path: Path) -> N
                     call("disk_usage", {"path": str(tmp_path)}, "c1"),
                     call("load_average", {}, "c2"),
                 ),
-                fake_llm.ok("Healthy."),
+                fake_llm.ok('{"healthy": true, "summary": "Disk and load are fine."}'),
             )
             return await side.execute(), llm
 
     result, llm = run(main)
     assert result.ok, result.error
+    assert result.detail["output"] == {"healthy": True, "summary": "Disk and load are fine."}
+    assert llm.requests[0].body["response_format"]["json_schema"]["name"] == "host_verdict"
     assert llm.requests[0].body["messages"][1]["content"] == (
         "Is h healthy? Look at its root disk and its load."
     )
@@ -810,3 +812,38 @@ def test_items_with_a_response_format_stop_at_the_item_that_breaks_it(tmp_path: 
     assert [r.user_content for r in llm.requests] == ["Judge a.", "Judge b.", "Judge b."]
     records = [json.loads(p.read_text()) for p in sorted((side.workspace / "items").iterdir())]
     assert [r["output"]["checks"] for r in records] == [["a"], ["b"]]
+
+
+# ---------------------------------------------------------------- the example model
+
+
+def test_the_shipped_offline_example_runs_on_the_example_model(tmp_path: Path) -> None:
+    """config/agentd.yaml's host-check-offline as it ships: no network, no key. The
+    example model calls both tools once, then answers JSON that matches the verdict
+    schema; both calls go through the ledger at no cost."""
+    shipped = load_config(Path(__file__).resolve().parent.parent / "config" / "agentd.yaml", {})
+    task = shipped.tasks["host-check-offline"].model_copy(update={"id": "t1"})
+
+    async def main() -> Result:
+        side = Side(tmp_path / "db", shipped.model_copy(update={"tasks": {"t1": task}}))
+        result = await side.execute()
+        ledger = side.store.conn.execute("SELECT provider, model, cost_usd FROM ledger")
+        assert [tuple(r) for r in ledger.fetchall()] == [("example", "example", 0.0)] * 2
+        assert side.steps() == [
+            (1, "model", None),
+            (1, "tool_started", "example-1-1"),
+            (1, "tool_result", "example-1-1"),
+            (1, "tool_started", "example-1-2"),
+            (1, "tool_result", "example-1-2"),
+            (2, "model", None),
+        ]
+        started = side.store.agent_steps(side.run_id)[1]["payload"]
+        assert started == {"tool": "disk_usage", "arguments": {"path": "/"}}
+        return result
+
+    result = run(main)
+    assert result.ok, result.error
+    verdict = result.detail["output"]
+    assert set(verdict) == {"healthy", "summary"} and verdict["healthy"] is True
+    assert verdict["summary"].startswith("example model (agentd built-in, not an LLM): 2 tool")
+    assert "disk_usage: {" in verdict["summary"] and "load_average: " in verdict["summary"]
