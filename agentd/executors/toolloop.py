@@ -324,13 +324,14 @@ class _Loop:
             value, where, what = output.problem(fmt, text)
             if where is not None:
                 step, ctx = state.steps, self.ctx
+                # Not what is wrong: the message may quote the answer, and a log line is
+                # not scrubbed of secrets (the recorded step and the error are).
                 ctx.log.warning(
-                    "agent answer rejected run=%s step=%d format=%s path=%s: %s",
+                    "agent answer rejected run=%s step=%d format=%s path=%s",
                     ctx.run_id,
                     step,
                     fmt.name,
                     where,
-                    what,
                 )
                 rejected = {"format": fmt.name, "path": where, "error": what}
                 self.record(step, REJECTED, None, rejected)
