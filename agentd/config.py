@@ -38,7 +38,7 @@ from pydantic import (
     model_validator,
 )
 
-from agentd import yamlload
+from agentd import examplemodel, yamlload
 from agentd.redact import SecretRef
 from agentd.schedule import (
     CronError,
@@ -521,6 +521,60 @@ class ToolPythonConfig(_Model):
         return value
 
 
+def _object_schema(value: dict[str, Any]) -> dict[str, Any]:
+    """``value`` if it is a JSON schema (Draft 2020-12) of an object; ValueError naming
+    where in it the problem is otherwise."""
+    import jsonschema  # only a config with tools or a response_format pays for its import
+
+    try:
+        jsonschema.Draft202012Validator.check_schema(value)
+    except jsonschema.SchemaError as exc:
+        where = "/".join(str(p) for p in exc.path) or "top"
+        raise ValueError(f"not a JSON schema ({where}): {exc.message}") from None
+    if value.get("type") != "object":
+        raise ValueError('must describe an object: "type": "object"')
+    return value
+
+
+class ResponseFormatConfig(_Model):
+    """Structured final output: the answer must be JSON that matches ``schema``.
+
+    Sent as the OpenAI ``response_format`` (``{"type": "json_schema", "json_schema":
+    {name, schema, strict}}``) and checked by agentd (Draft 2020-12) whatever the
+    provider did with it: an answer that is not such JSON is an ``invalid_output``
+    error, retried per the task's ``retry`` policy. A valid one is written as
+    ``result.json`` beside ``result.md`` and is the run's result detail (``output``)."""
+
+    name: str
+    """The schema's name, as OpenAI-compatible APIs accept it (like a tool's)."""
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(alias="schema")
+    """A JSON schema of an object (OpenAI asks an object at the top)."""
+    strict: bool = True
+    """Ask the provider to hold the model to the schema (OpenAI's strict mode, which
+    supports a subset of JSON schema: every property required, no additional ones)."""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not TOOL_NAME_RE.match(value):
+            raise ValueError(f"name {_clip(value)} must be 1-64 of A-Z a-z 0-9 _ -")
+        return value
+
+    @field_validator("json_schema")
+    @classmethod
+    def _schema(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return _object_schema(value)
+
+    def wire(self) -> dict[str, Any]:
+        """As the request's ``response_format`` carries it."""
+        spec: dict[str, Any] = {"name": self.name, "schema": self.json_schema}
+        spec["strict"] = self.strict
+        if self.description:
+            spec["description"] = self.description
+        return {"type": "json_schema", "json_schema": spec}
+
+
 class ToolConfig(_Model):
     """One tool the model may call. ``parameters`` is the JSON schema of its arguments,
     shown to the model and checked at every call (a call that does not match it is
@@ -553,16 +607,7 @@ class ToolConfig(_Model):
     @field_validator("parameters")
     @classmethod
     def _schema(cls, value: dict[str, Any]) -> dict[str, Any]:
-        import jsonschema  # only a config with tools pays for its import
-
-        try:
-            jsonschema.Draft202012Validator.check_schema(value)
-        except jsonschema.SchemaError as exc:
-            where = "/".join(str(p) for p in exc.path) or "top"
-            raise ValueError(f"not a JSON schema ({where}): {exc.message}") from None
-        if value.get("type") != "object":
-            raise ValueError('must describe an object: "type": "object"')
-        return value
+        return _object_schema(value)
 
     @model_validator(mode="after")
     def _one_kind(self) -> ToolConfig:
@@ -632,6 +677,8 @@ class AgentConfig(_Model):
     ``limits.sensitive_tools`` to every agent's list."""
     approval_timeout: Duration = Field(default=86400.0, gt=0)
     """How long a run parked for an approval waits; then it ends ``denied``."""
+    response_format: ResponseFormatConfig | None = None
+    """The answer (each item's, with ``items``) must be JSON matching this schema."""
 
     @model_validator(mode="after")
     def _key(self) -> AgentConfig:
@@ -674,7 +721,12 @@ class ProviderConfig(_Model):
     """Output cap for calls that set none: every call is bounded, so it can be reserved."""
     prices: dict[str, PriceConfig] = {}
 
-    _url = field_validator("base_url")(_check_url)
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        """http(s), or ``builtin:example``: the example model (``agentd.examplemodel``),
+        a deterministic stand-in answered in-process, for offline examples."""
+        return value if value == examplemodel.URL else _check_url(value)
 
     @model_validator(mode="after")
     def _key(self) -> ProviderConfig:

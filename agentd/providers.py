@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from agentd import tls
+from agentd import examplemodel, tls
 from agentd.budget import Need, Scope, call_scopes, cost_usd, estimate_prompt_tokens, worst_case
 from agentd.clock import Clock, parse_retry_after
 from agentd.config import Config, ProviderConfig, TaskConfig
@@ -37,6 +38,8 @@ from agentd.state.port import Store
 
 if TYPE_CHECKING:
     import httpx
+
+log = logging.getLogger("agentd.providers")
 
 _CONTEXT_RE = re.compile(r"context.?length|maximum context|too many tokens|context window", re.I)
 _POLICY_RE = re.compile(r"content.?(policy|filter|management)|safety system|flagged", re.I)
@@ -245,6 +248,10 @@ def new_client(provider: ProviderConfig) -> httpx.AsyncClient:
         write=provider.read_timeout,
         pool=provider.connect_timeout,
     )
+    if provider.base_url == examplemodel.URL:
+        return httpx.AsyncClient(
+            base_url="http://example-model.invalid", timeout=timeout, transport=_example_transport()
+        )
     return httpx.AsyncClient(
         base_url=provider.base_url.rstrip("/"), timeout=timeout, verify=tls.context()
     )
@@ -256,6 +263,7 @@ def _body(
     cap: int,
     temperature: float | None,
     tools: list[dict[str, Any]] | None,
+    response_format: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ``/chat/completions`` request."""
     body: dict[str, Any] = {"model": model, "messages": messages, "max_tokens": cap}
@@ -263,6 +271,8 @@ def _body(
         body["temperature"] = temperature
     if tools:
         body["tools"] = tools
+    if response_format is not None:
+        body["response_format"] = response_format
     return body
 
 
@@ -280,10 +290,14 @@ class Gateway:
         self.config = config
 
     def client(self, name: str, provider: ProviderConfig) -> httpx.AsyncClient:
-        """Shared per provider; a reload that changes its URL or timeouts gets a new one."""
+        """Shared per provider; a reload that changes its URL or timeouts gets a new one.
+        ``builtin:example`` gets a client whose transport is the example model, in this
+        process: no request leaves it."""
         key = (name, provider.base_url, provider.connect_timeout, provider.read_timeout)
         client = self._clients.get(key)
         if client is None:
+            if provider.base_url == examplemodel.URL:
+                log.info("provider %s is the built-in example model (not an LLM)", name)
             client = self._clients[key] = new_client(provider)
         return client
 
@@ -333,9 +347,12 @@ class RunLLM:
         read_timeout: float | None = None,
         item: int | None = None,
         tools: list[dict[str, Any]] | None = None,
+        response_format: dict[str, Any] | None = None,
     ) -> Reply:
         """One metered call. ``messages`` replaces ``prompt``/``system``; ``tools`` (the
-        OpenAI ``tools`` list) lets the model answer with ``Reply.tool_calls``."""
+        OpenAI ``tools`` list) lets the model answer with ``Reply.tool_calls``;
+        ``response_format`` is sent as it is (``ResponseFormatConfig.wire()``): checking
+        the answer against it is the caller's business."""
         config, task = self._gw.config, self.task
         name, prov, default_model, default_max = self._target(provider)
         model = model or default_model
@@ -359,7 +376,7 @@ class RunLLM:
                 category="unpriced",
             )
         key = api_key(prov)
-        need = worst_case(price, _prompt_estimate(messages, tools), cap)
+        need = worst_case(price, _prompt_estimate(messages, tools, response_format), cap)
         entry = reserve(
             self._gw.store,
             now,
@@ -373,7 +390,7 @@ class RunLLM:
         )
         if isinstance(entry, Refusal):
             raise BudgetExhausted(entry)
-        body = _body(model, messages, cap, temperature, tools)
+        body = _body(model, messages, cap, temperature, tools, response_format)
         call = _Call(self._gw, entry, scopes, need, price, model)
         return await call.post(self._gw.client(name, prov), body, key, read_timeout)
 
@@ -395,16 +412,43 @@ class RunLLM:
         return name, config.providers.get(name, prov), model, cap
 
 
-def _prompt_estimate(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> int:
-    """``estimate_prompt_tokens`` with the tools' schemas and earlier tool calls, which
-    the provider counts as prompt too (a message's ``content`` is all the estimate reads)."""
+def _prompt_estimate(
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None,
+    response_format: dict[str, Any] | None = None,
+) -> int:
+    """``estimate_prompt_tokens`` with the tools' schemas, earlier tool calls and the
+    response format's schema, which the provider may count as prompt too (a message's
+    ``content`` is all the estimate reads; reserving too much is the safe side)."""
     tokens = estimate_prompt_tokens(messages)
     extra: list[Any] = [m["tool_calls"] for m in messages if m.get("tool_calls")]
     if tools:
         extra.append(tools)
+    if response_format:
+        extra.append(response_format)
     if extra:
         tokens += estimate_prompt_tokens([{"content": json.dumps(extra)}])
     return tokens
+
+
+def _example_transport() -> httpx.AsyncBaseTransport:
+    """An httpx transport that answers ``/chat/completions`` with the example model
+    (``agentd.examplemodel``); made lazily, like every httpx object here."""
+    import httpx
+
+    class ExampleTransport(httpx.AsyncBaseTransport):
+        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            if request.method != "POST" or not request.url.path.endswith("/chat/completions"):
+                return httpx.Response(404, json={"error": {"message": "not found"}})
+            try:
+                body = json.loads(await request.aread())
+                if not isinstance(body, dict):
+                    raise ValueError("the body is not a JSON object")
+                return httpx.Response(200, json=examplemodel.answer(body))
+            except ValueError as exc:
+                return httpx.Response(400, json={"error": {"message": str(exc)}})
+
+    return ExampleTransport()
 
 
 class _Exchange:
@@ -547,6 +591,7 @@ class DirectLLM:
         temperature: float | None = None,
         read_timeout: float | None = None,
         tools: list[dict[str, Any]] | None = None,
+        response_format: dict[str, Any] | None = None,
     ) -> Reply:
         """One call, unmetered; ``LLMError`` as ``RunLLM.achat`` raises it."""
         prov = self.provider
@@ -555,12 +600,13 @@ class DirectLLM:
             raise LLMError(message, retryable=False, category="bad_request")
         key = api_key(prov)
         cap = max_tokens or self.max_tokens or prov.max_tokens
-        need = worst_case(prov.prices.get(self.model), _prompt_estimate(messages, tools), cap)
+        estimate = _prompt_estimate(messages, tools, response_format)
+        need = worst_case(prov.prices.get(self.model), estimate, cap)
         if self._client is None:
             await tls.prepare()
             self._client = new_client(prov)
         exchange = _Exchange(need, prov.prices.get(self.model), self.model)
-        body = _body(self.model, messages, cap, temperature, tools)
+        body = _body(self.model, messages, cap, temperature, tools, response_format)
         return await exchange.post(self._client, body, key, read_timeout)
 
     async def aclose(self) -> None:

@@ -721,12 +721,25 @@ def test_shipped_config_validates() -> None:
     agents = [t for t in config.tasks.values() if t.kind == "agent"]
     for task in agents:
         assert task.agent is not None
+        if task.agent.provider == "example":  # the built-in example model: no key
+            assert task.agent.base_url == "builtin:example" and task.agent.api_key_env is None
+            assert "EXAMPLE MODEL" in str(task.description)
+            continue
         key_var = task.agent.api_key_env
         assert key_var == "OPENAI_API_KEY"
         reason = inactive_reason(task, {})
         assert reason is not None
         assert "OPENAI_API_KEY" in reason
         assert inactive_reason(task, {"OPENAI_API_KEY": "sk-test"}) is None
+    # The offline agent example is its keyed twin on the example model, not a default.
+    offline, keyed = config.tasks["host-check-offline"].agent, config.tasks["host-check"].agent
+    assert offline is not None and keyed is not None
+    assert offline.tools is not None and offline.tools == keyed.tools
+    assert offline.response_format is not None and offline.response_format == keyed.response_format
+    assert (offline.prompt, offline.system) == (keyed.prompt, keyed.system)
+    assert [t.id for t in agents if t.agent and t.agent.provider == "example"] == [
+        "host-check-offline"
+    ]
     # The agent task goes through a declared, priced provider under the global cap.
     digest = config.tasks["daily-digest"]
     assert digest.agent is not None and digest.agent.provider == "openai"
@@ -990,3 +1003,81 @@ def test_agent_tools_unique_and_not_with_items() -> None:
         )
     )
     assert "greater than or equal to 1" in problem_at(steps, "tasks.x.agent.max_steps").message
+
+
+# ---------------------------------------------------------------- response_format
+
+
+def test_a_response_format_parses_and_goes_on_the_wire_as_openai_asks() -> None:
+    config = parse(
+        one_task(
+            """
+            schedule: {manual: true}
+            agent:
+              base_url: http://127.0.0.1:1/v1
+              model: m
+              prompt: p
+              response_format:
+                name: verdict
+                description: the verdict
+                schema: {type: object, properties: {ok: {type: boolean}}, required: [ok]}
+            """
+        )
+    )
+    agent = config.tasks["x"].agent
+    assert agent is not None and agent.response_format is not None
+    assert agent.response_format.strict is True
+    assert agent.response_format.wire() == {
+        "type": "json_schema",
+        "json_schema": {
+            "name": "verdict",
+            "schema": {
+                "type": "object",
+                "properties": {"ok": {"type": "boolean"}},
+                "required": ["ok"],
+            },
+            "strict": True,
+            "description": "the verdict",
+        },
+    }
+    assert redacted(config)["tasks"]["x"]["agent"]["response_format"]["schema"]["required"] == [
+        "ok"
+    ]
+
+
+def test_response_format_problems_name_their_path() -> None:
+    def problems(body: str) -> list[ConfigProblem]:
+        return problems_of(
+            one_task(
+                "schedule: {manual: true}\n"
+                "agent: {base_url: 'http://127.0.0.1:1/v1', model: m, prompt: p,"
+                f" response_format: {body}}}\n"
+            )
+        )
+
+    at = "tasks.x.agent.response_format"
+    bad = problems("{name: v, schema: {type: object, properties: {q: {type: stringy}}}}")
+    assert "not a JSON schema (properties/q/type)" in problem_at(bad, f"{at}.schema").message
+    array = problems("{name: v, schema: {type: array}}")
+    assert "must describe an object" in problem_at(array, f"{at}.schema").message
+    name = problems("{name: 'a verdict', schema: {type: object}}")
+    assert "must be 1-64" in problem_at(name, f"{at}.name").message
+    assert problem_at(problems("{name: v}"), f"{at}.schema")
+    extra = problems("{name: v, schema: {type: object}, strict: true, format: json}")
+    assert problem_at(extra, f"{at}.format")
+
+
+def test_only_the_example_model_is_a_base_url_that_is_not_http() -> None:
+    def provider(url: str) -> str:
+        return f"providers: {{p: {{base_url: '{url}', default_model: m}}}}\n" + one_task(
+            "schedule: {manual: true}\nagent: {provider: p, prompt: hi}\n"
+        )
+
+    config = parse(provider("builtin:example"))
+    assert config.providers["p"].base_url == "builtin:example"
+    for url in ("builtin:other", "builtin:example/v1", "file:///etc/passwd"):
+        bad = problems_of(provider(url))
+        assert (
+            "URL must start with http:// or https://"
+            in problem_at(bad, "providers.p.base_url").message
+        )

@@ -32,6 +32,7 @@ from fake_llm import FakeLLM, ThreadedFakeLLM, call, tool_calls
 pytestmark = pytest.mark.e2e
 
 PY = sys.executable
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -264,6 +265,95 @@ def test_a_secret_in_a_tool_result_reaches_neither_the_db_nor_the_transcript(
     assert key not in result["payload"] and "key=[redacted]" in result["payload"]
     transcript = (d.state_dir / "runs" / "leaky" / run_id / "transcript.jsonl").read_text()
     assert key not in transcript and "key=[redacted]" in transcript
+    assert d.stop() == 0
+
+
+def test_an_answer_that_never_matches_the_schema_is_quarantined_after_its_retries(
+    make_daemon: Any, llm: FakeLLM, tmp_path: Path
+) -> None:
+    """Every answer breaks response_format: each attempt ends invalid_output (retryable),
+    is recorded as a rejected answer, and the next attempt asks the model again, told
+    why; when max_attempts are spent the run is quarantined with the error."""
+    out = tmp_path / "words.txt"
+    llm.queue(tool_calls(call("append", {"word": "w"}, "c1")))
+    llm.default = lambda req: fake_llm.ok('{"verdict": "fine"}')
+    tasks = agent_task(out).replace(
+        "      retry:",
+        """        response_format:
+          name: verdict
+          schema:
+            type: object
+            properties: {healthy: {type: boolean}}
+            required: [healthy]
+      retry:""",
+    )
+    d = make_daemon(tasks, top=providers(llm)).start()
+    run_id = d.trigger("tooled")
+    run = d.wait_status(run_id, "quarantined")
+    assert run["error"] == (
+        "invalid output: the answer does not match response_format verdict at /:"
+        " 'healthy' is a required property"
+    )
+    attempts = d.query(
+        "SELECT outcome, error FROM attempts WHERE run_id=? ORDER BY attempt", (run_id,)
+    )
+    assert [a["outcome"] for a in attempts] == ["failure"] * 3
+    assert all(str(a["error"]).startswith("invalid output: ") for a in attempts)
+    assert len(llm.requests) == 4  # the tool call, then one answer per attempt
+    assert all(r.body["response_format"]["json_schema"]["name"] == "verdict" for r in llm.requests)
+    assert (
+        llm.requests[3]
+        .body["messages"][-1]["content"]
+        .startswith(
+            "Your answer does not match the required JSON schema at /: 'healthy' is a required"
+        )
+    )
+    assert [k for _, k, _ in steps(d, run_id)].count("output_rejected") == 3
+    assert len(lines(out)) == 1  # the tool ran once, in the first attempt
+    ws = d.state_dir / "runs" / "tooled" / run_id
+    assert not (ws / "result.json").exists()
+    assert "agent answer rejected run=" in d.log()
+    assert d.stop() == 0
+
+
+def test_the_shipped_config_runs_its_offline_agent_example(make_daemon: Any) -> None:
+    """config/agentd.yaml as it ships (state dir and port moved to the test's): its
+    host-check-offline runs on the built-in example model, with no key and no network,
+    and ends with a result.json that matches its schema; the keyed host-check stays
+    inactive without OPENAI_API_KEY and does not keep the daemon from starting."""
+    d = make_daemon("unused: {schedule: {manual: true}, command: {argv: ['true']}}")
+    shipped = (ROOT / "config" / "agentd.yaml").read_text()
+    assert shipped.count("${STATE_DIRECTORY:-./var}") == 1 and shipped.count("port: 8787") == 1
+    d.config.write_text(
+        shipped.replace("${STATE_DIRECTORY:-./var}", str(d.state_dir)).replace(
+            "port: 8787", f"port: {d.port}"
+        )
+    )
+    env = {"OPENAI_API_KEY": "", "HOSTNAME": "testhost"}
+    d.start(env=env)
+    tasks = {t["task"]: t for t in json.loads(d.cli("tasks", "--json").stdout)}
+    assert tasks["host-check"]["paused"] == "inactive: API key variable OPENAI_API_KEY is not set"
+    assert tasks["host-check-offline"]["paused"] == "no"
+    run_id = d.trigger("host-check-offline")
+    d.wait_status(run_id, "succeeded", timeout=60)
+    ws = d.state_dir / "runs" / "host-check-offline" / run_id
+    verdict = json.loads((ws / "result.json").read_text())
+    assert set(verdict) == {"healthy", "summary"} and verdict["healthy"] is True
+    assert "disk_usage: " in verdict["summary"] and "load_average: " in verdict["summary"]
+    assert json.loads((ws / "result.md").read_text()) == verdict
+    assert [k for _, k, _ in steps(d, run_id)] == [
+        "model",
+        "tool_started",
+        "tool_result",
+        "tool_started",
+        "tool_result",
+        "model",
+    ]
+    ledger = d.query("SELECT provider, model, cost_usd FROM ledger WHERE run_id=?", (run_id,))
+    assert [(r["provider"], r["model"], r["cost_usd"]) for r in ledger] == [
+        ("example", "example", 0.0)
+    ] * 2
+    assert "provider example is the built-in example model (not an LLM)" in d.log()
     assert d.stop() == 0
 
 

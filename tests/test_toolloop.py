@@ -455,12 +455,14 @@ def test_the_shipped_example_runs_its_bundled_tools_offline(tmp_path: Path) -> N
                     call("disk_usage", {"path": str(tmp_path)}, "c1"),
                     call("load_average", {}, "c2"),
                 ),
-                fake_llm.ok("Healthy."),
+                fake_llm.ok('{"healthy": true, "summary": "Disk and load are fine."}'),
             )
             return await side.execute(), llm
 
     result, llm = run(main)
     assert result.ok, result.error
+    assert result.detail["output"] == {"healthy": True, "summary": "Disk and load are fine."}
+    assert llm.requests[0].body["response_format"]["json_schema"]["name"] == "host_verdict"
     assert llm.requests[0].body["messages"][1]["content"] == (
         "Is h healthy? Look at its root disk and its load."
     )
@@ -596,3 +598,252 @@ def test_arguments_sent_as_an_object_are_taken_as_json(tmp_path: Path) -> None:
     assert llm.requests[1].body["messages"][2]["tool_calls"][0]["function"]["arguments"] == (
         '{"a": 1, "b": 2}'
     )
+
+
+# ---------------------------------------------------------------- response_format
+
+VERDICT = """
+response_format:
+  name: verdict
+  schema:
+    type: object
+    properties:
+      healthy: {type: boolean}
+      checks: {type: array, items: {type: string}, minItems: 1}
+    required: [healthy, checks]
+    additionalProperties: false
+"""
+
+
+def test_a_valid_structured_answer_is_result_json_and_the_request_asked_for_it(
+    tmp_path: Path,
+) -> None:
+    async def main() -> tuple[Result, FakeLLM, Side]:
+        async with FakeLLM() as llm:
+            side = Side(tmp_path / "db", config_for(llm, ADD_TOOL, VERDICT))
+            llm.queue(
+                tool_calls(call("add", {"a": 1, "b": 2}, "c1")),
+                fake_llm.ok(json.dumps({"healthy": True, "checks": ["1 + 2 = 3"]})),
+            )
+            return await side.execute(), llm, side
+
+    result, llm, side = run(main)
+    assert result.ok, result.error
+    assert result.detail["output"] == {"healthy": True, "checks": ["1 + 2 = 3"]}
+    assert json.loads((side.workspace / "result.json").read_text()) == result.detail["output"]
+    assert json.loads((side.workspace / "result.md").read_text()) == result.detail["output"]
+    for request in llm.requests:  # every model call of the loop, not only the last
+        assert request.body["response_format"] == {
+            "type": "json_schema",
+            "json_schema": {
+                "name": "verdict",
+                "strict": True,
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "healthy": {"type": "boolean"},
+                        "checks": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                    },
+                    "required": ["healthy", "checks"],
+                    "additionalProperties": False,
+                },
+            },
+        }
+    assert "rejected_answers" not in result.detail
+
+
+def test_an_invalid_answer_is_an_invalid_output_error_and_the_retry_asks_again(
+    tmp_path: Path,
+) -> None:
+    """The first attempt's answer breaks the schema: the attempt ends with a retryable
+    invalid_output error naming the path, nothing written as the result; the next
+    attempt (the same run, its steps replayed) tells the model what was wrong, runs no
+    tool again, and ends with the valid answer."""
+
+    async def main() -> tuple[Result, Result, FakeLLM, Side]:
+        async with FakeLLM() as llm:
+            side = Side(tmp_path / "db", config_for(llm, ADD_TOOL, VERDICT))
+            llm.queue(
+                tool_calls(call("add", {"a": 1, "b": 2}, "c1")),
+                fake_llm.ok(json.dumps({"healthy": "yes", "checks": ["ok"]})),
+            )
+            first = await side.execute()
+            side.gateway = Gateway(side.store, side.config, SystemClock())
+            llm.queue(fake_llm.ok(json.dumps({"healthy": True, "checks": ["ok"]})))
+            second = await side.execute()
+            return first, second, llm, side
+
+    first, second, llm, side = run(main)
+    assert not first.ok and first.retryable is True
+    assert first.detail["llm_error"] == "invalid_output" and first.detail["path"] == "/healthy"
+    assert first.error == (
+        "invalid output: the answer does not match response_format verdict at /healthy:"
+        " 'yes' is not of type 'boolean'"
+    )
+    assert second.ok, second.error
+    assert second.detail["output"] == {"healthy": True, "checks": ["ok"]}
+    assert second.detail["rejected_answers"] == 1 and second.detail["resumed_from_step"] == 2
+    assert len(llm.requests) == 3
+    asked_again = llm.requests[2].body["messages"]
+    assert asked_again[-2]["content"] == json.dumps({"healthy": "yes", "checks": ["ok"]})
+    assert asked_again[-1]["role"] == "user"
+    assert asked_again[-1]["content"].startswith(
+        "Your answer does not match the required JSON schema at /healthy: 'yes' is not of"
+    )
+    assert llm.requests[2].tool_results == {"c1": json.dumps({"sum": 3, "run": side.run_id})}
+    assert side.steps() == [
+        (1, "model", None),
+        (1, "tool_started", "c1"),
+        (1, "tool_result", "c1"),
+        (2, "model", None),
+        (2, "output_rejected", None),
+        (3, "model", None),
+    ]
+    assert [r["kind"] for r in side.transcript()][-2:] == ["output_rejected", "model"]
+    assert json.loads((side.workspace / "result.json").read_text())["healthy"] is True
+
+
+@pytest.mark.parametrize(
+    ("answer", "where", "what"),
+    [
+        ("The host is fine.", "/", "the answer is not JSON (Expecting value"),
+        ('{"healthy": true}', "/", "'checks' is a required property"),
+        ('{"healthy": true, "checks": [3]}', "/checks/0", "3 is not of type 'string'"),
+        ('{"healthy": true, "checks": []}', "/checks", "[] should be non-empty"),
+    ],
+)
+def test_what_an_invalid_answer_is_told_names_where_it_breaks_the_schema(
+    tmp_path: Path, answer: str, where: str, what: str
+) -> None:
+    async def main() -> tuple[Result, Side]:
+        async with FakeLLM() as llm:
+            side = Side(tmp_path / "db", config_for(llm, ADD_TOOL, VERDICT))
+            llm.queue(fake_llm.ok(answer))
+            return await side.execute(), side
+
+    result, side = run(main)
+    assert not result.ok and result.retryable is True
+    assert result.detail["llm_error"] == "invalid_output" and result.detail["path"] == where
+    assert result.error is not None and f"at {where}: {what}" in result.error
+    assert not (side.workspace / "result.json").exists()
+    assert not (side.workspace / "result.md").exists()
+
+
+def test_an_answer_rejected_at_max_steps_ends_the_run_saying_so(tmp_path: Path) -> None:
+    async def main() -> tuple[Result, Result, FakeLLM]:
+        async with FakeLLM() as llm:
+            side = Side(tmp_path / "db", config_for(llm, ADD_TOOL, VERDICT + "max_steps: 1\n"))
+            llm.queue(fake_llm.ok("not json"))
+            first = await side.execute()
+            side.gateway = Gateway(side.store, side.config, SystemClock())
+            return first, await side.execute(), llm
+
+    first, second, llm = run(main)
+    assert first.detail["llm_error"] == "invalid_output"
+    assert not second.ok and second.retryable is False and len(llm.requests) == 1
+    assert second.error == (
+        "the agent made 1 model calls (max_steps) its last answer did not match response_format"
+    )
+
+
+def plain_config(llm: FakeLLM, extra: str = "", prompt: str = "Judge.") -> Config:
+    text = textwrap.dedent(
+        f"""
+        tasks:
+          t1:
+            schedule: {{manual: true}}
+            agent:
+              base_url: {llm.url}
+              model: m1
+              prompt: {prompt}
+        """
+    )
+    return parse_config(text + textwrap.indent(textwrap.dedent(extra), "      "), "t.yaml", {})
+
+
+def test_a_plain_agent_step_checks_its_answer_too(tmp_path: Path) -> None:
+    """Without tools: one call carrying response_format; a valid answer is result.json,
+    an invalid one a retryable invalid_output error with nothing written."""
+
+    async def main() -> tuple[Result, Result, FakeLLM, Side]:
+        async with FakeLLM() as llm:
+            side = Side(tmp_path / "db", plain_config(llm, VERDICT))
+            llm.queue(fake_llm.ok('{"healthy": false, "checks": ["disk full"]}'))
+            good = await side.execute()
+            (side.workspace / "result.json").rename(side.workspace / "first.json")
+            (side.workspace / "result.md").unlink()
+            side.gateway = Gateway(side.store, side.config, SystemClock())
+            llm.queue(fake_llm.ok('{"healthy": false}'))
+            bad = await side.execute()
+            return good, bad, llm, side
+
+    good, bad, llm, side = run(main)
+    assert good.ok and good.detail["output"] == {"healthy": False, "checks": ["disk full"]}
+    assert json.loads((side.workspace / "first.json").read_text()) == good.detail["output"]
+    assert llm.requests[0].body["response_format"]["json_schema"]["name"] == "verdict"
+    assert "tools" not in llm.requests[0].body
+    assert not bad.ok and bad.retryable is True and bad.detail["llm_error"] == "invalid_output"
+    assert bad.error is not None and "at /: 'checks' is a required property" in bad.error
+    assert not (side.workspace / "result.json").exists()
+    assert not (side.workspace / "result.md").exists()
+
+
+def test_items_with_a_response_format_stop_at_the_item_that_breaks_it(tmp_path: Path) -> None:
+    """Each item's answer is checked before it is written: the run fails at item 1 with
+    its checkpoint still there, and the retry asks for item 1 again, not item 0."""
+
+    async def main() -> tuple[Result, Result, FakeLLM, Side]:
+        async with FakeLLM() as llm:
+            config = plain_config(llm, VERDICT + "items: [a, b]\n", prompt="Judge {item}.")
+            side = Side(tmp_path / "db", config)
+            llm.queue(
+                fake_llm.ok('{"healthy": true, "checks": ["a"]}'),
+                fake_llm.ok('{"healthy": 1, "checks": ["b"]}'),
+            )
+            first = await side.execute()
+            side.gateway = Gateway(side.store, side.config, SystemClock())
+            llm.queue(fake_llm.ok('{"healthy": true, "checks": ["b"]}'))
+            return first, await side.execute(), llm, side
+
+    first, second, llm, side = run(main)
+    assert not first.ok and first.detail["llm_error"] == "invalid_output"
+    assert first.detail["item"] == 1 and first.retryable is True
+    assert second.ok and second.detail["resumed_from"] == 1 and second.detail["processed"] == 1
+    assert [r.user_content for r in llm.requests] == ["Judge a.", "Judge b.", "Judge b."]
+    records = [json.loads(p.read_text()) for p in sorted((side.workspace / "items").iterdir())]
+    assert [r["output"]["checks"] for r in records] == [["a"], ["b"]]
+
+
+# ---------------------------------------------------------------- the example model
+
+
+def test_the_shipped_offline_example_runs_on_the_example_model(tmp_path: Path) -> None:
+    """config/agentd.yaml's host-check-offline as it ships: no network, no key. The
+    example model calls both tools once, then answers JSON that matches the verdict
+    schema; both calls go through the ledger at no cost."""
+    shipped = load_config(Path(__file__).resolve().parent.parent / "config" / "agentd.yaml", {})
+    task = shipped.tasks["host-check-offline"].model_copy(update={"id": "t1"})
+
+    async def main() -> Result:
+        side = Side(tmp_path / "db", shipped.model_copy(update={"tasks": {"t1": task}}))
+        result = await side.execute()
+        ledger = side.store.conn.execute("SELECT provider, model, cost_usd FROM ledger")
+        assert [tuple(r) for r in ledger.fetchall()] == [("example", "example", 0.0)] * 2
+        assert side.steps() == [
+            (1, "model", None),
+            (1, "tool_started", "example-1-1"),
+            (1, "tool_result", "example-1-1"),
+            (1, "tool_started", "example-1-2"),
+            (1, "tool_result", "example-1-2"),
+            (2, "model", None),
+        ]
+        started = side.store.agent_steps(side.run_id)[1]["payload"]
+        assert started == {"tool": "disk_usage", "arguments": {"path": "/"}}
+        return result
+
+    result = run(main)
+    assert result.ok, result.error
+    verdict = result.detail["output"]
+    assert set(verdict) == {"healthy", "summary"} and verdict["healthy"] is True
+    assert verdict["summary"].startswith("example model (agentd built-in, not an LLM): 2 tool")
+    assert "disk_usage: {" in verdict["summary"] and "load_average: " in verdict["summary"]

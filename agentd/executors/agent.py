@@ -12,6 +12,12 @@ When the next call does not fit a budget the run stops right there, its checkpoi
 already saved, and ends ``budget_exhausted``. A response that does not hold a string
 answer is an error: an empty result that looks like success is the worst outcome for
 unattended work.
+
+With ``response_format`` every call asks for it and every answer must be JSON matching
+its schema (``agentd.executors.output``): the single answer is written as
+``result.json`` too and is the result's ``output``; an item's is its record's
+``output``. An answer that does not match is an ``invalid_output`` error (retryable)
+before anything of it is written: a retry asks again, for an item from that item on.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from typing import Any
 from agentd import tls
 from agentd.config import AgentConfig, TaskConfig
 from agentd.context import RunContext
-from agentd.executors import ExecEnv
+from agentd.executors import ExecEnv, output
 from agentd.models import Result
 from agentd.providers import BudgetExhausted, LLMError, Reply
 
@@ -67,7 +73,13 @@ async def _ask(cfg: AgentConfig, ctx: RunContext, prompt: str, item: int | None)
         temperature=cfg.temperature,
         read_timeout=cfg.request_timeout,
         item=item,
+        response_format=cfg.response_format.wire() if cfg.response_format else None,
     )
+
+
+def _output(cfg: AgentConfig, reply: Reply) -> Any:
+    """The parsed answer with ``response_format`` (None without); LLMError otherwise."""
+    return None if cfg.response_format is None else output.check(cfg.response_format, reply.content)
 
 
 async def _each(cfg: AgentConfig, ctx: RunContext, values: dict[str, Any], start: int) -> Result:
@@ -81,10 +93,13 @@ async def _each(cfg: AgentConfig, ctx: RunContext, values: dict[str, Any], start
     for i, prompt in enumerate(prompts, start):
         try:
             reply = await _ask(cfg, ctx, prompt, i)
+            value = _output(cfg, reply)
         except (LLMError, BudgetExhausted) as exc:
             progress = {"item": i, "items": len(items), "resumed_from": start, **totals}
             raise _Failed(exc.result(progress)) from None
         record = {"item": items[i], "content": reply.content, "usage": reply.usage()}
+        if cfg.response_format is not None:
+            record["output"] = value
         _write(ctx.workspace / "items" / f"{i:05d}.json", json.dumps(record, default=str))
         ctx.checkpoint.save({"next_item": i + 1})  # StopRequested propagates from here
         totals["input_tokens"] += reply.input_tokens
@@ -114,9 +129,14 @@ async def execute(task: TaskConfig, ctx: RunContext, env: ExecEnv) -> Result:
             return await _each(cfg, ctx, values, _resume_point(ctx, len(cfg.items)))
         try:
             reply = await _ask(cfg, ctx, render(cfg.prompt, values), None)
+            value = _output(cfg, reply)
         except (LLMError, BudgetExhausted) as exc:
             return exc.result()
         _write(ctx.workspace / "result.md", reply.content)
-        return Result(ok=True, detail=reply.usage())
+        detail = reply.usage()
+        if cfg.response_format is not None:
+            output.write(ctx.workspace, value)
+            detail["output"] = value
+        return Result(ok=True, detail=detail)
     except _Failed as failed:
         return failed.result

@@ -223,6 +223,7 @@ class _ReplayLoop(_Loop):
                 max_tokens=cfg.max_tokens,
                 temperature=cfg.temperature,
                 read_timeout=cfg.request_timeout,
+                response_format=self.response_format,
             )
         except LLMError as exc:
             raise ReplayStopped(f"step {self.asked}: the provider failed: {exc.message}") from None

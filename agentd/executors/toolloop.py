@@ -41,6 +41,14 @@ Where the loop meets the world is one method each: ``_Loop._ask`` (a model call)
 ``_Loop._execute`` (a tool call), and the context's ``record_agent_step`` (through
 ``_Loop.record``). ``agentd.executors.replay`` runs this same loop with the first two
 answered from a recording (or an unmetered provider) and the records kept in memory.
+
+With ``response_format`` the answer must be JSON matching its schema (``output``): a
+valid one is written as ``result.json`` too and is the result's ``output``. An invalid
+one is recorded as an ``output_rejected`` step (where and what), and the attempt ends
+with a retryable ``invalid_output`` error. The next attempt rebuilds the conversation
+with the rejected answer and a user message that says what was wrong, and asks the
+model again (a new model call, counted in ``max_steps``); when the retries run out the
+run is quarantined.
 """
 
 from __future__ import annotations
@@ -63,7 +71,7 @@ from typing import Any
 from agentd import tls
 from agentd.config import AgentConfig, TaskConfig, ToolConfig
 from agentd.context import RunContext
-from agentd.executors import ExecEnv
+from agentd.executors import ExecEnv, output
 from agentd.executors.python import _in_thread, _ResolveError, resolve
 from agentd.models import TOOL_RESULT, CheckpointNotSaved, Park, Result, StopRequested
 from agentd.providers import BudgetExhausted, LLMError, Reply, ToolCall
@@ -78,6 +86,7 @@ DECISION = "decision"
 id ``*`` recorded when a manual run is triggered with ``--approve-sensitive``, the
 approval in advance of every sensitive call of the run."""
 EVERY_CALL = "*"
+REJECTED = "output_rejected"
 
 OUTPUT_MAX_BYTES = 64 * 1024
 """What one tool call may hand back to the model; more is cut (and said so)."""
@@ -91,7 +100,10 @@ class _State:
     steps: int = 0
     """Model replies recorded."""
     last: dict[str, Any] | None = None
-    """The last recorded reply's payload."""
+    """The last recorded reply's payload; None also once that reply, an answer, was
+    rejected (``output_rejected``): the model is to be asked again."""
+    rejected: int = 0
+    """Answers rejected as not matching ``response_format``."""
     started: set[str] = field(default_factory=set)
     results: set[str] = field(default_factory=set)
     requested: set[str] = field(default_factory=set)
@@ -128,6 +140,18 @@ class _State:
             self.messages.append(
                 {"role": "tool", "tool_call_id": call_id, "content": payload["content"]}
             )
+        elif kind == REJECTED:
+            self.rejected += 1
+            self.last = None
+            self.messages.append({"role": "user", "content": rejection(payload)})
+
+
+def rejection(payload: dict[str, Any]) -> str:
+    """What the model is told of its rejected answer (an ``output_rejected`` payload)."""
+    return (
+        f"Your answer does not match the required JSON schema at {payload.get('path')}:"
+        f" {payload.get('error')}. Answer again with only JSON that matches the schema."
+    )
 
 
 def idempotency_key(run_id: str, step: int, call_id: str) -> str:
@@ -204,6 +228,7 @@ class _Loop:
         self.env = env
         self.tools = {t.name: t for t in cfg.tools}
         self.spec = [tool_spec(t) for t in cfg.tools]
+        self.response_format = cfg.response_format.wire() if cfg.response_format else None
         self.transcript: _Transcript | None = None
 
     def record(self, step: int, kind: str, call_id: str | None, payload: Any) -> None:
@@ -254,11 +279,15 @@ class _Loop:
                     if refused is not None:
                         return refused
             if state.steps >= cfg.max_steps:
+                why = (
+                    "its last answer did not match response_format"
+                    if state.last is None and state.rejected
+                    else "without answering without a tool call"
+                )
                 return Result(
                     ok=False,
                     retryable=False,
-                    error=f"the agent made {state.steps} model calls (max_steps) without"
-                    " answering without a tool call",
+                    error=f"the agent made {state.steps} model calls (max_steps) {why}",
                     detail=self._detail(state, resumed_from),
                 )
             if ctx.stop_requested:
@@ -290,23 +319,56 @@ class _Loop:
             max_tokens=cfg.max_tokens,
             temperature=cfg.temperature,
             read_timeout=cfg.request_timeout,
+            response_format=self.response_format,
         )
 
     def _answer(self, last: dict[str, Any], state: _State, resumed_from: int) -> Result:
+        """The run's end on an answer: ``result.md``, and with ``response_format``
+        ``result.json``; or, for an answer that does not match it, the rejection recorded
+        (before the attempt ends, so the next one asks again) and an ``invalid_output``
+        error."""
+        text = str(last.get("content") or "")
+        detail = self._detail(state, resumed_from)
+        fmt = self.cfg.response_format
+        value: Any = None
+        if fmt is not None:
+            value, where, what = output.problem(fmt, text)
+            if where is not None:
+                step, ctx = state.steps, self.ctx
+                # Not what is wrong: the message may quote the answer, and a log line is
+                # not scrubbed of secrets (the recorded step and the error are).
+                ctx.log.warning(
+                    "agent answer rejected run=%s step=%d format=%s path=%s",
+                    ctx.run_id,
+                    step,
+                    fmt.name,
+                    where,
+                )
+                rejected = {"format": fmt.name, "path": where, "error": what}
+                self.record(step, REJECTED, None, rejected)
+                state.apply(REJECTED, None, rejected)
+                error = output.invalid(fmt, where, str(what))
+                return error.result({"step": step, "path": where, **detail})
         path = self.ctx.workspace / "result.md"
         tmp = path.with_name("result.md.tmp")
-        tmp.write_text(str(last.get("content") or ""), encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8")
         tmp.replace(path)
-        return Result(ok=True, detail=self._detail(state, resumed_from))
+        if fmt is not None:
+            output.write(self.ctx.workspace, value)
+            detail["output"] = value
+        return Result(ok=True, detail=detail)
 
     @staticmethod
     def _detail(state: _State, resumed_from: int) -> dict[str, Any]:
-        return {
+        detail = {
             **state.usage,
             "steps": state.steps,
             "tool_calls": state.tool_calls,
             "resumed_from_step": resumed_from,
         }
+        if state.rejected:
+            detail["rejected_answers"] = state.rejected
+        return detail
 
     async def _call(self, call: dict[str, Any], state: _State) -> Result | None:
         """Run one call (or refuse to) and record its result; a Result ends the run (here:
