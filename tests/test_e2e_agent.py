@@ -629,3 +629,43 @@ def test_a_run_its_budget_stopped_resumes_at_the_step_once_the_budget_is_raised(
     again = d.cli("runs", "resume", run_id, check=False)
     assert again.returncode != 0 and "only a budget_exhausted run resumes" in again.stderr
     assert d.stop() == 0
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's reaper may be slow, or absent in a container)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_kill_9_mid_tool_call_ends_the_orphaned_call_before_the_run_resumes(
+    make_daemon: Any, llm: FakeLLM, tmp_path: Path
+) -> None:
+    """A tool's process group is recorded with the attempt: the daemon killed, the call
+    still running, the restarted daemon ends it before it resumes the run, so the call
+    (idempotent, so run again) never runs beside its own re-execution."""
+    out, hold = tmp_path / "words.txt", tmp_path / "hold"
+    llm.queue(tool_calls(call("append", {"word": "once"}, "c1")), fake_llm.ok("done"))
+    d = make_daemon(agent_task(out, True, hold), top=providers(llm)).start()
+    run_id = d.trigger("tooled")
+    try:
+        wait_for(lambda: len(lines(out)) == 1, what="the tool to be running")
+        [group] = wait_for(
+            lambda: d.query(
+                "SELECT pgid FROM attempts WHERE run_id=? AND pgid IS NOT NULL", (run_id,)
+            ),
+            what="the tool's group to be recorded",
+        )
+        d.kill9()
+        assert running(group["pgid"])  # the call outlives the daemon
+        d.start()
+        wait_for(lambda: d.events(run_id, "orphan_killed"), what="the orphaned call to be ended")
+        wait_for(lambda: not running(group["pgid"]), what="the orphaned call to be gone")
+    finally:
+        hold.touch()
+    d.wait_status(run_id, "succeeded")
+    first, again = lines(out)
+    assert first == again  # run again, once, after the first was ended
+    assert d.stop() == 0

@@ -68,7 +68,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agentd import tls
+from agentd import procs, tls
 from agentd.config import AgentConfig, TaskConfig, ToolConfig
 from agentd.context import RunContext
 from agentd.executors import ExecEnv, output
@@ -597,6 +597,14 @@ async def _command(
         )
     except OSError as exc:
         raise _ToolError(f"cannot start {argv[0]!r}: {exc.strerror}") from None
+    procs.own(proc.pid)  # asyncio's child watcher waits for it, not the daemon's reaper
+    if env.on_spawn is not None:
+        # Recorded with the attempt like a command task's group (one call runs at a
+        # time): after a kill -9 of the daemon, recovery ends a call still running
+        # before the run is resumed, so it never runs beside its own re-execution.
+        group = procs.record_group(proc.pid)
+        if group is not None:
+            env.on_spawn(ctx, group)
     try:
         assert proc.stdout is not None and proc.stderr is not None
         out, err, _ = await asyncio.gather(
@@ -608,6 +616,9 @@ async def _command(
         with contextlib.suppress(Exception):
             await asyncio.shield(proc.wait())
         raise
+    finally:
+        if proc.returncode is not None:
+            procs.disown(proc.pid)
     if proc.returncode != 0:
         tail = err.decode("utf-8", errors="replace").strip()
         return False, f"error: exit code {proc.returncode}" + (f": {tail}" if tail else "")
