@@ -222,6 +222,8 @@ class _Server:
             async with stdio_client(params, errlog=self._writer) as (read, write):
                 self._close_writer()
                 self.pgid = procs.child_holding(2, target)
+                if self.pgid is not None:  # asyncio's child watcher waits for it
+                    procs.own(self.pgid)
                 async with ClientSession(read, write) as session:
                     await session.initialize()
                     listed: list[mcp_types.Tool] = []
@@ -371,6 +373,8 @@ class _Server:
                     )
         finally:
             _killpg(self.pgid)  # what the server left in its group
+            if self.pgid is not None and task is not None and task.done():
+                procs.disown(self.pgid)  # reaped: the SDK's shutdown waited for its exit
             self._close_writer()
             if self._tail_transport is not None:
                 self._tail_transport.close()
