@@ -575,6 +575,90 @@ class ResponseFormatConfig(_Model):
         return {"type": "json_schema", "json_schema": spec}
 
 
+class ToolMcpConfig(_Model):
+    """A tool an MCP server lists (``agent.mcp``). Never written in a config: the tool
+    loop builds one per allowed tool when it has started the server, with the server's
+    input schema as ``parameters``."""
+
+    server: str
+    tool: str
+    """The name the server lists it under (the model sees ``<server>__<tool>``)."""
+
+
+def mcp_tool_name(server: str, tool: str) -> str:
+    """What the model calls an MCP server's tool: ``files__read_file``."""
+    return f"{server}__{tool}"
+
+
+class McpServerConfig(_Model):
+    """An MCP server over stdio that the tool loop starts at each attempt's start and
+    stops at its end (``agentd.executors.mcptools``). Only the tools in ``allow`` are
+    offered to the model or callable; each is ``<name>__<tool>`` to the model, with the
+    input schema the server lists for it, and is like any other tool to the loop
+    (``idempotent``, ``sensitive``, ``timeout``)."""
+
+    name: str
+    """The prefix of its tools' names; unique among the agent's servers."""
+    command: list[str] = Field(min_length=1)
+    """argv; no shell ever reads it."""
+    env: dict[str, str] = {}
+    """Added to what a command tool's process gets (the daemon's environment without its
+    secrets, ``AGENTD_RUN_ID`` ...)."""
+    allow: list[str] = Field(min_length=1)
+    """The server's tool names the model may call; one the server does not list fails
+    the run."""
+    idempotent: list[str] = []
+    """Of ``allow``: safe to call again after a crash in the middle of a call."""
+    sensitive: list[str] = []
+    """Of ``allow``: need an operator's approval before each call (as a tool's
+    ``sensitive: true``; the agent's ``sensitive_tools`` patterns match them too, by
+    their ``<name>__<tool>`` names)."""
+    timeout: Duration = Field(default=60.0, gt=0)
+    """Per call."""
+    start_timeout: Duration = Field(default=10.0, gt=0)
+    """To start, hand-shake and list its tools."""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", value):
+            raise ValueError(f"server name {_clip(value)} must be 1-32 of A-Z a-z 0-9 _ -")
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                raise ValueError(f"{_clip(name)} is not an environment variable name")
+        return value
+
+    @field_validator("allow")
+    @classmethod
+    def _allow(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        server = info.data.get("name") or "x"
+        for tool in value:
+            if not TOOL_NAME_RE.match(mcp_tool_name(server, tool)):
+                raise ValueError(
+                    f"{_clip(mcp_tool_name(server, tool))} is not a tool name the model"
+                    " accepts (1-64 of A-Z a-z 0-9 _ -, the server's name and __ included)"
+                )
+        twice = sorted({t for t in value if value.count(t) > 1})
+        if twice:
+            raise ValueError(f"names must be unique ({', '.join(twice)} twice)")
+        return value
+
+    @field_validator("idempotent", "sensitive")
+    @classmethod
+    def _of_allow(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        allowed = info.data.get("allow")
+        if allowed is not None:
+            unknown = [t for t in value if t not in allowed]
+            if unknown:
+                raise ValueError(f"{unknown} not in allow (have: {', '.join(allowed)})")
+        return value
+
+
 class ToolConfig(_Model):
     """One tool the model may call. ``parameters`` is the JSON schema of its arguments,
     shown to the model and checked at every call (a call that does not match it is
@@ -596,6 +680,8 @@ class ToolConfig(_Model):
     command: ToolCommandConfig | None = None
     http: ToolHttpConfig | None = None
     python: ToolPythonConfig | None = None
+    mcp: ToolMcpConfig | None = None
+    """Built by the tool loop from ``agent.mcp``; refused in ``agent.tools``."""
 
     @field_validator("name")
     @classmethod
@@ -611,16 +697,18 @@ class ToolConfig(_Model):
 
     @model_validator(mode="after")
     def _one_kind(self) -> ToolConfig:
-        kinds = [k for k in ("command", "http", "python") if getattr(self, k) is not None]
+        kinds = [k for k in ("command", "http", "python", "mcp") if getattr(self, k) is not None]
         if len(kinds) != 1:
             what = ", ".join(kinds) if kinds else "none"
             raise ValueError(f"give exactly one of command, http, python (got {what})")
         return self
 
     @property
-    def kind(self) -> Literal["command", "http", "python"]:
+    def kind(self) -> Literal["command", "http", "python", "mcp"]:
         if self.command is not None:
             return "command"
+        if self.mcp is not None:
+            return "mcp"
         return "http" if self.http is not None else "python"
 
     def templates(self) -> list[tuple[str, str]]:
@@ -669,10 +757,14 @@ class AgentConfig(_Model):
     tools: list[ToolConfig] | None = None
     """Tools the model may call: the run is then a loop of model calls and tool calls
     (``agentd.executors.toolloop``) until the model answers without one."""
+    mcp: list[McpServerConfig] | None = None
+    """MCP servers over stdio whose allowed tools the model may call, besides ``tools``
+    (or instead of them: either makes the run a tool loop)."""
     max_steps: int = Field(default=8, ge=1, le=1000)
-    """With ``tools``: model calls per run at most; one more would be a failure."""
+    """With ``tools`` or ``mcp``: model calls per run at most; one more would be a
+    failure."""
     sensitive_tools: list[str] = []
-    """With ``tools``: names (or shell-style patterns, ``delete_*``) of tools that need
+    """With ``tools`` or ``mcp``: names (or shell-style patterns, ``delete_*``) of tools that need
     an approval as if marked ``sensitive``. ``parse_config`` adds the daemon-wide
     ``limits.sensitive_tools`` to every agent's list."""
     approval_timeout: Duration = Field(default=86400.0, gt=0)
@@ -688,16 +780,30 @@ class AgentConfig(_Model):
 
     @model_validator(mode="after")
     def _tools(self) -> AgentConfig:
-        if self.tools is None:
+        if self.tools is None and self.mcp is None:
             return self
         if self.items is not None:
-            raise ValueError("give tools or items, not both")
-        if not self.tools:
+            which = "tools" if self.tools is not None else "mcp"
+            raise ValueError(f"give {which} or items, not both")
+        if self.tools is not None and not self.tools:
             raise ValueError("tools: give at least one tool (or leave tools out)")
-        names = [t.name for t in self.tools]
+        if self.mcp is not None and not self.mcp:
+            raise ValueError("mcp: give at least one server (or leave mcp out)")
+        built = [t.name for t in self.tools or [] if t.mcp is not None]
+        if built:
+            raise ValueError(f"tools: {', '.join(built)}: an MCP server's tools come from mcp:")
+        servers = [s.name for s in self.mcp or []]
+        twice = sorted({n for n in servers if servers.count(n) > 1})
+        if twice:
+            raise ValueError(f"mcp: server names must be unique ({', '.join(twice)} twice)")
+        names = [t.name for t in self.tools or []]
+        names += [mcp_tool_name(s.name, t) for s in self.mcp or [] for t in s.allow]
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
-            raise ValueError(f"tools: names must be unique ({', '.join(twice)} twice)")
+            raise ValueError(
+                f"tools: names must be unique, MCP servers' tools included ({', '.join(twice)}"
+                " twice)"
+            )
         return self
 
 
@@ -1314,7 +1420,11 @@ def link(config: Config) -> tuple[Config, list[ConfigProblem]]:
                 }
             )
             tasks[task_id] = task = task.model_copy(update={"agent": agent})
-        if task.agent is not None and task.agent.tools and config.limits.sensitive_tools:
+        if (
+            task.agent is not None
+            and (task.agent.tools or task.agent.mcp)
+            and config.limits.sensitive_tools
+        ):
             agent = task.agent.model_copy(
                 update={
                     "sensitive_tools": [

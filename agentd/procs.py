@@ -268,6 +268,20 @@ def _children() -> list[int]:
     return pids
 
 
+def child_holding(fd: int, target: str) -> int | None:
+    """The child of this process whose file descriptor ``fd`` is ``target`` (what
+    ``/proc/<pid>/fd/<fd>`` links to: ``pipe:[4711]``), or None (none, or no /proc). A
+    pipe agentd made for one spawn is that spawn's alone: this finds the pid of a child
+    that a library spawned without telling it (the MCP SDK's stdio servers)."""
+    for pid in _children():
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                return pid
+        except OSError:
+            continue
+    return None
+
+
 class Reaper:
     """Waits for the zombies among agentd's children that nobody else waits for.
 

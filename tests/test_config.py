@@ -1081,3 +1081,117 @@ def test_only_the_example_model_is_a_base_url_that_is_not_http() -> None:
             "URL must start with http:// or https://"
             in problem_at(bad, "providers.p.base_url").message
         )
+
+
+MCP_TASK = """
+schedule: {manual: true}
+agent:
+  base_url: http://127.0.0.1:1/v1
+  model: m
+  prompt: p
+%s
+"""
+
+
+def mcp_task(body_yaml: str) -> str:
+    return one_task(MCP_TASK % textwrap.indent(textwrap.dedent(body_yaml), "  "))
+
+
+def test_agent_mcp_servers_parse_with_their_defaults() -> None:
+    config = parse(
+        mcp_task(
+            """
+            mcp:
+              - name: files
+                command: [python3, -m, some_server]
+                env: {ROOT: "${SRV}/files"}
+                allow: [read_file, list_dir]
+                idempotent: [read_file]
+              - name: web-2
+                command: [web-server]
+                allow: [fetch]
+                timeout: 5s
+                start_timeout: 1m
+            """
+        ),
+        {"SRV": "/srv"},
+    )
+    agent = config.tasks["x"].agent
+    assert agent is not None and agent.tools is None and agent.mcp is not None
+    files, web = agent.mcp
+    assert (files.command, files.env) == (["python3", "-m", "some_server"], {"ROOT": "/srv/files"})
+    assert (files.allow, files.idempotent, files.sensitive) == (
+        ["read_file", "list_dir"],
+        ["read_file"],
+        [],
+    )
+    assert (files.timeout, files.start_timeout) == (60.0, 10.0)
+    assert (web.name, web.timeout, web.start_timeout) == ("web-2", 5.0, 60.0)
+
+
+def test_agent_mcp_problems_name_their_path() -> None:
+    problems = problems_of(
+        mcp_task(
+            f"""
+            mcp:
+              - name: "bad name"
+                command: [s]
+                allow: [a]
+              - name: s1
+                command: []
+                allow: []
+              - name: s2
+                command: [s]
+              - name: s3
+                command: [s]
+                allow: [ok, "has.dot", ok, {"x" * 60}]
+              - name: s4
+                command: [s]
+                allow: [a, b]
+                idempotent: [a, c]
+                sensitive: [b, z]
+                env: {{"1X": y}}
+                shell: "s --x"
+                timeout: 0s
+            """
+        )
+    )
+    at = "tasks.x.agent.mcp"
+    assert "must be 1-32" in problem_at(problems, f"{at}[0].name").message
+    assert problem_at(problems, f"{at}[1].command")
+    assert problem_at(problems, f"{at}[1].allow")
+    assert "required" in problem_at(problems, f"{at}[2].allow").message
+    message = problem_at(problems, f"{at}[3].allow").message
+    assert "'s3__has.dot' is not a tool name the model accepts" in message
+    assert "['c'] not in allow (have: a, b)" in problem_at(problems, f"{at}[4].idempotent").message
+    assert "['z'] not in allow (have: a, b)" in problem_at(problems, f"{at}[4].sensitive").message
+    assert "not an environment variable name" in problem_at(problems, f"{at}[4].env").message
+    assert problem_at(problems, f"{at}[4].shell")
+    assert "greater than 0" in problem_at(problems, f"{at}[4].timeout").message
+    long_name = problems_of(
+        mcp_task(f"mcp: [{{name: s, command: [s], allow: [ok, ok, {'x' * 62}]}}]")
+    )
+    assert "is not a tool name" in problem_at(long_name, f"{at}[0].allow").message
+    twice = problems_of(mcp_task("mcp: [{name: s, command: [s], allow: [ok, ok]}]"))
+    assert "ok twice" in problem_at(twice, f"{at}[0].allow").message
+
+
+def test_agent_mcp_servers_and_tools_share_one_namespace() -> None:
+    server = "{name: files, command: [s], allow: [read]}"
+    clash = problems_of(
+        mcp_task(f'tools: [{{name: files__read, python: {{callable: "m:f"}}}}]\nmcp: [{server}]')
+    )
+    assert "files__read twice" in problem_at(clash, "tasks.x.agent").message
+    twice = problems_of(mcp_task(f"mcp: [{server}, {server}]"))
+    assert "server names must be unique (files twice)" in problem_at(twice, "tasks.x.agent").message
+    empty = problems_of(mcp_task("mcp: []"))
+    assert "give at least one server" in problem_at(empty, "tasks.x.agent").message
+    items = problems_of(mcp_task(f"items: [1]\nmcp: [{server}]"))
+    assert "give mcp or items, not both" in problem_at(items, "tasks.x.agent").message
+    built = problems_of(
+        mcp_task(f"tools: [{{name: t, mcp: {{server: files, tool: read}}}}]\nmcp: [{server}]")
+    )
+    assert "an MCP server's tools come from mcp:" in problem_at(built, "tasks.x.agent").message
+    both = parse(mcp_task(f'tools: [{{name: read, python: {{callable: "m:f"}}}}]\nmcp: [{server}]'))
+    agent = both.tasks["x"].agent
+    assert agent is not None and agent.tools is not None and agent.mcp is not None

@@ -1,5 +1,5 @@
 """One LLM step over an OpenAI-compatible ``/chat/completions`` API, optionally per item;
-with ``tools``, the tool-calling loop of ``agentd.executors.toolloop``.
+with ``tools`` or ``mcp``, the tool-calling loop of ``agentd.executors.toolloop``.
 
 Calls go through ``ctx.llm`` (``agentd.providers``): the provider's shared client, a
 budget reservation before every call, the ledger after it. With ``items`` every item is
@@ -121,7 +121,7 @@ async def execute(task: TaskConfig, ctx: RunContext, env: ExecEnv) -> Result:
     ctx.workspace.mkdir(parents=True, exist_ok=True)
     values = {**task.params, **ctx.params}
     try:
-        if cfg.tools:
+        if cfg.tools or cfg.mcp:
             from agentd.executors import toolloop
 
             return await toolloop.execute(task, ctx, env, render(cfg.prompt, values))

@@ -49,6 +49,10 @@ with a retryable ``invalid_output`` error. The next attempt rebuilds the convers
 with the rejected answer and a user message that says what was wrong, and asks the
 model again (a new model call, counted in ``max_steps``); when the retries run out the
 run is quarantined.
+
+An agent's MCP servers (``agent.mcp``, ``agentd.executors.mcptools``) are started
+before the attempt's first model call and stopped when the loop ends; their allowed
+tools join the agent's own, as tools of kind ``mcp``, and are called like any other.
 """
 
 from __future__ import annotations
@@ -66,7 +70,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agentd import procs, tls
 from agentd.config import AgentConfig, TaskConfig, ToolConfig
@@ -75,6 +79,9 @@ from agentd.executors import ExecEnv, output
 from agentd.executors.python import _in_thread, _ResolveError, resolve
 from agentd.models import TOOL_RESULT, CheckpointNotSaved, Park, Result, StopRequested
 from agentd.providers import BudgetExhausted, LLMError, Reply, ToolCall
+
+if TYPE_CHECKING:
+    from agentd.executors.mcptools import Servers
 
 MODEL = "model"
 STARTED = "tool_started"
@@ -222,14 +229,22 @@ class _Transcript:
 class _Loop:
     def __init__(self, task: TaskConfig, ctx: RunContext, env: ExecEnv) -> None:
         cfg = task.agent
-        assert cfg is not None and cfg.tools
+        assert cfg is not None and (cfg.tools or cfg.mcp)
         self.cfg: AgentConfig = cfg
         self.ctx = ctx
         self.env = env
-        self.tools = {t.name: t for t in cfg.tools}
-        self.spec = [tool_spec(t) for t in cfg.tools]
+        self.tools = {t.name: t for t in cfg.tools or []}
+        self.spec = [tool_spec(t) for t in cfg.tools or []]
         self.response_format = cfg.response_format.wire() if cfg.response_format else None
         self.transcript: _Transcript | None = None
+        self.mcp: Servers | None = None
+
+    def add_mcp(self, servers: Servers) -> None:
+        """The started MCP servers' allowed tools, offered after the agent's own."""
+        self.mcp = servers
+        for tool in servers.tools:
+            self.tools[tool.name] = tool
+            self.spec.append(tool_spec(tool))
 
     def record(self, step: int, kind: str, call_id: str | None, payload: Any) -> None:
         """Durable in the state DB first, then in the transcript (as the DB keeps it:
@@ -494,6 +509,9 @@ class _Loop:
                     return await _command(tool, arguments, self.ctx, self.env, key)
                 if tool.http is not None:
                     return await _http(tool, arguments, key)
+                if tool.mcp is not None:
+                    assert self.mcp is not None
+                    return await self.mcp.call(tool, arguments, key)
                 return await _python(tool, arguments, self.ctx, self.env)
         except TimeoutError:
             return False, f"error: the tool timed out after {tool.timeout:g}s"
@@ -693,5 +711,16 @@ async def _python(
 
 
 async def execute(task: TaskConfig, ctx: RunContext, env: ExecEnv, prompt: str) -> Result:
-    """Run (or resume) ``task``'s loop; ``prompt`` is its rendered user message."""
-    return await _Loop(task, ctx, env).run(prompt)
+    """Run (or resume) ``task``'s loop; ``prompt`` is its rendered user message. With
+    ``agent.mcp``, the servers run while the loop does."""
+    loop = _Loop(task, ctx, env)
+    if not loop.cfg.mcp:
+        return await loop.run(prompt)
+    from agentd.executors import mcptools
+
+    try:
+        async with mcptools.Servers(loop.cfg.mcp, ctx, env) as servers:
+            loop.add_mcp(servers)
+            return await loop.run(prompt)
+    except mcptools.StartFailed as exc:
+        return exc.result
