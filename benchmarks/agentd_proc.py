@@ -73,12 +73,15 @@ class AgentdProc:
         root: Path,
         tasks: Mapping[str, Task],
         state_url: str | None = None,
+        sections: Mapping[str, Any] | None = None,
         **daemon: Any,
     ) -> None:
         """``state_url``: a ``postgresql://`` URL to keep the state in (``state: {url:}``)
-        instead of SQLite in the state dir; the ``query`` helpers below read SQLite only."""
+        instead of SQLite in the state dir; the ``query`` helpers below read SQLite only.
+        ``sections``: more top-level config sections as they are (``providers``, ...)."""
         self.root = root
         self.state_url = state_url
+        self.sections = dict(sections or {})
         root.mkdir(parents=True, exist_ok=True)
         self.state_dir = root / "state"
         self.db_path = self.state_dir / "state.sqlite"
@@ -103,6 +106,7 @@ class AgentdProc:
         lines = ["daemon: " + json.dumps(self.daemon), "tasks:" if tasks else "tasks: {}"]
         if self.state_url is not None:
             lines.insert(0, "state: " + json.dumps({"url": self.state_url}))
+        lines[:0] = [f"{name}: {json.dumps(body)}" for name, body in self.sections.items()]
         lines += [f"  {json.dumps(tid)}: {json.dumps(body)}" for tid, body in tasks.items()]
         tmp = self.config.with_suffix(".tmp")
         tmp.write_text("\n".join(lines) + "\n")
@@ -187,6 +191,9 @@ class AgentdProc:
 
     def rss_mib(self) -> float:
         return procstat.rss_mib(self.pid)
+
+    def peak_rss_mib(self) -> float:
+        return procstat.peak_rss_mib(self.pid)
 
     def wakeups(self) -> int:
         return procstat.wakeups(self.pid)

@@ -21,6 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from benchmarks import (
+    bench_agent,
     bench_calibrate,
     bench_idle,
     bench_lateness,
@@ -46,6 +47,7 @@ SECTIONS: dict[str, Callable[[Suite], None]] = {
     "idle": bench_idle.run,  # B5, B6 idle, B7, B9 idle, B10 /metrics with 10,000 tasks
     "B8": bench_lifecycle.run,  # B8, B9 loaded
     "load": bench_load.run,  # B6 after runs, B10 under load
+    "B11": bench_agent.run,  # the tool-calling agent loop against a 200 ms provider (issue 27)
     "PG": bench_postgres.run,  # PG-C, PG-B3, PG-B1: 1-3 nodes on PostgreSQL and its peers
 }
 PEER_PACKAGES = {

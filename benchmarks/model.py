@@ -43,6 +43,9 @@ class Mode:
     pg_b1_runs: int
     pg_fsync_s: int
     """Seconds per test of ``pg_test_fsync`` (0: not run)."""
+    agent_runs: int
+    """B11: tool-calling agent runs (3 model calls each) per contender and concurrency."""
+    agent_concurrency: tuple[int, ...]
 
 
 MODES = {
@@ -68,6 +71,8 @@ MODES = {
         pg_b3_runs=20000,
         pg_b1_runs=1000,
         pg_fsync_s=2,
+        agent_runs=200,
+        agent_concurrency=(8, 32),
     ),
     "quick": Mode(
         name="quick",
@@ -91,6 +96,8 @@ MODES = {
         pg_b3_runs=10000,
         pg_b1_runs=1000,
         pg_fsync_s=1,
+        agent_runs=64,
+        agent_concurrency=(8, 32),
     ),
     "smoke": Mode(
         name="smoke",
@@ -114,6 +121,8 @@ MODES = {
         pg_b3_runs=60,
         pg_b1_runs=20,
         pg_fsync_s=0,
+        agent_runs=8,
+        agent_concurrency=(8,),
     ),
 }
 

@@ -15,3 +15,9 @@ def noop(ctx: Any) -> None:
 def sleep(ctx: Any) -> None:
     """A run that takes ``params.ms`` milliseconds, to have runs in flight."""
     time.sleep(float(ctx.params.get("ms", 100)) / 1000)
+
+
+def lookup(ctx: Any, arguments: dict[str, Any]) -> str:
+    """B11's tool (``ctx`` unused, ``None`` in the floor): trivial and idempotent, so
+    each contender's cost around a tool call is what gets measured."""
+    return f"value {int(arguments['n']) * 7}"

@@ -51,6 +51,15 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+def peak_rss_mib(pid: int) -> float:
+    """The process's resident high-water mark (``VmHWM``) so far, in MiB: its peak RSS
+    over its whole life, start-up included, with no sampling to miss a short peak."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmHWM for pid {pid}")
+
+
 def wakeups(pid: int) -> int:
     """Voluntary context switches summed over the process's threads: each is one sleep
     that ended, i.e. one wake-up (a timer, a poll, a lock hand-off)."""

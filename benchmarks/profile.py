@@ -6,7 +6,9 @@ py-spy is not a project dependency: install it anywhere (``pip install py-spy`` 
 scratch venv) and pass its path. Scenarios: ``burst`` (N runs due at once, B1),
 ``queue`` (N queued runs, B3), ``shell`` (N queued ``true`` runs at concurrency 4, B4),
 ``idle`` (N idle schedules for 15 s, B7), ``startup`` (N schedules, stopped once ready,
-B5), ``metrics`` (N schedules, ``/metrics`` scraped 3 times, B10). The raw collapsed
+B5), ``metrics`` (N schedules, ``/metrics`` scraped 3 times, B10), ``agent`` (N
+tool-calling agent runs triggered through the API against B11's 200 ms provider, at
+``--concurrency``, B11). The raw collapsed
 stacks go to ``--out`` (for flamegraph.pl or speedscope); the top functions by
 inclusive share of samples are printed, which is what the README of each miss quotes.
 """
@@ -14,6 +16,7 @@ inclusive share of samples are printed, which is what the README of each miss qu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import signal
@@ -22,15 +25,25 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from benchmarks import prefill
+from benchmarks import bench_agent, prefill
 from benchmarks.agentd_proc import AgentdProc, idle_tasks, iso, py_task
 from benchmarks.bench_throughput import PY_TASK, QUEUE_CONCURRENCY, SH_TASK
 
 _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?)(?::\d+)?\)$")
 
 
-def build(scenario: str, n: int, root: Path) -> tuple[AgentdProc, float]:
-    """The daemon for a scenario and the instant its work falls due (0: at start)."""
+def build(
+    scenario: str, n: int, root: Path, stack: contextlib.ExitStack, concurrency: int
+) -> tuple[AgentdProc, float]:
+    """The daemon for a scenario and the instant its work falls due (0: at start);
+    what else the scenario needs (B11's provider) lives as long as ``stack``."""
+    if scenario == "agent":
+        llm = stack.enter_context(bench_agent.Provider(root))
+        providers, tasks = bench_agent.agent_config(llm.url)
+        d = AgentdProc(
+            root / "agentd", tasks, sections={"providers": providers}, concurrency=concurrency
+        )
+        return d, 0.0
     if scenario == "burst":
         due = time.time() + 3 + n * 0.0015
         tasks = {f"t{i:05d}": py_task({"at": iso(due)}) for i in range(n)}
@@ -57,6 +70,9 @@ def drive(scenario: str, n: int, d: AgentdProc, due: float) -> None:
     elif scenario == "metrics":
         for _ in range(3):
             d.get("/metrics", timeout=300)
+    elif scenario == "agent":
+        bench_agent.trigger_all(d, n)
+        bench_agent.wait_succeeded(d, n, timeout=600)
 
 
 def child_of(pid: int) -> int:
@@ -79,6 +95,8 @@ def summary(raw: Path, top: int) -> str:
     total = 0
     for line in raw.read_text().splitlines():
         stack, _, text = line.rpartition(" ")
+        if not text.isdigit():  # a frame name with a newline in it (py-spy prints some
+            continue  # module docstrings as names): its stack's pieces are dropped
         count = int(text)
         total += count
         names = []
@@ -99,16 +117,21 @@ def summary(raw: Path, top: int) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.profile")
-    p.add_argument("scenario", choices=["burst", "queue", "shell", "idle", "startup", "metrics"])
+    scenarios = ["burst", "queue", "shell", "idle", "startup", "metrics", "agent"]
+    p.add_argument("scenario", choices=scenarios)
     p.add_argument("--py-spy", required=True, help="path to the py-spy executable")
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--top", type=int, default=40)
     p.add_argument("--out", type=Path, default=Path("agentd-profile.txt"))
     p.add_argument("--idle", action="store_true", help="wall clock: include waiting threads")
     p.add_argument("--rate", type=int, default=250, help="samples per second")
+    p.add_argument("--concurrency", type=int, default=32, help="agent: daemon concurrency")
     a = p.parse_args()
-    with tempfile.TemporaryDirectory(prefix="agentd-profile-") as tmp:
-        d, due = build(a.scenario, a.n, Path(tmp))
+    with (
+        tempfile.TemporaryDirectory(prefix="agentd-profile-") as tmp,
+        contextlib.ExitStack() as stack,
+    ):
+        d, due = build(a.scenario, a.n, Path(tmp), stack, a.concurrency)
         wrap = (
             a.py_spy,
             "record",

@@ -24,6 +24,7 @@ TITLES = {
     "B8": "kill -9 mid-burst, restart and reconcile",
     "B9": "SIGTERM to exit",
     "B10": "Probe and /metrics latency",
+    "B11": "Agent loop: 3-call tool-using runs against a 200 ms provider, and its floor",
     "PG-C": "Calibration: PostgreSQL at full durability on this machine",
     "PG-B3": "Durable throughput on PostgreSQL, 1-3 agentd nodes beside Procrastinate and DBOS",
     "PG-B1": "Start lateness on PostgreSQL, 1-3 agentd nodes beside Procrastinate and DBOS",
