@@ -32,7 +32,7 @@ class ContextBackend(Protocol):
     def progress(self, run_id: str, done: int, total: int | None, message: str) -> None: ...
     def heartbeat(self, run_id: str) -> None: ...
     def agent_steps(self, run_id: str) -> list[dict[str, Any]]: ...
-    def record_agent_step(
+    async def record_agent_step(
         self, run_id: str, step: int, kind: str, call_id: str | None, payload: Any
     ) -> dict[str, Any]: ...
 
@@ -135,16 +135,15 @@ class RunContext:
         """This run's recorded steps, across restarts and attempts, in order."""
         return self._on_loop(lambda: self._backend.agent_steps(self.run_id))
 
-    def record_agent_step(
+    async def record_agent_step(
         self, step: int, kind: str, call_id: str | None, payload: Any
     ) -> dict[str, Any]:
         """Durably append one step; returns the record as kept (its ``seq`` and
         ``recorded_at``, the payload scrubbed of secrets) once it is durable
         (``CheckpointNotSaved`` when the state could not take it: the run then stops
-        and resumes from there)."""
-        return self._on_loop(
-            lambda: self._backend.record_agent_step(self.run_id, step, kind, call_id, payload)
-        )
+        and resumes from there). On the loop (the tool loop's own coroutine): the write
+        rides the runner's next group commit, and the loop goes on meanwhile."""
+        return await self._backend.record_agent_step(self.run_id, step, kind, call_id, payload)
 
     def _on_loop(self, fn: Callable[[], T]) -> T:
         if threading.get_ident() == self._loop_thread:

@@ -324,6 +324,8 @@ class Daemon:
             on_change=self._wake.set,
             llm=self.gateway,
         )
+        # The ledger's reservations and charges ride the runner's group commits.
+        self.gateway.writes = self.runner.submit
         self.runner.set_tasks(cfg.tasks)
         self.scheduler.on_tick = lambda: self.health.tick("scheduler", self.clock.monotonic())
         self.scheduler.on_jobstore_fault(

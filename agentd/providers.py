@@ -24,8 +24,10 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from agentd import examplemodel, tls
 from agentd.budget import Need, Scope, call_scopes, cost_usd, estimate_prompt_tokens, worst_case
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
     import httpx
 
 log = logging.getLogger("agentd.providers")
+T = TypeVar("T")
 
 _CONTEXT_RE = re.compile(r"context.?length|maximum context|too many tokens|context window", re.I)
 _POLICY_RE = re.compile(r"content.?(policy|filter|management)|safety system|flagged", re.I)
@@ -285,6 +288,22 @@ class Gateway:
         self.config = config
         self.clock = clock
         self._clients: dict[tuple[Any, ...], httpx.AsyncClient] = {}
+        self.writes: Callable[[Callable[[], Any]], asyncio.Future[Any]] | None = None
+        """Where the ledger's writes go: the runner's group commit (``Runner.submit``,
+        wired by the daemon), so that a reservation or a charge costs the loop no fsync
+        of its own; None: each in a transaction of its own, now."""
+
+    def write(self, fn: Callable[[], T]) -> asyncio.Future[T]:
+        """``fn`` (ledger verbs) in the next group commit, or now; the future gives its
+        value once durable."""
+        if self.writes is not None:
+            return self.writes(fn)
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        try:
+            fut.set_result(fn())
+        except Exception as exc:
+            fut.set_exception(exc)
+        return fut
 
     def set_config(self, config: Config) -> None:
         self.config = config
@@ -377,17 +396,34 @@ class RunLLM:
             )
         key = api_key(prov)
         need = worst_case(price, _prompt_estimate(messages, tools, response_format), cap)
-        entry = reserve(
-            self._gw.store,
-            now,
-            run_id=self.run_id,
-            task_id=task.id,
-            provider=name,
-            model=model,
-            item=item,
-            need=need,
-            scopes=scopes,
+        reservation = self._gw.write(
+            partial(
+                reserve,
+                self._gw.store,
+                now,
+                run_id=self.run_id,
+                task_id=task.id,
+                provider=name,
+                model=model,
+                item=item,
+                need=need,
+                scopes=scopes,
+            )
         )
+        try:
+            # Durable before the request leaves: a crash after it is charged (worst case).
+            entry = await asyncio.shield(reservation)
+        except asyncio.CancelledError:
+            # Cancelled while the reservation commits: it is released once it has,
+            # charged nothing (no request was sent).
+            def release(done: asyncio.Future[int | Refusal]) -> None:
+                if not done.cancelled() and done.exception() is None:
+                    held = done.result()
+                    if not isinstance(held, Refusal):
+                        _Call(self._gw, held, scopes, need, price, model).charge("cancelled", 0, 0)
+
+            reservation.add_done_callback(release)
+            raise
         if isinstance(entry, Refusal):
             raise BudgetExhausted(entry)
         body = _body(model, messages, cap, temperature, tools, response_format)
@@ -549,22 +585,37 @@ class _Call(_Exchange):
         self.gw, self.entry, self.scopes = gateway, entry, scopes
 
     def charge(self, status: str, input_tokens: int | None, output_tokens: int | None) -> float:
-        """Commit actual usage; unknown usage is charged at the reserved worst case."""
+        """Commit actual usage (unknown usage at the reserved worst case) with the next
+        group commit, waited for by nobody: the run's next durable write (its step, its
+        outcome) comes after it in the same group or a later one; should it be lost
+        with its group, the reservation is charged at its worst case at the next start."""
         used_in, used_out, missing = self.usage(input_tokens, output_tokens)
         cost = cost_usd(self.price, used_in, used_out)
-        commit(
-            self.gw.store,
-            self.gw.clock.now(),
-            self.entry,
-            input_tokens=used_in,
-            output_tokens=used_out,
-            cost=cost,
-            status=status,
-            duration_s=round(time.monotonic() - self.started, 3),
-            usage_missing=missing,
-            scopes=self.scopes,
+        written = self.gw.write(
+            partial(
+                commit,
+                self.gw.store,
+                self.gw.clock.now(),
+                self.entry,
+                input_tokens=used_in,
+                output_tokens=used_out,
+                cost=cost,
+                status=status,
+                duration_s=round(time.monotonic() - self.started, 3),
+                usage_missing=missing,
+                scopes=self.scopes,
+            )
         )
+        written.add_done_callback(_charged)
         return cost
+
+
+def _charged(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.warning(
+            "ledger charge not recorded (charged at its worst case at the next start): %s",
+            fut.exception(),
+        )
 
 
 class DirectLLM:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from agentd import procs
 from agentd.clock import Backoff, Clock, from_iso, to_iso
@@ -35,9 +35,18 @@ from agentd.models import (
 )
 from agentd.policy import node_stale_after_s
 from agentd.providers import Gateway
-from agentd.state.port import ClaimedRun, Finish, StorageError, StorageFault, Store, wait_commit
+from agentd.state.port import (
+    ClaimedRun,
+    Finish,
+    StorageError,
+    StorageFault,
+    Store,
+    WriteLost,
+    wait_commit,
+)
 
 log = logging.getLogger("agentd.runner")
+T = TypeVar("T")
 
 MAX_RETRY_AFTER_S = 24 * 3600.0
 
@@ -108,6 +117,38 @@ def workspace_path(root: Path, task_id: str, run_id: str) -> Path:
 
 
 @dataclass
+class _Write:
+    """A run-side write for the runner's next group, and who waits for it."""
+
+    write: Callable[[], Any]
+    future: asyncio.Future[Any]
+    value: Any = None
+    error: BaseException | None = None
+
+    def run(self) -> None:
+        """In the group, on the loop: its value, or its own failure (kept for the
+        waiter; the group goes on, unless a storage fault lost it)."""
+        try:
+            self.value = self.write()
+        except StorageFault:
+            raise
+        except Exception as exc:
+            self.error = exc
+
+
+def _settle(writes: list[_Write], error: BaseException | None) -> None:
+    """The group is durable (``error`` None) or undone: tell each waiter, once."""
+    for w in writes:
+        if w.future.done():
+            continue  # its waiter gave up (cancelled), or the group was settled already
+        failure = error or w.error
+        if failure is not None:
+            w.future.set_exception(failure)
+        else:
+            w.future.set_result(w.value)
+
+
+@dataclass
 class ActiveRun:
     row: ClaimedRun
     task: TaskConfig
@@ -164,6 +205,13 @@ class _Ended:
         )
 
 
+def _progress_written(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        exc = fut.exception()
+        if not isinstance(exc, StorageError):
+            log.error("progress not recorded: %s", exc)
+
+
 class _Backend:
     """The store seen from inside a run (ContextBackend)."""
 
@@ -185,28 +233,27 @@ class _Backend:
     def agent_steps(self, run_id: str) -> list[dict[str, Any]]:
         return [dict(step) for step in self._runner.store.agent_steps(run_id)]
 
-    def record_agent_step(
+    async def record_agent_step(
         self, run_id: str, step: int, kind: str, call_id: str | None, payload: Any
     ) -> dict[str, Any]:
         """As a checkpoint: a step the state could not take stops the run (interrupted, at
         no cost of an attempt), which resumes after the last step recorded. Fenced by the
-        lease: a copy whose run another owner holds now records nothing more."""
+        lease: a copy whose run another owner holds now records nothing more. Written in
+        the runner's next group (``Runner.submit``); returns once that is durable."""
         r = self._runner
         active = r.active.get(run_id)
         now = r.clock.now()
-        try:
-            seq = r.store.record_agent_step(
-                run_id,
-                step,
-                kind,
-                call_id,
-                payload,
-                now,
-                owner=r.owner,
-                attempt=active.row["attempt"] if active else None,
+        attempt = active.row["attempt"] if active else None
+
+        def write() -> int:
+            return r.store.record_agent_step(
+                run_id, step, kind, call_id, payload, now, owner=r.owner, attempt=attempt
             )
+
+        try:
+            seq = await asyncio.shield(r.submit(write))
         except Exception as exc:
-            if isinstance(exc, StorageFault):
+            if isinstance(exc, StorageError):
                 raise CheckpointNotSaved(f"agent step not recorded: {exc}") from None
             if isinstance(exc, StateRefused) and exc.code == "lease_lost":
                 log.warning("agent step not recorded run=%s: the lease is lost", run_id)
@@ -222,12 +269,12 @@ class _Backend:
         }
 
     def progress(self, run_id: str, done: int, total: int | None, message: str) -> None:
-        """Progress is for people to look at: a failed write of it does not stop the run."""
-        try:
-            self._runner.store.progress(run_id, done, total, message, self._runner.clock.now())
-        except Exception as exc:
-            if not isinstance(exc, StorageFault):
-                raise
+        """Progress is for people to look at: written with the runner's next group,
+        waited for by nobody, and a failed write of it does not stop the run."""
+        r = self._runner
+        now = r.clock.now()
+        fut = r.submit(lambda: r.store.progress(run_id, done, total, message, now))
+        fut.add_done_callback(_progress_written)
 
     def heartbeat(self, run_id: str) -> None:
         r = self._runner
@@ -289,6 +336,9 @@ class Runner:
         """Lost runs whose process groups are being ended (off the loop) before they
         are re-queued (``recover_expired``)."""
         self._side_jobs: set[asyncio.Task[None]] = set()
+        self._writes: list[_Write] = []
+        """Run-side writes (agent steps, ledger entries, progress) for the next group."""
+        self._flush_soon = False
 
     def set_tasks(self, tasks: Mapping[str, TaskConfig]) -> None:
         """New config: runs in flight keep the task definition they started with."""
@@ -310,8 +360,7 @@ class Runner:
         now_mono = self.clock.monotonic()
         if self.unrecorded and self._committing is None and not self._retry.waiting(now_mono):
             # Outcomes that could not be committed: once more, with the next flush.
-            if not self._finishing:
-                asyncio.get_running_loop().call_soon(self._flush_finishes)
+            self._schedule_flush()
             self._finishing[:0], self.unrecorded = self.unrecorded, []
         if self.store.write_error is not None:
             return []
@@ -626,12 +675,33 @@ class Runner:
         if decision.status == RunStatus.QUEUED and self.tasks.get(task.id) is None:
             # Its task left the config while it ran: nothing would claim it again.
             decision = Decision(RunStatus.CANCELLED, 0.0, "task removed from the config")
-        if not self._finishing and self._committing is None:
-            # (While a commit is in flight, _after_commit flushes what gathered.)
-            asyncio.get_running_loop().call_soon(self._flush_finishes)
+        # (While a commit is in flight, _after_commit flushes what gathered.)
+        self._schedule_flush()
         self._finishing.append(
             _Ended(active, outcome, result, error, duration, decision, now, self.owner)
         )
+
+    # ------------------------------------------------------------ run-side writes
+
+    def submit(self, write: Callable[[], T]) -> asyncio.Future[T]:
+        """Run ``write`` (store verbs, on the loop) in the next group: with the outcomes
+        and claims of that cycle, under one COMMIT on the store's writer thread. The
+        future gives ``write``'s value once that commit is durable, or the error that
+        undid it (``write``'s own, or the commit's). Writes submitted while a commit is
+        in flight gather for the next one: the busier the runs, the fewer fsyncs per
+        write, and the loop never waits for one.
+
+        A ``write`` should be one verb (its failure undoes only its own savepoint), or
+        verbs that fail only together (a storage fault loses the whole group)."""
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._writes.append(_Write(write, fut))
+        self._schedule_flush()
+        return fut
+
+    def _schedule_flush(self) -> None:
+        if self._committing is None and not self._flush_soon:
+            self._flush_soon = True
+            asyncio.get_running_loop().call_soon(self._flush_finishes)
 
     def _flush_finishes(self) -> None:
         """Record every run that ended since the last flush, and claim the freed slots,
@@ -643,22 +713,32 @@ class Runner:
         and the fewer fsyncs per run. Should the group not commit, its outcomes wait in
         ``unrecorded`` to be tried again (see ``tick``).
         """
-        if not self._finishing or self._committing is not None:
+        self._flush_soon = False
+        if (not self._finishing and not self._writes) or self._committing is not None:
             return
         pending, self._finishing = self._finishing, []
+        writes, self._writes = self._writes, []
         for ended in pending:
             self.active.pop(ended.active.row["id"], None)
         try:
-            # Finishes, then claims and starts (see Store.unit); a quarantine among the
-            # finishes takes the write lock exclusively for itself on PostgreSQL.
+            # Run-side writes, finishes, then claims and starts (see Store.unit); a
+            # quarantine among the finishes takes the write lock exclusively for itself
+            # on PostgreSQL.
             unit = self.store.unit(shared=True)
-        except StorageError:
-            self._keep_unrecorded(pending)
+        except StorageError as exc:
+            _settle(writes, exc)
+            if pending:
+                self._keep_unrecorded(pending)
             return
-        unit.on_rollback(lambda: self._keep_unrecorded(pending))
+        if pending:
+            unit.on_rollback(lambda: self._keep_unrecorded(pending))
+        unit.on_rollback(lambda: _settle(writes, WriteLost("the group was rolled back")))
         try:
-            self._finish(pending)
-            if unit.owner:
+            for write in writes:
+                write.run()
+            if pending:
+                self._finish(pending)
+            if unit.owner and pending:
                 # The freed slots are claimed in the same commit: one fsync per cycle
                 # of "some runs end, as many start", not two. A failed claim is the
                 # main loop's to retry; it must not cost these outcomes.
@@ -675,9 +755,11 @@ class Runner:
         if commit is None:
             # Inside someone else's group (or nothing to commit): their commit makes
             # these durable.
-            self._finished(pending)
+            _settle(writes, None)
+            if pending:
+                self._finished(pending)
         else:
-            self._committing = asyncio.ensure_future(self._after_commit(commit, pending))
+            self._committing = asyncio.ensure_future(self._after_commit(commit, pending, writes))
 
     def _keep_unrecorded(self, pending: list[_Ended]) -> None:
         """Outcomes whose group did not commit: kept for another try after a backoff
@@ -699,19 +781,24 @@ class Runner:
             self.on_change()
 
     async def _after_commit(
-        self, commit: concurrent.futures.Future[BaseException | None], pending: list[_Ended]
+        self,
+        commit: concurrent.futures.Future[BaseException | None],
+        pending: list[_Ended],
+        writes: list[_Write],
     ) -> None:
         error: BaseException | None = None
         try:
             error = await wait_commit(commit)
             # The group's events (or, had it failed, its rollback hooks: the outcomes go
-            # to ``unrecorded``), unless a reader settled it already.
+            # to ``unrecorded``, the writes get the error), unless a reader settled it.
             self.store.complete_commit()
         finally:
             self._committing = None
+            _settle(writes, error)
             if error is None:
                 self._retry.ok()
-                self._finished(pending)
+                if pending:
+                    self._finished(pending)
         self._flush_finishes()
 
     def _finished(self, pending: list[_Ended]) -> None:

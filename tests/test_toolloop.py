@@ -57,7 +57,7 @@ class StoreBackend:
     def agent_steps(self, run_id: str) -> list[dict[str, Any]]:
         return [dict(s) for s in self.store.agent_steps(run_id)]
 
-    def record_agent_step(
+    async def record_agent_step(
         self, run_id: str, step: int, kind: str, call_id: str | None, payload: Any
     ) -> dict[str, Any]:
         seq = self.store.record_agent_step(run_id, step, kind, call_id, payload, T0)

@@ -184,7 +184,7 @@ class _Memory:
     def agent_steps(self, run_id: str) -> list[dict[str, Any]]:
         return []
 
-    def record_agent_step(
+    async def record_agent_step(
         self, run_id: str, step: int, kind: str, call_id: str | None, payload: Any
     ) -> dict[str, Any]:
         record = {

@@ -201,8 +201,11 @@ def replay(first: list[dict[str, Any]], records: list[dict[str, Any]]) -> _State
 
 class _Transcript:
     """``transcript.jsonl``: the recorded steps, one JSON object a line. Written anew from
-    the state DB when the run (re)starts (write, fsync, rename), then appended to and
-    fsynced after each step. The DB is the truth; this is the operator's copy."""
+    the state DB when the run (re)starts (write, rename), appended to after each step,
+    and fsynced once, when the attempt's loop ends (``sync``). The DB is the truth, each
+    step durable there before the run goes on; this is the operator's copy, so it costs
+    the event loop no fsync per step (after a crash it is written anew from the DB at
+    the run's next start)."""
 
     def __init__(self, path: Path, records: list[dict[str, Any]]) -> None:
         self.path = path
@@ -210,8 +213,6 @@ class _Transcript:
         with tmp.open("w", encoding="utf-8") as fh:
             for record in records:
                 fh.write(self._line(record))
-            fh.flush()
-            os.fsync(fh.fileno())
         tmp.replace(path)
 
     @staticmethod
@@ -222,7 +223,9 @@ class _Transcript:
     def append(self, record: dict[str, Any]) -> None:
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write(self._line(record))
-            fh.flush()
+
+    def sync(self) -> None:
+        with self.path.open("rb") as fh:
             os.fsync(fh.fileno())
 
 
@@ -246,10 +249,10 @@ class _Loop:
             self.tools[tool.name] = tool
             self.spec.append(tool_spec(tool))
 
-    def record(self, step: int, kind: str, call_id: str | None, payload: Any) -> None:
+    async def record(self, step: int, kind: str, call_id: str | None, payload: Any) -> None:
         """Durable in the state DB first, then in the transcript (as the DB keeps it:
         scrubbed of secrets)."""
-        kept = self.ctx.record_agent_step(step, kind, call_id, payload)
+        kept = await self.ctx.record_agent_step(step, kind, call_id, payload)
         self.ctx.log.info(
             "agent step recorded run=%s step=%d kind=%s call=%s",
             self.ctx.run_id,
@@ -264,6 +267,16 @@ class _Loop:
                 self.ctx.log.warning("transcript.jsonl not appended: %s", exc.strerror)
 
     async def run(self, prompt: str) -> Result:
+        try:
+            return await self._run(prompt)
+        finally:
+            if self.transcript is not None:
+                try:
+                    self.transcript.sync()
+                except OSError as exc:
+                    self.ctx.log.warning("transcript.jsonl not synced: %s", exc.strerror)
+
+    async def _run(self, prompt: str) -> Result:
         cfg, ctx = self.cfg, self.ctx
         first = [{"role": "system", "content": cfg.system}] if cfg.system else []
         first.append({"role": "user", "content": prompt})
@@ -286,7 +299,7 @@ class _Loop:
             if last is not None:
                 calls = last.get("tool_calls") or []
                 if not calls:
-                    return self._answer(last, state, resumed_from)
+                    return await self._answer(last, state, resumed_from)
                 for call in calls:
                     if call["id"] in state.results:
                         continue
@@ -320,7 +333,7 @@ class _Loop:
                 "usage": reply.usage(),
                 "model": reply.model,
             }
-            self.record(step, MODEL, None, payload)
+            await self.record(step, MODEL, None, payload)
             state.apply(MODEL, None, payload)
             ctx.progress(step, cfg.max_steps, f"step {step}: {len(reply.tool_calls)} tool call(s)")
 
@@ -337,7 +350,7 @@ class _Loop:
             response_format=self.response_format,
         )
 
-    def _answer(self, last: dict[str, Any], state: _State, resumed_from: int) -> Result:
+    async def _answer(self, last: dict[str, Any], state: _State, resumed_from: int) -> Result:
         """The run's end on an answer: ``result.md``, and with ``response_format``
         ``result.json``; or, for an answer that does not match it, the rejection recorded
         (before the attempt ends, so the next one asks again) and an ``invalid_output``
@@ -360,7 +373,7 @@ class _Loop:
                     where,
                 )
                 rejected = {"format": fmt.name, "path": where, "error": what}
-                self.record(step, REJECTED, None, rejected)
+                await self.record(step, REJECTED, None, rejected)
                 state.apply(REJECTED, None, rejected)
                 error = output.invalid(fmt, where, str(what))
                 return error.result({"step": step, "path": where, **detail})
@@ -398,7 +411,7 @@ class _Loop:
         if problem is None and tool is not None and arguments is not None:
             wait = self._approval_needed(tool, call_id, state)
             if wait is not None:
-                return self._park(wait, call_id, name, step, arguments, digest, state)
+                return await self._park(wait, call_id, name, step, arguments, digest, state)
             if state.decisions.get(call_id) == "skip":
                 note = state.notes.get(call_id)
                 ok, duration, outcome = False, 0.0, "skipped"
@@ -416,7 +429,7 @@ class _Loop:
                     )
                 else:
                     started = {"tool": name, "arguments": arguments}
-                    self.record(step, STARTED, call_id, started)
+                    await self.record(step, STARTED, call_id, started)
                     state.apply(STARTED, call_id, started)
                 key = idempotency_key(ctx.run_id, step, call_id)
                 began = time.monotonic()
@@ -433,7 +446,7 @@ class _Loop:
             "outcome": outcome,
             "arguments_sha256": digest,
         }
-        self.record(step, RESULT, call_id, payload)
+        await self.record(step, RESULT, call_id, payload)
         state.apply(RESULT, call_id, payload)
         return None
 
@@ -457,7 +470,7 @@ class _Loop:
             return "sensitive"
         return None
 
-    def _park(
+    async def _park(
         self,
         reason: str,
         call_id: str,
@@ -471,7 +484,7 @@ class _Loop:
         ctx = self.ctx
         if call_id not in state.requested:
             asked = {"tool": name, "arguments": arguments, "reason": reason, "step": step}
-            self.record(step, REQUESTED, call_id, asked)
+            await self.record(step, REQUESTED, call_id, asked)
             state.apply(REQUESTED, call_id, asked)
         ctx.log.warning(
             "agent run parked for an approval run=%s step=%d call=%s tool=%s reason=%s",
