@@ -1051,7 +1051,7 @@ class Daemon:
         main loop reads ``poll_interval`` and the drain reads ``shutdown_grace`` from the
         config in force each time. A ``python_path`` entry removed stays on ``sys.path``
         (what was imported from it stays imported) until a restart."""
-        logging.getLogger().setLevel(daemon.log_level.upper())
+        set_log_level(daemon.log_level)
         logformat.apply(logformat.resolve(daemon.log_format, os.environ, sys.stderr))
         self.health.stale_after_s = daemon.liveness_stale_after
         for extra in daemon.python_path:
@@ -1243,6 +1243,15 @@ def _fmt(value: Any) -> str:
     return json.dumps(text) if (" " in text or not text) else text
 
 
+def set_log_level(level: str) -> None:
+    """The root logger's level; httpx's own line per request ("HTTP Request: POST ...")
+    only at debug: every model call is in the ledger and an ``llm_call`` event already,
+    and at hundreds of calls a minute the line is a measurable share of the loop."""
+    logging.getLogger().setLevel(level.upper())
+    debug = level.upper() == "DEBUG"
+    logging.getLogger("httpx").setLevel(logging.NOTSET if debug else logging.WARNING)
+
+
 def run_daemon(
     config_path: Path, load: ConfigLoad | None = None, *, accept_empty_state: bool = False
 ) -> int:
@@ -1272,7 +1281,7 @@ def run_daemon(
         log.info("agentd stopped exit=%d", exitcodes.OK)
         return exitcodes.OK
     log.debug("subreaper=%s pid1=%s", subreaper, os.getpid() == 1)
-    logging.getLogger().setLevel(config.daemon.log_level.upper())
+    set_log_level(config.daemon.log_level)
     logformat.apply(logformat.resolve(config.daemon.log_format, os.environ, sys.stderr))
     daemon = Daemon(config_path, config, index=index, accept_empty_state=accept_empty_state)
     command.use_pidfd_child_watcher()  # attached to the loop asyncio.run creates

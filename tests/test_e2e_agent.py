@@ -181,29 +181,41 @@ def test_kill_9_in_the_middle_of_a_tool_call(
     assert d.stop() == 0
 
 
+@pytest.mark.parametrize("step", [1, 2, 3])
 def test_kill_9_at_a_step_boundary_resumes_at_the_step(
-    make_daemon: Any, llm: FakeLLM, tmp_path: Path
+    make_daemon: Any, llm: FakeLLM, tmp_path: Path, step: int
 ) -> None:
-    """Killed while the second model call is in flight (the first reply and the tool's
-    result recorded): the restarted run asks for step 2 again, and nothing before it."""
+    """Killed while model call ``step`` of a 3-step run with two tools is in flight
+    (everything before it recorded): the restarted run asks for that step again and for
+    nothing before it, and runs no recorded tool call again."""
     out = tmp_path / "words.txt"
-    llm.queue(tool_calls(call("append", {"word": "w"}, "c1")), fake_llm.Reply(hang=True))
+    replies = [
+        tool_calls(call("append", {"word": "w"}, "c1")),
+        tool_calls(call("add", {"a": 1, "b": 2}, "c2")),
+        fake_llm.ok("finished"),
+    ]
+    llm.queue(*replies[: step - 1], fake_llm.Reply(hang=True))
     d = make_daemon(agent_task(out), top=providers(llm)).start()
     run_id = d.trigger("tooled")
-    wait_for(lambda: len(llm.requests) == 2, what="the second model call")
+    wait_for(lambda: len(llm.requests) == step, what=f"model call {step}")
     d.kill9()
-    assert steps(d, run_id) == [
+    recorded = [
         (1, "model", None),
         (1, "tool_started", "c1"),
         (1, "tool_result", "c1"),
+        (2, "model", None),
+        (2, "tool_started", "c2"),
+        (2, "tool_result", "c2"),
     ]
-    llm.queue(fake_llm.ok("finished"))
+    assert steps(d, run_id) == recorded[: 3 * (step - 1)]
+    llm.queue(*replies[step - 1 :])
     d.start()
     d.wait_status(run_id, "succeeded")
-    assert len(llm.requests) == 3 and first_calls(llm) == 1
-    assert llm.requests[2].body["messages"] == llm.requests[1].body["messages"]
-    assert len(lines(out)) == 1
-    assert steps(d, run_id)[-1] == (2, "model", None)
+    assert len(llm.requests) == 4  # three, and the one cut off asked again
+    assert llm.requests[step].body["messages"] == llm.requests[step - 1].body["messages"]
+    assert first_calls(llm) == (2 if step == 1 else 1)  # recorded calls are not made again
+    assert len(lines(out)) == 1  # the non-idempotent tool ran once
+    assert steps(d, run_id) == [*recorded, (3, "model", None)]
     assert d.stop() == 0
 
 

@@ -214,6 +214,7 @@ class _Transcript:
             for record in records:
                 fh.write(self._line(record))
         tmp.replace(path)
+        self._fh: Any = path.open("a", encoding="utf-8")
 
     @staticmethod
     def _line(record: dict[str, Any]) -> str:
@@ -221,12 +222,19 @@ class _Transcript:
         return json.dumps({k: record.get(k) for k in keep}, default=str) + "\n"
 
     def append(self, record: dict[str, Any]) -> None:
-        with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(self._line(record))
+        self._fh.write(self._line(record))
+        self._fh.flush()  # a line is whole in the file (not yet on the disk) once here
 
-    def sync(self) -> None:
-        with self.path.open("rb") as fh:
+    def close(self) -> None:
+        """fsync, then close; in a thread (the loop's caller awaits it)."""
+        fh, self._fh = self._fh, None
+        if fh is None:
+            return
+        try:
+            fh.flush()
             os.fsync(fh.fileno())
+        finally:
+            fh.close()
 
 
 class _Loop:
@@ -271,8 +279,8 @@ class _Loop:
             return await self._run(prompt)
         finally:
             if self.transcript is not None:
-                try:
-                    self.transcript.sync()
+                try:  # off the loop: other runs go on meanwhile
+                    await asyncio.shield(asyncio.to_thread(self.transcript.close))
                 except OSError as exc:
                     self.ctx.log.warning("transcript.jsonl not synced: %s", exc.strerror)
 
