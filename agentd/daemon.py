@@ -721,14 +721,28 @@ class Daemon:
         running: dict[str, int] = {}
         for active in self.runner.active.values():
             running[active.task.id] = running.get(active.task.id, 0) + 1
+        paused = self.store.paused_tasks()
         self.metrics.set_state(
-            running=running,
-            queued=queued,
-            quarantined=quarantined,
-            paused=self.store.paused_tasks(),
+            running=running, queued=queued, quarantined=quarantined, paused=paused
         )
+        self._refresh_schedule_gauges(paused)
         if self.notifier.enabled:
             self.notifier.status(self.status_line(queued))
+
+    def _refresh_schedule_gauges(self, paused: set[str]) -> None:
+        """Next fire times of the tasks that fired (or got series) since the last look,
+        by primary key in the jobstore, and which tasks are overdue: one range read on
+        the jobstore's ``next_run_time`` index (empty while the scheduler keeps up) and
+        one of the alert state. Neither grows with the number of tasks."""
+        if self.scheduler is None or self.oversight is None:
+            return
+        stale = self.metrics.stale_next_fires()
+        if stale:
+            times = self.scheduler.next_fire_times(stale)
+            self.metrics.set_next_fires(stale, times)
+        now = self.clock.now()
+        due = self.scheduler.overdue_jobs(now - self.oversight.min_misfire_grace())
+        self.metrics.set_overdue(self.oversight.overdue_tasks(now, due, paused))
 
     def status_line(self, queued: int | None = None) -> str:
         """The one line ``systemctl status`` shows, e.g.

@@ -11,6 +11,12 @@ task's series appear on its first activity, not at config load, so that a config
 10,000 rarely-firing tasks does not make every scrape 10,000 x 60 samples long.
 Everything is registered on our own ``CollectorRegistry`` so that tests, embedders and
 a second daemon in one process never collide on the global ``REGISTRY``.
+
+A task's next fire time is the scheduler's (its jobstore), read by the daemon only for
+the tasks in ``stale_next_fires``: those that just got series and those that fired,
+skipped or misfired since the last read (or all, after a reload). ``agentd_task_overdue``
+is 1 for the tasks the daemon says are late (``set_overdue``); a task that becomes
+overdue gets its series then, even with no activity before.
 """
 
 from __future__ import annotations
@@ -71,6 +77,13 @@ PRUNE_KINDS = (
     "alerts",
     "outbox",
 )
+# Events that move a task's job on to its next fire time (a fire makes a run, a skip or
+# a misfire): its next fire time is read again.
+FIRE_KINDS = frozenset({EventKind.ENQUEUE, EventKind.SKIP, EventKind.MISFIRE})
+# What a delivery attempt ends as (agentd_alert_deliveries_total's outcome).
+DELIVERY_OUTCOMES = ("delivered", "retry", "failed")
+# The outbox rows agentd_outbox_deliveries counts (delivered ones are history).
+OUTBOX_STATUSES = ("pending", "failed")
 # Audit events about the config, not the task's activity: they bring no series.
 CONFIG_KINDS = frozenset({EventKind.TASK_ADDED, EventKind.TASK_CHANGED, EventKind.TASK_REMOVED})
 
@@ -183,6 +196,8 @@ class Metrics:
         self._live: set[str] = set()  # ...of which these have series (see _ensure)
         self._running: dict[str, int] = {}  # last pushed by set_state
         self._paused: set[str] = set()
+        self._overdue: set[str] = set()  # last pushed by set_overdue
+        self._stale: set[str] = set()  # live tasks whose next fire time is to be read
 
         self.runs = TaskSeries("counter", "agentd_runs", "Run attempts by outcome", ("outcome",))
         self.duration = TaskSeries(
@@ -223,6 +238,17 @@ class Metrics:
         self.llm_cost = TaskSeries(
             "counter", "agentd_llm_cost_usd", "LLM spend in USD from the price table"
         )
+        self.next_fire = TaskSeries(
+            "gauge",
+            "agentd_task_next_fire_timestamp_seconds",
+            "When the scheduler fires the task next (a paused task's fires are skipped)",
+        )
+        self.overdue = TaskSeries(
+            "gauge",
+            "agentd_task_overdue",
+            "1 while the task's dead man's switch says late, or its next fire is past"
+            " by more than its misfire_grace (0 while paused)",
+        )
         self._per_task = [
             self.runs,
             self.duration,
@@ -236,6 +262,8 @@ class Metrics:
             self.paused,
             self.llm_tokens,
             self.llm_cost,
+            self.next_fire,
+            self.overdue,
         ]
         r.register(_TaskCollector(self._per_task, self._lock))
         self.tasks_paused = Gauge("agentd_tasks_paused", "Number of paused tasks", registry=r)
@@ -283,6 +311,21 @@ class Metrics:
         )
         for kind in PRUNE_KINDS:
             self.pruned.labels(kind)
+        self.outbox = Gauge(
+            "agentd_outbox_deliveries",
+            "Alert and ping deliveries pending (queued or between retries) or failed for"
+            " good, by channel (failed rows stay until retention prunes them)",
+            ["channel", "status"],
+            registry=r,
+        )
+        self._outbox_series: set[tuple[str, str]] = set()
+        self.deliveries = Counter(
+            "agentd_alert_deliveries",
+            "Delivery attempts of alerts and pings by channel and outcome (delivered,"
+            " retry: failed and tried again later, failed: failed and given up)",
+            ["channel", "outcome"],
+            registry=r,
+        )
 
         # The daemon builds this right after the config loaded at start.
         self.config_reload(True, time.time())
@@ -298,6 +341,8 @@ class Metrics:
             self._live &= new
             self._running = {t: n for t, n in self._running.items() if t in new}
             self._paused &= new
+            self._overdue &= new
+            self._stale = set(self._live)  # a reload may have moved any schedule
 
     def _ensure(self, task: str) -> None:
         """On a task's first activity (any event, a seeded last-run time, a pause), put
@@ -310,6 +355,7 @@ class Metrics:
         if task in self._live:
             return
         self._live.add(task)
+        self._stale.add(task)
         self.runs.touch(task, "success")
         self.runs.touch(task, "failure")
 
@@ -330,6 +376,8 @@ class Metrics:
             if task is None or task not in self._tasks or kind in CONFIG_KINDS:
                 return
             self._ensure(task)
+            if kind in FIRE_KINDS:
+                self._stale.add(task)
             if kind == EventKind.LLM_CALL:
                 self.llm_cost.touch(task)  # both directions and the cost together
                 self.llm_tokens.inc(task, "input", by=int(data.get("input_tokens") or 0))
@@ -391,6 +439,56 @@ class Metrics:
                 self.last_run.set(task_id, value=last_run)
             if last_success is not None:
                 self.last_success.set(task_id, value=last_success)
+
+    def stale_next_fires(self) -> set[str]:
+        """Tasks whose next fire time is to be read from the scheduler (and given to
+        ``set_next_fires``): a copy, so a failed read leaves them stale."""
+        with self._lock:
+            return set(self._stale)
+
+    def set_next_fires(self, asked: Iterable[str], times: Mapping[str, float]) -> None:
+        """The next fire times (Unix seconds) of the ``asked`` tasks; one asked but not
+        in ``times`` has no fire left (manual, a one-shot that fired, inactive) and
+        loses the series. Each asked task has ``agentd_task_overdue`` from now on."""
+        with self._lock:
+            for task in asked:
+                self._stale.discard(task)
+                if task not in self._live:
+                    continue  # removed by a reload since it was asked for
+                if task in times:
+                    self.next_fire.set(task, value=times[task])
+                else:
+                    self.next_fire.drop(task)
+                self.overdue.touch(task)
+
+    def set_overdue(self, overdue: Iterable[str]) -> None:
+        """The tasks overdue now; only those that changed since the last call are
+        touched (a task that turns overdue gets its series)."""
+        with self._lock:
+            now = set(overdue) & self._tasks
+            for task in now ^ self._overdue:
+                self._ensure(task)
+                self.overdue.set(task, value=1 if task in now else 0)
+            self._overdue = now
+
+    def set_outbox(self, counts: Mapping[tuple[str, str], int]) -> None:
+        """Pending and failed deliveries by (channel, status), as the state counts them.
+        Both statuses of a channel that has any are shown (0 for the other); a channel
+        with none left loses its series."""
+        with self._lock:
+            channels = {channel for channel, _ in counts}
+            series = {(c, status) for c in channels for status in OUTBOX_STATUSES}
+            for key in self._outbox_series - series:
+                self.outbox.remove(*key)
+            for channel, status in series:
+                self.outbox.labels(channel, status).set(counts.get((channel, status), 0))
+            self._outbox_series = series
+
+    def delivery_attempt(self, channel: str, outcome: str) -> None:
+        """One delivery attempt ended (``DELIVERY_OUTCOMES``); channels come from the
+        config (and ``ping``), a bounded label set."""
+        if outcome in DELIVERY_OUTCOMES:
+            self.deliveries.labels(channel, outcome).inc()
 
     def set_budget_remaining(
         self, remaining: dict[str, float], limits: Mapping[str, float] | None = None

@@ -25,7 +25,7 @@ import asyncio
 import dataclasses
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -73,6 +73,9 @@ class Outbox:
         self._pinged_for: Config | None = None
         self._any_ping = False
         self._instance: str | None = None
+        self.on_attempt: Callable[[str, str], None] | None = None
+        """Told each delivery attempt's channel and outcome (``delivered``, ``retry``,
+        ``failed``): the ``agentd_alert_deliveries_total`` counter."""
         """The state's instance id, read on the first delivery: it changes only by a
         restore, which the daemon is stopped for."""
 
@@ -356,6 +359,8 @@ class Outbox:
             return
         if self.store.mark_delivered(row["id"], self.clock.now()):
             log.info("alert delivered outbox=%d channel=%s", row["id"], row["channel"])
+            if self.on_attempt:
+                self.on_attempt(row["channel"], "delivered")
 
     def _failed(
         self, row: OutboxRecord, error: str, retries: int, backoff: float, max_backoff: float
@@ -368,6 +373,8 @@ class Outbox:
         else:
             at = self.clock.now() + timedelta(seconds=delay)
             self.store.schedule_redelivery(row["id"], attempts, error[:500], at)
+        if self.on_attempt:
+            self.on_attempt(row["channel"], "failed" if give_up else "retry")
         level = logging.ERROR if give_up else logging.WARNING
         log.log(
             level,

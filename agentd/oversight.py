@@ -14,13 +14,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from datetime import datetime
+from collections.abc import Collection, Mapping
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from agentd import tls
 from agentd.budget import global_scopes, task_scopes
 from agentd.clock import Clock
-from agentd.config import Config, TaskConfig
+from agentd.config import Config, TaskConfig, inactive_reason
 from agentd.ledger import charge_stale, window_blocked, window_report
 from agentd.metrics import Metrics
 from agentd.models import ALERT_EVENTS, EventKind, Row
@@ -36,6 +37,9 @@ CHECK_EVERY_S = 1.0
 PROCESS_EVERY_S = 0.2  # events -> alerts in batches: at most this late, not once per run
 GAUGES_EVERY_S = 5.0
 DELIVERY_IDLE_S = 60.0
+DEADMAN_LATE = "deadman:"
+"""Alert state of a task its dead man's switch reported late (cleared by its next
+success, ``agentd.outbox``)."""
 
 
 class Oversight:
@@ -56,6 +60,10 @@ class Oversight:
         self._http: httpx.AsyncClient | None = None
         self._budgeted_for: Config | None = None
         self._budgeted_tasks: list[TaskConfig] = []
+        self._graced_for: Config | None = None
+        self._min_grace_s = 0.0
+        self._outbox_version: tuple[int, int] | None = None
+        self.outbox.on_attempt = metrics.delivery_attempt
 
     def set_config(self, config: Config) -> None:
         self.config = config
@@ -102,6 +110,10 @@ class Oversight:
         if mono - self._last_gauges >= GAUGES_EVERY_S:
             self._last_gauges = mono
             self.metrics.set_budget_remaining(*self.budget_windows(now))
+            version = self.store.version()
+            if version != self._outbox_version:  # every outbox change is a write
+                self._outbox_version = version
+                self.metrics.set_outbox(self.store.delivery_counts())
 
     def wait_s(self) -> float | None:
         """How soon ``tick`` has work, so an idle main loop sleeps no longer: the next
@@ -155,6 +167,40 @@ class Oversight:
                 wait = min(wait, max(0.05, (due - self.clock.now()).total_seconds()))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._deliver_wake.wait(), wait)
+
+    # ------------------------------------------------------------ overdue tasks
+
+    def min_misfire_grace(self) -> timedelta:
+        """The shortest ``misfire_grace`` of the config's tasks: jobs due from before
+        ``now`` minus this are the only candidates for overdue (once per config)."""
+        if self._graced_for is not self.config:
+            self._graced_for = self.config
+            graces = [t.misfire_grace for t in self.config.tasks.values()]
+            self._min_grace_s = min(graces, default=0.0)
+        return timedelta(seconds=self._min_grace_s)
+
+    def overdue_tasks(
+        self, now: datetime, due_jobs: Mapping[str, datetime], paused: Collection[str]
+    ) -> set[str]:
+        """What ``agentd_task_overdue`` shows as 1: the tasks whose dead man's switch
+        reported them late and that have not succeeded since, and those whose job
+        (``due_jobs``: the scheduler's jobs due from before ``now`` minus
+        ``min_misfire_grace``) is past by more than the task's own ``misfire_grace``.
+        A paused or inactive task is never overdue: that is an operator's decision or
+        the config's, and the dead man's switch does not watch it either. One indexed
+        read of the alert state."""
+        late = {key[len(DEADMAN_LATE) :] for key in self.store.alert_state_keys(DEADMAN_LATE)}
+        for task_id, when in due_jobs.items():
+            task = self.config.tasks.get(task_id)
+            if task is not None and (now - when).total_seconds() > task.misfire_grace:
+                late.add(task_id)
+        return {
+            t
+            for t in late
+            if t in self.config.tasks
+            and t not in paused
+            and not inactive_reason(self.config.tasks[t])
+        }
 
     # ------------------------------------------------------------ budgets
 

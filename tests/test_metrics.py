@@ -294,3 +294,68 @@ def test_budget_limit_gauge_beside_remaining(m: Metrics) -> None:
     with pytest.raises(KeyError):
         value(m, "agentd_budget_limit_usd", scope="a:month")
     assert value(m, "agentd_budget_limit_usd", scope="global:day") == 5.0
+
+
+def test_next_fire_times_are_asked_for_live_tasks_and_fired_ones(m: Metrics) -> None:
+    assert m.stale_next_fires() == set()  # no activity, nothing to read
+    m.on_event(ev("claim", "a", attempt=1))  # a's first activity
+    assert m.stale_next_fires() == {"a"}
+    m.set_next_fires({"a"}, {"a": 5000.0})
+    assert m.stale_next_fires() == set()
+    assert value(m, "agentd_task_next_fire_timestamp_seconds", task="a") == 5000
+    assert value(m, "agentd_task_overdue", task="a") == 0
+    m.on_event(ev("success", "a", attempt=1))
+    assert m.stale_next_fires() == set()  # a run's end does not move the schedule
+    for kind in ("enqueue", "skip", "misfire"):
+        m.on_event(ev(kind, "a", reason="overlap", count=1))
+        assert m.stale_next_fires() == {"a"}, kind
+        m.set_next_fires({"a"}, {"a": 6000.0})
+    m.set_next_fires({"a"}, {})  # no fire left (a one-shot that fired)
+    assert not any(n == "agentd_task_next_fire_timestamp_seconds" for n, _ in samples(m))
+    assert value(m, "agentd_task_overdue", task="a") == 0
+    m.set_tasks(["a", "b"])  # a reload may move any live task's schedule
+    assert m.stale_next_fires() == {"a"}
+    m.set_tasks(["b"])
+    assert m.stale_next_fires() == set()
+    m.set_next_fires({"a"}, {"a": 1.0})  # asked before the reload removed it
+    assert not any(("task", "a") in labels for _, labels in samples(m))
+
+
+def test_overdue_changes_only_what_changed_and_brings_series(m: Metrics) -> None:
+    m.set_overdue({"b", "stranger"})  # b had no series: it gets them, overdue at 1
+    assert value(m, "agentd_task_overdue", task="b") == 1
+    assert value(m, "agentd_runs_total", task="b", outcome="success") == 0
+    assert m.stale_next_fires() == {"b"}  # and its next fire is read
+    assert not any(("task", "stranger") in labels for _, labels in samples(m))
+    m.set_next_fires({"b"}, {"b": 100.0})
+    assert value(m, "agentd_task_overdue", task="b") == 1  # asking does not reset it
+    m.set_overdue(set())
+    assert value(m, "agentd_task_overdue", task="b") == 0
+    m.set_overdue({"b"})
+    m.set_tasks(["a"])
+    assert not any(("task", "b") in labels for _, labels in samples(m))
+    m.set_tasks(["a", "b"])
+    m.set_overdue({"b"})  # removed and re-added: counted as newly overdue
+    assert value(m, "agentd_task_overdue", task="b") == 1
+
+
+def test_outbox_gauges_and_delivery_attempts(m: Metrics) -> None:
+    assert not any(n == "agentd_outbox_deliveries" for n, _ in samples(m))
+    m.set_outbox({("hook", "pending"): 2, ("ping", "failed"): 1})
+    assert value(m, "agentd_outbox_deliveries", channel="hook", status="pending") == 2
+    assert value(m, "agentd_outbox_deliveries", channel="hook", status="failed") == 0
+    assert value(m, "agentd_outbox_deliveries", channel="ping", status="failed") == 1
+    assert value(m, "agentd_outbox_deliveries", channel="ping", status="pending") == 0
+    m.set_outbox({("hook", "failed"): 1})  # ping's rows were pruned: its series go
+    assert value(m, "agentd_outbox_deliveries", channel="hook", status="pending") == 0
+    assert value(m, "agentd_outbox_deliveries", channel="hook", status="failed") == 1
+    assert not any(
+        n == "agentd_outbox_deliveries" and ("channel", "ping") in labels
+        for n, labels in samples(m)
+    )
+    for outcome in ("retry", "retry", "failed", "delivered", "something-new"):
+        m.delivery_attempt("hook", outcome)
+    assert value(m, "agentd_alert_deliveries_total", channel="hook", outcome="retry") == 2
+    assert value(m, "agentd_alert_deliveries_total", channel="hook", outcome="failed") == 1
+    assert value(m, "agentd_alert_deliveries_total", channel="hook", outcome="delivered") == 1
+    assert not any(("outcome", "something-new") in labels for _, labels in samples(m))

@@ -403,3 +403,57 @@ def test_a_schedule_with_no_fire_time_left_gets_no_job_and_a_fired_once_task_no_
     runs = store.conn.execute("SELECT task_id, COUNT(*) FROM runs GROUP BY task_id").fetchall()
     store.close()
     assert [tuple(r) for r in runs] == [("soon", 1)]
+
+
+def test_next_fire_times_and_overdue_jobs_as_the_metrics_read_them(tmp_path: Path) -> None:
+    """A scheduler that does not fire (paused here; stuck or failing writes in life)
+    leaves its jobs' past times in the jobstore: that is what makes a task overdue
+    (``agentd_task_overdue``), past its own misfire_grace, unless it is paused."""
+    from agentd.metrics import Metrics
+    from agentd.oversight import Oversight
+
+    config = parse_config(
+        f"""
+        daemon: {{state_dir: {tmp_path}}}
+        tasks:
+          tight: {{schedule: {{every: 1s}}, misfire_grace: 200ms, command: {{argv: ["true"]}}}}
+          loose: {{schedule: {{every: 1s}}, misfire_grace: 1h, command: {{argv: ["true"]}}}}
+          held: {{schedule: {{every: 1s}}, misfire_grace: 200ms, command: {{argv: ["true"]}}}}
+          hand: {{schedule: {{manual: true}}, command: {{argv: ["true"]}}}}
+        """
+    )
+    store = SqliteStore(tmp_path / "state.sqlite")
+    clock = SystemClock()
+    store.sync_tasks({t: (c.fingerprint(), c.kind) for t, c in config.tasks.items()}, clock.now())
+
+    async def scenario() -> None:
+        scheduler = Scheduler(store, clock, tmp_path / "schedule.sqlite")
+        scheduler.start_paused()  # jobs are due, nothing fires them
+        scheduler.sync(config)
+        oversight = Oversight(store, config, clock, Metrics("test"))
+        try:
+            asked = {"tight", "loose", "hand", "gone"}
+            times = scheduler.next_fire_times(asked)
+            assert set(times) == {"tight", "loose"}  # no job: manual, unknown
+            assert all(0 < t - time.time() <= 1.5 for t in times.values())
+            # Many ids are one scan, with the same answer.
+            assert scheduler.next_fire_times(asked | {f"x{i}" for i in range(600)}) == times
+            assert oversight.min_misfire_grace() == timedelta(milliseconds=200)
+
+            def overdue() -> set[str]:
+                now = clock.now()
+                due = scheduler.overdue_jobs(now - oversight.min_misfire_grace())
+                return oversight.overdue_tasks(now, due, paused={"held"})
+
+            assert overdue() == set()  # not due yet
+            deadline = time.monotonic() + 30
+            while overdue() != {"tight"}:
+                assert time.monotonic() < deadline, overdue()
+                await asyncio.sleep(0.05)
+            # The jobs' stored times are past; loose is within its hour of grace.
+            assert set(scheduler.overdue_jobs(clock.now())) == {"tight", "loose", "held"}
+        finally:
+            scheduler.shutdown()
+
+    asyncio.run(scenario())
+    store.close()

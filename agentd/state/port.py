@@ -711,6 +711,11 @@ class AlertsPort(Protocol):
         """When the earliest pending delivery is due, or None when none is pending."""
         ...
 
+    def delivery_counts(self) -> dict[tuple[str, str], int]:
+        """Deliveries ``pending`` or ``failed`` right now, by (channel, status): the
+        outbox gauges. Delivered rows are not counted (they are most of the table)."""
+        ...
+
     def mark_delivered(self, outbox_id: int, now: datetime) -> bool:
         """A pending delivery was delivered: it is never due again. False (and nothing
         changed) when it was not pending."""

@@ -60,7 +60,11 @@ def test_alerts_deliveries_cooldown_redelivery_and_give_up(store: Store) -> None
     alert_id = store.record_alert(T0, NewAlert("deadman", "k", "t", None, None, "late", {"a": 1}))
     record = store.alert(alert_id)
     assert record is not None and record["data"] == {"a": 1} and record["summary"] == "late"
+    assert store.delivery_counts() == {}
     first = store.enqueue_delivery(T0, "hook", "k", {"id": alert_id}, alert_id)
+    second = store.enqueue_delivery(T0, "pager", "k", {"id": alert_id}, alert_id)
+    assert store.delivery_counts() == {("hook", "pending"): 1, ("pager", "pending"): 1}
+    assert store.mark_delivered(second, T0)
     assert store.queued_since("hook", "k", T0 - timedelta(seconds=1))
     assert not store.queued_since("hook", "k", T0)  # not after its own creation
     assert not store.queued_since("other", "k", T0 - timedelta(seconds=1))
@@ -77,6 +81,7 @@ def test_alerts_deliveries_cooldown_redelivery_and_give_up(store: Store) -> None
         "HTTP 502",
     )
     assert store.next_delivery_at() is None and not store.mark_delivered(first, later)
+    assert store.delivery_counts() == {("hook", "failed"): 1}  # delivered rows not counted
 
 
 def test_a_delivery_is_made_once_across_a_restart(states: States, tmp_path: Path) -> None:

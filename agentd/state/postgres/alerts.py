@@ -171,6 +171,13 @@ class AlertStatements(Statements):
         row = self._one("SELECT MIN(next_attempt_at) AS due FROM outbox WHERE status='pending'")
         return from_iso(row["due"]) if row and row["due"] else None
 
+    def delivery_counts(self) -> dict[tuple[str, str], int]:
+        rows = self._all(
+            "SELECT channel, status, COUNT(*) AS n FROM outbox"
+            " WHERE status IN ('pending','failed') GROUP BY channel, status"
+        )
+        return {(str(r["channel"]), str(r["status"])): int(r["n"]) for r in rows}
+
     def mark_delivered(self, outbox_id: int, now: datetime) -> bool:
         with self.tx() as conn:
             cur = conn.execute(

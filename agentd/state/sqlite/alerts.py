@@ -158,6 +158,13 @@ class AlertStatements(Statements):
         ).fetchone()
         return from_iso(row[0]) if row and row[0] else None
 
+    def delivery_counts(self) -> dict[tuple[str, str], int]:
+        rows = self.conn.execute(
+            "SELECT channel, status, COUNT(*) FROM outbox WHERE status IN ('pending','failed')"
+            " GROUP BY channel, status"
+        )
+        return {(str(channel), str(status)): int(n) for channel, status, n in rows}
+
     def mark_delivered(self, outbox_id: int, now: datetime) -> bool:
         with self.tx() as conn:
             cur = conn.execute(
