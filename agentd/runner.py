@@ -745,7 +745,13 @@ class Runner:
             1 if outcome in (Outcome.FAILURE, Outcome.TIMEOUT) else 0
         )
         decision = decide(task, outcome, result, failures_after, self.rng)
+        was = decision.status
         decision = bounded(decision, now, active.deadline, active.deadline_hit)
+        if decision.status != was and not active.deadline_hit:
+            error = (
+                f"{error or outcome}; no retry could start before run_timeout"
+                f" ({task.run_timeout:g}s)"
+            )
         if decision.status == RunStatus.QUEUED and self.tasks.get(task.id) is None:
             # Its task left the config while it ran: nothing would claim it again.
             decision = Decision(RunStatus.CANCELLED, 0.0, "task removed from the config")
