@@ -1,7 +1,8 @@
 """Alerts: which audit events need a human, to which channel, and how to deliver them.
 
 Everything that alerts is first an audit event (``quarantine``, ``pause`` by agentd,
-``budget_alarm``, ``budget_exhausted``, ``deadman``, ``run_too_long``,
+``budget_alarm``, ``budget_exhausted``, ``deadman``, ``run_too_long``, ``run_expired``,
+``run_timed_out``,
 ``config_reload_failed``, ``recovered``). ``agentd.outbox`` tails the event log with a
 durable cursor, turns events into alerts with ``alert_for_event`` and queues one
 delivery per channel that a rule names. This module holds the pure parts (the mapping,
@@ -59,6 +60,12 @@ def alert_for_event(event: dict[str, Any]) -> Alert | None:
         error = data.get("error") or "no error text"
         summary = f"{task}: run {run} quarantined after {data.get('attempts')} attempt(s): {error}"
         return Alert("run_quarantined", f"run_quarantined:{task}", summary, task, run, data)
+    if kind == EventKind.RUN_EXPIRED:
+        summary = f"{task}: run {run} expired, {data.get('error')}"
+        return Alert("run_expired", f"run_expired:{task}", summary, task, run, data)
+    if kind == EventKind.RUN_TIMED_OUT:
+        summary = f"{task}: run {run} timed out, {data.get('error')}"
+        return Alert("run_timed_out", f"run_timed_out:{task}", summary, task, run, data)
     if kind == EventKind.PAUSE and data.get("by") == "agentd":
         summary = f"{task}: paused automatically ({data.get('reason')})"
         return Alert("task_paused", f"task_paused:{task}", summary, task, None, data)

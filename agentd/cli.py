@@ -134,6 +134,19 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="approve the agent's sensitive tool calls in this run in advance",
     )
+    p.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="a param for this run, merged over the task's (V is read as JSON if it is"
+        " JSON, else as a string); repeatable",
+    )
+    p.add_argument(
+        "--key",
+        help="an idempotency key: the same key again (within limits.trigger_key_window)"
+        " answers with the run it made",
+    )
     p = sub.add_parser("pause", parents=[common], help="pause a task's schedule")
     p.add_argument("task")
     p.add_argument("--reason", default="paused by operator")

@@ -116,9 +116,14 @@ class ApiClient:
         return self._prefix + path + (f"?{query}" if query else "")
 
     def request(
-        self, method: str, path: str, params: dict[str, Any] | None = None, json_body: Any = None
+        self,
+        method: str,
+        path: str,
+        params: dict[str, Any] | None = None,
+        json_body: Any = None,
+        headers: dict[str, str] | None = None,
     ) -> Any:
-        headers = dict(self._headers)
+        headers = {**self._headers, **(headers or {})}
         body = None
         if json_body is not None:
             body = json.dumps(json_body).encode()
@@ -143,8 +148,10 @@ class ApiClient:
         clean = {k: v for k, v in params.items() if v is not None}
         return self.request("GET", path, params=clean)
 
-    def post(self, path: str, body: dict[str, Any] | None = None) -> Any:
-        return self.request("POST", path, json_body=body or {})
+    def post(
+        self, path: str, body: dict[str, Any] | None = None, headers: dict[str, str] | None = None
+    ) -> Any:
+        return self.request("POST", path, json_body=body or {}, headers=headers)
 
     def stream(self, path: str, last_event_id: int | None = None) -> Iterator[dict[str, Any]]:
         """Follow a Server-Sent Events stream; yields each event's JSON data. On its own

@@ -536,6 +536,21 @@ def _object_schema(value: dict[str, Any]) -> dict[str, Any]:
     return value
 
 
+def params_problem(schema: dict[str, Any], params: dict[str, Any]) -> str | None:
+    """Why ``params`` do not match ``schema`` (a task's ``params_schema``): the first
+    error's place and message, or None when they match. The message may quote a value
+    given, so it is for the one who gave it (an API answer), not for a log line."""
+    import jsonschema
+
+    error = jsonschema.exceptions.best_match(
+        jsonschema.Draft202012Validator(schema).iter_errors(params)
+    )
+    if error is None:
+        return None
+    where = "/".join(str(p) for p in error.absolute_path) or "top"
+    return f"{where}: {error.message}"
+
+
 class ResponseFormatConfig(_Model):
     """Structured final output: the answer must be JSON that matches ``schema``.
 
@@ -868,6 +883,11 @@ class LimitsConfig(_Model):
     sensitive_tools: list[str] = []
     """Tool names (or shell-style patterns) that need an operator's approval in every
     agent, as if marked ``sensitive``: a daemon-wide guard (``rm_*``, ``*_deploy``)."""
+    trigger_key_window: Duration = Field(default=86400.0, gt=0)
+    """How long a manual trigger's ``Idempotency-Key`` holds: within this of the run it
+    made, the same key (on the same task) answers with that run and makes none (a
+    different body under it is refused, 409); after it, the key is free again and a
+    trigger with it makes a new run (the old run keeps its history)."""
 
     @field_validator("timezone")
     @classmethod
@@ -920,6 +940,8 @@ class PingConfig(_Model):
 
 ALERT_KINDS = (
     "run_quarantined",
+    "run_expired",
+    "run_timed_out",
     "task_paused",
     "budget_alarm",
     "budget_exhausted",
@@ -1075,7 +1097,22 @@ class TaskConfig(_Model):
     python: PythonConfig | None = None
     agent: AgentConfig | None = None
     params: dict[str, Any] = {}
+    params_schema: dict[str, Any] | None = None
+    """A JSON schema (Draft 2020-12, of an object) the run's params must match: a manual
+    trigger's params merged over ``params`` are checked against it before a run is
+    made (a mismatch is refused, 400), and so are ``params`` alone at config load
+    unless the schedule is ``manual`` (a scheduled fire runs with them as they are)."""
     timeout: Duration | None = 3600.0
+    """One attempt's limit (start-to-close); a timed-out attempt is retried as ``retry``
+    says (``retry.on_timeout``)."""
+    run_timeout: Duration | None = Field(default=None, gt=0)
+    """The whole run's limit, from its enqueue to its end over every attempt and every
+    wait between them (schedule-to-close): past it the run ends ``timed_out`` (final,
+    not retried, alerted as ``run_timed_out``); an attempt running then is stopped."""
+    start_within: Duration | None = Field(default=None, gt=0)
+    """The queue-wait limit, from its enqueue to its first start (schedule-to-start): a
+    run not started within it ends ``expired`` without running (alerted as
+    ``run_expired``, counted in ``agentd_runs_total{outcome="expired"}``)."""
     retry: RetryConfig = Field(default_factory=_shared(RetryConfig))
     overlap: Literal["skip", "queue_one", "queue_all", "cancel_previous", "allow"] = "skip"
     max_queued: int = Field(default=10, ge=1, le=10_000)
@@ -1100,6 +1137,22 @@ class TaskConfig(_Model):
                 "letters, digits, '_', '.', '-' (max 64)"
             )
         return value
+
+    @field_validator("params_schema")
+    @classmethod
+    def _params_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        return None if value is None else _object_schema(value)
+
+    @model_validator(mode="after")
+    def _params_match(self) -> TaskConfig:
+        if self.params_schema is not None and not self.schedule.manual:
+            problem = params_problem(self.params_schema, self.params)
+            if problem is not None:
+                raise ValueError(
+                    f"params do not match params_schema ({problem}); a scheduled fire runs"
+                    " with them as they are"
+                )
+        return self
 
     @model_validator(mode="after")
     def _one_kind(self) -> TaskConfig:
@@ -1131,6 +1184,7 @@ class TaskConfig(_Model):
         return (
             self == other
             and _exact(self.params, other.params)
+            and _exact(self.params_schema, other.params_schema)
             and _exact(self.http and self.http.json_body, other.http and other.http.json_body)
             and _exact(self.agent and self.agent.items, other.agent and other.agent.items)
         )

@@ -7,13 +7,15 @@ a stable code that the API maps to an HTTP status.
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from agentd.clock import Clock
-from agentd.config import Config, inactive_reason
+from agentd.config import Config, inactive_reason, params_problem
 from agentd.ledger import run_usage, spend_report
 from agentd.models import FINAL_STATUSES, RUN_STATUSES, Row, StateRefused
 from agentd.schedule import next_fires
@@ -25,7 +27,16 @@ from agentd.state.port import (
     Store,
     TaskRecord,
     atomically,
+    encode_params,
 )
+
+log = logging.getLogger("agentd.control")
+
+IDEMPOTENCY_KEY_RE = re.compile(r"[\x21-\x7e]{1,255}")
+"""A trigger's idempotency key: 1 to 255 printable ASCII characters, no spaces (as an
+HTTP header value carries it; the state retires an expired key with a space in it)."""
+MAX_PARAMS_BYTES = 65536
+"""A trigger's params, as canonical JSON, at most this long."""
 
 
 class Control:
@@ -90,17 +101,39 @@ class Control:
         self._require_task(task_id)
         return self.task_view(task_id, self.store.task_row(task_id), self.clock.now(), n_next)
 
-    def trigger(self, task_id: str, approve_sensitive: bool = False) -> Row:
+    def trigger(
+        self,
+        task_id: str,
+        approve_sensitive: bool = False,
+        params: Mapping[str, Any] | None = None,
+        key: str | None = None,
+    ) -> Row:
         """A manual run, also for a paused task; not for one that cannot run at all.
         ``approve_sensitive``: its agent's sensitive tool calls are approved in advance
-        (a ``decision`` step for every call, written with the run, in one commit)."""
+        (a ``decision`` step for every call, written with the run, in one commit).
+
+        ``params`` are recorded with the run and merged over the task's ``params`` when
+        it starts (top-level keys); with a ``params_schema`` the merge must match it
+        (``bad_request`` otherwise, and no run). An empty mapping is no params.
+
+        ``key`` (an ``Idempotency-Key``): within ``limits.trigger_key_window`` of the run
+        it made, a trigger of this task with the same key answers with that run
+        (``created`` false, ``reason`` ``duplicate``) and makes none; with other params or
+        another ``approve_sensitive`` it is refused (``idempotency_conflict``, 409). After
+        the window the key is free again and makes a new run."""
         task = self._require_task(task_id)
         inactive = inactive_reason(task)
         if inactive:
             raise StateRefused("task_inactive", f"task {task_id!r} is inactive: {inactive}")
-        if approve_sensitive and (task.agent is None or not task.agent.tools):
+        if approve_sensitive and (task.agent is None or not (task.agent.tools or task.agent.mcp)):
             raise StateRefused(
                 "bad_request", f"task {task_id!r} has no agent tools to approve in advance"
+            )
+        given = self._trigger_params(task, params)
+        if key is not None and not IDEMPOTENCY_KEY_RE.fullmatch(key):
+            raise StateRefused(
+                "bad_request",
+                "the idempotency key must be 1 to 255 printable ASCII characters, no spaces",
             )
         now = self.clock.now()
         with atomically(self.store):
@@ -111,17 +144,65 @@ class Control:
                 overlap=task.overlap,
                 max_queued=task.max_queued,
                 honour_pause=False,
+                params=given,
+                key=f"{task_id}@key:{key}" if key is not None else None,
+                key_window_s=self.config.limits.trigger_key_window if key is not None else None,
             )
+            approved = bool(approve_sensitive and result.created)
             if approve_sensitive and result.created:
                 decision = {"decision": "approve", "by": "operator", "note": "--approve-sensitive"}
                 self.store.record_agent_step(result.run_id, 0, "decision", "*", decision, now)
+            elif not result.created and result.reason == "duplicate":
+                approved = any(
+                    s["kind"] == "decision" and s["call_id"] == "*"
+                    for s in self.store.agent_steps(result.run_id)
+                )
+                if approved != approve_sensitive:
+                    raise StateRefused(
+                        "idempotency_conflict",
+                        f"idempotency key already used for run {result.run_id} with"
+                        f" approve_sensitive {str(approved).lower()}",
+                    )
+        if result.reason == "duplicate":
+            log.info(
+                "trigger replayed task=%s run=%s: same idempotency key", task_id, result.run_id
+            )
         self._changed()
         return {
             "run_id": result.run_id,
             "status": result.status,
             "reason": result.reason,
-            "approved_sensitive": bool(approve_sensitive and result.created),
+            "created": result.created,
+            "approved_sensitive": approved,
+            "params": given,
+            "idempotency_key": key,
         }
+
+    def _trigger_params(self, task: Any, params: Mapping[str, Any] | None) -> Row | None:
+        """A trigger's params as they are recorded (None for none), once they are known
+        to fit: JSON, not too long, no secret value in them (the state must never hold
+        one), and, merged over the task's, matching its ``params_schema``."""
+        given = dict(params) if params else None
+        if given is not None:
+            try:
+                text = encode_params(given) or ""
+            except (TypeError, ValueError):
+                raise StateRefused("bad_request", "params must be JSON values") from None
+            if len(text.encode()) > MAX_PARAMS_BYTES:
+                raise StateRefused("bad_request", f"params are over {MAX_PARAMS_BYTES} bytes")
+            if self.store.redactor.text(text) != text:
+                raise StateRefused(
+                    "bad_request",
+                    "params hold a secret value: pass secrets through the task's config"
+                    " (env, files), never as params",
+                )
+        if task.params_schema is not None:
+            problem = params_problem(task.params_schema, {**task.params, **(given or {})})
+            if problem is not None:
+                raise StateRefused(
+                    "bad_request", f"params do not match the task's params_schema: {problem}"
+                )
+        return given
 
     def pause(self, task_id: str, reason: str) -> Row:
         self._require_task(task_id)

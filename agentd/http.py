@@ -106,6 +106,7 @@ STORE_ERROR_STATUS: Final[Mapping[str, int]] = {
     "not_resumable": 409,
     "run_finished": 409,
     "task_inactive": 409,
+    "idempotency_conflict": 409,
     "bad_request": 400,
 }
 HTTP_ERROR_CODES: Final[Mapping[int, str]] = {
@@ -954,13 +955,21 @@ class HttpServer:
         return _json(self.control.get_task(request.match_info["task_id"]))
 
     async def trigger(self, request: web.Request) -> web.StreamResponse:
+        """202 with the run; the same ``Idempotency-Key`` again (within the window) is
+        answered as the first was, with ``Idempotent-Replayed: true`` (as Stripe does)."""
         body = await _json_body(
-            request, frozenset({"approve_sensitive"}), self.settings.client_timeout
+            request, frozenset({"approve_sensitive", "params"}), self.settings.client_timeout
         )
         approve = body.get("approve_sensitive", False)
         if not isinstance(approve, bool):
             raise _bad("approve_sensitive must be true or false")
-        return _json(self.control.trigger(request.match_info["task_id"], approve), 202)
+        params = body.get("params")
+        if params is not None and not isinstance(params, dict):
+            raise _bad("params must be a JSON object")
+        key = request.headers.get("Idempotency-Key")
+        result = self.control.trigger(request.match_info["task_id"], approve, params, key)
+        replayed = {"Idempotent-Replayed": "true"} if result["reason"] == "duplicate" else None
+        return _json(result, 202, replayed)
 
     async def pause(self, request: web.Request) -> web.StreamResponse:
         body = await _json_body(request, frozenset({"reason"}), self.settings.client_timeout)

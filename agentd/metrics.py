@@ -52,6 +52,8 @@ from agentd.models import EventKind
 # fails twice then succeeds adds failure=2, success=1); a quarantine is counted in
 # addition to the failure that caused it. "recover" (an attempt lost with its daemon and
 # re-queued) is counted as interrupted: like an interrupt, it was not the task's fault.
+# A run ended by its deadlines counts "expired" (never started within start_within) or
+# "timed_out" (run_timeout), the latter beside the "timeout" of an attempt it stopped.
 OUTCOMES = {
     EventKind.SUCCESS: "success",
     EventKind.FAILURE: "failure",
@@ -62,6 +64,9 @@ OUTCOMES = {
     EventKind.SKIP: "skipped",
     EventKind.QUARANTINE: "quarantined",
     EventKind.BUDGET_EXHAUSTED: "budget_exhausted",
+    EventKind.RUN_EXPIRED: "expired",
+    EventKind.RUN_TIMED_OUT: "timed_out",
+    EventKind.AWAITING_APPROVAL: "parked",
 }
 SKIP_REASONS = ("overlap", "queue_full", "paused", "budget")
 # What retention prunes (agentd.state.retention), each an agentd_pruned_total series.

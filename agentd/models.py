@@ -58,6 +58,13 @@ class EventKind(StrEnum):
     APPROVAL = "approval"
     """An operator's (or the approval timeout's) decision on a parked run: ``decision``
     ``approve``, ``skip`` or ``deny``, ``call_id``, ``by``, ``note``."""
+    RUN_EXPIRED = "run_expired"
+    """A queued run not started within its task's ``start_within`` of its enqueue ended
+    ``expired`` (``start_within_s``, ``queued_s``)."""
+    RUN_TIMED_OUT = "run_timed_out"
+    """A run ended ``timed_out``: its task's ``run_timeout`` (the whole run, over all
+    its attempts and the waits between them) passed (``run_timeout_s``, ``attempts``,
+    ``status_before``)."""
     RUN_RESUMED = "run_resumed"
     """A run that ended ``budget_exhausted`` queued again by an operator (``runs resume``)."""
     TOOL_CALL = "tool_call"
@@ -103,6 +110,13 @@ class RunStatus(StrEnum):
     DENIED = "denied"
     """Parked for an approval that was refused, or not given within ``approval_timeout``;
     final."""
+    EXPIRED = "expired"
+    """Not started within its task's ``start_within`` of its enqueue (a queue-wait
+    deadline, Temporal's schedule-to-start); final, never run."""
+    TIMED_OUT = "timed_out"
+    """Not finished within its task's ``run_timeout`` of its enqueue, whatever its attempts
+    (a whole-run deadline, Temporal's schedule-to-close); final, neither retried nor
+    quarantined. One attempt's ``timeout`` is not this: that one is retried."""
 
 
 MAX_EVENT_ID = 2**63 - 1
@@ -120,6 +134,8 @@ FINAL_STATUSES = frozenset(
         RunStatus.SKIPPED,
         RunStatus.BUDGET_EXHAUSTED,
         RunStatus.DENIED,
+        RunStatus.EXPIRED,
+        RunStatus.TIMED_OUT,
     }
 )
 ACTIVE_STATUSES = frozenset({RunStatus.QUEUED, RunStatus.RUNNING})
@@ -137,6 +153,9 @@ class Outcome(StrEnum):
     BUDGET_EXHAUSTED = "budget_exhausted"
     PARKED = "parked"
     """The attempt stopped before a tool call that needs an approval; costs no attempt."""
+    EXPIRED = "expired"
+    """The attempt never began: the run was claimed after its ``start_within`` had
+    passed (between two sweeps), so it ends ``expired`` instead; costs no attempt."""
 
 
 APPROVAL_DECISIONS = ("approve", "skip", "deny")
@@ -212,6 +231,8 @@ ALERT_EVENTS = frozenset(
         EventKind.START,
         EventKind.FAILURE,
         EventKind.TIMEOUT,
+        EventKind.RUN_EXPIRED,
+        EventKind.RUN_TIMED_OUT,
     }
 )
 """The event kinds that can raise an alert, fire a ping or clear a condition: what the

@@ -123,6 +123,18 @@ LAST_EVENT_ID = {
     "schema": _int(minimum=0, maximum=MAX_EVENT_ID),
 }
 
+IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "description": "1 to 255 printable ASCII characters, no spaces. Within "
+    "`limits.trigger_key_window` (default 24h) of the run a key made, the same key on the "
+    "same task answers with that run (`created` false, `reason` `duplicate`, header "
+    "`Idempotent-Replayed: true`) and makes none; other params under it are 409 "
+    "`idempotency_conflict`. After the window the key is free and makes a new run.",
+    "schema": _str(minLength=1, maxLength=255, pattern="^[!-~]+$"),
+}
+
 
 def _optional_body(schema: Schema) -> Schema:
     return {"required": False, "content": {"application/json": {"schema": schema}}}
@@ -239,6 +251,16 @@ SCHEMAS: dict[str, Schema] = {
             "run_id": _str(),
             "status": _str(enum=list(RUN_STATUSES)),
             "reason": _str(nullable=True),
+            "created": {
+                "type": "boolean",
+                "description": "A run was made now (false: a duplicate of the key's run).",
+            },
+            "params": {
+                "type": "object",
+                "nullable": True,
+                "description": "The trigger's params as recorded with the run.",
+            },
+            "idempotency_key": _str(nullable=True),
             "approved_sensitive": {
                 "type": "boolean",
                 "description": "The run's sensitive tool calls are approved in advance.",
@@ -249,12 +271,18 @@ SCHEMAS: dict[str, Schema] = {
     "TriggerRequest": {
         "type": "object",
         "properties": {
+            "params": {
+                "type": "object",
+                "description": "Merged over the task's `params` (top-level keys) for this "
+                "run, recorded with it; checked against the task's `params_schema` if it "
+                "has one (400 when they do not match, and no run).",
+            },
             "approve_sensitive": {
                 "type": "boolean",
                 "default": False,
                 "description": "Approve the agent's sensitive tool calls in advance (a "
                 "task with agent tools only).",
-            }
+            },
         },
         "additionalProperties": False,
     },
@@ -330,6 +358,12 @@ SCHEMAS: dict[str, Schema] = {
             "progress_done": _int(nullable=True),
             "progress_total": _int(nullable=True),
             "progress_message": _str(nullable=True),
+            "params": {
+                "type": "object",
+                "nullable": True,
+                "description": "A manual trigger's params (merged over the task's when "
+                "it starts); null for other runs.",
+            },
         }
     ),
     "Attempt": _obj(
@@ -592,9 +626,10 @@ PATHS: dict[str, Schema] = {
     },
     "/v1/tasks/{task_id}/trigger": {
         "post": _post(
-            "Enqueue a manual run now (the task's overlap policy may skip it). "
-            "409 task_inactive when the task is disabled or lacks its API key.",
-            [TASK_ID],
+            "Enqueue a manual run now (the task's overlap policy may skip it), with "
+            "params and an idempotency key. 409 task_inactive when the task is disabled or "
+            "lacks its API key; 409 idempotency_conflict for a key used with other params.",
+            [TASK_ID, IDEMPOTENCY_KEY],
             "202",
             "TriggerResult",
             "409",

@@ -493,16 +493,31 @@ def _dispatch(ops: CliCommands, args: argparse.Namespace, parser: argparse.Argum
     if cmd in ("trigger", "pause", "resume"):
         tid = q(args.task, safe="")
         body = {"reason": args.reason} if cmd == "pause" else {}
-        if cmd == "trigger" and args.approve_sensitive:
-            body = {"approve_sensitive": True}
+        headers: dict[str, str] | None = None
+        trigger_params: Row | None = None
+        if cmd == "trigger":
+            try:
+                trigger_params = parse_params(args.param)
+            except ValueError as exc:
+                parser.error(str(exc))
+            body = {"approve_sensitive": True} if args.approve_sensitive else {}
+            if trigger_params:
+                body["params"] = trigger_params
+            headers = {"Idempotency-Key": args.key} if args.key is not None else None
         direct: dict[str, Callable[[Control], Row]] = {
-            "trigger": lambda ctl: ctl.trigger(args.task, args.approve_sensitive),
+            "trigger": lambda ctl: ctl.trigger(
+                args.task, args.approve_sensitive, trigger_params, args.key
+            ),
             "pause": lambda ctl: ctl.pause(args.task, args.reason),
             "resume": lambda ctl: ctl.resume(args.task),
         }
         return _print_detail(
             args,
-            ops.call(lambda c: c.post(f"/v1/tasks/{tid}/{cmd}", body), direct[cmd], writes=True),
+            ops.call(
+                lambda c: c.post(f"/v1/tasks/{tid}/{cmd}", body, headers),
+                direct[cmd],
+                writes=True,
+            ),
         )
     if cmd == "cancel":
         rid = q(args.run_id, safe="")
@@ -549,6 +564,23 @@ def _dispatch(ops: CliCommands, args: argparse.Namespace, parser: argparse.Argum
 
 
 REPLAY_FLAGS = ("model", "prompt_file", "system_file", "cassette", "out")
+
+
+def parse_params(pairs: list[str]) -> Row | None:
+    """``agentd trigger --param K=V ...`` as a params object (None for none): ``V`` is
+    read as JSON when it is JSON (``n=3`` is 3, ``ok=true`` is true, ``s='"3"'`` is the
+    string "3"), else taken as the string it is (``name=nightly``). A key given twice
+    keeps its last value. ValueError for a pair without ``=`` or with an empty key."""
+    out: Row = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--param {pair!r}: expected KEY=VALUE")
+        try:
+            out[key] = json.loads(text)
+        except ValueError:
+            out[key] = text
+    return out or None
 
 
 def _replay(ops: CliCommands, args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

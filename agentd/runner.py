@@ -33,15 +33,24 @@ from agentd.models import (
     StateRefused,
     StopRequested,
 )
-from agentd.policy import node_stale_after_s
+from agentd.policy import (
+    Deadlines,
+    attempt_timeout_s,
+    node_stale_after_s,
+    retry_fits,
+    run_deadline,
+    start_deadline,
+)
 from agentd.providers import Gateway
 from agentd.state.port import (
     ClaimedRun,
     Finish,
+    RunEnded,
     StorageError,
     StorageFault,
     Store,
     WriteLost,
+    decode_params,
     wait_commit,
 )
 
@@ -85,6 +94,9 @@ def decide(
         return Decision(RunStatus.AWAITING_APPROVAL, wait, "awaiting approval")
     if outcome in (Outcome.INTERRUPTED, Outcome.LOST):
         return Decision(RunStatus.QUEUED, 0.0, "resume")
+    if outcome == Outcome.EXPIRED:
+        # Final: claimed after its start_within (``policy.overdue_status``), never begun.
+        return Decision(RunStatus.EXPIRED, 0.0, "start_within passed")
     policy = task.retry
     retryable = True
     why = "retry"
@@ -110,6 +122,18 @@ def decide(
     if result is not None and result.retry_after_s is not None:
         delay = max(delay, min(result.retry_after_s, MAX_RETRY_AFTER_S))
     return Decision(RunStatus.QUEUED, delay, why)
+
+
+def bounded(decision: Decision, at: datetime, deadline: datetime | None, hit: bool) -> Decision:
+    """``decision`` under the run's whole-run deadline (``run_timeout``): an attempt the
+    deadline stopped (``hit``), or a run that would be queued again (a retry, a resume)
+    to start only at or after the deadline, ends ``timed_out`` now instead. Pure."""
+    if deadline is None:
+        return decision
+    requeued = decision.status == RunStatus.QUEUED
+    if hit or (requeued and not retry_fits(at + timedelta(seconds=decision.delay_s), deadline)):
+        return Decision(RunStatus.TIMED_OUT, 0.0, "run_timeout passed")
+    return decision
 
 
 def workspace_path(root: Path, task_id: str, run_id: str) -> Path:
@@ -161,6 +185,10 @@ class ActiveRun:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     ended: bool = False
     """Its attempt's end has been handed to ``_record``."""
+    deadline: datetime | None = None
+    """When the whole run must have ended (``run_timeout`` from its enqueue), or None."""
+    deadline_hit: bool = False
+    """The attempt was stopped by ``deadline`` (not by its own ``timeout``)."""
 
 
 @dataclass
@@ -336,6 +364,8 @@ class Runner:
         """Lost runs whose process groups are being ended (off the loop) before they
         are re-queued (``recover_expired``)."""
         self._side_jobs: set[asyncio.Task[None]] = set()
+        self._deadlines: dict[str, Deadlines] = {}
+        """The tasks with a ``start_within`` or a ``run_timeout`` (``expire_overdue``)."""
         self._writes: list[_Write] = []
         """Run-side writes (agent steps, ledger entries, progress) for the next group."""
         self._flush_soon = False
@@ -344,6 +374,8 @@ class Runner:
         """New config: runs in flight keep the task definition they started with."""
         self.tasks = tasks
         self._allow_overlap = {t.id for t in tasks.values() if t.overlap == "allow"}
+        deadlines = {t.id: Deadlines(t.start_within, t.run_timeout) for t in tasks.values()}
+        self._deadlines = {tid: d for tid, d in deadlines.items() if d}
         # On a shared state, claim only runs of the tasks this node's config defines:
         # during a rollout another node may have fired a task this one does not know.
         self._only_tasks = sorted(tasks) if self.store.shared else None
@@ -378,6 +410,7 @@ class Runner:
             self._last_recover = now_mono
             self.recover_expired()
             self.expire_approvals()
+            self.expire_overdue()
         if not self.claiming:
             return []
         free = self.concurrency - len(self.active)
@@ -431,6 +464,27 @@ class Runner:
         for run_id in denied:
             log.warning("approval timed out run=%s: denied (approval_timeout)", run_id)
         return denied
+
+    def expire_overdue(self) -> list[RunEnded]:
+        """End the runs waiting (queued, parked) past their task's deadlines: ``expired``
+        (``start_within``), ``timed_out`` (``run_timeout``). Every lease period, so a
+        deadline is kept to within one lease; a run claimed in between is caught by
+        ``_run`` before it begins."""
+        if not self._deadlines:
+            return []
+        ended = self.store.expire_runs(self.clock.now(), self._deadlines)
+        for run in ended:
+            log.warning(
+                "run %s run=%s task=%s: its %s passed before it %s",
+                run.status,
+                run.run_id,
+                run.task_id,
+                "start_within" if run.status == RunStatus.EXPIRED else "run_timeout",
+                "started" if run.status == RunStatus.EXPIRED else "ended",
+            )
+        if ended and self.on_change:
+            self.on_change()
+        return ended
 
     def recover_expired(self) -> list[str]:
         """Re-queue runs left ``running`` whose lease has expired and that this runner no
@@ -602,7 +656,7 @@ class Runner:
             task_id=task.id,
             attempt=row["attempt"],
             scheduled_for=from_iso(row["scheduled_for"]) if row["scheduled_for"] else None,
-            params=dict(task.params),
+            params={**task.params, **(decode_params(row["params"]) or {})},
             workspace=workspace,
             backend=_Backend(self, task.id),
             loop=loop,
@@ -612,6 +666,7 @@ class Runner:
             llm=self.llm.for_run(task, row["id"], loop) if self.llm else None,
         )
         active = ActiveRun(row=row, task=task, ctx=ctx, started_mono=self.clock.monotonic())
+        active.deadline = run_deadline(from_iso(row["created_at"]), task.run_timeout)
         self.active[row["id"]] = active
         return active
 
@@ -621,8 +676,21 @@ class Runner:
         result: Result | None = None
         error: str | None = None
         unexpected_cancel = False
+        now = self.clock.now()
+        limit_s, by_deadline = attempt_timeout_s(task.timeout, active.deadline, now)
+        late = start_deadline(from_iso(row["created_at"]), task.start_within)
+        if row["attempt"] == 1 and late is not None and now >= late:
+            # Claimed after its queue-wait deadline, between two sweeps: it never runs.
+            error = f"not started within start_within ({task.start_within:g}s)"
+            self._record(active, Outcome.EXPIRED, None, error)
+            return
+        if by_deadline and limit_s is not None and limit_s <= 0:
+            active.deadline_hit = True
+            error = f"run_timeout ({task.run_timeout:g}s) passed before this attempt began"
+            self._record(active, Outcome.TIMEOUT, None, error)
+            return
         try:
-            async with asyncio.timeout(task.timeout):
+            async with asyncio.timeout(limit_s):
                 result = await execute(task, ctx, self.exec_env)
             outcome = Outcome.SUCCESS if result.ok else Outcome.FAILURE
             if result.budget_exhausted:
@@ -632,7 +700,12 @@ class Runner:
             error = result.error
         except TimeoutError:
             ctx.request_cancel()
-            outcome, error = Outcome.TIMEOUT, f"timed out after {task.timeout:g}s"
+            if by_deadline:
+                active.deadline_hit = True
+                outcome = Outcome.TIMEOUT
+                error = f"run_timeout ({task.run_timeout:g}s) passed: stopped after {limit_s:g}s"
+            else:
+                outcome, error = Outcome.TIMEOUT, f"timed out after {task.timeout:g}s"
         except StopRequested:
             outcome, error = Outcome.INTERRUPTED, "stopped at checkpoint for shutdown"
         except CheckpointNotSaved as exc:
@@ -672,6 +745,13 @@ class Runner:
             1 if outcome in (Outcome.FAILURE, Outcome.TIMEOUT) else 0
         )
         decision = decide(task, outcome, result, failures_after, self.rng)
+        was = decision.status
+        decision = bounded(decision, now, active.deadline, active.deadline_hit)
+        if decision.status != was and not active.deadline_hit:
+            error = (
+                f"{error or outcome}; no retry could start before run_timeout"
+                f" ({task.run_timeout:g}s)"
+            )
         if decision.status == RunStatus.QUEUED and self.tasks.get(task.id) is None:
             # Its task left the config while it ran: nothing would claim it again.
             decision = Decision(RunStatus.CANCELLED, 0.0, "task removed from the config")

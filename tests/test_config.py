@@ -1195,3 +1195,84 @@ def test_agent_mcp_servers_and_tools_share_one_namespace() -> None:
     both = parse(mcp_task(f'tools: [{{name: read, python: {{callable: "m:f"}}}}]\nmcp: [{server}]'))
     agent = both.tasks["x"].agent
     assert agent is not None and agent.tools is not None and agent.mcp is not None
+
+
+# ---------------------------------------------------------------- trigger params, deadlines
+
+SCHEMA = "{type: object, properties: {n: {type: integer}, who: {type: string}}, required: [n]}"
+
+
+def test_params_schema_run_timeout_start_within_and_the_key_window_parse() -> None:
+    config = parse(
+        "limits: {trigger_key_window: 2h}\n"
+        + one_task(
+            f"""
+            schedule: {{every: 1h}}
+            command: {{argv: ["true"]}}
+            params: {{n: 3}}
+            params_schema: {SCHEMA}
+            timeout: 1m
+            run_timeout: 10m
+            start_within: 30s
+            """
+        )
+    )
+    task = config.tasks["x"]
+    assert task.params_schema is not None and task.params_schema["required"] == ["n"]
+    assert (task.timeout, task.run_timeout, task.start_within) == (60.0, 600.0, 30.0)
+    assert config.limits.trigger_key_window == 7200.0
+    defaults = parse(one_task('schedule: {every: 1h}\ncommand: {argv: ["true"]}\n'))
+    assert defaults.limits.trigger_key_window == 86400.0
+    assert defaults.tasks["x"].run_timeout is None and defaults.tasks["x"].start_within is None
+
+
+def test_a_scheduled_task_s_params_must_match_its_params_schema() -> None:
+    problems = problems_of(
+        one_task(
+            f"""
+            schedule: {{every: 1h}}
+            command: {{argv: ["true"]}}
+            params: {{n: three}}
+            params_schema: {SCHEMA}
+            """
+        )
+    )
+    message = problem_at(problems, "tasks.x").message
+    assert "params do not match params_schema (n: 'three' is not of type 'integer')" in message
+
+
+def test_a_manual_task_s_params_may_leave_the_required_ones_to_its_triggers() -> None:
+    config = parse(
+        one_task(
+            f"""
+            schedule: {{manual: true}}
+            command: {{argv: ["true"]}}
+            params_schema: {SCHEMA}
+            """
+        )
+    )
+    assert config.tasks["x"].params == {}
+
+
+def test_a_bad_params_schema_and_bad_deadlines_name_their_path() -> None:
+    problems = problems_of(
+        one_task(
+            """
+            schedule: {every: 1h}
+            command: {argv: ["true"]}
+            params_schema: {type: object, properties: {n: {type: integr}}}
+            run_timeout: 0s
+            start_within: -1s
+            """
+        )
+    )
+    assert (
+        "not a JSON schema (properties/n/type)"
+        in problem_at(problems, "tasks.x.params_schema").message
+    )
+    assert problem_at(problems, "tasks.x.run_timeout")
+    assert problem_at(problems, "tasks.x.start_within")
+    array = problems_of(
+        one_task('schedule: {every: 1h}\ncommand: {argv: ["true"]}\nparams_schema: {type: array}\n')
+    )
+    assert "must describe an object" in problem_at(array, "tasks.x.params_schema").message

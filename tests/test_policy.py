@@ -1,5 +1,5 @@
-"""Tests for the pure policies: retry decisions (runner.decide), catch-up (catchup_split),
-overlap and auto-pause (agentd.policy)."""
+"""Tests for the pure policies: retry decisions (runner.decide, runner.bounded), catch-up
+(catchup_split), overlap, auto-pause and the layered deadlines (agentd.policy)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,17 @@ import pytest
 
 from agentd.config import TaskConfig, parse_config
 from agentd.models import Outcome, Result, RunStatus
-from agentd.policy import auto_pause_reason, overlap_decision
-from agentd.runner import MAX_RETRY_AFTER_S, decide
+from agentd.policy import (
+    Deadlines,
+    attempt_timeout_s,
+    auto_pause_reason,
+    overdue_status,
+    overlap_decision,
+    retry_fits,
+    run_deadline,
+    start_deadline,
+)
+from agentd.runner import MAX_RETRY_AFTER_S, Decision, bounded, decide
 from agentd.scheduler import catchup_split
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -348,3 +357,80 @@ def test_auto_pause_reason() -> None:
     assert auto_pause_reason(2, 3, paused=False) is None
     assert auto_pause_reason(9, 3, paused=True) is None  # already paused: no second pause
     assert auto_pause_reason(9, 0, paused=False) is None  # 0: never
+
+
+# ---------------------------------------------------------------- layered deadlines
+
+
+def at(seconds: float) -> datetime:
+    return NOW + timedelta(seconds=seconds)
+
+
+def test_deadlines_count_from_the_enqueue() -> None:
+    assert run_deadline(NOW, 600.0) == at(600)
+    assert start_deadline(NOW, 30.0) == at(30)
+    assert run_deadline(NOW, None) is None
+    assert start_deadline(NOW, None) is None
+    assert not Deadlines()
+    assert Deadlines(start_within=30.0)
+    assert Deadlines(start_within=30.0, run_timeout=600.0).shortest == 30.0
+    assert Deadlines(run_timeout=600.0).shortest == 600.0
+
+
+@pytest.mark.parametrize(
+    ("started", "now_s", "deadlines", "status"),
+    [
+        # queue wait: only a run that never started, at or after the deadline
+        (False, 29.999, Deadlines(start_within=30.0), None),
+        (False, 30.0, Deadlines(start_within=30.0), RunStatus.EXPIRED),
+        (True, 3600.0, Deadlines(start_within=30.0), None),  # a retry waits on
+        # the whole run: started or not; it wins over the queue wait
+        (True, 599.0, Deadlines(run_timeout=600.0), None),
+        (True, 600.0, Deadlines(run_timeout=600.0), RunStatus.TIMED_OUT),
+        (False, 600.0, Deadlines(start_within=30.0, run_timeout=600.0), RunStatus.TIMED_OUT),
+        (False, 31.0, Deadlines(start_within=30.0, run_timeout=600.0), RunStatus.EXPIRED),
+        (False, 10**6, Deadlines(), None),
+    ],
+)
+def test_overdue_status(
+    started: bool, now_s: float, deadlines: Deadlines, status: RunStatus | None
+) -> None:
+    assert overdue_status(NOW, started, deadlines, at(now_s)) == status
+
+
+def test_an_attempt_gets_the_shorter_of_its_timeout_and_what_is_left_of_the_run() -> None:
+    assert attempt_timeout_s(60.0, None, NOW) == (60.0, False)
+    assert attempt_timeout_s(None, None, NOW) == (None, False)
+    assert attempt_timeout_s(60.0, at(600), NOW) == (60.0, False)  # plenty left
+    assert attempt_timeout_s(60.0, at(45), NOW) == (45.0, True)  # the run's is shorter
+    assert attempt_timeout_s(None, at(45), NOW) == (45.0, True)  # no per-attempt limit
+    assert attempt_timeout_s(60.0, at(-5), NOW) == (0.0, True)  # passed: nothing left
+
+
+def test_a_retry_fits_only_if_it_can_start_before_the_deadline() -> None:
+    assert retry_fits(at(10), None)
+    assert retry_fits(at(10), at(11))
+    assert not retry_fits(at(11), at(11))
+    assert not retry_fits(at(20), at(11))
+
+
+def test_bounded_ends_a_run_timed_out_when_the_deadline_stopped_it_or_a_retry_cannot_fit() -> None:
+    retry = Decision(RunStatus.QUEUED, 30.0, "retry")
+    # no deadline: unchanged
+    assert bounded(retry, NOW, None, hit=False) is retry
+    # the retry would start before the deadline: unchanged
+    assert bounded(retry, NOW, at(60), hit=False) is retry
+    # it would start at or after it: the run ends now
+    assert bounded(retry, NOW, at(30), hit=False).status == RunStatus.TIMED_OUT
+    # the deadline stopped the attempt: whatever the retry policy said (quarantine too)
+    quarantine = Decision(RunStatus.QUARANTINED, 0.0, "3 attempts failed")
+    assert bounded(quarantine, NOW, at(0), hit=True).status == RunStatus.TIMED_OUT
+    # a final decision the deadline did not cause stays
+    done = Decision(RunStatus.SUCCEEDED)
+    assert bounded(done, NOW, at(-1), hit=False) is done
+
+
+def test_an_attempt_claimed_after_start_within_is_expired_and_final() -> None:
+    decision = decide(task(start_within="30s"), Outcome.EXPIRED, None, 0, rng())
+    assert decision.status == RunStatus.EXPIRED
+    assert decision.delay_s == 0.0

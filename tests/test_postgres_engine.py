@@ -98,8 +98,8 @@ def test_a_schema_of_version_1_is_upgraded_once_and_keeps_its_rows(
     pg_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A database made by an earlier agentd (schema 1: the claim's index without
-    created_at, id; no agent_steps, which came with 3; no idx_runs_parked, 4) is upgraded
-    in place at open,
+    created_at, id; no agent_steps, which came with 3; no idx_runs_parked, 4; no
+    runs.params, 5) is upgraded in place at open,
     under the migration lock; its runs stay; a second open finds nothing to do."""
     caplog.set_level(logging.INFO, "agentd.state.postgres")
     first = PostgresStore(pg_url)
@@ -113,17 +113,19 @@ def test_a_schema_of_version_1_is_upgraded_once_and_keeps_its_rows(
         )
         conn.execute("DROP TABLE agent_steps")
         conn.execute("DROP INDEX idx_runs_parked")
+        conn.execute("ALTER TABLE runs DROP COLUMN params")
         conn.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
     upgraded = PostgresStore(pg_url)
     assert "created_at" in _index_def(pg_url, "idx_runs_due")
     assert "awaiting_approval" in _index_def(pg_url, "idx_runs_parked")
     assert upgraded.record_agent_step(run_id, 1, "model", None, {"content": "x"}, T0) == 1
     assert upgraded.get_run(run_id)["status"] == "queued"
+    assert upgraded.get_run(run_id)["params"] is None
     assert [r["id"] for r in upgraded.claim(T0, "w", 30, 5, set(), set())] == [run_id]
     upgraded.close()
     PostgresStore(pg_url).close()
     lines = [r.getMessage() for r in caplog.records if "upgraded" in r.getMessage()]
-    assert lines == ["state database schema upgraded from version 1 to 4"]
+    assert lines == ["state database schema upgraded from version 1 to 5"]
 
 
 def test_a_claim_reads_only_its_rows_off_a_long_queue_of_equal_due_times(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -351,3 +352,42 @@ def test_a_runner_that_lost_a_lease_stops_its_copy_and_records_nothing(
     asyncio.run(scenario())
     a_store.close()
     b_store.close()
+
+
+def test_a_run_claimed_past_its_deadlines_ends_before_it_begins(tmp_path: Path) -> None:
+    """Between two sweeps a run past its deadlines can be claimed: ``_run`` ends it before
+    its executor begins: ``expired`` (start_within, first start) or ``timed_out``
+    (run_timeout), at no cost of the command's side effects."""
+    marker = tmp_path / "ran"
+    command = f'    command: {{shell: "touch {marker}"}}\n'
+    config = parse_config(
+        f"daemon:\n  state_dir: {tmp_path}\ntasks:\n"
+        "  late:\n    schedule: {manual: true}\n    start_within: 30s\n" + command
+        + "  over:\n    schedule: {manual: true}\n    run_timeout: 50s\n" + command
+    )  # fmt: skip
+    clock = SystemClock()
+    store = SqliteStore(tmp_path / "state.sqlite")
+    store.sync_tasks(
+        {t: (config.tasks[t].fingerprint(), "command") for t in config.tasks}, clock.now()
+    )
+    enqueued = clock.now() - timedelta(seconds=100)  # fired long ago, not claimed since
+    late = store.fire("late", enqueued, trigger="manual").run_id
+    over = store.fire("over", enqueued, trigger="manual").run_id
+
+    async def scenario() -> None:
+        runner = make_runner(store, clock, tmp_path, 4, config)
+        assert sorted(runner.tick()) == sorted([late, over])  # no sweep on the first tick
+        deadline = time.monotonic() + 60
+        while runner.active:
+            assert time.monotonic() < deadline, "runs did not end"
+            await asyncio.sleep(0.01)
+
+    asyncio.run(scenario())
+    expired, timed_out = store.get_run(late), store.get_run(over)
+    assert (expired["status"], expired["outcome"], expired["failures"]) == ("expired", "expired", 0)
+    assert expired["error"] == "not started within start_within (30s)"
+    assert timed_out["status"] == "timed_out"
+    assert timed_out["error"] == "run_timeout (50s) passed before this attempt began"
+    assert [e["kind"] for e in store.events(over)][-2:] == ["timeout", "run_timed_out"]
+    assert not marker.exists()
+    store.close()

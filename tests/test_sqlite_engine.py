@@ -126,6 +126,21 @@ def test_reopen_keeps_data_and_does_not_remigrate(tmp_path: Path) -> None:
         again.close()
 
 
+def _old_fire(old: SqliteStore, task_id: str, seconds: float) -> str:
+    """A queued run as an older schema holds it (the columns every version has), since
+    today's ``fire`` writes columns that schema lacks (``params``, 11)."""
+    ts = to_iso(at(seconds))
+    run_id = f"{ts}-{task_id}"  # ids sort by creation time, as RunIds' do
+    with old.tx():
+        old.conn.execute(
+            "INSERT INTO runs(id, task_id, trigger, scheduled_for, idempotency_key, status,"
+            " attempt, failures, not_before, cancel_requested, created_at)"
+            " VALUES (?,?,?,?,?,'queued',0,0,?,0,?)",
+            (run_id, task_id, "schedule", ts, f"{task_id}@{ts}", ts, ts),
+        )
+    return run_id
+
+
 def test_v3_file_migrates_to_v4_indexes_and_the_overlap_check_uses_them(
     tmp_path: Path,
 ) -> None:
@@ -140,7 +155,7 @@ def test_v3_file_migrates_to_v4_indexes_and_the_overlap_check_uses_them(
             migrate(old.db)
         old.conn.execute("INSERT INTO meta(key, value) VALUES('schema_version', '3')")
     old.sync_tasks(TASKS, at(0))
-    run_id = fire_at(old, "a", 0)
+    run_id = _old_fire(old, "a", 0)
     old.close()
 
     store = SqliteStore(path)
@@ -183,8 +198,8 @@ def test_v4_file_migrates_to_partial_indexes_and_the_hot_queries_use_them(
             migrate(old.db)
         old.conn.execute("INSERT INTO meta(key, value) VALUES('schema_version', '4')")
     old.sync_tasks(TASKS, at(0))
-    later = fire_at(old, "a", 5)
-    sooner = fire_at(old, "b", 1)
+    later = _old_fire(old, "a", 5)
+    sooner = _old_fire(old, "b", 1)
     old.close()
 
     store = SqliteStore(path)
@@ -444,3 +459,30 @@ def test_a_cancelled_waiter_does_not_cancel_a_queued_commit(tmp_path: Path) -> N
     reasons = [e["data"].get("reason") for e in store.events()]
     store.close()
     assert reasons[-2:] == ["first", "second"]
+
+
+def test_v10_file_migrates_to_v11_and_its_runs_have_no_params(tmp_path: Path) -> None:
+    """11 adds ``runs.params`` (a manual trigger's): a run written by 10 reads back with
+    none, and a trigger with params works on the migrated file."""
+    path = tmp_path / "state.sqlite"
+    old = SqliteStore(path, defer_open=True)
+    old.conn.execute("PRAGMA journal_mode = WAL")
+    with old.tx():
+        for migrate in MIGRATIONS[:10]:
+            migrate(old.db)
+        old.conn.execute("INSERT INTO meta(key, value) VALUES('schema_version', '10')")
+    old.sync_tasks(TASKS, at(0))
+    run_id = _old_fire(old, "a", 0)
+    old.close()
+
+    store = SqliteStore(path)
+    try:
+        assert store.get_run(run_id)["params"] is None
+        made = store.fire("b", at(1), trigger="manual", params={"n": 1}, key="b@key:k")
+        assert store.get_run(made.run_id)["params"] == {"n": 1}
+        (version,) = store.conn.execute(
+            "SELECT value FROM meta WHERE key='schema_version'"
+        ).fetchone()
+        assert int(version) == SCHEMA_VERSION == 11
+    finally:
+        store.close()

@@ -379,8 +379,10 @@ async def replay(
     if changes:
         agent = agent.model_copy(update=changes)
         task = task.model_copy(update={"agent": agent})
+    # The run's own trigger params too, merged over the task's as the runner does.
+    params = {**task.params, **(run.get("params") or {})}
     try:
-        prompt = render(agent.prompt, dict(task.params))
+        prompt = render(agent.prompt, params)
     except _Failed as failed:
         raise ReplayRefused(str(failed.result.error)) from None
     llm = None if options.cassette else DirectLLM(config, task)
@@ -393,7 +395,7 @@ async def replay(
         task_id=task.id,
         attempt=1,
         scheduled_for=None,
-        params=dict(task.params),
+        params=params,
         workspace=out,
         backend=memory,
         loop=asyncio.get_running_loop(),

@@ -19,13 +19,17 @@ Invariants every engine keeps:
   lost connection) raises ``StorageFault``; anything else the engine cannot do raises
   ``StorageError``. A driver's own exceptions never leave the engine.
 - **Idempotent enqueue.** A fire with an idempotency key already used returns the
-  existing run (``created=False``, ``reason="duplicate"``), never a second one.
+  existing run (``created=False``, ``reason="duplicate"``), never a second one; a fire
+  with a ``key_window_s`` only while that run is younger than it (after, the key is
+  free again: the old run's key is retired and a new run is made). A keyed fire whose
+  ``params`` differ from that run's makes none (``reason="key_conflict"``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import secrets
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import Future
@@ -35,6 +39,7 @@ from typing import Any, Protocol, TypedDict
 
 from agentd.budget import Scope
 from agentd.models import EventKind, Outcome, Row, RunStatus, StateRefused
+from agentd.policy import Deadlines
 from agentd.procs import GroupEnd, GroupRecord
 from agentd.redact import Redactor
 
@@ -60,6 +65,7 @@ __all__ = [
     "OutboxRecord",
     "QuarantineRecord",
     "Reservation",
+    "RunEnded",
     "RunIds",
     "RunRecord",
     "RunUsage",
@@ -77,6 +83,8 @@ __all__ = [
     "WriteListener",
     "WriteLost",
     "atomically",
+    "decode_params",
+    "encode_params",
     "wait_commit",
 ]
 
@@ -132,6 +140,9 @@ class RunRecord(TypedDict):
     progress_done: int | None
     progress_total: int | None
     progress_message: str | None
+    params: Row | None
+    """A manual trigger's params as given (decoded), None for any other run; the run
+    starts with them merged over its task's ``params`` (top-level keys)."""
 
 
 class ClaimedRun(TypedDict):
@@ -147,6 +158,8 @@ class ClaimedRun(TypedDict):
     failures: int
     not_before: str | None
     created_at: str
+    params: str | None
+    """As stored: canonical JSON text (``encode_params``), or None."""
 
 
 class AttemptRecord(TypedDict):
@@ -249,6 +262,29 @@ class Fire:
     max_queued: int = 10
     key: str | None = None
     honour_pause: bool = True
+    params: Row | None = None
+    """A manual trigger's params, recorded with the run (``RunRecord.params``); with a
+    ``key``, part of what must match for a duplicate (else ``key_conflict``)."""
+    key_window_s: float | None = None
+    """How long ``key`` holds (``limits.trigger_key_window``); None: for ever (a
+    scheduled fire's key, ``task@scheduled_for``)."""
+
+
+def encode_params(params: Row | None) -> str | None:
+    """Params as the state keeps and compares them: canonical JSON (sorted keys, no
+    spaces), so that two bodies equal as JSON compare equal as text, and 1, 1.0 and
+    true do not."""
+    if params is None:
+        return None
+    return json.dumps(
+        params, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
+
+
+def decode_params(text: Any) -> Row | None:
+    """``encode_params`` undone: the column's text (a row read with ``SELECT *``) as a
+    dict, or None."""
+    return None if text is None else dict(json.loads(text))
 
 
 @dataclass(frozen=True)
@@ -427,6 +463,15 @@ class OutboxRecord(TypedDict):
     last_error: str | None
     delivered_at: str | None
     payload: Row
+
+
+@dataclass(frozen=True)
+class RunEnded:
+    """A run ``Store.expire_runs`` ended: its id, task, and the status it ended in."""
+
+    run_id: str
+    task_id: str
+    status: RunStatus
 
 
 class RunningAttempt(TypedDict):
@@ -793,6 +838,16 @@ class AgentStepsPort(Protocol):
         deadline (its ``not_before``) has passed; their ids."""
         ...
 
+    def expire_runs(self, now: datetime, deadlines: Mapping[str, Deadlines]) -> list[RunEnded]:
+        """End every run that is not running (``queued``, ``awaiting_approval``) of a task
+        in ``deadlines`` whose deadline has passed, as ``policy.overdue_status`` says:
+        ``timed_out`` (``run_timeout``) or ``expired`` (``start_within``, a run never
+        started), in one transaction, with a ``run_timed_out`` or ``run_expired`` event
+        each; what it ended. A running run is not touched: its runner stops it (its
+        attempt's timeout is bounded by the deadline), or, once its lease is lost and
+        it is recovered to ``queued``, a later sweep ends it."""
+        ...
+
 
 class Store(LedgerPort, AlertsPort, NodesPort, AgentStepsPort, Protocol):
     """agentd's state, as every module above the state layer sees it."""
@@ -877,7 +932,13 @@ class Store(LedgerPort, AlertsPort, NodesPort, AgentStepsPort, Protocol):
         max_queued: int = 10,
         key: str | None = None,
         honour_pause: bool = True,
-    ) -> FireResult: ...
+        params: Row | None = None,
+        key_window_s: float | None = None,
+    ) -> FireResult:
+        """``fire_many`` of one ``Fire``; refused (``StateRefused``): ``unknown_task``, and
+        ``idempotency_conflict`` for a key held by a run with other ``params``."""
+        ...
+
     def fire_many(self, fires: Sequence[Fire], now: datetime) -> list[FireResult]: ...
     def record_misfire(
         self, task_id: str, now: datetime, missed: list[datetime], reason: str

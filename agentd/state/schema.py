@@ -138,6 +138,8 @@ runs = Table(
     Column("progress_done", _BigInt),
     Column("progress_total", _BigInt),
     Column("progress_message", _Text),
+    # A manual trigger's params (canonical JSON), merged over the task's at each start.
+    _json("params"),
 )
 Index("idx_runs_idempotency_key", runs.c.idempotency_key, unique=True)
 Index("idx_runs_task_id_created_at", runs.c.task_id, runs.c.created_at)

@@ -102,6 +102,8 @@ from agentd.state.port import (
     UnitOfWork,
     WriteListener,
     WriteLost,
+    decode_params,
+    encode_params,
     wait_commit,
 )
 from agentd.state.postgres.alerts import AlertStatements
@@ -114,7 +116,7 @@ log = logging.getLogger("agentd.state.postgres")
 
 Conn = psycopg.Connection[dict[str, Any]]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """This engine's schema version: 1 is ``state.schema.metadata`` as first released;
 each later one is ``UPGRADES[n]`` from the one before. A new database is created from
 the metadata as it is now, at this version."""
@@ -236,7 +238,7 @@ _encode = json.JSONEncoder(default=str, sort_keys=True).encode
 
 CLAIM_COLUMNS = (
     "r.id, r.task_id, r.trigger, r.scheduled_for, r.idempotency_key, r.status, r.attempt,"
-    " r.failures, r.not_before, r.created_at"
+    " r.failures, r.not_before, r.created_at, r.params"
 )
 """What a claimed run's row carries (all a runner needs)."""
 
@@ -272,6 +274,7 @@ UPGRADES: dict[int, Callable[[], list[str]]] = {
     2: lambda: _index_ddl("idx_runs_due"),  # the claim's whole ORDER BY in the index
     3: steps_table_ddl,  # an agent run's durable steps
     4: lambda: _index_ddl("idx_runs_parked"),  # the approval timeout's sweep
+    5: lambda: ["ALTER TABLE runs ADD COLUMN IF NOT EXISTS params TEXT"],  # trigger params
 }
 """The statements that bring a database from the schema version before each key to
 that version (this engine's own numbering; SQLite's is ``state.sqlite.migrations``)."""
@@ -992,13 +995,23 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements, StepState
         max_queued: int = 10,
         key: str | None = None,
         honour_pause: bool = True,
+        params: Row | None = None,
+        key_window_s: float | None = None,
     ) -> FireResult:
         """Enqueue one run, at most once per idempotency key (default
         ``task@scheduled_for``), applying the overlap policy."""
-        fire = Fire(task_id, scheduled_for, trigger, overlap, max_queued, key, honour_pause)
+        fire = Fire(
+            task_id, scheduled_for, trigger, overlap, max_queued, key, honour_pause, params,
+            key_window_s,
+        )  # fmt: skip
         [result] = self.fire_many([fire], now)
         if result.reason == "unknown_task":
             raise StateRefused("unknown_task", f"no task named {task_id!r}")
+        if result.reason == "key_conflict":
+            raise StateRefused(
+                "idempotency_conflict",
+                f"idempotency key already used for run {result.run_id} with other params",
+            )
         return result
 
     def fire_many(self, fires: Sequence[Fire], now: datetime) -> list[FireResult]:
@@ -1016,10 +1029,10 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements, StepState
         watched = sorted({f.task_id for f in fires if f.overlap != "allow"})
         results: list[FireResult] = []
         with self.tx():
-            seen: dict[str, tuple[str, str]] = {
-                r["idempotency_key"]: (r["id"], r["status"])
+            seen: dict[str, tuple[str, str, str, str | None]] = {
+                r["idempotency_key"]: (r["id"], r["status"], r["created_at"], r["params"])
                 for r in self._all(
-                    "SELECT idempotency_key, id, status FROM runs"
+                    "SELECT idempotency_key, id, status, created_at, params FROM runs"
                     " WHERE idempotency_key = ANY(%s::text[])",
                     (keys,),
                 )
@@ -1043,10 +1056,22 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements, StepState
             events: list[_NewEvent] = []
             fresh_ids = self._fresh_run_ids(now, len(fires))
             for f, key, scheduled in zip(fires, keys, whens, strict=True):
+                params = encode_params(f.params)
                 if key in seen:
-                    run_id, status = seen[key]
-                    results.append(FireResult(run_id, False, status, "duplicate"))
-                    continue
+                    run_id, status, created, held = seen[key]
+                    if f.key_window_s is None or from_iso(created) > now - timedelta(
+                        seconds=f.key_window_s
+                    ):
+                        why = "duplicate" if held == params else "key_conflict"
+                        results.append(FireResult(run_id, False, status, why))
+                        continue
+                    # The key's window is over: free it (the old run keeps its history
+                    # under a retired key no request can send) for the run made now.
+                    self.conn.execute(
+                        "UPDATE runs SET idempotency_key=%s WHERE id=%s",
+                        (f"{key} retired:{run_id}", run_id),
+                    )
+                    del seen[key]
                 if f.task_id not in paused:
                     results.append(FireResult("", False, "", "unknown_task"))
                     continue
@@ -1063,10 +1088,10 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements, StepState
                 inserts.append(
                     (
                         run_id, f.task_id, f.trigger, when, key, str(status), ts, ts,
-                        ts if skip else None, skip, "skipped" if skip else None,
+                        ts if skip else None, skip, "skipped" if skip else None, params,
                     )
                 )  # fmt: skip
-                seen[key] = (run_id, status)
+                seen[key] = (run_id, status, ts, params)
                 if skip:
                     extra = {k: v for k, v in (gate or {}).items() if k != "reason"}
                     data = {"reason": skip, "scheduled_for": when, **extra}
@@ -1108,7 +1133,7 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements, StepState
         self._many(
             "INSERT INTO runs(id, task_id, trigger, scheduled_for, idempotency_key, status,"
             " attempt, failures, not_before, cancel_requested, created_at, finished_at,"
-            " skip_reason, outcome) VALUES (%s,%s,%s,%s,%s,%s,0,0,%s,0,%s,%s,%s,%s)",
+            " skip_reason, outcome, params) VALUES (%s,%s,%s,%s,%s,%s,0,0,%s,0,%s,%s,%s,%s,%s)",
             rows,
         )
         rows.clear()
@@ -1509,6 +1534,16 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements, StepState
                 http_status=http_status,
                 duration_s=duration_s,
             )
+            if next_status == RunStatus.TIMED_OUT:
+                self._event(
+                    ts,
+                    EventKind.RUN_TIMED_OUT,
+                    task_id,
+                    run_id,
+                    error=error,
+                    attempts=run["attempt"],
+                    status_before=RunStatus.RUNNING,
+                )
             self._task_outcomes([(task_id, ts, str(outcome), next_status == RunStatus.SUCCEEDED)])
             if next_status == RunStatus.QUEUED and counted:
                 self._event(
@@ -1592,6 +1627,9 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements, StepState
                     },
                 )
             )
+            if f.next_status == RunStatus.TIMED_OUT:
+                data = {"error": error, "attempts": f.attempt, "status_before": RunStatus.RUNNING}
+                events.append((ts, EventKind.RUN_TIMED_OUT, f.task_id, f.run_id, data))
             if not final and counted:
                 events.append(
                     (
@@ -1824,6 +1862,7 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements, StepState
         row = self._one("SELECT * FROM runs WHERE id=%s", (run_id,))
         if row is None:
             raise StateRefused("unknown_run", f"no run {run_id!r}")
+        row["params"] = decode_params(row["params"])
         return cast(RunRecord, row)
 
     def list_runs(
@@ -1855,10 +1894,13 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements, StepState
                 where.append(clause)
                 params.append(value)
         sql_where = ("WHERE " + " AND ".join(where)) if where else ""
-        return self._all(
+        rows: list[RunRecord] = self._all(
             f"SELECT * FROM runs {sql_where} ORDER BY id DESC LIMIT %s",
             (*params, limit),
         )
+        for row in rows:
+            row["params"] = decode_params(row["params"])
+        return rows
 
     def attempts(self, run_id: str) -> list[AttemptRecord]:
         return self._all("SELECT * FROM attempts WHERE run_id=%s ORDER BY attempt, id", (run_id,))
@@ -1914,10 +1956,13 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements, StepState
         return result
 
     def active_runs(self, task_id: str) -> list[RunRecord]:
-        return self._all(
+        rows: list[RunRecord] = self._all(
             "SELECT * FROM runs WHERE task_id=%s AND status IN ('queued','running') ORDER BY id",
             (task_id,),
         )
+        for row in rows:
+            row["params"] = decode_params(row["params"])
+        return rows
 
 
 _FINISH_EVENT = {
@@ -1929,6 +1974,7 @@ _FINISH_EVENT = {
     Outcome.LOST: EventKind.RECOVER,
     Outcome.BUDGET_EXHAUSTED: EventKind.BUDGET_EXHAUSTED,
     Outcome.PARKED: EventKind.AWAITING_APPROVAL,
+    Outcome.EXPIRED: EventKind.RUN_EXPIRED,
 }
 _OPEN = (RunStatus.QUEUED, RunStatus.AWAITING_APPROVAL)
 """Where a finish leaves a run unfinished (no ``finished_at``)."""

@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from collections.abc import Mapping
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.schema import CreateTable
 
-from agentd.clock import to_iso
+from agentd.clock import from_iso, to_iso
 from agentd.models import (
     APPROVAL_DECISIONS,
     TIMED_OUT,
@@ -20,8 +21,9 @@ from agentd.models import (
     RunStatus,
     StateRefused,
 )
+from agentd.policy import Deadlines, overdue_status
 from agentd.redact import Redactor
-from agentd.state.port import AgentStepRecord
+from agentd.state.port import AgentStepRecord, RunEnded
 from agentd.state.postgres.statements import Statements
 from agentd.state.schema import agent_steps
 
@@ -122,6 +124,60 @@ class StepStatements(Statements):
             for row in due:
                 self._decide_locked(str(row["id"]), "deny", now, None, TIMED_OUT, "agentd")
             return [str(row["id"]) for row in due]
+
+    def expire_runs(self, now: datetime, deadlines: Mapping[str, Deadlines]) -> list[RunEnded]:
+        # Only runs enqueued before the earliest of their task's deadlines could be
+        # overdue: the read is bounded by that, the policy decides each.
+        cutoffs = {
+            task_id: to_iso(now - timedelta(seconds=d.shortest))
+            for task_id, d in sorted(deadlines.items())
+            if d
+        }
+        if not cutoffs:
+            return []
+        ended: list[RunEnded] = []
+        ts = to_iso(now)
+        with self.tx():
+            rows = self._all(
+                "SELECT r.id, r.task_id, r.status, r.created_at, r.started_at, r.attempt"
+                " FROM runs r"
+                " JOIN unnest(%s::text[], %s::text[]) AS u(task_id, cutoff)"
+                " ON u.task_id = r.task_id"
+                " WHERE r.status IN ('queued','awaiting_approval') AND r.created_at <= u.cutoff"
+                " ORDER BY r.created_at, r.id",
+                (list(cutoffs), list(cutoffs.values())),
+            )
+            for row in rows:
+                d = deadlines[row["task_id"]]
+                started = row["started_at"] is not None
+                status = overdue_status(from_iso(row["created_at"]), started, d, now)
+                if status is None:
+                    continue
+                run_id, task_id = str(row["id"]), str(row["task_id"])
+                if status == RunStatus.EXPIRED:
+                    error = f"not started within start_within ({d.start_within:g}s)"
+                    kind = EventKind.RUN_EXPIRED
+                    data: Row = {
+                        "start_within_s": d.start_within,
+                        "queued_s": round((now - from_iso(row["created_at"])).total_seconds(), 3),
+                    }
+                else:
+                    error = (
+                        f"run_timeout ({d.run_timeout:g}s) passed after {row['attempt']} attempt(s)"
+                    )
+                    kind = EventKind.RUN_TIMED_OUT
+                    data = {
+                        "run_timeout_s": d.run_timeout,
+                        "attempts": row["attempt"],
+                        "status_before": row["status"],
+                    }
+                self.conn.execute(
+                    "UPDATE runs SET status=%s, error=%s, finished_at=%s WHERE id=%s",
+                    (str(status), error, ts, run_id),
+                )
+                self._event(ts, kind, task_id, run_id, error=error, **data)
+                ended.append(RunEnded(run_id, task_id, status))
+        return ended
 
     def _decide_locked(
         self,

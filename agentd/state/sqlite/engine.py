@@ -53,6 +53,8 @@ from agentd.state.port import (
     UnitOfWork,
     WriteListener,
     WriteLost,
+    decode_params,
+    encode_params,
     wait_commit,
 )
 from agentd.state.sqlite.alerts import AlertStatements
@@ -133,7 +135,7 @@ _FENCE = " AND (? IS NULL OR (status='running' AND lease_owner=? AND attempt=?))
 
 CLAIM_COLUMNS = (
     "r.id, r.task_id, r.trigger, r.scheduled_for, r.idempotency_key, r.status, r.attempt,"
-    " r.failures, r.not_before, r.created_at"
+    " r.failures, r.not_before, r.created_at, r.params"
 )
 """What a claimed run's row carries (all a runner needs): converting all 23 columns
 of each row to a dict was a tenth of claiming."""
@@ -869,16 +871,26 @@ class SqliteStore(LedgerStatements, AlertStatements, NodeStatements, StepStateme
         max_queued: int = 10,
         key: str | None = None,
         honour_pause: bool = True,
+        params: Row | None = None,
+        key_window_s: float | None = None,
     ) -> FireResult:
         """Enqueue one run, at most once per idempotency key, applying the overlap policy.
 
         The key defaults to ``task@scheduled_for``: a fire that APScheduler repeats after
         a crash, or that two processes race on, lands on the same row.
         """
-        fire = Fire(task_id, scheduled_for, trigger, overlap, max_queued, key, honour_pause)
+        fire = Fire(
+            task_id, scheduled_for, trigger, overlap, max_queued, key, honour_pause, params,
+            key_window_s,
+        )  # fmt: skip
         [result] = self.fire_many([fire], now)
         if result.reason == "unknown_task":
             raise StateRefused("unknown_task", f"no task named {task_id!r}")
+        if result.reason == "key_conflict":
+            raise StateRefused(
+                "idempotency_conflict",
+                f"idempotency key already used for run {result.run_id} with other params",
+            )
         return result
 
     def fire_many(self, fires: Sequence[Fire], now: datetime) -> list[FireResult]:
@@ -900,10 +912,10 @@ class SqliteStore(LedgerStatements, AlertStatements, NodeStatements, StepStateme
         results: list[FireResult] = []
         with self.tx():
             conn = self.conn
-            seen: dict[str, tuple[str, str]] = {
-                k: (run_id, status)
-                for k, run_id, status in conn.execute(
-                    "SELECT idempotency_key, id, status FROM runs"
+            seen: dict[str, tuple[str, str, str, str | None]] = {
+                k: (run_id, status, created, params)
+                for k, run_id, status, created, params in conn.execute(
+                    "SELECT idempotency_key, id, status, created_at, params FROM runs"
                     " WHERE idempotency_key IN (SELECT value FROM json_each(?))",
                     (json.dumps(keys),),
                 )
@@ -927,10 +939,22 @@ class SqliteStore(LedgerStatements, AlertStatements, NodeStatements, StepStateme
             events: list[_NewEvent] = []
             fresh_ids = self._fresh_run_ids(now, len(fires))
             for f, key, scheduled in zip(fires, keys, whens, strict=True):
+                params = encode_params(f.params)
                 if key in seen:
-                    run_id, status = seen[key]
-                    results.append(FireResult(run_id, False, status, "duplicate"))
-                    continue
+                    run_id, status, created, held = seen[key]
+                    if f.key_window_s is None or from_iso(created) > now - timedelta(
+                        seconds=f.key_window_s
+                    ):
+                        why = "duplicate" if held == params else "key_conflict"
+                        results.append(FireResult(run_id, False, status, why))
+                        continue
+                    # The key's window is over: free it (the old run keeps its history
+                    # under a retired key no request can send) for the run made now.
+                    self.conn.execute(
+                        "UPDATE runs SET idempotency_key=? WHERE id=?",
+                        (f"{key} retired:{run_id}", run_id),
+                    )
+                    del seen[key]
                 if f.task_id not in paused:
                     results.append(FireResult("", False, "", "unknown_task"))
                     continue
@@ -947,10 +971,10 @@ class SqliteStore(LedgerStatements, AlertStatements, NodeStatements, StepStateme
                 inserts.append(
                     (
                         run_id, f.task_id, f.trigger, when, key, status, ts, ts,
-                        ts if skip else None, skip, "skipped" if skip else None,
+                        ts if skip else None, skip, "skipped" if skip else None, params,
                     )
                 )  # fmt: skip
-                seen[key] = (run_id, status)
+                seen[key] = (run_id, status, ts, params)
                 if skip:
                     extra = {k: v for k, v in (gate or {}).items() if k != "reason"}
                     data = {"reason": skip, "scheduled_for": when, **extra}
@@ -997,7 +1021,7 @@ class SqliteStore(LedgerStatements, AlertStatements, NodeStatements, StepStateme
         self.conn.executemany(
             "INSERT INTO runs(id, task_id, trigger, scheduled_for, idempotency_key, status,"
             " attempt, failures, not_before, cancel_requested, created_at, finished_at,"
-            " skip_reason, outcome) VALUES (?,?,?,?,?,?,0,0,?,0,?,?,?,?)",
+            " skip_reason, outcome, params) VALUES (?,?,?,?,?,?,0,0,?,0,?,?,?,?,?)",
             rows,
         )
         rows.clear()
@@ -1382,6 +1406,16 @@ class SqliteStore(LedgerStatements, AlertStatements, NodeStatements, StepStateme
                 http_status=http_status,
                 duration_s=duration_s,
             )
+            if next_status == RunStatus.TIMED_OUT:
+                self._event(
+                    ts,
+                    EventKind.RUN_TIMED_OUT,
+                    task_id,
+                    run_id,
+                    error=error,
+                    attempts=run["attempt"],
+                    status_before=RunStatus.RUNNING,
+                )
             if next_status == RunStatus.SUCCEEDED:
                 self.conn.execute(
                     "UPDATE tasks SET last_run_at=?, last_outcome=?, last_success_at=?,"
@@ -1503,6 +1537,9 @@ class SqliteStore(LedgerStatements, AlertStatements, NodeStatements, StepStateme
                     },
                 )
             )
+            if f.next_status == RunStatus.TIMED_OUT:
+                data = {"error": error, "attempts": f.attempt, "status_before": RunStatus.RUNNING}
+                events.append((ts, EventKind.RUN_TIMED_OUT, f.task_id, f.run_id, data))
             if not final and counted:
                 events.append(
                     (
@@ -1739,6 +1776,7 @@ class SqliteStore(LedgerStatements, AlertStatements, NodeStatements, StepStateme
         row = self._one("SELECT * FROM runs WHERE id=?", (run_id,))
         if row is None:
             raise StateRefused("unknown_run", f"no run {run_id!r}")
+        row["params"] = decode_params(row["params"])
         return cast(RunRecord, row)
 
     def list_runs(
@@ -1768,9 +1806,12 @@ class SqliteStore(LedgerStatements, AlertStatements, NodeStatements, StepStateme
                 where.append(clause)
                 params.append(value)
         sql_where = ("WHERE " + " AND ".join(where)) if where else ""
-        return self._all(
+        rows: list[RunRecord] = self._all(
             f"SELECT * FROM runs {sql_where} ORDER BY id DESC LIMIT ?", (*params, limit)
         )
+        for row in rows:
+            row["params"] = decode_params(row["params"])
+        return rows
 
     def attempts(self, run_id: str) -> list[AttemptRecord]:
         return self._all("SELECT * FROM attempts WHERE run_id=? ORDER BY attempt", (run_id,))
@@ -1824,9 +1865,12 @@ class SqliteStore(LedgerStatements, AlertStatements, NodeStatements, StepStateme
         return result
 
     def active_runs(self, task_id: str) -> list[RunRecord]:
-        return self._all(
+        rows: list[RunRecord] = self._all(
             "SELECT * FROM runs WHERE task_id=? AND status IN ('queued','running')", (task_id,)
         )
+        for row in rows:
+            row["params"] = decode_params(row["params"])
+        return rows
 
 
 _FINISH_EVENT = {
@@ -1838,6 +1882,7 @@ _FINISH_EVENT = {
     Outcome.LOST: EventKind.RECOVER,
     Outcome.BUDGET_EXHAUSTED: EventKind.BUDGET_EXHAUSTED,
     Outcome.PARKED: EventKind.AWAITING_APPROVAL,
+    Outcome.EXPIRED: EventKind.RUN_EXPIRED,
 }
 _OPEN = (RunStatus.QUEUED, RunStatus.AWAITING_APPROVAL)
 """Where a finish leaves a run unfinished (no ``finished_at``)."""

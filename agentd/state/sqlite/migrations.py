@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import sqlite_utils
 
-SCHEMA_VERSION = 10
+SCHEMA_VERSION = 11
 
 
 def _migrate_1(db: sqlite_utils.Database) -> None:
@@ -250,6 +250,11 @@ def _migrate_10(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX idx_runs_parked ON runs(not_before) WHERE status='awaiting_approval'")
 
 
+def _migrate_11(db: sqlite_utils.Database) -> None:
+    """A manual trigger's params, recorded with its run (``Fire.params``)."""
+    db.execute("ALTER TABLE runs ADD COLUMN params TEXT")
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migrate_1,
     _migrate_2,
@@ -261,4 +266,5 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migrate_8,
     _migrate_9,
     _migrate_10,
+    _migrate_11,
 ]

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from collections.abc import Mapping
+from datetime import datetime, timedelta
 from typing import Any
 
-from agentd.clock import to_iso
+from agentd.clock import from_iso, to_iso
 from agentd.models import (
     APPROVAL_DECISIONS,
     TIMED_OUT,
@@ -16,8 +17,9 @@ from agentd.models import (
     RunStatus,
     StateRefused,
 )
+from agentd.policy import Deadlines, overdue_status
 from agentd.redact import Redactor
-from agentd.state.port import AgentStepRecord
+from agentd.state.port import AgentStepRecord, RunEnded
 from agentd.state.sqlite.statements import Statements
 
 
@@ -110,6 +112,59 @@ class StepStatements(Statements):
             for row in due:
                 self._decide_locked(str(row["id"]), "deny", now, None, TIMED_OUT, "agentd")
             return [str(row["id"]) for row in due]
+
+    def expire_runs(self, now: datetime, deadlines: Mapping[str, Deadlines]) -> list[RunEnded]:
+        # Only runs enqueued before the earliest of their task's deadlines could be
+        # overdue: the read is bounded by that, the policy decides each.
+        cutoffs = {
+            task_id: to_iso(now - timedelta(seconds=d.shortest))
+            for task_id, d in sorted(deadlines.items())
+            if d
+        }
+        if not cutoffs:
+            return []
+        ended: list[RunEnded] = []
+        ts = to_iso(now)
+        with self.tx():
+            rows = self._all(
+                "SELECT r.id, r.task_id, r.status, r.created_at, r.started_at, r.attempt"
+                " FROM runs r"
+                " JOIN json_each(?) j ON j.key = r.task_id"
+                " WHERE r.status IN ('queued','awaiting_approval') AND r.created_at <= j.value"
+                " ORDER BY r.created_at, r.id",
+                (json.dumps(cutoffs),),
+            )
+            for row in rows:
+                d = deadlines[row["task_id"]]
+                started = row["started_at"] is not None
+                status = overdue_status(from_iso(row["created_at"]), started, d, now)
+                if status is None:
+                    continue
+                run_id, task_id = str(row["id"]), str(row["task_id"])
+                if status == RunStatus.EXPIRED:
+                    error = f"not started within start_within ({d.start_within:g}s)"
+                    kind = EventKind.RUN_EXPIRED
+                    data: Row = {
+                        "start_within_s": d.start_within,
+                        "queued_s": round((now - from_iso(row["created_at"])).total_seconds(), 3),
+                    }
+                else:
+                    error = (
+                        f"run_timeout ({d.run_timeout:g}s) passed after {row['attempt']} attempt(s)"
+                    )
+                    kind = EventKind.RUN_TIMED_OUT
+                    data = {
+                        "run_timeout_s": d.run_timeout,
+                        "attempts": row["attempt"],
+                        "status_before": row["status"],
+                    }
+                self.conn.execute(
+                    "UPDATE runs SET status=?, error=?, finished_at=? WHERE id=?",
+                    (str(status), error, ts, run_id),
+                )
+                self._event(ts, kind, task_id, run_id, error=error, **data)
+                ended.append(RunEnded(run_id, task_id, status))
+        return ended
 
     def _decide_locked(
         self,
