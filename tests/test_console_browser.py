@@ -198,6 +198,7 @@ def test_the_console_in_chromium(
             assert page.locator(f"a[href='/ui/runs/{run_id}']").count() == 1
         assert page.locator("#chart-runs svg[role=img]").count() == 1
         assert page.locator("#chart-late svg").count() == 1
+        shots.take(page, "runs")
         page.get_by_label("task").select_option("flaky")
         page.get_by_label("status").select_option("quarantined")
         page.get_by_role("button", name="Filter").click()
@@ -302,6 +303,7 @@ def test_the_console_in_chromium(
             for n in (
                 "login",
                 "tasks",
+                "runs",
                 "runs-filtered",
                 "run-quick",
                 "run-flaky",

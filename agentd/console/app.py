@@ -115,6 +115,8 @@ _BAD = frozenset({"quarantined", "denied", "budget_exhausted"})
 _ACTIVE = frozenset({"queued", "running", "awaiting_approval"})
 
 Grant = str  # "write" | "read"
+GRANT: Final = web.RequestKey("agentd_console_grant", str)
+"""The request's grant (``"write"``, ``"read"``, or ``""`` for none), set by ``guard``."""
 
 
 class _Refused(Exception):
@@ -210,7 +212,7 @@ class Console:
         redirect to the login form; actions need ``write`` and the CSRF value."""
         if self._open:
             granted = "write"
-        request["console_grant"] = granted
+        request[GRANT] = granted or ""
         if request.path in PUBLIC_PATHS:
             return await handler(request)
         if granted is None:
@@ -232,7 +234,8 @@ class Console:
         cookie = request.cookies.get(COOKIE)
         if cookie:
             return cookie
-        return "bearer:" + str(request.get("console_grant"))
+        grant: str = request.get(GRANT, "")
+        return "bearer:" + grant
 
     def csrf(self, request: web.Request) -> str:
         return _digest(self._csrf_key, self._session_of(request))[:40]
@@ -287,7 +290,7 @@ class Console:
         body: Markup,
         status: int = 200,
     ) -> web.Response:
-        grant = request.get("console_grant")
+        grant = request.get(GRANT) or None
         counts: dict[str, int] = {}
         if grant is not None and self.started():
             try:
@@ -1031,7 +1034,7 @@ class Console:
             if action == "release"
             else "End it for good: it leaves the quarantine and stays in the history as dropped."
         )
-        can = request.get("console_grant") == "write"
+        can = request.get(GRANT) == "write"
         body = render(
             '<dl class="kv"><dt>run</dt><dd>{link}</dd><dt>task</dt><dd>{task}</dd>'
             "<dt>quarantined</dt><dd>{at}</dd><dt>attempts</dt><dd>{n}</dd>"
@@ -1072,7 +1075,7 @@ class Console:
     # ------------------------------------------------------------ approvals
 
     async def approvals(self, request: web.Request) -> web.StreamResponse:
-        can = request.get("console_grant") == "write"
+        can = request.get(GRANT) == "write"
         dis = Markup("") if can else Markup(" disabled")
         csrf = self.csrf(request)
         items = []
