@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= config/agentd.yaml
 
-.PHONY: run test lint bench bench-quick clean
+.PHONY: run test lint bench bench-quick clean chromium
 
 $(BIN)/agentd: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,17 @@ $(CHECKOV): Makefile
 	$(VENV)/checkov/bin/pip install --quiet 'checkov==$(CHECKOV_VERSION)'
 	touch $(CHECKOV)
 
+# tests/test_console_browser.py drives the web console in Debian's chromium (Playwright,
+# in .venv, never downloads a browser). Installed once per machine where apt-get can (as
+# root; about a minute); elsewhere the test skips and says why.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	      apt-get install -y -qq --no-install-recommends chromium >/dev/null \
+	    || echo "make: installing chromium failed: the console's browser test will skip"; \
+	  else echo "make: no chromium, and no apt-get as root: the console's browser test will skip"; fi; }
+
 venv: $(BIN)/agentd $(CHECKOV)
 
 run: $(BIN)/agentd
@@ -35,7 +46,7 @@ lint: $(BIN)/agentd
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-test: lint $(CHECKOV)
+test: lint $(CHECKOV) chromium
 	$(BIN)/pytest -q
 
 # The benchmark suite (benchmarks/README.md): full takes most of an hour; ARGS=--quick

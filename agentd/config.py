@@ -155,6 +155,9 @@ class HttpServerConfig(_Model):
     """Open event streams at most (both kinds together); past it a stream request gets
     503 ``too_many_streams`` with ``Retry-After``. Below ``max_connections``, so streams
     never take every connection."""
+    console: bool = True
+    """The web console at ``/ui`` (``agentd.console``), behind the same tokens as the API;
+    ``false`` leaves ``/ui`` unrouted (404)."""
 
     @model_validator(mode="after")
     def _tokens_and_limits(self) -> HttpServerConfig:

@@ -60,6 +60,7 @@ from prometheus_client.exposition import choose_encoder, gzip_accepted
 
 from agentd.clock import Clock, to_iso
 from agentd.config import HttpServerConfig
+from agentd.console import Console
 from agentd.control import Control
 from agentd.events import Event, EventBus, Subscription
 from agentd.health import Health
@@ -716,6 +717,18 @@ class HttpServer:
         self._connections = _Connections(self.settings.max_connections, probe_reserve)
         self._notes = self._connections.notes
         self._openapi = openapi_document()
+        self._console = (
+            Console(
+                control=control,
+                clock=clock,
+                started=lambda: self.health.started,
+                token=token,
+                read_token=read_token,
+                client_timeout=self.settings.client_timeout,
+            )
+            if self.settings.console
+            else None
+        )
         self.app = self._build_app()
 
     # ------------------------------------------------------------ lifecycle
@@ -800,6 +813,8 @@ class HttpServer:
         r.add_get("/v1/quarantine/{run_id}", self.quarantine_show)
         r.add_post("/v1/quarantine/{run_id}/release", self.quarantine_release)
         r.add_post("/v1/quarantine/{run_id}/drop", self.quarantine_drop)
+        if self._console is not None:
+            self._console.register(r)
         app.on_shutdown.append(self._on_shutdown)
         return app
 
@@ -895,11 +910,22 @@ class HttpServer:
     def _auth_middleware(self) -> Middleware:
         @web.middleware
         async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+            console = self._console
+            if console is not None and console.owns(request.path):
+                # The console's pages: a bearer header, or the cookie its sign-in set.
+                grant = None
+                if self._token is not None:
+                    grant = self._granted(request) or console.cookie_grant(request)
+                return await console.guard(request, handler, grant)
             if self._token is None or request.path in PROBE_PATHS:
                 return await handler(request)
             if request.path == "/metrics" and not self.settings.metrics_require_token:
                 return await handler(request)
             granted = self._granted(request)
+            if granted is None and console is not None and request.method in READ_METHODS:
+                # The console's live updates (an EventSource sends no header): its
+                # cookie reads the API, never writes it.
+                granted = "read" if console.cookie_grant(request) else None
             if granted is None:
                 raise RequestRefused(
                     401,
