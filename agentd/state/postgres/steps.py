@@ -51,7 +51,11 @@ class StepStatements(Statements):
         attempt: int | None = None,
     ) -> int:
         blob = self.redactor.text(json.dumps(payload, default=str))
-        with self.tx() as conn:
+        # Fenced, it is the lease holder's own write to its own run: safe beside other
+        # writers (the write lock shared, as the runner's verbs hold it), so a step in the
+        # runner's group does not make the group exclusive. Unfenced (the CLI's), the
+        # lock exclusive: the seq is read and taken under it.
+        with self.tx(shared=owner is not None) as conn:
             if owner is not None:
                 held = conn.execute(
                     "SELECT task_id FROM runs WHERE id=%s AND status='running' AND lease_owner=%s"
