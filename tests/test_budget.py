@@ -161,6 +161,29 @@ def test_task_budget_above_the_global_cap_is_a_config_error() -> None:
     assert "exceeds the global cap" in found["tasks.digest.budget.run.usd"]
 
 
+def test_limits_max_run_usd_caps_each_run_at_config_time_and_is_the_default_run_cap() -> None:
+    capped = BUDGETED.replace("limits: {usd_per_day: 5}", "limits: {max_run_usd: 0.25}")
+    found = problems(capped)
+    assert found == {
+        "tasks.digest.budget.run.usd": (
+            "0.5 USD exceeds the system run cap limits.max_run_usd (0.25 USD)"
+        )
+    }
+    # A task without budget.run.usd gets the cap as its run scope (its tokens stay).
+    config = parse(capped.replace("run: {tokens: 20000, usd: 0.5}", "run: {tokens: 20000}"))
+    [run] = [s for s in call_scopes(config, config.tasks["digest"], T0) if s.key == "run"]
+    assert (run.usd, run.tokens) == (0.25, 20000)
+    # One under the cap keeps its own.
+    config = parse(capped.replace("usd: 0.5", "usd: 0.1"))
+    [run] = [s for s in call_scopes(config, config.tasks["digest"], T0) if s.key == "run"]
+    assert run.usd == 0.1
+    # The cap alone makes a run scope for a task with no run budget at all.
+    bare = capped.replace("      run: {tokens: 20000, usd: 0.5}\n", "")
+    assert "run:" not in bare.split("budget:")[1].split("task:")[0]
+    config = parse(bare)
+    assert call_scopes(config, config.tasks["digest"], T0)[0].usd == 0.25
+
+
 def test_usd_budget_needs_a_price_and_a_known_provider() -> None:
     found = problems(
         BUDGETED.replace(
