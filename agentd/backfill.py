@@ -11,6 +11,7 @@ Pure functions over ``agentd.schedule`` (no state, no clock, no I/O):
 
 from __future__ import annotations
 
+import functools
 import itertools
 from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -105,14 +106,22 @@ def shortest_gap_s(spec: ScheduleSpec, year: int | None = None, floor: float = 0
     if spec.kind != "cron":
         return None
     assert spec.cron is not None
-    cron = parse_cron(spec.cron)
-    tz = ZoneInfo(spec.timezone)
-    first = date(year or datetime.now(UTC).year, 1, 1)
+    gap = _cron_gap(spec.cron, spec.timezone, year or datetime.now(UTC).year, floor + jitter)
+    return max(0.0, gap - jitter)
+
+
+@functools.lru_cache(maxsize=1024)
+def _cron_gap(expr: str, zone: str, year: int, floor: float) -> float:
+    """``shortest_gap_s`` of a cron without jitter (cached: many tasks share a cron, and
+    a config is validated again at each reload)."""
+    cron = parse_cron(expr)
+    tz = ZoneInfo(zone)
+    first = date(year, 1, 1)
     wall = _wall_gap_min(cron, first) * 60
-    nominal = ScheduleSpec(kind="cron", cron=spec.cron, timezone=spec.timezone)
+    nominal = ScheduleSpec(kind="cron", cron=expr, timezone=zone)
     best = wall
-    if wall - jitter < floor:
-        return max(0.0, wall - jitter)
+    if wall < floor:
+        return wall
     for i in range(_WINDOW_DAYS):
         day = first + timedelta(days=i)
         start = datetime(day.year, day.month, day.day, tzinfo=tz)
@@ -129,4 +138,4 @@ def shortest_gap_s(spec: ScheduleSpec, year: int | None = None, floor: float = 0
             if current is not None and previous is not None:
                 best = min(best, (current - previous).total_seconds())
             previous = current
-    return max(0.0, best - jitter)
+    return best

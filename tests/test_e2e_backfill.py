@@ -141,3 +141,11 @@ def test_backfill_keys_each_occurrence_as_its_real_fire(make_daemon) -> None:  #
     assert manual.status_code == 400 and "no schedule" in manual.json()["message"]
     assert post_backfill(d, "nope", span(HOUR, HOUR + timedelta(hours=1))).status_code == 404
     assert d.stop() == 0
+
+    # With the daemon stopped the CLI backfills on the state DB, with the same keys.
+    window = ("--from", HOUR.isoformat(), "--to", (HOUR + timedelta(hours=3)).isoformat())
+    out = json.loads(d.cli("backfill", "held", *window, "--json").stdout)
+    assert [o["reason"] for o in out["occurrences"]] == ["duplicate", "duplicate", "paused"]
+    assert out["occurrences"][0]["run_id"] == held["occurrences"][0]["run_id"]
+    bad = d.cli("backfill", "held", "--from", "yesterday", "--to", "today", check=False)
+    assert bad.returncode == 2 and "--from must be an ISO 8601 date-time" in bad.stderr
