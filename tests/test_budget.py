@@ -21,8 +21,9 @@ from agentd.budget import (
     window_at,
     worst_case,
 )
-from agentd.clock import to_iso
+from agentd.clock import ManualClock, to_iso
 from agentd.config import Config, ConfigError, PriceConfig, parse_config, redacted
+from agentd.control import Control
 from agentd.ledger import Refusal, charge_stale, commit, reserve, spent, window_blocked
 from agentd.state.sqlite.engine import SqliteStore
 
@@ -338,6 +339,21 @@ def test_window_gate_blocks_scheduled_fires_until_the_window_ends(store: SqliteS
     # The next Berlin day has room again.
     later = T0 + timedelta(hours=2)
     assert store.fire("t", later, scheduled_for=later, overlap="allow").status == "queued"
+
+
+def test_a_backfill_goes_through_the_budget_gate_as_scheduled_fires_do(
+    store: SqliteStore,
+) -> None:
+    config = parse(WINDOWED.replace("{every: 1h, timezone: Europe/Berlin}", "{every: 1h}"))
+    store.sync_tasks({"t": ("f", "agent"), "other": ("g", "command")}, T0)
+    store.fire_gate = lambda task_id, now: window_blocked(store, config, task_id, now)
+    spend(store, config, T0, 0.9)
+    spend(store, config, T0, 0.3)  # refused: the window is now full
+    control = Control(store, config, ManualClock(T0))
+    start = datetime(2026, 3, 28, 10, tzinfo=UTC)
+    done = control.backfill("t", start, start + timedelta(hours=2))
+    assert [(o["status"], o["reason"]) for o in done["occurrences"]] == [("skipped", "budget")] * 2
+    assert control.backfill("other", start, start + timedelta(hours=2))["created"] == 2
 
 
 def test_a_raised_limit_reopens_a_full_window(store: SqliteStore) -> None:
