@@ -133,11 +133,14 @@ def global_scopes(config: Config, now: datetime) -> list[Scope]:
 
 
 def call_scopes(config: Config, task: TaskConfig, now: datetime) -> list[Scope]:
-    """Every limit a call of this task must fit: run, task windows, global windows."""
+    """Every limit a call of this task must fit: run, task windows, global windows. A
+    task without ``budget.run.usd`` has ``limits.max_run_usd`` (if set) as its run cap
+    (one a task sets is never above it: config validation)."""
     run = task.budget.run
+    run_usd = run.usd if run.usd is not None else config.limits.max_run_usd
     scopes = []
-    if run.usd is not None or run.tokens is not None:
-        scopes.append(Scope("run", "run", task.id, "run", run.usd, run.tokens))
+    if run_usd is not None or run.tokens is not None:
+        scopes.append(Scope("run", "run", task.id, "run", run_usd, run.tokens))
     return scopes + task_scopes(config, task, now) + global_scopes(config, now)
 
 

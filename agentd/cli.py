@@ -147,6 +147,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="an idempotency key: the same key again (within limits.trigger_key_window)"
         " answers with the run it made",
     )
+    p = sub.add_parser(
+        "backfill",
+        parents=[common],
+        help="enqueue each occurrence of a task's schedule in [--from, --to) as if it fired",
+    )
+    p.add_argument("task")
+    p.add_argument(
+        "--from",
+        dest="start",
+        required=True,
+        metavar="T1",
+        help="the range's start, inclusive (ISO 8601 with a UTC offset)",
+    )
+    p.add_argument(
+        "--to", dest="end", required=True, metavar="T2", help="the range's end, exclusive"
+    )
+    p.add_argument("--dry-run", action="store_true", help="list the occurrences; enqueue nothing")
     p = sub.add_parser("pause", parents=[common], help="pause a task's schedule")
     p.add_argument("task")
     p.add_argument("--reason", default="paused by operator")

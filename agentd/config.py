@@ -39,6 +39,7 @@ from pydantic import (
 )
 
 from agentd import examplemodel, yamlload
+from agentd.backfill import shortest_gap_s as shortest_fire_gap_s
 from agentd.redact import SecretRef
 from agentd.schedule import (
     CronError,
@@ -892,6 +893,17 @@ class LimitsConfig(_Model):
     different body under it is refused, 409); after it, the key is free again and a
     trigger with it makes a new run (the old run keeps its history)."""
 
+    min_interval: Duration | None = Field(default=None, gt=0)
+    """A floor under every repeating schedule: a task whose cron or interval can fire
+    twice within this (its jitter and DST transitions included) is a config error
+    naming its schedule (``agentd.backfill.shortest_gap_s``)."""
+    max_tasks: int | None = Field(default=None, ge=1, le=INT_MAX)
+    """At most this many tasks in the config (a config error naming the count)."""
+    max_run_usd: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    """A system cap on one run's spend: a task's ``budget.run.usd`` above it is a config
+    error; a task without one gets this as its run cap at call time
+    (``budget.call_scopes``)."""
+
     @field_validator("timezone")
     @classmethod
     def _timezone(cls, value: str | None) -> str | None:
@@ -1505,6 +1517,11 @@ def link(config: Config) -> tuple[Config, list[ConfigProblem]]:
         if task.agent is not None and task.agent.tools:
             problems += _tool_problems(at, task.agent.tools)
         problems += _budget_problems(config, task)
+        problems += _interval_problems(config, task)
+    limit = config.limits.max_tasks
+    if limit is not None and len(config.tasks) > limit:
+        message = f"{len(config.tasks)} tasks, more than limits.max_tasks ({limit})"
+        problems.append(ConfigProblem("tasks", message))
     linked = config.model_copy(update={"tasks": tasks})
     for index, rule in enumerate(config.alerts.rules):
         unknown = [c for c in rule.channels if c not in config.alerts.channels]
@@ -1538,6 +1555,22 @@ def _history_problems(config: Config) -> list[ConfigProblem]:
     return []
 
 
+def _interval_problems(config: Config, task: TaskConfig) -> list[ConfigProblem]:
+    """``limits.min_interval`` against the task's schedule (cron or every; once and
+    manual never repeat)."""
+    floor = config.limits.min_interval
+    if floor is None or task.schedule.kind not in ("cron", "interval"):
+        return []
+    spec = config.schedule_spec(task.id)
+    gap = shortest_fire_gap_s(spec, floor=floor)
+    if gap is None or gap >= floor:
+        return []
+    field = "cron" if task.schedule.kind == "cron" else "every"
+    jitter = f" (jitter {spec.jitter_s:g}s included)" if spec.jitter_s else ""
+    message = f"can fire {gap:g}s apart{jitter}, more often than limits.min_interval ({floor:g}s)"
+    return [ConfigProblem(f"tasks.{task.id}.schedule.{field}", message)]
+
+
 def _budget_problems(config: Config, task: TaskConfig) -> list[ConfigProblem]:
     problems: list[ConfigProblem] = []
     at = f"tasks.{task.id}.budget"
@@ -1557,8 +1590,15 @@ def _budget_problems(config: Config, task: TaskConfig) -> list[ConfigProblem]:
             if cap is not None and amount > cap:
                 message = f"{amount:g} USD exceeds the global cap limits.{cap_name} ({cap:g} USD)"
                 problems.append(ConfigProblem(f"{at}.{name}", message))
+    run_cap = limits.max_run_usd
+    if run_cap is not None and task.budget.run.usd is not None and task.budget.run.usd > run_cap:
+        message = (
+            f"{task.budget.run.usd:g} USD exceeds the system run cap"
+            f" limits.max_run_usd ({run_cap:g} USD)"
+        )
+        problems.append(ConfigProblem(f"{at}.run.usd", message))
     wants_usd = any(v is not None for v in asks.values()) or (
-        task.agent is not None and any(v is not None for v in caps.values())
+        task.agent is not None and any(v is not None for v in [*caps.values(), run_cap])
     )
     if wants_usd and task.agent is not None and task.agent.model:
         pname = task.agent.provider

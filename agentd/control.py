@@ -14,7 +14,8 @@ from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from agentd.clock import Clock
+from agentd.backfill import MAX_BACKFILL, TooManyOccurrences, occurrences
+from agentd.clock import Clock, to_iso
 from agentd.config import Config, inactive_reason, params_problem
 from agentd.ledger import run_usage, spend_report
 from agentd.models import FINAL_STATUSES, RUN_STATUSES, Row, StateRefused
@@ -22,6 +23,7 @@ from agentd.schedule import next_fires
 from agentd.state.port import (
     AgentStepRecord,
     EventRecord,
+    Fire,
     QuarantineRecord,
     RunRecord,
     Store,
@@ -177,6 +179,76 @@ class Control:
             "params": given,
             "idempotency_key": key,
         }
+
+    def backfill(self, task_id: str, start: datetime, end: datetime, dry_run: bool = False) -> Row:
+        """Each occurrence of the task's schedule in ``[start, end)`` enqueued as if it
+        had fired then (``trigger`` "backfill"), in one ``Store.fire_many``.
+
+        Invariants: an occurrence gets the key a real fire of that instant gets
+        (``task@instant``, the scheduler's ``Fire`` without a key), so one that ran, or
+        was backfilled before, is a ``duplicate`` answering with its run, never a second
+        run; each goes through the task's overlap policy, pause and budget gate as a
+        scheduled fire does (a skip is a skipped run, with its reason). Refused
+        (``bad_request``): a range that is naive, empty or holds more than
+        ``MAX_BACKFILL`` occurrences (none is enqueued then), a task with no repeating
+        or once schedule; ``task_inactive`` as for a trigger. ``dry_run``: the instants,
+        nothing written."""
+        task = self._require_task(task_id)
+        inactive = inactive_reason(task)
+        if inactive:
+            raise StateRefused("task_inactive", f"task {task_id!r} is inactive: {inactive}")
+        spec = self.config.schedule_spec(task_id)
+        if spec.kind == "manual":
+            raise StateRefused("bad_request", f"task {task_id!r} has no schedule to backfill")
+        try:
+            instants = occurrences(spec, task_id, start, end, MAX_BACKFILL)
+        except TooManyOccurrences as exc:
+            raise StateRefused(
+                "bad_request",
+                f"the range holds more than {exc.limit} occurrences of {task_id!r}'s"
+                f" schedule (at most {MAX_BACKFILL} per backfill): split it",
+            ) from None
+        except ValueError as exc:
+            raise StateRefused("bad_request", str(exc)) from None
+        out: Row = {
+            "task": task_id,
+            "from": to_iso(start),
+            "to": to_iso(end),
+            "dry_run": dry_run,
+            "count": len(instants),
+        }
+        if dry_run:
+            out["occurrences"] = [{"scheduled_for": to_iso(t)} for t in instants]
+            return out
+        fires = [
+            Fire(task_id, when, "backfill", task.overlap, task.max_queued) for when in instants
+        ]
+        with atomically(self.store):
+            results = self.store.fire_many(fires, self.clock.now()) if fires else []
+        out["occurrences"] = [
+            {
+                "scheduled_for": to_iso(when),
+                "run_id": r.run_id,
+                "created": r.created,
+                "status": r.status,
+                "reason": r.reason,
+            }
+            for when, r in zip(instants, results, strict=True)
+        ]
+        created = sum(r.created for r in results)
+        out["created"] = created
+        log.info(
+            "backfill task=%s from=%s to=%s occurrences=%d created=%d duplicates=%d",
+            task_id,
+            out["from"],
+            out["to"],
+            len(instants),
+            created,
+            sum(r.reason == "duplicate" for r in results),
+        )
+        if created:
+            self._changed()
+        return out
 
     def _trigger_params(self, task: Any, params: Mapping[str, Any] | None) -> Row | None:
         """A trigger's params as they are recorded (None for none), once they are known

@@ -43,7 +43,7 @@ import resource
 import socket
 import time
 from collections.abc import Callable, Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any, Final
@@ -265,6 +265,22 @@ def _parse_uint(value: str | None, name: str, default: int, lo: int, hi: int) ->
     if not _UINT_RE.fullmatch(value) or not lo <= int(value) <= hi:
         raise _bad(f"{name} must be an integer from {lo} to {hi}")
     return int(value)
+
+
+def _parse_instant(value: str, name: str) -> datetime:
+    """An aware ISO 8601 date-time (a body field), within datetime's range in UTC."""
+    hint = f"{name} must be an ISO 8601 date-time with a UTC offset, e.g. 2026-03-01T12:00:00Z"
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise _bad(hint) from None
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise _bad(hint + " (no offset given)")
+    try:
+        moment.astimezone(UTC)
+    except OverflowError:
+        raise _bad(f"{name} is out of range") from None
+    return moment
 
 
 def _parse_time(value: str | None, name: str) -> str | None:
@@ -793,6 +809,7 @@ class HttpServer:
         r.add_get("/v1/tasks", self.list_tasks)
         r.add_get("/v1/tasks/{task_id}", self.get_task)
         r.add_post("/v1/tasks/{task_id}/trigger", self.trigger)
+        r.add_post("/v1/tasks/{task_id}/backfill", self.backfill)
         r.add_post("/v1/tasks/{task_id}/pause", self.pause)
         r.add_post("/v1/tasks/{task_id}/resume", self.resume)
         r.add_get("/v1/runs", self.list_runs)
@@ -996,6 +1013,26 @@ class HttpServer:
         result = self.control.trigger(request.match_info["task_id"], approve, params, key)
         replayed = {"Idempotent-Replayed": "true"} if result["reason"] == "duplicate" else None
         return _json(result, 202, replayed)
+
+    async def backfill(self, request: web.Request) -> web.StreamResponse:
+        """202 with each occurrence's run (a ``duplicate`` for one that ran already); a
+        dry run is a 200 with the instants and writes nothing."""
+        body = await _json_body(
+            request, frozenset({"from", "to", "dry_run"}), self.settings.client_timeout
+        )
+        bounds: list[datetime] = []
+        for name in ("from", "to"):
+            value = body.get(name)
+            if not isinstance(value, str):
+                raise _bad(f"{name} is required: an ISO 8601 date-time with a UTC offset")
+            bounds.append(_parse_instant(value, name))
+        dry_run = body.get("dry_run", False)
+        if not isinstance(dry_run, bool):
+            raise _bad("dry_run must be true or false")
+        result = self.control.backfill(
+            request.match_info["task_id"], bounds[0], bounds[1], dry_run=dry_run
+        )
+        return _json(result, 200 if dry_run else 202)
 
     async def pause(self, request: web.Request) -> web.StreamResponse:
         body = await _json_body(request, frozenset({"reason"}), self.settings.client_timeout)

@@ -167,6 +167,11 @@ def _post(
     }
 
 
+def _with_response(operation: Schema, status: str, response: Schema) -> Schema:
+    """``operation`` with one more response (a second success status)."""
+    return {**operation, "responses": {status: response, **operation["responses"]}}
+
+
 def _get(summary: str, params: list[Schema], result: Schema, *errors: str) -> Schema:
     return {
         "summary": summary,
@@ -324,6 +329,57 @@ SCHEMAS: dict[str, Schema] = {
         },
         extra=False,
     ),
+    "BackfillRequest": {
+        "type": "object",
+        "properties": {
+            "from": _str(
+                format="date-time",
+                description="The range's start (inclusive), ISO 8601 with a UTC offset.",
+            ),
+            "to": _str(format="date-time", description="The range's end (exclusive)."),
+            "dry_run": {
+                "type": "boolean",
+                "default": False,
+                "description": "List the occurrences; enqueue nothing (200).",
+            },
+        },
+        "required": ["from", "to"],
+        "additionalProperties": False,
+    },
+    "BackfillOccurrence": {
+        "type": "object",
+        "properties": {
+            "scheduled_for": _str(),
+            "run_id": _str(),
+            "created": {
+                "type": "boolean",
+                "description": "A run was made (false: a duplicate of the run this "
+                "instant's fire made, or an unknown task).",
+            },
+            "status": _str(),
+            "reason": _str(
+                nullable=True,
+                description="Why no queued run: `duplicate`, or the skip's reason "
+                "(overlap policy, pause, budget gate).",
+            ),
+        },
+        "required": ["scheduled_for"],
+        "additionalProperties": False,
+    },
+    "BackfillResult": {
+        "type": "object",
+        "properties": {
+            "task": _str(),
+            "from": _str(),
+            "to": _str(),
+            "dry_run": {"type": "boolean"},
+            "count": _int(),
+            "created": _int(description="Runs made (absent in a dry run)."),
+            "occurrences": {"type": "array", "items": _ref("BackfillOccurrence")},
+        },
+        "required": ["count", "dry_run", "from", "occurrences", "task", "to"],
+        "additionalProperties": False,
+    },
     "PauseRequest": {
         "type": "object",
         "properties": {"reason": _str(minLength=1, maxLength=500, default="paused via API")},
@@ -634,6 +690,27 @@ PATHS: dict[str, Schema] = {
             "TriggerResult",
             "409",
             body=_optional_body(_ref("TriggerRequest")),
+        )
+    },
+    "/v1/tasks/{task_id}/backfill": {
+        "post": _with_response(
+            _post(
+                "Enqueue each occurrence of the task's schedule in [from, to) as if it had "
+                "fired (trigger `backfill`), keyed as that fire is (an instant that ran "
+                "already is a `duplicate`), through its overlap policy, pause and budget "
+                "gate. 400 for more than 1000 occurrences (none enqueued) or a manual "
+                "schedule; 409 task_inactive.",
+                [TASK_ID],
+                "202",
+                "BackfillResult",
+                "409",
+                body={
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("BackfillRequest")}},
+                },
+            ),
+            "200",
+            _json(_ref("BackfillResult"), "A dry run: the instants, nothing enqueued."),
         )
     },
     "/v1/tasks/{task_id}/pause": {

@@ -490,6 +490,31 @@ def _dispatch(ops: CliCommands, args: argparse.Namespace, parser: argparse.Argum
                 writes=True,
             ),
         )
+    if cmd == "backfill":
+        bounds: list[datetime] = []
+        for flag, text in (("--from", args.start), ("--to", args.end)):
+            try:
+                moment = datetime.fromisoformat(text)
+            except ValueError:
+                moment = None
+            if moment is None or moment.utcoffset() is None:
+                parser.error(f"{flag} must be an ISO 8601 date-time with a UTC offset")
+            bounds.append(moment)
+        tid = q(args.task, safe="")
+        body = {"from": args.start, "to": args.end, "dry_run": args.dry_run}
+        report = ops.call(
+            lambda c: c.post(f"/v1/tasks/{tid}/backfill", body),
+            lambda ctl: ctl.backfill(args.task, bounds[0], bounds[1], dry_run=args.dry_run),
+            writes=not args.dry_run,
+        )
+        if args.json:
+            print(json.dumps(report, indent=2, default=str))
+            return 0
+        verb = "would enqueue" if args.dry_run else f"{report.get('created', 0)} enqueued of"
+        print(f"backfill {report['task']}: {verb} {report['count']} occurrence(s)")
+        columns = ["scheduled_for"] if args.dry_run else ["scheduled_for", "run_id", "status"]
+        rows = [{**o, "status": o.get("reason") or o.get("status")} for o in report["occurrences"]]
+        return _print(args, rows, columns) if rows else 0
     if cmd in ("trigger", "pause", "resume"):
         tid = q(args.task, safe="")
         body = {"reason": args.reason} if cmd == "pause" else {}

@@ -21,8 +21,9 @@ from agentd.budget import (
     window_at,
     worst_case,
 )
-from agentd.clock import to_iso
+from agentd.clock import ManualClock, to_iso
 from agentd.config import Config, ConfigError, PriceConfig, parse_config, redacted
+from agentd.control import Control
 from agentd.ledger import Refusal, charge_stale, commit, reserve, spent, window_blocked
 from agentd.state.sqlite.engine import SqliteStore
 
@@ -159,6 +160,29 @@ def test_task_budget_above_the_global_cap_is_a_config_error() -> None:
         "7 USD exceeds the global cap limits.usd_per_day (5 USD)"
     )
     assert "exceeds the global cap" in found["tasks.digest.budget.run.usd"]
+
+
+def test_limits_max_run_usd_caps_each_run_at_config_time_and_is_the_default_run_cap() -> None:
+    capped = BUDGETED.replace("limits: {usd_per_day: 5}", "limits: {max_run_usd: 0.25}")
+    found = problems(capped)
+    assert found == {
+        "tasks.digest.budget.run.usd": (
+            "0.5 USD exceeds the system run cap limits.max_run_usd (0.25 USD)"
+        )
+    }
+    # A task without budget.run.usd gets the cap as its run scope (its tokens stay).
+    config = parse(capped.replace("run: {tokens: 20000, usd: 0.5}", "run: {tokens: 20000}"))
+    [run] = [s for s in call_scopes(config, config.tasks["digest"], T0) if s.key == "run"]
+    assert (run.usd, run.tokens) == (0.25, 20000)
+    # One under the cap keeps its own.
+    config = parse(capped.replace("usd: 0.5", "usd: 0.1"))
+    [run] = [s for s in call_scopes(config, config.tasks["digest"], T0) if s.key == "run"]
+    assert run.usd == 0.1
+    # The cap alone makes a run scope for a task with no run budget at all.
+    bare = capped.replace("      run: {tokens: 20000, usd: 0.5}\n", "")
+    assert "run:" not in bare.split("budget:")[1].split("task:")[0]
+    config = parse(bare)
+    assert call_scopes(config, config.tasks["digest"], T0)[0].usd == 0.25
 
 
 def test_usd_budget_needs_a_price_and_a_known_provider() -> None:
@@ -315,6 +339,21 @@ def test_window_gate_blocks_scheduled_fires_until_the_window_ends(store: SqliteS
     # The next Berlin day has room again.
     later = T0 + timedelta(hours=2)
     assert store.fire("t", later, scheduled_for=later, overlap="allow").status == "queued"
+
+
+def test_a_backfill_goes_through_the_budget_gate_as_scheduled_fires_do(
+    store: SqliteStore,
+) -> None:
+    config = parse(WINDOWED.replace("{every: 1h, timezone: Europe/Berlin}", "{every: 1h}"))
+    store.sync_tasks({"t": ("f", "agent"), "other": ("g", "command")}, T0)
+    store.fire_gate = lambda task_id, now: window_blocked(store, config, task_id, now)
+    spend(store, config, T0, 0.9)
+    spend(store, config, T0, 0.3)  # refused: the window is now full
+    control = Control(store, config, ManualClock(T0))
+    start = datetime(2026, 3, 28, 10, tzinfo=UTC)
+    done = control.backfill("t", start, start + timedelta(hours=2))
+    assert [(o["status"], o["reason"]) for o in done["occurrences"]] == [("skipped", "budget")] * 2
+    assert control.backfill("other", start, start + timedelta(hours=2))["created"] == 2
 
 
 def test_a_raised_limit_reopens_a_full_window(store: SqliteStore) -> None:

@@ -1123,6 +1123,35 @@ def test_run_budget_stops_before_the_call_that_would_break_it(tmp_path: Path) ->
     assert spent <= 0.05
 
 
+def test_limits_max_run_usd_stops_a_run_without_its_own_run_budget(tmp_path: Path) -> None:
+    """``limits.max_run_usd`` is the run cap of a task that sets none, at call time: the
+    call that would break it is never sent."""
+
+    async def main() -> tuple[Result, FakeLLM, LLMSide]:
+        async with FakeLLM() as llm:
+            llm.default = lambda req: fake_llm.ok("fine", prompt_tokens=10, completion_tokens=5)
+            config = priced(
+                llm,
+                """
+                schedule: {manual: true}
+                agent: {provider: fake, prompt: "{item}", items: [a, b, c, d, e, f]}
+                """,
+                "limits: {max_run_usd: 0.05}\n",
+            )
+            side = LLMSide(tmp_path / "db", config)
+            task = config.tasks["t1"]
+            result = await execute(task, side.ctx(tmp_path, task, MemoryBackend()))
+            await side.gateway.aclose()
+        return result, llm, side
+
+    result, llm, side = run(main)
+    assert not result.ok and result.budget_exhausted and result.retryable is False
+    assert result.detail["budget_scope"] == "run"
+    assert len(llm.requests) == len(side.ledger()) == 3
+    [refused] = side.events("budget_refused")
+    assert refused["data"]["limit_usd"] == 0.05
+
+
 def test_run_token_budget(tmp_path: Path) -> None:
     async def main() -> tuple[Result, FakeLLM]:
         async with FakeLLM() as llm:
