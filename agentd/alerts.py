@@ -3,10 +3,12 @@
 Everything that alerts is first an audit event (``quarantine``, ``pause`` by agentd,
 ``budget_alarm``, ``budget_exhausted``, ``deadman``, ``run_too_long``, ``run_expired``,
 ``run_timed_out``,
-``config_reload_failed``, ``recovered``). ``agentd.outbox`` tails the event log with a
-durable cursor, turns events into alerts with ``alert_for_event`` and queues one
-delivery per channel that a rule names. This module holds the pure parts (the mapping,
-rules, the dead man's switch arithmetic, payloads and signatures) and the channels.
+``config_reload_failed``, ``recovered``), and so is a run's completion, which a task
+with ``notify`` turns into ``run_succeeded``/``run_failed`` (``completion_alert``).
+``agentd.outbox`` tails the event log with a durable cursor, turns events into
+alerts with ``alert_for_event`` and queues one delivery per channel that a rule
+names. This module holds the pure parts (the mapping, rules, repeats, the dead man's
+switch arithmetic, payloads and signatures) and the channels.
 
 Webhook signatures: ``X-Agentd-Signature: sha256=<hex>``, the HMAC-SHA256 of the raw
 body with the channel's secret. ``X-Agentd-Delivery`` is stable across retries, so a
@@ -23,6 +25,7 @@ import hmac
 import json
 import logging
 import os
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -113,6 +116,87 @@ def alert_for_event(event: dict[str, Any]) -> Alert | None:
         key = f"recovered:{what}:{task}:{data.get('since')}"
         return Alert("recovered", key, summary, task, run, data)
     return None
+
+
+def run_link(run_id: str) -> str:
+    """The API resource of a run, as a path (agentd has no configured public URL)."""
+    return f"/v1/runs/{run_id}"
+
+
+def completion_alert(
+    event: dict[str, Any], on: Collection[str], run: Mapping[str, Any], cost_usd: float | None
+) -> Alert | None:
+    """The completion notice a run's ``success``, ``failure``/``timeout`` or
+    ``quarantine`` event raises for a task whose ``notify.on`` is ``on``, or None.
+
+    ``run`` is the run's record as it is now (duration, attempt, error); ``cost_usd`` its
+    LLM spend. The dedup key names the run (and the attempt of a failure), so every
+    completion is its own notice and a retry of the delivery is not a second one."""
+    kind, task, run_id = event["kind"], event.get("task_id"), event.get("run_id")
+    if not task or not run_id:
+        return None
+    data: dict[str, Any] = event.get("data") or {}
+    if kind == EventKind.SUCCESS and "success" in on:
+        alert_kind, final, key = "run_succeeded", True, f"run_succeeded:{run_id}"
+    elif kind in (EventKind.FAILURE, EventKind.TIMEOUT) and "failure" in on:
+        attempt = data.get("attempt")
+        alert_kind, final, key = "run_failed", False, f"run_failed:{run_id}:{attempt}"
+    elif kind == EventKind.QUARANTINE and "quarantine" in on:
+        alert_kind, final, key = "run_failed", True, f"run_failed:{run_id}:final"
+    else:
+        return None
+    duration = data.get("duration_s", run.get("duration_s"))
+    attempt = data.get("attempt", data.get("attempts", run.get("attempt")))
+    error = data.get("error") if kind != EventKind.SUCCESS else None
+    head = (str(error).strip().splitlines() or [""])[0][:200] if error else None
+    link = run_link(run_id)
+    summary = {
+        "status": run.get("status"),
+        "outcome": kind,
+        "final": final,
+        "attempt": attempt,
+        "duration_s": duration,
+        "started_at": run.get("started_at"),
+        "finished_at": run.get("finished_at"),
+        "error": head,
+        "cost_usd": cost_usd,
+        "url": link,
+    }
+    what = "succeeded" if alert_kind == "run_succeeded" else "failed"
+    if kind == EventKind.QUARANTINE:
+        what = "failed for good (quarantined)"
+    elif kind == EventKind.TIMEOUT:
+        what = "timed out"
+    parts = [f"{task}: run {run_id} {what}", f"attempt {attempt}"]
+    if duration is not None:
+        parts.append(f"{float(duration):.1f}s")
+    if cost_usd:
+        parts.append(f"{cost_usd:.4f} USD")
+    text = ", ".join(parts)
+    if head:
+        text += f": {head}"
+    return Alert(alert_kind, key, f"{text} ({link})", task, run_id, summary)
+
+
+REPEATABLE = ("deadman", "run_quarantined")
+"""Alert kinds that describe a lasting condition, which a rule's ``repeat_every`` sends
+again while it lasts."""
+
+
+def repeat_routes(kind: str, task_id: str, config: Config) -> dict[str, float]:
+    """Channel name -> repeat interval (seconds) of the rules with ``repeat_every`` that
+    match a lasting ``kind`` about ``task_id`` (the shortest when several do)."""
+    out: dict[str, float] = {}
+    for rule in config.alerts.rules:
+        if rule.repeat_every is None or kind not in REPEATABLE:
+            continue
+        if "*" not in rule.events and kind not in rule.events:
+            continue
+        if rule.tasks is not None and task_id not in rule.tasks:
+            continue
+        for channel in rule.channels:
+            out[channel] = min(rule.repeat_every, out.get(channel, rule.repeat_every))
+    return out
 
 
 def routes(alert: Alert, config: Config) -> dict[str, float]:

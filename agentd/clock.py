@@ -100,3 +100,51 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
             when = when.replace(tzinfo=UTC)
         seconds = (when - (now or datetime.now(UTC))).total_seconds()
     return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+def median(values: list[float]) -> float | None:
+    """The middle of ``values`` (the mean of the two middle ones for an even count), or
+    None for none."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def progress_eta(
+    now: datetime,
+    elapsed_s: float,
+    done: int | None,
+    total: int | None,
+    typical_s: float | None,
+) -> datetime | None:
+    """When a run that has done ``done`` of ``total`` in ``elapsed_s`` seconds should end.
+
+    Two estimates of the time left, blended by the fraction done: the run's own rate
+    (``(total - done) * elapsed / done``: needs a total and some work done) and the
+    task's history (``typical_s``, the median duration of its recent successes, minus the
+    time spent: never below zero). Early on the history weighs most, near the end the
+    run's own rate. With only one estimate that one; with neither None. A run at or past
+    its total ends ``now``. Invariants: never before ``now``; pure (no clock, no DB).
+    """
+    elapsed_s = max(0.0, elapsed_s)
+    by_rate: float | None = None
+    fraction = 0.0
+    if total is not None and total > 0 and done is not None and done >= 0:
+        if done >= total:
+            return now
+        fraction = done / total
+        if done > 0 and elapsed_s > 0:
+            by_rate = (total - done) * elapsed_s / done
+    by_history = max(0.0, typical_s - elapsed_s) if typical_s is not None else None
+    if by_rate is None and by_history is None:
+        return None
+    if by_rate is None:
+        left = by_history
+    elif by_history is None:
+        left = by_rate
+    else:
+        left = fraction * by_rate + (1 - fraction) * by_history
+    assert left is not None
+    return now + timedelta(seconds=left)

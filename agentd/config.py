@@ -180,6 +180,21 @@ class HttpServerConfig(_Model):
         return self
 
 
+class HeartbeatConfig(_Model):
+    """The daemon's own dead man's switch: a request to ``url`` every ``every`` while
+    /healthz would answer ok (``health.Health.liveness``), so an external monitor
+    (Healthchecks.io) notices a dead or wedged host. A failed ping is logged (rate
+    limited) and never stops the daemon; the URL's path and query (where the check's
+    secret lives) are never logged."""
+
+    url: str
+    every: Duration = Field(default=60.0, gt=0)
+    method: Literal["GET", "POST", "HEAD"] = "GET"
+    timeout: Duration = Field(default=10.0, gt=0)
+
+    _url = field_validator("url")(_check_url)
+
+
 class DaemonConfig(_Model):
     state_dir: Path = Path("./var")
     timezone: str = "UTC"
@@ -199,6 +214,7 @@ class DaemonConfig(_Model):
     """Directories searched for ``python:`` callables; relative ones are taken from the
     config file's directory."""
     http: HttpServerConfig = Field(default_factory=HttpServerConfig)
+    heartbeat: HeartbeatConfig | None = None
 
     _tz = field_validator("timezone")(_check_timezone)
 
@@ -953,7 +969,31 @@ class PingConfig(_Model):
         return f"{base}/{code}" if base else None
 
 
+NOTIFY_ON = ("success", "failure", "quarantine")
+
+
+class NotifyConfig(_Model):
+    """Completion notices of one task, routed by the alert rules like any alert:
+    ``success`` raises ``run_succeeded`` when a run succeeds, ``failure`` raises
+    ``run_failed`` for each failed (or timed-out) attempt, retried or not, and
+    ``quarantine`` raises ``run_failed`` (``final: true``) when the run ends in
+    quarantine. Each carries the run's summary (duration, attempt, error head, LLM
+    cost) and its API resource (``/v1/runs/{id}``). YAML 1.1 reads a bare ``on`` key as
+    ``true``; that is taken as ``on`` too."""
+
+    on: list[Literal["success", "failure", "quarantine"]] = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_on(cls, value: Any) -> Any:
+        if isinstance(value, dict) and True in value and "on" not in value:
+            value = {("on" if k is True else k): v for k, v in value.items()}
+        return value
+
+
 ALERT_KINDS = (
+    "run_succeeded",
+    "run_failed",
     "run_quarantined",
     "run_expired",
     "run_timed_out",
@@ -1028,6 +1068,11 @@ class AlertRule(_Model):
     tasks: list[str] | None = None
     """Only alerts about these tasks (alerts about no task always match)."""
     cooldown: Duration | None = Field(default=None, ge=0)
+    repeat_every: Duration | None = Field(default=None, gt=0)
+    """While the condition lasts, send the alert again this often: a task late by its
+    dead man's switch (``deadman``) until its next success, a task whose last run was
+    quarantined (``run_quarantined``) until its next success. Other kinds are one-off
+    and never repeat."""
 
     @field_validator("events")
     @classmethod
@@ -1142,6 +1187,7 @@ class TaskConfig(_Model):
     max_duration: Duration | None = Field(default=None, gt=0)
     """Alert (``run_too_long``) when one attempt runs longer than this; it is not stopped."""
     ping: PingConfig | None = None
+    notify: NotifyConfig | None = None
 
     @field_validator("id")
     @classmethod

@@ -15,10 +15,10 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from agentd.backfill import MAX_BACKFILL, TooManyOccurrences, occurrences
-from agentd.clock import Clock, to_iso
+from agentd.clock import Clock, from_iso, progress_eta, to_iso
 from agentd.config import Config, inactive_reason, params_problem
 from agentd.ledger import run_usage, spend_report
-from agentd.models import FINAL_STATUSES, RUN_STATUSES, Row, StateRefused
+from agentd.models import FINAL_STATUSES, RUN_STATUSES, Row, RunStatus, StateRefused
 from agentd.schedule import next_fires
 from agentd.state.port import (
     AgentStepRecord,
@@ -30,6 +30,7 @@ from agentd.state.port import (
     TaskRecord,
     atomically,
     encode_params,
+    typical_duration_s,
 )
 
 log = logging.getLogger("agentd.control")
@@ -309,12 +310,36 @@ class Control:
             raise StateRefused("bad_request", f"status must be one of {', '.join(RUN_STATUSES)}")
         if not 1 <= limit <= 1000:
             raise StateRefused("bad_request", "limit must be between 1 and 1000")
-        return self.store.list_runs(task, status, limit, before, since, until)
+        runs = self.store.list_runs(task, status, limit, before, since, until)
+        typical: dict[str, float | None] = {}
+        now = self.clock.now()
+        for run in runs:
+            run["progress_eta"] = self._eta(dict(run), now, typical)  # type: ignore[typeddict-unknown-key]
+        return runs
+
+    def _eta(self, run: Row, now: datetime, typical: dict[str, float | None]) -> str | None:
+        """``progress_eta`` of a run, computed when read (``clock.progress_eta``): for a
+        running run that reported progress, from its rate since ``started_at`` and its
+        task's typical duration (one read per task per call, cached in ``typical``);
+        None for every other run."""
+        if run["status"] != RunStatus.RUNNING or not run["started_at"]:
+            return None
+        if run["progress_done"] is None and run["progress_total"] is None:
+            return None
+        task_id = run["task_id"]
+        if task_id not in typical:
+            typical[task_id] = typical_duration_s(self.store, task_id)
+        elapsed = (now - from_iso(run["started_at"])).total_seconds()
+        eta = progress_eta(
+            now, elapsed, run["progress_done"], run["progress_total"], typical[task_id]
+        )
+        return to_iso(eta) if eta is not None else None
 
     def get_run(self, run_id: str) -> Row:
         run = self.store.get_run(run_id)
         return {
             **run,
+            "progress_eta": self._eta(dict(run), self.clock.now(), {}),
             "attempts": self.store.attempts(run_id),
             "checkpoint": self.store.load_checkpoint(run_id),
             "llm": run_usage(self.store, run_id),

@@ -306,6 +306,9 @@ class Daemon:
         self.oversight = Oversight(self.store, cfg, self.clock, self.metrics)
         self.store.fire_gate = self.oversight.budget_gate
         self.oversight.outbox.withheld_env = self.withheld_env
+        self.oversight.live = lambda: (
+            self.health.liveness(self.clock.monotonic())[0] and not self.health.stopping
+        )
         self.runner = Runner(
             self.store,
             self.clock,

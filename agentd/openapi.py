@@ -414,6 +414,11 @@ SCHEMAS: dict[str, Schema] = {
             "progress_done": _int(nullable=True),
             "progress_total": _int(nullable=True),
             "progress_message": _str(nullable=True),
+            "progress_eta": _str(
+                nullable=True,
+                description="When a running run that reported progress should end,"
+                " estimated when read from its rate and its task's recent successes.",
+            ),
             "params": {
                 "type": "object",
                 "nullable": True,

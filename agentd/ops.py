@@ -408,6 +408,8 @@ def _dispatch(ops: CliCommands, args: argparse.Namespace, parser: argparse.Argum
             ],
             lambda ctl: ctl.list_runs(args.task, args.status, args.limit),
         )
+        if not args.json:  # the ETA column: when a running run should end
+            rows = [{**r, "eta": r.get("progress_eta")} for r in rows]
         return _print(
             args,
             rows,
@@ -419,6 +421,7 @@ def _dispatch(ops: CliCommands, args: argparse.Namespace, parser: argparse.Argum
                 "trigger",
                 "scheduled_for",
                 "duration_s",
+                "eta",
                 "error",
             ],
         )

@@ -29,10 +29,19 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
-from agentd.alerts import Alert, DeliveryError, alert_for_event, deadman_late, deliver, routes
+from agentd.alerts import (
+    Alert,
+    DeliveryError,
+    alert_for_event,
+    completion_alert,
+    deadman_late,
+    deliver,
+    repeat_routes,
+    routes,
+)
 from agentd.clock import Clock, from_iso, to_iso
 from agentd.config import Config, inactive_reason
-from agentd.models import ALERT_EVENTS, ALERTS_CURSOR, EventKind, Row
+from agentd.models import ALERT_EVENTS, ALERTS_CURSOR, EventKind, Row, StateRefused
 from agentd.state.port import NewAlert, OutboxRecord, RunningAttempt, Store, TaskRecord, atomically
 
 log = logging.getLogger("agentd.alerts")
@@ -53,6 +62,15 @@ _KINDS: dict[str, frozenset[str]] = {
     "success": ALERT_EVENTS - {"start"},
     "base": ALERT_EVENTS - _RUN_KINDS,
 }
+_NOTIFY_KINDS = frozenset(
+    {EventKind.SUCCESS, EventKind.FAILURE, EventKind.TIMEOUT, EventKind.QUARANTINE}
+)
+DEADMAN = "deadman:"
+"""Alert state of a task its dead man's switch reported late: ``deadman:<task>``."""
+FAILING = "failing:"
+"""Alert state of a task whose run was quarantined, kept only while a rule repeats
+``run_quarantined`` (``repeat_every``): ``failing:<task>`` = the quarantine's time,
+cleared by the task's next success."""
 TOO_LONG = "too_long:"
 """Prefix of the alert state of a run reported too long: ``too_long:<run id>:<attempt>``."""
 
@@ -71,7 +89,11 @@ class Outbox:
         self._too_long_may_exist = True
         self._watched: list[str] = []
         self._pinged_for: Config | None = None
+        self._repeats_for: Config | None = None
+        self._any_repeat = False
         self._any_ping = False
+        self._notify_success = False
+        self._repeat_failing = False
         self._instance: str | None = None
         self.on_attempt: Callable[[str, str], None] | None = None
         """Told each delivery attempt's channel and outcome (``delivered``, ``retry``,
@@ -117,9 +139,18 @@ class Outbox:
         if self._pinged_for is not self.config:
             self._pinged_for = self.config
             self._any_ping = any(t.ping for t in self.config.tasks.values())
+            self._notify_success = any(
+                t.notify and "success" in t.notify.on for t in self.config.tasks.values()
+            )
+            self._repeat_failing = any(
+                r.repeat_every is not None and ("*" in r.events or "run_quarantined" in r.events)
+                for r in self.config.alerts.rules
+            )
         if self._any_ping:
             return "all"
-        owed = self.store.has_alert_state("deadman:", "paused:")
+        if self._notify_success:
+            return "success"
+        owed = self.store.has_alert_state("deadman:", "paused:", FAILING)
         return "success" if owed else "base"
 
     def _cursor_and_top(self) -> tuple[int | None, int]:
@@ -138,17 +169,52 @@ class Outbox:
                     self.store.emit(
                         now, EventKind.RECOVERED, task_id, event["run_id"], what=what, since=since
                     )
+            if self.store.alert_state(f"{FAILING}{task_id}") is not None:
+                self.store.clear_alert_state(f"{FAILING}{task_id}")
+                log.info("task %s no longer failing: run %s succeeded", task_id, event["run_id"])
         elif _owes_recovery(event):
             self.store.set_alert_state(f"paused:{task_id}", event["ts"], now)
+        elif (
+            kind == EventKind.QUARANTINE
+            and task_id
+            and self._repeat_failing
+            and self.store.alert_state(f"{FAILING}{task_id}") is None
+        ):
+            self.store.set_alert_state(f"{FAILING}{task_id}", event["ts"], now)
         self._ping(event, now)
         alert = alert_for_event(event)
         if alert is not None:
             self.raise_alert(alert, now, event["id"])
+        self._notify(event, now)
 
-    def raise_alert(self, alert: Alert, now: datetime, event_id: int | None = None) -> int:
+    def _notify(self, event: Row, now: datetime) -> None:
+        """A completion notice for a task with ``notify`` (``alerts.completion_alert``):
+        one read of the run and one of its spend, only when it will raise one."""
+        task = self.config.tasks.get(event["task_id"] or "")
+        if task is None or task.notify is None or not event["run_id"]:
+            return
+        if event["kind"] not in _NOTIFY_KINDS:
+            return
+        try:
+            run: Mapping[str, object] = self.store.get_run(event["run_id"])
+        except StateRefused:
+            run = {}  # pruned already: the event alone says enough
+        cost = self.store.run_usage(event["run_id"])["cost_usd"]
+        alert = completion_alert(event, task.notify.on, run, round(cost, 6) if cost else None)
+        if alert is not None:
+            self.raise_alert(alert, now, event["id"])
+
+    def raise_alert(
+        self,
+        alert: Alert,
+        now: datetime,
+        event_id: int | None = None,
+        channels: Mapping[str, float] | None = None,
+    ) -> int:
         """Record the alert and queue it for every channel its rules name that did not
         get the same dedup key within its cooldown, in one unit of work (the caller's,
-        when one is open).
+        when one is open). ``channels`` (name -> cooldown) replaces the rules' routes: a
+        repeat goes only where a rule asked for repeats.
         Its summary and data are scrubbed of secret values like every stored text."""
         scrub = self.store.redactor
         if scrub:
@@ -179,7 +245,8 @@ class Outbox:
                 "host": self.host,
                 "data": alert.data,
             }
-            for channel, cooldown in routes(alert, self.config).items():
+            targets = routes(alert, self.config) if channels is None else channels
+            for channel, cooldown in targets.items():
                 if self.store.queued_since(channel, alert.key, now - timedelta(seconds=cooldown)):
                     log.info("alert id=%d not sent to %s: in cooldown", alert_id, channel)
                     continue
@@ -210,6 +277,62 @@ class Outbox:
         }
         key = f"ping:{task.id}:{event['run_id']}:{event['id']}"
         self.store.enqueue_delivery(now, PING_CHANNEL, key, payload, None)
+
+    # ------------------------------------------------------------ repeats
+
+    def repeats_configured(self) -> bool:
+        """Whether any rule has ``repeat_every`` (once per config)."""
+        if self._repeats_for is not self.config:
+            self._repeats_for = self.config
+            self._any_repeat = any(r.repeat_every is not None for r in self.config.alerts.rules)
+        return self._any_repeat
+
+    def repeat(self, now: datetime) -> int:
+        """Send again the alerts of lasting conditions a rule repeats (``repeat_every``):
+        a task its dead man's switch reported late (``deadman:<task>``) or whose run was
+        quarantined (``failing:<task>``), until its next success clears that state.
+        A channel gets the repeat once the condition began ``repeat_every`` ago and no
+        delivery of its dedup key was queued to it within that time, so the first repeat
+        comes that long after the original alert, and the next ones as often. A task
+        paused by an operator, inactive or gone is not repeated. Returns how many alerts
+        were raised."""
+        if not self.repeats_configured():
+            return 0
+        store = self.store
+        lasting: list[tuple[str, str, str]] = []  # (alert kind, task, state key)
+        for prefix, kind in ((DEADMAN, "deadman"), (FAILING, "run_quarantined")):
+            for key in store.alert_state_keys(prefix):
+                lasting.append((kind, key[len(prefix) :], key))
+        if not lasting:
+            return 0
+        raised = 0
+        rows = {r["id"]: r for r in store.task_rows(sorted({t for _, t, _ in lasting}))}
+        for kind, task_id, state_key in lasting:
+            task = self.config.tasks.get(task_id)
+            row = rows.get(task_id)
+            if task is None or row is None or inactive_reason(task):
+                continue
+            if row["paused"] and store.alert_state(f"paused:{task_id}") is None:
+                continue  # an operator's pause: their decision, not a silent failure
+            since = store.alert_state(state_key)
+            began = from_iso(since) if since else now
+            targets = repeat_routes(kind, task_id, self.config)
+            key = f"{kind}:{task_id}"
+            due = {
+                ch: every
+                for ch, every in targets.items()
+                if (now - began).total_seconds() >= every  # the original goes first
+                and not store.queued_since(ch, key, now - timedelta(seconds=every))
+            }
+            if not due:
+                continue
+            what = "late" if kind == "deadman" else "failing"
+            since_what = "its deadline" if kind == "deadman" else "a quarantine"
+            summary = f"{task_id}: still {what} since {since_what} at {since}, no success since"
+            data = {"repeat": True, "since": since, "last_success": row["last_success_at"]}
+            self.raise_alert(Alert(kind, key, summary, task_id, None, data), now, None, due)
+            raised += 1
+        return raised
 
     # ------------------------------------------------------------ checks
 

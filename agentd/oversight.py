@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Collection, Mapping
+import urllib.parse
+from collections.abc import Callable, Collection, Mapping
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -37,6 +38,8 @@ CHECK_EVERY_S = 1.0
 PROCESS_EVERY_S = 0.2  # events -> alerts in batches: at most this late, not once per run
 GAUGES_EVERY_S = 5.0
 DELIVERY_IDLE_S = 60.0
+PING_NOTE_EVERY_S = 300.0
+"""A failing heartbeat ping is logged at most this often (with a count)."""
 DEADMAN_LATE = "deadman:"
 """Alert state of a task its dead man's switch reported late (cleared by its next
 success, ``agentd.outbox``)."""
@@ -64,6 +67,13 @@ class Oversight:
         self._min_grace_s = 0.0
         self._outbox_version: tuple[int, int] | None = None
         self.outbox.on_attempt = metrics.delivery_attempt
+        self._heartbeat: asyncio.Task[None] | None = None
+        self.live: Callable[[], bool] = lambda: True
+        """Whether the daemon is healthy as ``/healthz`` means it: the heartbeat ping is
+        sent only then (set by the daemon to its ``Health.liveness``)."""
+        self._ping_failures = 0
+        self._ping_noted = -1e9
+        self._ping_silent = False
 
     def set_config(self, config: Config) -> None:
         self.config = config
@@ -89,12 +99,18 @@ class Oversight:
             self._delivery = asyncio.get_running_loop().create_task(
                 self._deliver_loop(), name="agentd-alerts"
             )
+        if self._heartbeat is None and self.config.daemon.heartbeat is not None:
+            self._heartbeat = asyncio.get_running_loop().create_task(
+                self._heartbeat_loop(), name="agentd-heartbeat"
+            )
         if mono - self._last_check >= CHECK_EVERY_S:
             self._last_check = mono
             if self.outbox.needs_check():
                 watched = self.outbox.watched()
                 tasks = {r["id"]: r for r in self.store.task_rows(watched)} if watched else {}
                 self.outbox.check(now, tasks, self.outbox.running_attempts())
+            if self.outbox.repeat(now):
+                self._deliver_wake.set()
             version = self.store.version()
             if version != self._seen_version:  # also events written by the CLI
                 self._seen_version = version
@@ -124,7 +140,7 @@ class Oversight:
         waits: list[float] = []
         if self._dirty:
             waits.append(self._last_process + PROCESS_EVERY_S - mono)
-        if self.outbox.needs_check():
+        if self.outbox.needs_check() or self.outbox.repeats_configured():
             waits.append(self._last_check + CHECK_EVERY_S - mono)
         return max(0.0, min(waits)) if waits else None
 
@@ -134,28 +150,96 @@ class Oversight:
         self._dirty = True
 
     async def aclose(self) -> None:
-        if self._delivery is not None:
-            self._delivery.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._delivery
+        for job in (self._delivery, self._heartbeat):
+            if job is not None:
+                job.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await job
         if self._http is not None:
             await self._http.aclose()
 
     # ------------------------------------------------------------ delivery
+
+    async def _client(self) -> httpx.AsyncClient:
+        if self._http is None:
+            # Made on first use, the slow parts off the loop (see agentd.tls): a daemon
+            # with no alert or heartbeat to send never pays them.
+            await tls.prepare()
+            import httpx
+
+            self._http = httpx.AsyncClient(follow_redirects=False, verify=tls.context())
+        return self._http
+
+    # ------------------------------------------------------------ heartbeat ping
+
+    async def _heartbeat_loop(self) -> None:
+        """Ping ``daemon.heartbeat.url`` every ``every`` while ``live()``; ends when a
+        reload removes the heartbeat (the next tick starts it again if one comes back)."""
+        try:
+            while (hb := self.config.daemon.heartbeat) is not None:
+                live = self.live()
+                if live == self._ping_silent:  # a change: one line each way
+                    self._ping_silent = not live
+                    log.warning(
+                        "heartbeat %s url=%s",
+                        "resumed: the daemon is live again" if live else "paused: not live",
+                        hb_url(hb.url),
+                    )
+                if live:
+                    await self.ping_once()
+                await asyncio.sleep(hb.every)
+        finally:
+            self._heartbeat = None
+
+    async def ping_once(self) -> bool:
+        """One heartbeat ping; never raises (but for cancellation). A failure is logged
+        at once the first time, then at most every ``PING_NOTE_EVERY_S`` with how many
+        failed since; the first success after failures says so."""
+        hb = self.config.daemon.heartbeat
+        if hb is None:
+            return False
+        error: str | None = None
+        try:
+            import httpx
+
+            client = await self._client()
+            try:
+                resp = await client.request(hb.method, hb.url, timeout=hb.timeout)
+            except httpx.HTTPError as exc:
+                error = type(exc).__name__
+            else:
+                if not resp.is_success:
+                    error = f"HTTP {resp.status_code}"
+        except Exception as exc:  # never fatal
+            error = type(exc).__name__
+        mono = self.clock.monotonic()
+        if error is None:
+            if self._ping_failures:
+                log.warning(
+                    "heartbeat ping ok again url=%s after %d failure(s)",
+                    hb_url(hb.url),
+                    self._ping_failures,
+                )
+            self._ping_failures = 0
+            self._ping_noted = -1e9
+            return True
+        self._ping_failures += 1
+        if mono - self._ping_noted >= PING_NOTE_EVERY_S:
+            self._ping_noted = mono
+            log.warning(
+                "heartbeat ping failed url=%s: %s (%d failure(s) in a row)",
+                hb_url(hb.url),
+                error,
+                self._ping_failures,
+            )
+        return False
 
     async def _deliver_loop(self) -> None:
         while True:
             try:
                 due = self.outbox.next_due()
                 if due is not None and due <= self.clock.now():
-                    if self._http is None:
-                        # Made on first delivery, the slow parts off the loop (see
-                        # agentd.tls): a daemon with no alert to send never pays them.
-                        await tls.prepare()
-                        import httpx
-
-                        self._http = httpx.AsyncClient(follow_redirects=False, verify=tls.context())
-                    await self.outbox.deliver_due(self._http)
+                    await self.outbox.deliver_due(await self._client())
             except Exception:  # a DB hiccup must not end delivery for good
                 log.exception("alert delivery pass failed; trying again")
             self._deliver_wake.clear()
@@ -230,3 +314,12 @@ class Oversight:
             if report["limit_usd"] is not None:
                 limits[scope.label] = float(report["limit_usd"])
         return remaining, limits
+
+
+def hb_url(url: str) -> str:
+    """A heartbeat URL fit for a log: scheme and host only. The path of a check URL
+    (``https://hc-ping.com/<uuid>``) is its secret, and so may be the query."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or "?"
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}/…"

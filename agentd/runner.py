@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from agentd import procs
-from agentd.clock import Backoff, Clock, from_iso, to_iso
+from agentd.clock import Backoff, Clock, from_iso, progress_eta, to_iso
 from agentd.config import TaskConfig
 from agentd.context import RunContext
 from agentd.executors import ExecEnv, executor_for
@@ -51,6 +51,7 @@ from agentd.state.port import (
     Store,
     WriteLost,
     decode_params,
+    typical_duration_s,
     wait_commit,
 )
 
@@ -246,6 +247,19 @@ class _Backend:
     def __init__(self, runner: Runner, task_id: str) -> None:
         self._runner = runner
         self._task_id = task_id
+        self._typical: float | None = None
+        self._typical_read = False
+
+    def _typical_s(self) -> float | None:
+        """The median duration of the task's recent successes, read once per run (on
+        its first progress report); None when there are none or the read fails."""
+        if not self._typical_read:
+            self._typical_read = True
+            try:
+                self._typical = typical_duration_s(self._runner.store, self._task_id)
+            except StorageError:
+                self._typical = None
+        return self._typical
 
     def load_checkpoint(self, run_id: str) -> Any | None:
         return self._runner.store.load_checkpoint(run_id)
@@ -298,10 +312,18 @@ class _Backend:
 
     def progress(self, run_id: str, done: int, total: int | None, message: str) -> None:
         """Progress is for people to look at: written with the runner's next group,
-        waited for by nobody, and a failed write of it does not stop the run."""
+        waited for by nobody, and a failed write of it does not stop the run. Its event
+        carries an ``eta`` (``clock.progress_eta``) from this attempt's rate and the
+        task's recent successes, when either gives one."""
         r = self._runner
         now = r.clock.now()
-        fut = r.submit(lambda: r.store.progress(run_id, done, total, message, now))
+        active = r.active.get(run_id)
+        eta_text: str | None = None
+        if active is not None:
+            elapsed = r.clock.monotonic() - active.started_mono
+            eta = progress_eta(now, elapsed, done, total, self._typical_s())
+            eta_text = to_iso(eta) if eta is not None else None
+        fut = r.submit(lambda: r.store.progress(run_id, done, total, message, now, eta_text))
         fut.add_done_callback(_progress_written)
 
     def heartbeat(self, run_id: str) -> None:

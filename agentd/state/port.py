@@ -38,6 +38,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol, TypedDict
 
 from agentd.budget import Scope
+from agentd.clock import median
 from agentd.models import EventKind, Outcome, Row, RunStatus, StateRefused
 from agentd.policy import Deadlines
 from agentd.procs import GroupEnd, GroupRecord
@@ -279,6 +280,17 @@ def encode_params(params: Row | None) -> str | None:
     return json.dumps(
         params, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
     )
+
+
+TYPICAL_OF = 20
+"""How many of a task's newest successes its typical duration is the median of."""
+
+
+def typical_duration_s(store: Store, task_id: str, of: int = TYPICAL_OF) -> float | None:
+    """The median ``duration_s`` of the task's ``of`` newest successful runs (one indexed
+    read), or None before its first: the history half of a progress ETA."""
+    runs = store.list_runs(task_id, RunStatus.SUCCEEDED, of)
+    return median([float(r["duration_s"]) for r in runs if r["duration_s"] is not None])
 
 
 def decode_params(text: Any) -> Row | None:
@@ -1036,8 +1048,17 @@ class Store(LedgerPort, AlertsPort, NodesPort, AgentStepsPort, Protocol):
     def load_checkpoint(self, run_id: str) -> Any | None: ...
     def save_checkpoint(self, run_id: str, data: Any, now: datetime) -> int: ...
     def progress(
-        self, run_id: str, done: int, total: int | None, message: str, now: datetime
-    ) -> None: ...
+        self,
+        run_id: str,
+        done: int,
+        total: int | None,
+        message: str,
+        now: datetime,
+        eta: str | None = None,
+    ) -> None:
+        """Record a run's progress and its ``progress`` event (``done``, ``total``,
+        ``message`` and, when the runner could estimate one, ``eta``: ISO text)."""
+        ...
 
     # events ------------------------------------------------------------------------
     def emit(

@@ -1817,7 +1817,13 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements, StepState
             return seq
 
     def progress(
-        self, run_id: str, done: int, total: int | None, message: str, now: datetime
+        self,
+        run_id: str,
+        done: int,
+        total: int | None,
+        message: str,
+        now: datetime,
+        eta: str | None = None,
     ) -> None:
         with self.tx(shared=True):
             task = self._one(
@@ -1833,6 +1839,7 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements, StepState
                 done=done,
                 total=total,
                 message=message[:500],
+                **({"eta": eta} if eta else {}),
             )
 
     # ------------------------------------------------------------ reads

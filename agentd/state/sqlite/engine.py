@@ -1733,7 +1733,13 @@ class SqliteStore(LedgerStatements, AlertStatements, NodeStatements, StepStateme
             return seq
 
     def progress(
-        self, run_id: str, done: int, total: int | None, message: str, now: datetime
+        self,
+        run_id: str,
+        done: int,
+        total: int | None,
+        message: str,
+        now: datetime,
+        eta: str | None = None,
     ) -> None:
         with self.tx():
             self.conn.execute(
@@ -1749,6 +1755,7 @@ class SqliteStore(LedgerStatements, AlertStatements, NodeStatements, StepStateme
                 done=done,
                 total=total,
                 message=message[:500],
+                **({"eta": eta} if eta else {}),
             )
 
     # ------------------------------------------------------------ reads
