@@ -16,7 +16,6 @@ request, GETs and the event streams included.
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import os
 import re
@@ -798,6 +797,8 @@ def _unknown_task_hint(ops: CliCommands, args: argparse.Namespace) -> str:
             names = [t["id"] for t in ops.api.get("/v1/tasks")["tasks"]]
     except Exception:
         return ""
+    import difflib  # only on this error path: 0.003 s
+
     close = difflib.get_close_matches(str(given), names, n=1)
     return f"; did you mean `{close[0]}`?" if close else ""
 
