@@ -184,6 +184,28 @@ class View:
         return json.dumps(plain, indent=2)
 
 
+def duration(seconds: float) -> str:
+    """``45s``, ``3m05s``, ``2h07m``: a span as an operator reads it."""
+    whole = max(0, round(seconds))
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+
+
+def progress_line(done: int, total: int, elapsed_s: float | None, width: int = 20) -> str:
+    """``[########------------]  40% 4/10 ETA 12s``: a bar of ``done`` of ``total`` and,
+    when ``elapsed_s`` (since the attempt began) is known and some but not all is done,
+    the time left at the pace so far."""
+    frac = min(1.0, max(0.0, done / total)) if total > 0 else 0.0
+    filled = round(frac * width)
+    eta = ""
+    if elapsed_s is not None and 0 < done < total:
+        eta = f" ETA {duration(elapsed_s / done * (total - done))}"
+    return f"[{'#' * filled}{'-' * (width - filled)}] {frac:4.0%} {done}/{total}{eta}"
+
+
 def parse_instant(text: str) -> datetime | None:
     """The UTC instant ``text`` holds when it is the API's ISO 8601 form, else None."""
     if not isinstance(text, str) or not _ISO_UTC.match(text):

@@ -1073,7 +1073,25 @@ class HttpServer:
         page = await asyncio.to_thread(
             read_output, workspace / f"{stream}.log", offset, limit, final
         )
-        return _json({"run_id": run_id, "stream": stream, "status": run["status"], **page})
+        total = run.get("progress_total")
+        attempts = run.get("attempts") or []
+        return _json(
+            {
+                "run_id": run_id,
+                "stream": stream,
+                "status": run["status"],
+                # What `agentd logs -f` draws its progress line and ETA from.
+                "attempt_started_at": attempts[-1]["started_at"] if attempts else None,
+                "progress": {
+                    "done": run.get("progress_done") or 0,
+                    "total": total,
+                    "message": run.get("progress_message") or "",
+                }
+                if total
+                else None,
+                **page,
+            }
+        )
 
     # ------------------------------------------------------------ events
 

@@ -419,6 +419,11 @@ SCHEMAS: dict[str, Schema] = {
             "run_id": _str(),
             "stream": _str(enum=list(OUTPUT_STREAMS)),
             "status": _str(enum=list(RUN_STATUSES)),
+            "attempt_started_at": _str(nullable=True),
+            "progress": {
+                **_obj({"done": _int(), "total": _int(), "message": _str()}, extra=False),
+                "nullable": True,
+            },
             "exists": {"type": "boolean"},
             "offset": _int(minimum=0),
             "next_offset": _int(minimum=0),
@@ -720,7 +725,8 @@ PATHS: dict[str, Schema] = {
             "as UTF-8 (a character cut at the end is left for the next slice while the run "
             "is not final). Ask again from `next_offset` to follow a live run. An `offset` "
             "past the end (a new attempt truncated the file) starts again at 0, "
-            "`restarted` true; no file yet is `exists` false.",
+            "`restarted` true; no file yet is `exists` false. With it, the run's status, "
+            "its latest attempt's start and its progress (null until it reports a total).",
             [
                 RUN_ID,
                 _query(

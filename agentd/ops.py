@@ -31,7 +31,7 @@ from zoneinfo import ZoneInfo
 
 from agentd import exitcodes
 from agentd.client import ApiClient, ApiError, Unreachable, default_url
-from agentd.cliout import View, paint
+from agentd.cliout import View, paint, parse_instant, progress_line
 from agentd.clock import SystemClock
 from agentd.config import (
     Config,
@@ -759,19 +759,34 @@ def _logs(ops: CliCommands, args: argparse.Namespace) -> int:
     stream = "stderr" if args.stderr else "stdout"
     offset = 0
     polls = 0
+    status_line = ""
+    # The progress line (a bar, the ETA) goes to stderr, redrawn in place, only when it
+    # is a terminal: the output on stdout stays the run's, byte for byte.
+    draw = args.follow and sys.stderr.isatty()
     while True:
         page = _output_slice(ops, args.run_id, stream, offset)
         if page["restarted"] and polls:
             print(f"agentd: run {args.run_id}: its {stream} began again", file=sys.stderr)
         if page["text"]:
+            if status_line:  # clear it: the output goes where it was
+                sys.stderr.write("\r\x1b[K")
+                status_line = ""
             sys.stdout.write(page["text"])
             sys.stdout.flush()
+        if draw and page.get("progress"):
+            line = _progress_status(page)
+            if line != status_line:
+                sys.stderr.write("\r\x1b[K" + line)
+                sys.stderr.flush()
+                status_line = line
         offset = int(page["next_offset"])
         polls += 1
         more = offset < int(page["size"])
         if more:
             continue  # the rest of what is there now, at once
         if not args.follow or page["status"] in FINAL_STATUSES:
+            if status_line:
+                sys.stderr.write("\r\x1b[K")
             if not page["exists"] and not args.follow:
                 print(f"agentd: run {args.run_id} has no {stream} recorded", file=sys.stderr)
             return 0
@@ -779,6 +794,17 @@ def _logs(ops: CliCommands, args: argparse.Namespace) -> int:
             time.sleep(max(0.05, float(args.interval)))
         except KeyboardInterrupt:
             return 130
+
+
+def _progress_status(page: Row) -> str:
+    """``logs -f``'s status line: the run's progress as a bar with its ETA (the pace
+    since its attempt began) and its message."""
+    progress = page["progress"]
+    began = parse_instant(str(page.get("attempt_started_at")))
+    elapsed = (datetime.now(UTC) - began).total_seconds() if began else None
+    bar = progress_line(int(progress["done"]), int(progress["total"]), elapsed)
+    message = str(progress.get("message") or "")
+    return f"{bar}  {message}"[:200].rstrip()
 
 
 def _unknown_task_hint(ops: CliCommands, args: argparse.Namespace) -> str:
@@ -944,6 +970,9 @@ def _follow(ops: CliCommands, args: argparse.Namespace, path: str) -> int:
     wanted = _event_filter(args)
     last_id: int | None = None
     retries = 0
+    began: dict[str | None, datetime] = {}
+    """When each run's current attempt started (its latest ``start`` event): a progress
+    event's ETA is the pace since then."""
     while True:
         try:
             for event in ops.api.stream(path, last_id):
@@ -951,12 +980,20 @@ def _follow(ops: CliCommands, args: argparse.Namespace, path: str) -> int:
                 retries = 0
                 if wanted is not None and not wanted(event):
                     continue
-                print(
-                    json.dumps(event, default=str)
-                    if args.output in ("json", "yaml")  # one JSON document a line
-                    else _event_line(event, _view(args)),
-                    flush=True,
-                )
+                if args.output in ("json", "yaml"):  # one JSON document a line
+                    print(json.dumps(event, default=str), flush=True)
+                    continue
+                line = _event_line(event, _view(args))
+                moment = parse_instant(str(event.get("ts")))
+                if event.get("kind") == EventKind.START and moment is not None:
+                    began[event.get("run_id")] = moment
+                data = event.get("data") or {}
+                if event.get("kind") == EventKind.PROGRESS and data.get("total"):
+                    start = began.get(event.get("run_id"))
+                    elapsed = (moment - start).total_seconds() if start and moment else None
+                    bar = progress_line(int(data.get("done") or 0), int(data["total"]), elapsed)
+                    line += f"  {bar}"
+                print(line, flush=True)
             return 0
         except Unreachable:
             if last_id is None or retries >= 30:

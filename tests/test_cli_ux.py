@@ -47,6 +47,10 @@ gated:
 many:
   schedule: {manual: true}
   command: {shell: "seq 1 2000"}
+progressing:
+  schedule: {manual: true}
+  python: {callable: "e2e_tasks:progressing"}
+  params: {total: 4, step_s: 0.1, hold_at: 2, gate: "${GATE}"}
 keyed:
   description: "a task whose definition names a secret"
   schedule: {manual: true}
@@ -167,13 +171,8 @@ def test_bash_completes_commands_task_names_and_run_ids(daemon: Agentd, tmp_path
     env = {**base_env(tmp_path), "AGENTD_CONFIG": str(daemon.config)}
     assert "tasks" in bash_complete(tmp_path, env, "agentd ta")
     assert bash_complete(tmp_path, env, "agentd trigger he") == ["hello"]
-    assert set(bash_complete(tmp_path, env, "agentd pause ")) == {
-        "hello",
-        "bad",
-        "gated",
-        "many",
-        "keyed",
-    }
+    offered = set(bash_complete(tmp_path, env, "agentd pause "))
+    assert offered == {"hello", "bad", "gated", "many", "progressing", "keyed"}
     assert run_id in bash_complete(tmp_path, env, "agentd logs 20")
     assert bash_complete(tmp_path, env, "agentd runs sh") == ["show"]
     # Against the daemon's API alone (--url, no config file): the same names.
@@ -311,15 +310,22 @@ def test_instants_in_the_operators_zone_or_utc(daemon: Agentd) -> None:
     assert datetime.fromisoformat(json.loads(as_json)["created_at"]) == created
 
 
-def read_pty(args: list[str], env: dict[str, str], until: Callable[[bytes], bool]) -> bytes:
-    """Run the CLI with a pseudo-terminal as its stdout; what it wrote, once ``until``
-    holds for it (or it exits), within a deadline. The process is ended after."""
+def read_pty(
+    args: list[str],
+    env: dict[str, str],
+    until: Callable[[bytes], bool],
+    on: str = "stdout",
+    then: Callable[[], object] | None = None,
+) -> bytes:
+    """Run the CLI with a pseudo-terminal as its stdout (``on`` "stderr": as its stderr);
+    what it wrote there, once ``until`` holds for it (or it exits), within a deadline.
+    Then ``then`` (if given) is called and the process is waited for; else ended."""
     master, slave = pty.openpty()
     proc = subprocess.Popen(
         [sys.executable, "-m", "agentd.cli", *args],
         stdin=subprocess.DEVNULL,
-        stdout=slave,
-        stderr=subprocess.PIPE,
+        stdout=slave if on == "stdout" else subprocess.DEVNULL,
+        stderr=slave if on == "stderr" else subprocess.DEVNULL,
         env=env,
     )
     os.close(slave)
@@ -338,6 +344,16 @@ def read_pty(args: list[str], env: dict[str, str], until: Callable[[bytes], bool
                 seen += chunk
             elif proc.poll() is not None:
                 break
+        if then is not None:
+            then()
+            deadline = time.monotonic() + 60
+            while proc.poll() is None and time.monotonic() < deadline:
+                if select.select([master], [], [], 0.2)[0]:
+                    try:
+                        seen += os.read(master, 65536)
+                    except OSError:
+                        break
+            assert proc.wait(timeout=30) == 0
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
@@ -433,6 +449,39 @@ def test_logs_follow_streams_a_live_run_to_its_end(daemon: Agentd, tmp_path: Pat
             follower.wait(timeout=30)
     assert sink.read_text() == "first\nsecond\n"
     assert daemon.run_status(run_id) == "succeeded"
+    assert follower.stderr is not None and follower.stderr.read() == ""  # no progress line
+
+
+ETA = re.compile(rb"\[#{10}-{10}\]  50% 2/4 ETA \d+(m\d\d)?s")
+
+
+def test_runs_watch_and_logs_follow_show_progress_and_eta(daemon: Agentd, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    run_id = trigger(daemon, "progressing")
+    sink = tmp_path / "watched.txt"
+    with sink.open("w") as fh:
+        watcher = subprocess.Popen(
+            [sys.executable, "-m", "agentd.cli", "runs", "watch", run_id, "--url", daemon.url],
+            stdout=fh,
+            stderr=subprocess.PIPE,
+            env=base_env(tmp_path),
+        )
+    try:
+        wait_for(lambda: ETA.search(sink.read_bytes()), what="the 2/4 progress line, with ETA")
+        # logs -f: the same on stderr when it is a terminal, redrawn in place.
+        args = ["logs", run_id, "-f", "--interval", "0.05", "--url", daemon.url]
+        seen = read_pty(
+            args, base_env(tmp_path), lambda out: ETA.search(out) is not None, "stderr", gate.touch
+        )
+        assert ETA.search(seen) and b"item 2" in seen and b"\r\x1b[K" in seen, seen
+        assert watcher.wait(timeout=60) == 0
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+            watcher.wait(timeout=30)
+    lines = sink.read_text().splitlines()
+    done = next(line for line in lines if " 4/4 item 4" in line)
+    assert done.endswith("[####################] 100% 4/4"), done  # no ETA when done
 
 
 # ---------------------------------------------------------------- tasks show
