@@ -64,9 +64,23 @@ from agentd.console import Console
 from agentd.control import Control
 from agentd.events import Event, EventBus, Subscription
 from agentd.health import Health
-from agentd.models import APPROVAL_DECISIONS, MAX_EVENT_ID, EventKind, StateRefused
+from agentd.models import (
+    APPROVAL_DECISIONS,
+    FINAL_STATUSES,
+    MAX_EVENT_ID,
+    EventKind,
+    StateRefused,
+)
 from agentd.openapi import openapi_document
 from agentd.redact import SecretUnavailable, read_secret
+from agentd.runner import workspace_path
+from agentd.runoutput import (
+    MAX_OUTPUT_OFFSET,
+    MIN_PAGE,
+    OUTPUT_PAGE,
+    OUTPUT_STREAMS,
+    read_output,
+)
 from agentd.state.port import StorageFault
 
 log = logging.getLogger("agentd.http")
@@ -817,6 +831,7 @@ class HttpServer:
         r.add_post("/v1/runs/{run_id}/cancel", self.cancel)
         r.add_post("/v1/runs/{run_id}/resume", self.resume_run)
         r.add_get("/v1/runs/{run_id}/transcript", self.run_transcript)
+        r.add_get("/v1/runs/{run_id}/output", self.run_output)
         r.add_get("/v1/runs/{run_id}/events", self.run_events)
         r.add_get("/v1/runs/{run_id}/events/stream", self.run_stream, allow_head=False)
         r.add_get("/v1/events", self.events)
@@ -1078,6 +1093,42 @@ class HttpServer:
     async def run_transcript(self, request: web.Request) -> web.StreamResponse:
         run_id = request.match_info["run_id"]
         return _json({"run_id": run_id, "steps": self.control.transcript(run_id)})
+
+    async def run_output(self, request: web.Request) -> web.StreamResponse:
+        """A slice of a run's captured stdout or stderr (``read_output``): what
+        ``agentd logs RUN [-f]`` polls, from ``offset`` on, so the CLI needs no access to
+        the daemon's state directory."""
+        run_id = request.match_info["run_id"]
+        stream = _query(request, "stream") or "stdout"
+        if stream not in OUTPUT_STREAMS:
+            raise _bad("stream must be stdout or stderr")
+        offset = _parse_uint(_query(request, "offset"), "offset", 0, 0, MAX_OUTPUT_OFFSET)
+        limit = _parse_uint(_query(request, "limit"), "limit", OUTPUT_PAGE, MIN_PAGE, OUTPUT_PAGE)
+        run = self.control.get_run(run_id)
+        workspace = workspace_path(self.control.config.daemon.state_dir, run["task_id"], run_id)
+        final = run["status"] in FINAL_STATUSES
+        page = await asyncio.to_thread(
+            read_output, workspace / f"{stream}.log", offset, limit, final
+        )
+        total = run.get("progress_total")
+        attempts = run.get("attempts") or []
+        return _json(
+            {
+                "run_id": run_id,
+                "stream": stream,
+                "status": run["status"],
+                # What `agentd logs -f` draws its progress line and ETA from.
+                "attempt_started_at": attempts[-1]["started_at"] if attempts else None,
+                "progress": {
+                    "done": run.get("progress_done") or 0,
+                    "total": total,
+                    "message": run.get("progress_message") or "",
+                }
+                if total
+                else None,
+                **page,
+            }
+        )
 
     # ------------------------------------------------------------ events
 

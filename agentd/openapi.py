@@ -13,6 +13,7 @@ from typing import Any
 
 from agentd.config import ALERT_KINDS
 from agentd.models import APPROVAL_DECISIONS, MAX_EVENT_ID, RUN_STATUSES, EventKind
+from agentd.runoutput import MAX_OUTPUT_OFFSET, MIN_PAGE, OUTPUT_PAGE, OUTPUT_STREAMS
 
 Schema = dict[str, Any]
 
@@ -474,6 +475,26 @@ SCHEMAS: dict[str, Schema] = {
         {"run_id": _str(), "steps": {"type": "array", "items": _ref("AgentStep")}},
         extra=False,
     ),
+    "RunOutput": _obj(
+        {
+            "run_id": _str(),
+            "stream": _str(enum=list(OUTPUT_STREAMS)),
+            "status": _str(enum=list(RUN_STATUSES)),
+            "attempt_started_at": _str(nullable=True),
+            "progress": {
+                **_obj({"done": _int(), "total": _int(), "message": _str()}, extra=False),
+                "nullable": True,
+            },
+            "exists": {"type": "boolean"},
+            "offset": _int(minimum=0),
+            "next_offset": _int(minimum=0),
+            "size": _int(minimum=0),
+            "eof": {"type": "boolean"},
+            "restarted": {"type": "boolean"},
+            "text": _str(),
+        },
+        extra=False,
+    ),
     "RunUsage": _obj(
         {
             "calls": _int(),
@@ -776,6 +797,38 @@ PATHS: dict[str, Schema] = {
             "their results): empty for a run that recorded none.",
             [RUN_ID],
             _ref("Transcript"),
+            "404",
+        )
+    },
+    "/v1/runs/{run_id}/output": {
+        "get": _get(
+            "A slice of the run's captured stdout or stderr (its workspace's `stdout.log`, "
+            "`stderr.log`), from byte `offset`: `text` is the bytes up to `next_offset`, "
+            "as UTF-8 (a character cut at the end is left for the next slice while the run "
+            "is not final). Ask again from `next_offset` to follow a live run. An `offset` "
+            "past the end (a new attempt truncated the file) starts again at 0, "
+            "`restarted` true; no file yet is `exists` false. With it, the run's status, "
+            "its latest attempt's start and its progress (null until it reports a total).",
+            [
+                RUN_ID,
+                _query(
+                    "stream",
+                    _str(enum=list(OUTPUT_STREAMS), default="stdout"),
+                    "Which output.",
+                ),
+                _query(
+                    "offset",
+                    _int(minimum=0, maximum=MAX_OUTPUT_OFFSET, default=0),
+                    "The first byte wanted.",
+                ),
+                _query(
+                    "limit",
+                    _int(minimum=MIN_PAGE, maximum=OUTPUT_PAGE, default=OUTPUT_PAGE),
+                    "At most this many bytes.",
+                ),
+            ],
+            _ref("RunOutput"),
+            "400",
             "404",
         )
     },

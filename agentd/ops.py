@@ -18,19 +18,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import time
 import urllib.parse
-from collections.abc import Callable
-from datetime import datetime
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 from agentd import exitcodes
 from agentd.client import ApiClient, ApiError, Unreachable, default_url
-from agentd.clock import SystemClock, from_iso
+from agentd.cliout import View, paint, parse_instant, progress_line
+from agentd.clock import SystemClock
 from agentd.config import (
     Config,
     ConfigError,
@@ -38,7 +40,7 @@ from agentd.config import (
     lenient_daemon,
     task_index,
 )
-from agentd.models import EventKind, Row, StateRefused
+from agentd.models import FINAL_STATUSES, EventKind, Row, StateRefused
 from agentd.redact import SecretUnavailable, read_secret
 
 if TYPE_CHECKING:  # at run time only the direct path (no daemon answering) loads them
@@ -110,10 +112,15 @@ class CliCommands:
     implementation of the operator verbs, which the API runs too)."""
 
     def __init__(
-        self, config: Config | None, url: str | None, daemon: DaemonConfig | None = None
+        self,
+        config: Config | None,
+        url: str | None,
+        daemon: DaemonConfig | None = None,
+        timeout_s: float = 10.0,
     ) -> None:
         """``config`` None: the file is broken, and only the API is used, at ``url`` or
-        where ``daemon`` (what could be read of its section, else the defaults) says."""
+        where ``daemon`` (what could be read of its section, else the defaults) says.
+        ``timeout_s``: how long a request waits for the daemon's answer."""
         self.config = config
         if daemon is None:
             daemon = config.daemon if config is not None else DaemonConfig()
@@ -130,7 +137,7 @@ class CliCommands:
             except SecretUnavailable as exc:
                 # Without it the daemon's own 401 (or 403) says what was refused.
                 print(f"agentd: warning: {exc}", file=sys.stderr)
-        self.api: ApiClient | None = ApiClient(url or default_url(daemon.http), token)
+        self.api: ApiClient | None = ApiClient(url or default_url(daemon.http), token, timeout_s)
         self.url_given = url is not None
         """``--url`` names the daemon to ask: no other (nor the state DB) answers instead."""
         self._store: Store | None = None
@@ -219,7 +226,13 @@ def state_command(config: Config, args: argparse.Namespace, parser: argparse.Arg
     try:
         ops = CliCommands(config, args.url)
         try:
-            return _dispatch(ops, args, parser)
+            try:
+                return _dispatch(ops, args, parser)
+            except (ApiError, StateRefused) as exc:
+                if exc.code != "unknown_task":
+                    raise
+                _emit_error(args, exc.code, str(exc) + _unknown_task_hint(ops, args))
+                return 1
         finally:
             ops.close()
     except (ApiError, StateRefused) as exc:
@@ -265,7 +278,13 @@ def broken_config_command(
     try:
         ops = CliCommands(None, args.url, daemon)
         try:
-            return _dispatch(ops, args, parser)
+            try:
+                return _dispatch(ops, args, parser)
+            except ApiError as exc:
+                if exc.code != "unknown_task":
+                    raise
+                _emit_error(args, exc.code, str(exc) + _unknown_task_hint(ops, args))
+                return 1
         finally:
             ops.close()
     except (Unreachable, StateRefused) as exc:
@@ -355,10 +374,26 @@ def _dispatch(ops: CliCommands, args: argparse.Namespace, parser: argparse.Argum
         status = ops.status()
         _print_detail(args, status)
         return 0 if status.get("daemon") == "running" else 3
+    if cmd == "logs":
+        return _logs(ops, args)
+    if cmd == "tasks" and args.action == "show":
+        if not args.task:
+            parser.error("tasks show needs a task name")
+        if args.watch:
+            parser.error("--watch goes with `tasks` and `runs` lists")
+        return _print_detail(args, _task_detail(ops, args))
     if cmd == "tasks":
-        tasks = ops.call(lambda c: c.get("/v1/tasks")["tasks"], lambda ctl: ctl.list_tasks())
-        rows = [_task_row(t) for t in tasks]
-        return _print(args, rows, list(rows[0]) if rows else ["task"])
+        if args.task:
+            parser.error(f"tasks {args.task}: did you mean `tasks show {args.task}`?")
+
+        def tasks_table() -> list[str]:
+            tasks = ops.call(lambda c: c.get("/v1/tasks")["tasks"], lambda ctl: ctl.list_tasks())
+            view = _view(args)
+            # -o json and yaml: the rows as before (next_run in the task's own zone).
+            rows = [_task_row(t, None if view.machine else view) for t in tasks]
+            return _render(args, rows, TASK_COLUMNS, TASK_WIDE)
+
+        return _watch(args, tasks_table) if args.watch else _print_lines(tasks_table())
     if cmd == "runs" and args.transcript and args.action != "show":
         parser.error("--transcript goes with `runs show RUN`")
     if cmd == "runs" and args.action != "replay":
@@ -390,48 +425,68 @@ def _dispatch(ops: CliCommands, args: argparse.Namespace, parser: argparse.Argum
                 lambda c: c.get(f"/v1/runs/{rid}/transcript")["steps"],
                 lambda ctl: ctl.transcript(args.run_id),
             )
-            if args.json:
-                print(json.dumps({"run_id": args.run_id, "steps": steps}, indent=2, default=str))
+            if _view(args).machine:
+                print(_view(args).dump({"run_id": args.run_id, "steps": steps}))
             else:
                 print("\n".join(transcript_lines(steps)))
             return 0
         detail = ops.call(lambda c: c.get(f"/v1/runs/{rid}"), lambda ctl: ctl.get_run(args.run_id))
+        if args.watch:
+            parser.error("--watch goes with the `runs` list (`runs watch RUN` follows one run)")
         detail["events"] = ops.call(
             lambda c: c.get(f"/v1/runs/{rid}/events")["events"],
             lambda ctl: ctl.events(run_id=args.run_id),
         )
-        return _print_detail(args, detail)
+        tails = {s: _output_slice(ops, args.run_id, s, tail=True) for s in ("stdout", "stderr")}
+        if _view(args).machine:
+            detail["output"] = {f"{s}_tail": page["text"] for s, page in tails.items()}
+            return _print_detail(args, detail)
+        _print_detail(args, detail)
+        for stream, page in tails.items():
+            every = page["text"].splitlines()
+            lines = every[-TAIL_LINES:]
+            if lines:
+                whole = not page["offset"] and len(lines) == len(every)
+                cut = "" if whole else " (its last lines; agentd logs for all)"
+                print(f"{stream}{cut}:")
+                print("\n".join(f"  | {line}" for line in lines))
+        return 0
     if cmd == "runs":
-        rows = ops.call(
-            lambda c: c.get("/v1/runs", task=args.task, status=args.status, limit=args.limit)[
-                "runs"
-            ],
-            lambda ctl: ctl.list_runs(args.task, args.status, args.limit),
-        )
-        if not args.json:  # the ETA column: when a running run should end
-            rows = [{**r, "eta": r.get("progress_eta")} for r in rows]
-        return _print(
-            args,
-            rows,
-            [
-                "id",
-                "task_id",
-                "status",
-                "attempt",
-                "trigger",
-                "scheduled_for",
-                "duration_s",
-                "eta",
-                "error",
-            ],
-        )
+        try:
+            since = _when(args.since, args.utc)
+            until = _when(args.until, args.utc)
+        except ValueError as exc:
+            parser.error(str(exc))
+
+        def runs_table() -> list[str]:
+            rows = ops.call(
+                lambda c: c.get(
+                    "/v1/runs",
+                    task=args.task,
+                    status=args.status,
+                    limit=args.limit,
+                    since=since,
+                    until=until,
+                )["runs"],
+                lambda ctl: ctl.list_runs(
+                    args.task, args.status, args.limit, since=since, until=until
+                ),
+            )
+            if not _view(args).machine:
+                for row in rows:
+                    total = row.get("progress_total")
+                    row["progress"] = f"{row.get('progress_done')}/{total}" if total else None
+                    row["eta"] = row.get("progress_eta")  # when a running run should end
+            return _render(args, rows, RUN_COLUMNS, RUN_WIDE)
+
+        return _watch(args, runs_table) if args.watch else _print_lines(runs_table())
     if cmd == "spend":
         report = ops.call(
             lambda c: c.get("/v1/spend", task=args.task),
             lambda ctl: ctl.spend(args.task),
         )
-        if args.json:
-            print(json.dumps(report, indent=2, default=str))
+        if _view(args).machine:
+            print(_view(args).dump(report))
             return 0
         windows = [w for t in report["tasks"] for w in (t["day"], t["month"])]
         if not args.task:
@@ -461,19 +516,27 @@ def _dispatch(ops: CliCommands, args: argparse.Namespace, parser: argparse.Argum
     if cmd == "events":
         if args.follow:
             return _follow(ops, args, "/v1/events/stream")
+        wanted = _event_filter(args)
+        tail = args.limit if wanted is None else EVENT_FILTER_WINDOW
         rows = ops.call(
-            lambda c: c.get("/v1/events", tail=args.limit)["events"],
-            lambda ctl: ctl.recent_events(args.limit),
+            lambda c: c.get("/v1/events", tail=tail)["events"],
+            lambda ctl: ctl.recent_events(tail),
         )
+        if wanted is not None:
+            rows = [e for e in rows if wanted(e)][-args.limit :]
+        view = _view(args)
+        if args.output == "yaml":
+            print(view.dump(rows))
+            return 0
         for event in rows:
-            print(json.dumps(event, default=str) if args.json else _event_line(event))
+            print(json.dumps(event, default=str) if args.json else _event_line(event, view))
         return 0
     if cmd == "approvals":
         rows = ops.call(
             lambda c: c.get("/v1/approvals", limit=args.limit)["approvals"],
             lambda ctl: ctl.approvals(args.limit),
         )
-        if not args.json:
+        if not _view(args).machine:
             for row in rows:
                 row["arguments"] = json.dumps(row["arguments"], sort_keys=True)
         return _print(
@@ -592,6 +655,204 @@ def _dispatch(ops: CliCommands, args: argparse.Namespace, parser: argparse.Argum
 
 
 REPLAY_FLAGS = ("model", "prompt_file", "system_file", "cassette", "out")
+
+TASK_ALERTS = 5
+"""How many of a task's newest alerts ``tasks show`` lists."""
+ALERTS_SCANNED = 1000
+"""Among how many of the newest alerts (the most ``GET /v1/alerts`` returns) they are."""
+
+
+def _task_detail(ops: CliCommands, args: argparse.Namespace) -> Row:
+    """``tasks show TASK``: the task as the daemon has it (next fires, paused, last
+    outcome: ``GET /v1/tasks/TASK``), its definition from the config file (secrets
+    masked by key and by value, as ``check-config --show`` does; absent when the file
+    cannot be used here), its last ``--last`` runs, its spend windows and its newest
+    alerts."""
+    tid = urllib.parse.quote(args.task, safe="")
+    task: Row = ops.call(lambda c: c.get(f"/v1/tasks/{tid}"), lambda ctl: ctl.get_task(args.task))
+    detail: Row = dict(task)
+    view = _view(args)
+    if not view.machine:  # each fire in the operator's zone, and in the task's
+        detail["next_runs"] = [
+            f"{view.instant_zoned(f['utc'])}  ({_short_local(f['local'])} in the task's zone)"
+            if not view.utc and f["local"][-6:] != _local_offset(f["utc"])
+            else view.instant_zoned(f["utc"])
+            for f in task.get("next_runs", [])
+        ]
+    if ops.config is not None and args.task in ops.config.tasks:
+        from agentd.config import redacted, secret_refs
+        from agentd.redact import read_secrets
+
+        scrub = read_secrets(secret_refs(ops.config))
+        definition = redacted(ops.config)["tasks"][args.task]
+        detail["definition"] = _pruned(json.loads(scrub.text(json.dumps(definition))))
+    else:
+        detail["definition"] = "(not shown: the config file cannot be read here)"
+    limit = max(1, min(args.last, 1000))
+    runs = ops.call(
+        lambda c: c.get("/v1/runs", task=args.task, limit=limit)["runs"],
+        lambda ctl: ctl.list_runs(args.task, None, limit),
+    )
+    detail["last_runs"] = [
+        {k: r.get(k) for k in ("id", "status", "trigger", "created_at", "duration_s", "error")}
+        for r in runs
+    ]
+    spend: Row = ops.call(
+        lambda c: c.get("/v1/spend", task=args.task), lambda ctl: ctl.spend(args.task)
+    )
+    detail["spend"] = [
+        _spend_row(w) for t in spend.get("tasks", []) for w in (t["day"], t["month"])
+    ]
+    alerts = ops.call(
+        lambda c: c.get("/v1/alerts", limit=ALERTS_SCANNED)["alerts"],
+        lambda ctl: ctl.alerts(ALERTS_SCANNED),
+    )
+    detail["alerts"] = [
+        {
+            "id": a.get("id"),
+            "ts": a.get("ts"),
+            "kind": a.get("kind"),
+            "summary": a.get("summary"),
+            "delivered": " ".join(f"{d['channel']}:{d['status']}" for d in a.get("deliveries", [])),
+        }
+        for a in alerts
+        if a.get("task_id") == args.task
+    ][:TASK_ALERTS]
+    return detail
+
+
+def _pruned(value: Any) -> Any:
+    """``value`` without the keys that hold nothing (None, empty): a definition as it
+    was written, not every default the model has."""
+    if isinstance(value, dict):
+        kept = {k: _pruned(v) for k, v in value.items()}
+        return {k: v for k, v in kept.items() if v not in (None, {}, [])}
+    if isinstance(value, list):
+        return [_pruned(v) for v in value]
+    return value
+
+
+def _local_offset(utc_iso: str) -> str:
+    """The operator's zone's UTC offset at an instant, as ``+HH:MM``."""
+    moment = datetime.fromisoformat(utc_iso.replace("Z", "+00:00")).astimezone()
+    return moment.isoformat()[-6:]
+
+
+TAIL_BYTES = 4096
+TAIL_LINES = 20
+"""``runs show``: the last lines (at most this many, of the last ``TAIL_BYTES``) of a
+run's stdout and stderr."""
+
+
+def _output_slice(
+    ops: CliCommands, run_id: str, stream: str, offset: int = 0, tail: bool = False
+) -> Row:
+    """A slice of a run's ``stream`` (``GET /v1/runs/RUN/output``, else its workspace,
+    read-only), from ``offset``; with ``tail``, the last ``TAIL_BYTES`` of it (two
+    asks when the output is longer than one slice)."""
+    from agentd.runoutput import OUTPUT_PAGE, read_output
+
+    rid = urllib.parse.quote(run_id, safe="")
+
+    def direct(ctl: Control, at: int) -> Row:
+        run = ctl.get_run(run_id)
+        path = ctl.config.daemon.state_dir / "runs" / run["task_id"] / run_id / f"{stream}.log"
+        final = run["status"] in FINAL_STATUSES
+        return {"status": run["status"], **read_output(path, at, OUTPUT_PAGE, final)}
+
+    def ask(at: int) -> Row:
+        page: Row = ops.call(
+            lambda c: c.get(f"/v1/runs/{rid}/output", stream=stream, offset=at),
+            lambda ctl: direct(ctl, at),
+        )
+        return page
+
+    page = ask(offset)
+    if tail and int(page["size"]) > TAIL_BYTES:
+        page = ask(int(page["size"]) - TAIL_BYTES)
+        text = str(page["text"])
+        if "\n" in text:  # from the first whole line
+            page["text"] = text[text.index("\n") + 1 :]
+    return page
+
+
+def _logs(ops: CliCommands, args: argparse.Namespace) -> int:
+    """``logs RUN [-f] [--stderr]``: the run's captured output, in slices of
+    ``GET /v1/runs/RUN/output`` (or read from its workspace when no daemon answers),
+    written to stdout as it is. With ``-f``: polled every ``--interval`` until the run
+    is final and its output read to the end; a new attempt's output (the file written
+    anew) is announced on stderr and printed from its start. Exit 0; 1 for no such run."""
+    stream = "stderr" if args.stderr else "stdout"
+    offset = 0
+    polls = 0
+    status_line = ""
+    # The progress line (a bar, the ETA) goes to stderr, redrawn in place, only when it
+    # is a terminal: the output on stdout stays the run's, byte for byte.
+    draw = args.follow and sys.stderr.isatty()
+    while True:
+        page = _output_slice(ops, args.run_id, stream, offset)
+        if page["restarted"] and polls:
+            print(f"agentd: run {args.run_id}: its {stream} began again", file=sys.stderr)
+        if page["text"]:
+            if status_line:  # clear it: the output goes where it was
+                sys.stderr.write("\r\x1b[K")
+                status_line = ""
+            sys.stdout.write(page["text"])
+            sys.stdout.flush()
+        if draw and page.get("progress"):
+            line = _progress_status(page)
+            if line != status_line:
+                sys.stderr.write("\r\x1b[K" + line)
+                sys.stderr.flush()
+                status_line = line
+        offset = int(page["next_offset"])
+        polls += 1
+        more = offset < int(page["size"])
+        if more:
+            continue  # the rest of what is there now, at once
+        if not args.follow or page["status"] in FINAL_STATUSES:
+            if status_line:
+                sys.stderr.write("\r\x1b[K")
+            if not page["exists"] and not args.follow:
+                print(f"agentd: run {args.run_id} has no {stream} recorded", file=sys.stderr)
+            return 0
+        try:
+            time.sleep(max(0.05, float(args.interval)))
+        except KeyboardInterrupt:
+            return 130
+
+
+def _progress_status(page: Row) -> str:
+    """``logs -f``'s status line: the run's progress as a bar with its ETA (the pace
+    since its attempt began) and its message."""
+    progress = page["progress"]
+    began = parse_instant(str(page.get("attempt_started_at")))
+    elapsed = (datetime.now(UTC) - began).total_seconds() if began else None
+    bar = progress_line(int(progress["done"]), int(progress["total"]), elapsed)
+    message = str(progress.get("message") or "")
+    return f"{bar}  {message}"[:200].rstrip()
+
+
+def _unknown_task_hint(ops: CliCommands, args: argparse.Namespace) -> str:
+    """`` did you mean `hello`?`` for a task name close to ``args.task`` (the config's
+    tasks, else the daemon's), or nothing."""
+    given = getattr(args, "task", None)
+    if isinstance(given, list):
+        given = given[0] if given else None
+    if not given:
+        return ""
+    try:
+        if ops.config is not None:
+            names = list(ops.config.tasks)
+        else:
+            assert ops.api is not None  # no config: only the API
+            names = [t["id"] for t in ops.api.get("/v1/tasks")["tasks"]]
+    except Exception:
+        return ""
+    import difflib  # only on this error path: 0.003 s
+
+    close = difflib.get_close_matches(str(given), names, n=1)
+    return f"; did you mean `{close[0]}`?" if close else ""
 
 
 def parse_params(pairs: list[str]) -> Row | None:
@@ -732,16 +993,33 @@ def _follow(ops: CliCommands, args: argparse.Namespace, path: str) -> int:
     reconnects with Last-Event-ID so a daemon restart loses nothing."""
     if ops.api is None:
         raise StateRefused("no_daemon", "following events needs a running daemon")
+    wanted = _event_filter(args)
     last_id: int | None = None
     retries = 0
+    began: dict[str | None, datetime] = {}
+    """When each run's current attempt started (its latest ``start`` event): a progress
+    event's ETA is the pace since then."""
     while True:
         try:
             for event in ops.api.stream(path, last_id):
                 last_id = int(event["id"])
                 retries = 0
-                print(
-                    json.dumps(event, default=str) if args.json else _event_line(event), flush=True
-                )
+                if wanted is not None and not wanted(event):
+                    continue
+                if args.output in ("json", "yaml"):  # one JSON document a line
+                    print(json.dumps(event, default=str), flush=True)
+                    continue
+                line = _event_line(event, _view(args))
+                moment = parse_instant(str(event.get("ts")))
+                if event.get("kind") == EventKind.START and moment is not None:
+                    began[event.get("run_id")] = moment
+                data = event.get("data") or {}
+                if event.get("kind") == EventKind.PROGRESS and data.get("total"):
+                    start = began.get(event.get("run_id"))
+                    elapsed = (moment - start).total_seconds() if start and moment else None
+                    bar = progress_line(int(data.get("done") or 0), int(data["total"]), elapsed)
+                    line += f"  {bar}"
+                print(line, flush=True)
             return 0
         except Unreachable:
             if last_id is None or retries >= 30:
@@ -753,19 +1031,142 @@ def _follow(ops: CliCommands, args: argparse.Namespace, path: str) -> int:
             return 130
 
 
-def _event_line(event: Row) -> str:
+def _event_line(event: Row, view: View | None = None) -> str:
+    """One event as a line: its instant (the operator's zone, or UTC with ``--utc``),
+    ``#id``, kind, task, run, and its data as ``key=value`` (a progress event as
+    ``done/total message``)."""
+    view = view or View()
     data = event.get("data") or {}
-    extras = " ".join(f"{k}={v}" for k, v in sorted(data.items()) if v is not None)
+    extras = " ".join(
+        f"{k}={view.cell(v, cut=False)}" for k, v in sorted(data.items()) if v is not None
+    )
     if event.get("kind") == EventKind.PROGRESS and data.get("total"):
         extras = f"{data.get('done')}/{data.get('total')} {data.get('message') or ''}".strip()
-    ts = _cell(event.get("ts"))
+    ts = view.cell(event.get("ts"))
+    kind = f"{event.get('kind')!s:<12}"
+    if view.colour:
+        kind = paint(kind, _KIND_COLOURS.get(str(event.get("kind"))), True)
     return (
-        f"{ts}  #{event.get('id')} {event.get('kind'):<12} "
+        f"{ts}  #{event.get('id')} {kind} "
         f"{event.get('task_id') or '-'} {event.get('run_id') or '-'}  {extras}"
     ).rstrip()
 
 
-def _task_row(t: Row) -> Row:
+_KIND_COLOURS = {
+    "success": "green",
+    "failure": "red",
+    "timeout": "red",
+    "quarantine": "red",
+    "budget_exhausted": "yellow",
+    "awaiting_approval": "magenta",
+    "start": "cyan",
+}
+"""The colour of an event line's kind, on a terminal."""
+
+
+TASK_COLUMNS = ["task", "kind", "schedule", "timezone", "next_run", "last_outcome", "paused"]
+TASK_WIDE = ["last_run_at", "last_success_at", "overlap", "catchup", "description"]
+"""``agentd tasks``'s columns, and what ``-o wide`` adds."""
+RUN_COLUMNS = [
+    "id",
+    "task_id",
+    "status",
+    "attempt",
+    "trigger",
+    "scheduled_for",
+    "duration_s",
+    "eta",
+    "error",
+]
+RUN_WIDE = ["created_at", "started_at", "finished_at", "exit_code", "lease_owner", "progress"]
+"""``agentd runs``'s columns, and what ``-o wide`` adds."""
+EVENT_FILTER_WINDOW = 5000
+"""``events --task/--kind`` picks its events among this many of the newest (the most
+one ``GET /v1/events?tail=`` returns)."""
+_AGE = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d|w)$")
+_AGE_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def _when(text: str | None, utc: bool) -> str | None:
+    """``--since``/``--until`` as the API's ISO 8601 UTC text: an age (``90m``, ``2h``,
+    ``1d``: that long ago), or a date or date-time, in the operator's zone (UTC with
+    ``--utc``) unless it carries an offset. ``ValueError`` says what is accepted."""
+    if text is None:
+        return None
+    now = datetime.now(UTC)
+    age = _AGE.match(text.strip())
+    if age:
+        moment = now - timedelta(seconds=float(age[1]) * _AGE_S[age[2]])
+    else:
+        try:
+            moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError(
+                f"{text!r} is no time: give an ISO 8601 date or time (2026-03-01, "
+                "2026-03-01T12:00, 2026-03-01T12:00+01:00) or an age (90m, 2h, 1d)"
+            ) from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC) if utc else moment.astimezone()
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")[:-6] + "Z"
+
+
+def _event_filter(args: argparse.Namespace) -> Callable[[Row], bool] | None:
+    """``events --task/--kind``: which events to keep (None: all)."""
+    if args.command != "events":
+        return None
+    tasks = set(args.task or ())
+    kinds = set(args.kind or ())
+    if not tasks and not kinds:
+        return None
+    return lambda e: (
+        (not tasks or e.get("task_id") in tasks) and (not kinds or e.get("kind") in kinds)
+    )
+
+
+def _print_lines(lines: list[str]) -> int:
+    print("\n".join(lines))
+    return 0
+
+
+CLEAR_SCREEN = "\x1b[H\x1b[2J"
+"""Cursor home, then erase the screen: ``--watch``'s redraw on a terminal."""
+
+
+def _watch(args: argparse.Namespace, draw: Callable[[], list[str]]) -> int:
+    """``--watch``: ``draw`` again every ``--interval`` seconds until Ctrl-C. On a
+    terminal the screen is redrawn in place, under a header line naming the command and
+    the time; elsewhere (a pipe, a file) the lines are printed again only when they
+    changed, after a blank line, so a log of it holds each change once. A daemon that
+    stops answering is said once per change of state and watched on."""
+    interval = max(0.1, float(args.interval))
+    tty = sys.stdout.isatty()
+    shown: list[str] | None = None
+    try:
+        while True:
+            try:
+                lines = draw()
+            except (ApiError, Unreachable, StateRefused) as exc:
+                lines = [f"agentd: {exc}"]
+            if tty:
+                stamp = _view(args).instant_zoned(
+                    datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+                )
+                head = f"Every {interval:g}s: agentd {args.command}    {stamp}"
+                sys.stdout.write(CLEAR_SCREEN + head + "\n\n" + "\n".join(lines) + "\n")
+                sys.stdout.flush()
+            elif lines != shown:
+                if shown is not None:
+                    print()
+                print("\n".join(lines), flush=True)
+            shown = lines
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _task_row(t: Row, view: View | None = None) -> Row:
+    """A task as ``agentd tasks`` lists it. ``next_run`` with ``view``: in the operator's
+    zone (``--utc``: UTC); without (``-o json``): in the task's own zone, as it was."""
     if t["paused"]:
         paused = t["paused_reason"] or "yes"
     elif not t["active"]:
@@ -780,12 +1181,23 @@ def _task_row(t: Row) -> Row:
         # A paused task fires no run until it is resumed, whatever its schedule says.
         "next_run": "paused"
         if t["paused"]
-        else _short_local(t["next_runs"][0]["local"])
+        else _next_run(t["next_runs"][0], view)
         if t["next_runs"]
         else "-",
         "last_outcome": t["last_outcome"] or "-",
         "paused": paused,
+        "last_run_at": t.get("last_run_at"),
+        "last_success_at": t.get("last_success_at"),
+        "overlap": t.get("overlap"),
+        "catchup": t.get("catchup"),
+        "description": t.get("description"),
     }
+
+
+def _next_run(fire: Row, view: View | None) -> str:
+    if view is None:
+        return _short_local(fire["local"])
+    return view.instant_zoned(fire["utc"].replace("+00:00", "Z"))
 
 
 _SPEND_COLUMNS = {
@@ -887,88 +1299,80 @@ def transcript_lines(steps: list[Row]) -> list[str]:
     return [line.rstrip() for line in out]
 
 
-def _print(args: argparse.Namespace, rows: list[Row], columns: list[str]) -> int:
-    if args.json:
-        print(json.dumps(rows, indent=2, default=str))
-        return 0
-    if not rows:
-        print("(none)")
-        return 0
-    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
-    for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+def _view(args: argparse.Namespace) -> View:
+    """The command's output switches (``-o``, ``--utc``; colour from stdout), made once."""
+    view = getattr(args, "_view", None)
+    if view is None:
+        view = View(getattr(args, "output", None) or "table", bool(getattr(args, "utc", False)))
+        args._view = view
+    return view
+
+
+def _print(
+    args: argparse.Namespace,
+    rows: list[Row],
+    columns: list[str],
+    wide: Sequence[str] = (),
+) -> int:
+    """Records as a table of ``columns`` (with ``-o wide`` also the ``wide`` ones, and no
+    cell cut short), or as JSON or YAML: the records themselves."""
+    print("\n".join(_render(args, rows, columns, wide)))
     return 0
 
 
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    text = str(value)
-    if isinstance(value, str) and text.endswith("Z") and "T" in text:
-        try:
-            return from_iso(text).strftime("%Y-%m-%d %H:%M:%S")
-        except ValueError:
-            pass
-    return text if len(text) <= 60 else text[:57] + "..."
+def _render(
+    args: argparse.Namespace, rows: list[Row], columns: list[str], wide: Sequence[str] = ()
+) -> list[str]:
+    view = _view(args)
+    if view.machine:
+        return [view.dump(rows)]
+    return view.table_lines(rows, [*columns, *wide] if view.wide else columns)
 
 
 def _print_detail(args: argparse.Namespace, detail: dict[str, Any]) -> int:
-    """One record as text (``detail_lines``), or as JSON with ``--json``."""
-    if args.json:
-        print(json.dumps(detail, indent=2, default=str))
+    """One record as text (``detail_lines``), or as JSON or YAML with ``-o``."""
+    view = _view(args)
+    if view.machine:
+        print(view.dump(detail))
         return 0
-    for line in detail_lines(detail):
+    for line in detail_lines(detail, view=view):
         print(line)
     return 0
 
 
-def detail_lines(detail: dict[str, Any], indent: str = "") -> list[str]:
+def detail_lines(detail: dict[str, Any], indent: str = "", view: View | None = None) -> list[str]:
     """A record as an operator reads it: ``key: value`` lines, a nested mapping as its
     own lines indented under its key, a list of mappings as ``- key: value`` blocks, an
     event list as one line per event (``_event_line``). A missing value is ``-``, a
-    flag ``yes`` or ``no``, an instant ``YYYY-MM-DD HH:MM:SS`` (UTC). Never a repr."""
+    flag ``yes`` or ``no``, an instant ``YYYY-MM-DD HH:MM:SS`` in the operator's zone
+    (UTC with ``--utc``). Never a repr."""
+    view = view or View()
     lines: list[str] = []
     for key, value in detail.items():
         if isinstance(value, dict) and value:
             lines.append(f"{indent}{key}:")
-            lines += detail_lines(value, indent + "  ")
+            lines += detail_lines(value, indent + "  ", view)
         elif isinstance(value, list) and value:
             lines.append(f"{indent}{key}:")
             for item in value:
                 if key == "events" and isinstance(item, dict) and "kind" in item:
-                    lines.append(f"{indent}  {_event_line(item)}")
+                    lines.append(f"{indent}  {_event_line(item, view)}")
                 elif isinstance(item, dict) and item:
-                    block = detail_lines(item, indent + "    ")
+                    block = detail_lines(item, indent + "    ", view)
                     lines.append(f"{indent}  - {block[0].lstrip()}")
                     lines += block[1:]
                 else:
-                    lines.append(f"{indent}  - {_scalar(item)}")
+                    lines.append(f"{indent}  - {view.cell(item, cut=False)}")
         else:
-            lines.append(f"{indent}{key}: {_scalar(value)}")
+            text = view.cell(value, cut=False)
+            if key in ("status", "last_outcome"):
+                text = view.painted(text)
+            lines.append(f"{indent}{key}: {text}")
     return lines
 
 
-def _scalar(value: Any) -> str:
-    """A value of a detail line: as ``_cell`` makes it, but never cut short."""
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if value is None or value in ({}, []):
-        return "-"
-    if isinstance(value, dict | list):
-        return json.dumps(value, default=str)
-    text = str(value)
-    if isinstance(value, str) and text.endswith("Z") and "T" in text:
-        try:
-            return from_iso(text).strftime("%Y-%m-%d %H:%M:%S")
-        except ValueError:
-            pass
-    return text
-
-
 def _emit_error(args: argparse.Namespace, code: str, message: str) -> None:
-    if getattr(args, "json", False):
-        print(json.dumps({"error": code, "message": message}))
+    if getattr(args, "output", None) in ("json", "yaml"):
+        print(_view(args).dump({"error": code, "message": message}))
     else:
         print(f"agentd: {message}", file=sys.stderr)

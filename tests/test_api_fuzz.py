@@ -205,7 +205,10 @@ class ServerThread(threading.Thread):
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
-        config = parse_config(CONFIG, environ={})
+        # The state dir here: /v1/runs/{run_id}/output reads a run's workspace in it.
+        config = parse_config(
+            f"daemon: {{state_dir: {json.dumps(str(self.tmp_path))}}}\n{CONFIG}", environ={}
+        )
         clock = ManualClock(T0 + timedelta(days=30))
         bus = EventBus()
         store = SqliteStore(self.tmp_path / "state.sqlite", event_sink=bus.publish)
@@ -216,6 +219,12 @@ class ServerThread(threading.Thread):
             store.sync_tasks(tasks, clock.now())
             control = Control(store, config, clock)
             self.seeded = seed(store, control, clock)
+            # Captured output for the succeeded run (a cut UTF-8 character at the end).
+            done = self.seeded.run_ids["succeeded"]
+            workspace = self.tmp_path / "runs" / "beta" / done
+            workspace.mkdir(parents=True)
+            (workspace / "stdout.log").write_bytes("out ✓ line\n".encode() * 50 + b"\xe2\x9c")
+            (workspace / "stderr.log").write_text("err line\n")
             registry = CollectorRegistry()
             Counter("agentd_fuzz_total", "A metric.", registry=registry).inc()
             health = Health(started=True)
@@ -298,7 +307,7 @@ def check_the_matrix(
         else:
             assert reading not in (401, 403) and reading < 500, (method, path, reading)
         checked += 1
-    assert checked == 25  # the 28 fuzzed operations but the probes and /metrics
+    assert checked == 26  # the 29 fuzzed operations but the probes and /metrics
     for path in ("/v1/openapi.json", "/v1/nope"):
         assert session.get(base_url + path, timeout=20).status_code == 401, path
     for path in (*PROBES, "/metrics"):
@@ -314,7 +323,7 @@ def test_api_conforms_to_its_openapi_document(live_server: ServerThread) -> None
     for result in schema.get_all_operations():
         assert isinstance(result, Ok), result
         operations.append(result.ok())
-    assert len(operations) == 28  # all 29 but the document itself, which from_url skips
+    assert len(operations) == 29  # all 30 but the document itself, which from_url skips
 
     session = requests.Session()
     session.trust_env = False

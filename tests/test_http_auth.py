@@ -56,7 +56,7 @@ def test_every_route_but_the_probes_needs_a_token_and_a_read_token_only_reads(
             run_id = env.fire()
             doc = (await c.get("/v1/openapi.json", headers=READ)).json()
             ops = operations(doc, run_id)
-            assert len(ops) == 27  # the 29 documented operations but /healthz and /readyz
+            assert len(ops) == 28  # the 30 documented operations but /healthz and /readyz
             assert ("GET", "/metrics") in ops and ("GET", "/v1/openapi.json") in ops
             for method, path in ops:
                 if path == "/metrics":
