@@ -1185,8 +1185,11 @@ LIVE_SETTINGS = (
     "output_max_bytes",
     "liveness_stale_after",
     "python_path",
+    "heartbeat",
 )
-"""``daemon:`` settings a reload applies at once (``Daemon._use_daemon_settings``)."""
+"""``daemon:`` settings a reload applies at once (``Daemon._use_daemon_settings``; the
+heartbeat ping reads its settings from the config in force before each ping, and a
+reload that adds one starts it at the next tick)."""
 
 RELOAD_NAMES_SHOWN = 20
 """How many task names a reload's log line lists per kind of change; the rest are
