@@ -380,7 +380,8 @@ def test_a_cancelled_run_kills_its_servers_at_once(tmp_path: Path) -> None:
     """Cancelled (a cancel, the run's timeout, a stop) in the middle of an MCP call that
     keeps its server from exiting when its stdin closes: the group is killed first, so
     the run ends at once, not after the SDK's grace (2 s, then SIGTERM)."""
-    servers = server_yaml(tmp_path, ["block"])
+    blocking = tmp_path / "blocking"
+    servers = server_yaml(tmp_path, ["block"], {"MCP_BLOCKING": str(blocking)})
 
     async def main() -> tuple[float, Side]:
         async with FakeLLM() as llm:
@@ -393,7 +394,9 @@ def test_a_cancelled_run_kills_its_servers_at_once(tmp_path: Path) -> None:
             while ("tool_started" not in [k for _, k, _ in side.steps()]) and not task.done():
                 assert time.monotonic() < deadline, "the call never started"
                 await asyncio.sleep(0.02)
-            await asyncio.sleep(0.3)  # the call is on the server's worker thread
+            while not blocking.exists():  # the call is on the server's worker thread
+                assert time.monotonic() < deadline, "the call never reached the server"
+                await asyncio.sleep(0.02)
             began = time.monotonic()
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
