@@ -156,6 +156,12 @@ class HttpServerConfig(_Model):
     """Open event streams at most (both kinds together); past it a stream request gets
     503 ``too_many_streams`` with ``Retry-After``. Below ``max_connections``, so streams
     never take every connection."""
+    probe_port: int | None = Field(default=None, ge=0, le=65535)
+    """A second listener on ``host`` that answers only ``/healthz`` and ``/readyz``, from
+    its own thread and event loop (``agentd.probes``): point kubelet here, and the probes
+    answer in a few ms however busy the daemon is (the main port's probes wait behind
+    the daemon's work). The same answers as the main port's; no token, no other path.
+    0 picks a free port (logged); unset, there is no second listener."""
     console: bool = True
     """The web console at ``/ui`` (``agentd.console``), behind the same tokens as the API;
     ``false`` leaves ``/ui`` unrouted (404)."""
@@ -171,6 +177,10 @@ class HttpServerConfig(_Model):
         if self.metrics_require_token and self.token_env is None and self.token_file is None:
             raise ValueError(
                 "metrics_require_token needs token_env or token_file: there is no token to require"
+            )
+        if self.probe_port is not None and self.probe_port != 0 and self.probe_port == self.port:
+            raise ValueError(
+                f"probe_port ({self.probe_port}) must differ from port: it is a second listener"
             )
         if self.max_streams >= self.max_connections:
             raise ValueError(

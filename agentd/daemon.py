@@ -18,6 +18,7 @@ import math
 import os
 import signal
 import sys
+import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -50,6 +51,7 @@ from agentd.metrics import Metrics
 from agentd.models import Row
 from agentd.oversight import Oversight
 from agentd.policy import node_stale_after_s
+from agentd.probes import ProbeServer
 from agentd.providers import Gateway
 from agentd.redact import Redactor, read_secrets
 from agentd.runner import Runner
@@ -80,8 +82,21 @@ FEED_POLL_S = 0.25
 # shows what left recently); a node starting forgets the older ones.
 NODES_KEPT_S = 7 * 86400.0
 # Fault injection for tests of /healthz: while this file exists the main loop stops
-# ticking (as if an await inside it hung) but the event loop keeps serving HTTP.
+# ticking (as if an await inside it hung) but the event loop keeps serving HTTP; while
+# it holds "block", the event loop itself is blocked (as by a CPU-bound burst or a
+# blocking call), so only the probe listener (``agentd.probes``) can answer.
 WEDGE_ENV = "AGENTD_TEST_WEDGE_FILE"
+
+
+def _block_while_asked(wedge: str) -> None:
+    """The ``block`` mode of ``WEDGE_ENV``: hold the event loop while the file says so."""
+    while True:
+        try:
+            if Path(wedge).read_text().strip() != "block":
+                return
+        except OSError:
+            return
+        time.sleep(0.05)
 
 
 class StartupStopped(Exception):
@@ -93,10 +108,11 @@ class ListenFailed(statedir.Refusal):
 
     exit_code = exitcodes.UNAVAILABLE
 
-    def __init__(self, host: str, port: int, exc: OSError) -> None:
+    def __init__(self, host: str, port: int, exc: OSError, setting: str = "port") -> None:
         super().__init__(
             f"cannot listen on {host or '*'}:{port}: {exc.strerror or exc}. Stop what "
-            "listens there (another agentd?) or set daemon.http.host/port to a free address"
+            f"listens there (another agentd?) or set daemon.http.host/{setting} to a free "
+            "address"
         )
 
 
@@ -149,6 +165,7 @@ class Daemon:
         self.runner: Runner | None = None
         self.control: Control | None = None
         self.http: HttpServer | None = None
+        self.probes: ProbeServer | None = None
         self.oversight: Oversight | None = None
         self.gateway: Gateway | None = None
         self.pruner: Pruner | None = None  # retention (agentd.state.sqlite.retention)
@@ -294,6 +311,17 @@ class Daemon:
             cfg.daemon.http.host,
             port,
         )
+        if cfg.daemon.http.probe_port is not None:
+            self.probes = ProbeServer(
+                self.health, self.clock.monotonic, client_timeout_s=cfg.daemon.http.client_timeout
+            )
+            try:
+                self.probes.start(cfg.daemon.http.host, cfg.daemon.http.probe_port)
+            except OSError as exc:
+                self.probes = None
+                raise ListenFailed(
+                    cfg.daemon.http.host, cfg.daemon.http.probe_port, exc, "probe_port"
+                ) from None
         self._stop_if_asked()
         # Known before recovery, so its "recover" events are counted.
         self.metrics.set_tasks(cfg.tasks)
@@ -546,6 +574,7 @@ class Daemon:
         while not self.should_exit:
             poll_s = self.config.daemon.poll_interval  # a reload may change it
             if wedge and os.path.exists(wedge):
+                _block_while_asked(wedge)
                 await asyncio.sleep(poll_s)
                 continue
             now_mono = self.clock.monotonic()
@@ -831,6 +860,8 @@ class Daemon:
             # After the drain, so probes kept answering (ready=503, live=200) meanwhile;
             # before the store closes, so no request meets a closed connection.
             await self.http.stop(timeout_s=3.0)
+        if self.probes:
+            self.probes.stop()
         if self.scheduler:
             self.scheduler.shutdown()
         unwritten = self._close_store() if self.store else None
@@ -892,6 +923,8 @@ class Daemon:
         self.reaper.detach()
         if self.http:
             await self.http.stop(timeout_s=1.0)
+        if self.probes:
+            self.probes.stop()
         if self._watchdog:
             self._watchdog.cancel()
         if self.store:

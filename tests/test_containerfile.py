@@ -234,7 +234,7 @@ def test_install_steps_give_a_working_agentd(tmp_path: Path) -> None:
     (tmp_path / "api-token").write_text(token + "\n")
     cfg["daemon"]["state_dir"] = str(tmp_path / "lib/agentd/state")
     cfg["daemon"]["http"].update(
-        host="127.0.0.1", port=port, token_file=str(tmp_path / "api-token")
+        host="127.0.0.1", port=port, probe_port=free_port(), token_file=str(tmp_path / "api-token")
     )
     cfg["providers"]["openai"]["api_key_file"] = str(tmp_path / "no-such-key")
     cfg["tasks"]["state-volume"]["command"]["argv"] = ["df", "-h", str(tmp_path)]

@@ -124,6 +124,85 @@ def test_wedged_main_loop_turns_liveness_503(make_daemon, tmp_path) -> None:  # 
     assert d.stop() == 0
 
 
+def test_probe_port_answers_while_the_event_loop_is_blocked(make_daemon, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``http.probe_port``: the probes on their own thread answer while the daemon's event
+    loop is blocked (where the main port answers nothing), still judge the main loop
+    (503 naming it once its ticks are stale), and say ready again when it moves."""
+    wedge = tmp_path / "wedge"
+    probe_port = free_port()
+    tasks = """
+        idle:
+          schedule: {manual: true}
+          command: {argv: ["true"]}
+        """
+    d = make_daemon(tasks)
+    d.write_config(
+        tasks,
+        "liveness_stale_after: 2s\n"
+        f"http: {{host: 127.0.0.1, port: {d.port}, probe_port: {probe_port}}}",
+    )
+    d.start(env={"AGENTD_TEST_WEDGE_FILE": str(wedge)})
+    probes = f"http://127.0.0.1:{probe_port}"
+    assert f"probes listening on 127.0.0.1:{probe_port}" in d.log()
+    assert httpx.get(f"{probes}/healthz", timeout=5).json()["status"] == "ok"
+    assert httpx.get(f"{probes}/readyz", timeout=5).json() == {"status": "ready"}
+    assert httpx.get(f"{probes}/v1/tasks", timeout=5).status_code == 404  # probes only
+
+    wedge.write_text("block")
+
+    def main_port_stuck() -> bool:
+        try:
+            httpx.get(f"{d.url}/healthz", timeout=1.0)
+        except httpx.TimeoutException:
+            return True
+        return False
+
+    wait_for(main_port_stuck, what="the main port stuck behind the blocked loop")
+    resp = httpx.get(f"{probes}/healthz", timeout=1.0)  # the probe thread answers meanwhile
+    assert resp.status_code in (200, 503)
+    resp = wait_for(
+        lambda: (r := httpx.get(f"{probes}/healthz", timeout=1.0)).status_code == 503 and r,
+        what="probe liveness 503 while the loop is blocked",
+    )
+    assert resp.json()["stale"] == ["main_loop"]
+    assert resp.headers["Cache-Control"] == "no-store"
+    wedge.unlink()
+    wait_for(
+        lambda: httpx.get(f"{probes}/healthz", timeout=5).status_code == 200,
+        what="probe liveness 200 again",
+    )
+    assert status_of(d, "/healthz") == 200
+    d.signal(signal.SIGTERM)
+    assert d.proc is not None and d.proc.wait(timeout=60) == 0
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{probes}/healthz", timeout=5)
+
+
+def test_probe_port_in_use_is_a_clear_refusal(make_daemon, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A probe port that cannot be bound stops startup with exit 69, naming the setting."""
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        port = taken.getsockname()[1]
+        d = make_daemon(
+            """
+            idle:
+              schedule: {manual: true}
+              command: {argv: ["true"]}
+            """,
+            f"http: {{host: 127.0.0.1, port: 0, probe_port: {port}}}",
+        )
+        d.start(wait_ready=False)
+        assert d.proc is not None and d.proc.wait(timeout=60) == 69
+        assert f"cannot listen on 127.0.0.1:{port}" in d.log()
+        assert "daemon.http.host/probe_port" in d.log()
+    finally:
+        taken.close()
+
+
 def test_metrics_parse_and_move_with_runs(make_daemon, tmp_path) -> None:  # type: ignore[no-untyped-def]
     d = make_daemon(
         """

@@ -425,10 +425,13 @@ def test_the_pod_serves_what_its_config_says(rendered: dict[str, Path], overlay:
     assert cfg.daemon.http.host == "0.0.0.0" and cfg.daemon.http.token_file is not None
     [port] = [p for p in c["ports"] if p["name"] == "http"]
     assert port["containerPort"] == cfg.daemon.http.port
-    # Probes: startup and liveness on /healthz, readiness on /readyz, on that port.
-    assert c["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
-    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
-    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    # Probes: startup and liveness on /healthz, readiness on /readyz, on the probe
+    # listener's own port (its own thread: a busy event loop does not delay them).
+    [probes] = [p for p in c["ports"] if p["name"] == "probes"]
+    assert probes["containerPort"] == cfg.daemon.http.probe_port != cfg.daemon.http.port
+    assert c["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "probes"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "probes"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "probes"}
     # A probe's timeout is well inside the staleness /healthz reports on.
     assert c["livenessProbe"]["timeoutSeconds"] < cfg.daemon.liveness_stale_after
     # The startup budget: 60 s, ~10x the slowest start measured (README, "Sizing").
@@ -735,7 +738,9 @@ def base_daemon(root: Path, token: str) -> tuple[subprocess.Popen[bytes], str, P
     port = free_port()
     (root / "api-token").write_text(token + "\n")
     cfg["daemon"]["state_dir"] = str(root / "lib/agentd/state")
-    cfg["daemon"]["http"].update(host="127.0.0.1", port=port, token_file=str(root / "api-token"))
+    cfg["daemon"]["http"].update(
+        host="127.0.0.1", port=port, probe_port=free_port(), token_file=str(root / "api-token")
+    )
     cfg["providers"]["openai"]["api_key_file"] = str(root / "no-such-key")
     cfg["tasks"]["state-volume"]["command"]["argv"] = ["df", "-h", str(root)]
     config = root / "agentd.yaml"
@@ -860,7 +865,10 @@ def test_ha_config_runs_two_nodes_on_postgres(
             cfg["state"]["password_file"] = str(tmp_path / "password")
             cfg["daemon"]["state_dir"] = str(root / "state")
             cfg["daemon"]["http"].update(
-                host="127.0.0.1", port=port, token_file=str(tmp_path / "api-token")
+                host="127.0.0.1",
+                port=port,
+                probe_port=free_port(),
+                token_file=str(tmp_path / "api-token"),
             )
             cfg["providers"]["openai"]["api_key_file"] = str(tmp_path / "no-such-key")
             # The same tasks on both nodes, or they would be two config generations.
