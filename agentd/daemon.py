@@ -301,6 +301,7 @@ class Daemon:
             token=token,
             read_token=read_token,
             settings=cfg.daemon.http,
+            on_auth_failure=lambda surface: self.metrics.auth_failures.labels(surface).inc(),
         )
         try:
             port = await self.http.start(cfg.daemon.http.host, cfg.daemon.http.port)

@@ -724,10 +724,13 @@ class HttpServer:
         sse_heartbeat_s: float = 15.0,
         sse_queue_max: int = 1000,
         probe_reserve: int = PROBE_RESERVE,
+        on_auth_failure: Callable[[str], None] | None = None,
     ) -> None:
         """``token``: full access; ``read_token``: GET/HEAD only (needs ``token``: a read
         token alone is refused, it would leave the writes open). ``settings``: the limits
-        and ``metrics_require_token``; its host, port and token sources are not read."""
+        and ``metrics_require_token``; its host, port and token sources are not read.
+        ``on_auth_failure(surface)``: each request refused for a missing or wrong token
+        (``"api"``: a 401; ``"console"``: a refused sign-in), for a counter."""
         if read_token and not token:
             raise BindRefused("a read token without a full-access token leaves writes open")
         self.control = control
@@ -746,6 +749,7 @@ class HttpServer:
         self._runner: web.AppRunner | None = None
         self._connections = _Connections(self.settings.max_connections, probe_reserve)
         self._notes = self._connections.notes
+        self._on_auth_failure = on_auth_failure or (lambda surface: None)
         self._openapi = openapi_document()
         self._console = (
             Console(
@@ -755,11 +759,23 @@ class HttpServer:
                 token=token,
                 read_token=read_token,
                 client_timeout=self.settings.client_timeout,
+                on_refused=self._sign_in_refused,
             )
             if self.settings.console
             else None
         )
         self.app = self._build_app()
+
+    def _sign_in_refused(self, peer: str) -> None:
+        """A console sign-in with a wrong token: counted, and logged at most once per
+        ``NOTE_EVERY_S`` (a client may send them as fast as it likes)."""
+        self._on_auth_failure("console")
+        self._notes.note(
+            logging.WARNING,
+            "console sign-in",
+            "console: sign-in refused (wrong token) from=%s",
+            peer,
+        )
 
     # ------------------------------------------------------------ lifecycle
 
@@ -959,6 +975,7 @@ class HttpServer:
                 # cookie reads the API, never writes it.
                 granted = "read" if console.cookie_grant(request) else None
             if granted is None:
+                self._on_auth_failure("api")
                 raise RequestRefused(
                     401,
                     "unauthorized",

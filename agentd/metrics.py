@@ -287,6 +287,14 @@ class Metrics:
         self.watchdog = Counter(
             "agentd_watchdog_pings", "systemd watchdog keep-alives sent", registry=r
         )
+        self.auth_failures = Counter(
+            "agentd_http_auth_failures",
+            "Requests refused for a missing or wrong token, by surface (api, console sign-in)",
+            ["surface"],
+            registry=r,
+        )
+        for surface in ("api", "console"):
+            self.auth_failures.labels(surface)
         build = Gauge("agentd_build_info", "Always 1", ["version", "python"], registry=r)
         build.labels(version, platform.python_version()).set(1)
         self.llm_requests = Counter(

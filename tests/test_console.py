@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -17,7 +18,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
+import pytest
 from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
 
 from agentd.clock import ManualClock
 from agentd.config import HttpServerConfig, parse_config
@@ -26,6 +29,7 @@ from agentd.control import Control
 from agentd.events import EventBus
 from agentd.health import Health
 from agentd.http import HttpServer
+from agentd.metrics import Metrics
 from agentd.models import Outcome, RunStatus
 from agentd.state.sqlite.engine import SqliteStore
 
@@ -84,6 +88,8 @@ async def serving(
     read_token: str | None = None,
     settings: HttpServerConfig | None = None,
     started: bool = True,
+    registry: CollectorRegistry | None = None,
+    on_auth_failure: Callable[[str], None] | None = None,
 ) -> AsyncIterator[Env]:
     config = parse_config(CONFIG, environ={})
     clock = ManualClock(T0)
@@ -94,13 +100,14 @@ async def serving(
     server = HttpServer(
         control=control,
         health=Health(started=started),
-        registry=CollectorRegistry(),
+        registry=registry or CollectorRegistry(),
         bus=bus,
         status=lambda: {"pid": 1},
         clock=clock,
         token=token,
         read_token=read_token,
         settings=settings,
+        on_auth_failure=on_auth_failure,
     )
     port = await server.start("127.0.0.1", 0)
     try:
@@ -213,6 +220,42 @@ def test_sign_in_sets_a_cookie_worth_what_the_token_is(tmp_path: Path) -> None:
             assert nxt.headers["location"] == "/ui/tasks"  # no open redirect
 
     run(body)
+
+
+def test_wrong_tokens_are_counted_and_logged_at_most_once_a_minute(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client guessing tokens (console sign-ins, API bearers) moves
+    ``agentd_http_auth_failures_total`` per attempt, and the log says so once per
+    ``NOTE_EVERY_S``, not once per attempt."""
+    metrics = Metrics("test")
+
+    async def body() -> None:
+        async with serving(
+            tmp_path,
+            token=TOKEN,
+            registry=metrics.registry,
+            on_auth_failure=lambda surface: metrics.auth_failures.labels(surface).inc(),
+        ) as env:
+            for i in range(20):
+                assert (await sign_in(env.client, f"guess-{i}")).status_code == 401
+            for i in range(7):
+                bad = {"Authorization": f"Bearer guess-{i}"}
+                assert (await env.client.get("/v1/tasks", headers=bad)).status_code == 401
+            assert (await sign_in(env.client, TOKEN)).status_code == 303
+            text = (await env.client.get("/metrics")).text
+        found = {
+            s.labels["surface"]: s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.name == "agentd_http_auth_failures_total"
+        }
+        assert found == {"api": 7.0, "console": 20.0}
+
+    with caplog.at_level(logging.WARNING, logger="agentd"):
+        run(body)
+    refused = [r for r in caplog.records if "sign-in refused" in r.getMessage()]
+    assert len(refused) == 1, [r.getMessage() for r in refused]
 
 
 def test_actions_need_the_csrf_value_and_a_same_origin_form_even_without_a_token(

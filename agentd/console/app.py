@@ -146,8 +146,14 @@ class Console:
         token: str | None,
         read_token: str | None = None,
         client_timeout: float = 10.0,
+        on_refused: Callable[[str], None] | None = None,
     ) -> None:
+        """``on_refused(peer)``: a sign-in with a wrong token (``HttpServer`` counts it
+        and logs it rate-limited); without one, each is a warning line."""
         self.control = control
+        self._on_refused = on_refused or (
+            lambda peer: log.warning("console: sign-in refused (wrong token) from=%s", peer)
+        )
         self.clock = clock
         self.started = started
         self.client_timeout = client_timeout
@@ -481,7 +487,7 @@ class Console:
         grant: Grant | None = "write" if write else "read" if read else None
         peer = request.remote or "-"
         if grant is None:
-            log.warning("console: sign-in refused (wrong token) from=%s", peer)
+            self._on_refused(peer)
             body = self._login_body(request, "That is not this agentd's token.", next_url)
             return self._layout(request, "Sign in", None, body, 401)
         log.info("console: signed in grant=%s from=%s", grant, peer)
