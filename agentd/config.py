@@ -794,6 +794,11 @@ class AgentConfig(_Model):
     system: str | None = None
     prompt: str
     items: list[Any] | None = None
+    items_concurrency: int | None = Field(default=None, ge=1, le=64)
+    """With ``items``: how many items' calls are in flight at once within the run
+    (default 1, in order). Each call is reserved against the budgets before it leaves,
+    so a budget holds at any concurrency; the checkpoint is the set of items done, so
+    a restarted run asks again only the items that were in flight (at most this many)."""
     temperature: float | None = Field(default=None, ge=0, le=2)
     max_tokens: int | None = Field(default=None, ge=1, le=INT_MAX)
     """Output cap per call, sent to the provider and reserved against budgets."""
@@ -821,6 +826,12 @@ class AgentConfig(_Model):
     def _key(self) -> AgentConfig:
         if self.api_key_env and self.api_key_file:
             raise ValueError("give api_key_env or api_key_file, not both")
+        return self
+
+    @model_validator(mode="after")
+    def _items_concurrency(self) -> AgentConfig:
+        if self.items_concurrency is not None and self.items is None:
+            raise ValueError("items_concurrency needs items (it is how many run at once)")
         return self
 
     @model_validator(mode="after")

@@ -973,6 +973,21 @@ def test_agent_tool_placeholders_must_name_parameters() -> None:
     assert "(have: none)" in problem_at(problems, f"{at}[1].http.url").message
 
 
+def test_items_concurrency_needs_items_and_a_sane_width() -> None:
+    def agent(extra: str) -> str:
+        return f"""
+            schedule: {{manual: true}}
+            agent: {{base_url: "http://127.0.0.1:1/v1", model: m, prompt: p, {extra}}}
+            """
+
+    alone = problems_of(one_task(agent("items_concurrency: 4")))
+    assert "items_concurrency needs items" in problem_at(alone, "tasks.x.agent").message
+    wide = problems_of(one_task(agent("items: [1, 2], items_concurrency: 65")))
+    assert problem_at(wide, "tasks.x.agent.items_concurrency")
+    task = parse(one_task(agent("items: [1, 2], items_concurrency: 2"))).tasks["x"]
+    assert task.agent is not None and task.agent.items_concurrency == 2
+
+
 def test_agent_tools_unique_and_not_with_items() -> None:
     twice = problems_of(
         tools_task(

@@ -681,3 +681,44 @@ def test_kill_9_mid_tool_call_ends_the_orphaned_call_before_the_run_resumes(
     first, again = lines(out)
     assert first == again  # run again, once, after the first was ended
     assert d.stop() == 0
+
+
+def test_kill_9_with_items_in_flight_asks_again_only_the_items_not_done(
+    make_daemon: Any, llm: FakeLLM, tmp_path: Path
+) -> None:
+    """``items_concurrency: 3``: killed while three item calls hang (three items done),
+    the restarted run asks only for the items its checkpoint does not count done (the
+    three cut off and the rest), never one that was answered."""
+    items = [f"i{n}" for n in range(8)]
+    hanging = {"i3", "i4", "i5"}
+    llm.default = lambda req: (
+        fake_llm.Reply(hang=True) if req.user_content in hanging else fake_llm.ok(req.user_content)
+    )
+    task = f"""
+    fanout:
+      schedule: {{manual: true}}
+      agent:
+        provider: fake
+        prompt: "{{item}}"
+        items: {json.dumps(items)}
+        items_concurrency: 3
+    """
+    d = make_daemon(task, top=providers(llm)).start()
+    run_id = d.trigger("fanout")
+    wait_for(lambda: len(llm.requests) == 6 and llm.in_flight == 3, what="three calls hanging")
+
+    def saved() -> Any:
+        rows = d.query("SELECT data FROM checkpoints WHERE run_id=?", (run_id,))
+        return json.loads(rows[0]["data"]) if rows else None
+
+    wait_for(lambda: saved() == {"next_item": 3}, what="items 0-2 checkpointed")
+    d.kill9()
+    first = [r.user_content for r in llm.requests]
+    assert sorted(first) == [f"i{n}" for n in range(6)]
+    hanging.clear()
+    d.start()
+    d.wait_status(run_id, "succeeded", timeout=60)
+    again = [r.user_content for r in llm.requests[6:]]
+    assert sorted(again) == [f"i{n}" for n in range(3, 8)]
+    assert saved() == {"next_item": 8}
+    assert d.stop() == 0

@@ -897,6 +897,152 @@ def test_agent_items_resume_from_checkpoint(tmp_path: Path) -> None:
     assert [p[:2] for p in backend.progress_log] == [(1, 4), (3, 4), (4, 4)]
 
 
+def test_items_checkpoint_is_the_set_of_done_items(tmp_path: Path) -> None:
+    """``{"next_item": k, "done": [...]}``: all below k, and those listed above it; the
+    sequential form (``{"next_item": k}``) and damaged ones read as they must."""
+    from agentd.executors.agent import _checkpoint
+
+    assert _checkpoint(set()) == {"next_item": 0}
+    assert _checkpoint({0, 1, 2}) == {"next_item": 3}
+    assert _checkpoint({0, 1, 3, 5}) == {"next_item": 2, "done": [3, 5]}
+    assert _checkpoint({4}) == {"next_item": 0, "done": [4]}
+
+    def read(saved: Any, n: int = 6) -> set[int]:
+        from agentd.executors.agent import _done_items
+
+        backend = MemoryBackend()
+        backend.checkpoints["run-1"] = saved
+
+        async def main() -> set[int]:
+            return _done_items(make_ctx(tmp_path, backend), n)
+
+        return run(main)
+
+    assert read({"next_item": 2, "done": [3, 5]}) == {0, 1, 3, 5}
+    assert read({"next_item": 3}) == {0, 1, 2}
+    assert read({"next_item": 99}) == set(range(6))
+    assert read({"next_item": "x", "done": [1, "y", 9, -1]}) == {1}
+    assert read(["not", "a", "dict"]) == set() and read(None) == set()
+
+
+def test_items_concurrency_keeps_that_many_calls_in_flight(tmp_path: Path) -> None:
+    backend = MemoryBackend()
+    items = [f"i{n}" for n in range(7)]
+
+    async def main() -> tuple[Result, FakeLLM]:
+        side = LLMSide(tmp_path / "db")
+        async with FakeLLM() as llm:
+            llm.gate = 3  # the first three are held until all three are in flight
+            task = agent_task(llm, prompt="{item}", items=items, items_concurrency=3)
+            result = await execute(task, side.ctx(tmp_path, task, backend))
+            await side.gateway.aclose()
+            return result, llm
+
+    result, llm = run(main)
+    assert result.ok, result.error
+    assert llm.max_in_flight == 3
+    assert sorted(r.user_content for r in llm.requests) == sorted(items)
+    assert backend.checkpoints["run-1"] == {"next_item": 7}
+    assert result.detail["processed"] == 7 and result.detail["input_tokens"] == 70
+    for n, item in enumerate(items):
+        saved = json.loads((tmp_path / "items" / f"{n:05d}.json").read_text())
+        assert saved["item"] == item and saved["content"] == f"echo: {item}"
+    assert [p[:2] for p in backend.progress_log][-1] == (7, 7)
+
+
+def test_items_concurrency_stop_then_resume_asks_only_what_is_not_done(tmp_path: Path) -> None:
+    """A stop at a checkpoint cancels the calls in flight; the resumed run asks exactly
+    the items its checkpoint does not count done, and every item ends with its answer."""
+    backend = MemoryBackend()
+    items = [f"i{n}" for n in range(8)]
+    side = LLMSide(tmp_path / "db")
+
+    async def attempt(stop: bool) -> tuple[Result | None, FakeLLM]:
+        async with FakeLLM() as llm:
+            llm.default = lambda req: fake_llm.Reply(
+                body=fake_llm.ok(f"echo: {req.user_content}").body,
+                delay=0.01 * int(req.user_content[1:]),
+            )
+            task = agent_task(llm, prompt="{item}", items=items, items_concurrency=3)
+            ctx = side.ctx(tmp_path, task, backend)
+            try:
+                if stop:
+                    backend.on_save = lambda data: (
+                        ctx.request_stop()
+                        if data["next_item"] + len(data.get("done", [])) >= 3
+                        else None
+                    )
+                    with pytest.raises(StopRequested):
+                        await execute(task, ctx)
+                    return None, llm
+                backend.on_save = None
+                return await execute(task, ctx), llm
+            finally:
+                await side.gateway.aclose()
+
+    _, first = run(lambda: attempt(stop=True))
+    saved = backend.checkpoints["run-1"]
+    done = set(range(saved["next_item"])) | set(saved.get("done", []))
+    assert 3 <= len(done) <= 5  # workers finishing in the stop's loop turn save too
+    result, second = run(lambda: attempt(stop=False))
+    assert result is not None and result.ok, result
+    assert sorted(r.user_content for r in second.requests) == [
+        f"i{n}" for n in range(8) if n not in done
+    ]
+    assert result.detail["resumed_from"] == len(done)
+    assert result.detail["processed"] == 8 - len(done)
+    # At most the calls in flight at the stop were asked twice.
+    asked_first = {r.user_content for r in first.requests}
+    assert len(asked_first) - len(done) <= 3
+    assert backend.checkpoints["run-1"] == {"next_item": 8}
+    assert sorted(p.name for p in (tmp_path / "items").iterdir()) == [
+        f"{n:05d}.json" for n in range(8)
+    ]
+
+
+def test_items_concurrency_waits_out_the_others_reservations_then_stops_at_the_budget(
+    tmp_path: Path,
+) -> None:
+    """In-flight calls hold worst-case reservations: a call refused only because of them
+    waits for one to settle and asks again (cheap answers: every item fits); refused
+    with nothing in flight, the budget is out and the run ends there."""
+
+    async def main(reported_prompt: int, usd: float) -> tuple[Result, FakeLLM, LLMSide]:
+        async with FakeLLM() as llm:
+            llm.default = lambda req: fake_llm.ok(
+                "fine",
+                prompt_tokens=reported_prompt,
+                completion_tokens=10 if reported_prompt > 1 else 4,
+            )
+            config = priced(
+                llm,
+                f"""
+                schedule: {{manual: true}}
+                agent: {{provider: fake, prompt: "{{item}}", items: [a, b, c, d, e, f],
+                         items_concurrency: 4}}
+                budget: {{run: {{usd: {usd}}}}}
+                """,
+            )
+            side = LLMSide(tmp_path / f"db{usd}", config)
+            task = config.tasks["t1"]
+            result = await execute(task, side.ctx(tmp_path / f"w{usd}", task))
+            await side.gateway.aclose()
+        return result, llm, side
+
+    # Reserved 0.018 a call (8 prompt tokens estimated + 10 out), charged 0.005.
+    result, llm, side = run(lambda: main(1, 0.05))
+    assert result.ok, result.error
+    spent = sum(c["cost_usd"] for c in side.ledger() if c["state"] == "committed")
+    assert len(llm.requests) == 6 and spent == pytest.approx(0.03) and spent <= 0.05
+    assert llm.max_in_flight <= 2  # never more in flight than the budget's room
+    # Charged what was reserved: one call fits, the second never does.
+    result, llm, side = run(lambda: main(8, 0.02))
+    assert not result.ok and result.budget_exhausted
+    assert len(llm.requests) == 1
+    spent = sum(c["cost_usd"] for c in side.ledger() if c["state"] == "committed")
+    assert spent == pytest.approx(0.018) and spent <= 0.02
+
+
 def test_agent_item_failure_keeps_progress(tmp_path: Path) -> None:
     backend = MemoryBackend()
 
