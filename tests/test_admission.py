@@ -159,7 +159,7 @@ def test_burn_on_the_23_hour_spring_day_counts_real_hours() -> None:
 
 
 def test_the_burn_alarm_is_recorded_below_every_threshold() -> None:
-    assert all(BURN_ALARM < t for t in THRESHOLDS)
+    assert all(t > BURN_ALARM for t in THRESHOLDS)
 
 
 # ---------------------------------------------------------------- on a real state
@@ -253,7 +253,9 @@ def test_a_catch_up_runs_only_the_occurrences_the_budget_allows(store: SqliteSto
 
 
 def test_a_task_without_admission_is_never_weighed(store: SqliteStore) -> None:
-    config = parse(CONFIG.replace("    admission: {on_budget: ON, estimate: p95, min_runs: 3}\n", ""))
+    config = parse(
+        CONFIG.replace("    admission: {on_budget: ON, estimate: p95, min_runs: 3}\n", "")
+    )
     assert fire_verdict(store, config, Fire("t", T0), T0, 0) is None
 
 
