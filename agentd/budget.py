@@ -243,8 +243,8 @@ def admit(
     that does not fit is skipped (``skip``), or deferred (``defer``) to the end of the
     latest window that does not fit (where each starts again empty), unless the
     prediction exceeds that window's whole limit (then no later window helps: skipped) or
-    the fire is a catch-up (a missed occurrence replayed in the next window would burst:
-    skipped).
+    the fire is a ``catchup`` of occurrences due already (a catch-up, a backfill: replayed
+    together at the start of the next window they would burst; skipped).
     """
     if predicted_usd is None:
         return Verdict("run", "too little history to predict")

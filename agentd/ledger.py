@@ -158,6 +158,12 @@ def window_blocked(store: Store, config: Config, task_id: str, now: datetime) ->
     return None
 
 
+BATCH_TRIGGERS = frozenset({"catchup", "backfill"})
+"""Fires of occurrences that were due already (a catch-up after downtime, a backfill):
+admission skips what does not fit rather than deferring it (a pile of them deferred to
+the next window would all run at its start)."""
+
+
 def fire_verdict(store: Store, config: Config, fire: Fire, now: datetime, ahead: int) -> Row | None:
     """Cost-aware admission of one scheduled fire (``budget.admit``), as the ``admission``
     event's data, or None for a task without ``admission``: predicted from the task's own
@@ -175,7 +181,8 @@ def fire_verdict(store: Store, config: Config, fire: Fire, now: datetime, ahead:
     predicted = None if history is None else history.usd(policy.estimate)
     scopes = task_scopes(config, task, now) + global_scopes(config, now)
     windows = [(scope, spent(store, scope)[0]) for scope in scopes]
-    verdict = admit(policy.on_budget, predicted, windows, ahead, catchup=fire.trigger == "catchup")
+    catchup = fire.trigger in BATCH_TRIGGERS
+    verdict = admit(policy.on_budget, predicted, windows, ahead, catchup=catchup)
     detail = verdict.reason
     if history is None:
         detail = f"too little history: {len(costs)} of {policy.min_runs} finished runs"

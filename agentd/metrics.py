@@ -68,7 +68,7 @@ OUTCOMES = {
     EventKind.RUN_TIMED_OUT: "timed_out",
     EventKind.AWAITING_APPROVAL: "parked",
 }
-SKIP_REASONS = ("overlap", "queue_full", "paused", "budget")
+SKIP_REASONS = ("overlap", "queue_full", "paused", "budget", "admission")
 # What retention prunes (agentd.state.retention), each an agentd_pruned_total series.
 PRUNE_KINDS = (
     "runs",

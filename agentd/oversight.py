@@ -372,11 +372,11 @@ class Oversight:
             alarm = burn_alarm(usd, scope.start, scope.end, now, scope.usd)
             if alarm is None or window in self._burnt:
                 continue
-            self._burnt.add(window)
             hours = (now - scope.start).total_seconds() / 3600
             rate = usd / hours if hours > 0 else 0.0
             with atomically(self.store):
                 recorded = self.store.record_budget_burn(now, scope, usd, alarm, rate)
+            self._burnt.add(window)  # only once written: a failed write is tried again
             if recorded:
                 log.warning(
                     "budget burn scope=%s spent_usd=%.6f limit_usd=%g usd_per_hour=%.6f"

@@ -267,3 +267,14 @@ def test_admission_config() -> None:
     with pytest.raises(ConfigError) as info:
         parse(CONFIG.replace("ON", "later"))
     assert any(p.path.startswith("tasks.t.admission.on_budget") for p in info.value.problems)
+
+
+def test_a_backfill_that_does_not_fit_is_skipped_not_deferred(store: SqliteStore) -> None:
+    config = parse(CONFIG.replace("ON", "defer"))
+    for i in range(3):
+        finished_run(store, T0 + timedelta(minutes=i), 0.4)  # 1.2 > 1.0: none fits
+    now = T0 + timedelta(hours=1)
+    backfill = fire_verdict(store, config, Fire("t", T0 - timedelta(days=3), "backfill"), now, 0)
+    assert backfill is not None and backfill["decision"] == "skip"
+    scheduled = fire_verdict(store, config, Fire("t", now), now, 0)
+    assert scheduled is not None and scheduled["decision"] == "defer"

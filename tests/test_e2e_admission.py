@@ -110,6 +110,8 @@ def test_a_fire_predicted_not_to_fit_the_day_is_skipped_or_deferred_with_its_rea
     # Visible in the run's events (API) and in the log, one line per verdict.
     api = httpx.get(f"{d.url}/v1/runs/{deferral['run_id']}/events").json()["events"]
     assert [e["kind"] for e in api][:2] == ["admission", "enqueue"]
+    metrics = httpx.get(f"{d.url}/metrics").text
+    assert 'agentd_skipped_fires_total{reason="admission",task="skipper"}' in metrics
     assert "admission task=skipper decision=skip" in d.log()
     assert "admission task=deferrer decision=defer" in d.log()
     assert d.stop() == 0
