@@ -231,12 +231,14 @@ def admit(
     windows: Sequence[tuple[Scope, float]],
     ahead: int = 0,
     *,
+    pending_usd: float = 0.0,
     catchup: bool = False,
 ) -> Verdict:
     """Whether a fire predicted to cost ``predicted_usd`` fits every window, with what
     each has spent (``windows``: window scopes with a USD limit, and their spend so far,
-    calls in flight included), after ``ahead`` fires admitted before it in the same batch
-    at the same prediction (a catch-up's earlier occurrences).
+    calls in flight included), after ``pending_usd`` (what the task's runs queued or
+    running already may still cost) and ``ahead`` fires admitted before it in the same
+    batch at the same prediction (a catch-up's earlier occurrences).
 
     Invariants: no prediction (None: too little history) or a free prediction always
     runs; a fire that fits runs; ``on_budget=run`` always runs (it only explains). A fire
@@ -249,7 +251,7 @@ def admit(
     if predicted_usd is None:
         return Verdict("run", "too little history to predict")
     left: list[tuple[Scope, float]] = [
-        (scope, scope.usd - spent_usd - ahead * predicted_usd)
+        (scope, scope.usd - spent_usd - pending_usd - ahead * predicted_usd)
         for scope, spent_usd in windows
         if scope.usd is not None
     ]

@@ -169,9 +169,11 @@ def fire_verdict(store: Store, config: Config, fire: Fire, now: datetime, ahead:
     event's data, or None for a task without ``admission``: predicted from the task's own
     history (``Store.task_run_costs``, the p50 or p95 USD of its newest finished runs),
     against every window the task is under (its day/month, the global day/month) with
-    what each has spent, calls in flight included, and ``ahead`` fires of the task
-    already queued by the same batch at the same prediction. Runs queued before the
-    batch are not counted: a deferred run is admitted once, when it is deferred."""
+    what each has spent, calls in flight included, less what the task's own queued and
+    running runs may still spend (the prediction less what each spent so far; a deferred
+    run counts too) and ``ahead`` fires of the task this batch queued already at the same
+    prediction. Other tasks' queued runs are not counted against a global window. A
+    deferred run is weighed once, when it is deferred, not again when it starts."""
     task = config.tasks.get(fire.task_id)
     if task is None or task.admission is None:
         return None
@@ -181,8 +183,15 @@ def fire_verdict(store: Store, config: Config, fire: Fire, now: datetime, ahead:
     predicted = None if history is None else history.usd(policy.estimate)
     scopes = task_scopes(config, task, now) + global_scopes(config, now)
     windows = [(scope, spent(store, scope)[0]) for scope in scopes]
+    pending, active = 0.0, 0
+    if predicted is not None and predicted > EPS:
+        for run in store.active_runs(task.id):  # each may still spend up to the prediction
+            active += 1
+            pending += max(0.0, predicted - store.run_usage(run["id"])["cost_usd"])
     catchup = fire.trigger in BATCH_TRIGGERS
-    verdict = admit(policy.on_budget, predicted, windows, ahead, catchup=catchup)
+    verdict = admit(
+        policy.on_budget, predicted, windows, ahead, pending_usd=pending, catchup=catchup
+    )
     detail = verdict.reason
     if history is None:
         detail = f"too little history: {len(costs)} of {policy.min_runs} finished runs"
@@ -195,6 +204,8 @@ def fire_verdict(store: Store, config: Config, fire: Fire, now: datetime, ahead:
         "history_runs": len(costs),
         "scope": verdict.scope,
         "remaining_usd": verdict.remaining_usd,
+        "active_runs": active,
+        "pending_usd": round(pending, 6),
         "ahead": ahead,
     }
     if history is not None:

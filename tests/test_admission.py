@@ -110,6 +110,9 @@ def test_fires_ahead_in_the_batch_count_at_the_prediction() -> None:
         "skip",
     ]
     assert admit("skip", 0.3, windows, 2).remaining_usd == pytest.approx(0.3)
+    # What the task's queued and running runs may still spend counts the same way.
+    assert admit("skip", 0.3, windows, pending_usd=0.6).decision == "run"
+    assert admit("skip", 0.3, windows, pending_usd=0.61).decision == "skip"
 
 
 # ---------------------------------------------------------------- burn rate
@@ -232,10 +235,11 @@ def test_a_fire_predicted_not_to_fit_is_deferred_to_the_next_day(store: SqliteSt
     assert data["predicted_usd"] == pytest.approx(0.3)
     assert data["remaining_usd"] == pytest.approx(0.25)
     assert data["history_runs"] == 3 and data["not_before"] == to_iso(DAY[1])
-    # p50 (0.25) fits the 0.25 left.
+    # p50 (0.25) would have fitted the 0.25 left; now the deferred run is counted too.
     p50 = parse(CONFIG.replace("ON", "defer").replace("p95", "p50"))
-    verdict = fire_verdict(store, p50, Fire("t", now), now, 0)
-    assert verdict is not None and verdict["decision"] == "run"
+    assert decision(store, p50, now, 0) == "defer"
+    store.request_cancel(result.run_id, now)  # a queued run: cancelled at once
+    assert decision(store, p50, now, 0) == "run"
 
 
 def test_a_catch_up_runs_only_the_occurrences_the_budget_allows(store: SqliteStore) -> None:
@@ -278,3 +282,31 @@ def test_a_backfill_that_does_not_fit_is_skipped_not_deferred(store: SqliteStore
     assert backfill is not None and backfill["decision"] == "skip"
     scheduled = fire_verdict(store, config, Fire("t", now), now, 0)
     assert scheduled is not None and scheduled["decision"] == "defer"
+
+
+def test_runs_queued_or_running_count_at_what_they_may_still_spend(store: SqliteStore) -> None:
+    config = parse(CONFIG.replace("ON", "skip"))
+    for i in range(3):
+        finished_run(store, T0 + timedelta(minutes=i), 0.1)  # 0.3 spent, 0.7 left
+    queued = store.fire("t", T0, scheduled_for=T0, overlap="allow").run_id
+    running = store.fire("t", T0, scheduled_for=T0 + timedelta(1), overlap="allow").run_id
+    [claimed] = store.claim(T0, "w", 30, 1, set(), {"t"})
+    started = running if claimed["id"] == running else queued
+    entry = store.reserve_budget(
+        T0, Reservation(started, "t", "p", "m", None, 10, 0.04), [], lambda s, u, t: True
+    )
+    assert isinstance(entry, int)  # one call in flight: 0.06 of its 0.1 to go
+    now = T0 + timedelta(minutes=5)
+    verdict = fire_verdict(store, config, Fire("t", now), now, 0)
+    assert verdict is not None
+    assert (verdict["active_runs"], verdict["pending_usd"]) == (2, pytest.approx(0.16))
+    # 1.0 - 0.34 spent - 0.16 pending = 0.5: room for five more fires of 0.1, not six.
+    assert verdict["remaining_usd"] == pytest.approx(0.5)
+    assert decision(store, config, now, 4) == "run"
+    assert decision(store, config, now, 5) == "skip"
+
+
+def decision(store: SqliteStore, config: Config, now: datetime, ahead: int) -> str:
+    verdict = fire_verdict(store, config, Fire("t", now), now, ahead)
+    assert verdict is not None
+    return str(verdict["decision"])

@@ -118,6 +118,63 @@ def test_a_fire_predicted_not_to_fit_the_day_is_skipped_or_deferred_with_its_rea
     assert_no_secrets(d)
 
 
+def test_a_catch_up_after_downtime_runs_only_what_the_day_has_left(
+    make_daemon: Any, llm: FakeLLM
+) -> None:
+    zone = zone_at(12)
+
+    def tasks(limit: float) -> str:
+        return f"""
+        catcher:
+          schedule: {{every: 1s, timezone: {zone}}}
+          agent: {{provider: fake, prompt: hi}}
+          budget: {{task: {{usd_per_day: {limit}}}}}
+          overlap: queue_all
+          catchup: all
+          misfire_grace: 1s
+          admission: {{on_budget: skip, min_runs: 2}}
+        """
+
+    d = make_daemon(tasks(1.0), top=providers(llm)).start(env=ENV)
+
+    def succeeded() -> list[dict[str, Any]]:
+        return [r for r in d.runs("catcher") if r["status"] == "succeeded"]
+
+    wait_for(lambda: len(succeeded()) >= 3, timeout=60, what="a cost history")
+    d.cli("pause", "catcher")
+    wait_for(
+        lambda: not [r for r in d.runs("catcher") if r["status"] in ("queued", "running")],
+        what="no run left in flight",
+    )
+    assert d.stop() == 0
+    ran = len(succeeded())
+    # Room for two and a half more runs of 0.015 today.
+    d.write_config(tasks(round(ran * 0.015 + 0.0375, 6)))
+    d.cli("resume", "catcher")  # on the state: no daemon runs
+    seen = max(e["id"] for e in d.events())
+    stopped_at = datetime.now(UTC)
+    wait_for(lambda: datetime.now(UTC) > stopped_at + timedelta(seconds=4), what="downtime")
+    d.start(env=ENV)
+
+    def verdicts() -> list[dict[str, Any]]:
+        return [e for e in d.events(kind="admission") if e["id"] > seen]
+
+    wait_for(lambda: len(verdicts()) >= 5, timeout=60, what="the catch-up's verdicts")
+    wait_for(lambda: len(succeeded()) == ran + 2, timeout=60, what="the two that fit")
+    batch = [e["data"] for e in verdicts()]
+    assert [v["decision"] for v in batch[:5]] == ["run", "run", "skip", "skip", "skip"]
+    assert [v["ahead"] for v in batch[:4]] == [0, 1, 2, 2]
+    skipped = [d.query("SELECT * FROM runs WHERE id=?", (e["run_id"],))[0] for e in verdicts()]
+    assert {r["status"] for r in skipped[2:]} == {"skipped"}
+    assert {r["skip_reason"] for r in skipped[2:]} == {"admission"}
+    assert skipped[0]["trigger"] == skipped[2]["trigger"] == "catchup"
+    assert batch[2]["remaining_usd"] == pytest.approx(0.0075)
+    # Later fires do not fit either; nothing was started to be stopped over budget.
+    assert not [r for r in d.runs("catcher") if r["status"] == "budget_exhausted"]
+    assert len(succeeded()) == ran + 2
+    assert d.stop() == 0
+
+
 def test_a_window_burning_too_fast_alerts_once_before_it_runs_out(
     make_daemon: Any, llm: FakeLLM, hooks: Hooks
 ) -> None:

@@ -515,7 +515,8 @@ fire as skipped (a budget window full), or None. Policy above the port, handed i
 FireAdmission = Callable[[Fire, datetime, int], "dict[str, Any] | None"]
 """Cost-aware admission, asked inside a scheduled fire's transaction (a fire with
 ``honour_pause``, once neither pause, ``fire_gate`` nor the overlap policy skipped it),
-with how many fires of the same task this batch has already queued: None (admitted,
+with how many fires of the same task this batch has already queued and not yet
+written (those written are among the task's active runs): None (admitted,
 nothing to say), or a verdict whose ``decision`` is ``run``, ``defer`` (queued with its
 ``not_before``, ISO) or ``skip`` (recorded skipped, reason ``admission``); the engine
 appends the verdict as the run's ``admission`` event. Policy above the port, handed in."""

@@ -1085,6 +1085,7 @@ class PostgresStore(LedgerStatements, AlertStatements, NodeStatements, StepState
                     self._insert_runs(inserts)
                     self._insert_events(events)
                     events.clear()
+                    queued.clear()  # inserted: admission sees them as the task's active runs
                 skip, gate, verdict = self._fire_policy(
                     f, now, paused[f.task_id], active, queued.get(f.task_id, 0)
                 )
