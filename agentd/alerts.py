@@ -1,8 +1,8 @@
 """Alerts: which audit events need a human, to which channel, and how to deliver them.
 
 Everything that alerts is first an audit event (``quarantine``, ``pause`` by agentd,
-``budget_alarm``, ``budget_exhausted``, ``deadman``, ``run_too_long``, ``run_expired``,
-``run_timed_out``,
+``budget_alarm``, ``budget_burn``, ``budget_exhausted``, ``deadman``, ``run_too_long``,
+``run_expired``, ``run_timed_out``,
 ``config_reload_failed``, ``recovered``), and so is a run's completion, which a task
 with ``notify`` turns into ``run_succeeded``/``run_failed`` (``completion_alert``).
 ``agentd.outbox`` tails the event log with a durable cursor, turns events into
@@ -80,6 +80,15 @@ def alert_for_event(event: dict[str, Any]) -> Alert | None:
         )
         key = f"budget_alarm:{scope}:{data.get('window_start')}:{pct}"
         return Alert("budget_alarm", key, summary, task, None, data)
+    if kind == EventKind.BUDGET_BURN:
+        scope = data.get("scope")
+        summary = (
+            f"budget {scope}: at {data.get('usd_per_hour')} USD/h it runs out at"
+            f" {data.get('projected_exhaustion')} ({data.get('spent_usd')} of"
+            f" {data.get('limit_usd')} USD spent, window ends {data.get('window_end')})"
+        )
+        key = f"budget_burn:{scope}:{data.get('window_start')}"
+        return Alert("budget_burn", key, summary, task, None, data)
     if kind == EventKind.BUDGET_EXHAUSTED:
         summary = f"{task}: run {run} stopped, {data.get('error')}"
         return Alert("budget_exhausted", f"budget_exhausted:{task}", summary, task, run, data)

@@ -1012,6 +1012,24 @@ class NotifyConfig(_Model):
         return value
 
 
+class AdmissionConfig(_Model):
+    """Cost-aware admission of a task's scheduled fires (``agentd.admission``): the
+    cost of a run is predicted from the task's own history (``estimate``, the p50 or
+    p95 USD of its last ``history`` finished runs, once it has at least ``min_runs``),
+    and a fire whose prediction does not fit the remaining USD of a window the task is
+    under (its day/month, the global day/month) is ``defer``red to the start of the
+    window that frees it, ``skip``ped with the reason, or ``run`` anyway (today's
+    behaviour, only explained). A catch-up after downtime runs only as many missed
+    fires as fit; with ``defer`` or ``skip`` the others are skipped."""
+
+    on_budget: Literal["defer", "skip", "run"] = "run"
+    estimate: Literal["p50", "p95"] = "p95"
+    history: int = Field(default=20, ge=1, le=1000)
+    """How many of the task's newest finished runs the prediction is made from."""
+    min_runs: int = Field(default=3, ge=1, le=1000)
+    """Fewer finished runs than this: no prediction (the fire runs, and says why)."""
+
+
 ALERT_KINDS = (
     "run_succeeded",
     "run_failed",
@@ -1026,6 +1044,7 @@ ALERT_KINDS = (
     "run_too_long",
     "config_reload_failed",
     "recovered",
+    "budget_burn",
 )
 
 
@@ -1209,6 +1228,8 @@ class TaskConfig(_Model):
     """Alert (``run_too_long``) when one attempt runs longer than this; it is not stopped."""
     ping: PingConfig | None = None
     notify: NotifyConfig | None = None
+    admission: AdmissionConfig | None = None
+    """Cost-aware admission of scheduled fires; None: every fire is admitted, unexplained."""
 
     @field_validator("id")
     @classmethod

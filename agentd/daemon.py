@@ -334,6 +334,7 @@ class Daemon:
         self.gateway = Gateway(self.store, cfg, self.clock)
         self.oversight = Oversight(self.store, cfg, self.clock, self.metrics)
         self.store.fire_gate = self.oversight.budget_gate
+        self.store.fire_admission = self.oversight.admission_gate
         self.oversight.outbox.withheld_env = self.withheld_env
         self.oversight.live = lambda: (
             self.health.liveness(self.clock.monotonic())[0] and not self.health.stopping

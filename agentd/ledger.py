@@ -25,6 +25,8 @@ from agentd.budget import (
     Need,
     Period,
     Scope,
+    admit,
+    cost_history,
     fits,
     full,
     global_scopes,
@@ -35,7 +37,7 @@ from agentd.budget import (
 from agentd.clock import to_iso
 from agentd.config import Config
 from agentd.models import Row
-from agentd.state.port import Reservation, ScopeRefused, Store, Usage, atomically
+from agentd.state.port import Fire, Reservation, ScopeRefused, Store, Usage, atomically
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,65 @@ def window_blocked(store: Store, config: Config, task_id: str, now: datetime) ->
                 "window_end": to_iso(scope.end),
             }
     return None
+
+
+BATCH_TRIGGERS = frozenset({"catchup", "backfill"})
+"""Fires of occurrences that were due already (a catch-up after downtime, a backfill):
+admission skips what does not fit rather than deferring it (a pile of them deferred to
+the next window would all run at its start)."""
+
+
+def fire_verdict(store: Store, config: Config, fire: Fire, now: datetime, ahead: int) -> Row | None:
+    """Cost-aware admission of one scheduled fire (``budget.admit``), as the ``admission``
+    event's data, or None for a task without ``admission``: predicted from the task's own
+    history (``Store.task_run_costs``, the p50 or p95 USD of its newest finished runs),
+    against every window the task is under (its day/month, the global day/month) with
+    what each has spent, calls in flight included, less what the task's own queued and
+    running runs may still spend (the prediction less what each spent so far; a deferred
+    run counts too) and ``ahead`` fires of the task this batch queued already at the same
+    prediction. Other tasks' queued runs are not counted against a global window. A
+    deferred run is weighed once, when it is deferred, not again when it starts."""
+    task = config.tasks.get(fire.task_id)
+    if task is None or task.admission is None:
+        return None
+    policy = task.admission
+    costs = store.task_run_costs(task.id, policy.history)
+    history = cost_history([(c["usd"], c["tokens"]) for c in costs], policy.min_runs)
+    predicted = None if history is None else history.usd(policy.estimate)
+    scopes = task_scopes(config, task, now) + global_scopes(config, now)
+    windows = [(scope, spent(store, scope)[0]) for scope in scopes]
+    pending, active = 0.0, 0
+    if predicted is not None and predicted > EPS:
+        for run in store.active_runs(task.id):  # each may still spend up to the prediction
+            active += 1
+            pending += max(0.0, predicted - store.run_usage(run["id"])["cost_usd"])
+    catchup = fire.trigger in BATCH_TRIGGERS
+    verdict = admit(
+        policy.on_budget, predicted, windows, ahead, pending_usd=pending, catchup=catchup
+    )
+    detail = verdict.reason
+    if history is None:
+        detail = f"too little history: {len(costs)} of {policy.min_runs} finished runs"
+    row: Row = {
+        "decision": verdict.decision,
+        "detail": detail,
+        "on_budget": policy.on_budget,
+        "estimate": policy.estimate,
+        "predicted_usd": None if predicted is None else round(predicted, 6),
+        "history_runs": len(costs),
+        "scope": verdict.scope,
+        "remaining_usd": verdict.remaining_usd,
+        "active_runs": active,
+        "pending_usd": round(pending, 6),
+        "ahead": ahead,
+    }
+    if history is not None:
+        row["p50_usd"] = round(history.p50_usd, 6)
+        row["p95_usd"] = round(history.p95_usd, 6)
+        row["p95_tokens"] = history.p95_tokens
+    if verdict.not_before is not None:
+        row["not_before"] = to_iso(verdict.not_before)
+    return row
 
 
 def run_usage(store: Store, run_id: str) -> Row:

@@ -68,7 +68,7 @@ OUTCOMES = {
     EventKind.RUN_TIMED_OUT: "timed_out",
     EventKind.AWAITING_APPROVAL: "parked",
 }
-SKIP_REASONS = ("overlap", "queue_full", "paused", "budget")
+SKIP_REASONS = ("overlap", "queue_full", "paused", "budget", "admission")
 # What retention prunes (agentd.state.retention), each an agentd_pruned_total series.
 PRUNE_KINDS = (
     "runs",
@@ -316,6 +316,14 @@ class Metrics:
             registry=r,
         )
         self._budget_scopes: set[str] = set()
+        self.budget_eta = Gauge(
+            "agentd_budget_exhaustion_eta_seconds",
+            "Seconds until the current window's USD limit runs out at its average rate so"
+            " far, by scope as agentd_budget_remaining_usd (absent: not before its end)",
+            ["scope"],
+            registry=r,
+        )
+        self._eta_scopes: set[str] = set()
         self.pruned = Counter(
             "agentd_pruned",
             "History removed by retention: rows by table, and run workspaces",
@@ -520,6 +528,16 @@ class Metrics:
                 if scope in limits:
                     self.budget_limit.labels(scope).set(limits[scope])
             self._budget_scopes = set(remaining)
+
+    def set_budget_eta(self, etas: Mapping[str, float]) -> None:
+        """Each window's projected exhaustion, in seconds from now, by scope; a scope not
+        in ``etas`` (no longer projected to run out before its window ends) goes away."""
+        with self._lock:
+            for scope in self._eta_scopes - set(etas):
+                self.budget_eta.remove(scope)
+            for scope, seconds in etas.items():
+                self.budget_eta.labels(scope).set(seconds)
+            self._eta_scopes = set(etas)
 
     def pruned_history(self, counts: Mapping[str, int]) -> None:
         """One retention pass's counts (from the pruner's thread: counters are

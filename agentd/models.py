@@ -88,6 +88,16 @@ class EventKind(StrEnum):
     DEADMAN = "deadman"
     RUN_TOO_LONG = "run_too_long"
     RECOVERED = "recovered"
+    # cost-aware admission and burn-rate alarms
+    ADMISSION = "admission"
+    """A scheduled fire of a task with ``admission`` weighed against its budget windows:
+    ``decision`` (``run``, ``defer``, ``skip``), ``predicted_usd`` (None: too little
+    history), ``estimate``, ``history_runs``, ``scope``, ``remaining_usd``, ``reason``,
+    and ``not_before`` for a deferred run (``agentd.admission``)."""
+    BUDGET_BURN = "budget_burn"
+    """A window's spend rate projects its exhaustion well before the window ends:
+    ``scope``, ``spent_usd``, ``limit_usd``, ``projected_exhaustion``, ``window_start``,
+    ``window_end``, ``usd_per_hour`` (``budget.burn_alarm``); once per window."""
 
 
 class RunStatus(StrEnum):
@@ -233,6 +243,7 @@ ALERT_EVENTS = frozenset(
         EventKind.TIMEOUT,
         EventKind.RUN_EXPIRED,
         EventKind.RUN_TIMED_OUT,
+        EventKind.BUDGET_BURN,
     }
 )
 """The event kinds that can raise an alert, fire a ping or clear a condition: what the

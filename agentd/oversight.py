@@ -20,14 +20,14 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from agentd import tls
-from agentd.budget import global_scopes, task_scopes
-from agentd.clock import Clock
+from agentd.budget import Scope, burn_alarm, exhaustion_eta, global_scopes, task_scopes
+from agentd.clock import Clock, to_iso
 from agentd.config import Config, TaskConfig, inactive_reason
-from agentd.ledger import charge_stale, window_blocked, window_report
+from agentd.ledger import charge_stale, fire_verdict, window_blocked, window_report
 from agentd.metrics import Metrics
 from agentd.models import ALERT_EVENTS, EventKind, Row
 from agentd.outbox import Outbox
-from agentd.state.port import Store, atomically
+from agentd.state.port import Fire, Store, atomically
 
 if TYPE_CHECKING:
     import httpx
@@ -74,6 +74,10 @@ class Oversight:
         self._ping_failures = 0
         self._ping_noted = -1e9
         self._ping_silent = False
+        self._burnt: set[tuple[str, datetime]] = set()
+        """Windows (scope key, start) whose burn-rate alarm is recorded: not asked again."""
+        self._window_spend: list[tuple[Scope, float]] = []
+        """The windows ``budget_windows`` read last, with their spend."""
 
     def set_config(self, config: Config) -> None:
         self.config = config
@@ -84,6 +88,30 @@ class Oversight:
         """Why a scheduled fire of ``task_id`` is skipped now (a budget window full), or
         None: asked by the state inside the fire's transaction."""
         return window_blocked(self.store, self.config, task_id, now)
+
+    def admission_gate(self, fire: Fire, now: datetime, ahead: int) -> Row | None:
+        """Cost-aware admission of a scheduled fire (``ledger.fire_verdict``), asked by
+        the state inside the fire's transaction (the daemon hands it in as the store's
+        ``fire_admission``); one log line per verdict. None for a task without
+        ``admission`` (one dict lookup)."""
+        task = self.config.tasks.get(fire.task_id)
+        if task is None or task.admission is None:
+            return None
+        verdict = fire_verdict(self.store, self.config, fire, now, ahead)
+        if verdict is not None:
+            log.info(
+                "admission task=%s decision=%s scheduled_for=%s predicted_usd=%s scope=%s"
+                " remaining_usd=%s not_before=%s: %s",
+                fire.task_id,
+                verdict["decision"],
+                to_iso(fire.scheduled_for) if fire.scheduled_for else "-",
+                verdict["predicted_usd"],
+                verdict["scope"] or "-",
+                verdict["remaining_usd"],
+                verdict.get("not_before", "-"),
+                verdict["detail"],
+            )
+        return verdict
 
     # ------------------------------------------------------------ the loop's hooks
 
@@ -126,6 +154,7 @@ class Oversight:
         if mono - self._last_gauges >= GAUGES_EVERY_S:
             self._last_gauges = mono
             self.metrics.set_budget_remaining(*self.budget_windows(now))
+            self.budget_burn(now, self._window_spend)
             version = self.store.version()
             if version != self._outbox_version:  # every outbox change is a write
                 self._outbox_version = version
@@ -305,15 +334,63 @@ class Oversight:
         label (``global:day``, ``<task>:month``), for the budget gauges."""
         remaining: dict[str, float] = {}
         limits: dict[str, float] = {}
-        scopes = global_scopes(self.config, now)
-        for task in self._budgeted():
-            scopes += task_scopes(self.config, task, now)
-        for scope in scopes:
+        spend: list[tuple[Scope, float]] = []
+        for scope in self._windows(now):
             report = window_report(self.store, scope)
             remaining[scope.label] = float(report["remaining_usd"] or 0.0)
             if report["limit_usd"] is not None:
                 limits[scope.label] = float(report["limit_usd"])
+            spend.append((scope, float(report["spent_usd"])))
+        self._window_spend = spend
         return remaining, limits
+
+    def _windows(self, now: datetime) -> list[Scope]:
+        scopes = global_scopes(self.config, now)
+        for task in self._budgeted():
+            scopes += task_scopes(self.config, task, now)
+        return scopes
+
+    def budget_burn(
+        self, now: datetime, spend: list[tuple[Scope, float]] | None = None
+    ) -> dict[str, float]:
+        """Burn-rate alarms: each configured window's projected exhaustion at its average
+        rate so far (``budget.exhaustion_eta``), in seconds from ``now`` by scope label,
+        for ``agentd_budget_exhaustion_eta_seconds`` (a window not projected to run out
+        before its end is absent); a window that ``budget.burn_alarm`` says will run out
+        well before its end records a ``budget_burn`` alarm, once per window (across
+        restarts: ``Store.record_budget_burn``; in this process, not even asked again)."""
+        etas: dict[str, float] = {}
+        if spend is None:
+            spend = [(s, float(self.store.spend_in(s)["usd"])) for s in self._windows(now)]
+        self._burnt &= {(scope.key, scope.start) for scope, _ in spend if scope.start}
+        for scope, usd in spend:
+            assert scope.start is not None and scope.end is not None and scope.usd is not None
+            eta = exhaustion_eta(usd, scope.start, scope.end, now, scope.usd)
+            if eta is not None:
+                etas[scope.label] = max(0.0, (eta - now).total_seconds())
+            window = (scope.key, scope.start)
+            alarm = burn_alarm(usd, scope.start, scope.end, now, scope.usd)
+            if alarm is None or window in self._burnt:
+                continue
+            hours = (now - scope.start).total_seconds() / 3600
+            rate = usd / hours if hours > 0 else 0.0
+            with atomically(self.store):
+                recorded = self.store.record_budget_burn(now, scope, usd, alarm, rate)
+            self._burnt.add(window)  # only once written: a failed write is tried again
+            if recorded:
+                log.warning(
+                    "budget burn scope=%s spent_usd=%.6f limit_usd=%g usd_per_hour=%.6f"
+                    " projected_exhaustion=%s window_end=%s",
+                    scope.label,
+                    usd,
+                    scope.usd,
+                    rate,
+                    to_iso(alarm),
+                    to_iso(scope.end),
+                )
+                self._dirty = True
+        self.metrics.set_budget_eta(etas)
+        return etas
 
 
 def hb_url(url: str) -> str:

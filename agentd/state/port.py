@@ -56,6 +56,7 @@ __all__ = [
     "EventSink",
     "Finish",
     "Fire",
+    "FireAdmission",
     "FireGate",
     "FireResult",
     "LedgerEntry",
@@ -66,6 +67,7 @@ __all__ = [
     "OutboxRecord",
     "QuarantineRecord",
     "Reservation",
+    "RunCost",
     "RunEnded",
     "RunIds",
     "RunRecord",
@@ -390,6 +392,16 @@ class RunUsage(TypedDict):
     cost_usd: float
 
 
+class RunCost(TypedDict):
+    """One finished run's LLM spend (``LedgerPort.task_run_costs``): a run that never
+    called a model costs 0 in 0 calls."""
+
+    run_id: str
+    calls: int
+    usd: float
+    tokens: int
+
+
 @dataclass(frozen=True)
 class Reservation:
     """A call about to be made, and its worst case (``budget.Need``)."""
@@ -500,6 +512,14 @@ EventSink = Callable[[Row], None]
 FireGate = Callable[[str, datetime], "dict[str, Any] | None"]
 """Budget admission, asked inside a scheduled fire's transaction: a reason to record the
 fire as skipped (a budget window full), or None. Policy above the port, handed in."""
+FireAdmission = Callable[[Fire, datetime, int], "dict[str, Any] | None"]
+"""Cost-aware admission, asked inside a scheduled fire's transaction (a fire with
+``honour_pause``, once neither pause, ``fire_gate`` nor the overlap policy skipped it),
+with how many fires of the same task this batch has already queued and not yet
+written (those written are among the task's active runs): None (admitted,
+nothing to say), or a verdict whose ``decision`` is ``run``, ``defer`` (queued with its
+``not_before``, ISO) or ``skip`` (recorded skipped, reason ``admission``); the engine
+appends the verdict as the run's ``admission`` event. Policy above the port, handed in."""
 WriteListener = Callable[[BaseException | None], None]
 """Told of the state's write health when it changes: the error that made a write fail
 (disk full, read-only, I/O error, a lock held too long), or None once one works."""
@@ -696,6 +716,20 @@ class LedgerPort(Protocol):
 
     def ledger_entry(self, entry_id: int) -> LedgerEntry | None: ...
 
+    def task_run_costs(self, task_id: str, limit: int) -> list[RunCost]:
+        """The spend of the task's ``limit`` newest finished runs that ran (a final status,
+        at least one attempt), newest first, counted as ``SpendTotals.usd`` is: the cost
+        history that cost-aware admission predicts from."""
+        ...
+
+    def record_budget_burn(
+        self, now: datetime, scope: Scope, spent_usd: float, eta: datetime, usd_per_hour: float
+    ) -> bool:
+        """Record that a window ``scope`` is projected to run out at ``eta``, with its
+        ``budget_burn`` event, once per (scope, window) (``budget.BURN_ALARM``): True when
+        this call recorded it, False when it was recorded already (across restarts too)."""
+        ...
+
 
 class AlertsPort(Protocol):
     """The durable side of alerts: a cursor over the event log, the small state alerts
@@ -869,6 +903,7 @@ class Store(LedgerPort, AlertsPort, NodesPort, AgentStepsPort, Protocol):
     """Secret values scrubbed from every text written: run and attempt errors, event
     data, progress messages. Set by the daemon for each config it applies."""
     fire_gate: FireGate | None
+    fire_admission: FireAdmission | None
     on_write: WriteListener | None
     write_error: str | None
     """Why the last write failed, until a commit succeeds again."""

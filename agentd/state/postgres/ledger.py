@@ -51,13 +51,14 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, cast
 
-from agentd.budget import Scope
+from agentd.budget import BURN_ALARM, Scope
 from agentd.clock import to_iso
-from agentd.models import EventKind
+from agentd.models import FINAL_STATUSES, EventKind
 from agentd.state.port import (
     Admission,
     LedgerEntry,
     Reservation,
+    RunCost,
     RunUsage,
     ScopeRefused,
     SpendTotals,
@@ -71,6 +72,14 @@ _SPENT_USD = "COALESCE(SUM(CASE WHEN state='reserved' THEN reserved_usd ELSE cos
 _SPENT_TOKENS = (
     "COALESCE(SUM(CASE WHEN state='reserved' THEN reserved_tokens"
     " ELSE input_tokens + output_tokens END), 0)"
+)
+_FINAL = ", ".join(f"'{s}'" for s in sorted(FINAL_STATUSES))
+_RUN_COSTS = (
+    f"SELECT r.id AS run_id, COUNT(l.id) AS calls, {_SPENT_USD} AS usd, {_SPENT_TOKENS} AS tokens"
+    " FROM (SELECT id, created_at FROM runs WHERE task_id=%s AND attempt > 0"
+    f" AND status IN ({_FINAL}) ORDER BY created_at DESC, id DESC LIMIT %s) r"
+    " LEFT JOIN ledger l ON l.run_id = r.id"
+    " GROUP BY r.id, r.created_at ORDER BY r.created_at DESC, r.id DESC"
 )
 _USAGE = (
     "SELECT COUNT(*) AS calls, COALESCE(SUM(input_tokens), 0) AS input_tokens,"
@@ -255,3 +264,49 @@ class LedgerStatements(Statements):
     def ledger_entry(self, entry_id: int) -> LedgerEntry | None:
         row = self._one("SELECT * FROM ledger WHERE id=%s", (entry_id,))
         return None if row is None else cast(LedgerEntry, row)
+
+    def task_run_costs(self, task_id: str, limit: int) -> list[RunCost]:
+        return [
+            {
+                "run_id": str(r["run_id"]),
+                "calls": int(r["calls"]),
+                "usd": float(r["usd"]),
+                "tokens": int(r["tokens"]),
+            }
+            for r in self._all(_RUN_COSTS, (task_id, limit))
+        ]
+
+    def record_budget_burn(
+        self, now: datetime, scope: Scope, spent_usd: float, eta: datetime, usd_per_hour: float
+    ) -> bool:
+        assert scope.start is not None and scope.end is not None
+        with self.tx(shared=True) as conn:
+            cur = conn.execute(
+                "INSERT INTO budget_alarms(scope, window_start, threshold, ts, limit_usd,"
+                " spent_usd) VALUES (%s,%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING",
+                (scope.key, to_iso(scope.start), BURN_ALARM, to_iso(now), scope.usd, spent_usd),
+            )
+            if not cur.rowcount:
+                return False
+            self._event(
+                now,
+                EventKind.BUDGET_BURN,
+                scope.task_id,
+                **_burn_data(scope, spent_usd, eta, usd_per_hour),
+            )
+            return True
+
+
+def _burn_data(
+    scope: Scope, spent_usd: float, eta: datetime, usd_per_hour: float
+) -> dict[str, Any]:
+    assert scope.start is not None and scope.end is not None
+    return {
+        "scope": scope.label,
+        "spent_usd": round(spent_usd, 6),
+        "limit_usd": scope.usd,
+        "projected_exhaustion": to_iso(eta),
+        "usd_per_hour": round(usd_per_hour, 6),
+        "window_start": to_iso(scope.start),
+        "window_end": to_iso(scope.end),
+    }

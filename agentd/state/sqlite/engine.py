@@ -41,6 +41,7 @@ from agentd.state.port import (
     EventSink,
     Finish,
     Fire,
+    FireAdmission,
     FireGate,
     FireResult,
     QuarantineRecord,
@@ -190,6 +191,8 @@ class SqliteStore(LedgerStatements, AlertStatements, NodeStatements, StepStateme
         self.fire_gate: FireGate | None = None
         """Asked inside ``fire()``'s transaction for scheduled fires: a reason to record
         the fire as skipped (budget window full), or None."""
+        self.fire_admission: FireAdmission | None = None
+        """Cost-aware admission of scheduled fires (``port.FireAdmission``), or None."""
         self._pending_events: list[Row] = []
         self._group_open = False
         self._group_lost: BaseException | None = None
@@ -938,6 +941,7 @@ class SqliteStore(LedgerStatements, AlertStatements, NodeStatements, StepStateme
             inserts: list[tuple[Any, ...]] = []
             events: list[_NewEvent] = []
             fresh_ids = self._fresh_run_ids(now, len(fires))
+            queued: dict[str, int] = {}  # fires of each task this batch has queued
             for f, key, scheduled in zip(fires, keys, whens, strict=True):
                 params = encode_params(f.params)
                 if key in seen:
@@ -964,13 +968,21 @@ class SqliteStore(LedgerStatements, AlertStatements, NodeStatements, StepStateme
                     self._insert_runs(inserts)
                     self._insert_events(events)
                     events.clear()
-                skip, gate = self._fire_policy(f, now, paused[f.task_id], active)
+                    queued.clear()  # inserted: admission sees them as the task's active runs
+                skip, gate, verdict = self._fire_policy(
+                    f, now, paused[f.task_id], active, queued.get(f.task_id, 0)
+                )
                 run_id = fresh_ids.pop()
                 status = RunStatus.SKIPPED if skip else RunStatus.QUEUED
                 when = scheduled or ts
+                due = ts
+                if verdict is not None:
+                    events.append((ts, EventKind.ADMISSION, f.task_id, run_id, dict(verdict)))
+                    if not skip and verdict.get("not_before"):
+                        due = max(ts, str(verdict["not_before"]))
                 inserts.append(
                     (
-                        run_id, f.task_id, f.trigger, when, key, status, ts, ts,
+                        run_id, f.task_id, f.trigger, when, key, status, due, ts,
                         ts if skip else None, skip, "skipped" if skip else None, params,
                     )
                 )  # fmt: skip
@@ -983,7 +995,10 @@ class SqliteStore(LedgerStatements, AlertStatements, NodeStatements, StepStateme
                     active.setdefault(f.task_id, []).append(
                         {"id": run_id, "task_id": f.task_id, "status": RunStatus.QUEUED}
                     )
+                    queued[f.task_id] = queued.get(f.task_id, 0) + 1
                     data = {"trigger": f.trigger, "scheduled_for": when}
+                    if due != ts:
+                        data["not_before"] = due
                     events.append((ts, EventKind.ENQUEUE, f.task_id, run_id, data))
                 results.append(FireResult(run_id, True, status, skip))
             self._insert_runs(inserts)
@@ -1027,24 +1042,31 @@ class SqliteStore(LedgerStatements, AlertStatements, NodeStatements, StepStateme
         rows.clear()
 
     def _fire_policy(
-        self, f: Fire, now: datetime, paused: int, active: dict[str, list[Row]]
-    ) -> tuple[str | None, Row | None]:
-        """Why this fire is skipped (and the budget gate's details), or None. A
-        ``cancel_previous`` fire cancels what is active here and updates ``active``."""
+        self, f: Fire, now: datetime, paused: int, active: dict[str, list[Row]], queued: int
+    ) -> tuple[str | None, Row | None, Row | None]:
+        """Why this fire is skipped (and the budget gate's details), or None, and the
+        admission verdict (``fire_admission``, asked with the fires of this task the batch
+        has queued before it), if any. A ``cancel_previous`` fire cancels what is active
+        here and updates ``active``, unless admission skips it."""
         if f.honour_pause and paused:
-            return "paused", None
+            return "paused", None, None
         if f.honour_pause and self.fire_gate and (gate := self.fire_gate(f.task_id, now)):
-            return str(gate.get("reason", "budget")), gate
+            return str(gate.get("reason", "budget")), gate, None
         decision = overlap_decision(f.overlap, active.get(f.task_id, []), f.max_queued)
         if decision.skip:
-            return decision.skip, None
+            return decision.skip, None, None
+        verdict = None
+        if f.honour_pause and self.fire_admission:
+            verdict = self.fire_admission(f, now, queued)
+            if verdict is not None and verdict.get("decision") == "skip":
+                return "admission", verdict, verdict
         if decision.cancel:
             still = []
             for run in decision.cancel:
                 if self._request_cancel_locked(run, now, reason="cancel_previous") == "running":
                     still.append(run)
             active[f.task_id] = still
-        return None, None
+        return None, None, verdict
 
     def record_misfire(
         self, task_id: str, now: datetime, missed: list[datetime], reason: str
