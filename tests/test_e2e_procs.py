@@ -67,8 +67,8 @@ def test_kill9_then_restart_ends_the_old_group_before_the_new_attempt(
         "trap '' TERM\n"  # inherited by the sleep: only SIGKILL ends this group
         f"exec 9>>{lock}\n"
         f"flock -n 9 || echo overlap >> {log}\n"
+        f"echo start $$ >> {log}\n"  # logged before the pid file says "started"
         f"echo $$ > {pidfile}.tmp; mv {pidfile}.tmp {pidfile}\n"
-        f"echo start $$ >> {log}\n"
         "sleep 30\n"
         f"echo end $$ >> {log}\n"
     )
